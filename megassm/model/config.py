@@ -1,0 +1,79 @@
+"""ModelConfig: the shape and numerics of a Mamba-2 language model, with the published presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from megassm.ops import BACKENDS
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50288
+    d_state: int = 128
+    headdim: int = 64
+    expand: int = 2
+    ngroups: int = 1
+    d_conv: int = 4
+    chunk_size: int = 256
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    conv_bias: bool = True
+    proj_bias: bool = False
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    dt_limit: tuple[float, float] = (0.0, math.inf)
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    init_std: float = 0.02
+    ssd_backend: str = "auto"
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    def __post_init__(self) -> None:
+        self.dt_limit = tuple(self.dt_limit)
+        self.A_init_range = tuple(self.A_init_range)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first key whose value cannot make a model."""
+        for key in ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "expand", "ngroups", "d_conv", "chunk_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+        if self.d_inner % self.headdim:
+            raise ValueError(f"model.headdim = {self.headdim} must divide expand * d_model = {self.d_inner}")
+        if self.nheads % self.ngroups:
+            raise ValueError(f"model.ngroups = {self.ngroups} must divide the number of heads {self.nheads}")
+        if self.ssd_backend not in BACKENDS:
+            raise ValueError(f"model.ssd_backend = {self.ssd_backend!r}: choose one of {', '.join(BACKENDS)}")
+        if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
+            raise ValueError(f"model.A_init_range = {self.A_init_range} must satisfy 0 < low <= high")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"model.preset = {name!r} is not one of: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+
+# The published Mamba-2 language models (state-spaces/mamba2-*): vocabulary 50277 padded to 50288.
+PRESETS: dict[str, ModelConfig] = {
+    "mamba2-130m": ModelConfig(d_model=768, n_layer=24),
+    "mamba2-370m": ModelConfig(d_model=1024, n_layer=48),
+    "mamba2-780m": ModelConfig(d_model=1536, n_layer=48),
+    "mamba2-1.3b": ModelConfig(d_model=2048, n_layer=48),
+    "mamba2-2.7b": ModelConfig(d_model=2560, n_layer=64),
+    # Tiny models for CPU tests and the quickstart. "debug" has 8 heads in 4 groups, so tp = 1, 2, 4 work.
+    "debug": ModelConfig(d_model=64, n_layer=2, vocab_size=512, d_state=16, headdim=16, ngroups=4, chunk_size=16),
+    "debug-g1": ModelConfig(d_model=32, n_layer=2, vocab_size=256, d_state=8, headdim=8, ngroups=1, chunk_size=8),
+}

@@ -1,0 +1,138 @@
+"""The language model against Hugging Face transformers on the same weights, and packed documents."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Mamba2Config, Mamba2ForCausalLM
+from transformers.models.mamba2 import modeling_mamba2
+
+from megassm.hf import from_hf_state_dict, hf_config_dict, model_config_from_hf, to_hf_state_dict
+from megassm.model import Mamba2LM, ModelConfig
+
+
+def grouped_gated_norm(self, hidden_states, gate=None):
+    """The gated RMSNorm per group of d_inner / n_groups channels, as mamba-ssm's Mamba2 and
+    transformers' own CUDA-kernel path compute it. transformers' PyTorch path normalises over
+    all of d_inner instead, which differs from the published model when n_groups > 1."""
+    h = hidden_states.float() * F.silu(gate.float())
+    groups = h.split(h.shape[-1] // self.n_groups, dim=-1)
+    h = torch.cat([g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) for g in groups], dim=-1)
+    return self.weight * h.to(hidden_states.dtype)
+
+
+def hf_twin(model: Mamba2LM, monkeypatch) -> Mamba2ForCausalLM:
+    """A transformers Mamba2ForCausalLM holding `model`'s weights."""
+    cfg = model.cfg
+    fields = {k: v for k, v in hf_config_dict(cfg).items() if k not in ("model_type", "architectures")}
+    twin = Mamba2ForCausalLM(Mamba2Config(**fields)).eval()
+    twin.load_state_dict(to_hf_state_dict(model.state_dict(), cfg), strict=True)
+    monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "n_groups", cfg.ngroups, raising=False)
+    monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "forward", grouped_gated_norm)
+    return twin
+
+
+def relative_error(got, want):
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        ModelConfig.from_preset("debug-g1"),
+        ModelConfig.from_preset("debug", ngroups=2),
+        ModelConfig.from_preset("debug", tie_embeddings=False, chunk_size=8),
+    ],
+    ids=["ngroups1", "ngroups2", "untied-ngroups2"],
+)
+def test_logits_and_gradients_match_transformers(cfg, monkeypatch):
+    model = Mamba2LM(cfg)
+    with torch.no_grad():  # make D and the norms non-trivial so a wrong mapping shows
+        for name, p in model.named_parameters():
+            if name.endswith(("D", "norm_weight", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+    twin = hf_twin(model, monkeypatch)
+    ids = torch.randint(0, cfg.vocab_size, (2, 3 * cfg.chunk_size + 5))  # not a whole number of chunks
+
+    logits = model(ids)
+    want = twin(ids, use_cache=False).logits
+    assert relative_error(logits, want) < 1e-5
+
+    labels = torch.randint(0, cfg.vocab_size, ids.shape)
+    F.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    F.cross_entropy(want.flatten(0, 1), labels.flatten()).backward()
+    grads = to_hf_state_dict({n: p.grad for n, p in model.named_parameters()}, cfg)
+    for name, p in twin.named_parameters():
+        assert relative_error(grads[name], p.grad) < 1e-4, name
+
+
+def test_state_dict_round_trip_through_hf_format():
+    cfg = ModelConfig.from_preset("debug", tie_embeddings=False, proj_bias=True)
+    state = Mamba2LM(cfg).state_dict()
+    hf_state = to_hf_state_dict(state, cfg)
+    assert hf_state["backbone.layers.1.mixer.in_proj.weight"].shape == (2 * cfg.d_inner + 2 * cfg.ngroups * cfg.d_state + cfg.nheads, cfg.d_model)
+    assert hf_state["backbone.layers.1.mixer.conv1d.weight"].shape == (cfg.d_inner + 2 * cfg.ngroups * cfg.d_state, 1, cfg.d_conv)
+    back = from_hf_state_dict(hf_state, cfg)
+    assert back.keys() == state.keys()
+    for name in state:
+        assert torch.equal(back[name], state[name]), name
+    assert model_config_from_hf(hf_config_dict(cfg)) == cfg
+
+
+def test_packed_documents_equal_separate_documents():
+    cfg = ModelConfig.from_preset("debug")
+    model = Mamba2LM(cfg).double()
+    lengths = [5, 16, 19, 1, 23]  # boundaries inside chunks, on a chunk edge, a one-token document
+    docs = [torch.randint(0, cfg.vocab_size, (1, n)) for n in lengths]
+    packed = torch.cat(docs, dim=1)
+    seq_idx = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    weights = torch.randn(1, packed.shape[1], cfg.vocab_size, dtype=torch.float64)
+
+    logits = model(packed, seq_idx=seq_idx)
+    packed_grads = torch.autograd.grad((logits * weights).sum(), list(model.parameters()))
+    separate = [model(doc) for doc in docs]
+    separate_loss = sum((out * w).sum() for out, w in zip(separate, weights.split(lengths, dim=1)))
+    separate_grads = torch.autograd.grad(separate_loss, list(model.parameters()))
+
+    torch.testing.assert_close(logits, torch.cat(separate, dim=1), rtol=1e-12, atol=1e-12)
+    for (name, _), got, want in zip(model.named_parameters(), packed_grads, separate_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    # ... and without seq_idx the documents would leak into each other:
+    assert not torch.allclose(model(packed), logits, atol=1e-3)
+
+
+def test_init_follows_mamba_ssm():
+    cfg = ModelConfig.from_preset("mamba2-130m", n_layer=4)
+    model = Mamba2LM(cfg)
+    mixer = model.layers[0].mixer
+    dt = F.softplus(mixer.dt_bias)
+    assert cfg.dt_init_floor <= dt.min() and dt.max() <= cfg.dt_max * 1.0001
+    A = torch.exp(mixer.A_log)
+    assert 1 <= A.min() and A.max() <= 16
+    assert torch.equal(mixer.D, torch.ones(cfg.nheads))
+    assert abs(model.embedding.weight.std().item() - cfg.init_std) < 1e-3
+    # out_proj: kaiming-uniform bound 1/sqrt(fan_in), rescaled by 1/sqrt(n_layer)
+    bound = 1 / cfg.d_inner**0.5 / cfg.n_layer**0.5
+    assert mixer.out_proj.weight.abs().max() <= bound and mixer.out_proj.weight.abs().max() > 0.95 * bound
+    bound_in = 1 / cfg.d_model**0.5
+    assert 0.95 * bound_in < mixer.in_proj.weight["x"].abs().max() <= bound_in
+    assert model.lm_head is None
+
+
+@pytest.mark.parametrize("name, millions", [("mamba2-130m", 130), ("mamba2-370m", 370), ("mamba2-780m", 780), ("mamba2-1.3b", 1300), ("mamba2-2.7b", 2700)])
+def test_published_presets_have_their_sizes(name, millions):
+    cfg = ModelConfig.from_preset(name)
+    one_layer = Mamba2LM(dataclasses.replace(cfg, n_layer=1))  # the same widths, built cheaply
+    block = sum(p.numel() for p in one_layer.layers[0].parameters())
+    total = cfg.vocab_size * cfg.d_model + cfg.n_layer * block + cfg.d_model  # tied head
+    assert total / 1e6 == pytest.approx(millions, rel=0.04)
+
+
+def test_bad_model_config_names_the_key():
+    with pytest.raises(ValueError, match="model.ngroups = 3 must divide the number of heads 8"):
+        ModelConfig.from_preset("debug", ngroups=3)
+    with pytest.raises(ValueError, match="model.preset = 'mamba2-7b' is not one of"):
+        ModelConfig.from_preset("mamba2-7b")
+    with pytest.raises(ValueError, match="model.headdim = 100 must divide"):
+        dataclasses.replace(ModelConfig(), headdim=100)
