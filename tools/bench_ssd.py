@@ -1,0 +1,187 @@
+"""SSD and the Mamba-2 mixer on the GPU: mamba-ssm's Triton kernels against megassm's PyTorch reference.
+
+Accuracy: every result (outputs, final states, the gradient of every input) is compared with the
+PyTorch reference computed in float64 on the same inputs, as max|got - want| / max|want|. The Triton
+path must stay within the budget of its input precision (fp32: TF32 tensor-core dots; bf16); the
+PyTorch reference run in the same precision is printed beside it for scale.
+Speed: forward + backward time and peak memory of both, same inputs, same process.
+
+    python tools/bench_ssd.py [--quick] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import torch
+
+from megassm import ops
+from megassm.model import Mamba2LM, ModelConfig
+from megassm.ops.ssd import ssd_chunked
+
+# GPU.md's peer shapes: the 130m layer at b8 x 2048, and one long sequence with 8 groups.
+TIMED = [
+    (dict(batch=8, seqlen=2048, nheads=24, headdim=64, ngroups=1, dstate=128), torch.bfloat16),
+    (dict(batch=8, seqlen=2048, nheads=24, headdim=64, ngroups=1, dstate=128), torch.float32),
+    (dict(batch=1, seqlen=32768, nheads=48, headdim=64, ngroups=8, dstate=128), torch.bfloat16),
+]
+BUDGET = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
+INPUTS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_states")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def make_ssd_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, boundaries, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    f64 = dict(dtype=torch.float64, device=device, generator=g)
+    inputs = {
+        "x": torch.randn(batch, seqlen, nheads, headdim, **f64),
+        "dt": torch.randn(batch, seqlen, nheads, **f64) - 2.0,
+        "A": -torch.rand(nheads, **f64) * 15 - 1,
+        "B": torch.randn(batch, seqlen, ngroups, dstate, **f64),
+        "C": torch.randn(batch, seqlen, ngroups, dstate, **f64),
+        "D": torch.randn(nheads, **f64),
+        "dt_bias": torch.randn(nheads, **f64) * 0.5,
+        "initial_states": torch.randn(batch, nheads, headdim, dstate, **f64),
+    }
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32, device=device)
+    for position in boundaries:
+        seq_idx[:, position:] += 1
+    return inputs, (seq_idx if boundaries else None)
+
+
+def input_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """Activations (x, B, C) in the compute precision; dt, parameters and states in fp32 (or fp64)."""
+    if name in ("x", "B", "C") or dtype == torch.float64:
+        return dtype
+    return torch.float32
+
+
+def run_ssd(inputs, seq_idx, chunk_size, backend, dtype, cotangents):
+    """Outputs and input gradients of one SSD call in `dtype` (x, B, C, initial_states; dt in fp32)."""
+    leaves = {name: t.to(input_dtype(name, dtype)).requires_grad_(True) for name, t in inputs.items()}
+    fn = ssd_chunked if backend == "reference" else (lambda *a, **k: ops.ssd(*a, backend=backend, **k))
+    y, final = fn(**leaves, chunk_size=chunk_size, dt_softplus=True, seq_idx=seq_idx, return_final_states=True)
+    dy, dfinal = cotangents
+    grads = torch.autograd.grad((y * dy.to(y.dtype)).sum() + (final * dfinal.to(final.dtype)).sum(), [leaves[n] for n in INPUTS])
+    return {"y": y, "final_states": final, **{f"d{n}": g for n, g in zip(INPUTS, grads)}}
+
+
+def check_ssd(cases, device) -> list[dict]:
+    rows = []
+    for case in cases:
+        inputs, seq_idx = make_ssd_inputs(**case["shape"], boundaries=case["boundaries"], device=device)
+        b, l, h, p = inputs["x"].shape
+        g = torch.Generator(device=device).manual_seed(1)
+        cotangents = (torch.randn(b, l, h, p, device=device, generator=g, dtype=torch.float64),
+                      torch.randn(b, h, p, inputs["B"].shape[-1], device=device, generator=g, dtype=torch.float64))
+        exact = run_ssd(inputs, seq_idx, case["chunk_size"], "reference", torch.float64, cotangents)
+        for dtype in (torch.float32, torch.bfloat16):
+            triton = run_ssd(inputs, seq_idx, case["chunk_size"], "triton", dtype, cotangents)
+            torch_ref = run_ssd(inputs, seq_idx, case["chunk_size"], "torch", dtype, cotangents)
+            for name in exact:
+                err_triton, err_torch = relative_error(triton[name], exact[name]), relative_error(torch_ref[name], exact[name])
+                rows.append({"case": case["name"], "dtype": str(dtype).removeprefix("torch."), "tensor": name,
+                             "triton": err_triton, "torch": err_torch, "ok": err_triton <= BUDGET[dtype]})
+    return rows
+
+
+def check_model(device) -> list[dict]:
+    """Whole LM forward + backward (2 layers of 130m's width), Triton path vs the reference path."""
+    rows = []
+    cfg = ModelConfig.from_preset("mamba2-130m", n_layer=2, ngroups=2)
+    torch.manual_seed(0)
+    models = {backend: Mamba2LM(dataclasses.replace(cfg, ssd_backend=backend)).to(device) for backend in ("torch", "triton")}
+    models["triton"].load_state_dict(models["torch"].state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 1000), device=device)
+    seq_idx = torch.zeros_like(ids, dtype=torch.int32)
+    seq_idx[:, 300:] += 1
+    seq_idx[:, 777:] += 1
+    results = {}
+    for precision in ("fp32", "bf16"):
+        for backend, model in models.items():
+            model.zero_grad()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits = model(ids, seq_idx=seq_idx)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids.roll(-1, 1).flatten())
+            loss.backward()
+            results[precision, backend] = {"logits": logits.detach().float(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+        for name, want in results[precision, "torch"].items():
+            err = relative_error(results[precision, "triton"][name], want)
+            rows.append({"case": "Mamba2LM 2x768 G2 3 docs: Triton vs PyTorch path", "dtype": precision, "tensor": name, "triton": err, "torch": None,
+                         "ok": err <= BUDGET[torch.bfloat16 if precision == "bf16" else torch.float32] * (4 if name != "logits" else 1)})
+    return rows
+
+
+def time_ssd(shape, dtype, chunk_size, device, repeats) -> list[dict]:
+    """Forward + backward milliseconds and peak memory of one SSD call, Triton vs the reference."""
+    rows = []
+    inputs, _ = make_ssd_inputs(**shape, boundaries=(), device=device)
+    for backend in ("triton", "torch"):
+        leaves = {n: t.to(input_dtype(n, dtype)).requires_grad_(True) for n, t in inputs.items() if n != "initial_states"}
+
+        def step():
+            y = ops.ssd(**leaves, chunk_size=chunk_size, backend=backend)
+            y.backward(torch.ones_like(y))
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+        rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
+                     "ms": start.elapsed_time(end) / repeats, "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30})
+        s = shape
+        print(f"| b{s['batch']} L{s['seqlen']} H{s['nheads']} P{s['headdim']} N{s['dstate']} G{s['ngroups']} | {rows[-1]['dtype']} | {backend} | "
+              f"{rows[-1]['ms']:.2f} | {rows[-1]['peak_gib']:.2f} |", flush=True)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer cases and repeats")
+    parser.add_argument("--json", help="also write all rows to this file")
+    parser.add_argument("--skip-accuracy", action="store_true", help="timings only")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {__import__('triton').__version__}")
+    ops.load_triton_kernels()
+
+    cases = [
+        {"name": "b2 L1000 H8 G2 Q256, 3 docs, init state", "shape": dict(batch=2, seqlen=1000, nheads=8, headdim=64, ngroups=2, dstate=64), "chunk_size": 256, "boundaries": (100, 512, 700)},
+        {"name": "b1 L333 H4 G1 Q64, doc on chunk edge", "shape": dict(batch=1, seqlen=333, nheads=4, headdim=32, ngroups=1, dstate=128), "chunk_size": 64, "boundaries": (128,)},
+    ]
+    if args.quick:
+        cases = cases[:1]
+    accuracy = [] if args.skip_accuracy else check_ssd(cases, device) + check_model(device)
+    if accuracy:
+        print("\n## Accuracy (max abs error / max abs of the float64 reference; model rows: Triton vs PyTorch path)\n")
+        print("| case | dtype | tensor | Triton | PyTorch ref same dtype | within budget |\n|---|---|---|---|---|---|")
+    for r in accuracy:
+        torch_err = "-" if r["torch"] is None else f"{r['torch']:.2e}"
+        print(f"| {r['case']} | {r['dtype']} | {r['tensor']} | {r['triton']:.2e} | {torch_err} | {'yes' if r['ok'] else 'NO'} |")
+
+    timings = []
+    print("\n## SSD forward + backward\n\n| shape | dtype | backend | ms | peak GiB |\n|---|---|---|---|---|")
+    for shape, dtype in TIMED:
+        timings += time_ssd(shape, dtype, 256, device, repeats=3 if args.quick else 10)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"accuracy": accuracy, "timings": timings}, f, indent=1)
+    failed = [r for r in accuracy if not r["ok"]]
+    print(f"\n{len(accuracy) - len(failed)} of {len(accuracy)} accuracy checks within budget")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
