@@ -54,10 +54,19 @@ class ModelConfig:
             raise ValueError(f"model.headdim = {self.headdim} must divide expand * d_model = {self.d_inner}")
         if self.nheads % self.ngroups:
             raise ValueError(f"model.ngroups = {self.ngroups} must divide the number of heads {self.nheads}")
+        if self.d_conv < 2:
+            raise ValueError(f"model.d_conv must be at least 2, got {self.d_conv}")
         if self.ssd_backend not in BACKENDS:
             raise ValueError(f"model.ssd_backend = {self.ssd_backend!r}: choose one of {', '.join(BACKENDS)}")
         if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"model.A_init_range = {self.A_init_range} must satisfy 0 < low <= high")
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise ValueError unless heads, groups and vocabulary split evenly over tp ranks."""
+        for count, what in ((self.nheads, "heads (expand * d_model / headdim)"), (self.ngroups, "groups (model.ngroups)"),
+                            (self.vocab_size, "vocabulary entries (model.vocab_size)")):
+            if count % tp:
+                raise ValueError(f"parallel.tp = {tp} must divide the model's {count} {what}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":

@@ -1,23 +1,35 @@
 """The Mamba-2 language model: embedding, pre-norm residual blocks (residual stream in fp32), final
-RMSNorm, LM head (tied to the embedding by default)."""
+RMSNorm, LM head (tied to the embedding by default). Under TP the vocabulary is split and the loss
+is computed from vocabulary-split logits; under SP the residual stream is split along the sequence."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megassm.model.config import ModelConfig
+from megassm.model.conv import uniform_fan_in
 from megassm.model.mixer import Mamba2Mixer
 from megassm.ops import rms_norm
 from megassm.ops.dtypes import upcast
+from parallel import (
+    ParallelContext,
+    VocabParallelEmbedding,
+    VocabParallelLMHead,
+    mark_sequence_parallel,
+    send_to_next_rank,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_logits,
+)
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, ctx: ParallelContext):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        if ctx.sequence_parallel:
+            mark_sequence_parallel(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         return rms_norm(x, self.weight, self.eps)
@@ -26,35 +38,51 @@ class RMSNorm(nn.Module):
 class Block(nn.Module):
     """h = h + mixer(norm(h)); h stays fp32 (type promotion) whatever precision the mixer computes in."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = Mamba2Mixer(cfg)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, ctx)
+        self.mixer = Mamba2Mixer(cfg, ctx)
 
-    def forward(self, h: Tensor, seq_idx: Tensor | None = None) -> Tensor:
-        return h + self.mixer(self.norm(h), seq_idx=seq_idx)
+    def forward(self, h: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
+        return h + self.mixer(self.norm(h), seq_idx, halo_seq_idx)
 
 
 class Mamba2LM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
         super().__init__()
-        self.cfg = cfg
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.normal_(self.embedding.weight, std=cfg.init_std)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        cfg.check_tensor_parallel(ctx.tp)
+        self.cfg, self.ctx = cfg, ctx
+        self.embedding = VocabParallelEmbedding(torch.empty(cfg.vocab_size, cfg.d_model).normal_(std=cfg.init_std), ctx)
+        self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx)
+        self.lm_head = None
+        if not cfg.tie_embeddings:
+            self.lm_head = VocabParallelLMHead(uniform_fan_in((cfg.vocab_size, cfg.d_model), cfg.d_model), ctx)
 
     def hidden_states(self, input_ids: Tensor, seq_idx: Tensor | None = None) -> Tensor:
-        """The final normalised hidden states (b, l, d_model)."""
+        """Final normalised hidden states: (b, l, d_model), or (b, l/tp, d_model) under SP.
+        input_ids and seq_idx are this CP rank's slice of the sequence."""
+        ctx = self.ctx
+        if ctx.sequence_parallel and input_ids.shape[1] % ctx.tp:
+            raise ValueError(f"sequence parallelism splits each rank's {input_ids.shape[1]} tokens over tp = {ctx.tp}: they must divide")
+        if ctx.cp > 1 and input_ids.shape[1] < self.cfg.d_conv - 1:
+            raise ValueError(f"each CP rank needs at least model.d_conv - 1 = {self.cfg.d_conv - 1} tokens, got {input_ids.shape[1]}")
+        halo_seq_idx = None
+        if seq_idx is not None and ctx.cp > 1:  # the previous rank's last document ids, once for all layers
+            with torch.no_grad():
+                halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
         for layer in self.layers:
-            h = layer(h, seq_idx=seq_idx)
+            h = layer(h, seq_idx, halo_seq_idx)
         return self.norm_f(h)
 
-    def head_weight(self) -> Tensor:
-        return self.embedding.weight if self.lm_head is None else self.lm_head.weight
-
     def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None) -> Tensor:
-        """Logits (b, l, vocab_size). `seq_idx` (b, l): document id per token for packed sequences."""
-        return F.linear(self.hidden_states(input_ids, seq_idx), self.head_weight())
+        """Logits (b, l, vocab_size / tp): this TP rank's part of the vocabulary."""
+        h = self.hidden_states(input_ids, seq_idx)
+        if self.lm_head is None:
+            return vocab_parallel_logits(h, self.embedding.weight, self.ctx)
+        return self.lm_head(h)
+
+    def token_losses(self, input_ids: Tensor, labels: Tensor, seq_idx: Tensor | None = None) -> Tensor:
+        """Cross-entropy per token (b, l), fp32, 0 where labels == -100; logits never gathered over TP."""
+        return vocab_parallel_cross_entropy(self(input_ids, seq_idx), labels, self.ctx.tp_group)

@@ -1,4 +1,11 @@
-"""The Mamba-2 mixer (mamba_ssm.modules.mamba2.Mamba2 with norm_before_gate=False), single device."""
+"""The Mamba-2 mixer (mamba_ssm.modules.mamba2.Mamba2, norm_before_gate=False).
+
+It reads as single-device code; `ctx` makes it tensor- and context-parallel: in_proj is
+column-parallel over its five segments and out_proj row-parallel (the layer's one collective),
+each rank owning nheads/tp heads and ngroups/tp groups with their conv channels, A_log, D, dt_bias and
+norm weights; under CP the conv takes its halo from the previous rank and the SSD adds the state
+entering the rank's slice (megassm/model/context_parallel.py).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +16,10 @@ from torch import Tensor, nn
 
 from megassm import ops
 from megassm.model.config import ModelConfig
-from megassm.model.segmented import SegmentedDepthwiseConv1d, SegmentedLinear
+from megassm.model.context_parallel import add_incoming_state
+from megassm.model.conv import CausalDepthwiseConv1d, uniform_fan_in
 from megassm.ops.dtypes import upcast
+from parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, send_to_next_rank, shard_parameter
 
 
 def init_dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
@@ -21,43 +30,49 @@ def init_dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float
 
 
 class Mamba2Mixer(nn.Module):
-    """u -> in_proj -> [z | xBC | dt] -> conv+silu -> SSD + D x -> norm(y * silu(z)) -> out_proj."""
+    """u -> in_proj -> [z | xBC | dt] -> conv + silu -> SSD + D x -> norm(y * silu(z)) -> out_proj."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
         super().__init__()
-        self.cfg = cfg
-        d_inner, nheads, gn = cfg.d_inner, cfg.nheads, cfg.ngroups * cfg.d_state
-        self.in_proj = SegmentedLinear(cfg.d_model, {"z": d_inner, "x": d_inner, "B": gn, "C": gn, "dt": nheads}, bias=cfg.proj_bias)
-        self.conv1d = SegmentedDepthwiseConv1d({"x": d_inner, "B": gn, "C": gn}, cfg.d_conv, bias=cfg.conv_bias)
-        self.dt_bias = nn.Parameter(init_dt_bias(nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
-        self.A_log = nn.Parameter(torch.log(torch.empty(nheads).uniform_(*cfg.A_init_range)))
-        self.D = nn.Parameter(torch.ones(nheads))
-        self.norm_weight = nn.Parameter(torch.ones(d_inner))
-        self.out_proj = nn.Linear(d_inner, cfg.d_model, bias=cfg.proj_bias)
-        # mamba-ssm / GPT-2: residual-branch outputs scaled by 1/sqrt(number of residual layers).
-        with torch.no_grad():
-            self.out_proj.weight /= math.sqrt(cfg.n_layer)
-            if self.out_proj.bias is not None:
-                self.out_proj.bias.zero_()
-
-    def forward(self, u: Tensor, seq_idx: Tensor | None = None) -> Tensor:
-        cfg = self.cfg
-        batch, seqlen, _ = u.shape
-        d_inner, gn = cfg.d_inner, cfg.ngroups * cfg.d_state
-        z, xBC, dt = self.in_proj(u).split([d_inner, d_inner + 2 * gn, cfg.nheads], dim=-1)
-        x, B, C = self.conv1d(xBC, seq_idx=seq_idx).split([d_inner, gn, gn], dim=-1)
-        y = ops.ssd(
-            x.reshape(batch, seqlen, cfg.nheads, cfg.headdim),
-            dt,
-            -torch.exp(upcast(self.A_log)),
-            B.reshape(batch, seqlen, cfg.ngroups, cfg.d_state),
-            C.reshape(batch, seqlen, cfg.ngroups, cfg.d_state),
-            cfg.chunk_size,
-            D=self.D,
-            dt_bias=self.dt_bias,
-            dt_limit=cfg.dt_limit,
-            seq_idx=seq_idx,
-            backend=cfg.ssd_backend,
+        cfg.check_tensor_parallel(ctx.tp)
+        self.cfg, self.ctx = cfg, ctx
+        tp = ctx.tp
+        self.nheads, self.ngroups, self.d_inner = cfg.nheads // tp, cfg.ngroups // tp, cfg.d_inner // tp
+        gn = cfg.ngroups * cfg.d_state
+        segments = {"z": cfg.d_inner, "x": cfg.d_inner, "B": gn, "C": gn, "dt": cfg.nheads}
+        self.in_proj = ColumnParallelLinear(
+            {n: uniform_fan_in((size, cfg.d_model), cfg.d_model) for n, size in segments.items()}, ctx,
+            biases={n: torch.zeros(size) for n, size in segments.items()} if cfg.proj_bias else None,
         )
-        y = ops.gated_rms_norm(y.reshape(batch, seqlen, d_inner), z, self.norm_weight, d_inner // cfg.ngroups, cfg.norm_eps, cfg.ssd_backend)
+        self.conv1d = CausalDepthwiseConv1d({"x": cfg.d_inner, "B": gn, "C": gn}, cfg.d_conv, cfg.conv_bias, ctx.tp_group)
+        self.dt_bias = shard_parameter(init_dt_bias(cfg.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), 0, ctx.tp_group)
+        self.A_log = shard_parameter(torch.log(torch.empty(cfg.nheads).uniform_(*cfg.A_init_range)), 0, ctx.tp_group)
+        self.D = shard_parameter(torch.ones(cfg.nheads), 0, ctx.tp_group)
+        self.norm_weight = shard_parameter(torch.ones(cfg.d_inner), 0, ctx.tp_group)
+        # mamba-ssm / GPT-2: the residual branch's output projection scaled by 1/sqrt(n_layer).
+        out_weight = uniform_fan_in((cfg.d_model, cfg.d_inner), cfg.d_inner) / math.sqrt(cfg.n_layer)
+        self.out_proj = RowParallelLinear(out_weight, ctx, bias=torch.zeros(cfg.d_model) if cfg.proj_bias else None)
+
+    def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
+        """u: (b, l, d_model), or (b, l/tp, d_model) under sequence parallelism. seq_idx: (b, l)
+        document ids; halo_seq_idx: those of the previous CP rank's last d_conv-1 tokens."""
+        cfg, cp_group = self.cfg, self.ctx.cp_group
+        zxbcdt = self.in_proj(u)
+        batch, seqlen, _ = zxbcdt.shape
+        gn = self.ngroups * cfg.d_state
+        z, xBC, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
+        halo = send_to_next_rank(xBC[:, seqlen - (cfg.d_conv - 1) :], cp_group) if self.ctx.cp > 1 else None
+        x, B, C = self.conv1d(xBC, halo, seq_idx, halo_seq_idx).split([self.d_inner, gn, gn], dim=-1)
+        x = x.reshape(batch, seqlen, self.nheads, cfg.headdim)
+        B = B.reshape(batch, seqlen, self.ngroups, cfg.d_state)
+        C = C.reshape(batch, seqlen, self.ngroups, cfg.d_state)
+        A = -torch.exp(upcast(self.A_log))
+        y = ops.ssd(
+            x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit,
+            seq_idx=seq_idx, return_final_states=self.ctx.cp > 1, backend=cfg.ssd_backend,
+        )
+        if self.ctx.cp > 1:
+            y, final_state = y
+            y = add_incoming_state(y, final_state, dt, A, C, self.dt_bias, cfg.dt_limit, seq_idx, halo_seq_idx, cp_group)
+        y = ops.gated_rms_norm(y.reshape(batch, seqlen, self.d_inner), z, self.norm_weight, cfg.d_inner // cfg.ngroups, cfg.norm_eps, cfg.ssd_backend)
         return self.out_proj(y)

@@ -1,0 +1,32 @@
+"""The mixer's causal depthwise conv1d over [x | B | C], its channels split over TP like in_proj's."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from megassm.ops import causal_conv1d
+from parallel import ShardedSegments
+
+
+def uniform_fan_in(shape: tuple[int, ...], fan_in: int) -> Tensor:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Linear/Conv1d init, which mamba-ssm keeps."""
+    bound = 1 / math.sqrt(fan_in)
+    return torch.empty(shape).uniform_(-bound, bound)
+
+
+class CausalDepthwiseConv1d(nn.Module):
+    """`weight[name]` (channels, width) and `bias[name]` per segment; silu applied to the output."""
+
+    def __init__(self, segments: dict[str, int], width: int, bias: bool, tp_group: ProcessGroup | None):
+        super().__init__()
+        self.weight = ShardedSegments({n: uniform_fan_in((size, width), width) for n, size in segments.items()}, tp_group)
+        biases = {n: uniform_fan_in((size,), width) for n, size in segments.items()} if bias else None
+        self.bias = None if biases is None else ShardedSegments(biases, tp_group)
+
+    def forward(self, x: Tensor, halo: Tensor | None = None, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
+        bias = None if self.bias is None else self.bias.fused()
+        return causal_conv1d(x, self.weight.fused(), bias, halo=halo, seq_idx=seq_idx, halo_seq_idx=halo_seq_idx, activation="silu")

@@ -1,0 +1,94 @@
+"""The DP x CP x TP process mesh and the small context object layers receive.
+
+Ranks are laid out with TP fastest, then CP, then DP: the TP group (heaviest traffic, every layer)
+spans neighbouring ranks, which torchrun places on the same node.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed import ProcessGroup
+
+
+def group_size(group: ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Process groups of one rank; None stands for a group of one (then every primitive is the identity)."""
+
+    tp_group: ProcessGroup | None = None
+    cp_group: ProcessGroup | None = None
+    dp_group: ProcessGroup | None = None
+    dp_cp_group: ProcessGroup | None = None  # parameters' gradients are summed over this one
+    sequence_parallel: bool = False
+
+    @property
+    def tp(self) -> int:
+        return group_size(self.tp_group)
+
+    @property
+    def tp_rank(self) -> int:
+        return group_rank(self.tp_group)
+
+    @property
+    def cp(self) -> int:
+        return group_size(self.cp_group)
+
+    @property
+    def cp_rank(self) -> int:
+        return group_rank(self.cp_group)
+
+    @property
+    def dp(self) -> int:
+        return group_size(self.dp_group)
+
+    @property
+    def dp_rank(self) -> int:
+        return group_rank(self.dp_group)
+
+
+def mesh_ranks(world_size: int, tp: int, cp: int) -> dict[str, list[list[int]]]:
+    """The rank lists of every TP, CP, DP and DP x CP group (TP fastest, then CP, then DP)."""
+    dp = world_size // (tp * cp)
+    rank = lambda d, c, t: (d * cp + c) * tp + t  # noqa: E731
+    return {
+        "tp": [[rank(d, c, t) for t in range(tp)] for d in range(dp) for c in range(cp)],
+        "cp": [[rank(d, c, t) for c in range(cp)] for d in range(dp) for t in range(tp)],
+        "dp": [[rank(d, c, t) for d in range(dp)] for c in range(cp) for t in range(tp)],
+        "dp_cp": [[rank(d, c, t) for d in range(dp) for c in range(cp)] for t in range(tp)],
+    }
+
+
+def init_parallel(tp: int = 1, cp: int = 1, dp: int = -1, sequence_parallel: bool = False, backend: str | None = None) -> ParallelContext:
+    """Join the job started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR, ...) and build the mesh.
+    dp = -1 takes the rest of the world. Backend: NCCL with CUDA, gloo otherwise."""
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    world = dist.get_world_size()
+    if dp == -1:
+        dp = world // (tp * cp)
+    if tp * cp * dp != world:
+        raise ValueError(f"parallel.tp * parallel.cp * parallel.dp = {tp} * {cp} * {dp} = {tp * cp * dp}, but the world size is {world}")
+    if sequence_parallel and tp == 1:
+        raise ValueError("parallel.sequence_parallel = true needs parallel.tp > 1")
+    mine = {}
+    for name, groups in mesh_ranks(world, tp, cp).items():
+        for ranks in groups:  # every rank creates every group, in the same order
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                mine[name] = group if len(ranks) > 1 else None
+    return ParallelContext(mine["tp"], mine["cp"], mine["dp"], mine["dp_cp"], sequence_parallel)

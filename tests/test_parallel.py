@@ -1,0 +1,178 @@
+"""Every parallel layout against one process: the same weights, the same global batch, in float32.
+The loss and every parameter gradient must agree within 1e-5 (relative to the largest entry)."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megassm.model import Mamba2LM, Mamba2Mixer, ModelConfig
+from parallel import ParallelContext, init_parallel, local_piece, record_communication, reduce_gradients
+from parallel.collectives import all_reduce
+from tests.distributed import run_distributed
+
+CFG = ModelConfig.from_preset("debug", ngroups=4, chunk_size=8)  # 8 heads in 4 groups; 44 tokens = 5.5 chunks
+SEQLEN, ROWS_PER_DP_RANK = 44, 4
+# Document starts per row, against CP slice edges at 11, 22, 33 (cp=4) or 22 (cp=2): on an edge with
+# another start in the same slice (22), on an edge with none (11: nothing of 0..10 may reach 22..),
+# inside slices, documents running through whole slices (13..35, 4..43), a one-token document (3).
+BOUNDARIES = [(7, 22, 30), (5, 13, 35), (11, 40), (3, 4)]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def global_batch(dp: int):
+    g = torch.Generator().manual_seed(7)
+    rows = dp * ROWS_PER_DP_RANK
+    ids = torch.randint(0, CFG.vocab_size, (rows, SEQLEN), generator=g)
+    labels = torch.randint(0, CFG.vocab_size, (rows, SEQLEN), generator=g)
+    labels[0, :3] = -100  # ignored targets count nowhere
+    seq_idx = torch.zeros(rows, SEQLEN, dtype=torch.long)
+    for row in range(rows):
+        for start in BOUNDARIES[row % len(BOUNDARIES)]:
+            seq_idx[row, start:] += 1
+    return ids, labels, seq_idx
+
+
+def reference_gradients(dtype: torch.dtype, ids, labels, seq_idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and gradients of the one-process model on the whole global batch."""
+    torch.manual_seed(0)
+    model = Mamba2LM(CFG).to(dtype)
+    loss = model.token_losses(ids, labels, seq_idx).sum() / (labels != -100).sum()
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def check_layout(tp: int, cp: int, dp: int, sequence_parallel: bool, dtype: torch.dtype) -> None:
+    """float64: the layout must reproduce one process to 1e-10, i.e. exactly up to rounding.
+    float32: within 1e-5 (relative to each tensor's largest entry) of the exact float64 result,
+    or, for the few small gradients where fp32 cancellation exceeds that, no further from it than 4x
+    the one-process fp32 run is."""
+    ctx = init_parallel(tp, cp, dp, sequence_parallel, backend="gloo")
+    torch.manual_seed(0)
+    model = Mamba2LM(CFG, ctx).to(dtype)  # the same logical initial weights as one process, this rank's pieces
+    ids, labels, seq_idx = global_batch(dp)
+    exact_loss, exact = reference_gradients(torch.float64, ids, labels, seq_idx)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.double(), local_piece(reference_weights()[name], p, ctx.tp_group)), name
+
+    rows = slice(ctx.dp_rank * ROWS_PER_DP_RANK, (ctx.dp_rank + 1) * ROWS_PER_DP_RANK)
+    cols = slice(ctx.cp_rank * SEQLEN // cp, (ctx.cp_rank + 1) * SEQLEN // cp)
+    loss = model.token_losses(ids[rows, cols], labels[rows, cols], seq_idx[rows, cols]).sum() / (labels != -100).sum()
+    loss.backward()
+    reduce_gradients(model.parameters(), ctx)
+    total = all_reduce(loss.detach().clone(), ctx.dp_cp_group) if ctx.dp_cp_group else loss.detach()
+
+    fp32 = None
+    if dtype == torch.float32:
+        fp32_loss, fp32 = reference_gradients(dtype, ids, labels, seq_idx)
+
+    def check(what: str, got: torch.Tensor, want: torch.Tensor, same_precision: torch.Tensor | None) -> None:
+        limit = 1e-10 if same_precision is None else max(1e-5, 4 * relative_error(same_precision.double(), want))
+        error = relative_error(got.double(), want)
+        assert error < limit, f"rank {dist.get_rank()}: {what} differs by {error:.2e} (bound {limit:.1e})"
+
+    check("loss", total, exact_loss, None if fp32 is None else fp32_loss)
+    for name, p in model.named_parameters():
+        piece = lambda full: local_piece(full, p, ctx.tp_group)  # noqa: E731
+        check(f"gradient of {name}", p.grad, piece(exact[name]), None if fp32 is None else piece(fp32[name]))
+
+
+def reference_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return {name: p.detach().double() for name, p in Mamba2LM(CFG).named_parameters()}
+
+
+LAYOUTS = {
+    "tp2": (2, 1, 1, False),
+    "tp4": (4, 1, 1, False),
+    "tp2-sequence-parallel": (2, 1, 1, True),
+    "cp2": (1, 2, 1, False),
+    "cp4": (1, 4, 1, False),
+    "tp2-cp2": (2, 2, 1, False),
+    "dp2-cp2": (1, 2, 2, False),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_matches_one_process(layout, dtype):
+    tp, cp, dp, sp = LAYOUTS[layout]
+    run_distributed(check_layout, tp * cp * dp, tp, cp, dp, sp, dtype)
+
+
+def count_mixer_collectives(sequence_parallel: bool) -> None:
+    ctx = init_parallel(tp=2, sequence_parallel=sequence_parallel, backend="gloo")
+    mixer = Mamba2Mixer(CFG, ctx)
+    u = torch.randn(2, 16 if sequence_parallel else 32, CFG.d_model, requires_grad=True)
+    with record_communication() as forward:
+        out = mixer(u)
+    with record_communication() as backward:
+        out.sum().backward()
+    names = lambda records: [name for name, _ in records]  # noqa: E731
+    if sequence_parallel:
+        assert names(forward) == ["all_gather", "reduce_scatter"], forward
+        assert names(backward) == ["all_gather", "reduce_scatter"], backward
+    else:
+        assert names(forward) == ["all_reduce"], forward
+        assert names(backward) == ["all_reduce"], backward
+        assert forward[0][1] == backward[0][1] == u.numel() * 4  # the (b, l, d_model) activations, once
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sequence-parallel"])
+def test_tensor_parallel_mixer_issues_one_collective_each_way(sequence_parallel):
+    run_distributed(count_mixer_collectives, 2, sequence_parallel)
+
+
+def cp_bytes_per_layer() -> None:
+    ctx = init_parallel(cp=2, backend="gloo")
+    torch.manual_seed(0)
+    mixer = Mamba2Mixer(CFG, ctx)
+    sent = []
+    for local_len in (16, 128):
+        u = torch.randn(2, local_len, CFG.d_model, requires_grad=True)
+        with record_communication() as records:
+            mixer(u).sum().backward()
+        sent.append(records)
+    short, long = sent
+    assert [name for name, _ in short] == ["send_recv", "all_gather", "reduce_scatter", "send_recv"], short
+    assert short == long, (short, long)  # 8x the tokens, the same bytes
+
+
+def test_context_parallel_bytes_do_not_grow_with_sequence_length():
+    run_distributed(cp_bytes_per_layer, 2)
+
+
+def refuse_layout(tp: int, cp: int, dp: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ctx = init_parallel(tp, cp, dp, backend="gloo")
+        Mamba2LM(dataclasses.replace(CFG, ngroups=2), ctx)
+
+
+@pytest.mark.parametrize(
+    "tp, cp, dp, message",
+    [
+        (2, 2, 2, r"parallel.tp \* parallel.cp \* parallel.dp = 2 \* 2 \* 2 = 8, but the world size is 4"),
+        (4, 1, 1, r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups\)"),
+    ],
+)
+def test_impossible_layouts_are_refused(tp, cp, dp, message):
+    run_distributed(refuse_layout, 4, tp, cp, dp, message)
+
+
+def test_vocab_parallel_cross_entropy_on_one_rank_is_cross_entropy():
+    from parallel import vocab_parallel_cross_entropy
+
+    logits = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 11, (3, 5))
+    target[0, 0] = -100
+    got = vocab_parallel_cross_entropy(logits, target, None)
+    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+    torch.testing.assert_close(got, want)
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    (g,) = torch.autograd.grad((got * weights).sum(), logits)
+    (w,) = torch.autograd.grad((want * weights).sum(), logits)
+    torch.testing.assert_close(g, w)
