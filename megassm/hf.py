@@ -1,8 +1,8 @@
 """State-dict and config mapping between megassm and Hugging Face `transformers` Mamba2ForCausalLM.
 
 transformers keeps mamba-ssm's fused layout: one in_proj over [z | x | B | C | dt] and one conv1d
-over [x | B | C] of shape (channels, 1, width). megassm keeps each segment separately (see
-megassm/model/segmented.py); here they are concatenated and split.
+over [x | B | C] of shape (channels, 1, width). megassm keeps each segment as its own
+parameter (parallel.ShardedSegments); here they are concatenated and split.
 
 Note: transformers' PyTorch (no-kernel) path normalises the gated RMSNorm over all of d_inner,
 while mamba-ssm, and transformers' own kernel path, normalise per group (d_inner / ngroups). The
