@@ -4,7 +4,7 @@ sequence-, context- and data-parallel primitives. Imports nothing from megassm."
 from parallel.collectives import record_communication, send_to_next_rank
 from parallel.context import ParallelContext, init_parallel
 from parallel.context_parallel import incoming_state
-from parallel.data_parallel import reduce_gradients
+from parallel.data_parallel import DDPEngine, global_grad_norm
 from parallel.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -22,19 +22,20 @@ from parallel.tensor_parallel import (
 
 __all__ = [
     "ColumnParallelLinear",
+    "DDPEngine",
     "ParallelContext",
     "RowParallelLinear",
     "ShardedSegments",
     "VocabParallelEmbedding",
     "VocabParallelLMHead",
     "full_tensor",
+    "global_grad_norm",
     "incoming_state",
     "init_parallel",
     "layer_input",
     "local_piece",
     "mark_sequence_parallel",
     "record_communication",
-    "reduce_gradients",
     "send_to_next_rank",
     "shard_parameter",
     "vocab_parallel_cross_entropy",

@@ -24,7 +24,8 @@ def group_rank(group: ProcessGroup | None) -> int:
 
 @dataclass(frozen=True)
 class ParallelContext:
-    """Process groups of one rank; None stands for a group of one (then every primitive is the identity)."""
+    """Process groups of one rank. Every primitive is the identity on a group of one rank; None stands
+    for that group outside a distributed job."""
 
     tp_group: ProcessGroup | None = None
     cp_group: ProcessGroup | None = None
@@ -90,5 +91,5 @@ def init_parallel(tp: int = 1, cp: int = 1, dp: int = -1, sequence_parallel: boo
         for ranks in groups:  # every rank creates every group, in the same order
             group = dist.new_group(ranks)
             if dist.get_rank() in ranks:
-                mine[name] = group if len(ranks) > 1 else None
+                mine[name] = group  # kept when of size one too: engines such as DeepSpeed want real groups
     return ParallelContext(mine["tp"], mine["cp"], mine["dp"], mine["dp_cp"], sequence_parallel)

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megassm.model import Mamba2LM, Mamba2Mixer, ModelConfig
-from parallel import ParallelContext, init_parallel, local_piece, record_communication, reduce_gradients
+from parallel import DDPEngine, global_grad_norm, init_parallel, local_piece, record_communication
 from parallel.collectives import all_reduce
 from tests.distributed import run_distributed
 
@@ -41,7 +41,7 @@ def reference_gradients(dtype: torch.dtype, ids, labels, seq_idx) -> tuple[torch
     """Loss and gradients of the one-process model on the whole global batch."""
     torch.manual_seed(0)
     model = Mamba2LM(CFG).to(dtype)
-    loss = model.token_losses(ids, labels, seq_idx).sum() / (labels != -100).sum()
+    loss = model(ids, seq_idx, labels).sum() / (labels != -100).sum()
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
@@ -61,9 +61,11 @@ def check_layout(tp: int, cp: int, dp: int, sequence_parallel: bool, dtype: torc
 
     rows = slice(ctx.dp_rank * ROWS_PER_DP_RANK, (ctx.dp_rank + 1) * ROWS_PER_DP_RANK)
     cols = slice(ctx.cp_rank * SEQLEN // cp, (ctx.cp_rank + 1) * SEQLEN // cp)
-    loss = model.token_losses(ids[rows, cols], labels[rows, cols], seq_idx[rows, cols]).sum() / (labels != -100).sum()
-    loss.backward()
-    reduce_gradients(model.parameters(), ctx)
+    engine = DDPEngine(model, ctx, [{"params": list(model.parameters())}], lr=0.0)  # the trainer's DP engine
+    with engine.micro_step(is_last=True):
+        loss = engine(ids[rows, cols], seq_idx[rows, cols], labels[rows, cols]).sum() / (labels != -100).sum()
+        engine.backward(loss)
+    engine.finish_gradients()
     total = all_reduce(loss.detach().clone(), ctx.dp_cp_group) if ctx.dp_cp_group else loss.detach()
 
     fp32 = None
@@ -76,6 +78,9 @@ def check_layout(tp: int, cp: int, dp: int, sequence_parallel: bool, dtype: torc
         assert error < limit, f"rank {dist.get_rank()}: {what} differs by {error:.2e} (bound {limit:.1e})"
 
     check("loss", total, exact_loss, None if fp32 is None else fp32_loss)
+    exact_norm = torch.stack([g.pow(2).sum() for g in exact.values()]).sum().sqrt()
+    fp32_norm = None if fp32 is None else torch.stack([g.double().pow(2).sum() for g in fp32.values()]).sum().sqrt()
+    check("gradient norm", global_grad_norm(model.parameters(), ctx), exact_norm, fp32_norm)
     for name, p in model.named_parameters():
         piece = lambda full: local_piece(full, p, ctx.tp_group)  # noqa: E731
         check(f"gradient of {name}", p.grad, piece(exact[name]), None if fp32 is None else piece(fp32[name]))

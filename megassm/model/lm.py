@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from megassm.model.config import ModelConfig
 from megassm.model.conv import uniform_fan_in
@@ -48,10 +49,11 @@ class Block(nn.Module):
 
 
 class Mamba2LM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext(), activation_checkpointing: bool = False):
         super().__init__()
         cfg.check_tensor_parallel(ctx.tp)
         self.cfg, self.ctx = cfg, ctx
+        self.activation_checkpointing = activation_checkpointing  # recompute each block's activations in backward
         self.embedding = VocabParallelEmbedding(torch.empty(cfg.vocab_size, cfg.d_model).normal_(std=cfg.init_std), ctx)
         self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx)
@@ -73,16 +75,21 @@ class Mamba2LM(nn.Module):
                 halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
         for layer in self.layers:
-            h = layer(h, seq_idx, halo_seq_idx)
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h = checkpoint(layer, h, seq_idx, halo_seq_idx, use_reentrant=False)
+            else:
+                h = layer(h, seq_idx, halo_seq_idx)
         return self.norm_f(h)
 
-    def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None) -> Tensor:
-        """Logits (b, l, vocab_size / tp): this TP rank's part of the vocabulary."""
+    def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
+        """Logits (b, l, vocab_size / tp), this TP rank's part of the vocabulary; or, given labels,
+        the cross-entropy per token (b, l), fp32, 0 where labels == -100, the logits never gathered over TP.
+        The loss goes through forward so that wrappers such as DDP see the call."""
         h = self.hidden_states(input_ids, seq_idx)
         if self.lm_head is None:
-            return vocab_parallel_logits(h, self.embedding.weight, self.ctx)
-        return self.lm_head(h)
-
-    def token_losses(self, input_ids: Tensor, labels: Tensor, seq_idx: Tensor | None = None) -> Tensor:
-        """Cross-entropy per token (b, l), fp32, 0 where labels == -100; logits never gathered over TP."""
-        return vocab_parallel_cross_entropy(self(input_ids, seq_idx), labels, self.ctx.tp_group)
+            logits = vocab_parallel_logits(h, self.embedding.weight, self.ctx)
+        else:
+            logits = self.lm_head(h)
+        if labels is None:
+            return logits
+        return vocab_parallel_cross_entropy(logits, labels, self.ctx.tp_group)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# megassm under torchrun, one node or many. Arguments go to the trainer:
+#   bash launch/torchrun.sh --config configs/mamba2-130m.toml [--section.key=value ...]
+# Environment (defaults for one node):
+#   NPROC_PER_NODE  processes per node (default: the GPUs seen by nvidia-smi, else 1)
+#   NNODES, NODE_RANK               number of nodes and this node's index (1, 0)
+#   MASTER_ADDR, MASTER_PORT        the rendezvous host (node 0) and port (127.0.0.1, 29500)
+#   RDZV_ID                         a job id shared by all nodes (megassm)
+#   MAX_RESTARTS                    restart all processes this often after a failure (0); the
+#                                   trainer resumes from the newest complete checkpoint
+set -euo pipefail
+gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+exec torchrun \
+  --nnodes "${NNODES:-1}" \
+  --node-rank "${NODE_RANK:-0}" \
+  --nproc-per-node "${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}" \
+  --rdzv-backend c10d \
+  --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
+  --rdzv-id "${RDZV_ID:-megassm}" \
+  --max-restarts "${MAX_RESTARTS:-0}" \
+  -m megassm.train "$@"

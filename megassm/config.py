@@ -1,0 +1,292 @@
+"""The run's configuration: dataclass sections loaded from TOML, `--section.key=value` overrides, and
+validation of everything that can be checked before a model is built (DESIGN.md section 6).
+
+Every problem raises ConfigError with one line that names the key (and the file); the trainer
+prints it and exits, so a typo costs seconds, not a queue slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megassm.model.config import PRESETS, ModelConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and says what would."""
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0
+    name: str = ""  # for wandb and the console; the folder name of run.dir when empty
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    cp: int = 1
+    dp: int = -1  # -1: the rest of the world size
+    sequence_parallel: bool = False
+    engine: str = "ddp"  # "ddp" | "deepspeed"
+    zero_stage: int = 1  # deepspeed only: 1 or 2
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a folder written by tools/prepare_data.py
+    seq_len: int = 2048
+    micro_batch: int = 1  # sequences per rank per forward/backward
+    global_batch: int = 8  # sequences per optimizer step, over all DP ranks (gradient accumulation fills it)
+    verify: bool = True  # check the shards' sha256 at start-up
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # 0 disables clipping
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
+    activation_checkpointing: bool = False
+    log_every: int = 10
+    eval_every: int = 200  # 0 disables validation
+    eval_samples: int = 32  # held-out sequences per validation, the same ones every time and for every layout
+    max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
+    peak_tflops: float | None = None  # the device's bf16 peak for MFU, when megassm does not know it
+    device: str = "auto"  # "auto" (CUDA when there is one) | "cuda" | "cpu"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # 0: only at the end
+    keep: int = 3
+    resume: str = "auto"  # "auto" (newest complete checkpoint of run.dir) | "none" | a checkpoint path
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "megassm"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.data.global_batch // (self.data.micro_batch * self.parallel.dp)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """The TOML file (or the defaults when path is None) with `--section.key=value` overrides applied,
+    checked against world_size. Raises ConfigError."""
+    raw: dict = {}
+    where = "the defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    if overrides:
+        where = f"{where} with the command-line overrides"
+    for override in overrides:
+        section, key, value = parse_override(override)
+        raw.setdefault(section, {})[key] = value
+    cfg = build_config(raw, where)
+    validate(cfg, world_size)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """"--section.key=value" -> (section, key, value); the value read as TOML, else as a bare string."""
+    name, sep, value = text.removeprefix("--").partition("=")
+    section, dot, key = name.partition(".")
+    if not sep or not dot or not key:
+        raise ConfigError(f"override {text!r} must look like --section.key=value, e.g. --train.steps=100")
+    try:
+        return section, key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return section, key, value
+
+
+def build_config(raw: dict, where: str) -> Config:
+    """Typed sections from the TOML tables; unknown sections and keys and wrong types are errors."""
+    sections = {}
+    for name, table in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}] in {where}: the sections are {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{name}] in {where} must be a table of keys")
+    for name, factory in SECTIONS.items():
+        table = dict(raw.get(name, {}))
+        if name == "model":
+            sections[name] = build_model_config(table, where)
+        else:
+            sections[name] = factory(**typed_fields(factory, name, table, where))
+    return Config(**sections)
+
+
+def build_model_config(table: dict, where: str) -> ModelConfig:
+    """[model]: a preset, optionally with some of its keys changed, or every shape key given."""
+    preset = table.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"model.preset = {preset!r} in {where} is not one of: {', '.join(PRESETS)}")
+    values = typed_fields(ModelConfig, "model", table, where)
+    base = PRESETS[preset] if preset is not None else ModelConfig()
+    try:
+        return dataclasses.replace(base, **values)
+    except ValueError as error:
+        raise ConfigError(f"{error} (in {where})") from None
+
+
+def typed_fields(cls: type, section: str, table: dict, where: str) -> dict:
+    """table's values checked against the dataclass cls's field types (ints are accepted as floats)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in table.items():
+        if key not in fields:
+            known = ", ".join(sorted(fields) + (["preset"] if section == "model" else []))
+            raise ConfigError(f"unknown key {section}.{key} in {where}; [{section}] has: {known}")
+        out[key] = coerce(value, hints[key], f"{section}.{key}", where)
+    return out
+
+
+def coerce(value: object, hint: object, key: str, where: str) -> object:
+    """value as the type `hint` (int, float, bool, str, X | None, tuple[float, float]), or ConfigError."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None and type(None) in options:
+        return None
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+        if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
+            kinds = typing.get_args(option)
+            if len(value) == len(kinds):
+                return tuple(coerce(v, k, key, where) for v, k in zip(value, kinds))
+    wanted = " or ".join(TYPE_NAMES.get(o, "a list of two numbers") for o in options)
+    raise ConfigError(f"{key} = {value!r} in {where} must be {wanted}")
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "omitted"}
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Everything checkable before any model or data is touched."""
+    par, data, optim, train, ckpt = cfg.parallel, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    positive = {"parallel.tp": par.tp, "parallel.cp": par.cp, "data.seq_len": data.seq_len, "data.micro_batch": data.micro_batch,
+                "data.global_batch": data.global_batch, "train.steps": train.steps, "train.log_every": train.log_every,
+                "checkpoint.keep": ckpt.keep, "train.max_skipped_steps": train.max_skipped_steps}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    for key, value in {"train.eval_every": train.eval_every, "train.eval_samples": train.eval_samples,
+                       "checkpoint.every": ckpt.every, "optim.warmup_steps": optim.warmup_steps}.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be 0 or more, got {value}")
+    if par.dp == -1:
+        if world_size % (par.tp * par.cp):
+            raise ConfigError(f"parallel.tp * parallel.cp = {par.tp * par.cp} does not divide the world size {world_size}")
+        par.dp = world_size // (par.tp * par.cp)
+    if par.dp < 1 or par.tp * par.cp * par.dp != world_size:
+        raise ConfigError(f"parallel.tp * parallel.cp * parallel.dp = {par.tp} * {par.cp} * {par.dp} = {par.tp * par.cp * par.dp}, "
+                          f"but the world size is {world_size} (set parallel.dp = -1 to use the rest)")
+    try:
+        cfg.model.check_tensor_parallel(par.tp)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if data.seq_len % par.cp:
+        raise ConfigError(f"data.seq_len = {data.seq_len} must be divisible by parallel.cp = {par.cp}")
+    if par.cp > 1 and data.seq_len // par.cp < cfg.model.d_conv - 1:
+        raise ConfigError(f"data.seq_len / parallel.cp = {data.seq_len // par.cp} tokens per CP rank: at least model.d_conv - 1 = {cfg.model.d_conv - 1} needed")
+    if par.sequence_parallel and (par.tp == 1 or (data.seq_len // par.cp) % par.tp):
+        raise ConfigError(f"parallel.sequence_parallel needs parallel.tp > 1 dividing data.seq_len / parallel.cp = {data.seq_len // par.cp}")
+    if data.global_batch % (data.micro_batch * par.dp):
+        raise ConfigError(f"data.global_batch = {data.global_batch} must be a multiple of data.micro_batch * parallel.dp = "
+                          f"{data.micro_batch} * {par.dp}")
+    if train.eval_every and train.eval_samples % (data.micro_batch * par.dp):
+        raise ConfigError(f"train.eval_samples = {train.eval_samples} must be a multiple of data.micro_batch * parallel.dp = "
+                          f"{data.micro_batch} * {par.dp}")
+    choices = {"parallel.engine": (par.engine, ("ddp", "deepspeed")), "train.precision": (train.precision, ("bf16", "fp32")),
+               "train.device": (train.device, ("auto", "cuda", "cpu"))}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")
+    if par.engine == "deepspeed" and par.zero_stage not in (1, 2):
+        raise ConfigError(f"parallel.zero_stage = {par.zero_stage}: megassm supports ZeRO stages 1 and 2 "
+                          "(its TP layers shard parameters themselves, which stage 3 would repeat)")
+    if not 0 <= optim.min_lr <= optim.lr:
+        raise ConfigError(f"optim.min_lr = {optim.min_lr} must be between 0 and optim.lr = {optim.lr}")
+    if optim.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be 0 (off) or positive, got {optim.grad_clip}")
+    if not data.path:
+        raise ConfigError("data.path is empty: point it at a folder made by tools/prepare_data.py "
+                          "(bash launch/quickstart.sh makes one from the built-in corpus)")
+
+
+def write_config(cfg: Config, path: Path) -> None:
+    """The resolved configuration as TOML, loadable again with load_config."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None]
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string
+    return repr(value)

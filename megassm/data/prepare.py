@@ -1,0 +1,194 @@
+"""Documents -> a prepared data folder (format in megassm.data.shards).
+
+`datasets` reads the documents (local text / JSON lines / parquet files, or a hub dataset) and
+tokenizes them in parallel; tokenized results are cached by `datasets`, so re-running an interrupted
+preparation skips the finished tokenization. Everything is written into `<out>.partial` and renamed
+to `<out>` when complete: a folder named `<out>` is always a whole one.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import datasets
+import numpy as np
+from tqdm import tqdm
+
+from megassm.data.shards import DOC_STARTS_FILE, TOKENIZER_DIR, DataError, Meta, Shard, ShardWriter, file_sha256, token_dtype
+from megassm.data.tokenizer import Tokenizer, is_hub_name, load_tokenizer
+
+BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
+COMPRESSION = (".gz", ".bz2", ".xz", ".zst")  # read through by datasets
+GLOB_CHARS = "*?["
+
+
+def _builder(file: Path) -> str | None:
+    """The datasets builder for a file, from its extension (a compression suffix is looked through)."""
+    suffixes = [s.lower() for s in file.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSION:
+        suffixes.pop()
+    return BUILDERS.get(suffixes[-1]) if suffixes else None
+
+
+def _local_files(pattern: str) -> list[Path]:
+    """The files one input names: itself, the data files below a folder, or a glob's matches (sorted)."""
+    path = Path(pattern)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and _builder(p) and not p.name.startswith("."))
+    if any(c in pattern for c in GLOB_CHARS):
+        return [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
+    return [path] if path.is_file() else []
+
+
+def _input_list(inputs: str | Path | Sequence[str | Path]) -> list[str]:
+    return [str(inputs)] if isinstance(inputs, (str, Path)) else [str(i) for i in inputs]
+
+
+def load_documents(
+    inputs: str | Path | Sequence[str | Path],
+    text_key: str = "text",
+    split: str = "train",
+    sample_by: str = "line",
+    cache_dir: str | Path | None = None,
+) -> datasets.Dataset:
+    """The documents as a Dataset with one column, "text", in input order.
+
+    `inputs`: local files, folders or globs, all of one kind (.txt: a document per line, or per
+    paragraph / file with sample_by="paragraph" | "document"; .json/.jsonl: one object per line with
+    a `text_key` field; .parquet: a `text_key` column), or one Hugging Face hub dataset name."""
+    inputs = _input_list(inputs)
+    matches = {pattern: _local_files(pattern) for pattern in inputs}
+    cache = None if cache_dir is None else str(cache_dir)
+    if len(inputs) == 1 and not Path(inputs[0]).exists() and is_hub_name(inputs[0]):
+        documents = datasets.load_dataset(inputs[0], split=split, cache_dir=cache)
+    else:
+        missing = [pattern for pattern, files in matches.items() if not files]
+        if missing:
+            raise FileNotFoundError(f"input {missing[0]}: no such file, no data files in that folder, or no glob match")
+        builders = {file: _builder(file) for files in matches.values() for file in files}
+        unknown = [file for file, builder in builders.items() if builder is None]
+        if unknown:
+            raise DataError(f"input {unknown[0]}: unknown kind of file; use .txt, .jsonl (or .json) or .parquet")
+        if len(set(builders.values())) > 1:
+            raise DataError(f"inputs mix {' and '.join(sorted(set(builders.values())))} files; prepare one kind at a time")
+        builder = next(iter(builders.values()))
+        options = {"sample_by": sample_by} if builder == "text" else {}
+        documents = datasets.load_dataset(builder, data_files=[str(f) for f in builders], split="train", cache_dir=cache, **options)
+    if text_key not in documents.column_names:
+        raise DataError(f"inputs {' '.join(inputs)} have no {text_key!r} field (they have {', '.join(documents.column_names)}): "
+                        "name the text field with --text-key")
+    documents = documents.select_columns([text_key])
+    return documents if text_key == "text" else documents.rename_column(text_key, "text")
+
+
+def iter_texts(documents: datasets.Dataset, batch_size: int = 1000) -> Iterator[str]:
+    """The texts of load_documents' result, read a batch at a time (not all in memory)."""
+    for batch in documents.iter(batch_size=batch_size):
+        yield from batch["text"]
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_tokenizer(path: str, digest: str) -> Tokenizer:
+    """Loaded once per process; keyed on the digest too, as a later preparation may put another
+    tokenizer at the same path."""
+    return load_tokenizer(path)
+
+
+@dataclass(frozen=True)
+class _Tokenize:
+    """The map function. It carries only the tokenizer's path (each worker process loads it once) and
+    the digest of its files, so that datasets' cache of the results is keyed on the tokenizer's content."""
+
+    tokenizer: str
+    digest: str
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        tokenizer = _worker_tokenizer(self.tokenizer, self.digest)
+        dtype = token_dtype(tokenizer.vocab_size)
+        texts = [text for text in batch["text"] if text]  # empty documents (blank lines of .txt files) are dropped
+        ids = [np.array([tokenizer.eos_id, *doc], dtype=dtype) for doc in tokenizer.encode_batch(texts)]
+        return {"ids": ids, "length": [len(doc) for doc in ids]}
+
+
+def _folder_digest(folder: Path) -> str:
+    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in sorted(folder.iterdir())).encode()).hexdigest()
+
+
+def _tokenize(documents: datasets.Dataset, tokenizer_dir: Path, num_proc: int) -> datasets.Dataset:
+    """Columns "ids" ([eos] + tokens of each non-empty document, in the token dtype) and "length"."""
+    tokenize = _Tokenize(str(tokenizer_dir.resolve()), _folder_digest(tokenizer_dir))
+    return documents.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc if num_proc > 1 else None, desc="tokenizing")
+
+
+def _write_shards(tokens: datasets.Dataset, folder: Path, dtype: np.dtype, shard_tokens: int, total: int) -> list[Shard]:
+    with ShardWriter(folder, dtype, shard_tokens) as writer:
+        with tqdm(total=total, unit="tok", unit_scale=True, desc="writing shards") as bar:
+            for table in tokens.with_format("arrow").iter(batch_size=1000):
+                stream = table.column("ids").combine_chunks().flatten().to_numpy()
+                writer.write(stream)
+                bar.update(len(stream))
+    return writer.shards
+
+
+def _validation_documents(num_documents: int, val_fraction: float) -> int:
+    """The last val_fraction of the documents, at least one when there are two or more (none if 0)."""
+    if val_fraction <= 0 or num_documents < 2:
+        return 0
+    return min(num_documents - 1, max(1, round(num_documents * val_fraction)))
+
+
+def prepare(
+    inputs: str | Path | Sequence[str | Path],
+    tokenizer: str | Path,
+    out: str | Path,
+    *,
+    text_key: str = "text",
+    num_proc: int = 1,
+    shard_tokens: int = 2**28,
+    val_fraction: float = 0.005,
+    split: str = "train",
+    sample_by: str = "line",
+    cache_dir: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Tokenize `inputs` (see load_documents) with `tokenizer` (see load_tokenizer) into the data
+    folder `out`, tokenizing in `num_proc` processes; returns out. The last `val_fraction` of the
+    documents become the validation split."""
+    out, inputs = Path(out), _input_list(inputs)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists: choose another output folder or pass --overwrite")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    tok = load_tokenizer(tokenizer)
+    documents = load_documents(inputs, text_key, split, sample_by, cache_dir)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+    partial.mkdir(parents=True)
+    try:
+        tok.save(partial / TOKENIZER_DIR)
+        tokens = _tokenize(documents, partial / TOKENIZER_DIR, num_proc)
+        lengths = tokens.data.column("length").to_numpy()
+        if len(lengths) == 0:
+            raise DataError(f"inputs {' '.join(inputs)} hold no non-empty documents")
+        dtype, total = token_dtype(tok.vocab_size), int(lengths.sum())
+        shards = _write_shards(tokens, partial, dtype, shard_tokens, total)
+        np.save(partial / DOC_STARTS_FILE, np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64))
+        first_val = len(lengths) - _validation_documents(len(lengths), val_fraction)
+        Meta(
+            vocab_size=tok.vocab_size, eos_id=tok.eos_id, dtype=dtype.name, shards=shards, total_tokens=total,
+            num_documents=len(lengths), val_tokens=int(lengths[first_val:].sum()), doc_starts_sha256=file_sha256(partial / DOC_STARTS_FILE),
+            source={"inputs": inputs, "text_key": text_key, "tokenizer": str(tokenizer)},
+        ).write(partial)
+        if out.exists():
+            shutil.rmtree(out)
+        partial.rename(out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,220 @@
+"""The prepared data folder: its format, a writer for its shards, and TokenStream, the reader.
+
+    meta.json          what is here: format version, token dtype, vocabulary, EOS id, tokenizer folder,
+                       the shards (file, token count, sha256), document count, validation tokens
+    tokens_00000.bin   raw little-endian token ids; all shards in order form one packed stream in which
+    tokens_00001.bin   every document is [eos_id] + tokens(document): EOS first and between documents
+    doc_starts.npy     int64, the stream position of each document's leading EOS (ascending, from 0)
+    tokenizer/         the tokenizer that made the ids (load it with megassm.data.load_tokenizer)
+
+The last `val_tokens` tokens of the stream are the validation documents; the rest is for training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+DOC_STARTS_FILE = "doc_starts.npy"
+TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "val")
+REPAIR = "re-create the folder with python tools/prepare_data.py"
+
+
+class DataError(ValueError):
+    """A prepared data folder is missing, incomplete or corrupt, or cannot serve what was asked of it."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32; little-endian on disk whatever the machine."""
+    return np.dtype("<u2" if vocab_size <= 65535 else "<u4")
+
+
+def shard_name(index: int) -> str:
+    return f"tokens_{index:05d}.bin"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Shard:
+    file: str
+    tokens: int
+    sha256: str
+
+
+@dataclass
+class Meta:
+    vocab_size: int
+    eos_id: int
+    dtype: str  # "uint16" | "uint32"
+    shards: list[Shard]
+    total_tokens: int
+    num_documents: int
+    val_tokens: int  # the stream's last val_tokens tokens are the validation split
+    doc_starts_sha256: str
+    tokenizer: str = TOKENIZER_DIR  # relative to the data folder
+    source: dict = field(default_factory=dict)  # how the folder was made: inputs, text key, tokenizer
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        self.shards = [s if isinstance(s, Shard) else Shard(**s) for s in self.shards]
+
+    def write(self, folder: Path) -> None:
+        fields = dataclasses.asdict(self)
+        version, shards = fields.pop("version"), fields.pop("shards")  # first and last, for whoever reads the file
+        (folder / META_FILE).write_text(json.dumps({"version": version, **fields, "shards": shards}, indent=1) + "\n")
+
+    @classmethod
+    def read(cls, folder: Path) -> "Meta":
+        path = folder / META_FILE
+        if not folder.is_dir():
+            raise DataError(f"{folder}: no such data folder; make one with python tools/prepare_data.py --out {folder} ...")
+        if not path.is_file():
+            raise DataError(f"{path} not found: {folder} is not a prepared data folder (or its preparation did not finish); {REPAIR}")
+        try:
+            meta = cls(**json.loads(path.read_text()))
+            problem = meta._problem()
+        except (ValueError, TypeError, AttributeError) as error:
+            meta, problem = None, f"not a megassm data description ({error})"
+        if problem:
+            raise DataError(f"{path}: {problem}; {REPAIR}")
+        return meta
+
+    def _problem(self) -> str:
+        """What makes this description unusable, or "" when nothing does."""
+        if self.version != FORMAT_VERSION:
+            return f"format version {self.version}, this megassm reads version {FORMAT_VERSION}"
+        if self.dtype != token_dtype(self.vocab_size).name:
+            return f"dtype {self.dtype!r} does not suit vocab_size {self.vocab_size}"
+        if not 0 <= self.eos_id < self.vocab_size:
+            return f"eos_id {self.eos_id} is outside the vocabulary of {self.vocab_size}"
+        if self.total_tokens != sum(s.tokens for s in self.shards) or not 0 <= self.val_tokens < self.total_tokens:
+            return "total_tokens and val_tokens disagree with the shard list"
+        if self.num_documents < 1:
+            return "no documents"
+        return ""
+
+
+class ShardWriter:
+    """Appends tokens to tokens_00000.bin, tokens_00001.bin, ... of at most `shard_tokens` tokens each,
+    hashing as it writes so that no shard is read twice. Use as a context manager; then `shards`."""
+
+    def __init__(self, folder: Path, dtype: np.dtype, shard_tokens: int):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+        self.folder, self.dtype, self.shard_tokens = folder, dtype, shard_tokens
+        self.shards: list[Shard] = []
+        self._file: BinaryIO | None = None
+        self._digest = hashlib.sha256()
+
+    def write(self, tokens: np.ndarray) -> None:
+        data = np.asarray(tokens).astype(self.dtype, copy=False)
+        while len(data):
+            if self._file is None:
+                self._file = open(self.folder / shard_name(len(self.shards)), "wb")
+                self.shards.append(Shard(shard_name(len(self.shards)), 0, ""))
+            shard = self.shards[-1]
+            room = self.shard_tokens - shard.tokens
+            piece, data = data[:room], data[room:]
+            self._file.write(piece.tobytes())
+            self._digest.update(piece.tobytes())
+            shard.tokens += len(piece)
+            if shard.tokens == self.shard_tokens:
+                self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._file.close()
+        self._file = None
+        self.shards[-1].sha256 = self._digest.hexdigest()
+        self._digest = hashlib.sha256()
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._close_shard()
+
+
+class TokenStream:
+    """A prepared data folder as one virtual token stream, memory-mapped shard by shard.
+
+    Opening checks that every shard exists with the size meta.json gives (cheap: a stat per shard);
+    `verify()` also checks their contents against the recorded sha256 (reads everything)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.meta = Meta.read(self.path)
+        self.dtype = token_dtype(self.meta.vocab_size)
+        self._maps = [self._open_shard(shard) for shard in self.meta.shards]
+        self._offsets = np.cumsum([0] + [shard.tokens for shard in self.meta.shards])
+        self.doc_starts = self._open_doc_starts()
+
+    def _open_shard(self, shard: Shard) -> np.memmap:
+        path = self.path / shard.file
+        if not path.is_file():
+            raise DataError(f"{path}: shard missing; {REPAIR}")
+        size, expected = path.stat().st_size, shard.tokens * self.dtype.itemsize
+        if size != expected:
+            raise DataError(f"{path} is {size} bytes, meta.json says {expected} ({shard.tokens} {self.meta.dtype} tokens): "
+                            f"truncated or overwritten; {REPAIR}")
+        return np.memmap(path, dtype=self.dtype, mode="r")
+
+    def _open_doc_starts(self) -> np.ndarray:
+        path = self.path / DOC_STARTS_FILE
+        try:
+            starts = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise DataError(f"{path}: cannot read the document index ({error}); {REPAIR}") from None
+        if starts.dtype != np.int64 or starts.shape != (self.meta.num_documents,) or starts[0] != 0 or starts[-1] >= len(self):
+            raise DataError(f"{path} does not index {self.meta.num_documents} documents of a {len(self)}-token stream; {REPAIR}")
+        return starts
+
+    def __len__(self) -> int:
+        return self.meta.total_tokens
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.meta.tokenizer
+
+    def split(self, name: str) -> tuple[int, int]:
+        """(first stream position, number of tokens) of the "train" or "val" split."""
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        train = len(self) - self.meta.val_tokens
+        return (0, train) if name == "train" else (train, self.meta.val_tokens)
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length) of the stream, across shard edges, as a new array."""
+        if start < 0 or length < 0 or start + length > len(self):
+            raise IndexError(f"tokens [{start}, {start + length}) are outside the {len(self)}-token stream of {self.path}")
+        pieces = []
+        shard = int(np.searchsorted(self._offsets, start, side="right")) - 1
+        while length > 0:
+            local = start - int(self._offsets[shard])
+            take = min(length, len(self._maps[shard]) - local)
+            pieces.append(self._maps[shard][local : local + take])
+            start, length, shard = start + take, length - take, shard + 1
+        return np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
+
+    def verify(self) -> None:
+        """Check every shard and the document index against meta.json's sha256 (reads all the data)."""
+        files = [(shard.file, shard.sha256) for shard in self.meta.shards] + [(DOC_STARTS_FILE, self.meta.doc_starts_sha256)]
+        for name, expected in files:
+            if file_sha256(self.path / name) != expected:
+                raise DataError(f"{self.path / name}: contents differ from meta.json's sha256 (corrupt or replaced); {REPAIR}")

@@ -1,0 +1,29 @@
+"""AdamW parameter groups and the learning-rate schedule (linear warmup, cosine decay to min_lr)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from megassm.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only: as mamba-ssm, none on A_log, D, dt_bias, norm weights and biases
+    (every one-dimensional parameter)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def learning_rate(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """The rate of optimizer step `step` (0-based): lr * (step + 1) / warmup_steps during warmup,
+    then a half cosine from lr down to min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(total_steps - 1 - cfg.warmup_steps, 1)
+    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))

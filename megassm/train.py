@@ -1,0 +1,228 @@
+"""The trainer: `python -m megassm.train --config configs/X.toml [--section.key=value ...]`, alone or
+under torchrun (one process per GPU; CPU processes with gloo where there is none).
+
+One optimizer step: every rank fetches its micro batches of the step (samples fixed by the step
+number alone, so the global batch is the same whatever the layout), the global count of target
+tokens is summed once, and each micro batch's loss is divided by it, so the gradient summed over
+DP x CP ranks is the mean over the global batch. Everything that can be wrong with the config or the
+data is reported in one line before a model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megassm.checkpoint import checkpoints_in, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from megassm.config import Config, ConfigError, load_config, write_config
+from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
+from megassm.metrics import MetricsLogger, StepTimer, logical_param_count, memory_gib, model_flops_per_token, peak_flops, throughput
+from megassm.model import Mamba2LM
+from megassm.optim import learning_rate, param_groups
+from parallel import DDPEngine, ParallelContext, init_parallel
+from parallel.collectives import all_reduce
+from parallel.context import group_size
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. the loss diverged); the message says what to try."""
+
+
+def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
+    """Sum over the ranks that hold different tokens (DP x CP)."""
+    return x if group_size(ctx.dp_cp_group) == 1 else all_reduce(x, ctx.dp_cp_group)
+
+
+def open_data(cfg: Config) -> TokenStream:
+    """The prepared data, checked against the model before anything is built."""
+    stream = TokenStream(cfg.data.path)
+    if stream.meta.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer of data.path = {cfg.data.path} has {stream.meta.vocab_size} tokens, more than "
+                          f"model.vocab_size = {cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
+    if not stream.tokenizer_path.exists():
+        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {cfg.data.path}/meta.json is missing: re-run tools/prepare_data.py")
+    if cfg.data.verify and int(os.environ.get("RANK", 0)) == 0:
+        stream.verify()  # rank 0 alone reads everything: if it fails, torchrun stops the others
+    return stream
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but torch sees no CUDA device: use 'auto' or 'cpu'")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext):
+    """The data-parallel engine named by parallel.engine, owning the AdamW optimizer."""
+    optim = cfg.optim
+    args = (model, ctx, param_groups(model, optim.weight_decay), optim.lr, (optim.beta1, optim.beta2), optim.eps)
+    if cfg.parallel.engine == "deepspeed":
+        from parallel.deepspeed_engine import DeepSpeedEngine  # imported only when used: it is slow to import
+
+        return DeepSpeedEngine(*args, zero_stage=cfg.parallel.zero_stage, accumulation_steps=cfg.accumulation_steps)
+    return DDPEngine(*args)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, stream: TokenStream):
+        self.cfg, world = cfg, int(os.environ.get("WORLD_SIZE", 1))
+        self.device = pick_device(cfg.train.device)
+        if world > 1:
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            self.ctx = init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.sequence_parallel, backend)
+        else:
+            self.ctx = ParallelContext()
+        self.is_writer = int(os.environ.get("RANK", 0)) == 0
+        self.run_dir = Path(cfg.run.dir)
+        torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
+        self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing).to(self.device)
+        self.engine = make_engine(cfg, self.model, self.ctx)
+        loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
+        self.train_data = SampleLoader(split="train", **loader)
+        self.val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
+        self.state = {"step": 0, "samples": 0, "skipped_steps": 0}
+        self.resume()
+        if self.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(cfg, self.run_dir / "config.toml")
+        n_params = logical_param_count(cfg.model)
+        self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len, n_params)
+        self.peak = peak_flops(self.device, cfg.train.peak_tflops)
+        self.logger = MetricsLogger(self.run_dir, self.is_writer, cfg.logging.wandb, cfg.logging.wandb_project,
+                                    cfg.run.name or self.run_dir.name, cfg.to_dict(), total_steps=cfg.train.steps)
+        self.say(f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {self.device.type} | "
+                 f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
+                 f"{cfg.train.precision} | engine {cfg.parallel.engine} | run dir {self.run_dir}")
+
+    def say(self, line: str) -> None:
+        if self.is_writer:
+            print(line, flush=True)
+
+    def resume(self) -> None:
+        """Continue from the checkpoint that checkpoint.resume names, if any; a damaged one is skipped."""
+        chosen = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
+        candidates = [chosen] if self.cfg.checkpoint.resume != "auto" or chosen is None else checkpoints_in(self.run_dir)[::-1]
+        for path in filter(None, candidates):
+            try:
+                self.state = load_checkpoint(path, self.model, self.engine.optimizer, self.ctx)
+            except (RuntimeError, EOFError, OSError, KeyError) as error:
+                if self.cfg.checkpoint.resume != "auto":
+                    raise
+                self.say(f"warning: skipping damaged checkpoint {path}: {error}")
+                continue
+            self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
+            return
+
+    def micro_batches(self, step: int) -> list:
+        data, par = self.cfg.data, self.cfg.parallel
+        return [self.train_data.batch(rank_samples(step, m, self.ctx.dp_rank, par.dp, data.micro_batch, data.global_batch),
+                                      data.micro_batch).to(self.device)
+                for m in range(self.cfg.accumulation_steps)]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+    def train_step(self, step: int, timer: StepTimer) -> tuple[float, float, float]:
+        """One optimizer step: (loss, gradient norm before clipping, learning rate)."""
+        with timer.data_wait():
+            batches = self.micro_batches(step)
+        targets = global_sum(sum((b.labels != -100).sum() for b in batches).float(), self.ctx)
+        loss_sum = torch.zeros((), device=self.device)
+        for m, batch in enumerate(batches):
+            with self.engine.micro_step(is_last=m == len(batches) - 1):
+                with self.autocast():
+                    losses = self.engine(batch.input_ids, batch.seq_idx, batch.labels)
+                self.engine.backward(losses.sum() / targets)
+            loss_sum += losses.detach().sum()
+        lr = learning_rate(step, self.cfg.optim, self.cfg.train.steps)
+        grad_norm = self.engine.step(lr, self.cfg.optim.grad_clip)
+        return (global_sum(loss_sum, self.ctx) / targets).item(), grad_norm, lr
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean loss over the same held-out samples every time: the first train.eval_samples of the
+        validation order, shared among the DP ranks."""
+        data, par = self.cfg.data, self.cfg.parallel
+        total = torch.zeros(2, device=self.device)
+        for m in range(self.cfg.train.eval_samples // (par.dp * data.micro_batch)):
+            batch = self.val_data.batch(rank_samples(0, m, self.ctx.dp_rank, par.dp, data.micro_batch, self.cfg.train.eval_samples),
+                                        data.micro_batch).to(self.device)
+            with self.autocast():
+                losses = self.model(batch.input_ids, batch.seq_idx, batch.labels)
+            total += torch.stack([losses.sum(), (batch.labels != -100).sum().float()])
+        loss_sum, count = global_sum(total, self.ctx)
+        return (loss_sum / count).item()
+
+    def save(self) -> None:
+        path = save_checkpoint(self.run_dir, self.cfg, self.model, self.engine.optimizer, self.ctx, self.state)
+        if path:
+            self.say(f"saved checkpoint {path}")
+
+    def run(self) -> None:
+        cfg, timer = self.cfg, StepTimer(self.device)
+        consecutive_skips, tokens_per_step, logged_step = 0, cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
+        for step in range(self.state["step"], cfg.train.steps):
+            loss, grad_norm, lr = self.train_step(step, timer)
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            consecutive_skips = 0 if finite else consecutive_skips + 1
+            self.state = {"step": step + 1, "samples": (step + 1) * cfg.data.global_batch,
+                          "skipped_steps": self.state["skipped_steps"] + (not finite)}
+            if consecutive_skips >= cfg.train.max_skipped_steps:
+                raise TrainingError(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (the last: step {step + 1}); "
+                                    "their updates were skipped. Lower optim.lr, raise optim.warmup_steps, or check the data")
+            done = step + 1
+            metrics = {}
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                lap = timer.lap()
+                metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           **throughput((done - logged_step) * tokens_per_step, lap.elapsed, int(os.environ.get("WORLD_SIZE", 1)),
+                                        self.flops_per_token, self.peak),
+                           "mem_gib": memory_gib(self.device), "data_fraction": lap.data_fraction,
+                           "skipped_steps": self.state["skipped_steps"]}
+                logged_step = done
+            if self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
+            if metrics:
+                self.logger.log(metrics)
+            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
+                self.save()
+        self.logger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="megassm-train", description=__doc__.split("\n\n")[0],
+                                     epilog="Any --section.key=value overrides that key of the config, e.g. --train.steps=100.")
+    parser.add_argument("--config", help="a TOML config (see configs/); the defaults when omitted")
+    args, overrides = parser.parse_known_args(argv)
+    quiet = int(os.environ.get("RANK", 0)) != 0  # one error line per job, not one per rank
+    try:
+        cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        stream = open_data(cfg)
+        trainer = Trainer(cfg, stream)
+        started = time.perf_counter()
+        trainer.run()
+    except (ConfigError, DataError, FileNotFoundError, TrainingError) as error:
+        if not quiet:
+            print(f"megassm-train: error: {error}", file=sys.stderr)
+        return 2 if not isinstance(error, TrainingError) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    trainer.say(f"done: {cfg.train.steps} steps in {time.perf_counter() - started:.0f} s; metrics in {trainer.run_dir / 'metrics.jsonl'}, "
+                f"checkpoints in {trainer.run_dir / 'checkpoints'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

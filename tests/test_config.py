@@ -1,0 +1,99 @@
+"""Bad input fails at start-up with one line naming the key or file, before a model is built."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megassm.config import ConfigError, load_config, write_config
+from megassm.train import main
+
+GOOD = """
+[model]
+preset = "debug"
+[parallel]
+tp = 2
+cp = 2
+[data]
+path = "{data}"
+seq_len = 64
+micro_batch = 2
+global_batch = 4
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, prepared_data: Path):
+    def write(text: str = GOOD, **replace: str) -> Path:
+        path = tmp_path / "run.toml"
+        body = text.format(data=prepared_data)
+        for old, new in replace.items():
+            body = body.replace(old, new)
+        path.write_text(body)
+        return path
+
+    return write
+
+
+@pytest.mark.parametrize(
+    "replace, world, message",
+    [
+        ({"seq_len = 64": "seq_length = 64"}, 4, r"unknown key data.seq_length in .*run.toml; \[data\] has: global_batch"),
+        ({"[data]": "[datta]"}, 4, r"unknown section \[datta\]"),
+        ({"seq_len = 64": 'seq_len = "64"'}, 4, r"data.seq_len = '64' in .* must be an integer"),
+        ({"cp = 2": "cp = 2\ndp = 3"}, 8, r"parallel.tp \* parallel.cp \* parallel.dp = 2 \* 2 \* 3 = 12, but the world size is 8"),
+        ({}, 6, r"parallel.tp \* parallel.cp = 4 does not divide the world size 6"),
+        ({"tp = 2": "tp = 16"}, 32, r"parallel.tp = 16 must divide the model's 8 heads"),
+        ({'preset = "debug"': 'preset = "debug"\nngroups = 2', "tp = 2": "tp = 4", "cp = 2": "cp = 1"}, 4,
+         r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups\)"),
+        ({"seq_len = 64": "seq_len = 66", "cp = 2": "cp = 4", "tp = 2": "tp = 1"}, 4, r"data.seq_len = 66 must be divisible by parallel.cp = 4"),
+        ({"global_batch = 4": "global_batch = 3"}, 4, r"data.global_batch = 3 must be a multiple of data.micro_batch \* parallel.dp = 2 \* 1"),
+        ({'preset = "debug"': 'preset = "mamba2-7b"'}, 4, r"model.preset = 'mamba2-7b' .* is not one of"),
+        ({'preset = "debug"': 'preset = "debug"\nvocab_size = 100'}, 4,
+         r"has 512 tokens, more than model.vocab_size = 100: raise model.vocab_size"),
+    ],
+    ids=["unknown-key", "unknown-section", "wrong-type", "layout-too-big", "world-not-divisible", "heads-vs-tp", "groups-vs-tp",
+         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small"],
+)
+def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replace, world, message):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert main(["--config", str(config_file(**replace))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("megassm-train: error: "), err
+    assert __import__("re").search(message, err[0]), err[0]
+
+
+def test_missing_files_are_named(config_file, prepared_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--config", str(tmp_path / "nope.toml")]) == 2
+    assert "config file" in capsys.readouterr().err and "nope.toml does not exist"
+    assert main(["--config", str(config_file()), f"--data.path={tmp_path / 'missing'}"]) == 2
+    assert str(tmp_path / "missing") in capsys.readouterr().err
+    tokenizer = prepared_data / json.loads((prepared_data / "meta.json").read_text())["tokenizer"]
+    moved = tokenizer.with_name("moved")
+    tokenizer.rename(moved)
+    try:
+        assert main(["--config", str(config_file())]) == 2
+        assert "tokenizer" in capsys.readouterr().err
+    finally:
+        moved.rename(tokenizer)
+
+
+def test_the_entry_point_prints_no_traceback(config_file, tmp_path):
+    """The real command line: exit code 2 and one line on stderr, nothing else."""
+    result = subprocess.run([sys.executable, "-m", "megassm.train", "--config", str(config_file()), "--train.steps=zero"],
+                            capture_output=True, text=True, env={"WORLD_SIZE": "4", "PATH": ""}, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "megassm-train: error: train.steps = 'zero' in " \
+        f"{config_file()} with the command-line overrides must be an integer", result.stderr
+
+
+def test_overrides_and_resolved_config_round_trip(config_file, tmp_path):
+    cfg = load_config(config_file(), ["--train.steps=7", "--model.dt_limit=[0.001, inf]", "--run.name=x y"], world_size=4)
+    assert (cfg.train.steps, cfg.model.dt_limit, cfg.run.name, cfg.parallel.dp) == (7, (0.001, float("inf")), "x y", 1)
+    write_config(cfg, tmp_path / "resolved.toml")
+    assert load_config(tmp_path / "resolved.toml", world_size=4) == cfg
+    with pytest.raises(ConfigError, match="override 'train.steps' must look like --section.key=value"):
+        load_config(config_file(), ["train.steps"], world_size=4)

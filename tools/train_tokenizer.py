@@ -1,0 +1,39 @@
+"""Train a sentencepiece tokenizer (byte fallback: any text encodes; exact round trip) on documents.
+
+    python tools/train_tokenizer.py --input data/builtin.jsonl --vocab-size 512 --out data/tokenizer
+
+Inputs are read like tools/prepare_data.py reads them (.txt, .jsonl, .parquet files, folders, globs).
+The folder written holds tokenizer.model; give it to prepare_data.py --tokenizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from megassm.data import iter_texts, load_documents, load_tokenizer, train_sentencepiece
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", required=True, help="files, folders or globs of documents")
+    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, 256 byte pieces and unk/bos/eos included")
+    parser.add_argument("--out", required=True, help="folder to write tokenizer.model into")
+    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    parser.add_argument("--text-key", default="text", help="the text field of JSON / parquet records (default: text)")
+    parser.add_argument("--max-sentences", type=int, default=10_000_000, help="train on at most this many lines, sampled")
+    args = parser.parse_args(argv)
+    started = time.time()
+    try:
+        documents = load_documents(args.input, args.text_key)
+        out = train_sentencepiece(iter_texts(documents), args.vocab_size, args.out, args.model_type, args.max_sentences)
+    except (OSError, ValueError) as error:  # missing inputs, no text field, too small a corpus for the vocabulary
+        sys.exit(f"error: {error}")
+    tokenizer = load_tokenizer(out)
+    print(f"trained a {tokenizer.vocab_size}-piece {args.model_type} tokenizer (eos id {tokenizer.eos_id}) on "
+          f"{len(documents)} documents in {time.time() - started:.1f} s: {out}")
+
+
+if __name__ == "__main__":
+    main()
