@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from tqdm import tqdm
 
 from megassm.model.config import ModelConfig
 
@@ -182,9 +183,11 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, is_writer: bool, wandb: bool, wandb_project: str, run_name: str,
                  config: dict, total_steps: int | None = None):
         self.is_writer, self.total_steps = is_writer, total_steps
-        self._file = self._wandb = None
+        self._file = self._wandb = self._bar = None
         if not is_writer:
             return
+        # A progress bar only on a terminal: in a log file the console lines say the same.
+        self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False, disable=not sys.stdout.isatty())
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # a resumed run appends
@@ -198,11 +201,19 @@ class MetricsLogger:
         record = {key: _json_safe(value) for key, value in metrics.items()}
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        print(console_line(metrics, self.total_steps), flush=True)
+        tqdm.write(console_line(metrics, self.total_steps))
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=metrics["step"])
 
+    def progress(self, step: int) -> None:
+        """Move the progress bar to `step` steps done."""
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
     def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         if self._file is not None:
             self._file.close()
             self._file = None

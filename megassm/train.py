@@ -182,6 +182,7 @@ class Trainer:
                 raise TrainingError(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (the last: step {step + 1}); "
                                     "their updates were skipped. Lower optim.lr, raise optim.warmup_steps, or check the data")
             done = step + 1
+            self.logger.progress(done)
             metrics = {}
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 lap = timer.lap()

@@ -92,6 +92,7 @@ LAYOUTS = {
     "tp2-cp2": ["--parallel.tp=2", "--parallel.cp=2"],
     "dp2-cp2": ["--parallel.cp=2"],
     "dp2-tp2-sequence-parallel": ["--parallel.tp=2", "--parallel.sequence_parallel=true"],
+    "tp2-cp2-activation-checkpointing": ["--parallel.tp=2", "--parallel.cp=2", "--train.activation_checkpointing=true"],
 }
 
 
@@ -111,3 +112,20 @@ def test_resume_after_a_crash_continues_exactly_even_on_another_layout(config, o
     resumed = train(config, run_dir, 2, "--parallel.cp=2")
     assert min(r["step"] for r in resumed) == 3
     assert_same_run(resumed, [r for r in one_process if r["step"] > 2])
+
+
+def test_bf16_autocast_stays_close_to_fp32(config, one_process, tmp_path):
+    assert_same_run(train(config, tmp_path / "run", 1, "--train.precision=bf16", "--train.eval_every=0"),
+                    [{k: v for k, v in r.items() if k != "val_loss"} for r in one_process], rel=2e-2)
+
+
+def test_diverging_run_skips_steps_then_stops_with_advice(config, tmp_path):
+    """lr = 1e30 makes the weights overflow after the first update: later steps are non-finite, skipped,
+    and after train.max_skipped_steps of them in a row the run stops with exit code 1 and one line."""
+    command = [sys.executable, "-m", "megassm.train", "--config", str(config), f"--run.dir={tmp_path}", "--optim.lr=1e30",
+               "--optim.min_lr=0", "--optim.warmup_steps=0", "--train.max_skipped_steps=2", "--train.steps=6", "--train.eval_every=0"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "2 consecutive steps had a non-finite loss or gradient (the last: step 3)" in result.stderr.splitlines()[-1]
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in steps] == [0, 1]
