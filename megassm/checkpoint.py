@@ -1,9 +1,15 @@
-"""Checkpoints in the logical layout: every tensor whole (the five in_proj segments separately), so
-one written under any TP/CP/DP layout loads under any other; each rank keeps its own piece on load.
+"""Checkpoints with torch.distributed.checkpoint, every tensor in its logical shape.
 
-`checkpoints/step_N/` holds `state.pt` (model, optimizer), `trainer.json` (step, samples consumed,
-...) and the resolved `config.toml`. It is written under a temporary name and renamed when complete:
-a crash mid-write leaves a `.tmp` folder that resuming ignores, never a half checkpoint.
+Each rank hands DCP its pieces as DTensors over its TP group (sharded along `param.tp_dim`), so the
+checkpoint holds whole logical tensors — the five in_proj segments separately, the vocabulary-split
+embedding whole — written in parallel, each piece once (DP and CP replicas are deduplicated). Loading
+asks for the pieces of the current layout, which DCP reads from whatever layout wrote them: a
+checkpoint resumes under any TP/CP/DP layout and either data-parallel engine.
+
+`checkpoints/step_N/` holds DCP's files (`.metadata`, `*.distcp`: the model and AdamW's state),
+`trainer.json` (step, samples consumed, ...) and the resolved `config.toml`. It is written under a
+temporary name and renamed when complete, so a crash mid-write leaves a `.tmp` folder that resuming
+ignores, never a half checkpoint.
 """
 
 from __future__ import annotations
@@ -15,66 +21,96 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from megassm.config import Config, write_config
-from parallel import ParallelContext, full_tensor, local_piece
+from parallel import ParallelContext
+from parallel.data_parallel import DataParallelEngine
 
 STEP_DIR = re.compile(r"step_(\d+)")
+TRAINER_FILE, CONFIG_FILE = "trainer.json", "config.toml"
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
     folder = Path(run_dir) / "checkpoints"
-    found = [p for p in folder.glob("step_*") if STEP_DIR.fullmatch(p.name) and (p / "trainer.json").exists()]
+    found = [p for p in folder.glob("step_*") if STEP_DIR.fullmatch(p.name) and (p / TRAINER_FILE).exists()]
     return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name)[1]))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _is_writer() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+    return not _distributed() or dist.get_rank() == 0
 
 
 def _barrier() -> None:
-    if dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
-def _whole(tensor: torch.Tensor, param: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
-    """tensor, shaped like this rank's piece of param, made whole (logical) on CPU."""
-    return full_tensor(tensor, getattr(param, "tp_dim", None), ctx.tp_group).cpu()
+class _Layout:
+    """How this rank's tensors map to logical ones: DTensors over its TP group (plain tensors alone)."""
+
+    def __init__(self, ctx: ParallelContext, device: torch.device):
+        self.mesh = DeviceMesh.from_group(ctx.tp_group, device.type) if ctx.tp_group is not None else None
+
+    def logical(self, local: Tensor, param: nn.Parameter) -> Tensor:
+        if self.mesh is None:
+            return local
+        dim = getattr(param, "tp_dim", None)
+        return DTensor.from_local(local, self.mesh, [Replicate() if dim is None else Shard(dim)], run_check=False)
+
+    @staticmethod
+    def local(tensor: Tensor) -> Tensor:
+        return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _named_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: ParallelContext) -> dict[str, dict]:
-    """Per parameter name, its optimizer state with parameter-shaped tensors made whole over TP."""
-    out = {}
-    for name, p in model.named_parameters():
-        state = optimizer.state.get(p, {})
-        out[name] = {k: _whole(v, p, ctx) if torch.is_tensor(v) and v.shape == p.shape else v
-                     for k, v in state.items()}
-    return out
+def _param_names(model: nn.Module, engine: DataParallelEngine) -> list[str]:
+    """The name of each parameter in the order of the engine's optimizer state indices."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for p in engine.params]
 
 
-def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: ParallelContext,
+def _state_to_save(model: nn.Module, engine: DataParallelEngine, layout: _Layout) -> dict:
+    """{"model": {name: tensor}, "optimizer": {"state": {name: {key: value}}, "param_groups": [...]}}, logical."""
+    saved, names = engine.state_dict(), _param_names(model, engine)  # a collective under ZeRO
+    params = engine.params
+    state = {names[i]: {k: layout.logical(v.to(params[i].device), params[i]) if torch.is_tensor(v) and v.shape == params[i].shape else v
+                        for k, v in values.items()}
+             for i, values in saved["state"].items()}
+    groups = [{**group, "params": [names[i] for i in group["params"]]} for group in saved["param_groups"]]
+    return {"model": {name: layout.logical(p.detach(), p) for name, p in model.named_parameters()},
+            "optimizer": {"state": state, "param_groups": json.dumps(groups)}}  # a string: DCP would flatten a list
+
+
+def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext,
                     trainer_state: dict) -> Path | None:
     """Write checkpoints/step_{trainer_state['step']} (collective: every rank calls it); keep the newest
     cfg.checkpoint.keep. Returns the folder on the writing rank."""
-    step = trainer_state["step"]
-    model_state = {name: _whole(p, p, ctx) for name, p in model.named_parameters()}
-    optim_state = _named_optimizer_state(model, optimizer, ctx)
-    final = Path(run_dir) / "checkpoints" / f"step_{step}"
+    final = Path(run_dir) / "checkpoints" / f"step_{trainer_state['step']}"
+    temporary = final.with_name(f".{final.name}.tmp")
     if _is_writer():
-        temporary = final.with_name(f".step_{step}.tmp")
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        torch.save({"model": model_state, "optimizer": optim_state}, temporary / "state.pt")
-        write_config(cfg, temporary / "config.toml")
-        (temporary / "trainer.json").write_text(json.dumps(trainer_state, indent=1))  # last: marks it complete
-        shutil.rmtree(final, ignore_errors=True)
-        temporary.rename(final)
-        for old in checkpoints_in(run_dir)[: -cfg.checkpoint.keep]:
-            shutil.rmtree(old)
     _barrier()
-    return final if _is_writer() else None
+    layout = _Layout(ctx, next(model.parameters()).device)
+    dcp.save(_state_to_save(model, engine, layout), checkpoint_id=temporary, no_dist=not _distributed())
+    _barrier()
+    if not _is_writer():
+        return None
+    write_config(cfg, temporary / CONFIG_FILE)
+    (temporary / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))  # last: marks it complete
+    shutil.rmtree(final, ignore_errors=True)
+    temporary.rename(final)
+    for old in checkpoints_in(run_dir)[: -cfg.checkpoint.keep]:
+        shutil.rmtree(old)
+    return final
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
@@ -86,28 +122,49 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
         found = checkpoints_in(run_dir)
         return found[-1] if found else None
     path = Path(resume)
-    if not (path / "trainer.json").exists() or not (path / "state.pt").exists():
-        raise FileNotFoundError(f"checkpoint.resume = {resume}: not a complete checkpoint (no trainer.json / state.pt there)")
+    if not (path / TRAINER_FILE).exists() or not (path / ".metadata").exists():
+        raise FileNotFoundError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {TRAINER_FILE} / .metadata there)")
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, ctx: ParallelContext) -> dict:
-    """Load this rank's pieces of the model and optimizer state; returns the trainer state."""
-    saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+def _saved_tensors(path: Path) -> dict:
+    """DCP's metadata of each saved tensor, by flattened key ("model.<name>", "optimizer.state.<name>.<key>")."""
+    return {k: v for k, v in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext) -> dict:
+    """Load this rank's pieces of the model and optimizer state, whatever layout wrote them; returns the
+    trainer state. Collective: every rank calls it."""
+    saved = _saved_tensors(path)
     params = dict(model.named_parameters())
-    missing = set(params) ^ set(saved["model"])
-    if missing:
-        raise ValueError(f"{path}: parameters do not match the model ({', '.join(sorted(missing)[:4])} ...): was it written for another model config?")
+    mismatched = set(params) ^ {k.removeprefix("model.") for k in saved if k.startswith("model.")}
+    if mismatched:
+        raise ValueError(f"{path}: its parameters do not match the model's ({', '.join(sorted(mismatched)[:4])} ...): "
+                         "was it written for another model config?")
+    layout = _Layout(ctx, next(model.parameters()).device)
+    optimizer_state = {}
+    for name, p in params.items():
+        prefix = f"optimizer.state.{name}."
+        keys = {k.removeprefix(prefix): meta for k, meta in saved.items() if k.startswith(prefix)}
+        optimizer_state[name] = {key: layout.logical(torch.empty_like(p), p) if tuple(meta.size) == tuple(saved[f"model.{name}"].size)
+                                 else torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in keys.items()}
+    target = {"model": {name: layout.logical(torch.empty_like(p), p) for name, p in params.items()},
+              "optimizer": {"state": optimizer_state, "param_groups": "[]"}}
+    dcp.load(target, checkpoint_id=path, no_dist=not _distributed())
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(local_piece(saved["model"][name], p, ctx.tp_group))
-    index = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
-    state = {}
-    for name, p in params.items():
-        named = saved["optimizer"].get(name, {})
-        if named:
-            state[index[id(p)]] = {k: local_piece(v, p, ctx.tp_group) if torch.is_tensor(v) and v.shape == saved["model"][name].shape else v
-                                   for k, v in named.items()}
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-    return json.loads((path / "trainer.json").read_text())
+            p.copy_(layout.local(target["model"][name]))
+    index = {name: i for i, name in enumerate(_param_names(model, engine))}
+    state = {index[name]: {k: layout.local(v) for k, v in values.items()} for name, values in optimizer_state.items() if values}
+    groups = [{**group, "params": [index[name] for name in group["params"]]} for group in json.loads(target["optimizer"]["param_groups"])]
+    if groups:
+        engine.load_state_dict({"state": state, "param_groups": groups})
+    return json.loads((path / TRAINER_FILE).read_text())
 
+
+def read_model_state(path: Path) -> dict[str, Tensor]:
+    """The whole (logical) model tensors of a checkpoint, in one process: for tools (export, generation)."""
+    saved = _saved_tensors(path)
+    model = {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items() if k.startswith("model.")}
+    dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+    return model

@@ -1,8 +1,13 @@
-"""State-dict and config mapping between megassm and Hugging Face `transformers` Mamba2ForCausalLM.
+"""State-dict and config mapping between megassm and the two published Mamba-2 formats: Hugging Face
+`transformers` Mamba2ForCausalLM and state-spaces' mamba-ssm MambaLMHeadModel (pure functions on
+dictionaries; megassm/pretrained.py reads and writes the folders).
 
-transformers keeps mamba-ssm's fused layout: one in_proj over [z | x | B | C | dt] and one conv1d
+Both formats keep mamba-ssm's fused layout: one in_proj over [z | x | B | C | dt] and one conv1d
 over [x | B | C] of shape (channels, 1, width). megassm keeps each segment as its own
-parameter (parallel.ShardedSegments); here they are concatenated and split.
+parameter (parallel.ShardedSegments); here they are concatenated and split. The two formats' tensor
+names differ only in the embedding (`backbone.embeddings.weight` in transformers,
+`backbone.embedding.weight` in mamba-ssm); mamba-ssm's state dict holds `lm_head.weight` also when
+it is tied to the embedding.
 
 Note: transformers' PyTorch (no-kernel) path normalises the gated RMSNorm over all of d_inner,
 while mamba-ssm, and transformers' own kernel path, normalise per group (d_inner / ngroups). The
@@ -23,54 +28,30 @@ IN_PROJ_SEGMENTS = ("z", "x", "B", "C", "dt")
 CONV_SEGMENTS = ("x", "B", "C")
 
 
+# transformers Mamba2Config field -> ModelConfig field.
+_HF_FIELDS = {
+    "hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size", "state_size": "d_state", "head_dim": "headdim",
+    "expand": "expand", "n_groups": "ngroups", "conv_kernel": "d_conv", "chunk_size": "chunk_size", "tie_word_embeddings": "tie_embeddings",
+    "layer_norm_epsilon": "norm_eps", "use_bias": "proj_bias", "use_conv_bias": "conv_bias", "time_step_min": "dt_min",
+    "time_step_max": "dt_max", "time_step_floor": "dt_init_floor", "time_step_limit": "dt_limit",
+}
+
+
 def hf_config_dict(cfg: ModelConfig) -> dict:
     """The `transformers.Mamba2Config` fields describing `cfg`."""
-    return {
-        "model_type": "mamba2",
-        "architectures": ["Mamba2ForCausalLM"],
-        "hidden_size": cfg.d_model,
-        "num_hidden_layers": cfg.n_layer,
-        "vocab_size": cfg.vocab_size,
-        "state_size": cfg.d_state,
-        "head_dim": cfg.headdim,
-        "num_heads": cfg.nheads,
-        "expand": cfg.expand,
-        "n_groups": cfg.ngroups,
-        "conv_kernel": cfg.d_conv,
-        "chunk_size": cfg.chunk_size,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "layer_norm_epsilon": cfg.norm_eps,
-        "use_bias": cfg.proj_bias,
-        "use_conv_bias": cfg.conv_bias,
-        "time_step_min": cfg.dt_min,
-        "time_step_max": cfg.dt_max,
-        "time_step_floor": cfg.dt_init_floor,
-        "time_step_limit": list(cfg.dt_limit),
-        "residual_in_fp32": True,
-        "rescale_prenorm_residual": False,
-    }
+    fields = {theirs: getattr(cfg, ours) for theirs, ours in _HF_FIELDS.items()}
+    return {"model_type": "mamba2", "architectures": ["Mamba2ForCausalLM"], **fields, "time_step_limit": list(cfg.dt_limit),
+            "num_heads": cfg.nheads, "residual_in_fp32": True, "rescale_prenorm_residual": False}
 
 
 def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
-    """A ModelConfig from a transformers Mamba2 `config.json` dictionary."""
-    limit = hf.get("time_step_limit", (0.0, math.inf))
-    return ModelConfig(
-        d_model=hf["hidden_size"],
-        n_layer=hf["num_hidden_layers"],
-        vocab_size=hf["vocab_size"],
-        d_state=hf["state_size"],
-        headdim=hf["head_dim"],
-        expand=hf["expand"],
-        ngroups=hf["n_groups"],
-        d_conv=hf["conv_kernel"],
-        chunk_size=hf["chunk_size"],
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        norm_eps=hf["layer_norm_epsilon"],
-        proj_bias=hf.get("use_bias", False),
-        conv_bias=hf.get("use_conv_bias", True),
-        dt_limit=(float(limit[0]), float(limit[1])),
-        **overrides,
-    )
+    """A ModelConfig from a transformers Mamba2Config's fields (`Mamba2Config.to_dict()`, which fills in the defaults
+    that a `config.json` may leave out). Raises ValueError for a model megassm cannot represent."""
+    _require(hf, {"hidden_act": "silu"}, "config.json")
+    if hf["num_heads"] * hf["head_dim"] != hf["expand"] * hf["hidden_size"]:
+        raise ValueError(f"config.json: num_heads * head_dim = {hf['num_heads']} * {hf['head_dim']} must equal "
+                         f"expand * hidden_size = {hf['expand']} * {hf['hidden_size']}")
+    return ModelConfig(**{ours: hf[theirs] for theirs, ours in _HF_FIELDS.items()}, **overrides)
 
 
 def _segment_sizes(cfg: ModelConfig) -> dict[str, int]:
@@ -134,6 +115,78 @@ def from_hf_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[st
         if target is not None and not (cfg.tie_embeddings and target == "lm_head.weight"):
             out[target] = tensor
     return out
+
+
+def to_mamba_ssm_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """megassm Mamba2LM state dict -> mamba-ssm MambaLMHeadModel state dict (with lm_head.weight, tied or not)."""
+    return {_HF_TO_MAMBA_SSM.get(name, name): tensor for name, tensor in to_hf_state_dict(state, cfg).items()}
+
+
+def from_mamba_ssm_state_dict(ssm_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+    """mamba-ssm MambaLMHeadModel state dict -> megassm Mamba2LM state dict."""
+    mamba_ssm_to_hf = {theirs: ours for ours, theirs in _HF_TO_MAMBA_SSM.items()}
+    return from_hf_state_dict({mamba_ssm_to_hf.get(name, name): tensor for name, tensor in ssm_state.items()}, cfg)
+
+
+_HF_TO_MAMBA_SSM = {"backbone.embeddings.weight": "backbone.embedding.weight"}
+
+# mamba-ssm fixes every norm's epsilon (MixerModel's norm_epsilon, Mamba2's gated norm) at 1e-5: MambaConfig has no field for it.
+MAMBA_SSM_NORM_EPS = 1e-5
+# mamba_ssm.modules.mamba2.Mamba2's defaults for the ssm_cfg keys that are ModelConfig fields.
+MAMBA2_DEFAULTS = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1, "chunk_size": 256, "A_init_range": (1, 16),
+                   "dt_min": 0.001, "dt_max": 0.1, "dt_init_floor": 1e-4, "dt_limit": (0.0, math.inf), "bias": False, "conv_bias": True}
+_SSM_CFG_FIELDS = {"bias": "proj_bias"}  # ssm_cfg key -> ModelConfig field, where the names differ
+# Values megassm's architecture implies (mamba-ssm's defaults): a Mamba2 mixer per block, no MLP, no attention, RMSNorm,
+# the gated norm after the gate, D per head, the SSM over all of d_inner.
+_MAMBA_SSM_FIXED = {"d_intermediate": 0, "attn_layer_idx": [], "rms_norm": True}
+_MAMBA2_FIXED = {"layer": "Mamba2", "d_ssm": None, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False}
+_MAMBA2_IGNORED = {"conv_init", "use_mem_eff_path"}  # initialisation and kernel choice: no effect on trained weights
+
+
+def mamba_ssm_config_dict(cfg: ModelConfig) -> dict:
+    """mamba-ssm's `config.json` (MambaConfig's fields) for `cfg`; ssm_cfg names only what differs from Mamba2's
+    defaults, as the published configs do. Raises ValueError if mamba-ssm cannot express cfg."""
+    if cfg.norm_eps != MAMBA_SSM_NORM_EPS:
+        raise ValueError(f"model.norm_eps = {cfg.norm_eps}: mamba-ssm fixes it at {MAMBA_SSM_NORM_EPS}; export to transformers instead")
+    ssm_cfg = {"layer": "Mamba2"}
+    for key, default in MAMBA2_DEFAULTS.items():
+        value = getattr(cfg, _SSM_CFG_FIELDS.get(key, key))
+        if value != default:
+            ssm_cfg[key] = list(value) if isinstance(value, tuple) else value
+    return {
+        "d_model": cfg.d_model, "d_intermediate": 0, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg,
+        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+        "pad_vocab_size_multiple": 1,  # vocab_size is already the embedding's row count
+        "tie_embeddings": cfg.tie_embeddings,
+    }
+
+
+def model_config_from_mamba_ssm(config: dict) -> ModelConfig:
+    """A ModelConfig from a mamba-ssm `config.json` dictionary (defaults as MambaConfig's and Mamba2's). Raises
+    ValueError for a model megassm cannot represent and KeyError for a missing field."""
+    _require(config, _MAMBA_SSM_FIXED, "config.json")
+    ssm_cfg = {"layer": "Mamba1", **config.get("ssm_cfg", {})}  # mamba-ssm's default layer is Mamba-1
+    _require(ssm_cfg, _MAMBA2_FIXED, "config.json: ssm_cfg")
+    unknown = set(ssm_cfg) - set(MAMBA2_DEFAULTS) - set(_MAMBA2_FIXED) - _MAMBA2_IGNORED
+    if unknown:
+        raise ValueError(f"config.json: ssm_cfg.{sorted(unknown)[0]} is not a Mamba2 setting megassm knows")
+    ssm = {_SSM_CFG_FIELDS.get(key, key): ssm_cfg.get(key, default) for key, default in MAMBA2_DEFAULTS.items()}
+    multiple = config.get("pad_vocab_size_multiple", 8)
+    return ModelConfig(
+        d_model=config["d_model"],
+        n_layer=config["n_layer"],
+        vocab_size=-(-config["vocab_size"] // multiple) * multiple,  # mamba-ssm pads the embedding to the multiple
+        tie_embeddings=config.get("tie_embeddings", True),
+        norm_eps=MAMBA_SSM_NORM_EPS,
+        **ssm,
+    )
+
+
+def _require(config: dict, fixed: dict, where: str) -> None:
+    """ValueError unless each key of `fixed` is absent from config or has the value megassm's architecture implies."""
+    for key, value in fixed.items():
+        if config.get(key, value) != value:
+            raise ValueError(f"{where}: {key} = {config[key]!r} is not supported (megassm's Mamba-2 has {value!r})")
 
 
 def _rename(name: str, table: dict[str, str]) -> str | None:

@@ -31,6 +31,7 @@ from megassm.optim import learning_rate, param_groups
 from parallel import DDPEngine, ParallelContext, init_parallel
 from parallel.collectives import all_reduce
 from parallel.context import group_size
+from parallel.data_parallel import DataParallelEngine
 
 
 class TrainingError(RuntimeError):
@@ -63,7 +64,7 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext):
+def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParallelEngine:
     """The data-parallel engine named by parallel.engine, owning the AdamW optimizer."""
     optim = cfg.optim
     args = (model, ctx, param_groups(model, optim.weight_decay), optim.lr, (optim.beta1, optim.beta2), optim.eps)
@@ -78,7 +79,11 @@ class Trainer:
     def __init__(self, cfg: Config, stream: TokenStream):
         self.cfg, world = cfg, int(os.environ.get("WORLD_SIZE", 1))
         self.device = pick_device(cfg.train.device)
-        if world > 1:
+        launched = "RANK" in os.environ  # by torchrun, also for one process
+        if cfg.parallel.engine == "deepspeed" and not launched:
+            raise ConfigError("parallel.engine = 'deepspeed' needs torchrun, also for one process: "
+                              "NPROC_PER_NODE=1 bash launch/torchrun.sh --config ...")
+        if launched:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             self.ctx = init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.sequence_parallel, backend)
         else:
@@ -115,7 +120,7 @@ class Trainer:
         candidates = [chosen] if self.cfg.checkpoint.resume != "auto" or chosen is None else checkpoints_in(self.run_dir)[::-1]
         for path in filter(None, candidates):
             try:
-                self.state = load_checkpoint(path, self.model, self.engine.optimizer, self.ctx)
+                self.state = load_checkpoint(path, self.model, self.engine, self.ctx)
             except (RuntimeError, EOFError, OSError, KeyError) as error:
                 if self.cfg.checkpoint.resume != "auto":
                     raise
@@ -165,7 +170,7 @@ class Trainer:
         return (loss_sum / count).item()
 
     def save(self) -> None:
-        path = save_checkpoint(self.run_dir, self.cfg, self.model, self.engine.optimizer, self.ctx, self.state)
+        path = save_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state)
         if path:
             self.say(f"saved checkpoint {path}")
 

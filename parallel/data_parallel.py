@@ -5,15 +5,15 @@ parameters' gradients are sums (not means) over the ranks that saw different tok
 CP slices. DDP overlaps that sum with the backward pass (a sum hook replaces its default mean).
 Replicated parameters inside the sequence-parallel region also get their TP partial sums.
 
-Every engine offers the same calls to the trainer: `engine(...)` (the model's forward),
-`micro_step(is_last)`, `backward(loss)`, `step(lr, max_norm)`, `state_dict()` / `load_state_dict()`.
+Every engine (this one, parallel.deepspeed_engine.DeepSpeedEngine) offers the trainer the calls of
+`DataParallelEngine`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import ContextManager, Iterable
+from typing import ContextManager, Iterable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,28 @@ from torch.nn.parallel import DistributedDataParallel
 
 from parallel.collectives import all_reduce
 from parallel.context import ParallelContext, group_size
+
+
+class DataParallelEngine(Protocol):
+    params: list[nn.Parameter]  # in the order of state_dict()'s indices
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        """The model's forward, through the engine."""
+
+    def micro_step(self, is_last: bool) -> ContextManager:
+        """Wraps one micro batch's forward and backward; gradients are reduced over DP x CP by the last."""
+
+    def backward(self, loss: Tensor) -> None:
+        """loss is already divided by the global number of target tokens: gradients are summed."""
+
+    def step(self, lr: float, max_norm: float) -> float:
+        """Clip to max_norm and update when the gradient is finite, else skip; zero the gradients.
+        Returns the global gradient norm before clipping."""
+
+    def state_dict(self) -> dict:
+        """The optimizer state in torch's format, parameter-shaped tensors this TP rank's pieces (a collective)."""
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def sum_over(grads: list[Tensor], group: ProcessGroup | None) -> None:

@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megassm.data import prepare, train_sentencepiece
+from megassm.data import train_sentencepiece
+from megassm.data.prepare import prepare
 from megassm.data.corpus import builtin_documents, write_builtin_corpus
 
 

@@ -19,14 +19,13 @@ from megassm.data import (
     DataError,
     SampleLoader,
     TokenStream,
-    load_documents,
     load_tokenizer,
-    prepare,
     rank_samples,
     train_sentencepiece,
     write_builtin_corpus,
 )
 from megassm.data.loader import permute
+from megassm.data.prepare import load_documents, prepare
 from megassm.data.shards import ShardWriter
 from megassm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, is_hub_name
 

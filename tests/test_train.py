@@ -92,6 +92,8 @@ LAYOUTS = {
     "tp2-cp2": ["--parallel.tp=2", "--parallel.cp=2"],
     "dp2-cp2": ["--parallel.cp=2"],
     "dp2-tp2-sequence-parallel": ["--parallel.tp=2", "--parallel.sequence_parallel=true"],
+    "dp2-tp2-deepspeed-zero2": ["--parallel.tp=2", "--parallel.engine=deepspeed", "--parallel.zero_stage=2"],
+    "dp2-cp2-deepspeed-zero1": ["--parallel.cp=2", "--parallel.engine=deepspeed", "--parallel.zero_stage=1"],
     "tp2-cp2-activation-checkpointing": ["--parallel.tp=2", "--parallel.cp=2", "--train.activation_checkpointing=true"],
 }
 
@@ -101,17 +103,33 @@ def test_torchrun_layout_matches_one_process(layout, config, one_process, tmp_pa
     assert_same_run(train(config, tmp_path / "run", 4, *LAYOUTS[layout]), one_process)
 
 
+def lose_the_last_checkpoint(run_dir: Path) -> None:
+    """As if the run crashed while writing its step-4 checkpoint: only step 2 is complete."""
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS}")
+    (run_dir / "checkpoints" / f".step_{STEPS}.tmp").mkdir()  # a half-written checkpoint is ignored
+    (run_dir / "metrics.jsonl").unlink()
+
+
 def test_resume_after_a_crash_continues_exactly_even_on_another_layout(config, one_process, tmp_path):
-    """A run whose last checkpoint is step 2 (the step-4 one lost with the crash) resumes there under
-    another layout and produces the uninterrupted run's steps 3 and 4."""
+    """A run whose last complete checkpoint is step 2 resumes there under another layout and produces
+    the uninterrupted run's steps 3 and 4."""
     run_dir = tmp_path / "run"
     train(config, run_dir, 4, *LAYOUTS["tp2-cp2"])
-    shutil.rmtree(run_dir / "checkpoints" / f"step_{STEPS}")
-    (run_dir / "checkpoints" / ".step_4.tmp").mkdir()  # a half-written checkpoint is ignored
-    (run_dir / "metrics.jsonl").unlink()
+    lose_the_last_checkpoint(run_dir)
     resumed = train(config, run_dir, 2, "--parallel.cp=2")
     assert min(r["step"] for r in resumed) == 3
     assert_same_run(resumed, [r for r in one_process if r["step"] > 2])
+
+
+@pytest.mark.parametrize("first, then", [(("dp2-tp2-deepspeed-zero2", 4), ("ddp", 1)), (("ddp", 1), ("dp4-deepspeed-zero1", 4))],
+                         ids=["zero2-to-ddp", "ddp-to-zero1"])
+def test_checkpoints_move_between_engines(first, then, config, one_process, tmp_path):
+    """Both engines write the same logical checkpoint, optimizer state included."""
+    layouts = {**LAYOUTS, "ddp": [], "dp4-deepspeed-zero1": ["--parallel.engine=deepspeed", "--parallel.zero_stage=1"]}
+    run_dir = tmp_path / "run"
+    train(config, run_dir, first[1], *layouts[first[0]])
+    lose_the_last_checkpoint(run_dir)
+    assert_same_run(train(config, run_dir, then[1], *layouts[then[0]]), [r for r in one_process if r["step"] > 2])
 
 
 def test_bf16_autocast_stays_close_to_fp32(config, one_process, tmp_path):

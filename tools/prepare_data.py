@@ -16,7 +16,8 @@ import os
 import sys
 import time
 
-from megassm.data import TokenStream, prepare
+from megassm.data import TokenStream
+from megassm.data.prepare import prepare
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -12,7 +12,8 @@ import argparse
 import sys
 import time
 
-from megassm.data import iter_texts, load_documents, load_tokenizer, train_sentencepiece
+from megassm.data import load_tokenizer, train_sentencepiece
+from megassm.data.prepare import iter_texts, load_documents
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,77 @@
+"""Text generation: sampling a token from logits (temperature, top-k, top-p) and the loop that feeds
+each sampled token back through the recurrent model (megassm/model/recurrent.py)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from megassm.model import Mamba2LM
+from megassm.model.recurrent import prefill, step
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
+    """Raise ValueError naming the first setting that cannot sample."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 (off) or positive, got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {top_p}")
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row of logits (b, vocab): the argmax when temperature == 0, else a draw from
+    softmax(logits / temperature) restricted to the top_k most likely ids (0: all) and then to the
+    fewest most likely ids holding top_p of the probability (1: all)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(-1)
+        beyond = probs.cumsum(-1) - probs >= top_p  # the ids before these already hold top_p: never the first
+        logits = logits.scatter(-1, order, ordered.masked_fill(beyond, -math.inf))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(
+    model: Mamba2LM,
+    prompt_ids: Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
+) -> Tensor:
+    """Continue prompts of equal length (b, l): returns (b, l + n), prompts first, n <= max_new_tokens.
+
+    A row that samples eos_id is finished: eos_id fills the rest of it, and generation stops early
+    once every row is. vocab_size: sample only ids below it (a tokenizer smaller than the model's
+    padded vocabulary). Memory stays constant however many tokens are generated."""
+    check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+    tokens = [prompt_ids]
+    finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    logits, states = prefill(model, prompt_ids)
+    for i in range(max_new_tokens):
+        if i:
+            logits, states = step(model, token, states)
+        token = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, generator)
+        if eos_id is not None:
+            token = token.masked_fill(finished, eos_id)
+            finished |= token == eos_id
+        tokens.append(token[:, None])
+        if finished.all():
+            break
+    return torch.cat(tokens, dim=1)

@@ -1,0 +1,238 @@
+"""Model weights in and out of folders of three formats: megassm checkpoints, transformers Mamba2 folders and
+mamba-ssm (state-spaces) folders.
+
+`load_pretrained` reads any of them, telling them apart by their files, as a ModelConfig and a logical
+megassm state dict: the trainer's `checkpoint.init_from` (continue pretraining a published or converted
+model) and tools/convert_checkpoint.py use it. Every name and shape is checked against what the folder's
+own config implies, so a wrong or truncated file fails here with its name, not later inside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from megassm.checkpoint import checkpoints_in
+from megassm.config import ConfigError, build_model_config, toml_value
+from megassm.hf import (
+    from_hf_state_dict,
+    from_mamba_ssm_state_dict,
+    hf_config_dict,
+    mamba_ssm_config_dict,
+    model_config_from_hf,
+    model_config_from_mamba_ssm,
+    to_hf_state_dict,
+    to_mamba_ssm_state_dict,
+)
+from megassm.model import Mamba2LM, ModelConfig
+
+MEGASSM, TRANSFORMERS, MAMBA_SSM = "megassm", "transformers", "mamba-ssm"
+STATE_FILE = "state.pt"
+TRAINER_FILE = "trainer.json"
+MODEL_TOML = "model.toml"  # a converted checkpoint's model; a trained one has the run's config.toml
+CONFIG_FILES = ("config.toml", MODEL_TOML)
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each possibly sharded, with a NAME.index.json
+DESCRIPTIONS = {
+    MEGASSM: "a megassm checkpoint (state.pt) or run folder (checkpoints/step_N/)",
+    TRANSFORMERS: 'a transformers Mamba2 folder (config.json with "model_type": "mamba2")',
+    MAMBA_SSM: "a mamba-ssm folder (config.json with d_model, n_layer, ssm_cfg)",
+}
+
+
+class PretrainedError(ValueError):
+    """A folder that cannot be read as a Mamba-2 model, or one that does not fit; the message names the file."""
+
+
+def detect_format(path: str | Path) -> str:
+    """MEGASSM, TRANSFORMERS or MAMBA_SSM, from the files in the folder; PretrainedError if it is none of them."""
+    path = Path(path)
+    if not path.is_dir():
+        raise PretrainedError(f"{path}: no such folder")
+    if (path / STATE_FILE).is_file() or checkpoints_in(path):
+        return MEGASSM
+    config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    if config.get("model_type") == "mamba2":
+        return TRANSFORMERS
+    if "model_type" in config:
+        raise PretrainedError(f"{path / 'config.json'}: model_type {config['model_type']!r}; megassm reads only Mamba-2 (\"mamba2\")")
+    if {"d_model", "n_layer"} <= config.keys():
+        return MAMBA_SSM
+    raise PretrainedError(f"{path} is none of: {'; '.join(DESCRIPTIONS.values())}")
+
+
+def load_pretrained(path: str | Path, expect: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The model in `path` (any of the three formats) as its ModelConfig and logical megassm state dict (float32,
+    on CPU). With `expect`, the model must also fit that config's shapes (PretrainedError naming the fields that
+    differ), as when the trainer loads it into the model its [model] table builds."""
+    path = Path(path)
+    fmt = detect_format(path)
+    cfg, state = _READERS[fmt](path)
+    if expect is not None and _shapes(expect) != _shapes(cfg):
+        differ = [f"{f.name} {getattr(cfg, f.name)} (configured: {getattr(expect, f.name)})"
+                  for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expect, f.name)]
+        raise PretrainedError(f"{path} does not fit the configured model; it has {', '.join(differ)}")
+    return cfg, {name: tensor.float() for name, tensor in state.items()}
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """A megassm checkpoint folder itself, or a run folder's newest complete checkpoint."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path
+    found = checkpoints_in(path)
+    if not found:
+        raise PretrainedError(f"{path}: no {STATE_FILE} nor complete checkpoints/step_N/ here")
+    return found[-1]
+
+
+def read_model_config(checkpoint: Path) -> ModelConfig:
+    """The [model] table of a checkpoint's config.toml (or of a converted one's model.toml)."""
+    for name in CONFIG_FILES:
+        if (checkpoint / name).is_file():
+            try:
+                raw = tomllib.loads((checkpoint / name).read_text())
+                return build_model_config(dict(raw.get("model", {})), str(checkpoint / name))
+            except (tomllib.TOMLDecodeError, ConfigError) as error:
+                raise PretrainedError(f"{checkpoint / name}: {error}") from None
+    raise PretrainedError(f"{checkpoint}: no {' nor '.join(CONFIG_FILES)} to say which model its {STATE_FILE} holds")
+
+
+def save_megassm(cfg: ModelConfig, state: dict[str, Tensor], out: Path) -> None:
+    """A checkpoint to continue pretraining from: megassm.checkpoint's layout at step 0, without optimizer state,
+    with model.toml (the [model] table) in place of a run's config.toml."""
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}}, out / STATE_FILE)
+    fields = dataclasses.asdict(cfg)
+    (out / MODEL_TOML).write_text("[model]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in fields.items()))
+    (out / TRAINER_FILE).write_text(json.dumps({"step": 0, "samples": 0, "skipped_steps": 0}, indent=1))  # last: marks it complete
+
+
+def save_transformers(cfg: ModelConfig, state: dict[str, Tensor], out: Path, dtype: torch.dtype = torch.float32,
+                      token_ids: dict[str, int | None] | None = None) -> None:
+    """A folder `transformers.AutoModelForCausalLM.from_pretrained` loads: config.json and model.safetensors
+    (sharded above 5 GB). token_ids: bos_token_id, eos_token_id, pad_token_id (None where the tokenizer has none;
+    left out, transformers' Mamba2 defaults would claim 0, 2 and 1)."""
+    from huggingface_hub import save_torch_state_dict
+    from transformers import Mamba2Config
+
+    fields = {key: value for key, value in hf_config_dict(cfg).items() if key != "model_type"}
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {})}
+    Mamba2Config(**fields, **ids, dtype=dtype).save_pretrained(out)
+    tensors = to_hf_state_dict(_cast(state, dtype), cfg)
+    if cfg.tie_embeddings:
+        del tensors["lm_head.weight"]  # transformers ties it to the embedding when it loads
+    save_torch_state_dict(tensors, out)
+
+
+def save_mamba_ssm(cfg: ModelConfig, state: dict[str, Tensor], out: Path, dtype: torch.dtype = torch.float32) -> None:
+    """A folder mamba-ssm's `MambaLMHeadModel.from_pretrained` loads: config.json and pytorch_model.bin.
+    Raises ValueError, before writing anything, if mamba-ssm cannot express the model."""
+    config = mamba_ssm_config_dict(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=4))
+    torch.save(to_mamba_ssm_state_dict(_cast(state, dtype), cfg), out / "pytorch_model.bin")
+
+
+def _cast(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Cast before mapping, so that a tied lm_head stays the embedding's tensor (saved once)."""
+    return {name: tensor.to(dtype) for name, tensor in state.items()}
+
+
+def _read_megassm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    checkpoint = checkpoint_folder(path)
+    cfg = read_model_config(checkpoint)
+    try:  # mmap: the optimizer state, twice the model's size, is never read
+        saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, EOFError) as error:
+        raise PretrainedError(f"{checkpoint / STATE_FILE}: cannot read it ({str(error).splitlines()[0]})") from None
+    _check_tensors(saved.get("model", {}), _shapes(cfg), checkpoint / STATE_FILE)
+    return cfg, saved["model"]
+
+
+def _published_reader(read_config: Callable[[Path], ModelConfig], to_ours: Callable, to_theirs: Callable, tied_head_optional: bool):
+    """The reader of a published format: its config, then its tensors checked in its own names and layout
+    (tied_head_optional: the format may leave out lm_head.weight when tied), then mapped to megassm's."""
+
+    def read(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+        try:
+            cfg = read_config(path)
+        except KeyError as error:
+            raise PretrainedError(f"{path / 'config.json'} lacks {error}") from None
+        except ValueError as error:
+            raise PretrainedError(f"{path}/{error}") from None
+        theirs = _read_weights(path)
+        optional = {"lm_head.weight"} if cfg.tie_embeddings and tied_head_optional else set()
+        _check_tensors(theirs, {name: t.shape for name, t in to_theirs(_meta_state(cfg), cfg).items()}, path, optional)
+        return cfg, to_ours(theirs, cfg)
+
+    return read
+
+
+def _hf_config(path: Path) -> ModelConfig:
+    from transformers import Mamba2Config  # fills in the defaults a config.json may leave out
+
+    return model_config_from_hf(Mamba2Config.from_pretrained(path).to_dict())
+
+
+_READERS = {
+    MEGASSM: _read_megassm,
+    TRANSFORMERS: _published_reader(_hf_config, from_hf_state_dict, to_hf_state_dict, tied_head_optional=True),
+    MAMBA_SSM: _published_reader(lambda path: model_config_from_mamba_ssm(_read_json(path / "config.json")),
+                                 from_mamba_ssm_state_dict, to_mamba_ssm_state_dict, tied_head_optional=False),
+}
+
+
+def _read_weights(path: Path) -> dict[str, Tensor]:
+    """Every tensor of the folder's first weight format found (WEIGHT_FILES), single file or sharded."""
+    for name in WEIGHT_FILES:
+        index = path / f"{name}.index.json"
+        files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else [name] if (path / name).is_file() else []
+        if files:
+            return {key: tensor for file in files for key, tensor in _read_weight_file(path / file).items()}
+    raise PretrainedError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index of them)")
+
+
+def _read_weight_file(file: Path) -> dict[str, Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError) as error:
+        raise PretrainedError(f"{file}: cannot read it ({str(error).splitlines()[0]})") from None
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise PretrainedError(f"{file} is not valid JSON: {error}") from None
+
+
+def _meta_state(cfg: ModelConfig) -> dict[str, Tensor]:
+    """The state dict of the model cfg describes, as shapes only (meta tensors: no memory, no init)."""
+    with torch.device("meta"):
+        return Mamba2LM(cfg).state_dict()
+
+
+def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
+    return {name: tensor.shape for name, tensor in _meta_state(cfg).items()}
+
+
+def _check_tensors(got: dict[str, Tensor], want: dict[str, torch.Size], where: Path, optional: set[str] = frozenset()) -> None:
+    """PretrainedError unless `got` has exactly the names (but `optional`) and shapes of `want`."""
+    missing, unexpected = sorted(want.keys() - got.keys() - optional), sorted(got.keys() - want.keys())
+    if missing or unexpected:
+        listed = [f"{len(names)} {kind} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+                  for kind, names in (("missing", missing), ("unexpected", unexpected)) if names]
+        raise PretrainedError(f"{where}: tensors do not match the model its config describes: {'; '.join(listed)}")
+    for name, tensor in got.items():
+        if tensor.shape != want[name]:
+            raise PretrainedError(f"{where}: {name} has shape {tuple(tensor.shape)}, its config implies {tuple(want[name])}")

@@ -1,0 +1,199 @@
+"""The DeepSpeed ZeRO data-parallel engine (stage 1: optimizer state sharded over DP x CP; stage 2:
+gradients too), with the same calls as DDPEngine, so the trainer switches with `parallel.engine`.
+
+DeepSpeed sees our mesh through its model-parallel unit: its data-parallel group is DP x CP (the
+ranks that saw different tokens), its model-parallel group is TP, and every TP-sharded parameter is
+marked `tensor_model_parallel`, so its gradient norm sums sharded squares over TP and counts
+replicated parameters once. Parameters stay fp32 (the trainer autocasts); DeepSpeed's own fp16/bf16
+stay off. Stage 3 is refused: it would shard parameters that our TP layers already hold sharded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from typing import Callable, ContextManager, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.distributed import ProcessGroup
+
+from parallel.collectives import all_reduce
+from parallel.context import ParallelContext, group_rank, group_size
+from parallel.data_parallel import make_adamw
+
+try:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state, safe_set_full_optimizer_state
+    from packaging.version import Version  # a dependency of DeepSpeed
+except ImportError as error:
+    raise ImportError("parallel.engine = \"deepspeed\" needs DeepSpeed: pip install 'megassm[deepspeed]'") from error
+
+# Older releases ignore "gradient_allreduce_op" (DeepSpeed PR 8232) and silently average the gradients.
+if Version(deepspeed.__version__) < Version("0.19.8"):
+    raise ImportError(f"DeepSpeed {deepspeed.__version__} is too old for megassm: pip install 'megassm[deepspeed]' (deepspeed 0.19.8)")
+
+
+class _ModelParallelUnit:
+    """Our groups in the shape DeepSpeed's `mpu` argument expects (Megatron's names)."""
+
+    def __init__(self, ctx: ParallelContext):
+        self.ctx = ctx
+
+    def get_data_parallel_group(self) -> ProcessGroup:
+        return self.ctx.dp_cp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return group_size(self.ctx.dp_cp_group)
+
+    def get_data_parallel_rank(self) -> int:
+        return group_rank(self.ctx.dp_cp_group)
+
+    def get_model_parallel_group(self) -> ProcessGroup:
+        return self.ctx.tp_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return group_size(self.ctx.tp_group)
+
+    def get_model_parallel_rank(self) -> int:
+        return group_rank(self.ctx.tp_group)
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+
+
+def _skip_cpu_shared_memory_compile() -> None:
+    """On the CPU accelerator DeepSpeed's communication backend JIT-compiles a C++ shared-memory
+    all-reduce (about 45 s, needs a compiler) that only its inference path calls; ZeRO reduces through
+    torch.distributed (gloo). Marking the op unavailable skips the compile. No effect on GPUs."""
+    if get_accelerator().device_name() == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+class _CallersAutocast(nn.Module):
+    """The module DeepSpeed wraps: runs the model under the autocast its caller entered. On CUDA,
+    DeepSpeed's forward switches an outer autocast off unless its own `torch_autocast` is configured,
+    which wants the precision up front and by default reduces nn.Linear weights' gradients in bf16."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.autocast: ContextManager = contextlib.nullcontext()
+
+    def forward(self, *args, **kwargs):
+        with self.autocast:
+            return self.model(*args, **kwargs)
+
+
+def _sum_over_tp_hook(group: ProcessGroup) -> Callable[[Tensor], Tensor]:
+    """A gradient hook returning the gradient summed over the group."""
+    return lambda grad: all_reduce(grad.clone(), group)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed ZeRO stage 1 or 2 over the DP x CP group, our AdamW inside."""
+
+    def __init__(self, model: nn.Module, ctx: ParallelContext, param_groups: list[dict], lr: float,
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, zero_stage: int = 1, accumulation_steps: int = 1):
+        if zero_stage not in (1, 2):
+            raise ValueError(f"parallel.zero_stage = {zero_stage}: the DeepSpeed engine supports 1 and 2. Stage 3 would "
+                             "shard parameters that tensor parallelism already holds sharded; use 2, or raise parallel.tp")
+        if ctx.dp_cp_group is None or ctx.tp_group is None:
+            raise ValueError("the DeepSpeed engine needs torch.distributed and the process groups of parallel.init_parallel(), "
+                             "also for one process; without them use parallel.engine = \"ddp\"")
+        # DeepSpeed drops empty groups from the optimizer; the rest map one to one onto its flat partitions.
+        self.groups = [list(group["params"]) for group in param_groups if group["params"]]
+        self.params = [p for group in self.groups for p in group]  # in the order of state_dict()'s indices, as DDPEngine's
+        self.optimizer = make_adamw(param_groups, lr, betas, eps)
+        for p in self.params:
+            p.tensor_model_parallel = getattr(p, "tp_dim", None) is not None
+            if ctx.sequence_parallel and getattr(p, "sequence_parallel", False):
+                # Each TP rank holds part of this replicated parameter's gradient: sum it over TP as it
+                # arrives, before DeepSpeed reduces it over DP x CP (stage 2 does so during backward).
+                p.register_hook(_sum_over_tp_hook(ctx.tp_group))
+        _skip_cpu_shared_memory_compile()
+        config = {
+            # For DeepSpeed's sample counts only: the trainer batches, micro_step() marks the boundary.
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": accumulation_steps,
+            # Each rank's loss is already divided by the global token count: sum gradients, do not average.
+            "gradient_allreduce_op": "sum",
+            "zero_optimization": {"stage": zero_stage},
+            "zero_allow_untested_optimizer": True,  # torch's AdamW, which ZeRO steps on its flat fp32 partitions
+        }
+        self.wrapper = _CallersAutocast(model)
+        self.ds, *_ = deepspeed.initialize(model=self.wrapper, optimizer=self.optimizer, config=config, mpu=_ModelParallelUnit(ctx))
+        self.zero = self.ds.optimizer
+
+    def __call__(self, *args, **kwargs) -> Tensor:
+        device = self.params[0].device.type
+        self.wrapper.autocast = torch.autocast(device, dtype=torch.get_autocast_dtype(device), enabled=torch.is_autocast_enabled(device))
+        with torch.autocast(device, enabled=False):  # as DeepSpeed would on CUDA (with a warning), on every device
+            return self.ds(*args, **kwargs)
+
+    def micro_step(self, is_last: bool) -> ContextManager:
+        """Stage 1 reduces gradients in the last micro batch's backward only; stage 2 reduce-scatters
+        every micro batch's into its gradient shards, as ZeRO-2 must to keep just a shard."""
+        self.ds.set_gradient_accumulation_boundary(is_last)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        self.ds.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole step
+
+    def step(self, lr: float, max_norm: float) -> float:
+        """Clip and update when the gradient is finite (else skip); zero the gradients. Returns its norm."""
+        if not self.ds.is_gradient_accumulation_boundary():
+            raise RuntimeError("step() must follow the backward of a micro_step(is_last=True)")
+        # ZeRO keeps its own fp32 copy of the weights and overwrites the model's with it after the update:
+        # refresh it from the model so weights loaded into the model (a checkpoint) are not undone. Exact in fp32.
+        self.zero.refresh_fp32_params()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.zero.clip_grad = max_norm  # ZeRO clips with the global norm it computes, when > 0
+        self.ds.step()
+        return float(self.ds.get_global_grad_norm())
+
+    def _partition_states(self) -> Iterator[tuple[list[nn.Parameter], Tensor, dict]]:
+        """Each parameter group, its flat fp32 partition on this rank and that partition's AdamW state,
+        each parameter linked to its part of the state. DeepSpeed 0.19.8 links them itself after its
+        first update of group 0, before the other groups have any state, and never again."""
+        for params, flat in zip(self.groups, self.zero.single_partition_of_fp32_groups):
+            flat_state = self.optimizer.state.get(flat, {})
+            if flat_state:
+                lazy_init_hp_params_optimizer_state(params, flat, self.optimizer.state)
+            yield params, flat, flat_state
+
+    def state_dict(self) -> dict:
+        """AdamW's state in torch's own format: per parameter (this TP rank's piece), gathered over
+        DP x CP (a collective: every rank calls it), so a checkpoint is the same as the DDP engine's and
+        loads at any DP size. Gathered tensors go to the CPU one by one: together they are the GPU memory ZeRO saves."""
+        state, groups, indices = {}, [], itertools.count()
+        for group, (params, flat, flat_state) in zip(self.optimizer.param_groups, self._partition_states()):
+            groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [next(indices) for _ in params]})
+            for index, p in zip(groups[-1]["params"], params):
+                if flat_state:
+                    state[index] = {key: safe_get_full_optimizer_state(p, key).cpu() if value.shape == flat.shape else value.clone()
+                                    for key, value in flat_state.items()}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Load a state_dict() of either engine: the hyperparameters, and into each parameter's part of
+        this rank's partition its state."""
+        saved_groups, saved_state = state["param_groups"], state["state"]
+        if len(saved_groups) != len(self.groups):
+            raise ValueError(f"the optimizer state has {len(saved_groups)} parameter groups, this model {len(self.groups)}: "
+                             "was it saved with other weight-decay settings?")
+        flat_state = {}  # torch loads it (dtypes, devices, where `step` lives); element-wise entries are filled below
+        for g, (saved, (params, flat, _)) in enumerate(zip(saved_groups, self._partition_states())):
+            if saved["params"] and saved["params"][0] in saved_state:
+                first = saved_state[saved["params"][0]]
+                flat_state[g] = {key: torch.zeros_like(flat) if value.shape == params[0].shape else value.clone() for key, value in first.items()}
+        self.optimizer.load_state_dict({"state": flat_state, "param_groups": [{**saved, "params": [g]} for g, saved in enumerate(saved_groups)]})
+        for g, (saved, (params, _, _)) in enumerate(zip(saved_groups, self._partition_states())):
+            if g in flat_state:  # _partition_states() linked the parameters to the state torch just loaded
+                for p, index in zip(params, saved["params"]):
+                    for key, value in saved_state[index].items():
+                        if value.shape == p.shape:
+                            safe_set_full_optimizer_state(p, value, key)

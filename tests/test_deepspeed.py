@@ -1,0 +1,184 @@
+"""The DeepSpeed ZeRO engine against one process doing the same global batches with plain AdamW and
+clipping: per step the loss and the gradient norm, after the steps every weight and AdamW's state, in
+float32. Several layouts share one spawned run: starting processes and DeepSpeed is the slow part."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+pytest.importorskip("deepspeed")
+
+from megassm.model import Mamba2LM, ModelConfig  # noqa: E402
+from parallel import ParallelContext, full_tensor, init_parallel, local_piece  # noqa: E402
+from parallel.collectives import all_reduce  # noqa: E402
+from parallel.deepspeed_engine import DeepSpeedEngine  # noqa: E402
+from tests.distributed import run_distributed  # noqa: E402
+from tests.test_parallel import relative_error  # noqa: E402
+
+CFG = ModelConfig.from_preset("debug", chunk_size=8)
+SEQLEN, ROWS, MICRO_BATCHES, DP = 32, 2, 2, 2  # rows per DP rank and micro batch
+LRS = [1e-3, 3e-3, 2e-3, 1e-3]
+MAX_NORMS = [0.5, 0.0, 1e3, 0.5]  # clipped, clipping off, not reached, clipped
+# eps well above the gradients' fp32 rounding: where |g| ~ eps, AdamW turns a rounding error d of g into an
+# update error lr * d / eps. With 1e-8, one process summing its batch in 4 chunks instead of 1 already
+# moves some weights by 4e-5 (relative) in 3 steps; losses, norms and AdamW's moments check the gradients.
+BETAS, EPS = (0.9, 0.95), 1e-5
+TOLERANCE = 1e-5
+
+
+def global_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(input ids, labels, document ids) of each step, the rows of every micro batch and DP rank."""
+    g = torch.Generator().manual_seed(3)
+    rows = MICRO_BATCHES * DP * ROWS
+    batches = []
+    for _ in LRS:
+        ids = torch.randint(0, CFG.vocab_size, (rows, SEQLEN), generator=g)
+        labels = torch.randint(0, CFG.vocab_size, (rows, SEQLEN), generator=g)
+        labels[0, :5] = -100
+        seq_idx = torch.zeros(rows, SEQLEN, dtype=torch.long)
+        seq_idx[1::2, 13:] = 1  # a document boundary inside the first CP slice
+        batches.append((ids, labels, seq_idx))
+    return batches
+
+
+def param_groups(model: nn.Module) -> list[dict]:
+    params = list(model.parameters())
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}, copy.deepcopy(optimizer.state_dict())
+
+
+def reference():
+    """One process, the whole global batch per step: the loss and the norm of every step, the weights
+    and AdamW's state before the last step, and the weights after it."""
+    torch.manual_seed(0)
+    model = Mamba2LM(CFG)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=LRS[0], betas=BETAS, eps=EPS)
+    losses, norms = [], []
+    for (ids, labels, seq_idx), lr, max_norm in zip(global_batches(), LRS, MAX_NORMS):
+        before_last = snapshot(model, optimizer)
+        loss = model(ids, seq_idx=seq_idx, labels=labels).sum() / (labels != -100).sum()
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else math.inf).item())
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, norms, before_last, snapshot(model, optimizer)[0]
+
+
+def train_step(engine: DeepSpeedEngine, ctx: ParallelContext, step: int, loss_scale: float = 1.0) -> tuple[float, float]:
+    """One step on this rank's part of the global batch (its rows, its CP slice): the loss of the whole
+    batch (summed over DP x CP) and the norm the engine returns."""
+    ids, labels, seq_idx = global_batches()[step]
+    count = (labels != -100).sum()
+    cols = slice(ctx.cp_rank * SEQLEN // ctx.cp, (ctx.cp_rank + 1) * SEQLEN // ctx.cp)
+    total = torch.zeros(())
+    for micro in range(MICRO_BATCHES):
+        first = (micro * DP + ctx.dp_rank) * ROWS
+        rows = slice(first, first + ROWS)
+        with engine.micro_step(is_last=micro == MICRO_BATCHES - 1):
+            loss = engine(ids[rows, cols], seq_idx=seq_idx[rows, cols], labels=labels[rows, cols]).sum() / count
+            engine.backward(loss * loss_scale)
+        total += loss.detach()
+    norm = engine.step(LRS[step], MAX_NORMS[step])
+    return all_reduce(total, ctx.dp_cp_group).item(), norm
+
+
+def local_state(state: dict, params: list[nn.Parameter], ctx: ParallelContext) -> dict:
+    """This TP rank's pieces of a one-process optimizer state."""
+    pieces = {i: {key: local_piece(value, params[i], ctx.tp_group) if value.dim() else value for key, value in entry.items()}
+              for i, entry in state["state"].items()}
+    return {"state": pieces, "param_groups": state["param_groups"]}
+
+
+def full_weight(p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
+    return full_tensor(p, getattr(p, "tp_dim", None), ctx.tp_group)
+
+
+def check(what: str, got: float | torch.Tensor, want: float | torch.Tensor) -> None:
+    error = relative_error(torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64))
+    assert error < TOLERANCE, f"rank {dist.get_rank()}: {what} differs by {error:.2e}"
+
+
+def check_callers_autocast(engine: DeepSpeedEngine, model: nn.Module, layout: str) -> None:
+    """Under the caller's bf16 autocast the engine computes what the model does under it. (On CUDA,
+    DeepSpeed's forward alone switches an outer autocast off; the engine does so on every device and
+    enters the caller's again inside, which is what this checks on the CPU.)"""
+    ids, labels, _ = global_batches()[0]
+    with torch.no_grad():
+        full = model(ids[:ROWS], labels=labels[:ROWS])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = model(ids[:ROWS], labels=labels[:ROWS]), engine(ids[:ROWS], labels=labels[:ROWS])
+    assert not torch.equal(want, full) and torch.equal(got, want), f"{layout}: the engine ignored the caller's autocast"
+
+
+def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, resume: bool, want) -> None:
+    """Train all but the last step and compare; with resume, load the one-process weights and AdamW state
+    into a fresh engine, skip a step whose gradient is NaN, and take the last step."""
+    losses, norms, (weights, state), last_weights = want
+    ctx = init_parallel(tp, cp, DP, sequence_parallel, backend="gloo")
+    layout = f"tp{tp} cp{cp} dp{DP}{' sp' if sequence_parallel else ''} zero{zero_stage}"
+    torch.manual_seed(0)
+    model = Mamba2LM(CFG, ctx)
+    engine = DeepSpeedEngine(model, ctx, param_groups(model), LRS[0], BETAS, EPS, zero_stage, MICRO_BATCHES)
+    for step in range(len(LRS) - 1):
+        loss, norm = train_step(engine, ctx, step)
+        check(f"{layout}: loss of step {step}", loss, losses[step])
+        check(f"{layout}: gradient norm of step {step}", norm, norms[step])
+    for name, p in model.named_parameters():
+        check(f"{layout}: {name}", full_weight(p, ctx), weights[name])
+    got = engine.state_dict()
+    assert got["param_groups"] == state["param_groups"], layout
+    for i, entry in local_state(state, engine.params, ctx)["state"].items():
+        for key, value in entry.items():
+            check(f"{layout}: AdamW {key} of parameter {i}", got["state"][i][key], value)
+    check_callers_autocast(engine, model, layout)
+    if not resume:
+        return
+
+    torch.manual_seed(1)
+    model = Mamba2LM(CFG, ctx)
+    engine = DeepSpeedEngine(model, ctx, param_groups(model), LRS[0], BETAS, EPS, zero_stage, MICRO_BATCHES)
+    with torch.no_grad():  # into the model after the engine is built, as a checkpoint would
+        for name, p in model.named_parameters():
+            p.copy_(local_piece(weights[name], p, ctx.tp_group))
+    engine.load_state_dict(local_state(state, engine.params, ctx))
+    last = len(LRS) - 1
+    _, norm = train_step(engine, ctx, last, loss_scale=math.nan)
+    assert not math.isfinite(norm), f"{layout}: a NaN gradient gave the norm {norm}"
+    for name, p in model.named_parameters():
+        assert torch.equal(full_weight(p, ctx), weights[name]), f"{layout}: the NaN step changed {name}"
+    loss, norm = train_step(engine, ctx, last)
+    check(f"{layout}: loss after resuming", loss, losses[last])
+    check(f"{layout}: gradient norm after resuming", norm, norms[last])
+    for name, p in model.named_parameters():
+        check(f"{layout}: {name} after resuming", full_weight(p, ctx), last_weights[name])
+
+
+def check_layouts(layouts: list[tuple]) -> None:
+    want = reference()
+    for layout in layouts:
+        check_layout(*layout, want)
+
+
+# (tp, cp, sequence_parallel, zero_stage, resume), each with DP = 2
+@pytest.mark.parametrize("world_size, layouts", [
+    (2, [(1, 1, False, 1, False), (1, 1, False, 2, True)]),
+    (4, [(2, 1, False, 2, True), (2, 1, True, 2, False), (1, 2, False, 1, False)]),
+], ids=["dp2", "dp2xtp2-dp2xcp2"])
+def test_zero_matches_one_process(world_size, layouts):
+    run_distributed(check_layouts, world_size, layouts)
+
+
+def test_stage_3_is_refused():
+    with pytest.raises(ValueError, match="Stage 3 would shard parameters that tensor parallelism already holds"):
+        DeepSpeedEngine(nn.Linear(2, 2), ParallelContext(), [], 1e-3, zero_stage=3)

@@ -1,0 +1,200 @@
+"""Recurrent inference and generation against the parallel forward: prefill + step give the logits of
+model(ids) at every position (float64), greedy generation equals re-running the whole sequence, the
+state stays the same size, sampling keeps to its settings, and tools/generate.py runs on a checkpoint."""
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from megassm.config import Config, write_config
+from megassm.data import load_tokenizer
+from megassm.data.shards import TOKENIZER_DIR
+from megassm.generate import generate, sample_next
+from megassm.model import Mamba2LM, ModelConfig
+from megassm.model.recurrent import prefill, step
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = [
+    ModelConfig.from_preset("debug"),  # 8 heads in 4 groups, tied head
+    # Init draws dt log-uniformly in [0.001, 0.1]: most heads are clamped by this limit.
+    ModelConfig.from_preset("debug-g1", dt_limit=(0.02, 0.05), tie_embeddings=False),
+]
+CONFIG_IDS = ["ngroups4", "ngroups1-dt_limit-untied"]
+
+
+def nontrivial(model: Mamba2LM) -> Mamba2LM:
+    """D and the norm weights moved off their init values (1), so a wrong use of them shows."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("D", "norm_weight", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def stepped_logits(model: Mamba2LM, ids: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Logits at positions prompt_len - 1 ... end: prefill of the prompt, then one step per further token."""
+    logits, states = prefill(model, ids[:, :prompt_len])
+    found = [logits]
+    for t in range(prompt_len, ids.shape[1]):
+        logits, states = step(model, ids[:, t], states)
+        found.append(logits)
+    return torch.stack(found, dim=1)
+
+
+def greedy_by_full_forward(model: Mamba2LM, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("prompt_len", [1, 2, 19], ids=lambda n: f"prompt{n}")  # 1, 2 < d_conv - 1; 19 > a chunk
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_prefill_and_steps_give_the_parallel_forward_logits(cfg, prompt_len):
+    model = nontrivial(Mamba2LM(cfg).double())
+    ids = torch.randint(0, cfg.vocab_size, (2, 2 * cfg.chunk_size + 3))
+    with torch.no_grad():
+        want = model(ids)[:, prompt_len - 1 :]
+    assert torch.allclose(stepped_logits(model, ids, prompt_len), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_greedy_generation_equals_argmax_of_full_forward(cfg):
+    model = nontrivial(Mamba2LM(cfg).double())
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    got = generate(model, prompt, 12, temperature=0)
+    assert torch.equal(got, greedy_by_full_forward(model, prompt, 12))
+
+
+def test_state_size_does_not_grow():
+    model = Mamba2LM(CONFIGS[0])
+    _, states = prefill(model, torch.randint(0, 512, (3, 4)))
+    shapes = [(s.conv.shape, s.conv.dtype, s.ssm.shape, s.ssm.dtype) for s in states]
+    for token in torch.randint(0, 512, (50, 3)):
+        _, states = step(model, token, states)
+    assert [(s.conv.shape, s.conv.dtype, s.ssm.shape, s.ssm.dtype) for s in states] == shapes
+    _, long_prompt = prefill(model, torch.randint(0, 512, (3, 70)))
+    assert [(s.conv.shape, s.conv.dtype, s.ssm.shape, s.ssm.dtype) for s in long_prompt] == shapes
+    cfg = model.cfg
+    assert shapes[0] == ((3, cfg.d_conv - 1, cfg.d_inner + 2 * cfg.ngroups * cfg.d_state), torch.float32,
+                         (3, cfg.nheads, cfg.headdim, cfg.d_state), torch.float32)
+
+
+def test_bf16_weights_follow_the_fp32_model():
+    model = nontrivial(Mamba2LM(CONFIGS[0]))
+    ids = torch.randint(0, 512, (2, 30))
+    with torch.no_grad():
+        want = model(ids)[:, 19:]
+    got = stepped_logits(copy.deepcopy(model).to(torch.bfloat16), ids, 20)
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - want).abs().max() / want.abs().max()).item() < 3e-2
+
+
+def test_eos_finishes_a_row_and_stops_when_all_are_finished():
+    model = Mamba2LM(CONFIGS[0])
+    prompt = torch.randint(0, 512, (2, 3))
+    free = generate(model, prompt, 10, temperature=0)[:, 3:]
+    eos = free[0, 2].item()
+    ends = [row.tolist().index(eos) if eos in row else None for row in free]
+    got = generate(model, prompt, 10, temperature=0, eos_id=eos)[:, 3:]
+    length = 10 if None in ends else max(ends) + 1
+    assert got.shape == (2, length)
+    for row, end in enumerate(ends):
+        want = free[row, :length].clone()
+        if end is not None:
+            want[end:] = eos
+        assert torch.equal(got[row], want)
+
+
+def test_sampling_keeps_to_its_settings():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]]).expand(4000, 6)
+    draw = torch.Generator().manual_seed(1)
+    assert torch.equal(sample_next(logits, temperature=0), torch.full((4000,), 5))
+    assert set(sample_next(logits, 1.0, top_k=3, generator=draw).tolist()) == {5, 0, 1}
+    probs = logits[0].softmax(-1)  # 0.61, 0.22, 0.08, ...: top_p = 0.8 needs the two most likely
+    assert probs[5] < 0.8 < probs[5] + probs[0]
+    assert set(sample_next(logits, 1.0, top_p=0.8, generator=draw).tolist()) == {5, 0}
+    counts = torch.bincount(sample_next(logits, 1.0, generator=draw), minlength=6) / 4000
+    assert torch.allclose(counts, probs, atol=0.03)
+    again = [sample_next(logits, 0.7, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert torch.equal(*again)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(Mamba2LM(CONFIGS[1]), torch.zeros(1, 2, dtype=torch.long), 3, top_p=0)
+
+
+def test_vocab_size_limits_the_sampled_ids():
+    model = Mamba2LM(CONFIGS[1])
+    got = generate(model, torch.zeros(4, 2, dtype=torch.long), 20, temperature=1.0, vocab_size=7)
+    assert got[:, 2:].max() < 7
+
+
+# ---------------------------------------------------------------------------------------------- the command line
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("generate_tool", ROOT / "tools" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_checkpoint(run_dir: Path, step_number: int, model: Mamba2LM, data_path: Path) -> Path:
+    """A checkpoint as megassm.checkpoint writes one, of a run trained with tp = cp = 2."""
+    folder = run_dir / "checkpoints" / f"step_{step_number}"
+    folder.mkdir(parents=True)
+    cfg = Config(model=model.cfg)
+    cfg.data.path, cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp = str(data_path), 2, 2, 1
+    torch.save({"model": model.state_dict(), "optimizer": {}}, folder / "state.pt")
+    write_config(cfg, folder / "config.toml")
+    (folder / "trainer.json").write_text(json.dumps({"step": step_number}))
+    return folder
+
+
+def test_command_line_continues_a_prompt_from_the_newest_checkpoint(tmp_path, prepared_data, capsys):
+    tool = load_tool()
+    tokenizer = load_tokenizer(prepared_data / TOKENIZER_DIR)
+    old, new = Mamba2LM(CONFIGS[0]), Mamba2LM(CONFIGS[0])
+    write_checkpoint(tmp_path / "run", 1, old, prepared_data)
+    write_checkpoint(tmp_path / "run", 2, new, prepared_data)
+    prompt = torch.tensor([[tokenizer.eos_id, *tokenizer.encode("def fibonacci(")]])
+    continuation = generate(new, prompt, 15, temperature=0, eos_id=tokenizer.eos_id)[0, prompt.shape[1] :].tolist()
+    continuation = continuation[: continuation.index(tokenizer.eos_id)] if tokenizer.eos_id in continuation else continuation
+    assert continuation
+
+    tool.main([str(tmp_path / "run"), "--prompt", "def fibonacci(", "--max-new-tokens", "15", "--temperature", "0"])
+    out, err = capsys.readouterr()
+    assert out == tokenizer.decode(continuation) + "\n"
+    assert f"from {tmp_path / 'run' / 'checkpoints' / 'step_2'}" in err
+
+    sampled = [str(tmp_path / "run" / "checkpoints" / "step_1"), "--prompt", "x = ", "--max-new-tokens", "8", "--temperature", "0.8",
+               "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--tokenizer", str(prepared_data / TOKENIZER_DIR)]
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *sampled], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    tool.main(sampled)
+    assert capsys.readouterr().out == done.stdout  # the seed fixes the sample
+
+
+def test_command_line_names_what_is_missing(tmp_path, prepared_data):
+    tool = load_tool()
+    checkpoint = write_checkpoint(tmp_path / "run", 1, Mamba2LM(CONFIGS[1]), prepared_data)
+    (checkpoint / "config.toml").rename(tmp_path / "config.toml")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (checkpoint, f"generate: {checkpoint / 'config.toml'} not found: {checkpoint} is not a complete checkpoint"),
+        (tmp_path / "empty", f"generate: {tmp_path / 'empty'}: no state.pt there and no complete checkpoint under "
+                             f"{tmp_path / 'empty' / 'checkpoints'}: give a checkpoint folder (checkpoints/step_N) or the run folder that holds them"),
+    ]
+    for path, message in cases:
+        with pytest.raises(SystemExit) as stopped:
+            tool.main([str(path)])
+        assert stopped.value.code == message
+    (tmp_path / "config.toml").rename(checkpoint / "config.toml")
+    with pytest.raises(SystemExit) as stopped:
+        tool.main([str(checkpoint), "--tokenizer", str(tmp_path / "missing.model")])
+    assert str(stopped.value.code).startswith(f"generate: tokenizer {tmp_path / 'missing.model'}: no such file or folder")
