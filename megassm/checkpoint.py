@@ -14,10 +14,14 @@ ignores, never a half checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -26,12 +30,15 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from megassm.config import Config, write_config
+from megassm.config import Config, section_toml, write_config
+from megassm.model import ModelConfig
 from parallel import ParallelContext
 from parallel.data_parallel import DataParallelEngine
 
 STEP_DIR = re.compile(r"step_(\d+)")
 TRAINER_FILE, CONFIG_FILE = "trainer.json", "config.toml"
+MODEL_FILE = "model.toml"  # a converted checkpoint's model; a trained one has the run's config.toml
+EMPTY_OPTIMIZER = {"state": {}, "param_groups": "[]"}
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
@@ -100,7 +107,8 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataPa
         temporary.mkdir(parents=True)
     _barrier()
     layout = _Layout(ctx, next(model.parameters()).device)
-    dcp.save(_state_to_save(model, engine, layout), checkpoint_id=temporary, no_dist=not _distributed())
+    with _single_process_quiet():
+        dcp.save(_state_to_save(model, engine, layout), checkpoint_id=temporary, no_dist=not _distributed())
     _barrier()
     if not _is_writer():
         return None
@@ -127,6 +135,19 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every one-process save and load, even when told that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _load(target: dict, path: Path) -> None:
+    with _single_process_quiet():
+        dcp.load(target, checkpoint_id=path, no_dist=not _distributed())
+
+
 def _saved_tensors(path: Path) -> dict:
     """DCP's metadata of each saved tensor, by flattened key ("model.<name>", "optimizer.state.<name>.<key>")."""
     return {k: v for k, v in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
@@ -149,8 +170,8 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
         optimizer_state[name] = {key: layout.logical(torch.empty_like(p), p) if tuple(meta.size) == tuple(saved[f"model.{name}"].size)
                                  else torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in keys.items()}
     target = {"model": {name: layout.logical(torch.empty_like(p), p) for name, p in params.items()},
-              "optimizer": {"state": optimizer_state, "param_groups": "[]"}}
-    dcp.load(target, checkpoint_id=path, no_dist=not _distributed())
+              "optimizer": {**EMPTY_OPTIMIZER, "state": optimizer_state}}
+    _load(target, path)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(layout.local(target["model"][name]))
@@ -166,5 +187,15 @@ def read_model_state(path: Path) -> dict[str, Tensor]:
     """The whole (logical) model tensors of a checkpoint, in one process: for tools (export, generation)."""
     saved = _saved_tensors(path)
     model = {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items() if k.startswith("model.")}
-    dcp.load({"model": model}, checkpoint_id=path, no_dist=True)
+    _load({"model": model}, path)
     return model
+
+
+def save_model_checkpoint(cfg: ModelConfig, state: dict[str, Tensor], out: Path) -> None:
+    """A checkpoint to continue pretraining from, in one process: this module's layout at step 0 with the
+    model alone (no optimizer state) and model.toml (the [model] table) in place of a run's config.toml."""
+    out.mkdir(parents=True, exist_ok=True)
+    with _single_process_quiet():
+        dcp.save({"model": state, "optimizer": EMPTY_OPTIMIZER}, checkpoint_id=out, no_dist=True)
+    (out / MODEL_FILE).write_text(section_toml("model", dataclasses.asdict(cfg)))
+    (out / TRAINER_FILE).write_text(json.dumps({"step": 0, "samples": 0, "skipped_steps": 0}, indent=1))  # last: marks it complete

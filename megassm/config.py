@@ -84,6 +84,9 @@ class CheckpointConfig:
     every: int = 1000  # 0: only at the end
     keep: int = 3
     resume: str = "auto"  # "auto" (newest complete checkpoint of run.dir) | "none" | a checkpoint path
+    # Start a new run from these weights: a megassm checkpoint or run, or a transformers or mamba-ssm
+    # Mamba-2 folder (tools/convert_checkpoint.py). Ignored when the run resumes.
+    init_from: str = ""
 
 
 @dataclass
@@ -114,9 +117,10 @@ class Config:
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int = 1) -> Config:
+def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = 1) -> Config:
     """The TOML file (or the defaults when path is None) with `--section.key=value` overrides applied,
-    checked against world_size. Raises ConfigError."""
+    checked against world_size (None: only parsed and type-checked, e.g. a run's saved config).
+    Raises ConfigError."""
     raw: dict = {}
     where = "the defaults"
     if path is not None:
@@ -133,7 +137,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
         section, key, value = parse_override(override)
         raw.setdefault(section, {})[key] = value
     cfg = build_config(raw, where)
-    validate(cfg, world_size)
+    if world_size is not None:
+        validate(cfg, world_size)
     return cfg
 
 
@@ -272,12 +277,21 @@ def validate(cfg: Config, world_size: int) -> None:
 
 def write_config(cfg: Config, path: Path) -> None:
     """The resolved configuration as TOML, loadable again with load_config."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None]
-        lines.append("")
-    path.write_text("\n".join(lines))
+    path.write_text("\n".join(section_toml(name, values) for name, values in cfg.to_dict().items()))
+
+
+def section_toml(name: str, values: dict) -> str:
+    """One TOML table of plain values (None values left out)."""
+    return "".join([f"[{name}]\n", *(f"{key} = {toml_value(value)}\n" for key, value in values.items() if value is not None)])
+
+
+def read_model_config(path: Path) -> ModelConfig:
+    """The [model] table of a TOML file (a run's config.toml, a converted checkpoint's model.toml)."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    return build_model_config(dict(raw.get("model", {})), str(path))
 
 
 def toml_value(value: object) -> str:

@@ -9,9 +9,9 @@ names differ only in the embedding (`backbone.embeddings.weight` in transformers
 `backbone.embedding.weight` in mamba-ssm); mamba-ssm's state dict holds `lm_head.weight` also when
 it is tied to the embedding.
 
-Note: transformers' PyTorch (no-kernel) path normalises the gated RMSNorm over all of d_inner,
-while mamba-ssm, and transformers' own kernel path, normalise per group (d_inner / ngroups). The
-two agree when ngroups = 1; megassm follows mamba-ssm.
+Note: megassm, mamba-ssm and transformers' kernel path normalise the gated RMSNorm per group
+(d_inner / ngroups). transformers 5.24's PyTorch path does too; older versions' normalised over all
+of d_inner, which agrees only when ngroups = 1.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ _HF_FIELDS = {
     "hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size", "state_size": "d_state", "head_dim": "headdim",
     "expand": "expand", "n_groups": "ngroups", "conv_kernel": "d_conv", "chunk_size": "chunk_size", "tie_word_embeddings": "tie_embeddings",
     "layer_norm_epsilon": "norm_eps", "use_bias": "proj_bias", "use_conv_bias": "conv_bias", "time_step_min": "dt_min",
-    "time_step_max": "dt_max", "time_step_floor": "dt_init_floor", "time_step_limit": "dt_limit",
+    "time_step_max": "dt_max", "time_step_floor": "dt_init_floor", "time_step_limit": "dt_limit", "initializer_range": "init_std",
 }
 
 
@@ -47,9 +47,9 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
 def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """A ModelConfig from a transformers Mamba2Config's fields (`Mamba2Config.to_dict()`, which fills in the defaults
     that a `config.json` may leave out). Raises ValueError for a model megassm cannot represent."""
-    _require(hf, {"hidden_act": "silu"}, "config.json")
+    _require(hf, {"hidden_act": "silu"})
     if hf["num_heads"] * hf["head_dim"] != hf["expand"] * hf["hidden_size"]:
-        raise ValueError(f"config.json: num_heads * head_dim = {hf['num_heads']} * {hf['head_dim']} must equal "
+        raise ValueError(f"num_heads * head_dim = {hf['num_heads']} * {hf['head_dim']} must equal "
                          f"expand * hidden_size = {hf['expand']} * {hf['hidden_size']}")
     return ModelConfig(**{ours: hf[theirs] for theirs, ours in _HF_FIELDS.items()}, **overrides)
 
@@ -133,7 +133,7 @@ _HF_TO_MAMBA_SSM = {"backbone.embeddings.weight": "backbone.embedding.weight"}
 # mamba-ssm fixes every norm's epsilon (MixerModel's norm_epsilon, Mamba2's gated norm) at 1e-5: MambaConfig has no field for it.
 MAMBA_SSM_NORM_EPS = 1e-5
 # mamba_ssm.modules.mamba2.Mamba2's defaults for the ssm_cfg keys that are ModelConfig fields.
-MAMBA2_DEFAULTS = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1, "chunk_size": 256, "A_init_range": (1, 16),
+MAMBA2_DEFAULTS = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "ngroups": 1, "chunk_size": 256, "A_init_range": (1.0, 16.0),
                    "dt_min": 0.001, "dt_max": 0.1, "dt_init_floor": 1e-4, "dt_limit": (0.0, math.inf), "bias": False, "conv_bias": True}
 _SSM_CFG_FIELDS = {"bias": "proj_bias"}  # ssm_cfg key -> ModelConfig field, where the names differ
 # Values megassm's architecture implies (mamba-ssm's defaults): a Mamba2 mixer per block, no MLP, no attention, RMSNorm,
@@ -141,6 +141,7 @@ _SSM_CFG_FIELDS = {"bias": "proj_bias"}  # ssm_cfg key -> ModelConfig field, whe
 _MAMBA_SSM_FIXED = {"d_intermediate": 0, "attn_layer_idx": [], "rms_norm": True}
 _MAMBA2_FIXED = {"layer": "Mamba2", "d_ssm": None, "D_has_hdim": False, "rmsnorm": True, "norm_before_gate": False}
 _MAMBA2_IGNORED = {"conv_init", "use_mem_eff_path"}  # initialisation and kernel choice: no effect on trained weights
+# Also ignored: residual_in_fp32 (megassm's residual stream is always fp32) and fused_add_norm (a kernel choice).
 
 
 def mamba_ssm_config_dict(cfg: ModelConfig) -> dict:
@@ -164,12 +165,12 @@ def mamba_ssm_config_dict(cfg: ModelConfig) -> dict:
 def model_config_from_mamba_ssm(config: dict) -> ModelConfig:
     """A ModelConfig from a mamba-ssm `config.json` dictionary (defaults as MambaConfig's and Mamba2's). Raises
     ValueError for a model megassm cannot represent and KeyError for a missing field."""
-    _require(config, _MAMBA_SSM_FIXED, "config.json")
+    _require(config, _MAMBA_SSM_FIXED)
     ssm_cfg = {"layer": "Mamba1", **config.get("ssm_cfg", {})}  # mamba-ssm's default layer is Mamba-1
-    _require(ssm_cfg, _MAMBA2_FIXED, "config.json: ssm_cfg")
+    _require(ssm_cfg, _MAMBA2_FIXED, "ssm_cfg.")
     unknown = set(ssm_cfg) - set(MAMBA2_DEFAULTS) - set(_MAMBA2_FIXED) - _MAMBA2_IGNORED
     if unknown:
-        raise ValueError(f"config.json: ssm_cfg.{sorted(unknown)[0]} is not a Mamba2 setting megassm knows")
+        raise ValueError(f"ssm_cfg.{sorted(unknown)[0]} is not a Mamba2 setting megassm knows")
     ssm = {_SSM_CFG_FIELDS.get(key, key): ssm_cfg.get(key, default) for key, default in MAMBA2_DEFAULTS.items()}
     multiple = config.get("pad_vocab_size_multiple", 8)
     return ModelConfig(
@@ -182,11 +183,11 @@ def model_config_from_mamba_ssm(config: dict) -> ModelConfig:
     )
 
 
-def _require(config: dict, fixed: dict, where: str) -> None:
+def _require(config: dict, fixed: dict, prefix: str = "") -> None:
     """ValueError unless each key of `fixed` is absent from config or has the value megassm's architecture implies."""
     for key, value in fixed.items():
         if config.get(key, value) != value:
-            raise ValueError(f"{where}: {key} = {config[key]!r} is not supported (megassm's Mamba-2 has {value!r})")
+            raise ValueError(f"{prefix}{key} = {config[key]!r} is not supported (megassm's Mamba-2 has {value!r})")
 
 
 def _rename(name: str, table: dict[str, str]) -> str | None:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import tomllib
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor
 
-from megassm.checkpoint import checkpoints_in
-from megassm.config import ConfigError, build_model_config, toml_value
+from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, checkpoints_in, read_model_state
+from megassm.config import ConfigError, load_config
+from megassm.config import read_model_config as read_model_config_file
+from megassm.data import Meta
 from megassm.hf import (
     from_hf_state_dict,
     from_mamba_ssm_state_dict,
@@ -34,13 +34,9 @@ from megassm.hf import (
 from megassm.model import Mamba2LM, ModelConfig
 
 MEGASSM, TRANSFORMERS, MAMBA_SSM = "megassm", "transformers", "mamba-ssm"
-STATE_FILE = "state.pt"
-TRAINER_FILE = "trainer.json"
-MODEL_TOML = "model.toml"  # a converted checkpoint's model; a trained one has the run's config.toml
-CONFIG_FILES = ("config.toml", MODEL_TOML)
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each possibly sharded, with a NAME.index.json
 DESCRIPTIONS = {
-    MEGASSM: "a megassm checkpoint (state.pt) or run folder (checkpoints/step_N/)",
+    MEGASSM: f"a megassm checkpoint ({TRAINER_FILE} and DCP files) or run folder (checkpoints/step_N/)",
     TRANSFORMERS: 'a transformers Mamba2 folder (config.json with "model_type": "mamba2")',
     MAMBA_SSM: "a mamba-ssm folder (config.json with d_model, n_layer, ssm_cfg)",
 }
@@ -55,7 +51,7 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if not path.is_dir():
         raise PretrainedError(f"{path}: no such folder")
-    if (path / STATE_FILE).is_file() or checkpoints_in(path):
+    if (path / TRAINER_FILE).is_file() or checkpoints_in(path):
         return MEGASSM
     config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
     if config.get("model_type") == "mamba2":
@@ -84,34 +80,33 @@ def load_pretrained(path: str | Path, expect: ModelConfig | None = None) -> tupl
 def checkpoint_folder(path: str | Path) -> Path:
     """A megassm checkpoint folder itself, or a run folder's newest complete checkpoint."""
     path = Path(path)
-    if (path / STATE_FILE).is_file():
+    if (path / TRAINER_FILE).is_file():
         return path
     found = checkpoints_in(path)
     if not found:
-        raise PretrainedError(f"{path}: no {STATE_FILE} nor complete checkpoints/step_N/ here")
+        raise PretrainedError(f"{path}: no {TRAINER_FILE} nor complete checkpoints/step_N/ here")
     return found[-1]
 
 
+def run_tokenizer(checkpoint: Path) -> Path:
+    """The tokenizer of the data a megassm run trained on: data.path in its checkpoint's config.toml.
+    FileNotFoundError when the checkpoint names no data (a converted one), DataError when that data is not here."""
+    config = checkpoint_folder(checkpoint) / CONFIG_FILE
+    if not config.is_file():
+        raise FileNotFoundError(f"{config} not found, which names the run's data and so its tokenizer")
+    data = Path(load_config(config, world_size=None).data.path)
+    return data / Meta.read(data).tokenizer
+
+
 def read_model_config(checkpoint: Path) -> ModelConfig:
-    """The [model] table of a checkpoint's config.toml (or of a converted one's model.toml)."""
-    for name in CONFIG_FILES:
+    """The model of a checkpoint: its run's config.toml, or a converted one's model.toml."""
+    for name in (CONFIG_FILE, MODEL_FILE):
         if (checkpoint / name).is_file():
             try:
-                raw = tomllib.loads((checkpoint / name).read_text())
-                return build_model_config(dict(raw.get("model", {})), str(checkpoint / name))
-            except (tomllib.TOMLDecodeError, ConfigError) as error:
-                raise PretrainedError(f"{checkpoint / name}: {error}") from None
-    raise PretrainedError(f"{checkpoint}: no {' nor '.join(CONFIG_FILES)} to say which model its {STATE_FILE} holds")
-
-
-def save_megassm(cfg: ModelConfig, state: dict[str, Tensor], out: Path) -> None:
-    """A checkpoint to continue pretraining from: megassm.checkpoint's layout at step 0, without optimizer state,
-    with model.toml (the [model] table) in place of a run's config.toml."""
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}}, out / STATE_FILE)
-    fields = dataclasses.asdict(cfg)
-    (out / MODEL_TOML).write_text("[model]\n" + "".join(f"{key} = {toml_value(value)}\n" for key, value in fields.items()))
-    (out / TRAINER_FILE).write_text(json.dumps({"step": 0, "samples": 0, "skipped_steps": 0}, indent=1))  # last: marks it complete
+                return read_model_config_file(checkpoint / name)
+            except ConfigError as error:
+                raise PretrainedError(str(error)) from None
+    raise PretrainedError(f"{checkpoint}: no {CONFIG_FILE} nor {MODEL_FILE} to say which model it holds")
 
 
 def save_transformers(cfg: ModelConfig, state: dict[str, Tensor], out: Path, dtype: torch.dtype = torch.float32,
@@ -148,12 +143,12 @@ def _cast(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
 def _read_megassm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     checkpoint = checkpoint_folder(path)
     cfg = read_model_config(checkpoint)
-    try:  # mmap: the optimizer state, twice the model's size, is never read
-        saved = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    except (RuntimeError, OSError, EOFError) as error:
-        raise PretrainedError(f"{checkpoint / STATE_FILE}: cannot read it ({str(error).splitlines()[0]})") from None
-    _check_tensors(saved.get("model", {}), _shapes(cfg), checkpoint / STATE_FILE)
-    return cfg, saved["model"]
+    try:
+        state = read_model_state(checkpoint)
+    except (RuntimeError, OSError, ValueError) as error:  # DCP's CheckpointException is a RuntimeError
+        raise PretrainedError(f"{checkpoint}: cannot read its tensors ({str(error).splitlines()[0]})") from None
+    _check_tensors(state, _shapes(cfg), checkpoint)
+    return cfg, state
 
 
 def _published_reader(read_config: Callable[[Path], ModelConfig], to_ours: Callable, to_theirs: Callable, tied_head_optional: bool):
@@ -166,7 +161,7 @@ def _published_reader(read_config: Callable[[Path], ModelConfig], to_ours: Calla
         except KeyError as error:
             raise PretrainedError(f"{path / 'config.json'} lacks {error}") from None
         except ValueError as error:
-            raise PretrainedError(f"{path}/{error}") from None
+            raise PretrainedError(f"{path / 'config.json'}: {error}") from None
         theirs = _read_weights(path)
         optional = {"lm_head.weight"} if cfg.tie_embeddings and tied_head_optional else set()
         _check_tensors(theirs, {name: t.shape for name, t in to_theirs(_meta_state(cfg), cfg).items()}, path, optional)
@@ -181,11 +176,14 @@ def _hf_config(path: Path) -> ModelConfig:
     return model_config_from_hf(Mamba2Config.from_pretrained(path).to_dict())
 
 
+def _mamba_ssm_config(path: Path) -> ModelConfig:
+    return model_config_from_mamba_ssm(_read_json(path / "config.json"))
+
+
 _READERS = {
     MEGASSM: _read_megassm,
     TRANSFORMERS: _published_reader(_hf_config, from_hf_state_dict, to_hf_state_dict, tied_head_optional=True),
-    MAMBA_SSM: _published_reader(lambda path: model_config_from_mamba_ssm(_read_json(path / "config.json")),
-                                 from_mamba_ssm_state_dict, to_mamba_ssm_state_dict, tied_head_optional=False),
+    MAMBA_SSM: _published_reader(_mamba_ssm_config, from_mamba_ssm_state_dict, to_mamba_ssm_state_dict, tied_head_optional=False),
 }
 
 
@@ -193,7 +191,7 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     """Every tensor of the folder's first weight format found (WEIGHT_FILES), single file or sharded."""
     for name in WEIGHT_FILES:
         index = path / f"{name}.index.json"
-        files = sorted(set(_read_json(index)["weight_map"].values())) if index.is_file() else [name] if (path / name).is_file() else []
+        files = sorted(set(_read_json(index).get("weight_map", {}).values())) if index.is_file() else [name] if (path / name).is_file() else []
         if files:
             return {key: tensor for file in files for key, tensor in _read_weight_file(path / file).items()}
     raise PretrainedError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index of them)")

@@ -28,7 +28,8 @@ from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.metrics import MetricsLogger, StepTimer, logical_param_count, memory_gib, model_flops_per_token, peak_flops, throughput
 from megassm.model import Mamba2LM
 from megassm.optim import learning_rate, param_groups
-from parallel import DDPEngine, ParallelContext, init_parallel
+from megassm.pretrained import PretrainedError, load_pretrained
+from parallel import DDPEngine, ParallelContext, init_parallel, local_piece
 from parallel.collectives import all_reduce
 from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
@@ -77,7 +78,7 @@ def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParal
 
 class Trainer:
     def __init__(self, cfg: Config, stream: TokenStream):
-        self.cfg, world = cfg, int(os.environ.get("WORLD_SIZE", 1))
+        self.cfg = cfg
         self.device = pick_device(cfg.train.device)
         launched = "RANK" in os.environ  # by torchrun, also for one process
         if cfg.parallel.engine == "deepspeed" and not launched:
@@ -92,12 +93,15 @@ class Trainer:
         self.run_dir = Path(cfg.run.dir)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing).to(self.device)
+        checkpoints = self.resume_candidates()
+        if not checkpoints and cfg.checkpoint.init_from:
+            self.load_pretrained(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
         loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
         self.train_data = SampleLoader(split="train", **loader)
         self.val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0}
-        self.resume()
+        self.resume(checkpoints)
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(cfg, self.run_dir / "config.toml")
@@ -114,11 +118,15 @@ class Trainer:
         if self.is_writer:
             print(line, flush=True)
 
-    def resume(self) -> None:
-        """Continue from the checkpoint that checkpoint.resume names, if any; a damaged one is skipped."""
-        chosen = find_resume_checkpoint(self.run_dir, self.cfg.checkpoint.resume)
-        candidates = [chosen] if self.cfg.checkpoint.resume != "auto" or chosen is None else checkpoints_in(self.run_dir)[::-1]
-        for path in filter(None, candidates):
+    def resume_candidates(self) -> list[Path]:
+        """The checkpoints to try, in order: the one checkpoint.resume names, or, for "auto", the run's
+        complete ones newest first (a damaged one is skipped)."""
+        resume = self.cfg.checkpoint.resume
+        chosen = find_resume_checkpoint(self.run_dir, resume)
+        return checkpoints_in(self.run_dir)[::-1] if resume == "auto" and chosen else [chosen] if chosen else []
+
+    def resume(self, checkpoints: list[Path]) -> None:
+        for path in checkpoints:
             try:
                 self.state = load_checkpoint(path, self.model, self.engine, self.ctx)
             except (RuntimeError, EOFError, OSError, KeyError) as error:
@@ -128,6 +136,14 @@ class Trainer:
                 continue
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
             return
+
+    def load_pretrained(self, path: str) -> None:
+        """Start from the weights of a published or converted model (checkpoint.init_from)."""
+        _, state = load_pretrained(path, expect=self.cfg.model)
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                p.copy_(local_piece(state[name], p, self.ctx.tp_group))
+        self.say(f"initialised from {path}")
 
     def micro_batches(self, step: int) -> list:
         data, par = self.cfg.data, self.cfg.parallel
@@ -216,16 +232,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         stream = open_data(cfg)
         trainer = Trainer(cfg, stream)
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), trainer.state["step"]
         trainer.run()
-    except (ConfigError, DataError, FileNotFoundError, TrainingError) as error:
+    except (ConfigError, DataError, PretrainedError, FileNotFoundError, TrainingError) as error:
         if not quiet:
             print(f"megassm-train: error: {error}", file=sys.stderr)
         return 2 if not isinstance(error, TrainingError) else 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    trainer.say(f"done: {cfg.train.steps} steps in {time.perf_counter() - started:.0f} s; metrics in {trainer.run_dir / 'metrics.jsonl'}, "
+    trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; metrics in {trainer.run_dir / 'metrics.jsonl'}, "
                 f"checkpoints in {trainer.run_dir / 'checkpoints'}")
     return 0
 

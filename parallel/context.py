@@ -70,6 +70,18 @@ def mesh_ranks(world_size: int, tp: int, cp: int) -> dict[str, list[list[int]]]:
     }
 
 
+def _join_job(backend: str) -> None:
+    """init_process_group from torchrun's environment, in a namespace of its own per restart.
+
+    After torchrun --max-restarts restarts the workers they reach the same agent-hosted TCPStore as
+    the attempt before, without a per-attempt prefix: the new process groups would find the dead
+    workers' addresses under the same keys and hang or fail to connect. TORCHELASTIC_RESTART_COUNT
+    tells the attempts apart."""
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"megassm/attempt_{attempt}", store), rank=rank, world_size=world)
+
+
 def init_parallel(tp: int = 1, cp: int = 1, dp: int = -1, sequence_parallel: bool = False, backend: str | None = None) -> ParallelContext:
     """Join the job started by torchrun (RANK, WORLD_SIZE, MASTER_ADDR, ...) and build the mesh.
     dp = -1 takes the rest of the world. Backend: NCCL with CUDA, gloo otherwise."""
@@ -78,7 +90,7 @@ def init_parallel(tp: int = 1, cp: int = 1, dp: int = -1, sequence_parallel: boo
             backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        _join_job(backend)
     world = dist.get_world_size()
     if dp == -1:
         dp = world // (tp * cp)

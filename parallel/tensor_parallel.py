@@ -15,14 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from parallel.collectives import (
-    all_gather,
-    all_reduce,
-    copy_to_region,
-    gather_from_region,
-    reduce_from_region,
-    reduce_scatter_to_region,
-)
+from parallel.collectives import all_gather, all_reduce, copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
 from parallel.context import ParallelContext, group_rank, group_size
 
 SEQUENCE_DIM = 1

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from megassm.data import train_sentencepiece
-from megassm.data.prepare import prepare
 from megassm.data.corpus import builtin_documents, write_builtin_corpus
+from megassm.data.prepare import prepare
 
 
 @pytest.fixture(autouse=True)

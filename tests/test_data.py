@@ -15,15 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from megassm.data import (
-    DataError,
-    SampleLoader,
-    TokenStream,
-    load_tokenizer,
-    rank_samples,
-    train_sentencepiece,
-    write_builtin_corpus,
-)
+from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples, train_sentencepiece, write_builtin_corpus
 from megassm.data.loader import permute
 from megassm.data.prepare import load_documents, prepare
 from megassm.data.shards import ShardWriter

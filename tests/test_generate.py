@@ -1,10 +1,10 @@
 """Recurrent inference and generation against the parallel forward: prefill + step give the logits of
 model(ids) at every position (float64), greedy generation equals re-running the whole sequence, the
-state stays the same size, sampling keeps to its settings, and tools/generate.py runs on a checkpoint."""
+state stays the same size, sampling keeps to its settings, and tools/generate.py runs on a run folder,
+a checkpoint and a transformers folder, naming what is missing."""
 
 import copy
 import importlib.util
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from megassm.config import Config, write_config
+from megassm.checkpoint import save_checkpoint, save_model_checkpoint
+from megassm.config import Config, DataConfig
 from megassm.data import load_tokenizer
 from megassm.data.shards import TOKENIZER_DIR
 from megassm.generate import generate, sample_next
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.model.recurrent import prefill, step
+from megassm.pretrained import save_transformers
+from parallel import DDPEngine, ParallelContext
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
@@ -144,36 +147,38 @@ def load_tool():
     return module
 
 
-def write_checkpoint(run_dir: Path, step_number: int, model: Mamba2LM, data_path: Path) -> Path:
-    """A checkpoint as megassm.checkpoint writes one, of a run trained with tp = cp = 2."""
-    folder = run_dir / "checkpoints" / f"step_{step_number}"
-    folder.mkdir(parents=True)
-    cfg = Config(model=model.cfg)
-    cfg.data.path, cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp = str(data_path), 2, 2, 1
-    torch.save({"model": model.state_dict(), "optimizer": {}}, folder / "state.pt")
-    write_config(cfg, folder / "config.toml")
-    (folder / "trainer.json").write_text(json.dumps({"step": step_number}))
-    return folder
+def trained_checkpoint(run_dir: Path, step_number: int, model: Mamba2LM, data_path: Path) -> Path:
+    """The checkpoint a run on `data_path` writes, by megassm.checkpoint itself."""
+    cfg = Config(model=model.cfg, data=DataConfig(path=str(data_path)))
+    engine = DDPEngine(model, ParallelContext(), [{"params": list(model.parameters())}], lr=0.0)
+    return save_checkpoint(run_dir, cfg, model, engine, ParallelContext(), {"step": step_number, "samples": 0, "skipped_steps": 0})
 
 
-def test_command_line_continues_a_prompt_from_the_newest_checkpoint(tmp_path, prepared_data, capsys):
+def greedy_text(model: Mamba2LM, tokenizer, prompt: str, new_tokens: int) -> str:
+    """What the command line should print: the greedy continuation of [eos] + prompt, up to the next eos."""
+    ids = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(prompt)]])
+    new = generate(model, ids, new_tokens, temperature=0, eos_id=tokenizer.eos_id)[0, ids.shape[1] :].tolist()
+    return tokenizer.decode(new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new)
+
+
+def test_command_line_continues_a_prompt(tmp_path, prepared_data, capsys):
     tool = load_tool()
     tokenizer = load_tokenizer(prepared_data / TOKENIZER_DIR)
     old, new = Mamba2LM(CONFIGS[0]), Mamba2LM(CONFIGS[0])
-    write_checkpoint(tmp_path / "run", 1, old, prepared_data)
-    write_checkpoint(tmp_path / "run", 2, new, prepared_data)
-    prompt = torch.tensor([[tokenizer.eos_id, *tokenizer.encode("def fibonacci(")]])
-    continuation = generate(new, prompt, 15, temperature=0, eos_id=tokenizer.eos_id)[0, prompt.shape[1] :].tolist()
-    continuation = continuation[: continuation.index(tokenizer.eos_id)] if tokenizer.eos_id in continuation else continuation
-    assert continuation
+    trained_checkpoint(tmp_path / "run", 1, old, prepared_data)
+    trained_checkpoint(tmp_path / "run", 2, new, prepared_data)
+    want = greedy_text(new, tokenizer, "def fibonacci(", 15)
+    assert want and want != greedy_text(old, tokenizer, "def fibonacci(", 15)
 
-    tool.main([str(tmp_path / "run"), "--prompt", "def fibonacci(", "--max-new-tokens", "15", "--temperature", "0"])
-    out, err = capsys.readouterr()
-    assert out == tokenizer.decode(continuation) + "\n"
-    assert f"from {tmp_path / 'run' / 'checkpoints' / 'step_2'}" in err
+    greedy = ["--prompt", "def fibonacci(", "--max-new-tokens", "15", "--temperature", "0"]
+    tool.main([str(tmp_path / "run"), *greedy])  # a run folder: its newest checkpoint, the tokenizer of its data
+    assert capsys.readouterr().out == want + "\n"
+    save_transformers(new.cfg, new.state_dict(), tmp_path / "hf")  # a published format, its tokenizer given
+    tool.main([str(tmp_path / "hf"), *greedy, "--tokenizer", str(prepared_data / TOKENIZER_DIR)])
+    assert capsys.readouterr().out == want + "\n"
 
     sampled = [str(tmp_path / "run" / "checkpoints" / "step_1"), "--prompt", "x = ", "--max-new-tokens", "8", "--temperature", "0.8",
-               "--top-k", "50", "--top-p", "0.9", "--seed", "3", "--tokenizer", str(prepared_data / TOKENIZER_DIR)]
+               "--top-k", "50", "--top-p", "0.9", "--seed", "3"]
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *sampled], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     tool.main(sampled)
@@ -182,19 +187,19 @@ def test_command_line_continues_a_prompt_from_the_newest_checkpoint(tmp_path, pr
 
 def test_command_line_names_what_is_missing(tmp_path, prepared_data):
     tool = load_tool()
-    checkpoint = write_checkpoint(tmp_path / "run", 1, Mamba2LM(CONFIGS[1]), prepared_data)
-    (checkpoint / "config.toml").rename(tmp_path / "config.toml")
-    (tmp_path / "empty").mkdir()
+    model = Mamba2LM(CONFIGS[1])
+    save_model_checkpoint(model.cfg, model.state_dict(), tmp_path / "converted")  # model.toml, no run config
+    given = ["--tokenizer", str(prepared_data / TOKENIZER_DIR)]
     cases = [
-        (checkpoint, f"generate: {checkpoint / 'config.toml'} not found: {checkpoint} is not a complete checkpoint"),
-        (tmp_path / "empty", f"generate: {tmp_path / 'empty'}: no state.pt there and no complete checkpoint under "
-                             f"{tmp_path / 'empty' / 'checkpoints'}: give a checkpoint folder (checkpoints/step_N) or the run folder that holds them"),
+        ([str(tmp_path / "missing"), *given], f"generate: {tmp_path / 'missing'}: no such folder"),
+        ([str(tmp_path / "converted")], f"generate: {tmp_path / 'converted' / 'config.toml'} not found, which names the run's data "
+                                        "and so its tokenizer; or give the model's tokenizer with --tokenizer"),
+        ([str(tmp_path / "converted"), "--tokenizer", str(tmp_path / "missing.model")],
+         f"generate: tokenizer {tmp_path / 'missing.model'}: no such file or folder; make one with python tools/train_tokenizer.py "
+         "--input CORPUS --vocab-size N --out DIR"),
+        ([str(tmp_path / "converted"), *given, "--top-p", "0"], "generate: top_p must be in (0, 1] (1: off), got 0.0"),
     ]
-    for path, message in cases:
+    for args, message in cases:
         with pytest.raises(SystemExit) as stopped:
-            tool.main([str(path)])
+            tool.main(args)
         assert stopped.value.code == message
-    (tmp_path / "config.toml").rename(checkpoint / "config.toml")
-    with pytest.raises(SystemExit) as stopped:
-        tool.main([str(checkpoint), "--tokenizer", str(tmp_path / "missing.model")])
-    assert str(stopped.value.code).startswith(f"generate: tokenizer {tmp_path / 'missing.model'}: no such file or folder")

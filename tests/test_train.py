@@ -4,12 +4,21 @@ process, in fp32 on the same data. Losses and gradient norms of every step must 
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
+
+from megassm.data import SampleLoader, TokenStream
+from megassm.metrics import read_metrics
+from megassm.model import Mamba2LM, ModelConfig
+from megassm.pretrained import save_transformers
 
 STEPS = 4
 CONFIG = """
@@ -110,13 +119,25 @@ def lose_the_last_checkpoint(run_dir: Path) -> None:
     (run_dir / "metrics.jsonl").unlink()
 
 
-def test_resume_after_a_crash_continues_exactly_even_on_another_layout(config, one_process, tmp_path):
-    """A run whose last complete checkpoint is step 2 resumes there under another layout and produces
-    the uninterrupted run's steps 3 and 4."""
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def crashed_tp2_cp2_run(config, tmp_path_factory) -> Path:
+    """A tp=2 x cp=2 run whose last complete checkpoint is step 2."""
+    run_dir = tmp_path_factory.mktemp("crashed") / "run"
     train(config, run_dir, 4, *LAYOUTS["tp2-cp2"])
     lose_the_last_checkpoint(run_dir)
-    resumed = train(config, run_dir, 2, "--parallel.cp=2")
+    return run_dir
+
+
+RESHARDED = {"cp4": (4, ["--parallel.cp=4"]), "tp4": (4, ["--parallel.tp=4"]), "dp2-tp2": (4, ["--parallel.tp=2"]), "one-process": (1, [])}
+
+
+@pytest.mark.parametrize("layout", RESHARDED)
+def test_resume_after_a_crash_continues_exactly_on_another_layout(layout, crashed_tp2_cp2_run, config, one_process, tmp_path):
+    """The crashed tp=2 x cp=2 run resumes at step 2 under another layout and produces the
+    uninterrupted run's steps 3 and 4."""
+    run_dir = Path(shutil.copytree(crashed_tp2_cp2_run, tmp_path / "run"))
+    nproc, overrides = RESHARDED[layout]
+    resumed = train(config, run_dir, nproc, *overrides)
     assert min(r["step"] for r in resumed) == 3
     assert_same_run(resumed, [r for r in one_process if r["step"] > 2])
 
@@ -130,6 +151,31 @@ def test_checkpoints_move_between_engines(first, then, config, one_process, tmp_
     train(config, run_dir, first[1], *layouts[first[0]])
     lose_the_last_checkpoint(run_dir)
     assert_same_run(train(config, run_dir, then[1], *layouts[then[0]]), [r for r in one_process if r["step"] > 2])
+
+
+def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(config, tmp_path):
+    """SIGKILL one of two ranks after step 5 of 12; torchrun (--max-restarts 1) restarts both, they
+    resume from the step-4 checkpoint, and every step's final record equals the uninterrupted run's."""
+    long = ["--train.steps=12", "--train.eval_every=4"]
+    reference = train(config, tmp_path / "reference", 1, *long)
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}",
+               "--parallel.cp=2", *long]
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+        time.sleep(0.02)
+    workers = [p for p in psutil.Process(job.pid).children(recursive=True) if "megassm.train" in " ".join(p.cmdline())]
+    workers[-1].send_signal(signal.SIGKILL)
+    output = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, output[-3000:]
+    assert "resumed from" in output and "step_4" in output, output[-3000:]
+    steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines())]
+    assert steps.count(5) == 2 and steps[-8:] == list(range(5, 13)), steps  # step 5 again after the restart, then on
+    assert_same_run(read_metrics(run_dir), reference)
 
 
 def test_bf16_autocast_stays_close_to_fp32(config, one_process, tmp_path):
@@ -147,3 +193,19 @@ def test_diverging_run_skips_steps_then_stops_with_advice(config, tmp_path):
     assert "2 consecutive steps had a non-finite loss or gradient (the last: step 3)" in result.stderr.splitlines()[-1]
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in steps] == [0, 1]
+
+
+def test_init_from_a_transformers_model_starts_from_its_weights(config, prepared_data, tmp_path):
+    """checkpoint.init_from = a transformers Mamba2 folder: the first step's loss is that model's loss
+    on the first global batch, computed here directly."""
+    torch.manual_seed(1)
+    model = Mamba2LM(ModelConfig.from_preset("debug", chunk_size=16)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_transformers(model.cfg, model.float().state_dict(), tmp_path / "hf")
+    records = train(config, tmp_path / "run", 1, f"--checkpoint.init_from={tmp_path / 'hf'}", "--train.steps=1")
+    batch = SampleLoader(TokenStream(prepared_data), seq_len=88, seed=0).batch(0, 8)
+    with torch.no_grad():
+        want = model.float()(batch.input_ids, batch.seq_idx, batch.labels).mean().item()
+    assert records[0]["loss"] == pytest.approx(want, rel=1e-5)

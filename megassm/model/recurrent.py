@@ -33,7 +33,7 @@ class LayerState:
 Scan = Callable[[Mamba2Mixer, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
-def empty_states(model: Mamba2LM, batch: int) -> list[LayerState]:
+def _empty_states(model: Mamba2LM, batch: int) -> list[LayerState]:
     """The states before a sequence's first token: zeros, on the model's device."""
     cfg, weight = model.cfg, model.embedding.weight
     conv_channels = cfg.d_inner + 2 * cfg.ngroups * cfg.d_state
@@ -60,7 +60,7 @@ def _recurrent_scan(mixer: Mamba2Mixer, x: Tensor, dt: Tensor, A: Tensor, B: Ten
     # Heads h of group g are h // (nheads // ngroups) == g, as in the chunked scan.
     B, C = (t[:, 0].to(compute).repeat_interleave(mixer.nheads // mixer.ngroups, dim=1) for t in (B, C))  # (b, h, n)
     state = torch.exp(dt * A)[..., None, None] * state + (dt[..., None] * xs)[..., None] * B[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", state, C) + xs
+    y = torch.einsum("bhpn,bhn->bhp", state, C) + mixer.D.to(compute)[:, None] * xs
     return y[:, None].to(x.dtype), state
 
 
@@ -102,7 +102,7 @@ def prefill(model: Mamba2LM, input_ids: Tensor) -> tuple[Tensor, list[LayerState
                          "build it with the default ParallelContext() and load the checkpoint into it")
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"prefill takes prompts shaped (batch, length >= 1), got {tuple(input_ids.shape)}")
-    return _advance(model, input_ids, empty_states(model, input_ids.shape[0]), _chunked_scan)
+    return _advance(model, input_ids, _empty_states(model, input_ids.shape[0]), _chunked_scan)
 
 
 @torch.no_grad()

@@ -1,0 +1,253 @@
+"""Checkpoint conversion: a trained checkpoint exported to transformers gives the same logits there and
+generates text with its converted tokenizer; every format round-trips bit-exactly; the mamba-ssm files
+match mamba-ssm's layout as its source builds it; the command line and its errors."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, pipeline
+from transformers.models.mamba2 import modeling_mamba2
+
+from megassm.checkpoint import load_checkpoint, save_checkpoint, save_model_checkpoint
+from megassm.config import Config, DataConfig
+from megassm.data import load_tokenizer
+from megassm.model import Mamba2LM, ModelConfig
+from megassm.pretrained import PretrainedError, load_pretrained, save_mamba_ssm, save_transformers
+from parallel import DDPEngine, ParallelContext
+from tests.test_model import grouped_gated_norm, relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tool = load_tool()
+
+
+def perturbed_model(cfg: ModelConfig) -> Mamba2LM:
+    """A model whose D and norm weights are not their init values, so that a wrong mapping shows."""
+    model = Mamba2LM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("D", "norm_weight", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+    return model
+
+
+def engine_for(model: Mamba2LM) -> DDPEngine:
+    """The trainer's data-parallel engine (with its AdamW) on one process."""
+    return DDPEngine(model, ParallelContext(), [{"params": list(model.parameters())}], lr=0.0)
+
+
+def trained_checkpoint(run_dir: Path, model: Mamba2LM, data_path: Path) -> Path:
+    """The checkpoint a run on `data_path` writes, by megassm.checkpoint itself."""
+    cfg = Config(model=model.cfg, data=DataConfig(path=str(data_path)))
+    return save_checkpoint(run_dir, cfg, model, engine_for(model), ParallelContext(), {"step": 7, "samples": 56, "skipped_steps": 0})
+
+
+# ---------------------------------------------------------------------------------------------- against transformers
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig.from_preset("debug-g1", vocab_size=512), ModelConfig.from_preset("debug", ngroups=2)],
+                         ids=["ngroups1", "ngroups2"])
+def test_exported_checkpoint_runs_in_transformers(cfg, prepared_data, tmp_path, monkeypatch):
+    model = perturbed_model(cfg)
+    checkpoint = trained_checkpoint(tmp_path / "run", model, prepared_data)
+    out = tmp_path / "hf"
+    tool.main(["to-hf", str(tmp_path / "run"), str(out)])  # a run folder: its newest checkpoint
+
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert "lm_head.weight" not in load_file(out / "model.safetensors")  # tied: transformers ties it on load
+    if cfg.ngroups > 1:  # older transformers' PyTorch path normalises over all of d_inner: see tests/test_model.py
+        monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "n_groups", cfg.ngroups, raising=False)
+        monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "forward", grouped_gated_norm)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 3 * cfg.chunk_size + 5))
+    with torch.no_grad():
+        assert relative_error(model(ids), hf(ids, use_cache=False).logits) < 1e-5
+
+    sentencepiece = load_tokenizer(prepared_data / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = "def main():\n    print('hello')  # 42\n"
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == sentencepiece.encode(text)
+    assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (1, sentencepiece.eos_id, None)
+    if cfg.ngroups == 1:
+        generated = pipeline("text-generation", model=str(out), tokenizer=str(out))("import os", max_new_tokens=8, do_sample=False)
+        assert generated[0]["generated_text"].startswith("import os") and len(generated[0]["generated_text"]) > len("import os")
+        greedy = torch.tensor([sentencepiece.encode("import os")])
+        with torch.no_grad():  # transformers' cached decoding picks the tokens our full forward does
+            for _ in range(8):
+                greedy = torch.cat([greedy, model(greedy)[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(hf.generate(greedy[:, :-8], max_new_tokens=8, do_sample=False), greedy)
+    _, state = load_pretrained(checkpoint)  # what the trainer wrote reads back whole
+    assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig.from_preset("debug"),
+                                 ModelConfig.from_preset("debug-g1", tie_embeddings=False, proj_bias=True, conv_bias=False, dt_limit=(0.0, 0.5))],
+                         ids=["tied", "untied-biases"])
+@pytest.mark.parametrize("save", [save_model_checkpoint, save_transformers, save_mamba_ssm], ids=["megassm", "transformers", "mamba-ssm"])
+def test_round_trip_is_bit_exact(cfg, save, tmp_path):
+    state = perturbed_model(cfg).state_dict()
+    save(cfg, state, tmp_path)
+    cfg_back, state_back = load_pretrained(tmp_path)
+    assert cfg_back == cfg
+    assert state_back.keys() == state.keys()
+    for name in state:
+        assert torch.equal(state_back[name], state[name]), name
+
+
+def test_bf16_export_is_bf16(tmp_path):
+    cfg = ModelConfig.from_preset("debug-g1")
+    state = Mamba2LM(cfg).state_dict()
+    save_transformers(cfg, state, tmp_path, torch.bfloat16)
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    assert torch.equal(load_pretrained(tmp_path)[1]["embedding.weight"], state["embedding.weight"].bfloat16().float())
+
+
+# ---------------------------------------------------------------------------------------------- mamba-ssm's layout
+
+
+def mamba_ssm_reference(d_model, n_layer, vocab, d_state, headdim, ngroups, d_conv, expand=2) -> dict[str, tuple]:
+    """Names and shapes of MambaLMHeadModel(MambaConfig(ssm_cfg={"layer": "Mamba2", ...})).state_dict() as
+    mamba_ssm/models/mixer_seq_simple.py and mamba_ssm/modules/mamba2.py build it: d_intermediate = 0 (no MLP,
+    no norm2), in_proj over [z, x, B, C, dt] without bias, a depthwise Conv1d over [x, B, C] with bias, the gated
+    RMSNorm `norm`, lm_head.weight listed even when tied to the embedding."""
+    d_inner = expand * d_model
+    nheads, conv_dim = d_inner // headdim, d_inner + 2 * ngroups * d_state
+    shapes = {"backbone.embedding.weight": (vocab, d_model), "backbone.norm_f.weight": (d_model,), "lm_head.weight": (vocab, d_model)}
+    for i in range(n_layer):
+        layer = f"backbone.layers.{i}."
+        shapes |= {layer + "norm.weight": (d_model,), layer + "mixer.in_proj.weight": (2 * d_inner + 2 * ngroups * d_state + nheads, d_model),
+                   layer + "mixer.conv1d.weight": (conv_dim, 1, d_conv), layer + "mixer.conv1d.bias": (conv_dim,),
+                   layer + "mixer.dt_bias": (nheads,), layer + "mixer.A_log": (nheads,), layer + "mixer.D": (nheads,),
+                   layer + "mixer.norm.weight": (d_inner,), layer + "mixer.out_proj.weight": (d_model, d_inner)}
+    return shapes
+
+
+MAMBA_CONFIG_FIELDS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg", "rms_norm",
+                       "residual_in_fp32", "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"}  # mamba_ssm's MambaConfig
+MAMBA2_ARGUMENTS = {"d_state", "d_conv", "conv_init", "expand", "headdim", "d_ssm", "ngroups", "A_init_range", "D_has_hdim", "rmsnorm",
+                    "norm_before_gate", "dt_min", "dt_max", "dt_init_floor", "dt_limit", "bias", "conv_bias", "chunk_size", "use_mem_eff_path"}
+
+
+def test_mamba_ssm_export_has_its_names_shapes_and_config(tmp_path):
+    cfg = ModelConfig.from_preset("debug")  # ngroups 4, d_state 16, headdim 16, chunk_size 16
+    state = Mamba2LM(cfg).state_dict()
+    save_mamba_ssm(cfg, state, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    weights = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+
+    assert config.keys() == MAMBA_CONFIG_FIELDS  # MambaConfig(**config) accepts nothing else
+    ssm_cfg = dict(config["ssm_cfg"])
+    assert ssm_cfg.pop("layer") == "Mamba2" and ssm_cfg.keys() <= MAMBA2_ARGUMENTS
+    assert ssm_cfg == {"d_state": 16, "headdim": 16, "ngroups": 4, "chunk_size": 16}  # the rest: Mamba2's defaults
+    padded = -(-config["vocab_size"] // config["pad_vocab_size_multiple"]) * config["pad_vocab_size_multiple"]
+    reference = mamba_ssm_reference(64, 2, padded, d_state=16, headdim=16, ngroups=4, d_conv=4)
+    assert {name: tuple(t.shape) for name, t in weights.items()} == reference
+    assert torch.equal(weights["lm_head.weight"], weights["backbone.embedding.weight"]) and config["tie_embeddings"]
+
+
+def test_published_mamba_ssm_folder_loads_into_the_right_segments(tmp_path):
+    """A folder in the published style: unpadded vocab_size, only non-default ssm_cfg keys, tensors by the reference."""
+    config = {"d_model": 32, "d_intermediate": 0, "n_layer": 2, "vocab_size": 250, "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8},
+              "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+              "pad_vocab_size_multiple": 16, "tie_embeddings": True}
+    weights = {name: torch.randn(shape) for name, shape in mamba_ssm_reference(32, 2, 256, d_state=8, headdim=8, ngroups=1, d_conv=4).items()}
+    weights["lm_head.weight"] = weights["backbone.embedding.weight"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+
+    cfg, state = load_pretrained(tmp_path)
+    assert (cfg.vocab_size, cfg.d_state, cfg.headdim, cfg.ngroups, cfg.chunk_size, cfg.tie_embeddings) == (256, 8, 8, 1, 256, True)
+    in_proj, conv = weights["backbone.layers.1.mixer.in_proj.weight"], weights["backbone.layers.1.mixer.conv1d.weight"]
+    d_inner, gn = 64, 8
+    assert torch.equal(state["layers.1.mixer.in_proj.weight.z"], in_proj[:d_inner])
+    assert torch.equal(state["layers.1.mixer.in_proj.weight.C"], in_proj[2 * d_inner + gn : 2 * d_inner + 2 * gn])
+    assert torch.equal(state["layers.1.mixer.in_proj.weight.dt"], in_proj[-cfg.nheads :])
+    assert torch.equal(state["layers.1.mixer.conv1d.weight.B"], conv[d_inner : d_inner + gn, 0])
+    assert torch.equal(state["layers.1.mixer.norm_weight"], weights["backbone.layers.1.mixer.norm.weight"])
+    assert "lm_head.weight" not in state and Mamba2LM(cfg).load_state_dict(state) is not None
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+def test_unreadable_folders_fail_with_their_name(tmp_path):
+    cfg = ModelConfig.from_preset("debug-g1")
+    hf = tmp_path / "hf"
+    save_transformers(cfg, Mamba2LM(cfg).state_dict(), hf)
+    with pytest.raises(PretrainedError, match=f"{hf} does not fit the configured model; it has d_model 32 \\(configured: 64\\)"):
+        load_pretrained(hf, expect=ModelConfig.from_preset("debug-g1", d_model=64))
+    weights = load_file(hf / "model.safetensors")
+    weights["backbone.layers.1.mixer.D"] = weights["backbone.layers.1.mixer.D"][:-1]
+    torch.save(weights, hf / "pytorch_model.bin")
+    (hf / "model.safetensors").unlink()
+    with pytest.raises(PretrainedError, match=r"backbone.layers.1.mixer.D has shape \(7,\), its config implies \(8,\)"):
+        load_pretrained(hf)
+
+    mamba1 = tmp_path / "mamba1"
+    mamba1.mkdir()
+    (mamba1 / "config.json").write_text(json.dumps({"d_model": 32, "n_layer": 2, "vocab_size": 256, "ssm_cfg": {}}))
+    with pytest.raises(PretrainedError, match=r"ssm_cfg.layer = 'Mamba1' is not supported"):
+        load_pretrained(mamba1)
+    (tmp_path / "neither").mkdir()
+    with pytest.raises(PretrainedError, match="neither is none of: a megassm checkpoint"):
+        load_pretrained(tmp_path / "neither")
+
+
+def test_command_line(tmp_path, capsys):
+    cfg = ModelConfig.from_preset("debug-g1")
+    state = Mamba2LM(cfg).state_dict()
+    save_mamba_ssm(cfg, state, tmp_path / "published")
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "from-mamba-ssm", tmp_path / "published",
+                           tmp_path / "ours"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert {"model.toml", "trainer.json", ".metadata"} <= {p.name for p in (tmp_path / "ours").iterdir()}
+    assert torch.equal(load_pretrained(tmp_path / "ours")[1]["layers.0.mixer.D"], state["layers.0.mixer.D"])
+    model = Mamba2LM(cfg)  # the trainer can also resume from it, at step 0 with a fresh optimizer
+    assert load_checkpoint(tmp_path / "ours", model, engine_for(model), ParallelContext())["step"] == 0
+    assert torch.equal(model.layers[1].mixer.in_proj.weight["dt"], state["layers.1.mixer.in_proj.weight.dt"])
+
+    with pytest.raises(SystemExit) as exited:
+        tool.main(["to-hf", str(tmp_path / "published"), str(tmp_path / "hf")])
+    assert exited.value.code == f"error: {tmp_path / 'published'} is a mamba-ssm folder (config.json with d_model, n_layer, ssm_cfg), " \
+                                "not a megassm checkpoint (trainer.json and DCP files) or run folder (checkpoints/step_N/): use from-mamba-ssm"
+    (tmp_path / "neither").mkdir()
+    with pytest.raises(SystemExit) as exited:
+        tool.main(["from-hf", str(tmp_path / "neither"), str(tmp_path / "out")])
+    assert str(exited.value.code).startswith(f"error: {tmp_path / 'neither'} is none of") and "\n" not in exited.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_export_without_conversion(tmp_path, prepared_data, monkeypatch):
+    """An HF tokenizer is saved as it is; a sentencepiece model transformers cannot reproduce is copied."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel()
+    backend.train_from_iterator(["import os\nprint(os.getcwd())"] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
+    PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path / "hf-tok")
+    ids, note = tool.export_tokenizer(tmp_path / "hf-tok", tmp_path / "out")
+    assert ids == {"bos_token_id": None, "eos_token_id": 1, "pad_token_id": None} and "saved as it is" in note
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("print(os)")["input_ids"] == backend.encode("print(os)").ids
+
+    monkeypatch.setattr(tool, "converted_sentencepiece", lambda tokenizer: None)
+    ids, note = tool.export_tokenizer(prepared_data / "tokenizer", tmp_path / "copied")
+    assert ids == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None} and "copied it as tokenizer.model" in note
+    assert [p.name for p in (tmp_path / "copied").iterdir()] == ["tokenizer.model"]

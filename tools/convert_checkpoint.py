@@ -1,0 +1,153 @@
+"""Convert Mamba-2 checkpoints between megassm and the published formats.
+
+    python tools/convert_checkpoint.py to-hf runs/debug/checkpoints/step_300 exports/debug-hf [--dtype bf16]
+    python tools/convert_checkpoint.py to-mamba-ssm runs/debug exports/debug-mamba-ssm
+    python tools/convert_checkpoint.py from-hf path/to/mamba2-hf checkpoints/mamba2-hf
+    python tools/convert_checkpoint.py from-mamba-ssm path/to/mamba2-130m checkpoints/mamba2-130m
+
+to-hf writes config.json and model.safetensors, which transformers' AutoModelForCausalLM.from_pretrained
+loads, and the run's tokenizer (found through the checkpoint's config.toml data.path, or --tokenizer): an
+HF tokenizer as it is; a sentencepiece model converted to tokenizer.json when transformers reproduces its
+ids exactly, else copied as tokenizer.model. to-mamba-ssm writes config.json and pytorch_model.bin for
+mamba_ssm's MambaLMHeadModel.from_pretrained. CHECKPOINT_DIR may also be a run folder (its newest checkpoint).
+
+from-hf and from-mamba-ssm write a megassm checkpoint at step 0 without optimizer state (DCP's files,
+model.toml, trainer.json): continue pretraining from it, or from the original folder, with
+checkpoint.init_from, on data prepared with the model's tokenizer (a transformers folder usually holds
+it; the state-spaces models use EleutherAI/gpt-neox-20b's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import sentencepiece
+import torch
+
+from megassm.checkpoint import save_model_checkpoint
+from megassm.data import DataError, load_tokenizer
+from megassm.data.tokenizer import HF_FILES, SENTENCEPIECE_FILE, SentencePieceTokenizer
+from megassm.pretrained import (
+    DESCRIPTIONS,
+    MAMBA_SSM,
+    MEGASSM,
+    TRANSFORMERS,
+    checkpoint_folder,
+    detect_format,
+    load_pretrained,
+    run_tokenizer,
+    save_mamba_ssm,
+    save_transformers,
+)
+
+if TYPE_CHECKING:  # transformers is imported only where it is used: --help and the other commands stay quick
+    from transformers import PreTrainedTokenizerFast
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+COMMANDS = {"to-hf": MEGASSM, "to-mamba-ssm": MEGASSM, "from-hf": TRANSFORMERS, "from-mamba-ssm": MAMBA_SSM}  # -> input format
+# Texts on which a sentencepiece model converted to an HF tokenizer must give the very same ids: runs of
+# spaces, tabs, newlines, code, digits, and characters that only byte fallback can encode.
+PROBES = ["Hello, world!", "  two leading spaces,\ttabs\tand\nnewlines\n\n", "def f(x):\n    return x ** 2  # 1234567890",
+          "Ünïcödé — 中文 🙂 ∑", "a  b   c    d"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, fmt in COMMANDS.items():
+        command = commands.add_parser(name, help=f"from {DESCRIPTIONS[fmt]}")
+        command.add_argument("source", type=Path, help=DESCRIPTIONS[fmt])
+        command.add_argument("out", type=Path, help="the folder to write (new or empty)")
+        if name.startswith("to-"):
+            command.add_argument("--dtype", choices=DTYPES, default="fp32", help="the weights' precision (default: fp32)")
+        if name == "to-hf":
+            command.add_argument("--tokenizer", type=Path, help="the tokenizer to export (default: the run's, from config.toml data.path)")
+    args = parser.parse_args(argv)
+    try:
+        print(convert(args))
+    except (OSError, ValueError) as error:  # PretrainedError, ConfigError, DataError and unwritable folders among them
+        sys.exit(f"error: {error}")
+
+
+def convert(args: argparse.Namespace) -> str:
+    """Run one command; returns the line to print."""
+    found = detect_format(args.source)
+    wanted = COMMANDS[args.command]
+    if found != wanted:
+        other = next(name for name, fmt in COMMANDS.items() if fmt == found)
+        raise ValueError(f"{args.source} is {DESCRIPTIONS[found]}, not {DESCRIPTIONS[wanted]}: use {other}")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise ValueError(f"{args.out} is not empty: give a new folder")
+    cfg, state = load_pretrained(args.source)
+    shape = f"d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.vocab_size}"
+    if args.command == "to-hf":
+        token_ids, tokenizer_note = hf_tokenizer(args.tokenizer, checkpoint_folder(args.source), args.out)
+        save_transformers(cfg, state, args.out, DTYPES[args.dtype], token_ids)
+        return f"wrote {args.out}: transformers Mamba2ForCausalLM ({shape}, {args.dtype}); {tokenizer_note}"
+    if args.command == "to-mamba-ssm":
+        save_mamba_ssm(cfg, state, args.out, DTYPES[args.dtype])
+        return f"wrote {args.out}: mamba-ssm MambaLMHeadModel ({shape}, {args.dtype}); no tokenizer: mamba-ssm loads none"
+    save_model_checkpoint(cfg, state, args.out)
+    has_tokenizer = any((args.source / name).is_file() for name in (*HF_FILES, SENTENCEPIECE_FILE))
+    tokenizer = f"--tokenizer {args.source}" if has_tokenizer else "the model's tokenizer"
+    return f"wrote {args.out}: megassm checkpoint at step 0 ({shape}); continue pretraining with checkpoint.init_from, on data prepared with {tokenizer}"
+
+
+def hf_tokenizer(given: Path | None, checkpoint: Path, out: Path) -> tuple[dict[str, int | None], str]:
+    """Export the tokenizer given, else the one of the data the checkpoint's run trained on (config.toml's
+    data.path; a note, not an error, when that is not here). Returns export_tokenizer's answer."""
+    if given is not None:
+        return export_tokenizer(given, out)
+    try:
+        source = run_tokenizer(checkpoint)
+    except (FileNotFoundError, DataError) as error:
+        return {}, f"no tokenizer: {error}; give one with --tokenizer"
+    return export_tokenizer(source, out)
+
+
+def export_tokenizer(source: Path, out: Path) -> tuple[dict[str, int | None], str]:
+    """Write the tokenizer at `source` into `out` for transformers; returns its special token ids (for config.json)
+    and a note saying what was done."""
+    tokenizer = load_tokenizer(source)
+    if not isinstance(tokenizer, SentencePieceTokenizer):
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(source))  # a folder or a hub name
+        note = f"tokenizer: {source}, saved as it is"
+    else:
+        hf = converted_sentencepiece(tokenizer)
+        note = f"tokenizer: {tokenizer.model_file} converted to tokenizer.json (the same ids)"
+        if hf is None:
+            tokenizer.save(out)
+            processor = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer.model_file))
+            return ({"bos_token_id": _id(processor.bos_id()), "eos_token_id": tokenizer.eos_id, "pad_token_id": _id(processor.pad_id())},
+                    f"tokenizer: transformers cannot reproduce {tokenizer.model_file}'s ids, copied it as tokenizer.model "
+                    "(load it with sentencepiece)")
+    hf.save_pretrained(out)
+    return {"bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id, "pad_token_id": hf.pad_token_id}, note
+
+
+def converted_sentencepiece(tokenizer: SentencePieceTokenizer) -> PreTrainedTokenizerFast | None:
+    """transformers' fast tokenizer made from the sentencepiece model, or None unless it gives the same ids on PROBES."""
+    from transformers import PreTrainedTokenizerFast
+
+    with tempfile.TemporaryDirectory() as folder:  # transformers converts a folder that holds only tokenizer.model
+        tokenizer.save(Path(folder))
+        try:
+            hf = PreTrainedTokenizerFast.from_pretrained(folder)
+        except Exception:  # noqa: BLE001 - whatever stops the conversion (an older transformers, no protobuf): copy instead
+            return None
+    same = all(hf(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text) for text in PROBES)
+    return hf if same else None
+
+
+def _id(sentencepiece_id: int) -> int | None:
+    return sentencepiece_id if sentencepiece_id >= 0 else None
+
+
+if __name__ == "__main__":
+    main()
