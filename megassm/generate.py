@@ -65,13 +65,12 @@ def generate(
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     logits, states = prefill(model, prompt_ids)
     for i in range(max_new_tokens):
-        if i:
-            logits, states = step(model, token, states)
         token = sample_next(logits[:, :vocab_size], temperature, top_k, top_p, generator)
         if eos_id is not None:
             token = token.masked_fill(finished, eos_id)
             finished |= token == eos_id
         tokens.append(token[:, None])
-        if finished.all():
+        if finished.all() or i == max_new_tokens - 1:
             break
+        logits, states = step(model, token, states)
     return torch.cat(tokens, dim=1)

@@ -13,9 +13,9 @@ from megassm.model import Mamba2LM, ModelConfig
 
 
 def grouped_gated_norm(self, hidden_states, gate=None):
-    """The gated RMSNorm per group of d_inner / n_groups channels, as mamba-ssm's Mamba2 and
-    transformers' own CUDA-kernel path compute it. transformers' PyTorch path normalises over
-    all of d_inner instead, which differs from the published model when n_groups > 1."""
+    """The gated RMSNorm per group of d_inner / n_groups channels, as mamba-ssm's Mamba2 computes it.
+    Some transformers versions' PyTorch path normalised over all of d_inner (5.24 does per group):
+    patching it in keeps the comparison about the rest of the model whatever version is installed."""
     h = hidden_states.float() * F.silu(gate.float())
     groups = h.split(h.shape[-1] // self.n_groups, dim=-1)
     h = torch.cat([g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.variance_epsilon) for g in groups], dim=-1)

@@ -57,15 +57,9 @@ class Mamba2Mixer(nn.Module):
         """u: (b, l, d_model), or (b, l/tp, d_model) under sequence parallelism. seq_idx: (b, l)
         document ids; halo_seq_idx: those of the previous CP rank's last d_conv-1 tokens."""
         cfg, cp_group = self.cfg, self.ctx.cp_group
-        zxbcdt = self.in_proj(u)
-        batch, seqlen, _ = zxbcdt.shape
-        gn = self.ngroups * cfg.d_state
-        z, xBC, dt = zxbcdt.split([self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
-        halo = send_to_next_rank(xBC[:, seqlen - (cfg.d_conv - 1) :], cp_group) if self.ctx.cp > 1 else None
-        x, B, C = self.conv1d(xBC, halo, seq_idx, halo_seq_idx).split([self.d_inner, gn, gn], dim=-1)
-        x = x.reshape(batch, seqlen, self.nheads, cfg.headdim)
-        B = B.reshape(batch, seqlen, self.ngroups, cfg.d_state)
-        C = C.reshape(batch, seqlen, self.ngroups, cfg.d_state)
+        z, xBC, dt = self.project(u)
+        halo = send_to_next_rank(xBC[:, xBC.shape[1] - (cfg.d_conv - 1) :], cp_group) if self.ctx.cp > 1 else None
+        x, B, C = self.convolve(xBC, halo, seq_idx, halo_seq_idx)
         A = -torch.exp(upcast(self.A_log))
         y = ops.ssd(
             x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit,
@@ -74,5 +68,26 @@ class Mamba2Mixer(nn.Module):
         if self.ctx.cp > 1:
             y, final_state = y
             y = add_incoming_state(y, final_state, dt, A, C, self.dt_bias, cfg.dt_limit, seq_idx, halo_seq_idx, cp_group)
-        y = ops.gated_rms_norm(y.reshape(batch, seqlen, self.d_inner), z, self.norm_weight, cfg.d_inner // cfg.ngroups, cfg.norm_eps, cfg.ssd_backend)
+        return self.output(y, z)
+
+    def project(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """in_proj, split: z (b, l, d_inner), the pre-conv xBC (b, l, d_inner + 2 G N), dt (b, l, H)."""
+        gn = self.ngroups * self.cfg.d_state
+        return self.in_proj(u).split([self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
+
+    def convolve(self, xBC: Tensor, halo: Tensor | None = None, seq_idx: Tensor | None = None,
+                 halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """conv + silu, split into heads and groups: x (b, l, H, P), B and C (b, l, G, N).
+        halo: the d_conv-1 pre-conv rows before xBC (the previous CP rank's, or a recurrent state)."""
+        batch, seqlen, _ = xBC.shape
+        cfg, gn = self.cfg, self.ngroups * self.cfg.d_state
+        x, B, C = self.conv1d(xBC, halo, seq_idx, halo_seq_idx).split([self.d_inner, gn, gn], dim=-1)
+        return (x.reshape(batch, seqlen, self.nheads, cfg.headdim), B.reshape(batch, seqlen, self.ngroups, cfg.d_state),
+                C.reshape(batch, seqlen, self.ngroups, cfg.d_state))
+
+    def output(self, y: Tensor, z: Tensor, norm_backend: str | None = None) -> Tensor:
+        """norm(y * silu(z)) per group of d_inner / ngroups channels, then out_proj. y: (b, l, H, P)."""
+        cfg = self.cfg
+        y = y.reshape(*y.shape[:2], self.d_inner)
+        y = ops.gated_rms_norm(y, z, self.norm_weight, cfg.d_inner // cfg.ngroups, cfg.norm_eps, norm_backend or cfg.ssd_backend)
         return self.out_proj(y)

@@ -66,18 +66,11 @@ def _recurrent_scan(mixer: Mamba2Mixer, x: Tensor, dt: Tensor, A: Tensor, B: Ten
 
 def _mixer(mixer: Mamba2Mixer, u: Tensor, state: LayerState, scan: Scan) -> tuple[Tensor, LayerState]:
     """Mamba2Mixer.forward on u (b, l, d_model) continuing from `state`; also the state after u."""
-    cfg = mixer.cfg
-    batch, seqlen, _ = u.shape
-    gn = mixer.ngroups * cfg.d_state
-    z, xBC, dt = mixer.in_proj(u).split([mixer.d_inner, mixer.d_inner + 2 * gn, mixer.nheads], dim=-1)
-    x, B, C = mixer.conv1d(xBC, state.conv).split([mixer.d_inner, gn, gn], dim=-1)  # the window's rows as halo
-    conv = torch.cat([state.conv.to(xBC.dtype), xBC], dim=1)[:, seqlen:]
-    y, ssm = scan(
-        mixer, x.reshape(batch, seqlen, mixer.nheads, cfg.headdim), dt, -torch.exp(upcast(mixer.A_log)),
-        B.reshape(batch, seqlen, mixer.ngroups, cfg.d_state), C.reshape(batch, seqlen, mixer.ngroups, cfg.d_state), state.ssm,
-    )
-    y = ops.gated_rms_norm(y.reshape(batch, seqlen, mixer.d_inner), z, mixer.norm_weight, cfg.d_inner // cfg.ngroups, cfg.norm_eps, backend="torch")
-    return mixer.out_proj(y), LayerState(conv, ssm)
+    z, xBC, dt = mixer.project(u)
+    x, B, C = mixer.convolve(xBC, halo=state.conv)  # the window's rows as the halo
+    conv = torch.cat([state.conv.to(xBC.dtype), xBC], dim=1)[:, u.shape[1] :]
+    y, ssm = scan(mixer, x, dt, -torch.exp(upcast(mixer.A_log)), B, C, state.ssm)
+    return mixer.output(y, z, norm_backend="torch"), LayerState(conv, ssm)
 
 
 def _advance(model: Mamba2LM, input_ids: Tensor, states: list[LayerState], scan: Scan) -> tuple[Tensor, list[LayerState]]:
