@@ -97,3 +97,11 @@ def test_overrides_and_resolved_config_round_trip(config_file, tmp_path):
     assert load_config(tmp_path / "resolved.toml", world_size=4) == cfg
     with pytest.raises(ConfigError, match="override 'train.steps' must look like --section.key=value"):
         load_config(config_file(), ["train.steps"], world_size=4)
+
+
+@pytest.mark.parametrize("config", sorted(Path(__file__).parent.parent.glob("configs/*.toml")), ids=lambda p: p.stem)
+def test_shipped_configs_are_valid_on_the_machines_they_are_for(config):
+    """debug.toml on the quickstart's 4 processes; the GPU configs on one to four nodes of 8 GPUs."""
+    for world_size in [4] if config.stem == "debug" else [8, 16, 32]:
+        cfg = load_config(config, world_size=world_size)
+        assert cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.dp == world_size
