@@ -6,6 +6,7 @@ from parallel.context import ParallelContext, init_parallel
 from parallel.context_parallel import incoming_state
 from parallel.data_parallel import DDPEngine, global_grad_norm
 from parallel.tensor_parallel import (
+    LOSS_CHUNK_TOKENS,
     ColumnParallelLinear,
     RowParallelLinear,
     ShardedSegments,
@@ -17,10 +18,12 @@ from parallel.tensor_parallel import (
     mark_sequence_parallel,
     shard_parameter,
     vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
     vocab_parallel_logits,
 )
 
 __all__ = [
+    "LOSS_CHUNK_TOKENS",
     "ColumnParallelLinear",
     "DDPEngine",
     "ParallelContext",
@@ -39,5 +42,6 @@ __all__ = [
     "send_to_next_rank",
     "shard_parameter",
     "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
     "vocab_parallel_logits",
 ]

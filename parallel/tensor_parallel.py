@@ -19,6 +19,8 @@ from parallel.collectives import all_gather, all_reduce, copy_to_region, gather_
 from parallel.context import ParallelContext, group_rank, group_size
 
 SEQUENCE_DIM = 1
+# Tokens per chunk of the fused LM head + loss: 4096 tokens' fp32 logits at a 50k vocabulary are 0.8 GB.
+LOSS_CHUNK_TOKENS = 4096
 
 
 def shard_parameter(full: Tensor, dim: int | None, group: ProcessGroup | None, name: str = "tensor") -> nn.Parameter:
@@ -186,3 +188,73 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group: ProcessG
     """Per-token cross-entropy (0 where target == ignore_index) from vocab-split logits, never
     gathering them: max, sum of exponentials and the target's logit are reduced over TP."""
     return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index)
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, compute_dtype: torch.dtype, reduce_dtype: torch.dtype) -> Tensor:
+    """One chunk's logits (n, V/tp), multiplied in compute_dtype (as autocast would) and upcast for the reductions."""
+    return (h.to(compute_dtype) @ weight.T).to(reduce_dtype)
+
+
+class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+    """The LM head and the loss fused, over chunks of tokens: only one chunk's logits exist at a time,
+    and backward recomputes them instead of keeping the softmax of every token."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, group: ProcessGroup | None, chunk_tokens: int, ignore_index: int):
+        device = h.device.type
+        autocast = torch.is_autocast_enabled(device)  # custom Functions are not autocast: do what it would
+        compute_dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(h.dtype, weight.dtype)
+        reduce_dtype = torch.promote_types(compute_dtype, torch.float32)
+        tokens, vocab = h.reshape(-1, h.shape[-1]), weight.shape[0]
+        local_target = target.reshape(-1) - group_rank(group) * vocab
+        mine = (local_target >= 0) & (local_target < vocab)
+        local_target = local_target.masked_fill(~mine, 0)
+        local_max, sum_exp, target_logit = (torch.empty(len(tokens), dtype=reduce_dtype, device=h.device) for _ in range(3))
+        with torch.autocast(device, enabled=False):
+            w = weight.to(compute_dtype)
+            for start in range(0, len(tokens), chunk_tokens):
+                rows = slice(start, start + chunk_tokens)
+                logits = _chunk_logits(tokens[rows], w, compute_dtype, reduce_dtype)
+                target_logit[rows] = logits.gather(-1, local_target[rows, None])[:, 0]
+                local_max[rows] = logits.max(-1).values
+                sum_exp[rows] = logits.sub_(local_max[rows, None]).exp_().sum(-1)
+        # Reduced over TP once for all chunks: each rank's sum rescaled to the global max, as logsumexp does.
+        logits_max = all_reduce(local_max.clone(), group, dist.ReduceOp.MAX) if group_size(group) > 1 else local_max
+        sums = torch.stack([sum_exp * torch.exp(local_max - logits_max), target_logit.masked_fill(~mine, 0.0)])
+        if group_size(group) > 1:
+            sums = all_reduce(sums, group)  # one all-reduce for both
+        sum_exp, target_logit = sums
+        lse = torch.log(sum_exp) + logits_max
+        valid = target.reshape(-1) != ignore_index
+        ctx.save_for_backward(h, weight, local_target, mine & valid, valid, lse)
+        ctx.compute_dtype, ctx.chunk_tokens = compute_dtype, chunk_tokens
+        return (lse - target_logit).masked_fill(~valid, 0.0).view(target.shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        h, weight, local_target, hit, valid, lse = ctx.saved_tensors
+        compute_dtype, reduce_dtype = ctx.compute_dtype, lse.dtype
+        tokens = h.reshape(-1, h.shape[-1])
+        scale = (grad_loss.reshape(-1) * valid).to(reduce_dtype)
+        grad_h = torch.empty_like(tokens)
+        grad_weight = torch.zeros(weight.shape, dtype=reduce_dtype, device=weight.device)  # accumulated in fp32
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(compute_dtype)
+            for start in range(0, len(tokens), ctx.chunk_tokens):
+                rows = slice(start, start + ctx.chunk_tokens)
+                grad = _chunk_logits(tokens[rows], w, compute_dtype, reduce_dtype).sub_(lse[rows, None]).exp_()  # softmax
+                grad.scatter_add_(-1, local_target[rows, None], -hit[rows, None].to(reduce_dtype))
+                grad = grad.mul_(scale[rows, None]).to(compute_dtype)
+                grad_h[rows] = grad @ w
+                grad_weight += (grad.T @ tokens[rows].to(compute_dtype)).to(reduce_dtype)
+        return grad_h.view(h.shape), grad_weight.to(weight.dtype), None, None, None, None
+
+
+def vocab_parallel_linear_cross_entropy(
+    h: Tensor, weight: Tensor, target: Tensor, ctx: ParallelContext, chunk_tokens: int = LOSS_CHUNK_TOKENS, ignore_index: int = -100
+) -> Tensor:
+    """Per-token cross-entropy (b, l) of the logits h @ weight.T (vocab-split `weight`), 0 where
+    target == ignore_index, as vocab_parallel_cross_entropy(vocab_parallel_logits(h, weight, ctx), target)
+    computes it, but without ever holding the logits of more than `chunk_tokens` tokens: at a 50k
+    vocabulary those (and their fp32 softmax) would otherwise dominate a small model's memory."""
+    return _VocabParallelLinearCrossEntropy.apply(layer_input(h, ctx), weight, target, ctx.tp_group, chunk_tokens, ignore_index)

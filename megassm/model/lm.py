@@ -14,12 +14,13 @@ from megassm.model.mixer import Mamba2Mixer
 from megassm.ops import rms_norm
 from megassm.ops.dtypes import upcast
 from parallel import (
+    LOSS_CHUNK_TOKENS,
     ParallelContext,
     VocabParallelEmbedding,
     VocabParallelLMHead,
     mark_sequence_parallel,
     send_to_next_rank,
-    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
     vocab_parallel_logits,
 )
 
@@ -54,6 +55,7 @@ class Mamba2LM(nn.Module):
         cfg.check_tensor_parallel(ctx.tp)
         self.cfg, self.ctx = cfg, ctx
         self.activation_checkpointing = activation_checkpointing  # recompute each block's activations in backward
+        self.loss_chunk_tokens = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens at a time
         self.embedding = VocabParallelEmbedding(torch.empty(cfg.vocab_size, cfg.d_model).normal_(std=cfg.init_std), ctx)
         self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx)
@@ -83,13 +85,11 @@ class Mamba2LM(nn.Module):
 
     def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         """Logits (b, l, vocab_size / tp), this TP rank's part of the vocabulary; or, given labels,
-        the cross-entropy per token (b, l), fp32, 0 where labels == -100, the logits never gathered over TP.
+        the cross-entropy per token (b, l), fp32, 0 where labels == -100, the logits never gathered over TP
+        nor held for more than loss_chunk_tokens tokens at a time.
         The loss goes through forward so that wrappers such as DDP see the call."""
         h = self.hidden_states(input_ids, seq_idx)
-        if self.lm_head is None:
-            logits = vocab_parallel_logits(h, self.embedding.weight, self.ctx)
-        else:
-            logits = self.lm_head(h)
         if labels is None:
-            return logits
-        return vocab_parallel_cross_entropy(logits, labels, self.ctx.tp_group)
+            return vocab_parallel_logits(h, self.embedding.weight, self.ctx) if self.lm_head is None else self.lm_head(h)
+        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens)
