@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 import warnings
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -121,18 +123,18 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataPa
     return final
 
 
-def find_resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
-    """The checkpoint that `checkpoint.resume` names: "auto" -> the newest complete one of the run (None
-    if there is none), "none" -> None, else that path (an error if it is not a complete checkpoint)."""
+def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
+    """The checkpoints `checkpoint.resume` names, to try in order: "auto" -> the run's complete ones,
+    newest first (a damaged one is skipped); "none" -> none; else that path (an error if it is not a
+    complete checkpoint)."""
     if resume == "none":
-        return None
+        return []
     if resume == "auto":
-        found = checkpoints_in(run_dir)
-        return found[-1] if found else None
+        return checkpoints_in(run_dir)[::-1]
     path = Path(resume)
     if not (path / TRAINER_FILE).exists() or not (path / ".metadata").exists():
         raise FileNotFoundError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {TRAINER_FILE} / .metadata there)")
-    return path
+    return [path]
 
 
 @contextlib.contextmanager
@@ -143,14 +145,29 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint whose files cannot be read back; the message names it."""
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Failures to read a checkpoint's files as DamagedCheckpoint (DCP raises a BaseException of its own)."""
+    try:
+        yield
+    except (CheckpointException, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        raise DamagedCheckpoint(f"cannot read {path} ({type(error).__name__})") from error
+
+
 def _load(target: dict, path: Path) -> None:
-    with _single_process_quiet():
+    with _single_process_quiet(), _reading(path):
         dcp.load(target, checkpoint_id=path, no_dist=not _distributed())
 
 
 def _saved_tensors(path: Path) -> dict:
     """DCP's metadata of each saved tensor, by flattened key ("model.<name>", "optimizer.state.<name>.<key>")."""
-    return {k: v for k, v in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items() if hasattr(v, "size")}
+    with _reading(path):
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    return {k: v for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
 
 
 def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext) -> dict:

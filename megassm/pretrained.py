@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, checkpoints_in, read_model_state
+from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, checkpoints_in, read_model_state
 from megassm.config import ConfigError, load_config
 from megassm.config import read_model_config as read_model_config_file
 from megassm.data import Meta
@@ -145,8 +145,8 @@ def _read_megassm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     cfg = read_model_config(checkpoint)
     try:
         state = read_model_state(checkpoint)
-    except (RuntimeError, OSError, ValueError) as error:  # DCP's CheckpointException is a RuntimeError
-        raise PretrainedError(f"{checkpoint}: cannot read its tensors ({str(error).splitlines()[0]})") from None
+    except DamagedCheckpoint as error:
+        raise PretrainedError(str(error)) from None
     _check_tensors(state, _shapes(cfg), checkpoint)
     return cfg, state
 

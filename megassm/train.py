@@ -1,8 +1,9 @@
 """The trainer: `python -m megassm.train --config configs/X.toml [--section.key=value ...]`, alone or
 under torchrun (one process per GPU; CPU processes with gloo where there is none).
 
-One optimizer step: every rank fetches its micro batches of the step (samples fixed by the step
-number alone, so the global batch is the same whatever the layout), the global count of target
+One optimizer step: every rank fetches its micro batches of the step (samples fixed by the number
+of samples consumed before it, the one integer a checkpoint needs, so the global batch is the same
+whatever the layout, and stays in order if global_batch changes on resume), the global count of target
 tokens is summed once, and each micro batch's loss is divided by it, so the gradient summed over
 DP x CP ranks is the mean over the global batch. Everything that can be wrong with the config or the
 data is reported in one line before a model is built.
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megassm.checkpoint import checkpoints_in, find_resume_checkpoint, load_checkpoint, save_checkpoint
+from megassm.checkpoint import DamagedCheckpoint, load_checkpoint, resume_candidates, save_checkpoint
 from megassm.config import Config, ConfigError, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.metrics import MetricsLogger, StepTimer, logical_param_count, memory_gib, model_flops_per_token, peak_flops, throughput
@@ -90,12 +91,13 @@ class Trainer:
         else:
             self.ctx = ParallelContext()
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing).to(self.device)
-        checkpoints = self.resume_candidates()
+        checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
         if not checkpoints and cfg.checkpoint.init_from:
-            self.load_pretrained(cfg.checkpoint.init_from)
+            self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
         loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
         self.train_data = SampleLoader(split="train", **loader)
@@ -118,18 +120,11 @@ class Trainer:
         if self.is_writer:
             print(line, flush=True)
 
-    def resume_candidates(self) -> list[Path]:
-        """The checkpoints to try, in order: the one checkpoint.resume names, or, for "auto", the run's
-        complete ones newest first (a damaged one is skipped)."""
-        resume = self.cfg.checkpoint.resume
-        chosen = find_resume_checkpoint(self.run_dir, resume)
-        return checkpoints_in(self.run_dir)[::-1] if resume == "auto" and chosen else [chosen] if chosen else []
-
     def resume(self, checkpoints: list[Path]) -> None:
         for path in checkpoints:
             try:
                 self.state = load_checkpoint(path, self.model, self.engine, self.ctx)
-            except (RuntimeError, EOFError, OSError, KeyError) as error:
+            except DamagedCheckpoint as error:
                 if self.cfg.checkpoint.resume != "auto":
                     raise
                 self.say(f"warning: skipping damaged checkpoint {path}: {error}")
@@ -137,7 +132,7 @@ class Trainer:
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
             return
 
-    def load_pretrained(self, path: str) -> None:
+    def init_weights_from(self, path: str) -> None:
         """Start from the weights of a published or converted model (checkpoint.init_from)."""
         _, state = load_pretrained(path, expect=self.cfg.model)
         with torch.no_grad():
@@ -145,19 +140,21 @@ class Trainer:
                 p.copy_(local_piece(state[name], p, self.ctx.tp_group))
         self.say(f"initialised from {path}")
 
-    def micro_batches(self, step: int) -> list:
-        data, par = self.cfg.data, self.cfg.parallel
-        return [self.train_data.batch(rank_samples(step, m, self.ctx.dp_rank, par.dp, data.micro_batch, data.global_batch),
+    def micro_batches(self) -> list:
+        """This rank's micro batches of the step after the samples consumed so far."""
+        data, par, consumed = self.cfg.data, self.cfg.parallel, self.state["samples"]
+        return [self.train_data.batch(rank_samples(consumed, m, self.ctx.dp_rank, par.dp, data.micro_batch, data.global_batch),
                                       data.micro_batch).to(self.device)
                 for m in range(self.cfg.accumulation_steps)]
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
-    def train_step(self, step: int, timer: StepTimer) -> tuple[float, float, float]:
-        """One optimizer step: (loss, gradient norm before clipping, learning rate)."""
+    def train_step(self, step: int, timer: StepTimer) -> tuple[Tensor, Tensor, float, float]:
+        """One optimizer step: (this rank's loss sum, the global target count, gradient norm before
+        clipping, learning rate). The loss is reduced over ranks only when it is logged."""
         with timer.data_wait():
-            batches = self.micro_batches(step)
+            batches = self.micro_batches()
         targets = global_sum(sum((b.labels != -100).sum() for b in batches).float(), self.ctx)
         loss_sum = torch.zeros((), device=self.device)
         for m, batch in enumerate(batches):
@@ -167,8 +164,7 @@ class Trainer:
                 self.engine.backward(losses.sum() / targets)
             loss_sum += losses.detach().sum()
         lr = learning_rate(step, self.cfg.optim, self.cfg.train.steps)
-        grad_norm = self.engine.step(lr, self.cfg.optim.grad_clip)
-        return (global_sum(loss_sum, self.ctx) / targets).item(), grad_norm, lr
+        return loss_sum, targets, self.engine.step(lr, self.cfg.optim.grad_clip), lr
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -194,10 +190,11 @@ class Trainer:
         cfg, timer = self.cfg, StepTimer(self.device)
         consecutive_skips, tokens_per_step, logged_step = 0, cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
         for step in range(self.state["step"], cfg.train.steps):
-            loss, grad_norm, lr = self.train_step(step, timer)
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            loss_sum, targets, grad_norm, lr = self.train_step(step, timer)
+            # The global gradient norm is non-finite wherever any rank's loss was: the engine skipped the update.
+            finite = math.isfinite(grad_norm)
             consecutive_skips = 0 if finite else consecutive_skips + 1
-            self.state = {"step": step + 1, "samples": (step + 1) * cfg.data.global_batch,
+            self.state = {"step": step + 1, "samples": self.state["samples"] + cfg.data.global_batch,
                           "skipped_steps": self.state["skipped_steps"] + (not finite)}
             if consecutive_skips >= cfg.train.max_skipped_steps:
                 raise TrainingError(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (the last: step {step + 1}); "
@@ -207,9 +204,8 @@ class Trainer:
             metrics = {}
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 lap = timer.lap()
-                metrics = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           **throughput((done - logged_step) * tokens_per_step, lap.elapsed, int(os.environ.get("WORLD_SIZE", 1)),
-                                        self.flops_per_token, self.peak),
+                metrics = {"step": done, "loss": (global_sum(loss_sum, self.ctx) / targets).item(), "lr": lr, "grad_norm": grad_norm,
+                           **throughput((done - logged_step) * tokens_per_step, lap.elapsed, self.world_size, self.flops_per_token, self.peak),
                            "mem_gib": memory_gib(self.device), "data_fraction": lap.data_fraction,
                            "skipped_steps": self.state["skipped_steps"]}
                 logged_step = done

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -29,4 +29,4 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> 
 
 def run_distributed(fn: Callable, world_size: int, *args) -> None:
     """fn(*args) in world_size processes (RANK, WORLD_SIZE, MASTER_* set); a failure in any re-raises here."""
-    mp.spawn(_entry, args=(fn, world_size, _free_port(), args), nprocs=world_size)
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size)

@@ -308,7 +308,7 @@ def test_step_reads_the_same_samples_whatever_the_dp_size(stream, micro_batch):
     for step in (0, 3):
         want = loader.batch(step * global_batch, global_batch).input_ids
         for dp in (1, 2, 4):
-            firsts = [rank_samples(step, m, d, dp, micro_batch, global_batch)
+            firsts = [rank_samples(step * global_batch, m, d, dp, micro_batch, global_batch)
                       for d in range(dp) for m in range(global_batch // (dp * micro_batch))]
             samples = sorted(f + i for f in firsts for i in range(micro_batch))
             assert samples == list(range(step * global_batch, (step + 1) * global_batch))

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from megassm.data import SampleLoader, TokenStream
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import save_transformers
+from tests.distributed import free_port
 
 STEPS = 4
 CONFIG = """
@@ -42,12 +42,6 @@ eval_samples = 8
 [checkpoint]
 every = 2
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(config: Path, run_dir: Path, nproc: int, *overrides: str) -> list[dict]:
@@ -140,6 +134,19 @@ def test_resume_after_a_crash_continues_exactly_on_another_layout(layout, crashe
     resumed = train(config, run_dir, nproc, *overrides)
     assert min(r["step"] for r in resumed) == 3
     assert_same_run(resumed, [r for r in one_process if r["step"] > 2])
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(crashed_tp2_cp2_run, config, one_process, tmp_path, capfd):
+    run_dir = Path(shutil.copytree(crashed_tp2_cp2_run, tmp_path / "run"))
+    damaged = Path(shutil.copytree(run_dir / "checkpoints" / "step_2", run_dir / "checkpoints" / "step_3"))
+    for shard in damaged.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    command = [sys.executable, "-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: skipping damaged checkpoint {damaged}" in result.stdout, result.stdout
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_2'}" in result.stdout
+    assert_same_run(read_metrics(run_dir), [r for r in one_process if r["step"] > 2])
 
 
 @pytest.mark.parametrize("first, then", [(("dp2-tp2-deepspeed-zero2", 4), ("ddp", 1)), (("ddp", 1), ("dp4-deepspeed-zero1", 4))],

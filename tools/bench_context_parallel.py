@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 
 import torch
+from bench_ssd import make_ssd_inputs, relative_error  # tools/ is on the path when run as a script
 
 from megassm import ops
 from megassm.model.context_parallel import apply_incoming_state, slice_decays
@@ -23,20 +24,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
 
-def make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, boundaries, device):
-    g = torch.Generator(device=device).manual_seed(0)
-    f64 = dict(dtype=torch.float64, device=device, generator=g)
-    inputs = {
-        "x": torch.randn(batch, seqlen, nheads, headdim, **f64),
-        "dt": torch.randn(batch, seqlen, nheads, **f64) - 3.0,
-        "A": -torch.rand(nheads, **f64) * 4 - 0.5,
-        "B": torch.randn(batch, seqlen, ngroups, dstate, **f64),
-        "C": torch.randn(batch, seqlen, ngroups, dstate, **f64),
-        "D": torch.randn(nheads, **f64),
-        "dt_bias": torch.randn(nheads, **f64) * 0.5,
-    }
-    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32, device=device)
-    for row, starts in enumerate(boundaries):
+def make_inputs(shape: dict, row_boundaries: list[tuple[int, ...]], device: torch.device):
+    """bench_ssd's inputs without initial states (each CP rank starts from zero), and per-row documents."""
+    inputs, _ = make_ssd_inputs(**shape, boundaries=(), device=device, dt_shift=-3.0, A_range=(0.5, 4.5))
+    del inputs["initial_states"]
+    seq_idx = torch.zeros(shape["batch"], shape["seqlen"], dtype=torch.int32, device=device)
+    for row, starts in enumerate(row_boundaries):
         for start in starts:
             seq_idx[row, start:] += 1
     return inputs, seq_idx
@@ -70,10 +63,6 @@ def context_parallel(inputs, seq_idx, chunk_size, cp, dtype):
     return torch.cat(ys, dim=1), p
 
 
-def relative_error(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
-
-
 def main() -> int:
     device = torch.device("cuda")
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__}")
@@ -86,7 +75,7 @@ def main() -> int:
     print("\n| case | dtype | tensor | CP vs unsplit | CP vs float64 | unsplit vs float64 | ok |\n|---|---|---|---|---|---|---|")
     failures = 0
     for name, shape, cp, boundaries in cases:
-        inputs, seq_idx = make_inputs(**shape, boundaries=boundaries, device=device)
+        inputs, seq_idx = make_inputs(shape, boundaries, device)
         g = torch.Generator(device=device).manual_seed(1)
         dy = torch.randn(inputs["x"].shape, device=device, dtype=torch.float64, generator=g)
 

@@ -36,13 +36,15 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
 
 
-def make_ssd_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, boundaries, device):
+def make_ssd_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, boundaries, device, dt_shift=-2.0, A_range=(1.0, 16.0)):
+    """float64 SSD inputs (dt before softplus, shifted by dt_shift; -A uniform in A_range) and the
+    document ids of `boundaries` (every row), or None without boundaries."""
     g = torch.Generator(device=device).manual_seed(0)
     f64 = dict(dtype=torch.float64, device=device, generator=g)
     inputs = {
         "x": torch.randn(batch, seqlen, nheads, headdim, **f64),
-        "dt": torch.randn(batch, seqlen, nheads, **f64) - 2.0,
-        "A": -torch.rand(nheads, **f64) * 15 - 1,
+        "dt": torch.randn(batch, seqlen, nheads, **f64) + dt_shift,
+        "A": -torch.rand(nheads, **f64) * (A_range[1] - A_range[0]) - A_range[0],
         "B": torch.randn(batch, seqlen, ngroups, dstate, **f64),
         "C": torch.randn(batch, seqlen, ngroups, dstate, **f64),
         "D": torch.randn(nheads, **f64),

@@ -63,15 +63,16 @@ def document_ids(doc_starts: np.ndarray, start: int, length: int) -> np.ndarray:
     return first + np.cumsum(steps)
 
 
-def rank_samples(step: int, micro_step: int, dp_rank: int, dp: int, micro_batch: int, global_batch: int) -> int:
-    """The first global sample number of a rank's micro batch: step s covers samples [s*G, (s+1)*G)
-    whatever the DP size; micro step m of DP rank d reads micro_batch of them from s*G + (m*dp + d)*b."""
+def rank_samples(consumed: int, micro_step: int, dp_rank: int, dp: int, micro_batch: int, global_batch: int) -> int:
+    """The first global sample number of a rank's micro batch in the step that starts after `consumed`
+    samples: the step covers samples [consumed, consumed + G) whatever the DP size; micro step m of DP
+    rank d reads micro_batch of them from consumed + (m*dp + d)*b."""
     if global_batch % (dp * micro_batch):
         raise ValueError(f"data.global_batch = {global_batch} must be a multiple of data.micro_batch * dp = {micro_batch} * {dp}")
     if not 0 <= micro_step < global_batch // (dp * micro_batch) or not 0 <= dp_rank < dp:
         raise ValueError(f"micro step {micro_step} of DP rank {dp_rank} is outside a step of {global_batch} samples "
                          f"({global_batch // (dp * micro_batch)} micro steps of {micro_batch} samples on {dp} DP ranks)")
-    return step * global_batch + (micro_step * dp + dp_rank) * micro_batch
+    return consumed + (micro_step * dp + dp_rank) * micro_batch
 
 
 @dataclass
