@@ -48,6 +48,30 @@ def test_matches_full_logits_in_float64(chunk_tokens):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduce", [lambda loss: loss.sum() / 5, lambda loss: 3 * loss.sum()], ids=["sum/n", "3*sum"])
+def test_gradients_from_the_forward_pass_when_every_token_weighs_the_same(reduce):
+    """The trainer's `losses.sum() / targets`: the gradients are computed in the forward pass and the
+    backward only scales them (no logits recomputed, no matmul), still equal to the full-logits path."""
+    h, weight, target = head_inputs(torch.float64)
+    want = torch.autograd.grad(reduce(full_logits_loss(target)(h, weight)), (h, weight))
+    loss = reduce(chunked_loss(target, 7)(h, weight))
+    with CountMatmuls() as matmuls:
+        got = torch.autograd.grad(loss, (h, weight))
+    assert matmuls.count == 0
+    for name, g, w in zip(("grad h", "grad weight"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
+
+
 class LargestTensor(TorchDispatchMode):
     """The most elements any operator produced while active (forward and backward)."""
 

@@ -31,6 +31,7 @@ class ModelConfig:
     A_init_range: tuple[float, float] = (1.0, 16.0)
     init_std: float = 0.02
     ssd_backend: str = "auto"
+    compile: bool = True  # on CUDA: torch.compile the RMSNorms, the loss's softmax, and the conv1d where no Triton kernel runs
 
     @property
     def d_inner(self) -> int:

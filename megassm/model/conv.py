@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from megassm.ops import causal_conv1d
+from megassm.ops import causal_conv1d_silu
 from parallel import ShardedSegments
 
 
@@ -21,12 +21,14 @@ def uniform_fan_in(shape: tuple[int, ...], fan_in: int) -> Tensor:
 class CausalDepthwiseConv1d(nn.Module):
     """`weight[name]` (channels, width) and `bias[name]` per segment; silu applied to the output."""
 
-    def __init__(self, segments: dict[str, int], width: int, bias: bool, tp_group: ProcessGroup | None):
+    def __init__(self, segments: dict[str, int], width: int, bias: bool, tp_group: ProcessGroup | None, backend: str = "auto",
+                 compile: bool = False):
         super().__init__()
+        self.backend, self.compile = backend, compile
         self.weight = ShardedSegments({n: uniform_fan_in((size, width), width) for n, size in segments.items()}, tp_group)
         biases = {n: uniform_fan_in((size,), width) for n, size in segments.items()} if bias else None
         self.bias = None if biases is None else ShardedSegments(biases, tp_group)
 
     def forward(self, x: Tensor, halo: Tensor | None = None, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
         bias = None if self.bias is None else self.bias.fused()
-        return causal_conv1d(x, self.weight.fused(), bias, halo=halo, seq_idx=seq_idx, halo_seq_idx=halo_seq_idx, activation="silu")
+        return causal_conv1d_silu(x, self.weight.fused(), bias, halo, seq_idx, halo_seq_idx, self.backend, self.compile)

@@ -44,7 +44,8 @@ class Mamba2Mixer(nn.Module):
             {n: uniform_fan_in((size, cfg.d_model), cfg.d_model) for n, size in segments.items()}, ctx,
             biases={n: torch.zeros(size) for n, size in segments.items()} if cfg.proj_bias else None,
         )
-        self.conv1d = CausalDepthwiseConv1d({"x": cfg.d_inner, "B": gn, "C": gn}, cfg.d_conv, cfg.conv_bias, ctx.tp_group)
+        self.conv1d = CausalDepthwiseConv1d({"x": cfg.d_inner, "B": gn, "C": gn}, cfg.d_conv, cfg.conv_bias, ctx.tp_group,
+                                             cfg.ssd_backend, cfg.compile)
         self.dt_bias = shard_parameter(init_dt_bias(cfg.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), 0, ctx.tp_group)
         self.A_log = shard_parameter(torch.log(torch.empty(cfg.nheads).uniform_(*cfg.A_init_range)), 0, ctx.tp_group)
         self.D = shard_parameter(torch.ones(cfg.nheads), 0, ctx.tp_group)

@@ -1,10 +1,15 @@
-"""The mixer's numerical kernels, each with a pure-PyTorch reference and, on CUDA, mamba-ssm's Triton
-kernels. `backend`: "torch" (the reference, anywhere), "triton" (CUDA + mamba-ssm, or an error), or
-"auto" (Triton when the tensors are on CUDA and the kernels load, the reference otherwise)."""
+"""The mixer's numerical kernels, each with a pure-PyTorch reference and, on CUDA, Triton kernels
+(mamba-ssm's SSD and gated RMSNorm, megassm's conv1d). `backend`: "torch" (the reference, anywhere),
+"triton" (CUDA + mamba-ssm, or an error), or "auto" (Triton when the tensors are on CUDA and the
+kernels load, the reference otherwise). The plain-PyTorch pieces with no Triton kernel of their own
+(RMSNorm, the loss's softmax, the conv1d with a CP halo) run through torch.compile on CUDA
+(`maybe_compiled`), which fuses each into a few kernels."""
 
 from __future__ import annotations
 
+import functools
 import warnings
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -17,7 +22,20 @@ from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked
 
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "KernelsUnavailable", "causal_conv1d", "gated_rms_norm", "resolve_backend", "rms_norm", "ssd"]
+__all__ = ["BACKENDS", "KernelsUnavailable", "causal_conv1d", "causal_conv1d_silu", "gated_rms_norm", "maybe_compiled", "resolve_backend",
+           "rms_norm", "ssd"]
+
+
+@functools.cache
+def _compiled(fn: Callable) -> Callable:
+    return torch.compile(fn)
+
+
+def maybe_compiled(fn: Callable, enabled: bool, device: torch.device) -> Callable:
+    """`fn` through torch.compile when enabled and on CUDA, else `fn` itself (CPU runs and tests stay eager).
+    Why: chains of elementwise ops become one or two kernels, and the backward recomputes cheap
+    intermediates instead of keeping them. One compiled function per `fn`, shared by every layer."""
+    return _compiled(fn) if enabled and device.type == "cuda" else fn
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -71,6 +89,18 @@ def ssd(
         x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
         dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_states,
     )
+
+
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, halo: Tensor | None = None, seq_idx: Tensor | None = None,
+                       halo_seq_idx: Tensor | None = None, backend: str = "auto", compile: bool = False) -> Tensor:
+    """causal_conv1d(..., activation="silu") on the chosen backend: megassm's Triton kernels
+    (megassm/ops/conv_triton.py) when there is no halo, else the PyTorch reference (compiled on CUDA if asked)."""
+    if halo is None and resolve_backend(backend, x.device) == "triton":
+        from megassm.ops.conv_triton import causal_conv1d_silu as conv_triton  # imports triton: only where it runs
+
+        return conv_triton(x, weight, bias, seq_idx)
+    conv = maybe_compiled(causal_conv1d, compile, x.device)
+    return conv(x, weight, bias, halo=halo, seq_idx=seq_idx, halo_seq_idx=halo_seq_idx, activation="silu")
 
 
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float, backend: str = "auto") -> Tensor:

@@ -2,6 +2,7 @@
 
 Computed as `width` shifted multiply-adds in the (b, l, d) layout the mixer already has, so there is
 no transpose, no pad-and-slice of the output, and a document mask costs one comparison per tap.
+The sums are fp32 (at least); the output has x's dtype, like a bf16 conv under autocast.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from megassm.ops.dtypes import upcast
 
 
 def causal_conv1d(
@@ -32,9 +35,9 @@ def causal_conv1d(
     if weight.shape[0] != channels:
         raise ValueError(f"conv weight has {weight.shape[0]} channels, input has {channels}")
     if halo is None:
-        padded = F.pad(x, (0, 0, width - 1, 0))
+        padded = F.pad(upcast(x), (0, 0, width - 1, 0))
     else:
-        padded = torch.cat([halo.to(x.dtype), x], dim=1)
+        padded = upcast(torch.cat([halo.to(x.dtype), x], dim=1))
     if seq_idx is not None:
         if halo_seq_idx is None:
             halo_seq_idx = seq_idx[:, :1].expand(batch, width - 1)
@@ -52,4 +55,4 @@ def causal_conv1d(
         y = F.silu(y)
     elif activation is not None:
         raise ValueError(f"unknown activation {activation!r}: use 'silu' or None")
-    return y
+    return y.to(x.dtype)

@@ -7,17 +7,24 @@ import fails we register bare package modules for `mamba_ssm`, `mamba_ssm.ops`,
 `mamba_ssm.ops.triton` and `mamba_ssm.utils` (their real `__path__`, no `__init__` executed), so the
 kernel modules' absolute imports resolve to the installed files. A complete mamba-ssm install is
 imported the ordinary way and left untouched.
+
+The kernels' autotuning choices are restored from, and recorded at exit to, megassm's disk cache
+(megassm/ops/autotune_cache.py), so a run on a machine that has seen the shapes tunes nothing.
 """
 
 from __future__ import annotations
 
+import atexit
 import functools
 import importlib
 import importlib.util
 import os
 import sys
 import types
+import warnings
 from typing import Callable, NamedTuple
+
+from megassm.ops import autotune_cache
 
 
 class TritonKernels(NamedTuple):
@@ -55,6 +62,13 @@ def _import_kernel_modules() -> list[types.ModuleType]:
         return [importlib.import_module(name) for name in _KERNEL_MODULES]
 
 
+def _record_autotuning() -> None:
+    try:
+        autotune_cache.record()
+    except OSError as error:  # a read-only or full disk costs the next run its tuning time, nothing else
+        warnings.warn(f"could not record the Triton autotuning choices: {error}", stacklevel=1)
+
+
 @functools.cache
 def load_triton_kernels() -> TritonKernels:
     """The kernels, or KernelsUnavailable naming what is missing."""
@@ -68,4 +82,6 @@ def load_triton_kernels() -> TritonKernels:
         ssd_combined, layernorm_gated = _import_kernel_modules()
     except ImportError as error:
         raise KernelsUnavailable(f"mamba-ssm's Triton kernels failed to import: {error}") from error
+    autotune_cache.restore()
+    atexit.register(_record_autotuning)
     return TritonKernels(ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn)

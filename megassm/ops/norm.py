@@ -9,11 +9,11 @@ from torch import Tensor
 from megassm.ops.dtypes import upcast
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x / rms(x) * weight over the last dimension, computed in fp32, returned in x's dtype."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> Tensor:
+    """x / rms(x) * weight over the last dimension, computed in fp32, returned in out_dtype (default x's)."""
     xf = upcast(x)
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * upcast(weight)).to(x.dtype)
+    return (y * upcast(weight)).to(out_dtype or x.dtype)
 
 
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:

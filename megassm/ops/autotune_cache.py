@@ -1,0 +1,77 @@
+"""A disk cache of the Triton autotuning choices of mamba-ssm's kernels.
+
+Why: on first use each kernel benchmarks all its configurations for every new shape, about 2 minutes
+per process on an H100, and Triton's own result cache (TRITON_CACHE_AUTOTUNING) skips every kernel
+whose configurations carry a pre_hook, which most SSD backward kernels do. So we record, at exit,
+which configuration each autotuner chose for each key, and give the choices back to the autotuners
+when the kernels are next loaded: they then benchmark nothing they have seen before. The choice is
+stored as the configuration's position in the kernel's list, checked against its description, so a
+changed kernel is re-tuned rather than misconfigured. One file per GPU model, Triton and mamba-ssm
+version, under TRITON_CACHE_DIR (default ~/.triton/cache); written atomically, merged with what is there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator
+from importlib.metadata import version
+from pathlib import Path
+
+KERNEL_PACKAGE = "mamba_ssm.ops.triton."
+
+
+def cache_file() -> Path:
+    import torch
+    import triton
+
+    gpu = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
+    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return folder / "megassm-autotune" / f"{gpu}-triton{triton.__version__}-mamba_ssm{version('mamba_ssm')}.json"
+
+
+def autotuners() -> Iterator[tuple[str, object]]:
+    """(module.name, autotuner) of every loaded mamba-ssm Triton kernel: the objects that
+    triton.autotune makes, with their list of `configs` and their `cache` {key: chosen config}."""
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith(KERNEL_PACKAGE) and module is not None:
+            for name, value in vars(module).items():
+                if isinstance(getattr(value, "configs", None), list) and isinstance(getattr(value, "cache", None), dict):
+                    yield f"{module_name}.{name}", value
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none yet, or unreadable: tune again
+
+
+def restore(path: Path | None = None) -> int:
+    """Give the recorded choices to the loaded autotuners; returns how many were restored."""
+    saved, restored = _read(path or cache_file()), 0
+    for name, tuner in autotuners():
+        for key, index, described in saved.get(name, []):
+            if index < len(tuner.configs) and str(tuner.configs[index]) == described:
+                tuner.cache[tuple(key)] = tuner.configs[index]
+                restored += 1
+    return restored
+
+
+def record(path: Path | None = None) -> None:
+    """Merge the loaded autotuners' choices into the file (atomically: a new file renamed over it)."""
+    path = path or cache_file()
+    saved = _read(path)
+    for name, tuner in autotuners():
+        entries = {json.dumps(key): [key, index, described] for key, index, described in saved.get(name, [])}
+        for key, config in tuner.cache.items():
+            index = next((i for i, c in enumerate(tuner.configs) if c is config), None)
+            if index is not None:
+                entries[json.dumps(list(key))] = [list(key), index, str(config)]
+        if entries:
+            saved[name] = list(entries.values())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(saved, indent=1))
+    os.replace(partial, path)

@@ -1,0 +1,63 @@
+"""The record of Triton autotuning choices: what one process chose, the next one starts with."""
+
+import sys
+import types
+
+from megassm.ops import autotune_cache
+
+
+class Config:
+    def __init__(self, description: str):
+        self.description = description
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class FakeAutotuner:
+    """What triton.autotune makes, as far as the cache sees it: configs and a {key: config} cache."""
+
+    def __init__(self, configs: list[str]):
+        self.configs = [Config(c) for c in configs]
+        self.cache = {}
+
+
+def install_kernels(monkeypatch, configs: list[str]) -> FakeAutotuner:
+    tuner = FakeAutotuner(configs)
+    module = types.ModuleType("mamba_ssm.ops.triton.fake_kernels")
+    module.fake_kernel = tuner
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return tuner
+
+
+def test_choices_survive_a_new_process(monkeypatch, tmp_path):
+    path = tmp_path / "autotune.json"
+    first = install_kernels(monkeypatch, ["BLOCK 64", "BLOCK 128", "BLOCK 256"])
+    first.cache[(256, 64, "torch.bfloat16")] = first.configs[2]
+    first.cache[(128, 64, "torch.float32")] = first.configs[0]
+    autotune_cache.record(path)
+
+    later = install_kernels(monkeypatch, ["BLOCK 64", "BLOCK 128", "BLOCK 256"])  # a fresh process's kernels
+    assert autotune_cache.restore(path) == 2
+    assert later.cache == {(256, 64, "torch.bfloat16"): later.configs[2], (128, 64, "torch.float32"): later.configs[0]}
+
+
+def test_a_changed_kernel_is_tuned_again_and_records_merge(monkeypatch, tmp_path):
+    path = tmp_path / "autotune.json"
+    first = install_kernels(monkeypatch, ["A", "B"])
+    first.cache[(1,)] = first.configs[1]
+    autotune_cache.record(path)
+    changed = install_kernels(monkeypatch, ["A", "C"])  # position 1 now describes another configuration
+    assert autotune_cache.restore(path) == 0 and changed.cache == {}
+    changed.cache[(2,)] = changed.configs[0]
+    autotune_cache.record(path)  # merged: the old key stays recorded next to the new one
+    again = install_kernels(monkeypatch, ["A", "B"])
+    assert autotune_cache.restore(path) == 2 and again.cache == {(1,): again.configs[1], (2,): again.configs[0]}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_an_unreadable_record_means_tuning_again(monkeypatch, tmp_path):
+    path = tmp_path / "autotune.json"
+    path.write_text("{not json")
+    tuner = install_kernels(monkeypatch, ["A"])
+    assert autotune_cache.restore(path) == 0 and tuner.cache == {}

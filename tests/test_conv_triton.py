@@ -1,0 +1,54 @@
+"""megassm's Triton conv1d kernels (megassm/ops/conv_triton.py) against the PyTorch reference, run by
+Triton's interpreter on the CPU: the kernel source the GPU compiles, executed with numpy per program.
+
+The interpreter is chosen when @triton.jit runs, and also applies to triton's own library functions,
+so each case runs in a fresh process with TRITON_INTERPRET=1 set before triton is imported.
+float32 only: the interpreter has no bf16 (the GPU check is `python tools/bench.py --check`)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+CASES = {"documents": (True, True), "one-document": (False, True), "no-bias": (True, False)}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def compare(documents: bool, with_bias: bool) -> None:
+    """Output and the gradients of x (a strided slice, as the mixer passes it), weight and bias, with
+    more tokens and channels than one tile of any kernel, and not multiples of it."""
+    from megassm.ops import causal_conv1d
+    from megassm.ops.conv_triton import causal_conv1d_silu
+
+    torch.manual_seed(0)
+    batch, seqlen, channels, width = 2, 45, 150, 4
+    wide = torch.randn(batch, seqlen, channels + 7)
+    weight, bias = torch.randn(channels, width), torch.randn(channels) if with_bias else None
+    seq_idx = torch.tensor([[0] * 10 + [1] * 3 + [2] * 32, [7] * 31 + [8] * 14]) if documents else None
+    upstream = torch.randn(batch, seqlen, channels)
+    results = []
+    for conv in (lambda x, w, b: causal_conv1d(x, w, b, seq_idx=seq_idx, activation="silu"),
+                 lambda x, w, b: causal_conv1d_silu(x, w, b, seq_idx)):
+        x = wide[..., 3:3 + channels].detach().requires_grad_()  # keeps the row stride of `wide`
+        w = weight.clone().requires_grad_()
+        b = bias.clone().requires_grad_() if with_bias else None
+        y = conv(x, w, b)
+        grads = torch.autograd.grad((y * upstream).sum(), [t for t in (x, w, b) if t is not None])
+        results.append((y, *grads))
+    for name, got, want in zip(("y", "dx", "dweight", "dbias"), results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_conv_matches_the_reference(case):
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+if __name__ == "__main__":
+    compare(*CASES[sys.argv[1]])
