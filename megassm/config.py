@@ -71,6 +71,7 @@ class TrainConfig:
     steps: int = 1000
     precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
     activation_checkpointing: bool = False
+    cuda_graphs: bool = False  # replay the blocks as CUDA graphs (tp = cp = 1, engine ddp, no activation checkpointing)
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation
     eval_samples: int = 32  # held-out sequences per validation, the same ones every time and for every layout
@@ -263,6 +264,9 @@ def validate(cfg: Config, world_size: int) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")
+    if train.cuda_graphs and (par.tp > 1 or par.cp > 1 or train.activation_checkpointing or par.engine != "ddp"):
+        raise ConfigError("train.cuda_graphs = true needs parallel.tp = 1, parallel.cp = 1, parallel.engine = 'ddp' and "
+                          "train.activation_checkpointing = false: switch one of them")
     if par.engine == "deepspeed" and par.zero_stage not in (1, 2):
         raise ConfigError(f"parallel.zero_stage = {par.zero_stage}: megassm supports ZeRO stages 1 and 2 "
                           "(its TP layers shard parameters themselves, which stage 3 would repeat)")

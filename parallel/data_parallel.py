@@ -135,7 +135,7 @@ class DDPEngine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # in place: a CUDA graph's gradient buffers are added into these, never adopted
         return norm
 
     def state_dict(self) -> dict:

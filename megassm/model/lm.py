@@ -9,9 +9,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from megassm.model.config import ModelConfig
+from megassm.model.cuda_graphs import BlockGraphs
 from megassm.model.conv import uniform_fan_in
 from megassm.model.mixer import Mamba2Mixer
-from megassm.ops import rms_norm
+from megassm.ops import maybe_compiled, rms_norm
 from megassm.ops.dtypes import upcast
 from parallel import (
     LOSS_CHUNK_TOKENS,
@@ -26,15 +27,20 @@ from parallel import (
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, ctx: ParallelContext):
+    """Normalises the fp32 residual stream; the output is already in the autocast dtype that the next
+    matmul would cast it to, so no separate cast kernel runs."""
+
+    def __init__(self, dim: int, eps: float, ctx: ParallelContext, compile: bool = False):
         super().__init__()
-        self.eps = eps
+        self.eps, self.compile = eps, compile
         self.weight = nn.Parameter(torch.ones(dim))
         if ctx.sequence_parallel:
             mark_sequence_parallel(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        device = x.device.type
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        return maybe_compiled(rms_norm, self.compile, x.device)(x, self.weight, self.eps, out_dtype)
 
 
 class Block(nn.Module):
@@ -42,7 +48,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, ctx)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, ctx, cfg.compile)
         self.mixer = Mamba2Mixer(cfg, ctx)
 
     def forward(self, h: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
@@ -50,15 +56,20 @@ class Block(nn.Module):
 
 
 class Mamba2LM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext(), activation_checkpointing: bool = False):
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext(), activation_checkpointing: bool = False,
+                 cuda_graphs: bool = False):
         super().__init__()
         cfg.check_tensor_parallel(ctx.tp)
+        if cuda_graphs and (ctx.tp > 1 or ctx.cp > 1 or activation_checkpointing):
+            raise ValueError("CUDA graphs of the blocks need tp = cp = 1 and no activation checkpointing")
         self.cfg, self.ctx = cfg, ctx
         self.activation_checkpointing = activation_checkpointing  # recompute each block's activations in backward
+        self.cuda_graphs = cuda_graphs  # replay the blocks as CUDA graphs (megassm/model/cuda_graphs.py)
+        self.graphs: BlockGraphs | None = None
         self.loss_chunk_tokens = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens at a time
         self.embedding = VocabParallelEmbedding(torch.empty(cfg.vocab_size, cfg.d_model).normal_(std=cfg.init_std), ctx)
         self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx)
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx, cfg.compile)
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = VocabParallelLMHead(uniform_fan_in((cfg.vocab_size, cfg.d_model), cfg.d_model), ctx)
@@ -76,6 +87,10 @@ class Mamba2LM(nn.Module):
             with torch.no_grad():
                 halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
+        if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():
+            self.graphs = BlockGraphs(self.layers, h, seq_idx)
+        if self.graphs is not None and self.graphs.matches(h, seq_idx, halo_seq_idx):
+            return self.norm_f(self.graphs(h, seq_idx))
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
                 h = checkpoint(layer, h, seq_idx, halo_seq_idx, use_reentrant=False)
@@ -92,4 +107,4 @@ class Mamba2LM(nn.Module):
         if labels is None:
             return vocab_parallel_logits(h, self.embedding.weight, self.ctx) if self.lm_head is None else self.lm_head(h)
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens)
+        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens, compile=self.cfg.compile)
