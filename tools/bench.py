@@ -1,0 +1,323 @@
+"""Single-GPU training speed: megassm's trainer step against the mamba-ssm peer, side by side.
+
+megassm runs its real training step (megassm.train.Trainer.train_step: data loader, bf16 autocast,
+the loss, the DDP engine's fused AdamW and clipping). The peer is mamba-ssm 2.3's MambaLMHeadModel
+with Mamba2 layers and use_mem_eff_path=False (Triton SSD, fused add+RMSNorm, nn.Conv1d), the same
+shapes and token batches, bf16 autocast, cross-entropy over its logits, fused AdamW, clipping.
+Each measurement is its own process (a clean peak-memory figure, an out-of-memory that ends one
+row only), all sharing one Triton cache, so the kernels autotune once per shape.
+
+    python tools/bench.py                               # 130m 8x2048, 780m 8x2048, 1.3b 4x4096: megassm and the peer
+    python tools/bench.py --cases 130m:8x2048 --variant eager:model.compile=false --profile
+    python tools/bench.py --check                       # the fast path against the reference path, a few steps
+
+MFU = tokens/s x (6 x parameters + 3 x SSD forward FLOPs per token) / the GPU's bf16 peak (GPU.md),
+the same FLOPs for both. Peak memory is torch.cuda.max_memory_allocated over the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DEFAULT_CASES = ["130m:8x2048", "780m:8x2048", "1.3b:4x4096"]
+RESULT_TAG = "BENCH_RESULT "
+# Kernel families of the profile, first match wins (kernel names of torch 2.11, Triton 3.6, mamba-ssm 2.3).
+FAMILIES = (
+    ("SSD scan (mamba-ssm Triton)", r"_chunk_cumsum|_chunk_state|_state_passing|_bmm_chunk|_chunk_scan"),
+    ("RMSNorms (mamba-ssm Triton)", r"_layer_norm|_rms_norm"),
+    ("conv1d (megassm Triton)", r"^_(forward|grad_pre|grad_input|grad_weight)_kernel$"),
+    ("matmuls (cuBLAS)", r"gemm|cutlass|xmma|sm90|sm80|cublas|Kernel2"),
+    ("compiled elementwise (inductor)", r"^triton_"),
+    ("optimizer (fused AdamW, clipping)", r"adam|multi_tensor|foreach"),
+    ("conv1d (PyTorch depthwise, cuDNN)", r"conv|cudnn|winograd|implicit"),
+    ("softmax / cross-entropy (eager)", r"softmax|cross_entropy|nll_loss|logsumexp"),
+    ("copies, casts, concatenations", r"copy|Cat|cat_|fill|memcpy|memset"),
+    ("other elementwise / reductions (eager)", r"elementwise|vectorized|reduce|unrolled|index|scatter|gather"),
+)
+
+
+def parse_case(case: str) -> tuple[str, int, int]:
+    match = re.fullmatch(r"([\w.]+):(\d+)x(\d+)", case)
+    if not match:
+        raise SystemExit(f"bench: case {case!r} is not SIZE:BATCHxSEQLEN, e.g. 130m:8x2048")
+    return match[1], int(match[2]), int(match[3])
+
+
+def megassm_config(case: str, data: str, steps: int, run_dir: str, overrides: list[str]):
+    from megassm.config import load_config
+    from megassm.model import PRESETS
+
+    size, batch, seq_len = parse_case(case)
+    base = [f"--model.preset={size if size in PRESETS else 'mamba2-' + size}", f"--data.path={data}", f"--data.seq_len={seq_len}", f"--data.micro_batch={batch}",
+            f"--data.global_batch={batch}", f"--train.steps={steps}", "--optim.warmup_steps=2", "--train.eval_every=0",
+            f"--train.log_every={steps}", "--checkpoint.every=0", "--data.verify=false", f"--run.dir={run_dir}"]
+    return load_config(None, base + [f"--{o}" for o in overrides], world_size=1)
+
+
+def kernel_profile(step, steps: int, top: int) -> tuple[dict[str, float], list]:
+    """GPU time per step (ms) of each kernel family over `steps` calls of step(), and the `top` kernels
+    that took the most time: [name, family, ms per step]."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    kernels: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        family = next((name for name, pattern in FAMILIES if re.search(pattern, event.name, re.IGNORECASE)), "other")
+        ms = event.device_time_total / 1e3 / steps
+        totals[family] = totals.get(family, 0.0) + ms
+        kernels.setdefault(event.name, [event.name[:90], family, 0.0])[2] += ms
+    return totals, sorted(kernels.values(), key=lambda k: -k[2])[:top]
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def peak_gib() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+
+
+def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, float, list]:
+    """(seconds from `started` (the worker's start) to the end of the first step, seconds per steady
+    step, every step's result)."""
+    results = []
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize()
+            steady = time.perf_counter()
+        results.append(step(i))
+        if i == 0:
+            synchronize()
+            first = time.perf_counter() - started
+    synchronize()
+    return first, (time.perf_counter() - steady) / steps, results
+
+
+def run_megassm(args, started: float) -> dict:
+    from megassm.metrics import StepTimer
+    from megassm.train import Trainer, open_data
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        total = args.warmup + args.steps + args.profile_steps
+        cfg = megassm_config(args.case, args.data, total, run_dir, args.set)
+        trainer = Trainer(cfg, open_data(cfg))
+        timer = StepTimer(trainer.device)
+
+        def step(i: int) -> tuple[float, float]:
+            loss_sum, targets, grad_norm, _ = trainer.train_step(i, timer)
+            trainer.state["samples"] += cfg.data.global_batch
+            return (loss_sum / targets).item(), grad_norm
+
+        first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
+        profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
+        val_loss = trainer.validation_loss() if trainer.val_data is not None else None  # train.eval_every > 0
+        return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "val_loss": val_loss,
+                "losses": [r[0] for r in results], "grad_norms": [r[1] for r in results], "profile": profile,
+                "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak, "tokens": cfg.data.global_batch * cfg.data.seq_len,
+                "peak_gib": peak_gib()}
+
+
+def import_peer():
+    """mamba-ssm's MambaLMHeadModel where mamba-ssm was installed without its CUDA extensions: the
+    package is loaded bare (megassm.ops.mamba_triton) and Mamba-1's `selective_scan_cuda`, imported
+    at module level but unused by Mamba2 layers, is an empty stand-in."""
+    from megassm.ops import autotune_cache
+    from megassm.ops.mamba_triton import load_triton_kernels
+
+    load_triton_kernels()
+    sys.modules.setdefault("selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
+    from mamba_ssm.models.config_mamba import MambaConfig
+    from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+    autotune_cache.restore()  # the peer's own kernels (its fused add + RMSNorm) too
+    return MambaConfig, MambaLMHeadModel
+
+
+def run_peer(args, started: float) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from megassm.data import SampleLoader, TokenStream, rank_samples
+    from megassm.metrics import logical_param_count, model_flops_per_token, peak_flops
+
+    MambaConfig, MambaLMHeadModel = import_peer()
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = megassm_config(args.case, args.data, 1, run_dir, args.set)
+    m, device = cfg.model, torch.device("cuda")
+    ssm_cfg = dict(layer="Mamba2", d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, headdim=m.headdim, ngroups=m.ngroups,
+                   chunk_size=m.chunk_size, use_mem_eff_path=False)
+    config = MambaConfig(d_model=m.d_model, d_intermediate=0, n_layer=m.n_layer, vocab_size=m.vocab_size, ssm_cfg=ssm_cfg,
+                         rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=1, tie_embeddings=True)
+    torch.manual_seed(cfg.run.seed)
+    model = MambaLMHeadModel(config, device=device, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay, fused=True)
+    loader = SampleLoader(stream=TokenStream(cfg.data.path), split="train", seq_len=cfg.data.seq_len, seed=cfg.run.seed)
+    batch_size = cfg.data.micro_batch
+
+    def step(i: int) -> tuple[float, float]:
+        batch = loader.batch(rank_samples(i * batch_size, 0, 0, 1, batch_size, batch_size), batch_size).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(batch.input_ids).logits
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.labels.view(-1), ignore_index=-100)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item(), grad_norm.item()
+
+    first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
+    profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
+    return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "losses": [r[0] for r in results], "grad_norms": [r[1] for r in results],
+            "profile": profile, "flops_per_token": model_flops_per_token(m, cfg.data.seq_len, logical_param_count(m)),
+            "peak_flops": peak_flops(device, cfg.train.peak_tflops), "tokens": batch_size * cfg.data.seq_len,
+            "peak_gib": peak_gib()}
+
+
+def worker(args) -> None:
+    started = time.perf_counter()
+    import torch
+
+    try:
+        result = (run_peer if args.worker == "peer" else run_megassm)(args, started)
+    except torch.OutOfMemoryError as error:
+        result = {"oom": True, "peak_gib": peak_gib(), "error": str(error).splitlines()[0]}
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def spawn(args, system: str, case: str, overrides: list[str]) -> dict:
+    """One measurement in its own process; its last BENCH_RESULT line, or the reason there is none."""
+    command = [sys.executable, __file__, "--worker", system, "--case", case, "--data", args.data, "--warmup", str(args.warmup),
+               "--steps", str(args.steps), "--profile", str(args.profile_steps), "--top", str(args.top)] + [f"--set={o}" for o in overrides]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within {args.timeout} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]
+    if not lines:
+        return {"error": (done.stderr.strip().splitlines() or ["exit status %d" % done.returncode])[-1]}
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def describe(result: dict) -> dict:
+    """tokens/s, MFU and memory of one result."""
+    if "step_s" not in result:
+        return {"tokens/s": "OOM" if result.get("oom") else "failed", "MFU": "-", "peak GiB": f"{result.get('peak_gib', 0):.1f}",
+                "first step s": "-"}
+    tokens_per_s = result["tokens"] / result["step_s"]
+    mfu = tokens_per_s * result["flops_per_token"] / result["peak_flops"] if result["peak_flops"] else None
+    return {"tokens/s": f"{tokens_per_s:,.0f}", "MFU": f"{100 * mfu:.1f}%" if mfu else "-", "peak GiB": f"{result['peak_gib']:.1f}",
+            "first step s": f"{result['first_step_s']:.0f}"}
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def compare(args) -> None:
+    variants = [("megassm", args.set)] + [(name, args.set + sets.split(",")) for name, sets in (v.split(":", 1) for v in args.variant)]
+    systems = ([("mamba-ssm peer", "peer", [])] if args.peer else []) + [(name, "megassm", sets) for name, sets in variants]
+    rows, profiles = [], []
+    for case in args.cases:
+        peer_speed = None
+        for label, system, sets in systems:
+            result = spawn(args, system, case, sets)
+            shown = describe(result)
+            speed = result["tokens"] / result["step_s"] if "step_s" in result else None
+            peer_speed = speed if system == "peer" else peer_speed
+            ratio = f"{speed / peer_speed:.2f}x" if speed and peer_speed and system != "peer" else "-"
+            rows.append([case, label, *shown.values(), ratio])
+            print(" | ".join(rows[-1]) + ("" if "error" not in result else f"  ({result['error']})"), flush=True)
+            if result.get("profile"):
+                profiles.append((f"{case} {label}", result["step_s"], result["profile"], result["top_kernels"]))
+    print("\n" + markdown(["case", "system", "tokens/s", "MFU", "peak GiB", "first step s", "vs peer"], rows))
+    for title, step_s, profile, top in profiles:
+        total = sum(profile.values())
+        print(f"\nGPU time per step by kernel family, {title} (step {1e3 * step_s:.1f} ms wall, kernels {total:.1f} ms):\n")
+        ordered = sorted(profile.items(), key=lambda item: -item[1])
+        print(markdown(["kernel family", "ms / step", "share"], [[name, f"{ms:.1f}", f"{100 * ms / total:.0f}%"] for name, ms in ordered]))
+        if top:
+            print(f"\nThe {len(top)} kernels taking the most time, {title}:\n")
+            print(markdown(["kernel", "family", "ms / step"], [[f"`{name}`", family, f"{ms:.1f}"] for name, family, ms in top]))
+
+
+def check(args) -> None:
+    """A few steps of the fast path (Triton SSD and norms, compiled elementwise, CUDA graphs) against
+    the reference path (megassm's PyTorch SSD, conv and norms, eager) from the same weights and
+    batches, two micro batches per step: the losses and gradient norms must agree to bf16 noise."""
+    _, batch, _ = parse_case(args.check_case)
+    # Two micro batches per step (gradient accumulation), and a validation loss after the steps (graphs replayed without gradients).
+    common = [f"data.global_batch={2 * batch}", "train.eval_every=1000", f"train.eval_samples={2 * batch}", *args.set]
+    fast = spawn(args, "megassm", args.check_case, [*common, "model.ssd_backend=triton", "train.cuda_graphs=true"])
+    reference = spawn(args, "megassm", args.check_case, [*common, "model.ssd_backend=torch", "model.compile=false"])
+    if "losses" not in fast or "losses" not in reference:
+        raise SystemExit(f"bench --check: a run failed: fast {fast.get('error')}, reference {reference.get('error')}")
+    rows, worst = [], 0.0
+    for i, (lf, lr, gf, gr) in enumerate(zip(fast["losses"], reference["losses"], fast["grad_norms"], reference["grad_norms"])):
+        worst = max(worst, abs(lf - lr) / abs(lr))
+        rows.append([str(i + 1), f"{lr:.4f}", f"{lf:.4f}", f"{abs(lf - lr) / abs(lr):.1e}", f"{gr:.3f}", f"{gf:.3f}"])
+    val_diff = abs(fast["val_loss"] - reference["val_loss"]) / abs(reference["val_loss"])
+    worst = max(worst, val_diff)
+    rows.append(["validation", f"{reference['val_loss']:.4f}", f"{fast['val_loss']:.4f}", f"{val_diff:.1e}", "", ""])
+    print(markdown(["step", "loss reference", "loss fast", "rel. diff", "grad norm reference", "grad norm fast"], rows))
+    verdict = "PASS" if worst < args.check_tolerance else "FAIL"
+    print(f"\n{verdict}: largest relative loss difference {worst:.1e} (tolerance {args.check_tolerance:.0e}, bf16)")
+    if verdict == "FAIL":
+        raise SystemExit(1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="SIZE:BATCHxSEQLEN of a mamba2 preset")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                        help="also run megassm with these config keys changed, e.g. chunk128:model.chunk_size=128")
+    parser.add_argument("--no-peer", dest="peer", action="store_false", help="megassm only")
+    parser.add_argument("--data", default="data/builtin", help="a prepared data folder (tools/prepare_data.py)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile", dest="profile_steps", type=int, nargs="?", const=3, default=0,
+                        help="also profile this many steps and print GPU time per kernel family")
+    parser.add_argument("--top", type=int, default=0, help="with --profile: also list this many kernels taking the most time")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds for each measurement")
+    parser.add_argument("--check", action="store_true", help="compare the fast path with the reference path instead")
+    parser.add_argument("--check-case", default="130m:2x2048")
+    parser.add_argument("--check-tolerance", type=float, default=2e-2)
+    parser.add_argument("--worker", choices=["megassm", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every megassm row")
+    args = parser.parse_args()
+    if not (ROOT / args.data / "meta.json").exists():
+        raise SystemExit(f"bench: no prepared data at {args.data}: run bash launch/quickstart.sh once, or tools/prepare_data.py")
+    if args.worker:
+        worker(args)
+    elif args.check:
+        check(args)
+    else:
+        compare(args)
+
+
+if __name__ == "__main__":
+    main()
