@@ -1,0 +1,234 @@
+"""Several GPUs (issue 7): TP, sequence parallelism and CP on NCCL against one GPU, the collectives
+per layer, scaling, and a checkpoint resumed under another layout.
+
+Every measurement runs megassm's own code under torchrun: the trainer (`python -m megassm.train`,
+its metrics.jsonl read back) or, for the collectives, the model in a worker process. Without GPUs
+the same runs use CPU processes and gloo, which is how this tool is tested (tests/test_bench_parallel.py).
+
+    python tools/bench_parallel.py check         # tp2, tp2+SP, cp2, tp2xcp2 (and 4/8) vs one GPU: 20 steps of 130m, bf16
+    python tools/bench_parallel.py collectives   # per layer: TP collectives each way; CP bytes at 8K, 32K, 128K tokens
+    python tools/bench_parallel.py scaling       # 780m tokens/s per GPU for tp 1-8; CP weak scaling (32K tokens/GPU); longest sequence
+    python tools/bench_parallel.py reshard       # written with one layout, resumed with another: the same losses
+
+Add --preset debug --seq-len 64 (and --gpus 4) to try it on CPU processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (name, tp, cp, sequence parallelism); a layout runs where tp * cp GPUs exist, with dp = 1.
+LAYOUTS = [("tp2", 2, 1, False), ("tp2+sp", 2, 1, True), ("cp2", 1, 2, False), ("tp2xcp2", 2, 2, False), ("tp4", 4, 1, False),
+           ("cp4", 1, 4, False), ("tp2xcp4", 2, 4, False), ("tp8", 8, 1, False), ("cp8", 1, 8, False)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(nproc: int, module_args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *module_args]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
+    try:
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired as expired:
+        return subprocess.CompletedProcess(command, 124, expired.stdout or "", f"no result within {timeout} s")
+
+
+def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | None = None, extra: tuple[str, ...] = ()) -> list[dict] | str:
+    """The trainer's metrics.jsonl records of one run, or the last line of its error."""
+    from megassm.metrics import read_metrics
+
+    overrides = [f"--model.preset={args.preset}", f"--data.path={args.data}", f"--data.seq_len={args.seq_len}",
+                 f"--data.micro_batch={args.micro_batch}", f"--data.global_batch={args.global_batch}", f"--train.steps={args.steps}",
+                 "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0", "--data.verify=false", "--optim.warmup_steps=5",
+                 f"--parallel.tp={tp}", f"--parallel.cp={cp}", f"--parallel.sequence_parallel={str(sp).lower()}", f"--run.dir={run_dir}", *extra]
+    done = torchrun(nproc or tp * cp, ["-m", "megassm.train", *overrides], args.timeout)
+    if done.returncode:
+        return ((done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+    return read_metrics(run_dir)
+
+
+def largest_difference(got: list[dict], want: list[dict], key: str, steps: range) -> float:
+    got_by, want_by = {r["step"]: r[key] for r in got if key in r}, {r["step"]: r[key] for r in want if key in r}
+    return max(abs(got_by[s] - want_by[s]) / abs(want_by[s]) for s in steps)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def check(args) -> bool:
+    """Each layout against one GPU: the loss and gradient norm of every step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        reference = train(args, Path(tmp, "one"), 1, 1)
+        if isinstance(reference, str):
+            raise SystemExit(f"bench_parallel: the one-GPU run failed: {reference}")
+        rows, passed = [], True
+        for name, tp, cp, sp in [layout for layout in LAYOUTS if layout[1] * layout[2] <= args.gpus]:
+            got = train(args, Path(tmp, name), tp, cp, sp)
+            if isinstance(got, str):
+                rows.append([name, "failed", "-", got[:120]])
+                passed = False
+                continue
+            loss, norm = (largest_difference(got, reference, key, range(1, args.steps + 1)) for key in ("loss", "grad_norm"))
+            passed &= loss <= args.tolerance
+            rows.append([name, f"{loss:.1e}", f"{norm:.1e}", "PASS" if loss <= args.tolerance else "FAIL"])
+    print(markdown(["layout (dp = 1)", "largest loss difference", "largest grad norm difference", f"loss within {args.tolerance:g}"], rows))
+    return passed
+
+
+def count_worker(args) -> None:
+    """Under torchrun: the collectives of one layer, forward and backward, as the difference between
+    a model of 2 layers and one of 1 (the embedding and the loss cancel out)."""
+    from megassm.model import Mamba2LM, ModelConfig
+    from parallel import init_parallel, record_communication
+
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctx = init_parallel(args.tp, args.cp, 1, args.sp, "nccl" if device.type == "cuda" else "gloo")
+    rows = []
+    for tokens in args.lengths:
+        per_model = []
+        for layers in (1, 2):
+            torch.manual_seed(0)
+            model = Mamba2LM(ModelConfig.from_preset(args.preset, n_layer=layers), ctx).to(device)
+            ids = torch.randint(0, model.cfg.vocab_size, (1, tokens // args.cp), device=device)
+            with torch.autocast(device.type, dtype=torch.bfloat16), record_communication() as forward:
+                loss = model(ids, labels=ids).sum()
+            with record_communication() as backward:
+                loss.backward()
+            per_model.append((forward, backward))
+        for direction, (one, two) in zip(("forward", "backward"), zip(*per_model)):
+            layer = sorted((Counter(two) - Counter(one)).elements())  # the second layer's own collectives
+            rows.append([str(tokens), direction, ", ".join(name for name, _ in layer) or "none", str(sum(size for _, size in layer))])
+    if int(os.environ["RANK"]) == 0:
+        print("BENCH_ROWS " + json.dumps(rows), flush=True)
+    torch.distributed.destroy_process_group()
+
+
+def collectives(args) -> bool:
+    """Per layer and direction: TP collectives (one all-reduce each way; all-gather + reduce-scatter
+    under SP) and CP bytes (equal at every sequence length)."""
+    cases = [("tp2", 2, 1, False, args.lengths[:1]), ("tp2+sp", 2, 1, True, args.lengths[:1]), ("cp2", 1, 2, False, args.lengths)]
+    ok = True
+    for name, tp, cp, sp, lengths in cases:
+        done = torchrun(tp * cp, [__file__, "count", "--preset", args.preset, "--tp", str(tp), "--cp", str(cp),
+                                  *(["--sp"] if sp else []), "--lengths", *map(str, lengths)], args.timeout)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_ROWS ")]
+        if not lines:
+            errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line] or ["?"]
+            print(f"{name}: failed: {errors[0]}")
+            ok = False
+            continue
+        rows = json.loads(lines[-1][len("BENCH_ROWS "):])
+        print(f"\n{name}, collectives of one layer (bytes this rank sends or contributes):\n")
+        print(markdown(["tokens", "direction", "collectives", "bytes"], rows))
+        if cp > 1:
+            ok &= len({(direction, size) for _, direction, _, size in rows}) == 2  # one size per direction, at every length
+    return ok
+
+
+def tokens_per_gpu(records: list[dict] | str) -> str:
+    return records if isinstance(records, str) else f"{records[-1]['tokens_per_s_per_gpu']:,.0f}"
+
+
+def scaling(args) -> bool:
+    """780m (or --preset) tokens/s per GPU for tp = 1, 2, 4, 8 at a fixed global batch; CP weak
+    scaling at 32K tokens per GPU; the longest single sequence on all GPUs with CP."""
+    rows = []
+    fixed = argparse.Namespace(**{**vars(args), "global_batch": max(args.global_batch, args.micro_batch * args.gpus)})
+    with tempfile.TemporaryDirectory() as tmp:
+        for tp in [t for t in (1, 2, 4, 8) if t <= args.gpus]:
+            result = train(fixed, Path(tmp, f"tp{tp}"), tp, 1, nproc=args.gpus)
+            rows.append([f"tp{tp} x dp{args.gpus // tp}", f"{fixed.global_batch} x {args.seq_len}", tokens_per_gpu(result)])
+        print(markdown(["layout", "global batch", "tokens/s per GPU"], rows))
+        rows, base = [], None
+        for cp in [c for c in (1, 2, 4, 8) if c <= args.gpus]:
+            weak = argparse.Namespace(**{**vars(args), "seq_len": args.tokens_per_gpu * cp, "micro_batch": 1, "global_batch": 1})
+            result = train(weak, Path(tmp, f"cp{cp}"), 1, cp, extra=("--train.activation_checkpointing=true",))
+            speed = None if isinstance(result, str) else result[-1]["tokens_per_s_per_gpu"]
+            base = speed if cp == 1 else base
+            rows.append([f"cp{cp}", f"{weak.seq_len:,}", tokens_per_gpu(result), f"{speed / base:.0%}" if speed and base else "-"])
+        print("\n" + markdown(["layout", "sequence", "tokens/s per GPU", "efficiency vs cp1"], rows))
+        longest, seq_len = None, args.tokens_per_gpu * args.gpus
+        while seq_len <= args.max_seq_len:
+            trial = argparse.Namespace(**{**vars(args), "seq_len": seq_len, "micro_batch": 1, "global_batch": 1, "steps": 2})
+            result = train(trial, Path(tmp, f"long{seq_len}"), 1, args.gpus, extra=("--train.activation_checkpointing=true",))
+            print(f"cp{args.gpus}, one sequence of {seq_len:,} tokens: " + ("trains, " + tokens_per_gpu(result) + " tokens/s per GPU"
+                                                                        if not isinstance(result, str) else f"fails: {result[:150]}"))
+            if isinstance(result, str):
+                break
+            longest, seq_len = seq_len, seq_len * 2
+        limit = " (the search stops at --max-seq-len)" if seq_len > args.max_seq_len else ""
+        print(f"\nlongest single sequence trained on {args.gpus} GPUs: {longest or 'none'} tokens{limit}")
+    return True
+
+
+def reshard(args) -> bool:
+    """Steps 1-N with layout A (a checkpoint at N/2), against steps N/2+1..N resumed from it with layout B."""
+    (a_name, a_tp, a_cp), (b_name, b_tp, b_cp) = (("tp2xcp2", 2, 2), ("cp4", 1, 4)) if args.gpus >= 4 else (("tp2", 2, 1), ("cp2", 1, 2))
+    half = args.steps // 2
+    with tempfile.TemporaryDirectory() as tmp:
+        first = train(args, Path(tmp, "a"), a_tp, a_cp, extra=(f"--checkpoint.every={half}",))
+        if isinstance(first, str):
+            raise SystemExit(f"bench_parallel: layout {a_name} failed: {first}")
+        shutil.copytree(Path(tmp, "a", "checkpoints", f"step_{half}"), Path(tmp, "b", "checkpoints", f"step_{half}"))
+        resumed = train(args, Path(tmp, "b"), b_tp, b_cp)
+        if isinstance(resumed, str):
+            raise SystemExit(f"bench_parallel: resuming with {b_name} failed: {resumed}")
+    loss = largest_difference(resumed, first, "loss", range(half + 1, args.steps + 1))
+    print(f"written by {a_name} at step {half}, resumed by {b_name}: steps {half + 1}-{args.steps}, largest loss difference "
+          f"{loss:.1e} against {a_name} uninterrupted ({'PASS' if loss <= args.tolerance else 'FAIL'}, tolerance {args.tolerance:g})")
+    return loss <= args.tolerance
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=["check", "collectives", "scaling", "reshard", "count"])
+    parser.add_argument("--gpus", type=int, default=torch.cuda.device_count() or 4, help="GPUs (or CPU processes) to use")
+    parser.add_argument("--preset", default=None, help="model preset (default: mamba2-130m; mamba2-780m for scaling)")
+    parser.add_argument("--data", default="data/builtin")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--global-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--tolerance", type=float, default=2e-2, help="largest relative loss difference (bf16)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072], help="collectives: total tokens of a sequence")
+    parser.add_argument("--tokens-per-gpu", type=int, default=32768, help="scaling: CP weak scaling and the longest-sequence search")
+    parser.add_argument("--max-seq-len", type=int, default=1 << 21, help="scaling: stop the longest-sequence search here")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds for each run")
+    parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--cp", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--sp", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.preset = args.preset or ("mamba2-780m" if args.what == "scaling" else "mamba2-130m")
+    if args.what == "count":
+        count_worker(args)
+        return
+    if not (ROOT / args.data / "meta.json").exists():
+        raise SystemExit(f"bench_parallel: no prepared data at {args.data}: run bash launch/quickstart.sh once, or tools/prepare_data.py")
+    ok = {"check": check, "collectives": collectives, "scaling": scaling, "reshard": reshard}[args.what](args)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
