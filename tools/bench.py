@@ -59,9 +59,9 @@ def megassm_config(case: str, data: str, steps: int, run_dir: str, overrides: li
     from megassm.model import PRESETS
 
     size, batch, seq_len = parse_case(case)
-    base = [f"--model.preset={size if size in PRESETS else 'mamba2-' + size}", f"--data.path={data}", f"--data.seq_len={seq_len}", f"--data.micro_batch={batch}",
-            f"--data.global_batch={batch}", f"--train.steps={steps}", "--optim.warmup_steps=2", "--train.eval_every=0",
-            f"--train.log_every={steps}", "--checkpoint.every=0", "--data.verify=false", f"--run.dir={run_dir}"]
+    base = [f"--model.preset={size if size in PRESETS else 'mamba2-' + size}", f"--data.path={data}", f"--data.seq_len={seq_len}",
+            f"--data.micro_batch={batch}", f"--data.global_batch={batch}", f"--train.steps={steps}", "--optim.warmup_steps=2",
+            "--train.eval_every=0", f"--train.log_every={steps}", "--checkpoint.every=0", "--data.verify=false", f"--run.dir={run_dir}"]
     return load_config(None, base + [f"--{o}" for o in overrides], world_size=1)
 
 
@@ -191,7 +191,8 @@ def run_peer(args, started: float) -> dict:
 
     first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
     profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
-    return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "losses": [r[0] for r in results], "grad_norms": [r[1] for r in results],
+    return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "losses": [r[0] for r in results],
+            "grad_norms": [r[1] for r in results],
             "profile": profile, "flops_per_token": model_flops_per_token(m, cfg.data.seq_len, logical_param_count(m)),
             "peak_flops": peak_flops(device, cfg.train.peak_tflops), "tokens": batch_size * cfg.data.seq_len,
             "peak_gib": peak_gib()}

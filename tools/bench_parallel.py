@@ -52,14 +52,17 @@ def torchrun(nproc: int, module_args: list[str], timeout: int) -> subprocess.Com
         return subprocess.CompletedProcess(command, 124, expired.stdout or "", f"no result within {timeout} s")
 
 
-def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | None = None, extra: tuple[str, ...] = ()) -> list[dict] | str:
+def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | None = None,
+          extra: tuple[str, ...] = ()) -> list[dict] | str:
     """The trainer's metrics.jsonl records of one run, or the last line of its error."""
     from megassm.metrics import read_metrics
 
-    overrides = [f"--model.preset={args.preset}", f"--data.path={args.data}", f"--data.seq_len={args.seq_len}",
-                 f"--data.micro_batch={args.micro_batch}", f"--data.global_batch={args.global_batch}", f"--train.steps={args.steps}",
-                 "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0", "--data.verify=false", "--optim.warmup_steps=5",
-                 f"--parallel.tp={tp}", f"--parallel.cp={cp}", f"--parallel.sequence_parallel={str(sp).lower()}", f"--run.dir={run_dir}", *extra]
+    overrides = [f"--model.preset={args.preset}", f"--model.ngroups={args.ngroups}", f"--data.path={args.data}",
+                 f"--data.seq_len={args.seq_len}", f"--data.micro_batch={args.micro_batch}", f"--data.global_batch={args.global_batch}",
+                 f"--train.steps={args.steps}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0",
+                 "--data.verify=false",
+                 "--optim.warmup_steps=5", f"--parallel.tp={tp}", f"--parallel.cp={cp}", f"--parallel.sequence_parallel={str(sp).lower()}",
+                 f"--run.dir={run_dir}", *extra]
     done = torchrun(nproc or tp * cp, ["-m", "megassm.train", *overrides], args.timeout)
     if done.returncode:
         return ((done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"])[-1]
@@ -110,7 +113,7 @@ def count_worker(args) -> None:
         per_model = []
         for layers in (1, 2):
             torch.manual_seed(0)
-            model = Mamba2LM(ModelConfig.from_preset(args.preset, n_layer=layers), ctx).to(device)
+            model = Mamba2LM(ModelConfig.from_preset(args.preset, n_layer=layers, ngroups=args.ngroups), ctx).to(device)
             ids = torch.randint(0, model.cfg.vocab_size, (1, tokens // args.cp), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16), record_communication() as forward:
                 loss = model(ids, labels=ids).sum()
@@ -131,8 +134,8 @@ def collectives(args) -> bool:
     cases = [("tp2", 2, 1, False, args.lengths[:1]), ("tp2+sp", 2, 1, True, args.lengths[:1]), ("cp2", 1, 2, False, args.lengths)]
     ok = True
     for name, tp, cp, sp, lengths in cases:
-        done = torchrun(tp * cp, [__file__, "count", "--preset", args.preset, "--tp", str(tp), "--cp", str(cp),
-                                  *(["--sp"] if sp else []), "--lengths", *map(str, lengths)], args.timeout)
+        done = torchrun(tp * cp, [__file__, "count", "--preset", args.preset, "--ngroups", str(args.ngroups), "--tp", str(tp),
+                                  "--cp", str(cp), *(["--sp"] if sp else []), "--lengths", *map(str, lengths)], args.timeout)
         lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_ROWS ")]
         if not lines:
             errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line] or ["?"]
@@ -206,6 +209,8 @@ def main() -> None:
     parser.add_argument("what", choices=["check", "collectives", "scaling", "reshard", "count"])
     parser.add_argument("--gpus", type=int, default=torch.cuda.device_count() or 4, help="GPUs (or CPU processes) to use")
     parser.add_argument("--preset", default=None, help="model preset (default: mamba2-130m; mamba2-780m for scaling)")
+    parser.add_argument("--ngroups", type=int, default=8,
+                        help="model.ngroups of every run: TP splits the groups; the published presets have 1 (configs/mamba2-1.3b.toml)")
     parser.add_argument("--data", default="data/builtin")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=2)
