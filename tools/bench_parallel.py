@@ -60,9 +60,8 @@ def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | 
     overrides = [f"--model.preset={args.preset}", f"--model.ngroups={args.ngroups}", f"--data.path={args.data}",
                  f"--data.seq_len={args.seq_len}", f"--data.micro_batch={args.micro_batch}", f"--data.global_batch={args.global_batch}",
                  f"--train.steps={args.steps}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0",
-                 "--data.verify=false",
-                 "--optim.warmup_steps=5", f"--parallel.tp={tp}", f"--parallel.cp={cp}", f"--parallel.sequence_parallel={str(sp).lower()}",
-                 f"--run.dir={run_dir}", *extra]
+                 "--data.verify=false", "--optim.warmup_steps=5", f"--parallel.tp={tp}", f"--parallel.cp={cp}",
+                 f"--parallel.sequence_parallel={str(sp).lower()}", f"--run.dir={run_dir}", *extra]
     done = torchrun(nproc or tp * cp, ["-m", "megassm.train", *overrides], args.timeout)
     if done.returncode:
         return ((done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"])[-1]

@@ -85,7 +85,8 @@ def _grad_pre_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dy_ptr, dpre_ptr, L, D, strid
 
 @triton.jit
 def _grad_weight_kernel(x_ptr, seq_ptr, dpre_ptr, dw_ptr, db_ptr, L, D, stride_xb, stride_xl, stride_sb, tiles,
-                        TILES_PER_PROGRAM: tl.constexpr, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr, TAPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+                        TILES_PER_PROGRAM: tl.constexpr, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr, TAPS: tl.constexpr,
+                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's share of dw (programs, WIDTH, D) and db (programs, D): a run of TILES_PER_PROGRAM
     token tiles (all batch rows in order), summed elementwise in registers and over tokens once at the end.
     TAPS: WIDTH rounded up to a power of two (the taps are one axis of a 3-d tile)."""
@@ -112,7 +113,8 @@ def _grad_weight_kernel(x_ptr, seq_ptr, dpre_ptr, dw_ptr, db_ptr, L, D, stride_x
         acc_w += dpre[:, None, :] * x.to(tl.float32)
         acc_b += dpre
     program = tl.program_id(0)
-    tl.store(dw_ptr + (program * WIDTH + taps[:, None]) * D + cols[None, :], tl.sum(acc_w, axis=0), mask=(taps < WIDTH)[:, None] & col_ok[None, :])
+    tap_ok = (taps < WIDTH)[:, None] & col_ok[None, :]
+    tl.store(dw_ptr + (program * WIDTH + taps[:, None]) * D + cols[None, :], tl.sum(acc_w, axis=0), mask=tap_ok)
     tl.store(db_ptr + program * D + cols, tl.sum(acc_b, axis=0), mask=col_ok)
 
 
@@ -146,7 +148,8 @@ class _CausalConv1dSilu(torch.autograd.Function):
         grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
         _forward_kernel[grid](x, weight, x if bias is None else bias, x if seq_idx is None else seq_idx, y, length, channels,
                               x.stride(0), x.stride(1), 0 if seq_idx is None else seq_idx.stride(0), y.stride(0), y.stride(1),
-                              HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, WIDTH=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+                              HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, WIDTH=weight.shape[1], BLOCK_L=BLOCK_L,
+                              BLOCK_D=BLOCK_D)
         ctx.save_for_backward(x, weight, bias, seq_idx)
         return y
 
@@ -160,8 +163,8 @@ class _CausalConv1dSilu(torch.autograd.Function):
         flags = dict(HAS_SEQ=seq_idx is not None, WIDTH=width)
         seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
         dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        _grad_pre_kernel[grid](x, weight, x if bias is None else bias, seq, dy, dpre, length, channels, x.stride(0), x.stride(1), seq_stride,
-                               dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
+        _grad_pre_kernel[grid](x, weight, x if bias is None else bias, seq, dy, dpre, length, channels, x.stride(0), x.stride(1),
+                               seq_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
         _grad_input_kernel[grid](dpre, weight, seq, dx, length, channels, seq_stride, dx.stride(0), dx.stride(1),
                                  BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
@@ -172,8 +175,8 @@ class _CausalConv1dSilu(torch.autograd.Function):
         dw = torch.empty(programs, width, channels, dtype=torch.float32, device=x.device)
         db = torch.empty(programs, channels, dtype=torch.float32, device=x.device)
         _grad_weight_kernel[(programs, column_blocks)](x, seq, dpre, dw, db, length, channels, x.stride(0), x.stride(1), seq_stride, tiles,
-                                                       TILES_PER_PROGRAM=tiles_per_program, TAPS=triton.next_power_of_2(width), BLOCK_L=WEIGHT_BLOCK_L,
-                                                       BLOCK_D=WEIGHT_BLOCK_D, **flags)
+                                                       TILES_PER_PROGRAM=tiles_per_program, TAPS=triton.next_power_of_2(width),
+                                                       BLOCK_L=WEIGHT_BLOCK_L, BLOCK_D=WEIGHT_BLOCK_D, **flags)
         grad_bias = None if bias is None else db.sum(0).to(bias.dtype)
         return dx, dw.sum(0).T.to(weight.dtype), grad_bias, None
 
