@@ -30,10 +30,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> Mamba2LM:
     """The model in `path` (any format megassm.pretrained reads), in eval mode on device."""
     cfg, state = load_pretrained(path)
-    # The prompt goes through the PyTorch SSD: on an H100 the Triton kernels' autotuning took ~25 s per
-    # process, longer than a short prompt's whole generation.
+    # The prompt goes through the PyTorch SSD, eagerly: on an H100 the Triton kernels' autotuning took ~25 s
+    # per process, longer than a short prompt's whole generation, and torch.compile would recompile per length.
     with torch.device("meta"):  # no random init: every weight comes from the folder
-        model = Mamba2LM(dataclasses.replace(cfg, ssd_backend="torch"))
+        model = Mamba2LM(dataclasses.replace(cfg, ssd_backend="torch", compile=False))
     model.load_state_dict(state, assign=True)
     return model.to(device, dtype).eval()
 
