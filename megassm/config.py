@@ -51,7 +51,7 @@ class DataConfig:
     seq_len: int = 2048
     micro_batch: int = 1  # sequences per rank per forward/backward
     global_batch: int = 8  # sequences per optimizer step, over all DP ranks (gradient accumulation fills it)
-    verify: bool = True  # check the shards' sha256 at start-up
+    verify: bool = True  # check the shards' sha256 at start-up (files unchanged since they last matched are skipped)
 
 
 @dataclass

@@ -384,3 +384,19 @@ def test_quickstart_command_lines(tmp_path):
     failed = run_tool("prepare_data.py", "--input", "data/missing.jsonl", "--tokenizer", "data/tok", "--out", "x", cwd=tmp_path)
     assert failed.returncode == 1 and failed.stderr.strip().splitlines() == ["error: input data/missing.jsonl: no such file, "
                                                                              "no data files in that folder, or no glob match"]
+
+
+def test_verify_reads_a_file_again_only_when_it_changed(copy, monkeypatch):
+    import megassm.data.shards as shards
+
+    stream = TokenStream(copy)
+    stream.verify()  # everything read, verified.json written
+    hashed = []
+    real_sha256 = shards.file_sha256
+    monkeypatch.setattr(shards, "file_sha256", lambda path: hashed.append(path.name) or real_sha256(path))
+    stream.verify()
+    assert hashed == []  # nothing changed: nothing read
+    flip_byte(copy / "tokens_00002.bin")  # a write: new modification time
+    with pytest.raises(DataError, match="tokens_00002.bin.*sha256"):
+        TokenStream(copy).verify()
+    assert hashed == ["tokens_00002.bin"]

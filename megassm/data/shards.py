@@ -6,6 +6,7 @@
     tokens_00001.bin   every document is [eos_id] + tokens(document): EOS first and between documents
     doc_starts.npy     int64, the stream position of each document's leading EOS (ascending, from 0)
     tokenizer/         the tokenizer that made the ids (load it with megassm.data.load_tokenizer)
+    verified.json      written by TokenStream.verify(): the size and mtime of each file whose sha256 matched
 
 The last `val_tokens` tokens of the stream are the validation documents; the rest is for training.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -24,6 +26,7 @@ import numpy as np
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 DOC_STARTS_FILE = "doc_starts.npy"
+VERIFIED_FILE = "verified.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
 REPAIR = "re-create the folder with python tools/prepare_data.py"
@@ -213,8 +216,29 @@ class TokenStream:
         return np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
 
     def verify(self) -> None:
-        """Check every shard and the document index against meta.json's sha256 (reads all the data)."""
+        """Check every shard and the document index against meta.json's sha256.
+
+        Reading a large corpus takes long, and a run verifies at every start and restart: a file whose
+        size and modification time are those recorded in verified.json when it last matched is not
+        read again (rsync's quick check: a change that keeps both, such as silent bit rot, goes unseen
+        after the first verification; delete verified.json to read everything again)."""
+        stamp_path = self.path / VERIFIED_FILE
+        try:
+            stamps = json.loads(stamp_path.read_text())
+        except (OSError, ValueError):
+            stamps = {}
         files = [(shard.file, shard.sha256) for shard in self.meta.shards] + [(DOC_STARTS_FILE, self.meta.doc_starts_sha256)]
         for name, expected in files:
+            stat = (self.path / name).stat()
+            stamp = [stat.st_size, stat.st_mtime_ns, expected]
+            if stamps.get(name) == stamp:
+                continue
             if file_sha256(self.path / name) != expected:
                 raise DataError(f"{self.path / name}: contents differ from meta.json's sha256 (corrupt or replaced); {REPAIR}")
+            stamps[name] = stamp
+        try:
+            partial = stamp_path.with_name(f"{VERIFIED_FILE}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps(stamps, indent=1))
+            os.replace(partial, stamp_path)
+        except OSError:
+            pass  # a read-only folder: verified again next time
