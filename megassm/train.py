@@ -94,8 +94,8 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
-        self.cuda_graphs = cfg.train.cuda_graphs and self.device.type == "cuda"
-        self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing, self.cuda_graphs).to(self.device)
+        self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing,
+                              cuda_graphs=cfg.train.cuda_graphs and self.device.type == "cuda").to(self.device)
         checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
@@ -151,7 +151,7 @@ class Trainer:
     def autocast(self) -> contextlib.AbstractContextManager:
         # CUDA graphs replay their own weight casts: autocast's cache of them must be off (make_graphed_callables).
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16",
-                              cache_enabled=not self.cuda_graphs)
+                              cache_enabled=not self.model.cuda_graphs)
 
     def train_step(self, step: int, timer: StepTimer) -> tuple[Tensor, Tensor, float, float]:
         """One optimizer step: (this rank's loss sum, the global target count, gradient norm before

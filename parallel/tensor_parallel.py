@@ -242,7 +242,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, group: ProcessGroup | None, chunk_tokens: int,
-                ignore_index: int, compile: bool):
+                ignore_index: int, compile: bool, unit_gradients: bool):
         device = h.device.type
         autocast = torch.is_autocast_enabled(device)  # custom Functions are not autocast: do what it would
         compute_dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(h.dtype, weight.dtype)
@@ -252,13 +252,13 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         mine = (local_target >= 0) & (local_target < vocab)
         local_target = local_target.masked_fill(~mine, 0)
         valid = target.reshape(-1) != ignore_index
+        hit = mine & valid
         ctx.compute_dtype, ctx.chunk_tokens, ctx.compile = compute_dtype, chunk_tokens, compile
         with torch.autocast(device, enabled=False):
             w = weight.to(compute_dtype)
-            if group_size(group) == 1 and any(ctx.needs_input_grad[:2]):
-                lse, target_logit, grad_h, grad_weight = _loss_and_unit_gradients(tokens, w, local_target, mine & valid, valid,
-                                                                                  reduce_dtype, ctx)
-                ctx.save_for_backward(h, weight, local_target, mine & valid, valid, lse, grad_h, grad_weight)
+            if unit_gradients:
+                lse, target_logit, grad_h, grad_weight = _loss_and_unit_gradients(tokens, w, local_target, hit, valid, reduce_dtype, ctx)
+                ctx.save_for_backward(h, weight, local_target, hit, valid, lse, grad_h, grad_weight)
                 return (lse - target_logit).masked_fill(~valid, 0.0).view(target.shape)
             chunk_stats = _chunk_kernel(_chunk_stats, compile, h.device)
             local_max, sum_exp, target_logit = (torch.empty(len(tokens), dtype=reduce_dtype, device=h.device) for _ in range(3))
@@ -273,7 +273,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             sums = all_reduce(sums, group)  # one all-reduce for both
         sum_exp, target_logit = sums
         lse = torch.log(sum_exp) + logits_max
-        ctx.save_for_backward(h, weight, local_target, mine & valid, valid, lse)
+        ctx.save_for_backward(h, weight, local_target, hit, valid, lse)
         return (lse - target_logit).masked_fill(~valid, 0.0).view(target.shape)
 
     @staticmethod
@@ -282,7 +282,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if unit_gradients and _is_broadcast_scalar(grad_loss):
             scale = grad_loss[(0,) * grad_loss.dim()]
             grad_h, grad_weight = unit_gradients
-            return (grad_h * scale).to(h.dtype).view(h.shape), (grad_weight * scale).to(weight.dtype), None, None, None, None, None
+            return (grad_h * scale).to(h.dtype).view(h.shape), (grad_weight * scale).to(weight.dtype), *(None,) * 6
         compute_dtype, reduce_dtype = ctx.compute_dtype, lse.dtype
         tokens = h.reshape(-1, h.shape[-1])
         scale = (grad_loss.reshape(-1) * valid).to(reduce_dtype)
@@ -297,7 +297,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 grad = logit_grad(x @ w.T, lse[rows], local_target[rows], hit[rows], scale[rows], reduce_dtype)
                 grad_h[rows] = grad @ w
                 grad_weight += (grad.T @ x).to(reduce_dtype)
-        return grad_h.view(h.shape), grad_weight.to(weight.dtype), None, None, None, None, None
+        return grad_h.view(h.shape), grad_weight.to(weight.dtype), *(None,) * 6
 
 
 def _loss_and_unit_gradients(tokens: Tensor, w: Tensor, local_target: Tensor, hit: Tensor, valid: Tensor, reduce_dtype: torch.dtype,
@@ -327,4 +327,8 @@ def vocab_parallel_linear_cross_entropy(
     target == ignore_index, as vocab_parallel_cross_entropy(vocab_parallel_logits(h, weight, ctx), target)
     computes it, but without ever holding the logits of more than `chunk_tokens` tokens: at a 50k
     vocabulary those (and their fp32 softmax) would otherwise dominate a small model's memory."""
-    return _VocabParallelLinearCrossEntropy.apply(layer_input(h, ctx), weight, target, ctx.tp_group, chunk_tokens, ignore_index, compile)
+    # Gradients computed in the forward pass: only where they will be wanted (not under no_grad, which a
+    # custom Function's needs_input_grad does not tell) and the whole vocabulary is on this rank.
+    unit_gradients = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and ctx.tp == 1
+    return _VocabParallelLinearCrossEntropy.apply(layer_input(h, ctx), weight, target, ctx.tp_group, chunk_tokens, ignore_index, compile,
+                                                  unit_gradients)

@@ -21,6 +21,7 @@ def test_collectives_per_layer(prepared_data):
     assert "| 64 | forward | all_reduce |" in out and "| 64 | backward | all_reduce |" in out  # TP: one each way
     assert "| 64 | forward | all_gather, reduce_scatter |" in out  # TP + SP
     cp_rows = [line for line in out.split("cp2, collectives")[1].splitlines() if line.startswith("| 64 ") or line.startswith("| 512 ")]
+    assert len(cp_rows) == 4, out  # forward and backward at each length
     assert [row.split("|")[2:] for row in cp_rows[:2]] == [row.split("|")[2:] for row in cp_rows[2:]]  # same bytes at 8x the tokens
 
 

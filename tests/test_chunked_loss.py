@@ -48,14 +48,18 @@ def test_matches_full_logits_in_float64(chunk_tokens):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
-class CountMatmuls(TorchDispatchMode):
+class Operators(TorchDispatchMode):
+    """While active (forward and backward): how many matmuls ran, and the most elements any operator produced."""
+
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.matmuls, self.numel = 0, 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.matmuls += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
+        self.numel = max([self.numel] + [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
+        return out
 
 
 @pytest.mark.parametrize("reduce", [lambda loss: loss.sum() / 5, lambda loss: 3 * loss.sum()], ids=["sum/n", "3*sum"])
@@ -65,32 +69,28 @@ def test_gradients_from_the_forward_pass_when_every_token_weighs_the_same(reduce
     h, weight, target = head_inputs(torch.float64)
     want = torch.autograd.grad(reduce(full_logits_loss(target)(h, weight)), (h, weight))
     loss = reduce(chunked_loss(target, 7)(h, weight))
-    with CountMatmuls() as matmuls:
+    with Operators() as backward:
         got = torch.autograd.grad(loss, (h, weight))
-    assert matmuls.count == 0
+    assert backward.matmuls == 0
     for name, g, w in zip(("grad h", "grad weight"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
 
 
-class LargestTensor(TorchDispatchMode):
-    """The most elements any operator produced while active (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numel = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.numel = max([self.numel] + [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
-        return out
+def test_no_gradients_computed_without_autograd():
+    """Validation runs under no_grad: one logits matmul per chunk, nothing for gradients."""
+    h, weight, target = head_inputs(torch.float64)
+    with torch.no_grad(), Operators() as forward:
+        loss = chunked_loss(target, 7)(h, weight)
+    assert forward.matmuls == 5  # 30 tokens in chunks of 7
+    torch.testing.assert_close(loss, full_logits_loss(target)(h, weight).detach(), rtol=1e-10, atol=1e-10)
 
 
 def test_bf16_autocast_stays_close_to_fp32_without_all_logits():
     h, weight, target = head_inputs(torch.float32)
     fp32 = losses_and_gradients(chunked_loss(target, 7), h, weight)
-    with torch.autocast("cpu", dtype=torch.bfloat16), LargestTensor() as largest:
+    with torch.autocast("cpu", dtype=torch.bfloat16), Operators() as largest:
         bf16 = losses_and_gradients(chunked_loss(target, 7), h, weight)
-    with torch.autocast("cpu", dtype=torch.bfloat16), LargestTensor() as unfused_largest:  # the unfused path under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16), Operators() as unfused_largest:  # the unfused path under autocast
         unfused = losses_and_gradients(full_logits_loss(target), h, weight)
     all_logits = h.shape[0] * h.shape[1] * VOCAB
     assert unfused_largest.numel == all_logits and largest.numel == weight.numel() < all_logits, largest.numel

@@ -234,6 +234,11 @@ def describe(result: dict) -> dict:
             "first step s": f"{result['first_step_s']:.0f}"}
 
 
+def require_prepared_data(path: str, tool: str) -> None:
+    if not (ROOT / path / "meta.json").exists():
+        raise SystemExit(f"{tool}: no prepared data at {path}: run bash launch/quickstart.sh once, or tools/prepare_data.py")
+
+
 def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -310,8 +315,7 @@ def main() -> None:
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every megassm row")
     args = parser.parse_args()
-    if not (ROOT / args.data / "meta.json").exists():
-        raise SystemExit(f"bench: no prepared data at {args.data}: run bash launch/quickstart.sh once, or tools/prepare_data.py")
+    require_prepared_data(args.data, "bench")
     if args.worker:
         worker(args)
     elif args.check:

@@ -27,9 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench import ROOT, markdown, require_prepared_data  # tools/ is on the path when run as a script
 
 # (name, tp, cp, sequence parallelism); a layout runs where tp * cp GPUs exist, with dp = 1.
 LAYOUTS = [("tp2", 2, 1, False), ("tp2+sp", 2, 1, True), ("cp2", 1, 2, False), ("tp2xcp2", 2, 2, False), ("tp4", 4, 1, False),
@@ -71,10 +69,6 @@ def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | 
 def largest_difference(got: list[dict], want: list[dict], key: str, steps: range) -> float:
     got_by, want_by = {r["step"]: r[key] for r in got if key in r}, {r["step"]: r[key] for r in want if key in r}
     return max(abs(got_by[s] - want_by[s]) / abs(want_by[s]) for s in steps)
-
-
-def markdown(header: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def check(args) -> bool:
@@ -228,8 +222,7 @@ def main() -> None:
     if args.what == "count":
         count_worker(args)
         return
-    if not (ROOT / args.data / "meta.json").exists():
-        raise SystemExit(f"bench_parallel: no prepared data at {args.data}: run bash launch/quickstart.sh once, or tools/prepare_data.py")
+    require_prepared_data(args.data, "bench_parallel")
     ok = {"check": check, "collectives": collectives, "scaling": scaling, "reshard": reshard}[args.what](args)
     sys.exit(0 if ok else 1)
 
