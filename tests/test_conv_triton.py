@@ -21,7 +21,7 @@ def compare(documents: bool, with_bias: bool) -> None:
     """Output and the gradients of x (a strided slice, as the mixer passes it), weight and bias, with
     more tokens and channels than one tile of any kernel, and not multiples of it."""
     from megassm.ops import causal_conv1d
-    from megassm.ops.conv_triton import causal_conv1d_silu
+    from megassm.ops.conv_triton import causal_conv1d_silu, conv1d_silu_backward
 
     torch.manual_seed(0)
     batch, seqlen, channels, width = 2, 45, 150, 4
@@ -40,6 +40,12 @@ def compare(documents: bool, with_bias: bool) -> None:
         results.append((y, *grads))
     for name, got, want in zip(("y", "dx", "dweight", "dbias"), results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+
+    # As megassm/ops/fused_mixer.py calls it: dx written into its slice of a wider gradient buffer.
+    buffer = torch.full_like(wide, float("nan"))
+    conv1d_silu_backward(wide[..., 3:3 + channels], weight, bias, seq_idx, upstream, dx=buffer[..., 3:3 + channels])
+    torch.testing.assert_close(buffer[..., 3:3 + channels], results[0][1], rtol=1e-5, atol=1e-5, msg="dx in place")
+    assert buffer[..., :3].isnan().all() and buffer[..., 3 + channels:].isnan().all(), "wrote outside its slice"
 
 
 @pytest.mark.parametrize("case", CASES)

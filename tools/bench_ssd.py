@@ -93,10 +93,10 @@ def check_ssd(cases, device) -> list[dict]:
     return rows
 
 
-def check_model(device) -> list[dict]:
-    """Whole LM forward + backward (2 layers of 130m's width), Triton path vs the reference path."""
+def check_model(device, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
+    """Whole LM forward + backward (2 layers of 130m's width), Triton path vs the reference path, eager."""
     rows = []
-    cfg = ModelConfig.from_preset("mamba2-130m", n_layer=2, ngroups=2)
+    cfg = ModelConfig.from_preset("mamba2-130m", n_layer=2, ngroups=2, compile=False)
     torch.manual_seed(0)
     models = {backend: Mamba2LM(dataclasses.replace(cfg, ssd_backend=backend)).to(device) for backend in ("torch", "triton")}
     models["triton"].load_state_dict(models["torch"].state_dict())
@@ -105,7 +105,7 @@ def check_model(device) -> list[dict]:
     seq_idx[:, 300:] += 1
     seq_idx[:, 777:] += 1
     results = {}
-    for precision in ("fp32", "bf16"):
+    for precision in precisions:
         for backend, model in models.items():
             model.zero_grad()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -28,10 +28,11 @@ class _Stack(nn.Module):
         super().__init__()
         self.blocks = blocks
 
-    def forward(self, h: Tensor, seq_idx: Tensor) -> Tensor:
+    def forward(self, h: Tensor, seq_idx: Tensor) -> tuple[Tensor, Tensor]:
+        update = None
         for block in self.blocks:
-            h = block(h, seq_idx)
-        return h
+            h, update = block(h, update, seq_idx)
+        return h, update
 
 
 class BlockGraphs:
@@ -55,5 +56,6 @@ class BlockGraphs:
                 and (seq_idx.shape, seq_idx.dtype) == self.seq_meta
                 and (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) == self.autocast)
 
-    def __call__(self, h: Tensor, seq_idx: Tensor) -> Tensor:
+    def __call__(self, h: Tensor, seq_idx: Tensor) -> tuple[Tensor, Tensor]:
+        """(residual stream, last block's output not yet added), as the blocks return them."""
         return self.stack(h, seq_idx)

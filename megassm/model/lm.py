@@ -12,7 +12,7 @@ from megassm.model.config import ModelConfig
 from megassm.model.cuda_graphs import BlockGraphs
 from megassm.model.conv import uniform_fan_in
 from megassm.model.mixer import Mamba2Mixer
-from megassm.ops import maybe_compiled, rms_norm
+from megassm.ops import add_rms_norm, maybe_compiled, rms_norm
 from megassm.ops.dtypes import upcast
 from parallel import (
     LOSS_CHUNK_TOKENS,
@@ -38,21 +38,34 @@ class RMSNorm(nn.Module):
             mark_sequence_parallel(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        return maybe_compiled(rms_norm, self.compile, x.device)(x, self.weight, self.eps, self._out_dtype(x))
+
+    def add_forward(self, h: Tensor, update: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(h + update, its norm), fused into one kernel when compiled; (h, norm(h)) when update is None."""
+        if update is None:
+            return h, self(h)
+        return maybe_compiled(add_rms_norm, self.compile, h.device)(h, update, self.weight, self.eps, self._out_dtype(h))
+
+    @staticmethod
+    def _out_dtype(x: Tensor) -> torch.dtype:
         device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        return maybe_compiled(rms_norm, self.compile, x.device)(x, self.weight, self.eps, out_dtype)
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Block(nn.Module):
-    """h = h + mixer(norm(h)); h stays fp32 (type promotion) whatever precision the mixer computes in."""
+    """A pre-norm residual block, carried as (h, update): the residual stream h (fp32) and the previous
+    block's output not yet added to it, so that the add and this block's norm are one fused step.
+    Returns (h + update, mixer(norm(h + update)))."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, ctx, cfg.compile)
         self.mixer = Mamba2Mixer(cfg, ctx)
 
-    def forward(self, h: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
-        return h + self.mixer(self.norm(h), seq_idx, halo_seq_idx)
+    def forward(self, h: Tensor, update: Tensor | None, seq_idx: Tensor | None = None,
+                halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        h, x = self.norm.add_forward(h, update)
+        return h, self.mixer(x, seq_idx, halo_seq_idx)
 
 
 class Mamba2LM(nn.Module):
@@ -90,13 +103,16 @@ class Mamba2LM(nn.Module):
         if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():
             self.graphs = BlockGraphs(self.layers, h, seq_idx)
         if self.graphs is not None and self.graphs.matches(h, seq_idx, halo_seq_idx):
-            return self.norm_f(self.graphs(h, seq_idx))
+            return self.norm_f.add_forward(*self.graphs(h, seq_idx))[1]
+        update = None
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(layer, h, seq_idx, halo_seq_idx, use_reentrant=False)
+                # Add outside, so that each block keeps one tensor for its recomputation, not two.
+                h = h if update is None else h + update
+                h, update = checkpoint(layer, h, None, seq_idx, halo_seq_idx, use_reentrant=False)
             else:
-                h = layer(h, seq_idx, halo_seq_idx)
-        return self.norm_f(h)
+                h, update = layer(h, update, seq_idx, halo_seq_idx)
+        return self.norm_f.add_forward(h, update)[1]
 
     def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         """Logits (b, l, vocab_size / tp), this TP rank's part of the vocabulary; or, given labels,

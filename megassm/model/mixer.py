@@ -4,7 +4,8 @@ It reads as single-device code; `ctx` makes it tensor- and context-parallel: in_
 column-parallel over its five segments and out_proj row-parallel (the layer's one collective),
 each rank owning nheads/tp heads and ngroups/tp groups with their conv channels, A_log, D, dt_bias and
 norm weights; under CP the conv takes its halo from the previous rank and the SSD adds the state
-entering the rank's slice (megassm/model/context_parallel.py).
+entering the rank's slice (megassm/model/context_parallel.py). On the Triton backend without CP,
+the conv, SSD and gated norm run as one autograd step (megassm/ops/fused_mixer.py) with the same kernels.
 """
 
 from __future__ import annotations
@@ -57,24 +58,35 @@ class Mamba2Mixer(nn.Module):
     def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
         """u: (b, l, d_model), or (b, l/tp, d_model) under sequence parallelism. seq_idx: (b, l)
         document ids; halo_seq_idx: those of the previous CP rank's last d_conv-1 tokens."""
-        cfg, cp_group = self.cfg, self.ctx.cp_group
-        z, xBC, dt = self.project(u)
-        halo = send_to_next_rank(xBC[:, xBC.shape[1] - (cfg.d_conv - 1) :], cp_group) if self.ctx.cp > 1 else None
+        cfg = self.cfg
+        zxbcdt = self.in_proj(u)
+        if self.ctx.cp == 1 and ops.resolve_backend(cfg.ssd_backend, u.device) == "triton":
+            # The same kernels as below, but one gradient buffer for zxbcdt instead of split-and-concatenate.
+            conv_bias = None if self.conv1d.bias is None else self.conv1d.bias.fused()
+            y = ops.conv_ssd_gated_norm(zxbcdt, self.conv1d.weight.fused(), conv_bias, self.dt_bias, self.A(), self.D,
+                                        self.norm_weight, self.ngroups, cfg.chunk_size, cfg.dt_limit, cfg.norm_eps, seq_idx)
+            return self.out_proj(y)
+        z, xBC, dt = self.split(zxbcdt)
+        halo = send_to_next_rank(xBC[:, xBC.shape[1] - (cfg.d_conv - 1) :], self.ctx.cp_group) if self.ctx.cp > 1 else None
         x, B, C = self.convolve(xBC, halo, seq_idx, halo_seq_idx)
-        A = -torch.exp(upcast(self.A_log))
+        A = self.A()
         y = ops.ssd(
             x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit,
             seq_idx=seq_idx, return_final_states=self.ctx.cp > 1, backend=cfg.ssd_backend,
         )
         if self.ctx.cp > 1:
             y, final_state = y
-            y = add_incoming_state(y, final_state, dt, A, C, self.dt_bias, cfg.dt_limit, seq_idx, halo_seq_idx, cp_group)
-        return self.output(y, z)
+            y = add_incoming_state(y, final_state, dt, A, C, self.dt_bias, cfg.dt_limit, seq_idx, halo_seq_idx, self.ctx.cp_group)
+        return self.out_proj(self.gated_norm(y, z))
 
-    def project(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """in_proj, split: z (b, l, d_inner), the pre-conv xBC (b, l, d_inner + 2 G N), dt (b, l, H)."""
+    def A(self) -> Tensor:
+        """The per-head decay rates, negative, fp32."""
+        return -torch.exp(upcast(self.A_log))
+
+    def split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """in_proj's output split: z (b, l, d_inner), the pre-conv xBC (b, l, d_inner + 2 G N), dt (b, l, H)."""
         gn = self.ngroups * self.cfg.d_state
-        return self.in_proj(u).split([self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
+        return zxbcdt.split([self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
 
     def convolve(self, xBC: Tensor, halo: Tensor | None = None, seq_idx: Tensor | None = None,
                  halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -86,9 +98,8 @@ class Mamba2Mixer(nn.Module):
         return (x.reshape(batch, seqlen, self.nheads, cfg.headdim), B.reshape(batch, seqlen, self.ngroups, cfg.d_state),
                 C.reshape(batch, seqlen, self.ngroups, cfg.d_state))
 
-    def output(self, y: Tensor, z: Tensor, norm_backend: str | None = None) -> Tensor:
-        """norm(y * silu(z)) per group of d_inner / ngroups channels, then out_proj. y: (b, l, H, P)."""
+    def gated_norm(self, y: Tensor, z: Tensor, norm_backend: str | None = None) -> Tensor:
+        """norm(y * silu(z)) per group of d_inner / ngroups channels, (b, l, d_inner). y: (b, l, H, P)."""
         cfg = self.cfg
         y = y.reshape(*y.shape[:2], self.d_inner)
-        y = ops.gated_rms_norm(y, z, self.norm_weight, cfg.d_inner // cfg.ngroups, cfg.norm_eps, norm_backend or cfg.ssd_backend)
-        return self.out_proj(y)
+        return ops.gated_rms_norm(y, z, self.norm_weight, cfg.d_inner // cfg.ngroups, cfg.norm_eps, norm_backend or cfg.ssd_backend)

@@ -66,11 +66,11 @@ def _recurrent_scan(mixer: Mamba2Mixer, x: Tensor, dt: Tensor, A: Tensor, B: Ten
 
 def _mixer(mixer: Mamba2Mixer, u: Tensor, state: LayerState, scan: Scan) -> tuple[Tensor, LayerState]:
     """Mamba2Mixer.forward on u (b, l, d_model) continuing from `state`; also the state after u."""
-    z, xBC, dt = mixer.project(u)
+    z, xBC, dt = mixer.split(mixer.in_proj(u))
     x, B, C = mixer.convolve(xBC, halo=state.conv)  # the window's rows as the halo
     conv = torch.cat([state.conv.to(xBC.dtype), xBC], dim=1)[:, u.shape[1] :]
-    y, ssm = scan(mixer, x, dt, -torch.exp(upcast(mixer.A_log)), B, C, state.ssm)
-    return mixer.output(y, z, norm_backend="torch"), LayerState(conv, ssm)
+    y, ssm = scan(mixer, x, dt, mixer.A(), B, C, state.ssm)
+    return mixer.out_proj(mixer.gated_norm(y, z, norm_backend="torch")), LayerState(conv, ssm)
 
 
 def _advance(model: Mamba2LM, input_ids: Tensor, states: list[LayerState], scan: Scan) -> tuple[Tensor, list[LayerState]]:

@@ -17,13 +17,13 @@ from torch import Tensor
 from megassm.ops.conv import causal_conv1d
 from megassm.ops.mamba_triton import KernelsUnavailable, load_triton_kernels
 from megassm.ops.norm import gated_rms_norm as gated_rms_norm_reference
-from megassm.ops.norm import rms_norm
+from megassm.ops.norm import add_rms_norm, rms_norm
 from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked
 
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "KernelsUnavailable", "causal_conv1d", "causal_conv1d_silu", "gated_rms_norm", "maybe_compiled", "resolve_backend",
-           "rms_norm", "ssd"]
+__all__ = ["BACKENDS", "KernelsUnavailable", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm",
+           "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
 
 
 @functools.cache
@@ -60,6 +60,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
+def _kernel_seq_idx(seq_idx: Tensor | None) -> Tensor | None:
+    """Document ids as mamba-ssm's kernels take them: int32, and the first token's id 0 (the kernels
+    give initial_states to document 0)."""
+    return None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
+
+
 def ssd(
     x: Tensor,
     dt: Tensor,
@@ -82,11 +88,8 @@ def ssd(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
             initial_states=initial_states, seq_idx=seq_idx, return_final_states=return_final_states,
         )
-    if seq_idx is not None:
-        # The kernels give initial_states to document id 0: make the first token's document id 0.
-        seq_idx = (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
     return load_triton_kernels().mamba_chunk_scan_combined(
-        x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
+        x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=_kernel_seq_idx(seq_idx),
         dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_states,
     )
 
@@ -101,6 +104,16 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, ha
         return conv_triton(x, weight, bias, seq_idx)
     conv = maybe_compiled(causal_conv1d, compile, x.device)
     return conv(x, weight, bias, halo=halo, seq_idx=seq_idx, halo_seq_idx=halo_seq_idx, activation="silu")
+
+
+def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
+                        norm_weight: Tensor, ngroups: int, chunk_size: int, dt_limit: tuple[float, float], eps: float,
+                        seq_idx: Tensor | None = None) -> Tensor:
+    """The mixer from in_proj's output to the gated norm's, fused for the Triton backend only
+    (megassm/ops/fused_mixer.py: one gradient buffer instead of split-and-concatenate)."""
+    from megassm.ops.fused_mixer import conv_ssd_gated_norm as fused  # imports triton: only where it runs
+
+    return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, ngroups, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx))
 
 
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float, backend: str = "auto") -> Tensor:

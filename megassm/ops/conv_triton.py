@@ -134,51 +134,63 @@ def _grad_input_kernel(dpre_ptr, w_ptr, seq_ptr, dx_ptr, L, D, stride_sb, stride
     tl.store(dx_ptr + batch * stride_dxb + rows[:, None] * stride_dxl + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
+def last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def conv1d_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
+    """y = silu(conv(x)), contiguous, in x's dtype. x: (b, l, d) with channels contiguous (any row stride)."""
+    batch, length, channels = x.shape
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
+    _forward_kernel[grid](x, weight, x if bias is None else bias, x if seq_idx is None else seq_idx, y, length, channels,
+                          x.stride(0), x.stride(1), 0 if seq_idx is None else seq_idx.stride(0), y.stride(0), y.stride(1),
+                          HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, WIDTH=weight.shape[1], BLOCK_L=BLOCK_L,
+                          BLOCK_D=BLOCK_D)
+    return y
+
+
+def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, dy: Tensor,
+                         dx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(dx, dweight, dbias) from dy = d(output). dx, if given, is written in place (any row stride, channels
+    contiguous): a fused caller's slice of one larger gradient buffer."""
+    batch, length, channels = x.shape
+    width = weight.shape[1]
+    grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
+    flags = dict(HAS_SEQ=seq_idx is not None, WIDTH=width)
+    seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
+    dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _grad_pre_kernel[grid](x, weight, x if bias is None else bias, seq, dy, dpre, length, channels, x.stride(0), x.stride(1),
+                           seq_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
+    if dx is None:
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    _grad_input_kernel[grid](dpre, weight, seq, dx, length, channels, seq_stride, dx.stride(0), dx.stride(1),
+                             BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
+    column_blocks = triton.cdiv(channels, WEIGHT_BLOCK_D)
+    tiles = batch * triton.cdiv(length, WEIGHT_BLOCK_L)
+    tiles_per_program = triton.cdiv(tiles, max(1, WEIGHT_PROGRAMS // column_blocks))
+    programs = triton.cdiv(tiles, tiles_per_program)
+    dw = torch.empty(programs, width, channels, dtype=torch.float32, device=x.device)
+    db = torch.empty(programs, channels, dtype=torch.float32, device=x.device)
+    _grad_weight_kernel[(programs, column_blocks)](x, seq, dpre, dw, db, length, channels, x.stride(0), x.stride(1), seq_stride, tiles,
+                                                   TILES_PER_PROGRAM=tiles_per_program, TAPS=triton.next_power_of_2(width),
+                                                   BLOCK_L=WEIGHT_BLOCK_L, BLOCK_D=WEIGHT_BLOCK_D, **flags)
+    grad_bias = None if bias is None else db.sum(0).to(bias.dtype)
+    return dx, dw.sum(0).T.to(weight.dtype), grad_bias
 
 
 class _CausalConv1dSilu(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
-        x, weight = _last_dim_contiguous(x), weight.contiguous()
+        x, weight = last_dim_contiguous(x), weight.contiguous()
         seq_idx = None if seq_idx is None else seq_idx.contiguous()
-        batch, length, channels = x.shape
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
-        _forward_kernel[grid](x, weight, x if bias is None else bias, x if seq_idx is None else seq_idx, y, length, channels,
-                              x.stride(0), x.stride(1), 0 if seq_idx is None else seq_idx.stride(0), y.stride(0), y.stride(1),
-                              HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, WIDTH=weight.shape[1], BLOCK_L=BLOCK_L,
-                              BLOCK_D=BLOCK_D)
         ctx.save_for_backward(x, weight, bias, seq_idx)
-        return y
+        return conv1d_silu_forward(x, weight, bias, seq_idx)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight, bias, seq_idx = ctx.saved_tensors
-        dy = _last_dim_contiguous(dy)
-        batch, length, channels = x.shape
-        width = weight.shape[1]
-        grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
-        flags = dict(HAS_SEQ=seq_idx is not None, WIDTH=width)
-        seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
-        dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-        _grad_pre_kernel[grid](x, weight, x if bias is None else bias, seq, dy, dpre, length, channels, x.stride(0), x.stride(1),
-                               seq_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        _grad_input_kernel[grid](dpre, weight, seq, dx, length, channels, seq_stride, dx.stride(0), dx.stride(1),
-                                 BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
-        column_blocks = triton.cdiv(channels, WEIGHT_BLOCK_D)
-        tiles = batch * triton.cdiv(length, WEIGHT_BLOCK_L)
-        tiles_per_program = triton.cdiv(tiles, max(1, WEIGHT_PROGRAMS // column_blocks))
-        programs = triton.cdiv(tiles, tiles_per_program)
-        dw = torch.empty(programs, width, channels, dtype=torch.float32, device=x.device)
-        db = torch.empty(programs, channels, dtype=torch.float32, device=x.device)
-        _grad_weight_kernel[(programs, column_blocks)](x, seq, dpre, dw, db, length, channels, x.stride(0), x.stride(1), seq_stride, tiles,
-                                                       TILES_PER_PROGRAM=tiles_per_program, TAPS=triton.next_power_of_2(width),
-                                                       BLOCK_L=WEIGHT_BLOCK_L, BLOCK_D=WEIGHT_BLOCK_D, **flags)
-        grad_bias = None if bias is None else db.sum(0).to(bias.dtype)
-        return dx, dw.sum(0).T.to(weight.dtype), grad_bias, None
+        return *conv1d_silu_backward(x, weight, bias, seq_idx, last_dim_contiguous(dy)), None
 
 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:

@@ -30,6 +30,12 @@ from megassm.ops import autotune_cache
 class TritonKernels(NamedTuple):
     mamba_chunk_scan_combined: Callable
     rmsnorm_fn: Callable
+    # The forward and backward halves of both, for megassm/ops/fused_mixer.py: they take the buffers
+    # to write gradients into, so one mixer's gradients can land in one tensor.
+    scan_forward: Callable
+    scan_backward: Callable
+    norm_forward: Callable
+    norm_backward: Callable
 
 
 class KernelsUnavailable(RuntimeError):
@@ -84,4 +90,6 @@ def load_triton_kernels() -> TritonKernels:
         raise KernelsUnavailable(f"mamba-ssm's Triton kernels failed to import: {error}") from error
     autotune_cache.restore()
     atexit.register(_record_autotuning)
-    return TritonKernels(ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn)
+    return TritonKernels(ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn,
+                         ssd_combined._mamba_chunk_scan_combined_fwd, ssd_combined._mamba_chunk_scan_combined_bwd,
+                         layernorm_gated._layer_norm_fwd, layernorm_gated._layer_norm_bwd)

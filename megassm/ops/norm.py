@@ -16,6 +16,13 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | Non
     return (y * upcast(weight)).to(out_dtype or x.dtype)
 
 
+def add_rms_norm(h: Tensor, update: Tensor, weight: Tensor, eps: float, out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """(h + update, rms_norm(h + update)): a residual add and the next pre-norm, which torch.compile
+    turns into one kernel each way (the sum is not written and read back, nor its gradient added apart)."""
+    h = h + update
+    return h, rms_norm(h, weight, eps, out_dtype)
+
+
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float) -> Tensor:
     """norm(x * silu(z)) * weight, normalised separately over each group of `group_size` channels
     (mamba-ssm's RMSNormGated with norm_before_gate=False). Returned in x's dtype."""

@@ -1,0 +1,115 @@
+"""The plumbing of megassm/ops/fused_mixer.py on the CPU: which slice of in_proj's output and of its
+one gradient buffer each kernel reads and writes, and which of their results become which gradient.
+
+mamba-ssm's SSD and norm kernels do not run in Triton's interpreter, so they are replaced here by
+stand-ins with the same signatures and return tuples (ssd_combined._mamba_chunk_scan_combined_fwd/bwd,
+layernorm_gated._layer_norm_fwd/bwd of mamba-ssm 2.3.2) computed with megassm's PyTorch reference,
+writing into the buffers they are given as the real ones do. The conv is megassm's Triton kernel,
+interpreted (a fresh process with TRITON_INTERPRET=1, as in test_conv_triton.py). The reference is
+the composition the mixer runs on the PyTorch backend; the real kernels are compared on the GPU by
+`tools/bench_ssd.py` (check_model) and `tools/bench.py --check`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ReferenceKernels:
+    """mamba-ssm's kernel entry points, computed by megassm's PyTorch reference."""
+
+    @staticmethod
+    def scan_forward(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, seq_idx=None, dt_softplus=False, dt_limit=None):
+        from megassm.ops.ssd import ssd_chunked
+
+        y = ssd_chunked(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit, seq_idx=seq_idx)
+        return y, None, None, None, None, None  # out, out_x (None without z), dt, dA_cumsum, states, final_states
+
+    @staticmethod
+    def scan_backward(dout, x, dt, A, B, C, out, chunk_size, D=None, dt_bias=None, seq_idx=None, dt_softplus=False,
+                      dt_limit=None, dx=None, ddt=None, dB=None, dC=None):
+        from megassm.ops.ssd import ssd_chunked
+
+        leaves = [t.detach().requires_grad_() for t in (x, dt, A, B, C, D, dt_bias)]
+        with torch.enable_grad():  # called from a backward pass
+            y = ssd_chunked(*leaves[:5], chunk_size, D=leaves[5], dt_bias=leaves[6], dt_softplus=dt_softplus, dt_limit=dt_limit,
+                            seq_idx=seq_idx)
+            gx, gdt, gA, gB, gC, gD, gbias = torch.autograd.grad(y, leaves, dout)
+        for given, got in ((dx, gx), (ddt, gdt), (dB, gB), (dC, gC)):
+            given.copy_(got)
+        return dx, ddt, gA, dB, dC, gD, None, gbias, None
+
+    @staticmethod
+    def norm_forward(x, weight, bias, eps, z=None, out=None, group_size=None, norm_before_gate=True, is_rms_norm=False):
+        from megassm.ops.norm import gated_rms_norm
+
+        assert bias is None and not norm_before_gate and is_rms_norm
+        h = (x * torch.nn.functional.silu(z)).unflatten(-1, (-1, group_size))
+        rstd = torch.rsqrt(h.pow(2).mean(-1) + eps).T.contiguous()  # (groups, rows), as the kernel keeps it
+        return gated_rms_norm(x, z, weight, group_size, eps), None, rstd
+
+    @staticmethod
+    def norm_backward(dy, x, weight, bias, eps, mean, rstd, z=None, group_size=None, norm_before_gate=True, is_rms_norm=False,
+                      recompute_output=False, dz=None, out=None):
+        from megassm.ops.norm import gated_rms_norm
+
+        leaves = [t.detach().requires_grad_() for t in (x, z, weight)]
+        with torch.enable_grad():
+            gx, gz, gw = torch.autograd.grad(gated_rms_norm(*leaves, group_size, eps), leaves, dy)
+        dz.copy_(gz)
+        return gx, gw, None, dz
+
+
+def compare() -> None:
+    import megassm.ops.fused_mixer as fused_mixer
+    from megassm.ops import causal_conv1d, gated_rms_norm
+    from megassm.ops.ssd import ssd_chunked
+
+    fused_mixer.load_triton_kernels = ReferenceKernels
+    torch.manual_seed(0)
+    batch, seqlen, nheads, headdim, ngroups, dstate, width, chunk = 2, 96, 4, 8, 2, 16, 4, 32
+    d_inner, conv_dim, eps, dt_limit = nheads * headdim, nheads * headdim + 2 * ngroups * dstate, 1e-5, (0.0, float("inf"))
+    params = {
+        "zxbcdt": torch.randn(batch, seqlen, d_inner + conv_dim + nheads), "conv_weight": torch.randn(conv_dim, width) * 0.5,
+        "conv_bias": torch.randn(conv_dim), "dt_bias": torch.randn(nheads) * 0.5, "A": -torch.rand(nheads) * 3 - 0.5,
+        "D": torch.randn(nheads), "norm_weight": 1 + torch.randn(d_inner) * 0.1,
+    }
+    params = {name: t.requires_grad_() for name, t in params.items()}
+    seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
+    seq_idx[:, 40:] = 1
+    seq_idx[1, 70:] = 2
+
+    def composed(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight):
+        z, xBC, dt = zxbcdt.split([d_inner, conv_dim, nheads], dim=-1)
+        x, B, C = causal_conv1d(xBC, conv_weight, conv_bias, seq_idx=seq_idx, activation="silu").split(
+            [d_inner, ngroups * dstate, ngroups * dstate], dim=-1)
+        y = ssd_chunked(x.unflatten(-1, (nheads, headdim)), dt, A, B.unflatten(-1, (ngroups, dstate)),
+                        C.unflatten(-1, (ngroups, dstate)), chunk, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx)
+        return gated_rms_norm(y.flatten(-2), z, norm_weight, d_inner // ngroups, eps)
+
+    def fused(*args):
+        return fused_mixer.conv_ssd_gated_norm(*args, ngroups, chunk, dt_limit, eps, seq_idx)
+
+    upstream = torch.randn(batch, seqlen, d_inner)
+    results = []
+    for fn in (composed, fused):
+        out = fn(*params.values())
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), list(params.values()))))
+    for name, got, want in zip(("out", *(f"d{n}" for n in params)), results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_fused_mixer_matches_the_composed_reference():
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+if __name__ == "__main__":
+    compare()
