@@ -5,6 +5,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Mamba2Config, Mamba2ForCausalLM
 from transformers.models.mamba2 import modeling_mamba2
 
@@ -100,6 +101,36 @@ def test_packed_documents_equal_separate_documents():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
     # ... and without seq_idx the documents would leak into each other:
     assert not torch.allclose(model(packed), logits, atol=1e-3)
+
+
+class MatmulCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.matmuls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.matmuls += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Per-block checkpointing (the add before each block, so one tensor kept per block) gives the
+    gradients of no checkpointing, and backward really recomputes: each block's in_proj matmul once
+    (recomputation stops before out_proj, whose output backward does not need)."""
+    cfg = ModelConfig.from_preset("debug", ngroups=2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24))
+    seq_idx = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = Mamba2LM(cfg, activation_checkpointing=checkpointing).double()
+        loss = model(ids, seq_idx=seq_idx, labels=ids.roll(-1, 1)).sum()
+        with MatmulCounter() as backward:
+            runs.append((backward, torch.autograd.grad(loss, list(model.parameters()))))
+    (plain, want), (checkpointed, got) = runs
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    assert checkpointed.matmuls - plain.matmuls == cfg.n_layer
 
 
 def test_init_follows_mamba_ssm():
