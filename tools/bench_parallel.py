@@ -50,6 +50,15 @@ def torchrun(nproc: int, module_args: list[str], timeout: int) -> subprocess.Com
         return subprocess.CompletedProcess(command, 124, expired.stdout or "", f"no result within {timeout} s")
 
 
+def failure(done: subprocess.CompletedProcess) -> str:
+    """The line that says why a torchrun job failed: its last error line from a rank (the trainer's
+    message or a traceback's last line), not torchrun's closing banner."""
+    lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    errors = [line for line in lines if ("Error" in line or "error:" in line.lower()) and "ChildFailedError" not in line]
+    from_ranks = [line for line in errors if line.startswith("[rank")]
+    return (from_ranks or errors or lines or [f"exit status {done.returncode}"])[-1]
+
+
 def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | None = None,
           extra: tuple[str, ...] = ()) -> list[dict] | str:
     """The trainer's metrics.jsonl records of one run, or the last line of its error."""
@@ -59,10 +68,10 @@ def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | 
                  f"--data.seq_len={args.seq_len}", f"--data.micro_batch={args.micro_batch}", f"--data.global_batch={args.global_batch}",
                  f"--train.steps={args.steps}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0",
                  "--data.verify=false", "--optim.warmup_steps=5", f"--parallel.tp={tp}", f"--parallel.cp={cp}",
-                 f"--parallel.sequence_parallel={str(sp).lower()}", f"--run.dir={run_dir}", *extra]
+                 f"--parallel.sequence_parallel={str(sp).lower()}", f"--run.dir={run_dir}", *extra, *(f"--{kv}" for kv in args.set)]
     done = torchrun(nproc or tp * cp, ["-m", "megassm.train", *overrides], args.timeout)
     if done.returncode:
-        return ((done.stderr or done.stdout).strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        return failure(done)
     return read_metrics(run_dir)
 
 
@@ -106,7 +115,8 @@ def count_worker(args) -> None:
         per_model = []
         for layers in (1, 2):
             torch.manual_seed(0)
-            model = Mamba2LM(ModelConfig.from_preset(args.preset, n_layer=layers, ngroups=args.ngroups), ctx).to(device)
+            cfg = ModelConfig.from_preset(args.preset, n_layer=layers, ngroups=args.ngroups, compile=False)  # a count: no compile time
+            model = Mamba2LM(cfg, ctx).to(device)
             ids = torch.randint(0, model.cfg.vocab_size, (1, tokens // args.cp), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16), record_communication() as forward:
                 loss = model(ids, labels=ids).sum()
@@ -131,8 +141,7 @@ def collectives(args) -> bool:
                                   "--cp", str(cp), *(["--sp"] if sp else []), "--lengths", *map(str, lengths)], args.timeout)
         lines = [line for line in done.stdout.splitlines() if line.startswith("BENCH_ROWS ")]
         if not lines:
-            errors = [line for line in done.stderr.splitlines() if "Error" in line or "error:" in line] or ["?"]
-            print(f"{name}: failed: {errors[0]}")
+            print(f"{name}: failed: {failure(done)}")
             ok = False
             continue
         rows = json.loads(lines[-1][len("BENCH_ROWS "):])
@@ -214,6 +223,7 @@ def main() -> None:
     parser.add_argument("--tokens-per-gpu", type=int, default=32768, help="scaling: CP weak scaling and the longest-sequence search")
     parser.add_argument("--max-seq-len", type=int, default=1 << 21, help="scaling: stop the longest-sequence search here")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for each run")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every training run")
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--cp", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--sp", action="store_true", help=argparse.SUPPRESS)
