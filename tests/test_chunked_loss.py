@@ -4,11 +4,11 @@ and gradients, one chunk's logits at a time, on one process and under tensor (an
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from megassm.model import Mamba2LM, ModelConfig
 from parallel import ParallelContext, init_parallel, local_piece, vocab_parallel_cross_entropy
 from parallel.tensor_parallel import vocab_parallel_linear_cross_entropy
+from tests.dispatch import Operators
 from tests.distributed import run_distributed
 from tests.test_parallel import relative_error
 
@@ -46,20 +46,6 @@ def test_matches_full_logits_in_float64(chunk_tokens):
     assert got[0].dtype == torch.float64 and (got[0][0, :4] == 0).all()
     for name, g, w in zip(("loss", "grad h", "grad weight"), got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
-
-
-class Operators(TorchDispatchMode):
-    """While active (forward and backward): how many matmuls ran, and the most elements any operator produced."""
-
-    def __init__(self):
-        super().__init__()
-        self.matmuls, self.numel = 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.matmuls += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm)
-        self.numel = max([self.numel] + [t.numel() for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)])
-        return out
 
 
 @pytest.mark.parametrize("reduce", [lambda loss: loss.sum() / 5, lambda loss: 3 * loss.sum()], ids=["sum/n", "3*sum"])

@@ -5,12 +5,12 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Mamba2Config, Mamba2ForCausalLM
 from transformers.models.mamba2 import modeling_mamba2
 
 from megassm.hf import from_hf_state_dict, hf_config_dict, model_config_from_hf, to_hf_state_dict
 from megassm.model import Mamba2LM, ModelConfig
+from tests.dispatch import Operators
 
 
 def grouped_gated_norm(self, hidden_states, gate=None):
@@ -103,16 +103,6 @@ def test_packed_documents_equal_separate_documents():
     assert not torch.allclose(model(packed), logits, atol=1e-3)
 
 
-class MatmulCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.matmuls = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.matmuls += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
-        return func(*args, **(kwargs or {}))
-
-
 def test_activation_checkpointing_gives_the_same_gradients():
     """Per-block checkpointing (the add before each block, so one tensor kept per block) gives the
     gradients of no checkpointing, and backward really recomputes: each block's in_proj matmul once
@@ -125,12 +115,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = Mamba2LM(cfg, activation_checkpointing=checkpointing).double()
         loss = model(ids, seq_idx=seq_idx, labels=ids.roll(-1, 1)).sum()
-        with MatmulCounter() as backward:
+        with Operators() as backward:
             runs.append((backward, torch.autograd.grad(loss, list(model.parameters()))))
     (plain, want), (checkpointed, got) = runs
     for (name, _), g, w in zip(model.named_parameters(), got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
-    assert checkpointed.matmuls - plain.matmuls == cfg.n_layer
+    projections = [run.calls[torch.ops.aten.mm] + run.calls[torch.ops.aten.addmm] for run in (plain, checkpointed)]
+    assert projections[1] - projections[0] == cfg.n_layer
 
 
 def test_init_follows_mamba_ssm():
