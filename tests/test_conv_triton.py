@@ -13,13 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-CASES = {"documents": (True, True), "one-document": (False, True), "no-bias": (True, False)}
+# case: (documents, bias, halo)
+CASES = {"documents": (True, True, False), "one-document": (False, True, False), "no-bias": (True, False, False),
+         "halo": (True, True, True), "halo-one-document": (False, True, True)}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compare(documents: bool, with_bias: bool) -> None:
-    """Output and the gradients of x (a strided slice, as the mixer passes it), weight and bias, with
-    more tokens and channels than one tile of any kernel, and not multiples of it."""
+def compare(documents: bool, with_bias: bool, with_halo: bool) -> None:
+    """Output and the gradients of x (a strided slice, as the mixer passes it), weight, bias and the
+    halo (context parallelism's previous rows), with more tokens and channels than one tile of any
+    kernel, and not multiples of it."""
     from megassm.ops import causal_conv1d
     from megassm.ops.conv_triton import causal_conv1d_silu, conv1d_silu_backward
 
@@ -28,18 +31,25 @@ def compare(documents: bool, with_bias: bool) -> None:
     wide = torch.randn(batch, seqlen, channels + 7)
     weight, bias = torch.randn(channels, width), torch.randn(channels) if with_bias else None
     seq_idx = torch.tensor([[0] * 10 + [1] * 3 + [2] * 32, [7] * 31 + [8] * 14]) if documents else None
+    # The first sequence's halo ends inside its first document, the second's holds another document.
+    halo_seq_idx = torch.tensor([[5, 0, 0], [6, 6, 6]]) if documents else None
+    halo_input = torch.randn(batch, width - 1, channels) if with_halo else None
     upstream = torch.randn(batch, seqlen, channels)
     results = []
-    for conv in (lambda x, w, b: causal_conv1d(x, w, b, seq_idx=seq_idx, activation="silu"),
-                 lambda x, w, b: causal_conv1d_silu(x, w, b, seq_idx)):
+    for conv in (lambda x, w, b, h: causal_conv1d(x, w, b, halo=h, seq_idx=seq_idx, halo_seq_idx=halo_seq_idx, activation="silu"),
+                 lambda x, w, b, h: causal_conv1d_silu(x, w, b, seq_idx, h, halo_seq_idx)):
         x = wide[..., 3:3 + channels].detach().requires_grad_()  # keeps the row stride of `wide`
         w = weight.clone().requires_grad_()
         b = bias.clone().requires_grad_() if with_bias else None
-        y = conv(x, w, b)
-        grads = torch.autograd.grad((y * upstream).sum(), [t for t in (x, w, b) if t is not None])
+        h = halo_input.clone().requires_grad_() if with_halo else None
+        y = conv(x, w, b, h)
+        grads = torch.autograd.grad((y * upstream).sum(), [t for t in (x, w, b, h) if t is not None])
         results.append((y, *grads))
-    for name, got, want in zip(("y", "dx", "dweight", "dbias"), results[1], results[0]):
+    names = ["y", "dx", "dweight"] + ["dbias"] * with_bias + ["dhalo"] * with_halo
+    for name, got, want in zip(names, results[1], results[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+    if with_halo:
+        return
 
     # As megassm/ops/fused_mixer.py calls it: dx written into its slice of a wider gradient buffer.
     buffer = torch.full_like(wide, float("nan"))

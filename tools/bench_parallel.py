@@ -43,17 +43,21 @@ def free_port() -> int:
 def torchrun(nproc: int, module_args: list[str], timeout: int) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
                "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *module_args]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
+    # The caller's path stays: mamba-ssm may be installed outside site-packages (pip --target, bench/RESULTS.md).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     try:
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-    except subprocess.TimeoutExpired as expired:
-        return subprocess.CompletedProcess(command, 124, expired.stdout or "", f"no result within {timeout} s")
+    except subprocess.TimeoutExpired as expired:  # its output is bytes, whatever `text` says
+        return subprocess.CompletedProcess(command, 124, (expired.stdout or b"").decode(errors="replace"), f"no result within {timeout} s")
 
 
 def failure(done: subprocess.CompletedProcess) -> str:
     """The line that says why a torchrun job failed: its last error line from a rank (the trainer's
     message or a traceback's last line), not torchrun's closing banner."""
-    lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+    if done.returncode == 124:
+        return done.stderr  # the time limit, not whatever the ranks printed last
+    lines = [line.strip() for line in (done.stderr + "\n" + done.stdout).splitlines() if line.strip()]
     errors = [line for line in lines if ("Error" in line or "error:" in line.lower()) and "ChildFailedError" not in line]
     from_ranks = [line for line in errors if line.startswith("[rank")]
     return (from_ranks or errors or lines or [f"exit status {done.returncode}"])[-1]
@@ -69,6 +73,8 @@ def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | 
                  f"--train.steps={args.steps}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0",
                  "--data.verify=false", "--optim.warmup_steps=5", f"--parallel.tp={tp}", f"--parallel.cp={cp}",
                  f"--parallel.sequence_parallel={str(sp).lower()}", f"--run.dir={run_dir}", *extra, *(f"--{kv}" for kv in args.set)]
+    if torch.cuda.is_available():  # a GPU figure must come from the Triton kernels, never the silent fallback of "auto"
+        overrides.insert(0, "--model.ssd_backend=triton")
     done = torchrun(nproc or tp * cp, ["-m", "megassm.train", *overrides], args.timeout)
     if done.returncode:
         return failure(done)
@@ -87,7 +93,7 @@ def check(args) -> bool:
         if isinstance(reference, str):
             raise SystemExit(f"bench_parallel: the one-GPU run failed: {reference}")
         rows, passed = [], True
-        for name, tp, cp, sp in [layout for layout in LAYOUTS if layout[1] * layout[2] <= args.gpus]:
+        for name, tp, cp, sp in [layout for layout in LAYOUTS if layout[1] * layout[2] <= args.gpus and layout[0] in args.layouts]:
             got = train(args, Path(tmp, name), tp, cp, sp)
             if isinstance(got, str):
                 rows.append([name, "failed", "-", got[:120]])
@@ -115,7 +121,8 @@ def count_worker(args) -> None:
         per_model = []
         for layers in (1, 2):
             torch.manual_seed(0)
-            cfg = ModelConfig.from_preset(args.preset, n_layer=layers, ngroups=args.ngroups, compile=False)  # a count: no compile time
+            cfg = ModelConfig.from_preset(args.preset, n_layer=layers, ngroups=args.ngroups, compile=False,  # a count: no compile time
+                                          ssd_backend="triton" if device.type == "cuda" else "torch")
             model = Mamba2LM(cfg, ctx).to(device)
             ids = torch.randint(0, model.cfg.vocab_size, (1, tokens // args.cp), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16), record_communication() as forward:
@@ -162,23 +169,27 @@ def scaling(args) -> bool:
     rows = []
     fixed = argparse.Namespace(**{**vars(args), "global_batch": max(args.global_batch, args.micro_batch * args.gpus)})
     with tempfile.TemporaryDirectory() as tmp:
-        for tp in [t for t in (1, 2, 4, 8) if t <= args.gpus]:
+        for tp in [t for t in (1, 2, 4, 8) if t <= args.gpus and "tp" in args.parts]:
             result = train(fixed, Path(tmp, f"tp{tp}"), tp, 1, nproc=args.gpus)
             rows.append([f"tp{tp} x dp{args.gpus // tp}", f"{fixed.global_batch} x {args.seq_len}", tokens_per_gpu(result)])
-        print(markdown(["layout", "global batch", "tokens/s per GPU"], rows))
+        if rows:
+            print(markdown(["layout", "global batch", "tokens/s per GPU"], rows))
         rows, base = [], None
-        for cp in [c for c in (1, 2, 4, 8) if c <= args.gpus]:
+        for cp in [c for c in (1, 2, 4, 8) if c <= args.gpus and "cp" in args.parts]:
             weak = argparse.Namespace(**{**vars(args), "seq_len": args.tokens_per_gpu * cp, "micro_batch": 1, "global_batch": 1})
             result = train(weak, Path(tmp, f"cp{cp}"), 1, cp, extra=("--train.activation_checkpointing=true",))
             speed = None if isinstance(result, str) else result[-1]["tokens_per_s_per_gpu"]
             base = speed if cp == 1 else base
             rows.append([f"cp{cp}", f"{weak.seq_len:,}", tokens_per_gpu(result), f"{speed / base:.0%}" if speed and base else "-"])
-        print("\n" + markdown(["layout", "sequence", "tokens/s per GPU", "efficiency vs cp1"], rows))
+        if rows:
+            print("\n" + markdown(["layout", "sequence", "tokens/s per GPU", "efficiency vs cp1"], rows))
+        if "longest" not in args.parts:
+            return True
         longest, seq_len = None, args.tokens_per_gpu * args.gpus
         while seq_len <= args.max_seq_len:
             trial = argparse.Namespace(**{**vars(args), "seq_len": seq_len, "micro_batch": 1, "global_batch": 1, "steps": 2})
             result = train(trial, Path(tmp, f"long{seq_len}"), 1, args.gpus, extra=("--train.activation_checkpointing=true",))
-            print(f"cp{args.gpus}, one sequence of {seq_len:,} tokens: " + ("trains, " + tokens_per_gpu(result) + " tokens/s per GPU"
+            print(f"cp{args.gpus}, one sequence of {seq_len:,} tokens: " + (f"trains, {tokens_per_gpu(result)} tokens/s per GPU, {result[-1]['mem_gib']:.1f} GiB"
                                                                         if not isinstance(result, str) else f"fails: {result[:150]}"))
             if isinstance(result, str):
                 break
@@ -222,6 +233,10 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072], help="collectives: total tokens of a sequence")
     parser.add_argument("--tokens-per-gpu", type=int, default=32768, help="scaling: CP weak scaling and the longest-sequence search")
     parser.add_argument("--max-seq-len", type=int, default=1 << 21, help="scaling: stop the longest-sequence search here")
+    parser.add_argument("--layouts", nargs="+", choices=[layout[0] for layout in LAYOUTS], default=[layout[0] for layout in LAYOUTS],
+                        help="check: which layouts (those that need more than --gpus are left out)")
+    parser.add_argument("--parts", nargs="+", choices=["tp", "cp", "longest"], default=["tp", "cp", "longest"],
+                        help="scaling: which measurements (each run starts the model anew: split them over several calls)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for each run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every training run")
     parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)

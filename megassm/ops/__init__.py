@@ -97,11 +97,11 @@ def ssd(
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, halo: Tensor | None = None, seq_idx: Tensor | None = None,
                        halo_seq_idx: Tensor | None = None, backend: str = "auto", compile: bool = False) -> Tensor:
     """causal_conv1d(..., activation="silu") on the chosen backend: megassm's Triton kernels
-    (megassm/ops/conv_triton.py) when there is no halo, else the PyTorch reference (compiled on CUDA if asked)."""
-    if halo is None and resolve_backend(backend, x.device) == "triton":
+    (megassm/ops/conv_triton.py), else the PyTorch reference (compiled on CUDA if asked)."""
+    if resolve_backend(backend, x.device) == "triton":
         from megassm.ops.conv_triton import causal_conv1d_silu as conv_triton  # imports triton: only where it runs
 
-        return conv_triton(x, weight, bias, seq_idx)
+        return conv_triton(x, weight, bias, seq_idx, halo, halo_seq_idx)
     conv = maybe_compiled(causal_conv1d, compile, x.device)
     return conv(x, weight, bias, halo=halo, seq_idx=seq_idx, halo_seq_idx=halo_seq_idx, activation="silu")
 

@@ -8,7 +8,9 @@ rows come from cache), so the forward reads x once and writes y once. Document b
 mask taps that reach into another document, as the reference does. The backward recomputes the
 pre-activation (cheaper than storing it), writes d(pre-activation) in fp32, and takes dx from that;
 the weight and bias gradients are summed per tile, then over tiles.
-Sums are fp32; y and dx have x's dtype. No halo (context parallelism uses the PyTorch version).
+Sums are fp32; y and dx have x's dtype. A halo (context parallelism: the previous rank's last rows)
+is put in front of x and its own outputs dropped: one copy of x, where the PyTorch version at 32K
+tokens per rank made a 780m CP step ~3x slower than one GPU's (bench/RESULTS.md, issue 7).
 """
 
 from __future__ import annotations
@@ -193,7 +195,16 @@ class _CausalConv1dSilu(torch.autograd.Function):
         return *conv1d_silu_backward(x, weight, bias, seq_idx, last_dim_contiguous(dy)), None
 
 
-def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_idx: Tensor | None = None) -> Tensor:
-    """silu(causal_conv1d(x, weight, bias, seq_idx=seq_idx)) of megassm/ops/conv.py, without a halo.
-    x: (b, l, d) with channels contiguous; weight: (d, width); bias: (d,); seq_idx: (b, l)."""
-    return _CausalConv1dSilu.apply(x, weight, bias, seq_idx)
+def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_idx: Tensor | None = None,
+                       halo: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
+    """silu(causal_conv1d(x, weight, bias, halo, seq_idx, halo_seq_idx)) of megassm/ops/conv.py.
+    x: (b, l, d) with channels contiguous; weight: (d, width); bias: (d,); seq_idx: (b, l);
+    halo: (b, width-1, d); halo_seq_idx: (b, width-1), by default the first token's document."""
+    if halo is None:
+        return _CausalConv1dSilu.apply(x, weight, bias, seq_idx)
+    width = weight.shape[1]
+    if seq_idx is not None:
+        halo_seq_idx = seq_idx[:, :1].expand(-1, width - 1) if halo_seq_idx is None else halo_seq_idx
+        seq_idx = torch.cat([halo_seq_idx.to(seq_idx.dtype), seq_idx], dim=1)
+    # Outputs from row width-1 on look back at most width-1 rows: never past the halo into the zero padding.
+    return _CausalConv1dSilu.apply(torch.cat([halo.to(x.dtype), x], dim=1), weight, bias, seq_idx)[:, width - 1 :]
