@@ -28,6 +28,7 @@ from megassm.config import Config, ConfigError, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.metrics import MetricsLogger, StepTimer, logical_param_count, memory_gib, model_flops_per_token, peak_flops, throughput
 from megassm.model import Mamba2LM
+from megassm.ops import resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import PretrainedError, load_pretrained
 from parallel import DDPEngine, ParallelContext, init_parallel, local_piece
@@ -115,7 +116,8 @@ class Trainer:
                                     cfg.run.name or self.run_dir.name, cfg.to_dict(), total_steps=cfg.train.steps)
         self.say(f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {self.device.type} | "
                  f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
-                 f"{cfg.train.precision} | engine {cfg.parallel.engine} | run dir {self.run_dir}")
+                 f"{cfg.train.precision} | {resolve_backend(cfg.model.ssd_backend, self.device)} kernels | engine {cfg.parallel.engine} | "
+                 f"run dir {self.run_dir}")
 
     def say(self, line: str) -> None:
         if self.is_writer:

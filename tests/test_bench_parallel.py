@@ -28,3 +28,18 @@ def test_collectives_per_layer(prepared_data):
 def test_checkpoint_resumed_under_another_layout(prepared_data):
     out = bench_parallel(prepared_data, "reshard", "--seq-len", "64", "--steps", "4")
     assert "written by tp2 at step 2, resumed by cp2: steps 3-4" in out and "PASS" in out
+
+
+def test_ranks_keep_the_callers_python_path(tmp_path, monkeypatch):
+    """A mamba-ssm installed with `pip --target` reaches the ranks only through PYTHONPATH: when the
+    tool replaced it, every GPU rank silently ran the PyTorch SSD (bench/RESULTS.md, calls 10-12)."""
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import bench_parallel
+
+    script = tmp_path / "show_path.py"
+    script.write_text("import sys\nprint('PATH', sys.path)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    done = bench_parallel.torchrun(1, [str(script)], timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = next(line for line in done.stdout.splitlines() if line.startswith("PATH"))
+    assert str(tmp_path / "site") in shown and str(ROOT) in shown
