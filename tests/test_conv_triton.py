@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-# case: (documents, bias, halo)
-CASES = {"documents": (True, True, False), "one-document": (False, True, False), "no-bias": (True, False, False),
-         "halo": (True, True, True), "halo-one-document": (False, True, True)}
+# case: (documents, bias, halo, tokens); one token after a halo is a decoding step (megassm/model/recurrent.py)
+CASES = {"documents": (True, True, False, 45), "one-document": (False, True, False, 45), "no-bias": (True, False, False, 45),
+         "halo": (True, True, True, 45), "halo-one-document": (False, True, True, 45), "halo-one-token": (False, True, True, 1)}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compare(documents: bool, with_bias: bool, with_halo: bool) -> None:
+def compare(documents: bool, with_bias: bool, with_halo: bool, seqlen: int) -> None:
     """Output and the gradients of x (a strided slice, as the mixer passes it), weight, bias and the
     halo (context parallelism's previous rows), with more tokens and channels than one tile of any
     kernel, and not multiples of it."""
@@ -27,7 +27,7 @@ def compare(documents: bool, with_bias: bool, with_halo: bool) -> None:
     from megassm.ops.conv_triton import causal_conv1d_silu, conv1d_silu_backward
 
     torch.manual_seed(0)
-    batch, seqlen, channels, width = 2, 45, 150, 4
+    batch, channels, width = 2, 150, 4
     wide = torch.randn(batch, seqlen, channels + 7)
     weight, bias = torch.randn(channels, width), torch.randn(channels) if with_bias else None
     seq_idx = torch.tensor([[0] * 10 + [1] * 3 + [2] * 32, [7] * 31 + [8] * 14]) if documents else None
