@@ -9,9 +9,6 @@ sequence) across the TP group: layer inputs are all-gathered, outputs reduce-sca
 
 from __future__ import annotations
 
-import functools
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -19,6 +16,7 @@ from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
 from parallel.collectives import all_gather, all_reduce, copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
+from parallel.compiled import maybe_compiled
 from parallel.context import ParallelContext, group_rank, group_size
 
 SEQUENCE_DIM = 1
@@ -193,16 +191,6 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group: ProcessG
     return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index)
 
 
-@functools.cache
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn)
-
-
-def _chunk_kernel(fn: Callable, compile: bool, device: torch.device) -> Callable:
-    """fn, or on CUDA when asked fn through torch.compile: its passes over a chunk's logits become one or two kernels."""
-    return _compiled(fn) if compile and device.type == "cuda" else fn
-
-
 def _chunk_stats(logits: Tensor, local_target: Tensor, reduce_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     """Per token of a chunk: its target's logit (garbage where the target is on another rank), the
     largest logit and the sum of exp(logit - largest), all over this rank's part of the vocabulary."""
@@ -260,7 +248,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 lse, target_logit, grad_h, grad_weight = _loss_and_unit_gradients(tokens, w, local_target, hit, valid, reduce_dtype, ctx)
                 ctx.save_for_backward(h, weight, local_target, hit, valid, lse, grad_h, grad_weight)
                 return (lse - target_logit).masked_fill(~valid, 0.0).view(target.shape)
-            chunk_stats = _chunk_kernel(_chunk_stats, compile, h.device)
+            chunk_stats = maybe_compiled(_chunk_stats, compile, h.device)
             local_max, sum_exp, target_logit = (torch.empty(len(tokens), dtype=reduce_dtype, device=h.device) for _ in range(3))
             for start in range(0, len(tokens), chunk_tokens):
                 rows = slice(start, start + chunk_tokens)
@@ -288,7 +276,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         scale = (grad_loss.reshape(-1) * valid).to(reduce_dtype)
         grad_h = torch.empty_like(tokens)
         grad_weight = torch.zeros(weight.shape, dtype=reduce_dtype, device=weight.device)  # accumulated in fp32
-        logit_grad = _chunk_kernel(_chunk_logit_grad, ctx.compile, h.device)
+        logit_grad = maybe_compiled(_chunk_logit_grad, ctx.compile, h.device)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(compute_dtype)
             for start in range(0, len(tokens), ctx.chunk_tokens):
@@ -309,7 +297,7 @@ def _loss_and_unit_gradients(tokens: Tensor, w: Tensor, local_target: Tensor, hi
     grad_h = torch.empty_like(tokens)
     grad_weight = torch.zeros(w.shape, dtype=reduce_dtype, device=w.device)
     scale = valid.to(reduce_dtype)
-    loss_and_grad = _chunk_kernel(_chunk_loss_and_grad, ctx.compile, tokens.device)
+    loss_and_grad = maybe_compiled(_chunk_loss_and_grad, ctx.compile, tokens.device)
     for start in range(0, len(tokens), ctx.chunk_tokens):
         rows = slice(start, start + ctx.chunk_tokens)
         x = tokens[rows].to(ctx.compute_dtype)

@@ -63,4 +63,3 @@ def test_gated_rms_norm_normalises_each_group(ngroups):
     groups = (x * z * torch.sigmoid(z)).split(size, dim=-1)
     want = torch.cat([g / torch.sqrt((g**2).mean(-1, keepdim=True) + 1e-5) for g in groups], dim=-1) * w
     torch.testing.assert_close(gated_rms_norm(x, z, w, size, 1e-5), want)
-

@@ -163,39 +163,52 @@ def tokens_per_gpu(records: list[dict] | str) -> str:
     return records if isinstance(records, str) else f"{records[-1]['tokens_per_s_per_gpu']:,.0f}"
 
 
-def scaling(args) -> bool:
-    """780m (or --preset) tokens/s per GPU for tp = 1, 2, 4, 8 at a fixed global batch; CP weak
-    scaling at 32K tokens per GPU; the longest single sequence on all GPUs with CP."""
+def tp_scaling(args, tmp: Path) -> None:
+    """tokens/s per GPU for tp = 1, 2, 4, 8 (dp the rest) at a fixed global batch."""
     rows = []
     fixed = argparse.Namespace(**{**vars(args), "global_batch": max(args.global_batch, args.micro_batch * args.gpus)})
+    for tp in [t for t in (1, 2, 4, 8) if t <= args.gpus]:
+        result = train(fixed, Path(tmp, f"tp{tp}"), tp, 1, nproc=args.gpus)
+        rows.append([f"tp{tp} x dp{args.gpus // tp}", f"{fixed.global_batch} x {args.seq_len}", tokens_per_gpu(result)])
+    print(markdown(["layout", "global batch", "tokens/s per GPU"], rows) + "\n")
+
+
+def cp_weak_scaling(args, tmp: Path) -> None:
+    """One sequence of --tokens-per-gpu x cp tokens on cp GPUs: tokens/s per GPU against cp = 1."""
+    rows, base = [], None
+    for cp in [c for c in (1, 2, 4, 8) if c <= args.gpus]:
+        weak = argparse.Namespace(**{**vars(args), "seq_len": args.tokens_per_gpu * cp, "micro_batch": 1, "global_batch": 1})
+        result = train(weak, Path(tmp, f"cp{cp}"), 1, cp, extra=("--train.activation_checkpointing=true",))
+        speed = None if isinstance(result, str) else result[-1]["tokens_per_s_per_gpu"]
+        base = speed if cp == 1 else base
+        rows.append([f"cp{cp}", f"{weak.seq_len:,}", tokens_per_gpu(result), f"{speed / base:.0%}" if speed and base else "-"])
+    print(markdown(["layout", "sequence", "tokens/s per GPU", "efficiency vs cp1"], rows) + "\n")
+
+
+def longest_sequence(args, tmp: Path) -> None:
+    """Double one sequence on all GPUs with CP, from --tokens-per-gpu x GPUs, until a run fails (or --max-seq-len)."""
+    longest, seq_len = None, args.tokens_per_gpu * args.gpus
+    while seq_len <= args.max_seq_len:
+        trial = argparse.Namespace(**{**vars(args), "seq_len": seq_len, "micro_batch": 1, "global_batch": 1, "steps": 2})
+        result = train(trial, Path(tmp, f"long{seq_len}"), 1, args.gpus, extra=("--train.activation_checkpointing=true",))
+        if isinstance(result, str):
+            print(f"cp{args.gpus}, one sequence of {seq_len:,} tokens: fails: {result[:150]}")
+            break
+        print(f"cp{args.gpus}, one sequence of {seq_len:,} tokens: trains, {tokens_per_gpu(result)} tokens/s per GPU, "
+              f"{result[-1]['mem_gib']:.1f} GiB")
+        longest, seq_len = seq_len, seq_len * 2
+    limit = " (the search stops at --max-seq-len)" if seq_len > args.max_seq_len else ""
+    print(f"\nlongest single sequence trained on {args.gpus} GPUs: {longest or 'none'} tokens{limit}")
+
+
+SCALING_PARTS = {"tp": tp_scaling, "cp": cp_weak_scaling, "longest": longest_sequence}
+
+
+def scaling(args) -> bool:
+    """780m (or --preset): the --parts asked for, in that order (each run starts a model anew)."""
     with tempfile.TemporaryDirectory() as tmp:
-        for tp in [t for t in (1, 2, 4, 8) if t <= args.gpus and "tp" in args.parts]:
-            result = train(fixed, Path(tmp, f"tp{tp}"), tp, 1, nproc=args.gpus)
-            rows.append([f"tp{tp} x dp{args.gpus // tp}", f"{fixed.global_batch} x {args.seq_len}", tokens_per_gpu(result)])
-        if rows:
-            print(markdown(["layout", "global batch", "tokens/s per GPU"], rows))
-        rows, base = [], None
-        for cp in [c for c in (1, 2, 4, 8) if c <= args.gpus and "cp" in args.parts]:
-            weak = argparse.Namespace(**{**vars(args), "seq_len": args.tokens_per_gpu * cp, "micro_batch": 1, "global_batch": 1})
-            result = train(weak, Path(tmp, f"cp{cp}"), 1, cp, extra=("--train.activation_checkpointing=true",))
-            speed = None if isinstance(result, str) else result[-1]["tokens_per_s_per_gpu"]
-            base = speed if cp == 1 else base
-            rows.append([f"cp{cp}", f"{weak.seq_len:,}", tokens_per_gpu(result), f"{speed / base:.0%}" if speed and base else "-"])
-        if rows:
-            print("\n" + markdown(["layout", "sequence", "tokens/s per GPU", "efficiency vs cp1"], rows))
-        if "longest" not in args.parts:
-            return True
-        longest, seq_len = None, args.tokens_per_gpu * args.gpus
-        while seq_len <= args.max_seq_len:
-            trial = argparse.Namespace(**{**vars(args), "seq_len": seq_len, "micro_batch": 1, "global_batch": 1, "steps": 2})
-            result = train(trial, Path(tmp, f"long{seq_len}"), 1, args.gpus, extra=("--train.activation_checkpointing=true",))
-            print(f"cp{args.gpus}, one sequence of {seq_len:,} tokens: " + (f"trains, {tokens_per_gpu(result)} tokens/s per GPU, {result[-1]['mem_gib']:.1f} GiB"
-                                                                        if not isinstance(result, str) else f"fails: {result[:150]}"))
-            if isinstance(result, str):
-                break
-            longest, seq_len = seq_len, seq_len * 2
-        limit = " (the search stops at --max-seq-len)" if seq_len > args.max_seq_len else ""
-        print(f"\nlongest single sequence trained on {args.gpus} GPUs: {longest or 'none'} tokens{limit}")
+        for part in args.parts:
+            SCALING_PARTS[part](args, Path(tmp))
     return True
 
 
@@ -235,7 +248,7 @@ def main() -> None:
     parser.add_argument("--max-seq-len", type=int, default=1 << 21, help="scaling: stop the longest-sequence search here")
     parser.add_argument("--layouts", nargs="+", choices=[layout[0] for layout in LAYOUTS], default=[layout[0] for layout in LAYOUTS],
                         help="check: which layouts (those that need more than --gpus are left out)")
-    parser.add_argument("--parts", nargs="+", choices=["tp", "cp", "longest"], default=["tp", "cp", "longest"],
+    parser.add_argument("--parts", nargs="+", choices=list(SCALING_PARTS), default=list(SCALING_PARTS),
                         help="scaling: which measurements (each run starts the model anew: split them over several calls)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for each run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every training run")

@@ -2,14 +2,12 @@
 (mamba-ssm's SSD and gated RMSNorm, megassm's conv1d). `backend`: "torch" (the reference, anywhere),
 "triton" (CUDA + mamba-ssm, or an error), or "auto" (Triton when the tensors are on CUDA and the
 kernels load, the reference otherwise). The plain-PyTorch pieces with no Triton kernel of their own
-(RMSNorm, the loss's softmax, the conv1d with a CP halo) run through torch.compile on CUDA
-(`maybe_compiled`), which fuses each into a few kernels."""
+(RMSNorm, the loss's softmax, and the conv1d on the "torch" backend) run through torch.compile on
+CUDA (`maybe_compiled`), which fuses each into a few kernels."""
 
 from __future__ import annotations
 
-import functools
 import warnings
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -19,23 +17,12 @@ from megassm.ops.mamba_triton import KernelsUnavailable, load_triton_kernels
 from megassm.ops.norm import gated_rms_norm as gated_rms_norm_reference
 from megassm.ops.norm import add_rms_norm, rms_norm
 from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked
+from parallel.compiled import maybe_compiled
 
 BACKENDS = ("auto", "torch", "triton")
 
 __all__ = ["BACKENDS", "KernelsUnavailable", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm",
            "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
-
-
-@functools.cache
-def _compiled(fn: Callable) -> Callable:
-    return torch.compile(fn)
-
-
-def maybe_compiled(fn: Callable, enabled: bool, device: torch.device) -> Callable:
-    """`fn` through torch.compile when enabled and on CUDA, else `fn` itself (CPU runs and tests stay eager).
-    Why: chains of elementwise ops become one or two kernels, and the backward recomputes cheap
-    intermediates instead of keeping them. One compiled function per `fn`, shared by every layer."""
-    return _compiled(fn) if enabled and device.type == "cuda" else fn
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
