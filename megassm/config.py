@@ -82,7 +82,7 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 1000  # 0: only at the end
+    every: int = 1000  # 0: only at the end; -1: never (benchmarks)
     keep: int = 3
     resume: str = "auto"  # "auto" (newest complete checkpoint of run.dir) | "none" | a checkpoint path
     # Start a new run from these weights: a megassm checkpoint or run, or a transformers or mamba-ssm
@@ -233,9 +233,11 @@ def validate(cfg: Config, world_size: int) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
     for key, value in {"train.eval_every": train.eval_every, "train.eval_samples": train.eval_samples,
-                       "checkpoint.every": ckpt.every, "optim.warmup_steps": optim.warmup_steps}.items():
+                       "optim.warmup_steps": optim.warmup_steps}.items():
         if value < 0:
             raise ConfigError(f"{key} must be 0 or more, got {value}")
+    if ckpt.every < -1:
+        raise ConfigError(f"checkpoint.every must be a number of steps, 0 (only at the end) or -1 (never), got {ckpt.every}")
     if par.dp == -1:
         if world_size % (par.tp * par.cp):
             raise ConfigError(f"parallel.tp * parallel.cp = {par.tp * par.cp} does not divide the world size {world_size}")

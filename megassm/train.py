@@ -218,7 +218,8 @@ class Trainer:
                 metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
             if metrics:
                 self.logger.log(metrics)
-            if (cfg.checkpoint.every and done % cfg.checkpoint.every == 0) or done == cfg.train.steps:
+            every = cfg.checkpoint.every
+            if (every > 0 and done % every == 0) or (every >= 0 and done == cfg.train.steps):
                 self.save()
         self.logger.close()
 

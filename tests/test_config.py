@@ -55,9 +55,10 @@ def config_file(tmp_path: Path, prepared_data: Path):
         ({'preset = "debug"': 'preset = "debug"\nvocab_size = 100'}, 4,
          r"has 512 tokens, more than model.vocab_size = 100: raise model.vocab_size"),
         ({"[data]": "[train]\ncuda_graphs = true\n[data]"}, 4, r"train.cuda_graphs = true needs parallel.tp = 1, parallel.cp = 1"),
+        ({"[data]": "[checkpoint]\nevery = -2\n[data]"}, 4, r"checkpoint.every must be a number of steps, 0 \(only at the end\) or -1"),
     ],
     ids=["unknown-key", "unknown-section", "wrong-type", "layout-too-big", "world-not-divisible", "heads-vs-tp", "groups-vs-tp",
-         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-tp"],
+         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-tp", "checkpoint-every"],
 )
 def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replace, world, message):
     monkeypatch.setenv("WORLD_SIZE", str(world))

@@ -91,6 +91,11 @@ def test_one_process_run_learns_and_writes_its_outputs(one_process, config):
             assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "mem_gib"} <= record.keys()
 
 
+def test_checkpoint_every_minus_one_writes_none(config, tmp_path):
+    records = train(config, tmp_path / "run", 1, "--checkpoint.every=-1", "--train.steps=2", "--train.eval_every=0")
+    assert by_step(records, "loss").keys() == {1, 2} and not (tmp_path / "run" / "checkpoints").exists()
+
+
 LAYOUTS = {
     "tp2-cp2": ["--parallel.tp=2", "--parallel.cp=2"],
     "dp2-cp2": ["--parallel.cp=2"],
