@@ -34,7 +34,9 @@ def slice_decays(
     does not: after the slice's first document, or everywhere if the slice starts a new document)."""
     dA = discretize_dt(dt, dt_bias, True, dt_limit) * A  # fp32
     log_decay = dA.sum(dim=1)
-    decay = torch.exp(torch.cumsum(dA, dim=1))
+    # The scan along the last dim: torch's cumsum over dim 1 of (b, l, h) runs one thread per head
+    # through all l tokens, and was a third of a CP step at 32K tokens (bench/RESULTS.md).
+    decay = torch.exp(dA.transpose(1, 2).cumsum(-1).transpose(1, 2))
     if seq_idx is not None:
         starts_new_document = seq_idx[:, 0] != halo_seq_idx[:, -1]
         blocked = starts_new_document | (seq_idx[:, 0] != seq_idx[:, -1])
