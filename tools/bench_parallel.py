@@ -9,8 +9,13 @@ the same runs use CPU processes and gloo, which is how this tool is tested (test
     python tools/bench_parallel.py collectives   # per layer: TP collectives each way; CP bytes at 8K, 32K, 128K tokens
     python tools/bench_parallel.py scaling       # 780m tokens/s per GPU for tp 1-8; CP weak scaling (32K tokens/GPU); longest sequence
     python tools/bench_parallel.py reshard       # written with one layout, resumed with another: the same losses
+    python tools/bench_parallel.py profile --cp 2 --seq-len 32768   # one rank's forward + backward by op, on one GPU
 
 Add --preset debug --seq-len 64 (and --gpus 4) to try it on CPU processes.
+
+With --one-rank, scaling runs rank 0 of each layout alone on one device, every collective answered by
+torch's fake process group: the compute time and memory of one GPU of a layout larger than the
+machine, without communication (what a layout costs at best; the losses are not the job's).
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
 import torch
-from bench import ROOT, markdown, require_prepared_data  # tools/ is on the path when run as a script
+from bench import ROOT, markdown, require_prepared_data, synchronize  # tools/ is on the path when run as a script
 
 # (name, tp, cp, sequence parallelism); a layout runs where tp * cp GPUs exist, with dp = 1.
 LAYOUTS = [("tp2", 2, 1, False), ("tp2+sp", 2, 1, True), ("cp2", 1, 2, False), ("tp2xcp2", 2, 2, False), ("tp4", 4, 1, False),
@@ -41,8 +47,11 @@ def free_port() -> int:
 
 
 def torchrun(nproc: int, module_args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *module_args]
+    return launch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+                   "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *module_args], timeout)
+
+
+def launch(command: list[str], timeout: int) -> subprocess.CompletedProcess:
     # The caller's path stays: mamba-ssm may be installed outside site-packages (pip --target, bench/RESULTS.md).
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
@@ -70,12 +79,15 @@ def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | 
 
     overrides = [f"--model.preset={args.preset}", f"--model.ngroups={args.ngroups}", f"--data.path={args.data}",
                  f"--data.seq_len={args.seq_len}", f"--data.micro_batch={args.micro_batch}", f"--data.global_batch={args.global_batch}",
-                 f"--train.steps={args.steps}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=0",
+                 f"--train.steps={args.steps}", "--train.log_every=1", "--train.eval_every=0", "--checkpoint.every=-1",
                  "--data.verify=false", "--optim.warmup_steps=5", f"--parallel.tp={tp}", f"--parallel.cp={cp}",
                  f"--parallel.sequence_parallel={str(sp).lower()}", f"--run.dir={run_dir}", *extra, *(f"--{kv}" for kv in args.set)]
     if torch.cuda.is_available():  # a GPU figure must come from the Triton kernels, never the silent fallback of "auto"
         overrides.insert(0, "--model.ssd_backend=triton")
-    done = torchrun(nproc or tp * cp, ["-m", "megassm.train", *overrides], args.timeout)
+    if args.one_rank:
+        done = launch([sys.executable, __file__, "rank", "--gpus", str(nproc or tp * cp), *overrides], args.timeout)
+    else:
+        done = torchrun(nproc or tp * cp, ["-m", "megassm.train", *overrides], args.timeout)
     if done.returncode:
         return failure(done)
     return read_metrics(run_dir)
@@ -138,6 +150,74 @@ def count_worker(args) -> None:
     torch.distributed.destroy_process_group()
 
 
+def join_fake_job(world_size: int) -> None:
+    """Make this process rank 0 of a job of world_size ranks on torch's fake process group: no
+    communication; an all-reduce leaves this rank's data, an all-gather or reduce-scatter zeros."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import parallel.collectives
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(world_size))
+    torch.distributed.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    for name in ("_all_gather", "_reduce_scatter"):  # their outputs are new tensors: never written on CUDA
+        setattr(parallel.collectives, name, zeroing_output(getattr(parallel.collectives, name)))
+
+
+def zeroing_output(collective):
+    """The collective, its output zeroed first: garbage there (NaN, say) made every step non-finite,
+    and the trainer skips the update of such a step, so its time would not be a training step's."""
+    def call(out, *args, **kwargs):
+        out.zero_()
+        return collective(out, *args, **kwargs)
+
+    return call
+
+
+def rank_worker(world_size: int, trainer_args: list[str]) -> int:
+    """The trainer as rank 0 of world_size ranks, alone (--one-rank)."""
+    from megassm.train import main as train_main
+
+    join_fake_job(world_size)
+    return train_main(trainer_args)
+
+
+def profile_rank(args) -> None:
+    """One rank of tp x cp alone (fake process group): time per forward + backward of --layers layers
+    (activation checkpointing, bf16 autocast, --seq-len tokens on this rank in two documents) and the
+    device time by op and kernel, to find what a layout adds to one GPU's work."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from megassm.model import Mamba2LM, ModelConfig
+    from parallel import init_parallel
+
+    join_fake_job(args.tp * args.cp)
+    ctx = init_parallel(args.tp, args.cp, 1, args.sp)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(args.preset, ngroups=args.ngroups, n_layer=args.layers, compile=False,
+                                  ssd_backend="triton" if device.type == "cuda" else "torch")
+    model = Mamba2LM(cfg, ctx, activation_checkpointing=True).to(device)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.seq_len), device=device)
+    seq_idx = (torch.arange(args.seq_len, device=device) >= args.seq_len // 3).int()[None]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = model(ids, seq_idx, ids).sum()
+        loss.backward()
+        synchronize()
+
+    for _ in range(3):
+        step()
+    started = time.perf_counter()
+    for _ in range(5):
+        step()
+    print(f"tp{args.tp} x cp{args.cp}{' + SP' if args.sp else ''}, {args.layers} layers of {args.preset}, {args.seq_len:,} tokens on "
+          f"this rank: {(time.perf_counter() - started) / 5 * 1e3:.1f} ms per forward + backward\n")
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]) as prof:
+        step()
+    print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=30, max_name_column_width=70))
+
+
 def collectives(args) -> bool:
     """Per layer and direction: TP collectives (one all-reduce each way; all-gather + reduce-scatter
     under SP) and CP bytes (equal at every sequence length)."""
@@ -164,13 +244,18 @@ def tokens_per_gpu(records: list[dict] | str) -> str:
 
 
 def tp_scaling(args, tmp: Path) -> None:
-    """tokens/s per GPU for tp = 1, 2, 4, 8 (dp the rest) at a fixed global batch."""
+    """tokens/s per GPU for tp = 1, 2, 4, 8 (dp the rest) at a fixed global batch. A TP rank holds 1/tp
+    of each layer, so its micro batch is tp times tp1's, with sequence parallelism splitting what TP
+    would replicate: every layout runs kernels of the same size (at tp1's micro batch a TP step is
+    tp times as many launches of 1/tp of the work: bench/RESULTS.md)."""
     rows = []
-    fixed = argparse.Namespace(**{**vars(args), "global_batch": max(args.global_batch, args.micro_batch * args.gpus)})
+    global_batch = max(args.global_batch, args.micro_batch * args.gpus)
     for tp in [t for t in (1, 2, 4, 8) if t <= args.gpus]:
-        result = train(fixed, Path(tmp, f"tp{tp}"), tp, 1, nproc=args.gpus)
-        rows.append([f"tp{tp} x dp{args.gpus // tp}", f"{fixed.global_batch} x {args.seq_len}", tokens_per_gpu(result)])
-    print(markdown(["layout", "global batch", "tokens/s per GPU"], rows) + "\n")
+        layout = argparse.Namespace(**{**vars(args), "global_batch": global_batch, "micro_batch": args.micro_batch * tp})
+        result = train(layout, Path(tmp, f"tp{tp}"), tp, 1, sp=tp > 1, nproc=args.gpus)
+        rows.append([f"tp{tp} x dp{args.gpus // tp}{' + SP' if tp > 1 else ''}", f"{global_batch} x {args.seq_len}",
+                     f"{layout.micro_batch} x {args.seq_len}", tokens_per_gpu(result)])
+    print(markdown(["layout", "global batch", "micro batch", "tokens/s per GPU"], rows) + "\n")
 
 
 def cp_weak_scaling(args, tmp: Path) -> None:
@@ -232,7 +317,7 @@ def reshard(args) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=["check", "collectives", "scaling", "reshard", "count"])
+    parser.add_argument("what", choices=["check", "collectives", "scaling", "reshard", "profile", "count", "rank"])
     parser.add_argument("--gpus", type=int, default=torch.cuda.device_count() or 4, help="GPUs (or CPU processes) to use")
     parser.add_argument("--preset", default=None, help="model preset (default: mamba2-130m; mamba2-780m for scaling)")
     parser.add_argument("--ngroups", type=int, default=8,
@@ -250,15 +335,27 @@ def main() -> None:
                         help="check: which layouts (those that need more than --gpus are left out)")
     parser.add_argument("--parts", nargs="+", choices=list(SCALING_PARTS), default=list(SCALING_PARTS),
                         help="scaling: which measurements (each run starts the model anew: split them over several calls)")
+    parser.add_argument("--one-rank", action="store_true",
+                        help="scaling: each layout's rank 0 alone on one device, without communication (see above)")
     parser.add_argument("--timeout", type=int, default=900, help="seconds for each run")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every training run")
-    parser.add_argument("--tp", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--cp", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--sp", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--tp", type=int, default=1, help="profile: the layout of which one rank runs")
+    parser.add_argument("--cp", type=int, default=1, help="profile: the layout of which one rank runs")
+    parser.add_argument("--sp", action="store_true", help="profile: with sequence parallelism")
+    parser.add_argument("--layers", type=int, default=8, help="profile: the model's layers")
+    args, trainer_args = parser.parse_known_args()
+    if args.what == "rank":
+        sys.exit(rank_worker(args.gpus, trainer_args))
+    if trainer_args:
+        parser.error(f"unrecognized arguments: {' '.join(trainer_args)}")
+    if args.one_rank and args.what != "scaling":
+        parser.error("--one-rank measures speed and memory only (its losses are not the job's): use it with scaling")
     args.preset = args.preset or ("mamba2-780m" if args.what == "scaling" else "mamba2-130m")
     if args.what == "count":
         count_worker(args)
+        return
+    if args.what == "profile":
+        profile_rank(args)
         return
     require_prepared_data(args.data, "bench_parallel")
     ok = {"check": check, "collectives": collectives, "scaling": scaling, "reshard": reshard}[args.what](args)
