@@ -66,5 +66,31 @@ def test_triton_conv_matches_the_reference(case):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.parametrize("options", ["plain", "bias-documents-halo"])
+def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
+    """The interpreter runs the kernels' Python; this compiles them for an H100/H200 (sm_90) down to
+    a cubin, which needs no GPU, so that what only the compiler rejects fails here and not on the GPU."""
+    triton = pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megassm.ops import conv_triton
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    flags = dict(HAS_BIAS=True, HAS_SEQ=True, HAS_HALO=True) if options != "plain" else dict(HAS_BIAS=False, HAS_SEQ=False, HAS_HALO=False)
+    tiles = dict(BLOCK_L=conv_triton.BLOCK_L, BLOCK_D=conv_triton.BLOCK_D)
+    kernels = {conv_triton._forward_kernel: {**flags, **tiles}, conv_triton._grad_pre_kernel: {**flags, **tiles},
+               conv_triton._grad_input_kernel: {"HAS_SEQ": flags["HAS_SEQ"], **tiles},
+               conv_triton._grad_weight_kernel: {"HAS_SEQ": flags["HAS_SEQ"], "HAS_HALO": flags["HAS_HALO"], "TILES_PER_PROGRAM": 4,
+                                                 "TAPS": 4, "BLOCK_L": conv_triton.WEIGHT_BLOCK_L, "BLOCK_D": conv_triton.WEIGHT_BLOCK_D}}
+    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dpre_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+    for kernel, constants in kernels.items():
+        constants = {**constants, "WIDTH": 4}
+        signature = {name: "constexpr" if name in constants else pointer.get(name, "*bf16") if name.endswith("_ptr") else "i32"
+                     for name in kernel.arg_names}
+        source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+
+
 if __name__ == "__main__":
     compare(*CASES[sys.argv[1]])

@@ -8,9 +8,10 @@ rows come from cache), so the forward reads x once and writes y once. Document b
 mask taps that reach into another document, as the reference does. The backward recomputes the
 pre-activation (cheaper than storing it), writes d(pre-activation) in fp32, and takes dx from that;
 the weight and bias gradients are summed per tile, then over tiles.
-Sums are fp32; y and dx have x's dtype. A halo (context parallelism: the previous rank's last rows)
-is put in front of x and its own outputs dropped: one copy of x, where the PyTorch version at 32K
-tokens per rank made a 780m CP step ~3x slower than one GPU's (bench/RESULTS.md, issue 7).
+Sums are fp32; y and dx have x's dtype. A halo (context parallelism: the previous rank's last
+width-1 rows; a decoding step's conv state) is read by the taps that reach before row 0, from its own
+tensor: putting it in front of x would copy x, and give back a gradient to slice, each time (three
+copies of the layer's widest activation per CP layer and step).
 """
 
 from __future__ import annotations
@@ -35,60 +36,83 @@ def _tile(L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _tap_mask(seq_ptr, batch, stride_sb, rows, other, row_ok, L, HAS_SEQ: tl.constexpr):
-    """Rows `other` that exist, and hold the same document as `rows` when seq_idx is given."""
-    ok = row_ok & (other >= 0) & (other < L)
+def _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows, other, row_ok, L,
+              HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
+    """Rows `other` (any shape broadcasting with `rows`) that exist, in x or, before row 0, in the halo,
+    and hold the same document as `rows` when seq_idx is given."""
+    in_x = row_ok & (other >= 0) & (other < L)
+    in_halo = row_ok & (other < 0) & (other >= 1 - WIDTH)
+    ok = in_x
+    if HAS_HALO:
+        ok = ok | in_halo
     if HAS_SEQ:
         mine = tl.load(seq_ptr + batch * stride_sb + rows, mask=row_ok, other=-1)
-        theirs = tl.load(seq_ptr + batch * stride_sb + other, mask=ok, other=-2)
+        theirs = tl.load(seq_ptr + batch * stride_sb + other, mask=in_x, other=-2)
+        if HAS_HALO:
+            theirs = tl.where(in_halo, tl.load(hseq_ptr + batch * stride_hsb + other + WIDTH - 1, mask=in_halo, other=-2), theirs)
         ok = ok & (mine == theirs)
     return ok
 
 
 @triton.jit
-def _pre_activation(x_ptr, w_ptr, b_ptr, seq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_sb,
-                    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_rows(x_ptr, h_ptr, batch, source, offsets, ok, stride_xb, stride_xl, stride_hb, stride_hl,
+               HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
+    """x's rows `source` (zeros where not ok) at column `offsets`, the halo's before row 0; fp32."""
+    values = tl.load(x_ptr + batch * stride_xb + source * stride_xl + offsets, mask=ok & (source >= 0), other=0.0).to(tl.float32)
+    if HAS_HALO:
+        values += tl.load(h_ptr + batch * stride_hb + (source + WIDTH - 1) * stride_hl + offsets, mask=ok & (source < 0),
+                          other=0.0).to(tl.float32)
+    return values
+
+
+@triton.jit
+def _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
+                    stride_sb, stride_hsb, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     row_ok, col_ok = rows < L, cols < D
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for k in tl.static_range(WIDTH):
         source = rows - (WIDTH - 1) + k
-        ok = _tap_mask(seq_ptr, batch, stride_sb, rows, source, row_ok, L, HAS_SEQ)
-        x = tl.load(x_ptr + batch * stride_xb + source[:, None] * stride_xl + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+        ok = _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows, source, row_ok, L, HAS_SEQ, HAS_HALO, WIDTH)
+        x = _load_rows(x_ptr, h_ptr, batch, source[:, None], cols[None, :], ok[:, None] & col_ok[None, :], stride_xb, stride_xl,
+                       stride_hb, stride_hl, HAS_HALO, WIDTH)
         w = tl.load(w_ptr + cols * WIDTH + k, mask=col_ok, other=0.0)
-        acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+        acc += x * w.to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, y_ptr, L, D, stride_xb, stride_xl, stride_sb, stride_yb, stride_yl,
-                    HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _forward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, y_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
+                    stride_sb, stride_hsb, stride_yb, stride_yl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
+                    WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
-    pre = _pre_activation(x_ptr, w_ptr, b_ptr, seq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_sb,
-                          HAS_BIAS, HAS_SEQ, WIDTH, BLOCK_L, BLOCK_D)
+    pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb,
+                          stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L, BLOCK_D)
     y = pre * tl.sigmoid(pre)
     mask = (rows < L)[:, None] & (cols < D)[None, :]
     tl.store(y_ptr + batch * stride_yb + rows[:, None] * stride_yl + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _grad_pre_kernel(x_ptr, w_ptr, b_ptr, seq_ptr, dy_ptr, dpre_ptr, L, D, stride_xb, stride_xl, stride_sb, stride_dyb, stride_dyl,
-                     HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _grad_pre_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr, dpre_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
+                     stride_sb, stride_hsb, stride_dyb, stride_dyl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
+                     WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """d(pre-activation) of the tile, fp32, contiguous (b, l, d)."""
     batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
     mask = (rows < L)[:, None] & (cols < D)[None, :]
-    pre = _pre_activation(x_ptr, w_ptr, b_ptr, seq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_sb,
-                          HAS_BIAS, HAS_SEQ, WIDTH, BLOCK_L, BLOCK_D)
+    pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb,
+                          stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L, BLOCK_D)
     dy = tl.load(dy_ptr + batch * stride_dyb + rows[:, None] * stride_dyl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(pre)
     tl.store(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], dy * sig * (1 + pre * (1 - sig)), mask=mask)  # silu'
 
 
 @triton.jit
-def _grad_weight_kernel(x_ptr, seq_ptr, dpre_ptr, dw_ptr, db_ptr, L, D, stride_xb, stride_xl, stride_sb, tiles,
-                        TILES_PER_PROGRAM: tl.constexpr, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr, TAPS: tl.constexpr,
-                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+def _grad_weight_kernel(x_ptr, h_ptr, seq_ptr, hseq_ptr, dpre_ptr, dw_ptr, db_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
+                        stride_sb, stride_hsb, tiles, TILES_PER_PROGRAM: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
+                        WIDTH: tl.constexpr, TAPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """This program's share of dw (programs, WIDTH, D) and db (programs, D): a run of TILES_PER_PROGRAM
     token tiles (all batch rows in order), summed elementwise in registers and over tokens once at the end.
     TAPS: WIDTH rounded up to a power of two (the taps are one axis of a 3-d tile)."""
@@ -106,13 +130,11 @@ def _grad_weight_kernel(x_ptr, seq_ptr, dpre_ptr, dw_ptr, db_ptr, L, D, stride_x
         row_ok = (rows < L) & (tile < tiles)
         dpre = tl.load(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
         source = rows[:, None] - (WIDTH - 1) + taps[None, :]
-        ok = row_ok[:, None] & (taps < WIDTH)[None, :] & (source >= 0)
-        if HAS_SEQ:
-            mine = tl.load(seq_ptr + batch * stride_sb + rows, mask=row_ok, other=-1)
-            ok = ok & (tl.load(seq_ptr + batch * stride_sb + source, mask=ok, other=-2) == mine[:, None])
-        x = tl.load(x_ptr + batch * stride_xb + source[:, :, None] * stride_xl + cols[None, None, :],
-                    mask=ok[:, :, None] & col_ok[None, None, :], other=0.0)
-        acc_w += dpre[:, None, :] * x.to(tl.float32)
+        ok = _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows[:, None], source, row_ok[:, None], L, HAS_SEQ, HAS_HALO,
+                       WIDTH) & (taps < WIDTH)[None, :]
+        x = _load_rows(x_ptr, h_ptr, batch, source[:, :, None], cols[None, None, :], ok[:, :, None] & col_ok[None, None, :],
+                       stride_xb, stride_xl, stride_hb, stride_hl, HAS_HALO, WIDTH)
+        acc_w += dpre[:, None, :] * x
         acc_b += dpre
     program = tl.program_id(0)
     tap_ok = (taps < WIDTH)[:, None] & col_ok[None, :]
@@ -128,8 +150,8 @@ def _grad_input_kernel(dpre_ptr, w_ptr, seq_ptr, dx_ptr, L, D, stride_sb, stride
     row_ok, col_ok = rows < L, cols < D
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for k in tl.static_range(WIDTH):
-        target = rows + (WIDTH - 1) - k
-        ok = _tap_mask(seq_ptr, batch, stride_sb, rows, target, row_ok, L, HAS_SEQ)
+        target = rows + (WIDTH - 1) - k  # never before row 0: no halo
+        ok = _tap_mask(seq_ptr, seq_ptr, batch, stride_sb, 0, rows, target, row_ok, L, HAS_SEQ, False, WIDTH)
         g = tl.load(dpre_ptr + (batch * L + target[:, None]) * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
         acc += g * tl.load(w_ptr + cols * WIDTH + k, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
@@ -140,30 +162,60 @@ def last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def conv1d_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
-    """y = silu(conv(x)), contiguous, in x's dtype. x: (b, l, d) with channels contiguous (any row stride)."""
+class _Halo:
+    """The optional halo (b, width-1, d) and its document ids (b, width-1) as kernel arguments."""
+
+    def __init__(self, x: Tensor, halo: Tensor | None, halo_seq_idx: Tensor | None):
+        self.halo, self.seq_idx = halo, halo_seq_idx
+        self.tensor = x if halo is None else halo
+        self.strides = (0, 0) if halo is None else (halo.stride(0), halo.stride(1))
+        self.ids, self.ids_stride = (x, 0) if halo_seq_idx is None else (halo_seq_idx, halo_seq_idx.stride(0))
+
+
+def conv1d_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, halo: Tensor | None = None,
+                        halo_seq_idx: Tensor | None = None) -> Tensor:
+    """y = silu(conv(x)), contiguous, in x's dtype. x: (b, l, d) with channels contiguous (any row stride);
+    halo: the width-1 rows before x (channels contiguous) and halo_seq_idx their documents, when seq_idx is given."""
     batch, length, channels = x.shape
+    h = _Halo(x, halo, halo_seq_idx)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
-    _forward_kernel[grid](x, weight, x if bias is None else bias, x if seq_idx is None else seq_idx, y, length, channels,
-                          x.stride(0), x.stride(1), 0 if seq_idx is None else seq_idx.stride(0), y.stride(0), y.stride(1),
-                          HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, WIDTH=weight.shape[1], BLOCK_L=BLOCK_L,
-                          BLOCK_D=BLOCK_D)
+    _forward_kernel[grid](x, h.tensor, weight, x if bias is None else bias, x if seq_idx is None else seq_idx, h.ids, y, length, channels,
+                          x.stride(0), x.stride(1), *h.strides, 0 if seq_idx is None else seq_idx.stride(0), h.ids_stride,
+                          y.stride(0), y.stride(1), HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_HALO=halo is not None,
+                          WIDTH=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     return y
 
 
+def halo_gradient(dpre: Tensor, weight: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None) -> Tensor:
+    """d(halo) (b, width-1, d) fp32: halo row j reaches output t <= j through tap j - t (a few rows: PyTorch)."""
+    batch, length, channels = dpre.shape
+    width = weight.shape[1]
+    dhalo = dpre.new_zeros(batch, width - 1, channels)
+    for j in range(width - 1):
+        for t in range(min(j + 1, length)):
+            term = dpre[:, t] * weight[:, j - t].float()
+            if seq_idx is not None:
+                term = term * (seq_idx[:, t] == halo_seq_idx[:, j])[:, None]
+            dhalo[:, j] += term
+    return dhalo
+
+
 def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, dy: Tensor,
-                         dx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(dx, dweight, dbias) from dy = d(output). dx, if given, is written in place (any row stride, channels
-    contiguous): a fused caller's slice of one larger gradient buffer."""
+                         dx: Tensor | None = None, halo: Tensor | None = None,
+                         halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(dx, dweight, dbias, dhalo) from dy = d(output). dx, if given, is written in place (any row stride,
+    channels contiguous): a fused caller's slice of one larger gradient buffer."""
     batch, length, channels = x.shape
     width = weight.shape[1]
+    h = _Halo(x, halo, halo_seq_idx)
     grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
     flags = dict(HAS_SEQ=seq_idx is not None, WIDTH=width)
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
     dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
-    _grad_pre_kernel[grid](x, weight, x if bias is None else bias, seq, dy, dpre, length, channels, x.stride(0), x.stride(1),
-                           seq_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
+    _grad_pre_kernel[grid](x, h.tensor, weight, x if bias is None else bias, seq, h.ids, dy, dpre, length, channels, x.stride(0),
+                           x.stride(1), *h.strides, seq_stride, h.ids_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None,
+                           HAS_HALO=halo is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
     _grad_input_kernel[grid](dpre, weight, seq, dx, length, channels, seq_stride, dx.stride(0), dx.stride(1),
@@ -174,25 +226,31 @@ def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx
     programs = triton.cdiv(tiles, tiles_per_program)
     dw = torch.empty(programs, width, channels, dtype=torch.float32, device=x.device)
     db = torch.empty(programs, channels, dtype=torch.float32, device=x.device)
-    _grad_weight_kernel[(programs, column_blocks)](x, seq, dpre, dw, db, length, channels, x.stride(0), x.stride(1), seq_stride, tiles,
-                                                   TILES_PER_PROGRAM=tiles_per_program, TAPS=triton.next_power_of_2(width),
+    _grad_weight_kernel[(programs, column_blocks)](x, h.tensor, seq, h.ids, dpre, dw, db, length, channels, x.stride(0), x.stride(1),
+                                                   *h.strides, seq_stride, h.ids_stride, tiles, TILES_PER_PROGRAM=tiles_per_program,
+                                                   HAS_HALO=halo is not None, TAPS=triton.next_power_of_2(width),
                                                    BLOCK_L=WEIGHT_BLOCK_L, BLOCK_D=WEIGHT_BLOCK_D, **flags)
     grad_bias = None if bias is None else db.sum(0).to(bias.dtype)
-    return dx, dw.sum(0).T.to(weight.dtype), grad_bias
+    dhalo = None if halo is None else halo_gradient(dpre, weight, seq_idx, halo_seq_idx).to(halo.dtype)
+    return dx, dw.sum(0).T.to(weight.dtype), grad_bias, dhalo
 
 
 class _CausalConv1dSilu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, halo: Tensor | None,
+                halo_seq_idx: Tensor | None) -> Tensor:
         x, weight = last_dim_contiguous(x), weight.contiguous()
         seq_idx = None if seq_idx is None else seq_idx.contiguous()
-        ctx.save_for_backward(x, weight, bias, seq_idx)
-        return conv1d_silu_forward(x, weight, bias, seq_idx)
+        halo = None if halo is None else last_dim_contiguous(halo)
+        ctx.save_for_backward(x, weight, bias, seq_idx, halo, halo_seq_idx)
+        return conv1d_silu_forward(x, weight, bias, seq_idx, halo, halo_seq_idx)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, weight, bias, seq_idx = ctx.saved_tensors
-        return *conv1d_silu_backward(x, weight, bias, seq_idx, last_dim_contiguous(dy)), None
+        x, weight, bias, seq_idx, halo, halo_seq_idx = ctx.saved_tensors
+        dx, dweight, dbias, dhalo = conv1d_silu_backward(x, weight, bias, seq_idx, last_dim_contiguous(dy), halo=halo,
+                                                         halo_seq_idx=halo_seq_idx)
+        return dx, dweight, dbias, None, dhalo, None
 
 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, seq_idx: Tensor | None = None,
@@ -200,11 +258,11 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, se
     """silu(causal_conv1d(x, weight, bias, halo, seq_idx, halo_seq_idx)) of megassm/ops/conv.py.
     x: (b, l, d) with channels contiguous; weight: (d, width); bias: (d,); seq_idx: (b, l);
     halo: (b, width-1, d); halo_seq_idx: (b, width-1), by default the first token's document."""
-    if halo is None:
-        return _CausalConv1dSilu.apply(x, weight, bias, seq_idx)
-    width = weight.shape[1]
-    if seq_idx is not None:
-        halo_seq_idx = seq_idx[:, :1].expand(-1, width - 1) if halo_seq_idx is None else halo_seq_idx
-        seq_idx = torch.cat([halo_seq_idx.to(seq_idx.dtype), seq_idx], dim=1)
-    # Outputs from row width-1 on look back at most width-1 rows: never past the halo into the zero padding.
-    return _CausalConv1dSilu.apply(torch.cat([halo.to(x.dtype), x], dim=1), weight, bias, seq_idx)[:, width - 1 :]
+    if halo is None or seq_idx is None:
+        halo_seq_idx = None
+    elif halo_seq_idx is None:
+        halo_seq_idx = seq_idx[:, :1].expand(-1, weight.shape[1] - 1).contiguous()
+    else:
+        halo_seq_idx = halo_seq_idx.to(seq_idx.dtype).contiguous()
+    halo = None if halo is None else halo.to(x.dtype)
+    return _CausalConv1dSilu.apply(x, weight, bias, seq_idx, halo, halo_seq_idx)

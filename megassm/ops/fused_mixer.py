@@ -76,7 +76,7 @@ class _ConvScanNorm(torch.autograd.Function):
             dy.view_as(y), x, dt, A, B, C, y, ctx.chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
             dt_limit=ctx.dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC,
         )
-        _, dconv_weight, dconv_bias = conv1d_silu_backward(xBC, conv_weight, conv_bias, seq_idx, dxBC_conv, dx=dxBC)
+        _, dconv_weight, dconv_bias, _ = conv1d_silu_backward(xBC, conv_weight, conv_bias, seq_idx, dxBC_conv, dx=dxBC)
         return grad, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, None, None, None, None, None
 
 
