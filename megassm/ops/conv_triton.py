@@ -58,11 +58,12 @@ def _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows, other, row_
 def _load_rows(x_ptr, h_ptr, batch, source, offsets, ok, stride_xb, stride_xl, stride_hb, stride_hl,
                HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
     """x's rows `source` (zeros where not ok) at column `offsets`, the halo's before row 0; fp32."""
-    values = tl.load(x_ptr + batch * stride_xb + source * stride_xl + offsets, mask=ok & (source >= 0), other=0.0).to(tl.float32)
-    if HAS_HALO:
-        values += tl.load(h_ptr + batch * stride_hb + (source + WIDTH - 1) * stride_hl + offsets, mask=ok & (source < 0),
-                          other=0.0).to(tl.float32)
-    return values
+    x_rows = x_ptr + batch * stride_xb + source * stride_xl + offsets
+    if not HAS_HALO:  # ok already excludes rows before 0
+        return tl.load(x_rows, mask=ok, other=0.0).to(tl.float32)
+    halo_rows = h_ptr + batch * stride_hb + (source + WIDTH - 1) * stride_hl + offsets
+    return (tl.load(x_rows, mask=ok & (source >= 0), other=0.0).to(tl.float32)
+            + tl.load(halo_rows, mask=ok & (source < 0), other=0.0).to(tl.float32))
 
 
 @triton.jit
@@ -166,7 +167,6 @@ class _Halo:
     """The optional halo (b, width-1, d) and its document ids (b, width-1) as kernel arguments."""
 
     def __init__(self, x: Tensor, halo: Tensor | None, halo_seq_idx: Tensor | None):
-        self.halo, self.seq_idx = halo, halo_seq_idx
         self.tensor = x if halo is None else halo
         self.strides = (0, 0) if halo is None else (halo.stride(0), halo.stride(1))
         self.ids, self.ids_stride = (x, 0) if halo_seq_idx is None else (halo_seq_idx, halo_seq_idx.stride(0))
