@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from megassm.errors import UserError
 from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, checkpoints_in, read_model_state
 from megassm.config import ConfigError, load_config
 from megassm.config import read_model_config as read_model_config_file
@@ -42,7 +43,7 @@ DESCRIPTIONS = {
 }
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError, ValueError):
     """A folder that cannot be read as a Mamba-2 model, or one that does not fit; the message names the file."""
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megassm.errors import UserError
 from megassm.checkpoint import DamagedCheckpoint, load_checkpoint, resume_candidates, save_checkpoint
 from megassm.config import Config, ConfigError, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
@@ -37,7 +38,7 @@ from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. the loss diverged); the message says what to try."""
 
 

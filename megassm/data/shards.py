@@ -23,6 +23,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from megassm.errors import UserError
+
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
 DOC_STARTS_FILE = "doc_starts.npy"
@@ -32,7 +34,7 @@ SPLITS = ("train", "val")
 REPAIR = "re-create the folder with python tools/prepare_data.py"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A prepared data folder is missing, incomplete or corrupt, or cannot serve what was asked of it."""
 
 
