@@ -72,7 +72,9 @@ class TrainConfig:
     steps: int = 1000
     precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
     activation_checkpointing: bool = False
-    cuda_graphs: bool = False  # replay the blocks as CUDA graphs (tp = cp = 1, engine ddp, no activation checkpointing)
+    # Replay the blocks' forward and backward as CUDA graphs: "auto" (on CUDA wherever cuda_graph_blockers
+    # finds nothing in the way, said once at start-up when something is), true (an error where they cannot), false.
+    cuda_graphs: bool | str = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation
     eval_samples: int = 32  # held-out sequences per validation, the same ones every time and for every layout
@@ -267,9 +269,10 @@ def validate(cfg: Config, world_size: int) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")
-    if train.cuda_graphs and (par.tp > 1 or par.cp > 1 or train.activation_checkpointing or par.engine != "ddp"):
-        raise ConfigError("train.cuda_graphs = true needs parallel.tp = 1, parallel.cp = 1, parallel.engine = 'ddp' and "
-                          "train.activation_checkpointing = false: switch one of them")
+    if train.cuda_graphs not in (True, False, "auto"):
+        raise ConfigError(f"train.cuda_graphs = {train.cuda_graphs!r}: choose true, false or \"auto\"")
+    if train.cuda_graphs is True and cuda_graph_blockers(cfg):
+        raise ConfigError(f"train.cuda_graphs = true needs {' and '.join(cuda_graph_blockers(cfg))}: switch one of them, or use \"auto\"")
     if par.engine == "deepspeed" and par.zero_stage not in (1, 2):
         raise ConfigError(f"parallel.zero_stage = {par.zero_stage}: megassm supports ZeRO stages 1 and 2 "
                           "(its TP layers shard parameters themselves, which stage 3 would repeat)")
@@ -280,6 +283,20 @@ def validate(cfg: Config, world_size: int) -> None:
     if not data.path:
         raise ConfigError("data.path is empty: point it at a folder made by tools/prepare_data.py "
                           "(bash launch/quickstart.sh makes one from the built-in corpus)")
+
+
+def cuda_graph_blockers(cfg: Config) -> list[str]:
+    """What keeps the blocks from being replayed as CUDA graphs under this config (empty: nothing).
+    A graph replays its kernels without Python: the blocks may not communicate (TP, CP) nor leave
+    the step to an engine that reorders the backward pass (DeepSpeed)."""
+    par, blockers = cfg.parallel, []
+    if par.tp > 1:
+        blockers.append("parallel.tp = 1")
+    if par.cp > 1:
+        blockers.append("parallel.cp = 1")
+    if par.engine != "ddp":
+        blockers.append("parallel.engine = 'ddp'")
+    return blockers
 
 
 def write_config(cfg: Config, path: Path) -> None:

@@ -25,11 +25,11 @@ from torch import Tensor
 
 from megassm.errors import UserError
 from megassm.checkpoint import DamagedCheckpoint, load_checkpoint, resume_candidates, save_checkpoint
-from megassm.config import Config, ConfigError, load_config, write_config
+from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.metrics import MetricsLogger, StepTimer, logical_param_count, memory_gib, model_flops_per_token, peak_flops, throughput
 from megassm.model import Mamba2LM
-from megassm.ops import resolve_backend
+from megassm.ops import TRITON_MAX_ELEMENTS, resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import PretrainedError, load_pretrained
 from parallel import DDPEngine, ParallelContext, init_parallel, local_piece
@@ -58,6 +58,18 @@ def open_data(cfg: Config) -> TokenStream:
     if cfg.data.verify and int(os.environ.get("RANK", 0)) == 0:
         stream.verify()  # rank 0 alone reads everything: if it fails, torchrun stops the others
     return stream
+
+
+def check_kernel_addressing(cfg: Config, backend: str) -> None:
+    """The Triton kernels address a tensor with 32-bit offsets: a micro batch whose in_proj output (the
+    mixer's widest tensor) has 2^31 elements or more would make them read and write out of bounds."""
+    tokens = cfg.data.micro_batch * cfg.data.seq_len // cfg.parallel.cp
+    width = cfg.model.in_proj_width // cfg.parallel.tp
+    if backend == "triton" and tokens * width >= TRITON_MAX_ELEMENTS:
+        fits = (TRITON_MAX_ELEMENTS - 1) // width
+        raise ConfigError(f"data.micro_batch * data.seq_len / parallel.cp = {tokens:,} tokens per micro batch and rank, times in_proj's "
+                          f"{width:,} channels per rank, exceed the 2^31 elements the Triton kernels can address: at most {fits:,} tokens "
+                          "fit; lower data.micro_batch or data.seq_len, or raise parallel.cp")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -96,8 +108,11 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
+        self.backend = resolve_backend(cfg.model.ssd_backend, self.device)
+        check_kernel_addressing(cfg, self.backend)
         self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing,
-                              cuda_graphs=cfg.train.cuda_graphs and self.device.type == "cuda").to(self.device)
+                              cuda_graphs=self.device.type == "cuda" and cfg.train.cuda_graphs is not False
+                              and not cuda_graph_blockers(cfg)).to(self.device)
         checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
@@ -117,8 +132,17 @@ class Trainer:
                                     cfg.run.name or self.run_dir.name, cfg.to_dict(), total_steps=cfg.train.steps)
         self.say(f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {self.device.type} | "
                  f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
-                 f"{cfg.train.precision} | {resolve_backend(cfg.model.ssd_backend, self.device)} kernels | engine {cfg.parallel.engine} | "
+                 f"{cfg.train.precision} | {self.backend} kernels | {self.graphs_line()} | engine {cfg.parallel.engine} | "
                  f"run dir {self.run_dir}")
+
+    def graphs_line(self) -> str:
+        """Whether the blocks run as CUDA graphs, and what keeps them off where "auto" wanted them."""
+        if self.model.cuda_graphs:
+            return "CUDA graphs"
+        blockers = cuda_graph_blockers(self.cfg)
+        if self.device.type == "cuda" and self.cfg.train.cuda_graphs == "auto" and blockers:
+            return f"no CUDA graphs (they need {' and '.join(blockers)})"
+        return "no CUDA graphs"
 
     def say(self, line: str) -> None:
         if self.is_writer:

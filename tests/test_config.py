@@ -54,7 +54,7 @@ def config_file(tmp_path: Path, prepared_data: Path):
         ({'preset = "debug"': 'preset = "mamba2-7b"'}, 4, r"model.preset = 'mamba2-7b' .* is not one of"),
         ({'preset = "debug"': 'preset = "debug"\nvocab_size = 100'}, 4,
          r"has 512 tokens, more than model.vocab_size = 100: raise model.vocab_size"),
-        ({"[data]": "[train]\ncuda_graphs = true\n[data]"}, 4, r"train.cuda_graphs = true needs parallel.tp = 1, parallel.cp = 1"),
+        ({"[data]": "[train]\ncuda_graphs = true\n[data]"}, 4, r"train.cuda_graphs = true needs parallel.tp = 1 and parallel.cp = 1: switch"),
         ({"[data]": "[checkpoint]\nevery = -2\n[data]"}, 4, r"checkpoint.every must be a number of steps, 0 \(only at the end\) or -1"),
     ],
     ids=["unknown-key", "unknown-section", "wrong-type", "layout-too-big", "world-not-divisible", "heads-vs-tp", "groups-vs-tp",

@@ -1,18 +1,21 @@
-"""Single-GPU training speed: megassm's trainer step against the mamba-ssm peer, side by side.
+"""Single-GPU training speed: megassm's trainer step against mamba-ssm, side by side.
 
 megassm runs its real training step (megassm.train.Trainer.train_step: data loader, bf16 autocast,
-the loss, the DDP engine's fused AdamW and clipping). The peer is mamba-ssm 2.3's MambaLMHeadModel
-with Mamba2 layers and use_mem_eff_path=False (Triton SSD, fused add+RMSNorm, nn.Conv1d), the same
-shapes and token batches, bf16 autocast, cross-entropy over its logits, fused AdamW, clipping.
+the loss, the DDP engine's fused AdamW and clipping) in its default configuration; --variant adds
+rows with config keys changed. The peers are mamba-ssm 2.3's MambaLMHeadModel with Mamba2 layers,
+the same shapes and token batches, bf16 autocast, cross-entropy over its logits, fused AdamW,
+clipping: "fused" is its default training path (use_mem_eff_path=True: conv, SSD and gated norm in
+one autograd function, with causal-conv1d's CUDA conv; what mamba-ssm and Megatron-LM users train
+with, and the reference for the ratios), "unfused" its path without causal-conv1d (nn.Conv1d).
 Each measurement is its own process (a clean peak-memory figure, an out-of-memory that ends one
 row only), all sharing one Triton cache, so the kernels autotune once per shape.
 
-    python tools/bench.py                               # 130m 8x2048, 780m 8x2048, 1.3b 4x4096: megassm and the peer
+    python tools/bench.py                               # 130m 8x2048, 780m 8x2048, 1.3b 4x4096: megassm and both peers
     python tools/bench.py --cases 130m:8x2048 --variant eager:model.compile=false --profile
     python tools/bench.py --check                       # the fast path against the reference path, a few steps
 
-MFU = tokens/s x (6 x parameters + 3 x SSD forward FLOPs per token) / the GPU's bf16 peak (GPU.md),
-the same FLOPs for both. Peak memory is torch.cuda.max_memory_allocated over the whole run.
+MFU = tokens/s x (6 x parameters + 3 x SSD forward FLOPs per token) / the GPU's bf16 peak,
+the same FLOPs for all. Peak memory is torch.cuda.max_memory_allocated over the whole run.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ DEFAULT_CASES = ["130m:8x2048", "780m:8x2048", "1.3b:4x4096"]
 RESULT_TAG = "BENCH_RESULT "
 # Kernel families of the profile, first match wins (kernel names of torch 2.11, Triton 3.6, mamba-ssm 2.3).
 FAMILIES = (
+    ("conv1d (causal-conv1d CUDA)", r"causal_conv1d"),
     ("SSD scan (mamba-ssm Triton)", r"_chunk_cumsum|_chunk_state|_state_passing|_bmm_chunk|_chunk_scan"),
     ("RMSNorms (mamba-ssm Triton)", r"_layer_norm|_rms_norm"),
     ("conv1d (megassm Triton)", r"^_(forward|grad_pre|grad_input|grad_weight)_kernel$"),
@@ -156,6 +160,9 @@ def import_peer():
     return MambaConfig, MambaLMHeadModel
 
 
+PEERS = {"peer-fused": "mamba-ssm fused (reference)", "peer-unfused": "mamba-ssm unfused"}
+
+
 def run_peer(args, started: float) -> dict:
     import torch
     import torch.nn.functional as F
@@ -164,11 +171,17 @@ def run_peer(args, started: float) -> dict:
     from megassm.metrics import logical_param_count, model_flops_per_token, peak_flops
 
     MambaConfig, MambaLMHeadModel = import_peer()
+    fused = args.worker == "peer-fused"
+    if fused:
+        from mamba_ssm.ops.triton import ssd_combined
+
+        if ssd_combined.causal_conv1d_fwd_function is None:
+            raise SystemExit("the fused peer needs causal-conv1d's CUDA extension: pip install causal-conv1d")
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = megassm_config(args.case, args.data, 1, run_dir, args.set)
     m, device = cfg.model, torch.device("cuda")
     ssm_cfg = dict(layer="Mamba2", d_state=m.d_state, d_conv=m.d_conv, expand=m.expand, headdim=m.headdim, ngroups=m.ngroups,
-                   chunk_size=m.chunk_size, use_mem_eff_path=False)
+                   chunk_size=m.chunk_size, use_mem_eff_path=fused)
     config = MambaConfig(d_model=m.d_model, d_intermediate=0, n_layer=m.n_layer, vocab_size=m.vocab_size, ssm_cfg=ssm_cfg,
                          rms_norm=True, residual_in_fp32=True, fused_add_norm=True, pad_vocab_size_multiple=1, tie_embeddings=True)
     torch.manual_seed(cfg.run.seed)
@@ -203,7 +216,7 @@ def worker(args) -> None:
     import torch
 
     try:
-        result = (run_peer if args.worker == "peer" else run_megassm)(args, started)
+        result = (run_peer if args.worker in PEERS else run_megassm)(args, started)
     except torch.OutOfMemoryError as error:
         result = {"oom": True, "peak_gib": peak_gib(), "error": str(error).splitlines()[0]}
     print(RESULT_TAG + json.dumps(result), flush=True)
@@ -245,21 +258,22 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 def compare(args) -> None:
     variants = [("megassm", args.set)] + [(name, args.set + sets.split(",")) for name, sets in (v.split(":", 1) for v in args.variant)]
-    systems = ([("mamba-ssm peer", "peer", [])] if args.peer else []) + [(name, "megassm", sets) for name, sets in variants]
+    peers = [(PEERS[f"peer-{p}"], f"peer-{p}", []) for p in args.peers]
+    systems = peers + [(name, "megassm", sets) for name, sets in variants]  # the reference first: each row's ratio as it comes
     rows, profiles = [], []
     for case in args.cases:
-        peer_speed = None
+        reference = {}
         for label, system, sets in systems:
             result = spawn(args, system, case, sets)
+            reference = result if system == "peer-fused" else reference
             shown = describe(result)
             speed = result["tokens"] / result["step_s"] if "step_s" in result else None
-            peer_speed = speed if system == "peer" else peer_speed
-            ratio = f"{speed / peer_speed:.2f}x" if speed and peer_speed and system != "peer" else "-"
+            ratio = f"{reference['step_s'] / result['step_s']:.2f}x" if speed and "step_s" in reference else "-"
             rows.append([case, label, *shown.values(), ratio])
             print(" | ".join(rows[-1]) + ("" if "error" not in result else f"  ({result['error']})"), flush=True)
             if result.get("profile"):
                 profiles.append((f"{case} {label}", result["step_s"], result["profile"], result["top_kernels"]))
-    print("\n" + markdown(["case", "system", "tokens/s", "MFU", "peak GiB", "first step s", "vs peer"], rows))
+    print("\n" + markdown(["case", "system", "tokens/s", "MFU", "peak GiB", "first step s", "vs fused peer"], rows))
     for title, step_s, profile, top in profiles:
         total = sum(profile.values())
         print(f"\nGPU time per step by kernel family, {title} (step {1e3 * step_s:.1f} ms wall, kernels {total:.1f} ms):\n")
@@ -300,7 +314,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="SIZE:BATCHxSEQLEN of a mamba2 preset")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
                         help="also run megassm with these config keys changed, e.g. chunk128:model.chunk_size=128")
-    parser.add_argument("--no-peer", dest="peer", action="store_false", help="megassm only")
+    parser.add_argument("--peers", nargs="*", choices=["fused", "unfused"], default=["fused", "unfused"],
+                        help="mamba-ssm's paths to run beside megassm (none: megassm only); ratios are to the fused one")
     parser.add_argument("--data", default="data/builtin", help="a prepared data folder (tools/prepare_data.py)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -311,7 +326,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare the fast path with the reference path instead")
     parser.add_argument("--check-case", default="130m:2x2048")
     parser.add_argument("--check-tolerance", type=float, default=2e-2)
-    parser.add_argument("--worker", choices=["megassm", "peer"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["megassm", *PEERS], help=argparse.SUPPRESS)
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key for every megassm row")
     args = parser.parse_args()

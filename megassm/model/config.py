@@ -41,6 +41,11 @@ class ModelConfig:
     def nheads(self) -> int:
         return self.d_inner // self.headdim
 
+    @property
+    def in_proj_width(self) -> int:
+        """in_proj's output channels, [z | x | B | C | dt]: the mixer's widest activation."""
+        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+
     def __post_init__(self) -> None:
         self.dt_limit = tuple(self.dt_limit)
         self.A_init_range = tuple(self.A_init_range)

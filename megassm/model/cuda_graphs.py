@@ -17,28 +17,27 @@ gradients in place (`set_to_none=False`) ever after.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
 
 class _Stack(nn.Module):
-    """The blocks in order, called with tensor arguments only, as make_graphed_callables needs."""
+    """The blocks run in order by `run`, with tensor arguments only, as make_graphed_callables needs."""
 
-    def __init__(self, blocks: nn.ModuleList):
+    def __init__(self, run: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], blocks: nn.ModuleList):
         super().__init__()
-        self.blocks = blocks
+        self.run, self.blocks = run, blocks  # blocks: registered so that their parameters are the graphs' parameters
 
     def forward(self, h: Tensor, seq_idx: Tensor) -> tuple[Tensor, Tensor]:
-        update = None
-        for block in self.blocks:
-            h, update = block(h, update, seq_idx)
-        return h, update
+        return self.run(h, seq_idx)
 
 
 class BlockGraphs:
-    """CUDA graphs of `blocks` run in order, for inputs shaped like (h, seq_idx)."""
+    """CUDA graphs of `run(h, seq_idx)`, the blocks in order, for inputs shaped like (h, seq_idx)."""
 
-    def __init__(self, blocks: nn.ModuleList, h: Tensor, seq_idx: Tensor):
+    def __init__(self, run: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], blocks: nn.ModuleList, h: Tensor, seq_idx: Tensor):
         device = h.device.type
         if torch.is_autocast_enabled(device) and torch.is_autocast_cache_enabled():
             raise RuntimeError("CUDA graphs of the blocks need torch.autocast(..., cache_enabled=False)")
@@ -48,7 +47,7 @@ class BlockGraphs:
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         sample = (torch.zeros_like(h).requires_grad_(h.requires_grad), seq_idx.clone())
-        self.stack = torch.cuda.make_graphed_callables(_Stack(blocks), sample)
+        self.stack = torch.cuda.make_graphed_callables(_Stack(run, blocks), sample)
 
     def matches(self, h: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None) -> bool:
         device = h.device.type

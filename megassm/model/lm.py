@@ -73,8 +73,8 @@ class Mamba2LM(nn.Module):
                  cuda_graphs: bool = False):
         super().__init__()
         cfg.check_tensor_parallel(ctx.tp)
-        if cuda_graphs and (ctx.tp > 1 or ctx.cp > 1 or activation_checkpointing):
-            raise ValueError("CUDA graphs of the blocks need tp = cp = 1 and no activation checkpointing")
+        if cuda_graphs and (ctx.tp > 1 or ctx.cp > 1):
+            raise ValueError("CUDA graphs of the blocks need tp = cp = 1")
         self.cfg, self.ctx = cfg, ctx
         self.activation_checkpointing = activation_checkpointing  # recompute each block's activations in backward
         self.cuda_graphs = cuda_graphs  # replay the blocks as CUDA graphs (megassm/model/cuda_graphs.py)
@@ -101,9 +101,13 @@ class Mamba2LM(nn.Module):
                 halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
         if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():
-            self.graphs = BlockGraphs(self.layers, h, seq_idx)
+            self.graphs = BlockGraphs(lambda h, seq_idx: self.run_blocks(h, seq_idx), self.layers, h, seq_idx)
         if self.graphs is not None and self.graphs.matches(h, seq_idx, halo_seq_idx):
             return self.norm_f.add_forward(*self.graphs(h, seq_idx))[1]
+        return self.norm_f.add_forward(*self.run_blocks(h, seq_idx, halo_seq_idx))[1]
+
+    def run_blocks(self, h: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The blocks in order: (residual stream, last block's output not yet added to it)."""
         update = None
         for layer in self.layers:
             if self.activation_checkpointing and torch.is_grad_enabled():
@@ -112,7 +116,7 @@ class Mamba2LM(nn.Module):
                 h, update = checkpoint(layer, h, None, seq_idx, halo_seq_idx, use_reentrant=False)
             else:
                 h, update = layer(h, update, seq_idx, halo_seq_idx)
-        return self.norm_f.add_forward(h, update)[1]
+        return h, update
 
     def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
         """Logits (b, l, vocab_size / tp), this TP rank's part of the vocabulary; or, given labels,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from megassm.ops.conv import causal_conv1d
-from megassm.ops.mamba_triton import KernelsUnavailable, load_triton_kernels
+from megassm.ops.mamba_triton import TRITON_MAX_ELEMENTS, KernelsUnavailable, load_triton_kernels
 from megassm.ops.norm import gated_rms_norm as gated_rms_norm_reference
 from megassm.ops.norm import add_rms_norm, rms_norm
 from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked
@@ -21,7 +21,7 @@ from parallel.compiled import maybe_compiled
 
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "KernelsUnavailable", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm",
+__all__ = ["BACKENDS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm",
            "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
 
 

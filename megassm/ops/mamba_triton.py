@@ -38,6 +38,10 @@ class TritonKernels(NamedTuple):
     norm_backward: Callable
 
 
+# The kernels compute offsets into a tensor in 32-bit integers: no tensor they touch may hold this many elements.
+TRITON_MAX_ELEMENTS = 2**31
+
+
 class KernelsUnavailable(RuntimeError):
     """The Triton path cannot run here; the message says why and what to install."""
 
