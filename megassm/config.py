@@ -72,8 +72,8 @@ class TrainConfig:
     steps: int = 1000
     precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
     activation_checkpointing: bool = False
-    # Replay the blocks' forward and backward as CUDA graphs: "auto" (on CUDA wherever cuda_graph_blockers
-    # finds nothing in the way, said once at start-up when something is), true (an error where they cannot), false.
+    # Replay the blocks' forward and backward as CUDA graphs: "auto" (on CUDA where cuda_graph_blockers finds
+    # nothing in the way and without activation checkpointing; the start-up line says why not), true, false.
     cuda_graphs: bool | str = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation

@@ -72,6 +72,29 @@ def check_kernel_addressing(cfg: Config, backend: str) -> None:
                           "fit; lower data.micro_batch or data.seq_len, or raise parallel.cp")
 
 
+# "auto" graphs micro batches of up to this many tokens per rank: a 780m step of 8 x 2048 tokens spends 30%
+# of its time launching kernels without graphs, one of 65,536 tokens none, and its graphs' memory pool, which
+# the rest of the step cannot use, runs an H200 out of memory where the same step without graphs fits.
+GRAPHS_AUTO_MAX_TOKENS = 32768
+
+
+def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
+    """Whether the blocks run as CUDA graphs, and the start-up line's words for it. "auto" takes them
+    where they are correct and save launch time, and leaves them off under activation checkpointing,
+    where memory is what the user is short of."""
+    choice, blockers = cfg.train.cuda_graphs, cuda_graph_blockers(cfg)
+    if device.type != "cuda" or choice is False:
+        return False, "no CUDA graphs"
+    if blockers:  # only "auto" gets here: validation refuses true
+        return False, f"no CUDA graphs (they need {' and '.join(blockers)})"
+    tokens = cfg.data.micro_batch * cfg.data.seq_len // cfg.parallel.cp
+    if choice == "auto" and cfg.train.activation_checkpointing:
+        return False, "no CUDA graphs (activation checkpointing; train.cuda_graphs = true adds them)"
+    if choice == "auto" and tokens > GRAPHS_AUTO_MAX_TOKENS:
+        return False, f"no CUDA graphs ({tokens:,} tokens per micro batch launch few kernels per token; train.cuda_graphs = true adds them)"
+    return True, "CUDA graphs"
+
+
 def pick_device(choice: str) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -110,9 +133,8 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.backend = resolve_backend(cfg.model.ssd_backend, self.device)
         check_kernel_addressing(cfg, self.backend)
-        self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing,
-                              cuda_graphs=self.device.type == "cuda" and cfg.train.cuda_graphs is not False
-                              and not cuda_graph_blockers(cfg)).to(self.device)
+        graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
+        self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing, cuda_graphs=graphs).to(self.device)
         checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
@@ -132,17 +154,8 @@ class Trainer:
                                     cfg.run.name or self.run_dir.name, cfg.to_dict(), total_steps=cfg.train.steps)
         self.say(f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {self.device.type} | "
                  f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
-                 f"{cfg.train.precision} | {self.backend} kernels | {self.graphs_line()} | engine {cfg.parallel.engine} | "
+                 f"{cfg.train.precision} | {self.backend} kernels | {self.graphs_note} | engine {cfg.parallel.engine} | "
                  f"run dir {self.run_dir}")
-
-    def graphs_line(self) -> str:
-        """Whether the blocks run as CUDA graphs, and what keeps them off where "auto" wanted them."""
-        if self.model.cuda_graphs:
-            return "CUDA graphs"
-        blockers = cuda_graph_blockers(self.cfg)
-        if self.device.type == "cuda" and self.cfg.train.cuda_graphs == "auto" and blockers:
-            return f"no CUDA graphs (they need {' and '.join(blockers)})"
-        return "no CUDA graphs"
 
     def say(self, line: str) -> None:
         if self.is_writer:
