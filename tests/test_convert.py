@@ -2,10 +2,7 @@
 generates text with its converted tokenizer; every format round-trips bit-exactly; the mamba-ssm files
 match mamba-ssm's layout as its source builds it; the command line and its errors."""
 
-import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,19 +17,11 @@ from megassm.data import load_tokenizer
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import PretrainedError, load_pretrained, save_mamba_ssm, save_transformers
 from parallel import DDPEngine, ParallelContext
+from tests.commands import load_tool, run_tool
 from tests.test_model import grouped_gated_norm, relative_error
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+tool = load_tool("convert_checkpoint.py")
 
 
 def perturbed_model(cfg: ModelConfig) -> Mamba2LM:
@@ -215,8 +204,7 @@ def test_command_line(tmp_path, capsys):
     cfg = ModelConfig.from_preset("debug-g1")
     state = Mamba2LM(cfg).state_dict()
     save_mamba_ssm(cfg, state, tmp_path / "published")
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "from-mamba-ssm", tmp_path / "published",
-                           tmp_path / "ours"], capture_output=True, text=True)
+    done = run_tool("convert_checkpoint.py", "from-mamba-ssm", tmp_path / "published", tmp_path / "ours", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert {"model.toml", "trainer.json", ".metadata"} <= {p.name for p in (tmp_path / "ours").iterdir()}
     assert torch.equal(load_pretrained(tmp_path / "ours")[1]["layers.0.mixer.D"], state["layers.0.mixer.D"])

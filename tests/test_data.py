@@ -3,10 +3,7 @@ shards (decoded back), the sample order, DP / CP slicing, seq_idx, bad folders a
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +17,8 @@ from megassm.data.loader import permute
 from megassm.data.prepare import load_documents, prepare
 from megassm.data.shards import ShardWriter
 from megassm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, is_hub_name
+from tests.commands import run_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARD_TOKENS = 97  # tiny, so that documents and samples cross shard edges
 VAL_FRACTION = 0.05
 TRICKY = ["  indented\n\tline\n\n", "ünïcödé ß 中文 🙂", "x = 1_000_000  # spaces  kept ", ""]
@@ -365,11 +362,6 @@ def test_prefetch_gives_the_batches_in_order(stream):
 
 
 # ---------------------------------------------------------------------------------------------- command lines
-
-
-def run_tool(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cwd / "cache")}
-    return subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def test_quickstart_command_lines(tmp_path):
