@@ -7,6 +7,7 @@ prints it and exits, so a typo costs seconds, not a queue slot.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -142,6 +143,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
     if world_size is not None:
         validate(cfg, world_size)
     return cfg
+
+
+def config_from_command_line(argv: list[str], world_size: int | None) -> Config:
+    """The trainer's config from its command line: `--config FILE` (the defaults without one) and
+    `--section.key=value` overrides, checked against world_size as load_config does. Raises ConfigError."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    args, overrides = parser.parse_known_args(argv)
+    return load_config(args.config, overrides, world_size)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:

@@ -108,11 +108,13 @@ def test_overwrite_replaces_a_previous_preparation_and_nothing_else(previous):
 
 
 @pytest.mark.parametrize("arrange, out, message", [
-    (lambda root: (root / "out" / "notes.txt").write_text("mine"), "out", r"out holds files that prepare_data.py did not write \(notes.txt\)"),
+    (lambda root: (root / "out" / "notes.txt").write_text("mine"), "out",
+     r"out holds files that prepare_data.py did not write \(notes.txt\)"),
     (lambda root: None, "corpus", r"corpus holds files that prepare_data.py did not write \(docs.jsonl\)"),
     (lambda root: (root / "out.partial").mkdir() or (root / "out.partial" / "x.bin").write_text("mine"), "out",
      r"out.partial holds files that prepare_data.py did not write \(x.bin\)"),
-    (lambda root: shutil.move(root / "tok", root / "out" / "tokenizer" / "mine"), "out", r"the input .*out/tokenizer/mine is inside .*out,"),
+    (lambda root: shutil.move(root / "tok", root / "out" / "tokenizer" / "mine"), "out",
+     r"the input .*out/tokenizer/mine is inside .*out,"),
     (lambda root: None, "corpus/docs.jsonl", r"docs.jsonl is a file, not a data folder"),
 ], ids=["foreign-file", "out-is-the-input-folder", "foreign-file-in-partial", "tokenizer-inside-out", "out-is-an-input-file"])
 def test_overwrite_refuses_what_it_did_not_write_and_changes_nothing(previous, arrange, out, message):
