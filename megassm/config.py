@@ -11,14 +11,18 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from megassm.errors import UserError
 from megassm.model.config import PRESETS, ModelConfig
+from megassm.ops import KernelsUnavailable, resolve_backend
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -122,8 +126,8 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = 1) -> Config:
     """The TOML file (or the defaults when path is None) with `--section.key=value` overrides applied,
-    checked against world_size (None: only parsed and type-checked, e.g. a run's saved config).
-    Raises ConfigError."""
+    for a run on world_size processes: checked against it, relative paths made absolute (None: only
+    parsed and type-checked, e.g. a run's saved config). Raises ConfigError."""
     raw: dict = {}
     where = "the defaults"
     if path is not None:
@@ -141,17 +145,33 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
         raw.setdefault(section, {})[key] = value
     cfg = build_config(raw, where)
     if world_size is not None:
+        make_paths_absolute(cfg)
         validate(cfg, world_size)
+        check_backend(cfg)
     return cfg
 
 
-def config_from_command_line(argv: list[str], world_size: int | None) -> Config:
-    """The trainer's config from its command line: `--config FILE` (the defaults without one) and
-    `--section.key=value` overrides, checked against world_size as load_config does. Raises ConfigError."""
+def make_paths_absolute(cfg: Config) -> None:
+    """The folders a run reads and writes, relative to the working directory, made absolute: the run's
+    config.toml then names the same folders wherever a tool reads it (export, generation, resuming)."""
+    ckpt = cfg.checkpoint
+    cfg.run.dir = os.path.abspath(cfg.run.dir)
+    cfg.data.path = os.path.abspath(cfg.data.path) if cfg.data.path else ""
+    ckpt.init_from = os.path.abspath(ckpt.init_from) if ckpt.init_from else ""
+    if ckpt.resume not in ("auto", "none"):
+        ckpt.resume = os.path.abspath(ckpt.resume)
+
+
+def check_command_line(argv: list[str], world_size: int | None) -> None:
+    """ConfigError unless the trainer's command line (`--config FILE` and `--section.key=value` overrides)
+    fits world_size processes (None: an elastic range, only parsed). For a launcher: the device and its
+    kernels are left to the trainer's processes (checking them here would put a CUDA context on GPU 0)."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--config")
     args, overrides = parser.parse_known_args(argv)
-    return load_config(args.config, overrides, world_size)
+    cfg = load_config(args.config, overrides, world_size=None)
+    if world_size is not None:
+        validate(cfg, world_size)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
@@ -290,6 +310,15 @@ def validate(cfg: Config, world_size: int) -> None:
     if not data.path:
         raise ConfigError("data.path is empty: point it at a folder made by tools/prepare_data.py "
                           "(bash launch/quickstart.sh makes one from the built-in corpus)")
+
+
+def check_backend(cfg: Config) -> None:
+    """model.ssd_backend can run on the device the trainer will pick (train.device), before a model is built."""
+    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        resolve_backend(cfg.model.ssd_backend, device)
+    except KernelsUnavailable as error:
+        raise ConfigError(f"model.{error}") from None
 
 
 def write_config(cfg: Config, path: Path) -> None:

@@ -16,7 +16,7 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import determine_local_world_size, parse_args, parse_min_max_nnodes, run
 
-from megassm.config import ConfigError, config_from_command_line
+from megassm.config import ConfigError, check_command_line
 
 TRAINER = "megassm.train"
 # Logs each failed or stopped process again (after the process's own message): left out.
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return trainer(["--help"])
         try:
-            config_from_command_line(args.training_script_args, world_size(args.nnodes, args.nproc_per_node))
+            check_command_line(args.training_script_args, world_size(args.nnodes, args.nproc_per_node))
         except ConfigError as error:
             print(f"megassm-train: error: {error}", file=sys.stderr)
             return 2

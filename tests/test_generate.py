@@ -193,3 +193,25 @@ def test_command_line_names_what_is_missing(tmp_path, prepared_data):
         with pytest.raises(SystemExit) as stopped:
             tool.main(args)
         assert stopped.value.code == message
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, prepared_data, capsys):
+    """As when the trainer resumes: a run folder gives its newest checkpoint whose files are all there."""
+    tool = load_tool("generate.py")
+    tokenizer = load_tokenizer(prepared_data / TOKENIZER_DIR)
+    old, new = Mamba2LM(CONFIGS[0]), Mamba2LM(CONFIGS[0])
+    trained_checkpoint(tmp_path / "run", 1, old, prepared_data)
+    damaged = trained_checkpoint(tmp_path / "run", 2, new, prepared_data)
+    shard = damaged / "__0_0.distcp"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    greedy = ["--prompt", "def fibonacci(", "--max-new-tokens", "15", "--temperature", "0"]
+    tool.main([str(tmp_path / "run"), *greedy])
+    out, err = capsys.readouterr()
+    assert out == greedy_text(old, tokenizer, "def fibonacci(", 15) + "\n"
+    cut = f"{shard} is cut short ({size // 2} of {size} bytes)"
+    assert err.splitlines()[0] == f"warning: skipping damaged checkpoint {damaged}: {cut}"
+    with pytest.raises(SystemExit) as stopped:
+        tool.main([str(damaged), *greedy])
+    assert stopped.value.code == f"generate: checkpoint {damaged} is damaged: {cut}; use an earlier one (checkpoints/step_N), " \
+                                 "or the run folder for its newest complete one"
