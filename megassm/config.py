@@ -303,6 +303,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if par.engine == "deepspeed" and par.zero_stage not in (1, 2):
         raise ConfigError(f"parallel.zero_stage = {par.zero_stage}: megassm supports ZeRO stages 1 and 2 "
                           "(its TP layers shard parameters themselves, which stage 3 would repeat)")
+    if optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {optim.lr}")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr = {optim.min_lr} must be between 0 and optim.lr = {optim.lr}")
     if optim.grad_clip < 0:

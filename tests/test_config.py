@@ -59,11 +59,13 @@ def config_file(tmp_path: Path, prepared_data: Path):
          r"has 512 tokens, more than model.vocab_size = 100: raise model.vocab_size"),
         ({"[data]": "[train]\ncuda_graphs = true\n[data]"}, 4, r"train.cuda_graphs = true needs parallel.tp = 1, parallel.cp = 1"),
         ({"[data]": "[checkpoint]\nevery = -2\n[data]"}, 4, r"checkpoint.every must be a number of steps, 0 \(only at the end\) or -1"),
+        ({"[data]": "[optim]\nlr = -0.001\n[data]"}, 4, r"optim.lr must be positive, got -0.001$"),
         ({'preset = "debug"': 'preset = "debug"\nssd_backend = "triton"'}, 4,
          r"model.ssd_backend = 'triton' needs CUDA tensors, these are on cpu: use 'auto' or 'torch'$"),
     ],
     ids=["unknown-key", "unknown-section", "wrong-type", "layout-too-big", "world-not-divisible", "heads-vs-tp", "groups-vs-tp",
-         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-tp", "checkpoint-every", "triton-on-cpu"],
+         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-tp", "checkpoint-every", "negative-lr",
+         "triton-on-cpu"],
 )
 def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replace, world, message):
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -79,6 +81,11 @@ def test_missing_files_are_named(config_file, prepared_data, tmp_path, monkeypat
     assert capsys.readouterr().err.strip() == f"megassm-train: error: config file {tmp_path / 'nope.toml'} does not exist (see configs/ for examples)"
     assert main(["--config", str(config_file()), f"--data.path={tmp_path / 'missing'}"]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+    corpus = tmp_path / "corpus.jsonl"  # a raw corpus where the prepared folder belongs
+    corpus.write_text('{"text": "a document"}\n')
+    assert main(["--config", str(config_file()), f"--data.path={corpus}"]) == 2
+    assert capsys.readouterr().err == f"megassm-train: error: {corpus} is a file, not a prepared data folder: tokenize a raw corpus " \
+        f"first, with python tools/prepare_data.py --input {corpus} --tokenizer TOKENIZER --out DIR, and give DIR as data.path\n"
     tokenizer = prepared_data / json.loads((prepared_data / "meta.json").read_text())["tokenizer"]
     moved = tokenizer.with_name("moved")
     tokenizer.rename(moved)

@@ -265,6 +265,21 @@ def test_missing_folder(tmp_path):
         TokenStream(tmp_path / "nope")
 
 
+def test_a_split_without_one_whole_sample_says_what_to_change(workdir, sp_dir, prepared, stream):
+    no_val = prepare([workdir / "docs.jsonl"], sp_dir, workdir / "no-val", val_fraction=0, cache_dir=workdir / "cache")
+    with pytest.raises(DataError, match=f"^the validation split of {no_val} is empty: prepare the data again with a --val-fraction above 0 "
+                                        r".*, or set train.eval_every = 0 to train without validation$"):
+        SampleLoader(TokenStream(no_val), seq_len=8, seed=0, split="val")
+    val, train = stream.meta.val_tokens, len(stream) - stream.meta.val_tokens
+    with pytest.raises(DataError, match=f"^data.seq_len = {val} needs at least {val + 1} tokens, but the validation split of {prepared} "
+                                        f"has {val}: lower data.seq_len, prepare it again with a larger --val-fraction, or set "
+                                        "train.eval_every = 0$"):
+        SampleLoader(stream, seq_len=val, seed=0, split="val")
+    with pytest.raises(DataError, match=f"^data.seq_len = {train} needs at least {train + 1} tokens, but the training split of {prepared} "
+                                        f"has {train}: lower data.seq_len, or prepare more data$"):
+        SampleLoader(stream, seq_len=train, seed=0, split="train")
+
+
 # ---------------------------------------------------------------------------------------------- sample order
 
 
@@ -350,7 +365,7 @@ def test_train_and_validation_windows_stay_in_their_split(stream):
     val_starts = val.window_starts(0, val.num_windows)
     assert val_starts.min() >= val_start and val_starts.max() + 17 <= len(stream)
     assert val.num_windows == (stream.meta.val_tokens - 1) // 16
-    with pytest.raises(DataError, match=r"data.seq_len = 100000 .* val split"):
+    with pytest.raises(DataError, match=r"data.seq_len = 100000 .* validation split"):
         SampleLoader(stream, 100_000, seed=0, split="val")
 
 
