@@ -180,9 +180,10 @@ def _validation_documents(num_documents: int, val_fraction: float) -> int:
 def _check_replaceable(out: Path, partial: Path, inputs: list[str]) -> None:
     """DataError unless replacing `out` and `partial` loses nothing: they hold only what a preparation writes,
     and no input (documents or tokenizer) is one of them or lies inside them."""
-    for folder in (out, partial):
-        if not folder.exists():
-            continue
+    existing = [folder for folder in (out, partial) if folder.exists()]
+    if not existing:
+        return
+    for folder in existing:
         if not folder.is_dir():
             raise DataError(f"{folder} is a file, not a data folder: choose another --out")
         foreign = sorted(p.name for p in folder.iterdir() if not written_by_preparation(p.name))
@@ -190,7 +191,7 @@ def _check_replaceable(out: Path, partial: Path, inputs: list[str]) -> None:
             raise DataError(f"{folder} holds files that prepare_data.py did not write ({', '.join(foreign[:3])}"
                             f"{' ...' if len(foreign) > 3 else ''}): choose another --out or move them away")
     read = [path.resolve() for pattern in inputs for path in [Path(pattern), *_local_files(pattern)] if path.exists()]
-    for folder in (out, partial):
+    for folder in existing:
         inside = [path for path in read if path.is_relative_to(folder.resolve())]
         if inside:
             raise DataError(f"the input {inside[0]} is inside {folder}, which --overwrite would replace: choose an --out "
