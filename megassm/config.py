@@ -1,5 +1,5 @@
 """The run's configuration: dataclass sections loaded from TOML, `--section.key=value` overrides, and
-validation of everything that can be checked before a model is built (DESIGN.md section 6).
+validation of everything that can be checked before a model is built (docs/architecture.md, section 7).
 
 Every problem raises ConfigError with one line that names the key (and the file); the trainer
 prints it and exits, so a typo costs seconds, not a queue slot.
