@@ -114,14 +114,15 @@ def test_overrides_and_resolved_config_round_trip(config_file, tmp_path):
         load_config(config_file(), ["train.steps"], world_size=4)
 
 
-def test_auto_backend_on_cuda_without_the_kernels_stops_with_advice(config_file, monkeypatch):
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_a_backend_on_cuda_without_the_kernels_stops_with_advice(config_file, monkeypatch, backend):
     """On CUDA, "auto" means the Triton kernels: without mamba-ssm the run stops rather than crawl on the reference."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # not installed
     monkeypatch.setattr(megassm.ops, "load_triton_kernels", load_triton_kernels.__wrapped__)  # not the cached answer
-    with pytest.raises(ConfigError, match=r"^model.ssd_backend = 'auto' on CUDA needs the Triton kernels: .*package 'mamba_ssm'.*"
+    with pytest.raises(ConfigError, match=rf"^model.ssd_backend = '{backend}' on CUDA needs the Triton kernels: .*package 'mamba_ssm'.*"
                                           r"pip install 'megassm\[gpu\]'.*; or set ssd_backend = 'torch'"):
-        load_config(config_file(), world_size=4)
+        load_config(config_file(), [f"--model.ssd_backend={backend}"], world_size=4)
     assert load_config(config_file(), ["--model.ssd_backend=torch"], world_size=4).model.ssd_backend == "torch"
     assert load_config(config_file(), ["--train.device=cpu"], world_size=4).train.device == "cpu"  # "auto" on CPU: the reference
 
