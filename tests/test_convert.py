@@ -43,7 +43,8 @@ def engine_for(model: Mamba2LM) -> DDPEngine:
 def trained_checkpoint(run_dir: Path, model: Mamba2LM, data_path: Path, step: int = 7, cfg: Config | None = None) -> Path:
     """The checkpoint a run on `data_path` (or with the config `cfg`) writes, by megassm.checkpoint itself."""
     cfg = cfg or Config(model=model.cfg, data=DataConfig(path=str(data_path)))
-    return save_checkpoint(run_dir, cfg, model, engine_for(model), ParallelContext(), {"step": step, "samples": 8 * step, "skipped_steps": 0})
+    state = {"step": step, "samples": 8 * step, "skipped_steps": 0}
+    return save_checkpoint(run_dir, cfg, model, engine_for(model), ParallelContext(), state)
 
 
 # ---------------------------------------------------------------------------------------------- against transformers

@@ -98,8 +98,8 @@ class Meta:
     def read(cls, folder: Path) -> "Meta":
         path = folder / META_FILE
         if folder.is_file():
-            raise DataError(f"{folder} is a file, not a prepared data folder: tokenize a raw corpus first, with python tools/prepare_data.py "
-                            f"--input {folder} --tokenizer TOKENIZER --out DIR, and give DIR as data.path")
+            raise DataError(f"{folder} is a file, not a prepared data folder: tokenize a raw corpus first, with "
+                            f"python tools/prepare_data.py --input {folder} --tokenizer TOKENIZER --out DIR, and give DIR as data.path")
         if not folder.is_dir():
             raise DataError(f"{folder}: no such data folder; make one with python tools/prepare_data.py --out {folder} ...")
         if not path.is_file():
