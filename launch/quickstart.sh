@@ -6,7 +6,7 @@
 # and a plot. Extra arguments go to the trainer, e.g. --train.steps=50.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source launch/setup.sh
+source launch/setup.sh ""  # no extras; sourced without arguments, setup.sh would read the trainer's
 
 if [ ! -f data/builtin/meta.json ]; then
   python tools/make_corpus.py --out data/stdlib.jsonl

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sourced by launch/quickstart.sh and tests/run.sh: a virtual environment in .venv with torch (the
 # CPU build unless one is installed; MEGASSM_TORCH picks another) and megassm with the given extras.
-# Usage: source launch/setup.sh [extras, e.g. dev]
+# Usage: source launch/setup.sh EXTRAS   (e.g. dev, or "" for none: always give it, as a script sourced
+# without arguments sees its caller's)
 [ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
 python -c "import torch" 2>/dev/null || pip install -q "${MEGASSM_TORCH:-torch==2.13.0}"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # megassm under torchrun, one node or many. Arguments go to the trainer:
 #   bash launch/torchrun.sh --config configs/mamba2-130m.toml [--section.key=value ...]
+# The config is checked for the world size (NNODES x NPROC_PER_NODE) before any process starts, and a
+# failure ends with the trainer's one line (python -m megassm.torchrun: torchrun without its traceback).
 # Environment (defaults for one node):
 #   NPROC_PER_NODE  processes per node (default: the GPUs seen by nvidia-smi, else 1)
 #   NNODES, NODE_RANK               number of nodes and this node's index (1, 0)
@@ -8,9 +10,11 @@
 #   RDZV_ID                         a job id shared by all nodes (megassm)
 #   MAX_RESTARTS                    restart all processes this often after a failure (0); the
 #                                   trainer resumes from the newest complete checkpoint
+# Several nodes write one run: run.dir must be on a filesystem all of them see at the same path.
 set -euo pipefail
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun's own default, without its four-line warning about it
 gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
-exec torchrun \
+exec python -m megassm.torchrun \
   --nnodes "${NNODES:-1}" \
   --node-rank "${NODE_RANK:-0}" \
   --nproc-per-node "${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}" \

@@ -1,5 +1,5 @@
 """The run's configuration: dataclass sections loaded from TOML, `--section.key=value` overrides, and
-validation of everything that can be checked before a model is built (DESIGN.md section 6).
+validation of everything that can be checked before a model is built (docs/architecture.md, section 7).
 
 Every problem raises ConfigError with one line that names the key (and the file); the trainer
 prints it and exits, so a typo costs seconds, not a queue slot.
@@ -7,17 +7,22 @@ prints it and exits, so a typo costs seconds, not a queue slot.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from megassm.errors import UserError
 from megassm.model.config import PRESETS, ModelConfig
+from megassm.ops import KernelsUnavailable, resolve_backend
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -123,8 +128,8 @@ SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
 
 def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = 1) -> Config:
     """The TOML file (or the defaults when path is None) with `--section.key=value` overrides applied,
-    checked against world_size (None: only parsed and type-checked, e.g. a run's saved config).
-    Raises ConfigError."""
+    for a run on world_size processes: checked against it, relative paths made absolute (None: only
+    parsed and type-checked, e.g. a run's saved config). Raises ConfigError."""
     raw: dict = {}
     where = "the defaults"
     if path is not None:
@@ -142,8 +147,33 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
         raw.setdefault(section, {})[key] = value
     cfg = build_config(raw, where)
     if world_size is not None:
+        make_paths_absolute(cfg)
         validate(cfg, world_size)
+        check_backend(cfg)
     return cfg
+
+
+def make_paths_absolute(cfg: Config) -> None:
+    """The folders a run reads and writes, relative to the working directory, made absolute: the run's
+    config.toml then names the same folders wherever a tool reads it (export, generation, resuming)."""
+    ckpt = cfg.checkpoint
+    cfg.run.dir = os.path.abspath(cfg.run.dir)
+    cfg.data.path = os.path.abspath(cfg.data.path) if cfg.data.path else ""
+    ckpt.init_from = os.path.abspath(ckpt.init_from) if ckpt.init_from else ""
+    if ckpt.resume not in ("auto", "none"):
+        ckpt.resume = os.path.abspath(ckpt.resume)
+
+
+def check_command_line(argv: list[str], world_size: int | None) -> None:
+    """ConfigError unless the trainer's command line (`--config FILE` and `--section.key=value` overrides)
+    fits world_size processes (None: an elastic range, only parsed). For a launcher: the device and its
+    kernels are left to the trainer's processes (checking them here would put a CUDA context on GPU 0)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--config")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides, world_size=None)
+    if world_size is not None:
+        validate(cfg, world_size)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
@@ -276,6 +306,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if par.engine == "deepspeed" and par.zero_stage not in (1, 2):
         raise ConfigError(f"parallel.zero_stage = {par.zero_stage}: megassm supports ZeRO stages 1 and 2 "
                           "(its TP layers shard parameters themselves, which stage 3 would repeat)")
+    if optim.lr <= 0:
+        raise ConfigError(f"optim.lr must be positive, got {optim.lr}")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr = {optim.min_lr} must be between 0 and optim.lr = {optim.lr}")
     if optim.grad_clip < 0:
@@ -297,6 +329,15 @@ def cuda_graph_blockers(cfg: Config) -> list[str]:
     if par.engine != "ddp":
         blockers.append("parallel.engine = 'ddp'")
     return blockers
+
+
+def check_backend(cfg: Config) -> None:
+    """model.ssd_backend can run on the device the trainer will pick (train.device), before a model is built."""
+    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        resolve_backend(cfg.model.ssd_backend, device)
+    except KernelsUnavailable as error:
+        raise ConfigError(f"model.{error}") from None
 
 
 def write_config(cfg: Config, path: Path) -> None:

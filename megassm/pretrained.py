@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -19,9 +20,11 @@ from torch import Tensor
 
 from megassm.errors import UserError
 from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, checkpoints_in, read_model_state
+from megassm.checkpoint_files import first_damaged_file
 from megassm.config import ConfigError, load_config
 from megassm.config import read_model_config as read_model_config_file
 from megassm.data import Meta
+from megassm.data.shards import META_FILE
 from megassm.hf import (
     from_hf_state_dict,
     from_mamba_ssm_state_dict,
@@ -79,23 +82,33 @@ def load_pretrained(path: str | Path, expect: ModelConfig | None = None) -> tupl
 
 
 def checkpoint_folder(path: str | Path) -> Path:
-    """A megassm checkpoint folder itself, or a run folder's newest complete checkpoint."""
+    """A megassm checkpoint folder itself, or a run folder's newest complete checkpoint with all its files: as
+    when the trainer resumes, a newer damaged one is skipped, with a warning on stderr naming its missing file."""
     path = Path(path)
     if (path / TRAINER_FILE).is_file():
         return path
     found = checkpoints_in(path)
     if not found:
         raise PretrainedError(f"{path}: no {TRAINER_FILE} nor complete checkpoints/step_N/ here")
-    return found[-1]
+    for checkpoint in reversed(found):
+        problem = first_damaged_file(checkpoint)
+        if problem is None:
+            return checkpoint
+        print(f"warning: skipping damaged checkpoint {checkpoint}: {problem}", file=sys.stderr)
+    raise PretrainedError(f"{path}: every checkpoint in checkpoints/ is damaged (the oldest: {problem})")
 
 
 def run_tokenizer(checkpoint: Path) -> Path:
     """The tokenizer of the data a megassm run trained on: data.path in its checkpoint's config.toml.
-    FileNotFoundError when the checkpoint names no data (a converted one), DataError when that data is not here."""
+    FileNotFoundError when the checkpoint names no data (a converted one) or that data is not here."""
     config = checkpoint_folder(checkpoint) / CONFIG_FILE
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found, which names the run's data and so its tokenizer")
     data = Path(load_config(config, world_size=None).data.path)
+    if not (data / META_FILE).is_file():
+        relative = "" if data.is_absolute() else ", relative to the folder the run was started from"
+        raise FileNotFoundError(f"the run's data.path = {data} (in {config}) is not a prepared data folder here{relative}, "
+                                "so its tokenizer cannot be found")
     return data / Meta.read(data).tokenizer
 
 
@@ -147,7 +160,8 @@ def _read_megassm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     try:
         state = read_model_state(checkpoint)
     except DamagedCheckpoint as error:
-        raise PretrainedError(str(error)) from None
+        raise PretrainedError(f"checkpoint {checkpoint} is damaged: {first_damaged_file(checkpoint) or error}; "
+                              "use an earlier one (checkpoints/step_N), or the run folder for its newest complete one") from None
     _check_tensors(state, _shapes(cfg), checkpoint)
     return cfg, state
 

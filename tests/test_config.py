@@ -7,8 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import megassm.ops
 from megassm.config import ConfigError, load_config, write_config
+from megassm.ops.mamba_triton import load_triton_kernels
 from megassm.train import main
 
 GOOD = """
@@ -56,9 +59,13 @@ def config_file(tmp_path: Path, prepared_data: Path):
          r"has 512 tokens, more than model.vocab_size = 100: raise model.vocab_size"),
         ({"[data]": "[train]\ncuda_graphs = true\n[data]"}, 4, r"train.cuda_graphs = true needs parallel.tp = 1 and parallel.cp = 1: switch"),
         ({"[data]": "[checkpoint]\nevery = -2\n[data]"}, 4, r"checkpoint.every must be a number of steps, 0 \(only at the end\) or -1"),
+        ({"[data]": "[optim]\nlr = -0.001\n[data]"}, 4, r"optim.lr must be positive, got -0.001$"),
+        ({'preset = "debug"': 'preset = "debug"\nssd_backend = "triton"'}, 4,
+         r"model.ssd_backend = 'triton' needs CUDA tensors, these are on cpu: use 'auto' or 'torch'$"),
     ],
     ids=["unknown-key", "unknown-section", "wrong-type", "layout-too-big", "world-not-divisible", "heads-vs-tp", "groups-vs-tp",
-         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-tp", "checkpoint-every"],
+         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-tp", "checkpoint-every", "negative-lr",
+         "triton-on-cpu"],
 )
 def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replace, world, message):
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -74,6 +81,11 @@ def test_missing_files_are_named(config_file, prepared_data, tmp_path, monkeypat
     assert capsys.readouterr().err.strip() == f"megassm-train: error: config file {tmp_path / 'nope.toml'} does not exist (see configs/ for examples)"
     assert main(["--config", str(config_file()), f"--data.path={tmp_path / 'missing'}"]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+    corpus = tmp_path / "corpus.jsonl"  # a raw corpus where the prepared folder belongs
+    corpus.write_text('{"text": "a document"}\n')
+    assert main(["--config", str(config_file()), f"--data.path={corpus}"]) == 2
+    assert capsys.readouterr().err == f"megassm-train: error: {corpus} is a file, not a prepared data folder: tokenize a raw corpus " \
+        f"first, with python tools/prepare_data.py --input {corpus} --tokenizer TOKENIZER --out DIR, and give DIR as data.path\n"
     tokenizer = prepared_data / json.loads((prepared_data / "meta.json").read_text())["tokenizer"]
     moved = tokenizer.with_name("moved")
     tokenizer.rename(moved)
@@ -100,6 +112,34 @@ def test_overrides_and_resolved_config_round_trip(config_file, tmp_path):
     assert load_config(tmp_path / "resolved.toml", world_size=4) == cfg
     with pytest.raises(ConfigError, match="override 'train.steps' must look like --section.key=value"):
         load_config(config_file(), ["train.steps"], world_size=4)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_a_backend_on_cuda_without_the_kernels_stops_with_advice(config_file, monkeypatch, backend):
+    """On CUDA, "auto" means the Triton kernels: without mamba-ssm the run stops rather than crawl on the reference."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # not installed
+    monkeypatch.setattr(megassm.ops, "load_triton_kernels", load_triton_kernels.__wrapped__)  # not the cached answer
+    with pytest.raises(ConfigError, match=rf"^model.ssd_backend = '{backend}' on CUDA needs the Triton kernels: .*package 'mamba_ssm'.*"
+                                          r"pip install 'megassm\[gpu\]'.*; or set ssd_backend = 'torch'"):
+        load_config(config_file(), [f"--model.ssd_backend={backend}"], world_size=4)
+    assert load_config(config_file(), ["--model.ssd_backend=torch"], world_size=4).model.ssd_backend == "torch"
+    assert load_config(config_file(), ["--train.device=cpu"], world_size=4).train.device == "cpu"  # "auto" on CPU: the reference
+
+
+def test_a_runs_paths_are_absolute_so_its_config_works_from_anywhere(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    paths = ["--data.path=data/x", "--run.dir=runs/r", "--checkpoint.init_from=../hf", "--checkpoint.resume=runs/r/checkpoints/step_2"]
+    cfg = load_config(None, paths, world_size=1)
+    got = (cfg.data.path, cfg.run.dir, cfg.checkpoint.init_from, cfg.checkpoint.resume)
+    assert got == tuple(str(tmp_path / p) for p in ("a/data/x", "a/runs/r", "hf", "a/runs/r/checkpoints/step_2"))
+    write_config(cfg, tmp_path / "config.toml")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(tmp_path / "config.toml", world_size=None) == cfg  # read back elsewhere: the same folders
+    cfg = load_config(None, ["--data.path=data/x"], world_size=1)
+    assert (cfg.checkpoint.init_from, cfg.checkpoint.resume) == ("", "auto")  # not paths: left alone
+    assert load_config(None, ["--data.path=data/x"], world_size=None).data.path == "data/x"  # only parsed: as written
 
 
 @pytest.mark.parametrize("config", sorted(Path(__file__).parent.parent.glob("configs/*.toml")), ids=lambda p: p.stem)

@@ -2,10 +2,8 @@
 generates text with its converted tokenizer; every format round-trips bit-exactly; the mamba-ssm files
 match mamba-ssm's layout as its source builds it; the command line and its errors."""
 
-import importlib.util
+import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,24 +13,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.models.mamba2 import modeling_mamba2
 
 from megassm.checkpoint import load_checkpoint, save_checkpoint, save_model_checkpoint
-from megassm.config import Config, DataConfig
+from megassm.config import Config, DataConfig, load_config
 from megassm.data import load_tokenizer
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import PretrainedError, load_pretrained, save_mamba_ssm, save_transformers
 from parallel import DDPEngine, ParallelContext
+from tests.commands import load_tool, run_tool
 from tests.test_model import grouped_gated_norm, relative_error
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tool = load_tool()
+tool = load_tool("convert_checkpoint.py")
 
 
 def perturbed_model(cfg: ModelConfig) -> Mamba2LM:
@@ -50,10 +40,11 @@ def engine_for(model: Mamba2LM) -> DDPEngine:
     return DDPEngine(model, ParallelContext(), [{"params": list(model.parameters())}], lr=0.0)
 
 
-def trained_checkpoint(run_dir: Path, model: Mamba2LM, data_path: Path) -> Path:
-    """The checkpoint a run on `data_path` writes, by megassm.checkpoint itself."""
-    cfg = Config(model=model.cfg, data=DataConfig(path=str(data_path)))
-    return save_checkpoint(run_dir, cfg, model, engine_for(model), ParallelContext(), {"step": 7, "samples": 56, "skipped_steps": 0})
+def trained_checkpoint(run_dir: Path, model: Mamba2LM, data_path: Path, step: int = 7, cfg: Config | None = None) -> Path:
+    """The checkpoint a run on `data_path` (or with the config `cfg`) writes, by megassm.checkpoint itself."""
+    cfg = cfg or Config(model=model.cfg, data=DataConfig(path=str(data_path)))
+    state = {"step": step, "samples": 8 * step, "skipped_steps": 0}
+    return save_checkpoint(run_dir, cfg, model, engine_for(model), ParallelContext(), state)
 
 
 # ---------------------------------------------------------------------------------------------- against transformers
@@ -215,8 +206,7 @@ def test_command_line(tmp_path, capsys):
     cfg = ModelConfig.from_preset("debug-g1")
     state = Mamba2LM(cfg).state_dict()
     save_mamba_ssm(cfg, state, tmp_path / "published")
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "from-mamba-ssm", tmp_path / "published",
-                           tmp_path / "ours"], capture_output=True, text=True)
+    done = run_tool("convert_checkpoint.py", "from-mamba-ssm", tmp_path / "published", tmp_path / "ours", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert {"model.toml", "trainer.json", ".metadata"} <= {p.name for p in (tmp_path / "ours").iterdir()}
     assert torch.equal(load_pretrained(tmp_path / "ours")[1]["layers.0.mixer.D"], state["layers.0.mixer.D"])
@@ -251,3 +241,47 @@ def test_tokenizer_export_without_conversion(tmp_path, prepared_data, monkeypatc
     ids, note = tool.export_tokenizer(prepared_data / "tokenizer", tmp_path / "copied")
     assert ids == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None} and "copied it as tokenizer.model" in note
     assert [p.name for p in (tmp_path / "copied").iterdir()] == ["tokenizer.model"]
+
+
+def test_export_from_another_folder_finds_the_runs_tokenizer(prepared_data, tmp_path, monkeypatch):
+    """The run was started next to its data with a relative data.path; the export runs from elsewhere."""
+    model = perturbed_model(ModelConfig.from_preset("debug-g1", vocab_size=512))
+    monkeypatch.chdir(prepared_data.parent)
+    cfg = load_config(None, [f"--data.path={prepared_data.name}"], world_size=1)  # as the trainer loads it
+    trained_checkpoint(tmp_path / "run", model, Path(), cfg=dataclasses.replace(cfg, model=model.cfg))
+    monkeypatch.chdir(tmp_path)
+    tool.main(["to-hf", "run", "hf"])
+    text = "def main():\n    return 42\n"
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(text, add_special_tokens=False)["input_ids"] == \
+        load_tokenizer(prepared_data / "tokenizer").encode(text)
+
+
+def test_an_export_whose_tokenizer_is_not_found_fails_before_writing(prepared_data, tmp_path, monkeypatch):
+    model = perturbed_model(ModelConfig.from_preset("debug-g1", vocab_size=512))
+    trained_checkpoint(tmp_path / "run", model, Path(prepared_data.name))  # a relative data.path, as a config not made absolute holds
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        tool.main(["to-hf", "run", "hf"])
+    config = Path("run", "checkpoints", "step_7", "config.toml")
+    assert exited.value.code == f"error: the run's data.path = {prepared_data.name} (in {config}) is not a prepared data folder here, " \
+                                "relative to the folder the run was started from, so its tokenizer cannot be found; " \
+                                "give the tokenizer to export with --tokenizer"
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, capsys):
+    """As when the trainer resumes: the newest checkpoint whose files are all there; the missing file named."""
+    cfg = ModelConfig.from_preset("debug-g1")
+    older, newer = perturbed_model(cfg), perturbed_model(cfg)
+    trained_checkpoint(tmp_path / "run", older, tmp_path, step=7)
+    damaged = trained_checkpoint(tmp_path / "run", newer, tmp_path, step=8)
+    (damaged / "__0_0.distcp").unlink()
+    tool.main(["to-mamba-ssm", str(tmp_path / "run"), str(tmp_path / "exported")])
+    assert capsys.readouterr().err == f"warning: skipping damaged checkpoint {damaged}: {damaged / '__0_0.distcp'} is missing\n"
+    exported = load_pretrained(tmp_path / "exported")[1]
+    assert all(torch.equal(exported[name], tensor) for name, tensor in older.state_dict().items())
+    with pytest.raises(SystemExit) as exited:
+        tool.main(["to-mamba-ssm", str(damaged), str(tmp_path / "not-written")])
+    assert exited.value.code == f"error: checkpoint {damaged} is damaged: {damaged / '__0_0.distcp'} is missing; use an earlier one " \
+                                "(checkpoints/step_N), or the run folder for its newest complete one"
+    assert not (tmp_path / "not-written").exists()

@@ -3,10 +3,7 @@ shards (decoded back), the sample order, DP / CP slicing, seq_idx, bad folders a
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +17,8 @@ from megassm.data.loader import permute
 from megassm.data.prepare import load_documents, prepare
 from megassm.data.shards import ShardWriter
 from megassm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, is_hub_name
+from tests.commands import run_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARD_TOKENS = 97  # tiny, so that documents and samples cross shard edges
 VAL_FRACTION = 0.05
 TRICKY = ["  indented\n\tline\n\n", "ünïcödé ß 中文 🙂", "x = 1_000_000  # spaces  kept ", ""]
@@ -268,6 +265,21 @@ def test_missing_folder(tmp_path):
         TokenStream(tmp_path / "nope")
 
 
+def test_a_split_without_one_whole_sample_says_what_to_change(workdir, sp_dir, prepared, stream):
+    no_val = prepare([workdir / "docs.jsonl"], sp_dir, workdir / "no-val", val_fraction=0, cache_dir=workdir / "cache")
+    with pytest.raises(DataError, match=f"^the validation split of {no_val} is empty: prepare the data again with a --val-fraction above 0 "
+                                        r".*, or set train.eval_every = 0 to train without validation$"):
+        SampleLoader(TokenStream(no_val), seq_len=8, seed=0, split="val")
+    val, train = stream.meta.val_tokens, len(stream) - stream.meta.val_tokens
+    with pytest.raises(DataError, match=f"^data.seq_len = {val} needs at least {val + 1} tokens, but the validation split of {prepared} "
+                                        f"has {val}: lower data.seq_len, prepare it again with a larger --val-fraction, or set "
+                                        "train.eval_every = 0$"):
+        SampleLoader(stream, seq_len=val, seed=0, split="val")
+    with pytest.raises(DataError, match=f"^data.seq_len = {train} needs at least {train + 1} tokens, but the training split of {prepared} "
+                                        f"has {train}: lower data.seq_len, or prepare more data$"):
+        SampleLoader(stream, seq_len=train, seed=0, split="train")
+
+
 # ---------------------------------------------------------------------------------------------- sample order
 
 
@@ -353,7 +365,7 @@ def test_train_and_validation_windows_stay_in_their_split(stream):
     val_starts = val.window_starts(0, val.num_windows)
     assert val_starts.min() >= val_start and val_starts.max() + 17 <= len(stream)
     assert val.num_windows == (stream.meta.val_tokens - 1) // 16
-    with pytest.raises(DataError, match=r"data.seq_len = 100000 .* val split"):
+    with pytest.raises(DataError, match=r"data.seq_len = 100000 .* validation split"):
         SampleLoader(stream, 100_000, seed=0, split="val")
 
 
@@ -365,11 +377,6 @@ def test_prefetch_gives_the_batches_in_order(stream):
 
 
 # ---------------------------------------------------------------------------------------------- command lines
-
-
-def run_tool(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_DATASETS_CACHE": str(cwd / "cache")}
-    return subprocess.run([sys.executable, str(ROOT / "tools" / script), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
 def test_quickstart_command_lines(tmp_path):

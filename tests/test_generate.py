@@ -4,9 +4,6 @@ state stays the same size, sampling keeps to its settings, and tools/generate.py
 a checkpoint and a transformers folder, naming what is missing."""
 
 import copy
-import importlib.util
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ from megassm.model import Mamba2LM, ModelConfig
 from megassm.model.recurrent import prefill, step
 from megassm.pretrained import save_transformers
 from parallel import DDPEngine, ParallelContext
+from tests.commands import load_tool, run_tool
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [
     ModelConfig.from_preset("debug"),  # 8 heads in 4 groups, tied head
     # Init draws dt log-uniformly in [0.001, 0.1]: most heads are clamped by this limit.
@@ -140,13 +137,6 @@ def test_vocab_size_limits_the_sampled_ids():
 # ---------------------------------------------------------------------------------------------- the command line
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("generate_tool", ROOT / "tools" / "generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def trained_checkpoint(run_dir: Path, step_number: int, model: Mamba2LM, data_path: Path) -> Path:
     """The checkpoint a run on `data_path` writes, by megassm.checkpoint itself."""
     cfg = Config(model=model.cfg, data=DataConfig(path=str(data_path)))
@@ -162,7 +152,7 @@ def greedy_text(model: Mamba2LM, tokenizer, prompt: str, new_tokens: int) -> str
 
 
 def test_command_line_continues_a_prompt(tmp_path, prepared_data, capsys):
-    tool = load_tool()
+    tool = load_tool("generate.py")
     tokenizer = load_tokenizer(prepared_data / TOKENIZER_DIR)
     old, new = Mamba2LM(CONFIGS[0]), Mamba2LM(CONFIGS[0])
     trained_checkpoint(tmp_path / "run", 1, old, prepared_data)
@@ -179,14 +169,14 @@ def test_command_line_continues_a_prompt(tmp_path, prepared_data, capsys):
 
     sampled = [str(tmp_path / "run" / "checkpoints" / "step_1"), "--prompt", "x = ", "--max-new-tokens", "8", "--temperature", "0.8",
                "--top-k", "50", "--top-p", "0.9", "--seed", "3"]
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), *sampled], capture_output=True, text=True, cwd=ROOT)
+    done = run_tool("generate.py", *sampled, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     tool.main(sampled)
     assert capsys.readouterr().out == done.stdout  # the seed fixes the sample
 
 
 def test_command_line_names_what_is_missing(tmp_path, prepared_data):
-    tool = load_tool()
+    tool = load_tool("generate.py")
     model = Mamba2LM(CONFIGS[1])
     save_model_checkpoint(model.cfg, model.state_dict(), tmp_path / "converted")  # model.toml, no run config
     given = ["--tokenizer", str(prepared_data / TOKENIZER_DIR)]
@@ -203,3 +193,25 @@ def test_command_line_names_what_is_missing(tmp_path, prepared_data):
         with pytest.raises(SystemExit) as stopped:
             tool.main(args)
         assert stopped.value.code == message
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, prepared_data, capsys):
+    """As when the trainer resumes: a run folder gives its newest checkpoint whose files are all there."""
+    tool = load_tool("generate.py")
+    tokenizer = load_tokenizer(prepared_data / TOKENIZER_DIR)
+    old, new = Mamba2LM(CONFIGS[0]), Mamba2LM(CONFIGS[0])
+    trained_checkpoint(tmp_path / "run", 1, old, prepared_data)
+    damaged = trained_checkpoint(tmp_path / "run", 2, new, prepared_data)
+    shard = damaged / "__0_0.distcp"
+    size = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: size // 2])
+    greedy = ["--prompt", "def fibonacci(", "--max-new-tokens", "15", "--temperature", "0"]
+    tool.main([str(tmp_path / "run"), *greedy])
+    out, err = capsys.readouterr()
+    assert out == greedy_text(old, tokenizer, "def fibonacci(", 15) + "\n"
+    cut = f"{shard} is cut short ({size // 2} of {size} bytes)"
+    assert err.splitlines()[0] == f"warning: skipping damaged checkpoint {damaged}: {cut}"
+    with pytest.raises(SystemExit) as stopped:
+        tool.main([str(damaged), *greedy])
+    assert stopped.value.code == f"generate: checkpoint {damaged} is damaged: {cut}; use an earlier one (checkpoints/step_N), " \
+                                 "or the run folder for its newest complete one"

@@ -6,10 +6,11 @@
     python tools/convert_checkpoint.py from-mamba-ssm path/to/mamba2-130m checkpoints/mamba2-130m
 
 to-hf writes config.json and model.safetensors, which transformers' AutoModelForCausalLM.from_pretrained
-loads, and the run's tokenizer (found through the checkpoint's config.toml data.path, or --tokenizer): an
-HF tokenizer as it is; a sentencepiece model converted to tokenizer.json when transformers reproduces its
-ids exactly, else copied as tokenizer.model. to-mamba-ssm writes config.json and pytorch_model.bin for
-mamba_ssm's MambaLMHeadModel.from_pretrained. CHECKPOINT_DIR may also be a run folder (its newest checkpoint).
+loads, and the run's tokenizer (--tokenizer, else the one of data.path in the checkpoint's config.toml; an
+error when neither is found): an HF tokenizer as it is; a sentencepiece model converted to tokenizer.json
+when transformers reproduces its ids exactly, else copied as tokenizer.model. to-mamba-ssm writes
+config.json and pytorch_model.bin for mamba_ssm's MambaLMHeadModel.from_pretrained. The source may also
+be a run folder: its newest checkpoint whose files are all there (a damaged newer one is skipped).
 
 from-hf and from-mamba-ssm write a megassm checkpoint at step 0 without optimizer state (DCP's files,
 model.toml, trainer.json): continue pretraining from it, or from the original folder, with
@@ -82,10 +83,12 @@ def convert(args: argparse.Namespace) -> str:
         raise ValueError(f"{args.source} is {DESCRIPTIONS[found]}, not {DESCRIPTIONS[wanted]}: use {other}")
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out} is not empty: give a new folder")
-    cfg, state = load_pretrained(args.source)
+    source = checkpoint_folder(args.source) if found == MEGASSM else args.source
+    tokenizer = (args.tokenizer or tokenizer_to_export(source)) if args.command == "to-hf" else None
+    cfg, state = load_pretrained(source)
     shape = f"d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.vocab_size}"
     if args.command == "to-hf":
-        token_ids, tokenizer_note = hf_tokenizer(args.tokenizer, checkpoint_folder(args.source), args.out)
+        token_ids, tokenizer_note = export_tokenizer(tokenizer, args.out)
         save_transformers(cfg, state, args.out, DTYPES[args.dtype], token_ids)
         return f"wrote {args.out}: transformers Mamba2ForCausalLM ({shape}, {args.dtype}); {tokenizer_note}"
     if args.command == "to-mamba-ssm":
@@ -97,16 +100,13 @@ def convert(args: argparse.Namespace) -> str:
     return f"wrote {args.out}: megassm checkpoint at step 0 ({shape}); continue pretraining with checkpoint.init_from, on data prepared with {tokenizer}"
 
 
-def hf_tokenizer(given: Path | None, checkpoint: Path, out: Path) -> tuple[dict[str, int | None], str]:
-    """Export the tokenizer given, else the one of the data the checkpoint's run trained on (config.toml's
-    data.path; a note, not an error, when that is not here). Returns export_tokenizer's answer."""
-    if given is not None:
-        return export_tokenizer(given, out)
+def tokenizer_to_export(checkpoint: Path) -> Path:
+    """The tokenizer of the data the checkpoint's run trained on (config.toml's data.path); an error, before
+    anything is written, when it is not here: an export without its tokenizer cannot generate text."""
     try:
-        source = run_tokenizer(checkpoint)
+        return run_tokenizer(checkpoint)
     except (FileNotFoundError, DataError) as error:
-        return {}, f"no tokenizer: {error}; give one with --tokenizer"
-    return export_tokenizer(source, out)
+        raise FileNotFoundError(f"{error}; give the tokenizer to export with --tokenizer") from None
 
 
 def export_tokenizer(source: Path, out: Path) -> tuple[dict[str, int | None], str]:

@@ -2,10 +2,10 @@
 
     python tools/generate.py runs/NAME --prompt "def fibonacci(" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0
 
-MODEL is a megassm checkpoint (checkpoints/step_N), a run folder (its newest complete checkpoint), or a
-transformers or mamba-ssm folder. The tokenizer is --tokenizer, else the one of the data the run trained
-on (data.path in the checkpoint's config.toml, relative to where training ran), else the model folder's
-own. As in the training data, the prompt starts a document: [eos] + tokens(prompt); generation stops at
+MODEL is a megassm checkpoint (checkpoints/step_N), a run folder (its newest checkpoint whose files are
+all there: a damaged newer one is skipped), or a transformers or mamba-ssm folder. The tokenizer is
+--tokenizer, else the one of the data the run trained on (data.path in the checkpoint's config.toml),
+else the model folder's own. As in the training data, the prompt starts a document: [eos] + tokens(prompt); generation stops at
 the next eos.
 """
 
@@ -22,7 +22,7 @@ import torch
 from megassm.data import Tokenizer, load_tokenizer
 from megassm.generate import check_sampling, generate
 from megassm.model import Mamba2LM
-from megassm.pretrained import MEGASSM, detect_format, load_pretrained, run_tokenizer
+from megassm.pretrained import MEGASSM, checkpoint_folder, detect_format, load_pretrained, run_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,6 +36,11 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> Mamba2LM
         model = Mamba2LM(dataclasses.replace(cfg, ssd_backend="torch", compile=False))
     model.load_state_dict(state, assign=True)
     return model.to(device, dtype).eval()
+
+
+def model_folder(path: Path) -> Path:
+    """The folder to read: a run folder's newest complete checkpoint, else `path` itself."""
+    return checkpoint_folder(path) if detect_format(path) == MEGASSM else path
 
 
 def tokenizer_for(path: Path, given: str | None) -> Tokenizer:
@@ -67,8 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("generate: --device cuda, but torch sees no CUDA device: use --device cpu")
     try:
         check_sampling(args.temperature, args.top_k, args.top_p)
-        tokenizer = tokenizer_for(args.model, args.tokenizer)
-        model = load_model(args.model, device, DTYPES[args.dtype])
+        folder = model_folder(args.model)
+        tokenizer = tokenizer_for(folder, args.tokenizer)
+        model = load_model(folder, device, DTYPES[args.dtype])
     except (OSError, ValueError) as error:  # missing or unreadable files (PretrainedError is a ValueError)
         sys.exit(f"generate: {error}")
     if tokenizer.vocab_size > model.cfg.vocab_size:

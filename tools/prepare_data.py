@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
                         help=".txt inputs: a document per line, per blank-line-separated paragraph, or per file")
     parser.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
     parser.add_argument("--cache-dir", help="datasets' cache (default: ~/.cache/huggingface/datasets)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier preparation in --out (a folder holding other files is refused)")
     args = parser.parse_args(argv)
     started = time.time()
     try:

@@ -1,5 +1,5 @@
 """Data: tokenizers (sentencepiece, Hugging Face), the built-in corpus, documents -> packed token
-shards, and the resumable sample loader (DESIGN.md section 5).
+shards, and the resumable sample loader (docs/architecture.md, section 6).
 
 Documents -> shards (`megassm.data.prepare`) needs the `datasets` library; it is not imported here,
 so that training, which only reads shards, starts fast and does without it."""

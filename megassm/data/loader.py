@@ -87,6 +87,17 @@ class Batch:
         return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
 
 
+def _too_short(stream: TokenStream, split: str, tokens: int, seq_len: int) -> str:
+    """What to do when a split holds no whole sample: an empty validation split is not a seq_len problem."""
+    if split == "val" and tokens == 0:
+        return (f"the validation split of {stream.path} is empty: prepare the data again with a --val-fraction above 0 "
+                "(tools/prepare_data.py, from two documents or more), or set train.eval_every = 0 to train without validation")
+    name, advice = (("validation", "prepare it again with a larger --val-fraction, or set train.eval_every = 0") if split == "val"
+                    else ("training", "or prepare more data"))
+    return (f"data.seq_len = {seq_len} needs at least {seq_len + 1} tokens, but the {name} split of {stream.path} has {tokens}: "
+            f"lower data.seq_len, {advice}")
+
+
 class SampleLoader:
     """Reads samples of one split of a TokenStream: for CP rank c of cp, columns
     [c*seq_len/cp, (c+1)*seq_len/cp) of each sample (and one token more for the last label)."""
@@ -98,8 +109,7 @@ class SampleLoader:
         self.base, tokens = stream.split(split)
         self.num_windows = (tokens - 1) // seq_len
         if self.num_windows < 1:
-            raise DataError(f"data.seq_len = {seq_len} needs at least {seq_len + 1} tokens, but the {split} split of "
-                            f"{stream.path} has {tokens}: lower data.seq_len or prepare more data")
+            raise DataError(_too_short(stream, split, tokens, seq_len))
         self.columns = seq_len // cp
         self.first_column = cp_rank * self.columns
 

@@ -3,7 +3,8 @@
 `datasets` reads the documents (local text / JSON lines / parquet files, or a hub dataset) and
 tokenizes them in parallel; tokenized results are cached by `datasets`, so re-running an interrupted
 preparation skips the finished tokenization. Everything is written into `<out>.partial` and renamed
-to `<out>` when complete: a folder named `<out>` is always a whole one.
+to `<out>` when complete: a folder named `<out>` is always a whole one. Overwriting deletes only what
+a preparation writes: a folder that holds anything else, or an input, is refused.
 """
 
 from __future__ import annotations
@@ -20,12 +21,24 @@ import datasets
 import numpy as np
 from tqdm import tqdm
 
-from megassm.data.shards import DOC_STARTS_FILE, TOKENIZER_DIR, DataError, Meta, Shard, ShardWriter, file_sha256, token_dtype
+from megassm.data.diagnose import first_problem, root_cause
+from megassm.data.shards import (
+    DOC_STARTS_FILE,
+    TOKENIZER_DIR,
+    DataError,
+    Meta,
+    Shard,
+    ShardWriter,
+    file_sha256,
+    token_dtype,
+    written_by_preparation,
+)
 from megassm.data.tokenizer import Tokenizer, is_hub_name, load_tokenizer
 
 BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst")  # read through by datasets
 GLOB_CHARS = "*?["
+TEXT_FEATURES = (datasets.Value("string"), datasets.Value("large_string"))
 
 
 def _builder(file: Path) -> str | None:
@@ -65,6 +78,7 @@ def load_documents(
     inputs = _input_list(inputs)
     matches = {pattern: _local_files(pattern) for pattern in inputs}
     cache = None if cache_dir is None else str(cache_dir)
+    files, builder = [], None  # local files and their datasets builder; none for a hub dataset
     if len(inputs) == 1 and not Path(inputs[0]).exists() and is_hub_name(inputs[0]):
         documents = datasets.load_dataset(inputs[0], split=split, cache_dir=cache)
     else:
@@ -77,14 +91,34 @@ def load_documents(
             raise DataError(f"input {unknown[0]}: unknown kind of file; use .txt, .jsonl (or .json) or .parquet")
         if len(set(builders.values())) > 1:
             raise DataError(f"inputs mix {' and '.join(sorted(set(builders.values())))} files; prepare one kind at a time")
-        builder = next(iter(builders.values()))
-        options = {"sample_by": sample_by} if builder == "text" else {}
-        documents = datasets.load_dataset(builder, data_files=[str(f) for f in builders], split="train", cache_dir=cache, **options)
+        files, builder = list(builders), next(iter(builders.values()))
+        documents = _load_local(files, builder, text_key, sample_by, cache)
     if text_key not in documents.column_names:
         raise DataError(f"inputs {' '.join(inputs)} have no {text_key!r} field (they have {', '.join(documents.column_names)}): "
                         "name the text field with --text-key")
+    feature = documents.features[text_key]
+    if feature not in TEXT_FEATURES:
+        located = first_problem(files, builder, text_key) if files else None
+        raise DataError(located or f"the {text_key!r} field of inputs {' '.join(inputs)} holds {getattr(feature, 'dtype', feature)}, "
+                                   "not text: name the text field with --text-key")
     documents = documents.select_columns([text_key])
     return documents if text_key == "text" else documents.rename_column(text_key, "text")
+
+
+def _load_local(files: list[Path], builder: str, text_key: str, sample_by: str, cache: str | None) -> datasets.Dataset:
+    """The files through datasets' `builder`; a file datasets cannot read is a DataError naming it (and the line)."""
+    options = {"sample_by": sample_by} if builder == "text" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad record would repeat the line below, less clearly
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=cache, **options)
+    except Exception as error:  # noqa: BLE001 -- datasets wraps a bad record in errors of its own, naming no file
+        problem = first_problem(files, builder, text_key)
+        if problem is None:
+            problem = f"datasets cannot read {files[0]}{' (or another input)' if len(files) > 1 else ''}: {root_cause(error)}"
+        raise DataError(problem) from None
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 def iter_texts(documents: datasets.Dataset, batch_size: int = 1000) -> Iterator[str]:
@@ -143,6 +177,37 @@ def _validation_documents(num_documents: int, val_fraction: float) -> int:
     return min(num_documents - 1, max(1, round(num_documents * val_fraction)))
 
 
+def _check_replaceable(out: Path, partial: Path, inputs: list[str]) -> None:
+    """DataError unless replacing `out` and `partial` loses nothing: they hold only what a preparation writes,
+    and no input (documents or tokenizer) is one of them or lies inside them."""
+    existing = [folder for folder in (out, partial) if folder.exists()]
+    if not existing:
+        return
+    for folder in existing:
+        if not folder.is_dir():
+            raise DataError(f"{folder} is a file, not a data folder: choose another --out")
+        foreign = sorted(p.name for p in folder.iterdir() if not written_by_preparation(p.name))
+        if foreign:
+            raise DataError(f"{folder} holds files that prepare_data.py did not write ({', '.join(foreign[:3])}"
+                            f"{' ...' if len(foreign) > 3 else ''}): choose another --out or move them away")
+    read = [path.resolve() for pattern in inputs for path in [Path(pattern), *_local_files(pattern)] if path.exists()]
+    for folder in existing:
+        inside = [path for path in read if path.is_relative_to(folder.resolve())]
+        if inside:
+            raise DataError(f"the input {inside[0]} is inside {folder}, which --overwrite would replace: choose an --out "
+                            "outside the inputs and the tokenizer")
+
+
+def _remove_preparation(folder: Path) -> None:
+    """Delete a folder that _check_replaceable accepted: its entries (all a preparation's own), then itself."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    folder.rmdir()
+
+
 def prepare(
     inputs: str | Path | Sequence[str | Path],
     tokenizer: str | Path,
@@ -159,16 +224,18 @@ def prepare(
 ) -> Path:
     """Tokenize `inputs` (see load_documents) with `tokenizer` (see load_tokenizer) into the data
     folder `out`, tokenizing in `num_proc` processes; returns out. The last `val_fraction` of the
-    documents become the validation split."""
+    documents become the validation split. `overwrite`: replace an earlier preparation in `out`."""
     out, inputs = Path(out), _input_list(inputs)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose another output folder or pass --overwrite")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    partial = out.with_name(out.name + ".partial")
+    _check_replaceable(out, partial, [*inputs, str(tokenizer)])
     tok = load_tokenizer(tokenizer)
     documents = load_documents(inputs, text_key, split, sample_by, cache_dir)
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted run
+    if partial.exists():  # left by an interrupted run
+        _remove_preparation(partial)
     partial.mkdir(parents=True)
     try:
         tok.save(partial / TOKENIZER_DIR)
@@ -186,7 +253,7 @@ def prepare(
             source={"inputs": inputs, "text_key": text_key, "tokenizer": str(tokenizer)},
         ).write(partial)
         if out.exists():
-            shutil.rmtree(out)
+            _remove_preparation(out)
         partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -32,6 +33,8 @@ VERIFIED_FILE = "verified.json"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
 REPAIR = "re-create the folder with python tools/prepare_data.py"
+SHARD_FILE = re.compile(r"tokens_\d{5,}\.bin")
+VERIFIED_PARTIAL = re.compile(re.escape(VERIFIED_FILE) + r"\.\d+\.tmp")  # verify()'s file before its rename
 
 
 class DataError(UserError, ValueError):
@@ -45,6 +48,13 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def shard_name(index: int) -> str:
     return f"tokens_{index:05d}.bin"
+
+
+def written_by_preparation(name: str) -> bool:
+    """Whether a data folder's entry is one that a preparation (or TokenStream.verify) writes: what an
+    --overwrite may delete."""
+    own = {META_FILE, DOC_STARTS_FILE, VERIFIED_FILE, TOKENIZER_DIR}
+    return name in own or bool(SHARD_FILE.fullmatch(name) or VERIFIED_PARTIAL.fullmatch(name))
 
 
 def file_sha256(path: Path) -> str:
@@ -87,6 +97,9 @@ class Meta:
     @classmethod
     def read(cls, folder: Path) -> "Meta":
         path = folder / META_FILE
+        if folder.is_file():
+            raise DataError(f"{folder} is a file, not a prepared data folder: tokenize a raw corpus first, with "
+                            f"python tools/prepare_data.py --input {folder} --tokenizer TOKENIZER --out DIR, and give DIR as data.path")
         if not folder.is_dir():
             raise DataError(f"{folder}: no such data folder; make one with python tools/prepare_data.py --out {folder} ...")
         if not path.is_file():

@@ -51,7 +51,10 @@ class Tokenizer(ABC):
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, model_file: str | Path):
         self.model_file = Path(model_file)
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as error:  # e.g. "could not parse ModelProto"
+            raise ValueError(f"tokenizer {model_file}: not a sentencepiece model ({str(error).splitlines()[0]}); {MAKE_ONE}") from None
         self.vocab_size = self._sp.get_piece_size()
         self.eos_id = self._sp.eos_id()
         if self.eos_id < 0:
@@ -72,7 +75,10 @@ class HFTokenizer(Tokenizer):
     def __init__(self, name_or_path: str | Path):
         from transformers import AutoTokenizer  # here: transformers is needed only for this kind
 
-        self._tok = AutoTokenizer.from_pretrained(str(name_or_path))
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(name_or_path))
+        except ValueError as error:  # a malformed tokenizer.json or tokenizer_config.json (JSONDecodeError among them)
+            raise ValueError(f"tokenizer {name_or_path}: transformers cannot read it ({str(error).splitlines()[0]})") from None
         self.vocab_size = len(self._tok)  # added tokens included
         self.eos_id = self._tok.eos_token_id
         if self.eos_id is None:

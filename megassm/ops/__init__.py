@@ -1,13 +1,12 @@
 """The mixer's numerical kernels, each with a pure-PyTorch reference and, on CUDA, Triton kernels
 (mamba-ssm's SSD and gated RMSNorm, megassm's conv1d). `backend`: "torch" (the reference, anywhere),
-"triton" (CUDA + mamba-ssm, or an error), or "auto" (Triton when the tensors are on CUDA and the
-kernels load, the reference otherwise). The plain-PyTorch pieces with no Triton kernel of their own
-(RMSNorm, the loss's softmax, and the conv1d on the "torch" backend) run through torch.compile on
-CUDA (`maybe_compiled`), which fuses each into a few kernels."""
+"triton" (CUDA + mamba-ssm, or an error), or "auto" (the reference on CPU, Triton on CUDA: an error
+there when the kernels do not load, rather than a silent fall back to a path many times slower).
+The plain-PyTorch pieces with no Triton kernel of their own (RMSNorm, the loss's softmax, and the
+conv1d on the "torch" backend) run through torch.compile on CUDA (`maybe_compiled`), which fuses
+each into a few kernels."""
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import Tensor
@@ -26,7 +25,8 @@ __all__ = ["BACKENDS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "add_rms_nor
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """"torch" or "triton" for tensors on `device`; a clear error where "triton" cannot run."""
+    """"torch" or "triton" for tensors on `device`; KernelsUnavailable, saying what to install or set, where
+    the chosen backend cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"ssd_backend = {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
@@ -40,10 +40,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     try:
         load_triton_kernels()
     except KernelsUnavailable as error:
-        if backend == "triton":
-            raise
-        warnings.warn(f"ssd_backend = 'auto' falls back to the PyTorch reference: {error}", stacklevel=3)
-        return "torch"
+        raise KernelsUnavailable(f"ssd_backend = {backend!r} on CUDA needs the Triton kernels: {error}; or set ssd_backend = 'torch' "
+                                 "(the PyTorch reference, many times slower)") from None
     return "triton"
 
 

@@ -1,0 +1,58 @@
+"""torchrun with one-line failures, as launch/torchrun.sh runs it:
+
+    python -m megassm.torchrun [torchrun's options] -m megassm.train [the trainer's arguments]
+
+Before any process starts, the trainer's config is checked against the world size about to start
+(nnodes x nproc_per_node), so a layout that does not fit stops with the trainer's one line. A trainer
+process that fails has printed why itself (rank 0, one line): torchrun's report of the failure (its
+traceback and a table per rank) is left out, and the exit code is the process's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import determine_local_world_size, parse_args, parse_min_max_nnodes, run
+
+from megassm.config import ConfigError, check_command_line
+
+TRAINER = "megassm.train"
+# Logs each failed or stopped process again (after the process's own message): left out.
+PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+
+
+def world_size(nnodes: str, nproc_per_node: str) -> int | None:
+    """The number of processes torchrun will start, or None for an elastic range of nodes ("1:4")."""
+    min_nodes, max_nodes = parse_min_max_nnodes(nnodes)
+    return max_nodes * determine_local_world_size(nproc_per_node) if min_nodes == max_nodes else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.module and args.training_script == TRAINER:
+        if {"-h", "--help"} & set(args.training_script_args):
+            from megassm.train import main as trainer  # its help, once: not once per process
+
+            return trainer(["--help"])
+        try:
+            check_command_line(args.training_script_args, world_size(args.nnodes, args.nproc_per_node))
+        except ConfigError as error:
+            print(f"megassm-train: error: {error}", file=sys.stderr)
+            return 2
+    logging.getLogger(PROCESS_LOGGER).setLevel(logging.CRITICAL)
+    try:
+        run(args)
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode
+        print(f"megassm-torchrun: rank {rank} (pid {failure.pid}) was killed by signal {-failure.exitcode} ({failure.signal_name()})",
+              file=sys.stderr)
+        return 128 - failure.exitcode  # as a shell reports a killed command
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

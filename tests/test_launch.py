@@ -1,0 +1,101 @@
+"""launch/torchrun.sh and megassm.torchrun: a config that does not fit the world size about to start
+stops with the trainer's one line before any process starts; a trainer that fails under torchrun ends
+with its own line, never torchrun's traceback; the launch scripts pass the trainer's arguments on."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import megassm.torchrun
+from tests.commands import ROOT
+from tests.distributed import free_port
+
+DEBUG = str(ROOT / "configs" / "debug.toml")  # tp 2 x cp 2: fits 4 processes
+
+
+def launch(script: str, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """bash launch/<script> args, with this Python's environment first on PATH."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "MASTER_PORT": str(free_port()), **env}
+    return subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("nodes, nproc, overrides, message", [
+    ("2", "2", ["--parallel.dp=2"], "parallel.tp * parallel.cp * parallel.dp = 2 * 2 * 2 = 8, but the world size is 4 "
+     "(set parallel.dp = -1 to use the rest)"),
+    ("1", "6", [], "parallel.tp * parallel.cp = 4 does not divide the world size 6"),
+    ("2", "4", ["--parallel.tp=8", "--parallel.cp=1"], "parallel.tp = 8 must divide the model's 4 groups (model.ngroups)"),
+    ("1", "4", ["--data.seq_len=255"], "data.seq_len = 255 must be divisible by parallel.cp = 2"),
+], ids=["layout-vs-world-size", "world-not-divisible", "tp-vs-groups", "seq-len-vs-cp"])
+def test_a_config_that_does_not_fit_starts_no_process(monkeypatch, capsys, nodes, nproc, overrides, message):
+    monkeypatch.setattr(megassm.torchrun, "run", lambda args: pytest.fail("torchrun started processes"))
+    argv = ["--nnodes", nodes, "--nproc-per-node", nproc, "-m", "megassm.train", "--config", DEBUG, *overrides]
+    assert megassm.torchrun.main(argv) == 2
+    assert capsys.readouterr().err == f"megassm-train: error: {message}\n"
+
+
+def test_torchrun_sh_stops_a_bad_layout_with_one_line(tmp_path):
+    done = launch("torchrun.sh", "--config", DEBUG, "--parallel.tp=3", cwd=tmp_path, NPROC_PER_NODE="4")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["megassm-train: error: parallel.tp * parallel.cp = 6 does not divide the world size 4"], done.stderr
+
+
+def test_a_trainer_failing_under_torchrun_ends_with_its_own_line(tmp_path):
+    """The config fits, the data folder is missing: every rank stops; one line, the trainer's exit code."""
+    done = launch("torchrun.sh", "--config", DEBUG, "--parallel.tp=1", f"--data.path={tmp_path / 'none'}", cwd=tmp_path,
+                  NPROC_PER_NODE="2")
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"megassm-train: error: {tmp_path / 'none'}: no such data folder; make one with "
+                                        f"python tools/prepare_data.py --out {tmp_path / 'none'} ..."], done.stderr
+
+
+def test_a_killed_process_is_reported_in_one_line(tmp_path):
+    (tmp_path / "die.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-m", "megassm.torchrun", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "die.py"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 128 + 9
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megassm-torchrun: rank 0 (pid ") and lines[0].endswith("killed by signal 9 (SIGKILL)")
+
+
+def test_the_trainers_help_is_printed_once(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        megassm.torchrun.main(["--nproc-per-node", "4", "-m", "megassm.train", "--help"])
+    assert stopped.value.code == 0 and capsys.readouterr().out.count("usage: megassm-train") == 1
+
+
+@pytest.fixture
+def stubbed_checkout(tmp_path) -> Path:
+    """A copy of the launch and test scripts whose .venv holds stand-ins for python and pip that record their
+    arguments, and whose launch/torchrun.sh records the trainer's: the scripts run as on a fresh machine."""
+    shutil.copytree(ROOT / "launch", tmp_path / "launch")
+    (tmp_path / "tests").mkdir()
+    shutil.copy(ROOT / "tests" / "run.sh", tmp_path / "tests")
+    (tmp_path / "data" / "builtin").mkdir(parents=True)
+    (tmp_path / "data" / "builtin" / "meta.json").write_text("{}")  # the quickstart's data: already made
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "activate").write_text(f'PATH="{venv}:$PATH"\n')
+    for name in ("python", "pip"):
+        (venv / name).write_text(f'#!/bin/sh\necho "{name} $*" >> "{tmp_path}/calls"\n')
+        (venv / name).chmod(0o755)
+    (tmp_path / "launch" / "torchrun.sh").write_text(f'echo "torchrun.sh $*" >> "{tmp_path}/calls"\n')
+    return tmp_path
+
+
+@pytest.mark.parametrize("script, args, want", [
+    ("launch/quickstart.sh", ["--train.steps=50"],
+     ["pip install -q -e .", r"torchrun.sh --config configs/debug.toml --run.dir=runs/quickstart-\d+-\d+ --train.steps=50",
+      r"python tools/plot_metrics.py runs/quickstart-.*"]),
+    ("tests/run.sh", ["-k", "ssd"], [r"pip install -q -e .\[dev\]", "python -m pytest -k ssd"]),
+], ids=["quickstart", "tests"])
+def test_scripts_give_their_arguments_to_the_trainer_or_pytest_not_to_pip(stubbed_checkout, script, args, want):
+    done = subprocess.run(["bash", str(stubbed_checkout / script), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    calls = [call for call in (stubbed_checkout / "calls").read_text().splitlines() if call != "python -c import torch"]
+    assert len(calls) == len(want) and all(re.fullmatch(pattern, call) for pattern, call in zip(want, calls)), calls
