@@ -1,4 +1,4 @@
-"""Context parallelism for SSD by passing chunk states (DESIGN.md section 4; Mamba-2 paper, 8.2).
+"""Context parallelism for SSD by passing chunk states (docs/architecture.md section 5; Mamba-2 paper, 8.2).
 
 Each CP rank has run SSD on its slice from a zero state, giving y0 and its final state S_r. Here it
 learns the state h_r entering its slice (one all-gather of (S_r, a_r) over the CP group, in
