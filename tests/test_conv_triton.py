@@ -13,23 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 
-# case: (documents, bias, halo, tokens, backward tiling); one token after a halo is a decoding step. The backward
-# tiling (token rows per tile, programs) of "many-programs" gives each program 5 of 24 tiles, the last one past the end.
-CASES = {"documents": (True, True, False, 45, None), "one-document": (False, True, False, 45, None),
-         "no-bias": (True, False, False, 45, None), "halo": (True, True, True, 45, None), "halo-one-document": (False, True, True, 45, None),
-         "halo-one-token": (False, True, True, 1, None), "many-programs": (True, True, True, 45, (4, 15))}
+# case: (documents, bias, halo, tokens); one token after a halo is a decoding step (megassm/model/recurrent.py)
+CASES = {"documents": (True, True, False, 45), "one-document": (False, True, False, 45), "no-bias": (True, False, False, 45),
+         "halo": (True, True, True, 45), "halo-one-document": (False, True, True, 45), "halo-one-token": (False, True, True, 1)}
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compare(documents: bool, with_bias: bool, with_halo: bool, seqlen: int, backward_tiling: tuple[int, int] | None) -> None:
+def compare(documents: bool, with_bias: bool, with_halo: bool, seqlen: int) -> None:
     """Output and the gradients of x (a strided slice, as the mixer passes it), weight, bias and the
     halo (context parallelism's previous rows), with more tokens and channels than one tile of any
     kernel, and not multiples of it."""
-    from megassm.ops import causal_conv1d, conv_triton
+    from megassm.ops import causal_conv1d
     from megassm.ops.conv_triton import causal_conv1d_silu, conv1d_silu_backward
-
-    if backward_tiling:
-        conv_triton.BACKWARD_BLOCK_L, conv_triton.BACKWARD_PROGRAMS = backward_tiling
 
     torch.manual_seed(0)
     batch, channels, width = 2, 150, 4
@@ -84,10 +79,11 @@ def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     flags = dict(HAS_BIAS=options, HAS_SEQ=options, HAS_HALO=options)
     tiles = dict(BLOCK_L=conv_triton.BLOCK_L, BLOCK_D=conv_triton.BLOCK_D)
-    kernels = {conv_triton._forward_kernel: {**flags, **tiles},
-               conv_triton._backward_kernel: {**flags, "TILES_PER_PROGRAM": 4, "TAPS": 4, "BLOCK_L": conv_triton.BACKWARD_BLOCK_L,
-                                               "BLOCK_D": conv_triton.BACKWARD_BLOCK_D}}
-    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dhead_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+    kernels = {conv_triton._forward_kernel: {**flags, **tiles}, conv_triton._grad_pre_kernel: {**flags, **tiles},
+               conv_triton._grad_input_kernel: {"HAS_SEQ": flags["HAS_SEQ"], **tiles},
+               conv_triton._grad_weight_kernel: {"HAS_SEQ": flags["HAS_SEQ"], "HAS_HALO": flags["HAS_HALO"], "TILES_PER_PROGRAM": 4,
+                                                 "TAPS": 4, "BLOCK_L": conv_triton.WEIGHT_BLOCK_L, "BLOCK_D": conv_triton.WEIGHT_BLOCK_D}}
+    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dpre_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
     for kernel, constants in kernels.items():
         constants = {**constants, "WIDTH": 4}
         signature = {name: "constexpr" if name in constants else pointer.get(name, "*bf16") if name.endswith("_ptr") else "i32"

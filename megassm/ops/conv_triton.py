@@ -5,10 +5,9 @@ Why: the PyTorch version (megassm/ops/conv.py), even fused by torch.compile, too
 mamba-ssm's peer pads, transposes and slices around cuDNN. Here a program owns a tile of tokens x
 channels and reads the `width` shifted rows it needs straight from the input (neighbouring tiles'
 rows come from cache), so the forward reads x once and writes y once. Document boundaries (seq_idx)
-mask taps that reach into another document, as the reference does. The backward is one kernel that
-reads x and dy and writes dx: it recomputes the pre-activation of the `width` rows each input row
-feeds (from rows in cache) instead of storing it or its gradient; the weight and bias gradients are
-summed per program, then over programs.
+mask taps that reach into another document, as the reference does. The backward recomputes the
+pre-activation (cheaper than storing it), writes d(pre-activation) in fp32, and takes dx from that;
+the weight and bias gradients are summed per tile, then over tiles.
 Sums are fp32; y and dx have x's dtype. A halo (context parallelism: the previous rank's last
 width-1 rows; a decoding step's conv state) is read by the taps that reach before row 0, from its own
 tensor: putting it in front of x would copy x, and give back a gradient to slice, each time (three
@@ -22,8 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_L, BLOCK_D = 32, 128  # the forward's tile of tokens x channels
-BACKWARD_BLOCK_L, BACKWARD_BLOCK_D, BACKWARD_PROGRAMS = 32, 64, 2048  # the backward's tiles, and about how many programs share them
+BLOCK_L, BLOCK_D = 32, 128  # a program's tile of tokens x channels
+WEIGHT_BLOCK_L, WEIGHT_BLOCK_D, WEIGHT_PROGRAMS = 16, 64, 2048  # the weight gradient's tiles, and about how many programs share it
 
 
 @triton.jit
@@ -68,11 +67,10 @@ def _load_rows(x_ptr, h_ptr, batch, source, offsets, ok, stride_xb, stride_xl, s
 
 
 @triton.jit
-def _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, row_ok, cols, L, D, stride_xb, stride_xl, stride_hb,
-                    stride_hl, stride_sb, stride_hsb, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
-                    WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """conv(x) + bias at rows (where row_ok) and cols, fp32."""
-    col_ok = cols < D
+def _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
+                    stride_sb, stride_hsb, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr,
+                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    row_ok, col_ok = rows < L, cols < D
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     for k in tl.static_range(WIDTH):
         source = rows - (WIDTH - 1) + k
@@ -91,70 +89,74 @@ def _forward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, y_ptr, L, D, 
                     stride_sb, stride_hsb, stride_yb, stride_yl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
                     WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
-    pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, rows < L, cols, L, D, stride_xb, stride_xl,
-                          stride_hb, stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L, BLOCK_D)
+    pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb,
+                          stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L, BLOCK_D)
     y = pre * tl.sigmoid(pre)
     mask = (rows < L)[:, None] & (cols < D)[None, :]
     tl.store(y_ptr + batch * stride_yb + rows[:, None] * stride_yl + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _backward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr, dx_ptr, dw_ptr, db_ptr, dhead_ptr, L, D, stride_xb,
-                     stride_xl, stride_hb, stride_hl, stride_sb, stride_hsb, stride_dyb, stride_dyl, stride_dxb, stride_dxl, tiles,
-                     TILES_PER_PROGRAM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
-                     WIDTH: tl.constexpr, TAPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dx of a run of TILES_PER_PROGRAM token tiles (all batch rows in order), and this program's share of
-    dw (programs, WIDTH, D) and db (programs, D). dx[u] takes d(pre-activation) of rows u .. u+WIDTH-1,
-    each recomputed here (from x rows already in cache) rather than written and read back.
-    dhead (b, WIDTH-1, D): d(pre-activation) of the first rows, which the halo's gradient needs.
-    TAPS: WIDTH rounded up to a power of two."""
+def _grad_pre_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr, dpre_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
+                     stride_sb, stride_hsb, stride_dyb, stride_dyl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
+                     WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """d(pre-activation) of the tile, fp32, contiguous (b, l, d)."""
+    batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
+    mask = (rows < L)[:, None] & (cols < D)[None, :]
+    pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb,
+                          stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L, BLOCK_D)
+    dy = tl.load(dy_ptr + batch * stride_dyb + rows[:, None] * stride_dyl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(pre)
+    tl.store(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], dy * sig * (1 + pre * (1 - sig)), mask=mask)  # silu'
+
+
+@triton.jit
+def _grad_weight_kernel(x_ptr, h_ptr, seq_ptr, hseq_ptr, dpre_ptr, dw_ptr, db_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
+                        stride_sb, stride_hsb, tiles, TILES_PER_PROGRAM: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
+                        WIDTH: tl.constexpr, TAPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's share of dw (programs, WIDTH, D) and db (programs, D): a run of TILES_PER_PROGRAM
+    token tiles (all batch rows in order), summed elementwise in registers and over tokens once at the end.
+    TAPS: WIDTH rounded up to a power of two (the taps are one axis of a 3-d tile)."""
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     taps = tl.arange(0, TAPS)
     n_blocks = tl.cdiv(L, BLOCK_L)
-    acc_w = tl.zeros((TAPS, BLOCK_D), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    acc_w = tl.zeros((BLOCK_L, TAPS, BLOCK_D), dtype=tl.float32)
+    acc_b = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     first = tl.program_id(0) * TILES_PER_PROGRAM
     for i in range(0, TILES_PER_PROGRAM):
         tile = first + i
         batch = tile // n_blocks
         rows = (tile % n_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
         row_ok = (rows < L) & (tile < tiles)
-        if HAS_SEQ:
-            mine = tl.load(seq_ptr + batch * stride_sb + rows, mask=row_ok, other=-1)
-        dx = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-        for s in tl.static_range(WIDTH):
-            later = rows + s
-            later_ok = row_ok & (later < L)
-            pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, later, later_ok, cols, L, D, stride_xb,
-                                  stride_xl, stride_hb, stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L,
-                                  BLOCK_D)
-            dy = tl.load(dy_ptr + batch * stride_dyb + later[:, None] * stride_dyl + cols[None, :],
-                         mask=later_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-            sig = tl.sigmoid(pre)
-            dpre = dy * sig * (1 + pre * (1 - sig))  # silu'
-            reaches = later_ok
-            if HAS_SEQ:
-                reaches = reaches & (tl.load(seq_ptr + batch * stride_sb + later, mask=later_ok, other=-2) == mine)
-            w = tl.load(w_ptr + cols * WIDTH + (WIDTH - 1 - s), mask=col_ok, other=0.0).to(tl.float32)
-            dx += tl.where(reaches[:, None], dpre, 0.0) * w[None, :]
-            if s == 0:  # the tile's own rows: their taps' weight and bias gradients
-                acc_b += tl.sum(dpre, axis=0)
-                for k in tl.static_range(WIDTH):
-                    source = rows - (WIDTH - 1) + k
-                    ok = _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows, source, row_ok, L, HAS_SEQ, HAS_HALO, WIDTH)
-                    x = _load_rows(x_ptr, h_ptr, batch, source[:, None], cols[None, :], ok[:, None] & col_ok[None, :], stride_xb,
-                                   stride_xl, stride_hb, stride_hl, HAS_HALO, WIDTH)
-                    acc_w += tl.where(taps[:, None] == k, tl.sum(dpre * x, axis=0)[None, :], 0.0)
-                if HAS_HALO:
-                    head = row_ok & (rows < WIDTH - 1)
-                    tl.store(dhead_ptr + (batch * (WIDTH - 1) + rows[:, None]) * D + cols[None, :], dpre,
-                             mask=head[:, None] & col_ok[None, :])
-        tl.store(dx_ptr + batch * stride_dxb + rows[:, None] * stride_dxl + cols[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        dpre = tl.load(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        source = rows[:, None] - (WIDTH - 1) + taps[None, :]
+        ok = _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows[:, None], source, row_ok[:, None], L, HAS_SEQ, HAS_HALO,
+                       WIDTH) & (taps < WIDTH)[None, :]
+        x = _load_rows(x_ptr, h_ptr, batch, source[:, :, None], cols[None, None, :], ok[:, :, None] & col_ok[None, None, :],
+                       stride_xb, stride_xl, stride_hb, stride_hl, HAS_HALO, WIDTH)
+        acc_w += dpre[:, None, :] * x
+        acc_b += dpre
     program = tl.program_id(0)
-    tl.store(dw_ptr + (program * WIDTH + taps[:, None]) * D + cols[None, :], acc_w, mask=(taps < WIDTH)[:, None] & col_ok[None, :])
-    tl.store(db_ptr + program * D + cols, acc_b, mask=col_ok)
+    tap_ok = (taps < WIDTH)[:, None] & col_ok[None, :]
+    tl.store(dw_ptr + (program * WIDTH + taps[:, None]) * D + cols[None, :], tl.sum(acc_w, axis=0), mask=tap_ok)
+    tl.store(db_ptr + program * D + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _grad_input_kernel(dpre_ptr, w_ptr, seq_ptr, dx_ptr, L, D, stride_sb, stride_dxb, stride_dxl, HAS_SEQ: tl.constexpr,
+                       WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx[u] = sum over taps k of w[:, k] * dpre[u + WIDTH-1 - k], where that output row is in u's document."""
+    batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
+    row_ok, col_ok = rows < L, cols < D
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+    for k in tl.static_range(WIDTH):
+        target = rows + (WIDTH - 1) - k  # never before row 0: no halo
+        ok = _tap_mask(seq_ptr, seq_ptr, batch, stride_sb, 0, rows, target, row_ok, L, HAS_SEQ, False, WIDTH)
+        g = tl.load(dpre_ptr + (batch * L + target[:, None]) * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+        acc += g * tl.load(w_ptr + cols * WIDTH + k, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    tl.store(dx_ptr + batch * stride_dxb + rows[:, None] * stride_dxl + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:
@@ -185,14 +187,14 @@ def conv1d_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx:
     return y
 
 
-def halo_gradient(dhead: Tensor, weight: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None, length: int) -> Tensor:
-    """d(halo) (b, width-1, d) fp32 from dhead, d(pre-activation) of the first width-1 rows: halo row j
-    reaches output t <= j through tap j - t (a few rows: PyTorch)."""
-    batch, width = dhead.shape[0], weight.shape[1]
-    dhalo = torch.zeros_like(dhead)
+def halo_gradient(dpre: Tensor, weight: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None) -> Tensor:
+    """d(halo) (b, width-1, d) fp32: halo row j reaches output t <= j through tap j - t (a few rows: PyTorch)."""
+    batch, length, channels = dpre.shape
+    width = weight.shape[1]
+    dhalo = dpre.new_zeros(batch, width - 1, channels)
     for j in range(width - 1):
         for t in range(min(j + 1, length)):
-            term = dhead[:, t] * weight[:, j - t].float()
+            term = dpre[:, t] * weight[:, j - t].float()
             if seq_idx is not None:
                 term = term * (seq_idx[:, t] == halo_seq_idx[:, j])[:, None]
             dhalo[:, j] += term
@@ -202,29 +204,34 @@ def halo_gradient(dhead: Tensor, weight: Tensor, seq_idx: Tensor | None, halo_se
 def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, dy: Tensor,
                          dx: Tensor | None = None, halo: Tensor | None = None,
                          halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(dx, dweight, dbias, dhalo) from dy = d(output), in one kernel. dx, if given, is written in place (any row
-    stride, channels contiguous): a fused caller's slice of one larger gradient buffer."""
+    """(dx, dweight, dbias, dhalo) from dy = d(output). dx, if given, is written in place (any row stride,
+    channels contiguous): a fused caller's slice of one larger gradient buffer."""
     batch, length, channels = x.shape
     width = weight.shape[1]
     h = _Halo(x, halo, halo_seq_idx)
+    grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
+    flags = dict(HAS_SEQ=seq_idx is not None, WIDTH=width)
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
+    dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _grad_pre_kernel[grid](x, h.tensor, weight, x if bias is None else bias, seq, h.ids, dy, dpre, length, channels, x.stride(0),
+                           x.stride(1), *h.strides, seq_stride, h.ids_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None,
+                           HAS_HALO=halo is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    column_blocks = triton.cdiv(channels, BACKWARD_BLOCK_D)
-    tiles = batch * triton.cdiv(length, BACKWARD_BLOCK_L)
-    tiles_per_program = triton.cdiv(tiles, max(1, BACKWARD_PROGRAMS // column_blocks))
+    _grad_input_kernel[grid](dpre, weight, seq, dx, length, channels, seq_stride, dx.stride(0), dx.stride(1),
+                             BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
+    column_blocks = triton.cdiv(channels, WEIGHT_BLOCK_D)
+    tiles = batch * triton.cdiv(length, WEIGHT_BLOCK_L)
+    tiles_per_program = triton.cdiv(tiles, max(1, WEIGHT_PROGRAMS // column_blocks))
     programs = triton.cdiv(tiles, tiles_per_program)
     dw = torch.empty(programs, width, channels, dtype=torch.float32, device=x.device)
     db = torch.empty(programs, channels, dtype=torch.float32, device=x.device)
-    dhead = torch.zeros(batch, width - 1, channels, dtype=torch.float32, device=x.device) if halo is not None else db
-    _backward_kernel[(programs, column_blocks)](
-        x, h.tensor, weight, x if bias is None else bias, seq, h.ids, dy, dx, dw, db, dhead, length, channels, x.stride(0), x.stride(1),
-        *h.strides, seq_stride, h.ids_stride, dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1), tiles,
-        TILES_PER_PROGRAM=tiles_per_program, HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_HALO=halo is not None,
-        WIDTH=width, TAPS=triton.next_power_of_2(width), BLOCK_L=BACKWARD_BLOCK_L, BLOCK_D=BACKWARD_BLOCK_D,
-    )
+    _grad_weight_kernel[(programs, column_blocks)](x, h.tensor, seq, h.ids, dpre, dw, db, length, channels, x.stride(0), x.stride(1),
+                                                   *h.strides, seq_stride, h.ids_stride, tiles, TILES_PER_PROGRAM=tiles_per_program,
+                                                   HAS_HALO=halo is not None, TAPS=triton.next_power_of_2(width),
+                                                   BLOCK_L=WEIGHT_BLOCK_L, BLOCK_D=WEIGHT_BLOCK_D, **flags)
     grad_bias = None if bias is None else db.sum(0).to(bias.dtype)
-    dhalo = None if halo is None else halo_gradient(dhead, weight, seq_idx, halo_seq_idx, length).to(halo.dtype)
+    dhalo = None if halo is None else halo_gradient(dpre, weight, seq_idx, halo_seq_idx).to(halo.dtype)
     return dx, dw.sum(0).T.to(weight.dtype), grad_bias, dhalo
 
 
