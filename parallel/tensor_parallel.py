@@ -84,9 +84,6 @@ class ShardedSegments(nn.ParameterDict):
     def fused(self) -> Tensor:
         return torch.cat([self[name] for name in self.order])
 
-    def local_sizes(self) -> list[int]:
-        return [self[name].shape[0] for name in self.order]
-
 
 class ColumnParallelLinear(nn.Module):
     """y = x @ cat(segments).T with each segment split on its output dim over TP: one GEMM per rank."""
