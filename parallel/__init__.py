@@ -12,12 +12,10 @@ from parallel.tensor_parallel import (
     ShardedSegments,
     VocabParallelEmbedding,
     VocabParallelLMHead,
-    full_tensor,
     layer_input,
     local_piece,
     mark_sequence_parallel,
     shard_parameter,
-    vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
     vocab_parallel_logits,
 )
@@ -31,7 +29,6 @@ __all__ = [
     "ShardedSegments",
     "VocabParallelEmbedding",
     "VocabParallelLMHead",
-    "full_tensor",
     "global_grad_norm",
     "incoming_state",
     "init_parallel",
@@ -41,7 +38,6 @@ __all__ = [
     "record_communication",
     "send_to_next_rank",
     "shard_parameter",
-    "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
     "vocab_parallel_logits",
 ]

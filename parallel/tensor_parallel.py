@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from parallel.collectives import all_gather, all_reduce, copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
+from parallel.collectives import all_reduce, copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
 from parallel.compiled import maybe_compiled
 from parallel.context import ParallelContext, group_rank, group_size
 
@@ -42,14 +42,6 @@ def local_piece(full: Tensor, param: nn.Parameter, group: ProcessGroup | None) -
     if dim is None or group_size(group) == 1:
         return full
     return full.chunk(group_size(group), dim)[group_rank(group)]
-
-
-@torch.no_grad()
-def full_tensor(param: Tensor, tp_dim: int | None, group: ProcessGroup | None) -> Tensor:
-    """The logical tensor assembled from every rank's piece."""
-    if tp_dim is None or group_size(group) == 1:
-        return param.detach()
-    return all_gather(param.detach(), group, tp_dim)
 
 
 def mark_sequence_parallel(param: nn.Parameter) -> None:
@@ -149,43 +141,6 @@ class VocabParallelLMHead(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return vocab_parallel_logits(h, self.weight, self.ctx)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, group: ProcessGroup | None, ignore_index: int):
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        vocab_start = group_rank(group) * logits.shape[-1]
-        logits_max = logits.max(dim=-1).values
-        if group_size(group) > 1:
-            logits_max = all_reduce(logits_max, group, dist.ReduceOp.MAX)
-        exp = torch.exp(logits - logits_max[..., None])
-        local_target = target - vocab_start
-        mine = (local_target >= 0) & (local_target < logits.shape[-1])
-        local_target = local_target.masked_fill(~mine, 0)
-        target_logit = torch.gather(logits, -1, local_target[..., None])[..., 0].masked_fill(~mine, 0.0)
-        sums = torch.stack([exp.sum(-1), target_logit])  # one all-reduce for both
-        if group_size(group) > 1:
-            sums = all_reduce(sums, group)
-        sum_exp, target_logit = sums
-        valid = target != ignore_index
-        loss = (torch.log(sum_exp) + logits_max - target_logit).masked_fill(~valid, 0.0)
-        ctx.save_for_backward(exp.div_(sum_exp[..., None]), local_target, mine & valid, valid)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        softmax, local_target, hit, valid = ctx.saved_tensors
-        grad = softmax
-        grad.scatter_add_(-1, local_target[..., None], -hit[..., None].to(grad.dtype))
-        grad.mul_((grad_loss * valid)[..., None])
-        return grad, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group: ProcessGroup | None, ignore_index: int = -100) -> Tensor:
-    """Per-token cross-entropy (0 where target == ignore_index) from vocab-split logits, never
-    gathering them: max, sum of exponentials and the target's logit are reduced over TP."""
-    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index)
 
 
 def _chunk_stats(logits: Tensor, local_target: Tensor, reduce_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -309,9 +264,10 @@ def vocab_parallel_linear_cross_entropy(
     compile: bool = False,
 ) -> Tensor:
     """Per-token cross-entropy (b, l) of the logits h @ weight.T (vocab-split `weight`), 0 where
-    target == ignore_index, as vocab_parallel_cross_entropy(vocab_parallel_logits(h, weight, ctx), target)
-    computes it, but without ever holding the logits of more than `chunk_tokens` tokens: at a 50k
-    vocabulary those (and their fp32 softmax) would otherwise dominate a small model's memory."""
+    target == ignore_index, computed from vocabulary-split logits without gathering them (max,
+    sum of exponentials and the target's logit are reduced over TP) and without ever holding the logits
+    of more than `chunk_tokens` tokens: at a 50k vocabulary those (and their fp32 softmax) would
+    otherwise dominate a small model's memory."""
     # Gradients computed in the forward pass: only where they will be wanted (not under no_grad, which a
     # custom Function's needs_input_grad does not tell) and the whole vocabulary is on this rank.
     unit_gradients = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and ctx.tp == 1
