@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from megassm.model import Mamba2LM, ModelConfig
-from parallel import ParallelContext, init_parallel, local_piece
-from parallel.tensor_parallel import vocab_parallel_linear_cross_entropy
+from parallel import ParallelContext, init_parallel, local_piece, vocab_parallel_linear_cross_entropy
 from tests.dispatch import Operators
 from tests.distributed import run_distributed
 from tests.test_parallel import relative_error
