@@ -1,26 +1,21 @@
 """Model-agnostic distributed layer: the process-group mesh, autograd-aware collectives, tensor-,
 sequence-, context- and data-parallel primitives. Imports nothing from megassm."""
 
+from parallel.chunked_loss import LOSS_CHUNK_TOKENS, vocab_parallel_linear_cross_entropy
 from parallel.collectives import record_communication, send_to_next_rank
 from parallel.context import ParallelContext, init_parallel
 from parallel.context_parallel import incoming_state
 from parallel.data_parallel import DDPEngine, global_grad_norm
 from parallel.tensor_parallel import (
-    LOSS_CHUNK_TOKENS,
     ColumnParallelLinear,
     RowParallelLinear,
     ShardedSegments,
-    VocabParallelEmbedding,
-    VocabParallelLMHead,
-    full_tensor,
     layer_input,
     local_piece,
     mark_sequence_parallel,
     shard_parameter,
-    vocab_parallel_cross_entropy,
-    vocab_parallel_linear_cross_entropy,
-    vocab_parallel_logits,
 )
+from parallel.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead, vocab_parallel_logits
 
 __all__ = [
     "LOSS_CHUNK_TOKENS",
@@ -31,7 +26,6 @@ __all__ = [
     "ShardedSegments",
     "VocabParallelEmbedding",
     "VocabParallelLMHead",
-    "full_tensor",
     "global_grad_norm",
     "incoming_state",
     "init_parallel",
@@ -41,7 +35,6 @@ __all__ = [
     "record_communication",
     "send_to_next_rank",
     "shard_parameter",
-    "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
     "vocab_parallel_logits",
 ]

@@ -1,4 +1,8 @@
-"""torch.compile where it pays: on CUDA, when the caller asks (megassm's `model.compile`)."""
+"""torch.compile where it pays: on CUDA, when the caller asks.
+
+It lives in `parallel`, the bottom layer, because the chunked loss (parallel/chunked_loss.py) compiles
+its per-chunk steps and `parallel` imports nothing from megassm; megassm.ops re-exports it for the
+model's norms and conv."""
 
 from __future__ import annotations
 

@@ -189,8 +189,10 @@ class DeepSpeedEngine:
         for g, (saved, (params, flat, _)) in enumerate(zip(saved_groups, self._partition_states())):
             if saved["params"] and saved["params"][0] in saved_state:
                 first = saved_state[saved["params"][0]]
-                flat_state[g] = {key: torch.zeros_like(flat) if value.shape == params[0].shape else value.clone() for key, value in first.items()}
-        self.optimizer.load_state_dict({"state": flat_state, "param_groups": [{**saved, "params": [g]} for g, saved in enumerate(saved_groups)]})
+                flat_state[g] = {key: torch.zeros_like(flat) if value.shape == params[0].shape else value.clone()
+                                 for key, value in first.items()}
+        param_groups = [{**saved, "params": [g]} for g, saved in enumerate(saved_groups)]
+        self.optimizer.load_state_dict({"state": flat_state, "param_groups": param_groups})
         for g, (saved, (params, _, _)) in enumerate(zip(saved_groups, self._partition_states())):
             if g in flat_state:  # _partition_states() linked the parameters to the state torch just loaded
                 for p, index in zip(params, saved["params"]):

@@ -1,4 +1,4 @@
-"""Tensor-parallel layers (Megatron style) and the sharding of their parameters.
+"""Tensor-parallel linear layers (Megatron style) and the sharding of their parameters.
 
 Layers are built from the full, logical initial tensors (so a model initialises identically whatever
 its layout) and keep only this rank's contiguous piece. Every sharded parameter records the dimension
@@ -10,18 +10,14 @@ sequence) across the TP group: layer inputs are all-gathered, outputs reduce-sca
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from parallel.collectives import all_gather, all_reduce, copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
-from parallel.compiled import maybe_compiled
+from parallel.collectives import copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
 from parallel.context import ParallelContext, group_rank, group_size
 
 SEQUENCE_DIM = 1
-# Tokens per chunk of the fused LM head + loss: 4096 tokens' fp32 logits at a 50k vocabulary are 0.8 GB.
-LOSS_CHUNK_TOKENS = 4096
 
 
 def shard_parameter(full: Tensor, dim: int | None, group: ProcessGroup | None, name: str = "tensor") -> nn.Parameter:
@@ -42,14 +38,6 @@ def local_piece(full: Tensor, param: nn.Parameter, group: ProcessGroup | None) -
     if dim is None or group_size(group) == 1:
         return full
     return full.chunk(group_size(group), dim)[group_rank(group)]
-
-
-@torch.no_grad()
-def full_tensor(param: Tensor, tp_dim: int | None, group: ProcessGroup | None) -> Tensor:
-    """The logical tensor assembled from every rank's piece."""
-    if tp_dim is None or group_size(group) == 1:
-        return param.detach()
-    return all_gather(param.detach(), group, tp_dim)
 
 
 def mark_sequence_parallel(param: nn.Parameter) -> None:
@@ -84,9 +72,6 @@ class ShardedSegments(nn.ParameterDict):
     def fused(self) -> Tensor:
         return torch.cat([self[name] for name in self.order])
 
-    def local_sizes(self) -> list[int]:
-        return [self[name].shape[0] for name in self.order]
-
 
 class ColumnParallelLinear(nn.Module):
     """y = x @ cat(segments).T with each segment split on its output dim over TP: one GEMM per rank."""
@@ -116,207 +101,3 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = layer_output(F.linear(x, self.weight), self.ctx)
         return y if self.bias is None else y + self.bias
-
-
-class VocabParallelEmbedding(nn.Module):
-    """Embedding whose rows (the vocabulary) are split over TP; each rank looks up its own rows,
-    zeros elsewhere, and the partial results are summed (reduce-scattered along the sequence under SP)."""
-
-    def __init__(self, weight: Tensor, ctx: ParallelContext):
-        super().__init__()
-        self.ctx = ctx
-        self.weight = shard_parameter(weight, 0, ctx.tp_group, "embedding (vocab_size)")
-        self.vocab_start = ctx.tp_rank * self.weight.shape[0]
-
-    def forward(self, ids: Tensor) -> Tensor:
-        if self.ctx.tp == 1:
-            return F.embedding(ids, self.weight)
-        local = ids - self.vocab_start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
-        return layer_output(out, self.ctx)
-
-
-def vocab_parallel_logits(h: Tensor, weight: Tensor, ctx: ParallelContext) -> Tensor:
-    """This rank's slice of the vocabulary's logits (b, l, V/tp), from vocab-split `weight`."""
-    return F.linear(layer_input(h, ctx), weight)
-
-
-class VocabParallelLMHead(nn.Module):
-    """An untied output layer, its rows (the vocabulary) split over TP."""
-
-    def __init__(self, weight: Tensor, ctx: ParallelContext):
-        super().__init__()
-        self.ctx = ctx
-        self.weight = shard_parameter(weight, 0, ctx.tp_group, "lm_head (vocab_size)")
-
-    def forward(self, h: Tensor) -> Tensor:
-        return vocab_parallel_logits(h, self.weight, self.ctx)
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, group: ProcessGroup | None, ignore_index: int):
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        vocab_start = group_rank(group) * logits.shape[-1]
-        logits_max = logits.max(dim=-1).values
-        if group_size(group) > 1:
-            logits_max = all_reduce(logits_max, group, dist.ReduceOp.MAX)
-        exp = torch.exp(logits - logits_max[..., None])
-        local_target = target - vocab_start
-        mine = (local_target >= 0) & (local_target < logits.shape[-1])
-        local_target = local_target.masked_fill(~mine, 0)
-        target_logit = torch.gather(logits, -1, local_target[..., None])[..., 0].masked_fill(~mine, 0.0)
-        sums = torch.stack([exp.sum(-1), target_logit])  # one all-reduce for both
-        if group_size(group) > 1:
-            sums = all_reduce(sums, group)
-        sum_exp, target_logit = sums
-        valid = target != ignore_index
-        loss = (torch.log(sum_exp) + logits_max - target_logit).masked_fill(~valid, 0.0)
-        ctx.save_for_backward(exp.div_(sum_exp[..., None]), local_target, mine & valid, valid)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        softmax, local_target, hit, valid = ctx.saved_tensors
-        grad = softmax
-        grad.scatter_add_(-1, local_target[..., None], -hit[..., None].to(grad.dtype))
-        grad.mul_((grad_loss * valid)[..., None])
-        return grad, None, None, None
-
-
-def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group: ProcessGroup | None, ignore_index: int = -100) -> Tensor:
-    """Per-token cross-entropy (0 where target == ignore_index) from vocab-split logits, never
-    gathering them: max, sum of exponentials and the target's logit are reduced over TP."""
-    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index)
-
-
-def _chunk_stats(logits: Tensor, local_target: Tensor, reduce_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """Per token of a chunk: its target's logit (garbage where the target is on another rank), the
-    largest logit and the sum of exp(logit - largest), all over this rank's part of the vocabulary."""
-    logits = logits.to(reduce_dtype)
-    local_max = logits.max(-1).values
-    return logits.gather(-1, local_target[:, None])[:, 0], local_max, (logits - local_max[:, None]).exp().sum(-1)
-
-
-def _chunk_logit_grad(logits: Tensor, lse: Tensor, local_target: Tensor, hit: Tensor, scale: Tensor, reduce_dtype: torch.dtype) -> Tensor:
-    """d loss / d logits = (softmax - onehot(target)) * scale, in the logits' dtype for the matmuls."""
-    grad = (logits.to(reduce_dtype) - lse[:, None]).exp()
-    grad = grad.scatter_add(-1, local_target[:, None], -hit[:, None].to(reduce_dtype))
-    return (grad * scale[:, None]).to(logits.dtype)
-
-
-def _chunk_loss_and_grad(logits: Tensor, local_target: Tensor, hit: Tensor, scale: Tensor,
-                         reduce_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """One rank holding the whole vocabulary: log-sum-exp, target logit and d loss / d logits in one go."""
-    target_logit, local_max, sum_exp = _chunk_stats(logits, local_target, reduce_dtype)
-    lse = sum_exp.log() + local_max
-    return lse, target_logit, _chunk_logit_grad(logits, lse, local_target, hit, scale, reduce_dtype)
-
-
-def _is_broadcast_scalar(t: Tensor) -> bool:
-    """One value expanded to a shape (what the backward of .sum() hands on)."""
-    return t.numel() == 1 or all(stride == 0 for stride in t.stride())
-
-
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """The LM head and the loss fused, over chunks of tokens: only one chunk's logits exist at a time.
-
-    On one TP rank, when gradients are wanted, the forward pass also computes the gradients of every
-    token's loss with respect to h and the weight (the loss is the last operation, so nothing is lost):
-    the backward then only scales them, provided every token receives the same upstream gradient,
-    as from `losses.sum() / n`. Any other upstream gradient, or TP > 1 (the log-sum-exp needs the
-    whole vocabulary first), takes the general path: backward recomputes each chunk's logits."""
-
-    @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, group: ProcessGroup | None, chunk_tokens: int,
-                ignore_index: int, compile: bool, unit_gradients: bool):
-        device = h.device.type
-        autocast = torch.is_autocast_enabled(device)  # custom Functions are not autocast: do what it would
-        compute_dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(h.dtype, weight.dtype)
-        reduce_dtype = torch.promote_types(compute_dtype, torch.float32)
-        tokens, vocab = h.reshape(-1, h.shape[-1]), weight.shape[0]
-        local_target = target.reshape(-1) - group_rank(group) * vocab
-        mine = (local_target >= 0) & (local_target < vocab)
-        local_target = local_target.masked_fill(~mine, 0)
-        valid = target.reshape(-1) != ignore_index
-        hit = mine & valid
-        ctx.compute_dtype, ctx.chunk_tokens, ctx.compile = compute_dtype, chunk_tokens, compile
-        with torch.autocast(device, enabled=False):
-            w = weight.to(compute_dtype)
-            if unit_gradients:
-                lse, target_logit, grad_h, grad_weight = _loss_and_unit_gradients(tokens, w, local_target, hit, valid, reduce_dtype, ctx)
-                ctx.save_for_backward(h, weight, local_target, hit, valid, lse, grad_h, grad_weight)
-                return (lse - target_logit).masked_fill(~valid, 0.0).view(target.shape)
-            chunk_stats = maybe_compiled(_chunk_stats, compile, h.device)
-            local_max, sum_exp, target_logit = (torch.empty(len(tokens), dtype=reduce_dtype, device=h.device) for _ in range(3))
-            for start in range(0, len(tokens), chunk_tokens):
-                rows = slice(start, start + chunk_tokens)
-                target_logit[rows], local_max[rows], sum_exp[rows] = chunk_stats(tokens[rows].to(compute_dtype) @ w.T, local_target[rows],
-                                                                                 reduce_dtype)
-        # Reduced over TP once for all chunks: each rank's sum rescaled to the global max, as logsumexp does.
-        logits_max = all_reduce(local_max.clone(), group, dist.ReduceOp.MAX) if group_size(group) > 1 else local_max
-        sums = torch.stack([sum_exp * torch.exp(local_max - logits_max), target_logit.masked_fill(~mine, 0.0)])
-        if group_size(group) > 1:
-            sums = all_reduce(sums, group)  # one all-reduce for both
-        sum_exp, target_logit = sums
-        lse = torch.log(sum_exp) + logits_max
-        ctx.save_for_backward(h, weight, local_target, hit, valid, lse)
-        return (lse - target_logit).masked_fill(~valid, 0.0).view(target.shape)
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        h, weight, local_target, hit, valid, lse, *unit_gradients = ctx.saved_tensors
-        if unit_gradients and _is_broadcast_scalar(grad_loss):
-            scale = grad_loss[(0,) * grad_loss.dim()]
-            grad_h, grad_weight = unit_gradients
-            return (grad_h * scale).to(h.dtype).view(h.shape), (grad_weight * scale).to(weight.dtype), *(None,) * 6
-        compute_dtype, reduce_dtype = ctx.compute_dtype, lse.dtype
-        tokens = h.reshape(-1, h.shape[-1])
-        scale = (grad_loss.reshape(-1) * valid).to(reduce_dtype)
-        grad_h = torch.empty_like(tokens)
-        grad_weight = torch.zeros(weight.shape, dtype=reduce_dtype, device=weight.device)  # accumulated in fp32
-        logit_grad = maybe_compiled(_chunk_logit_grad, ctx.compile, h.device)
-        with torch.autocast(h.device.type, enabled=False):
-            w = weight.to(compute_dtype)
-            for start in range(0, len(tokens), ctx.chunk_tokens):
-                rows = slice(start, start + ctx.chunk_tokens)
-                x = tokens[rows].to(compute_dtype)
-                grad = logit_grad(x @ w.T, lse[rows], local_target[rows], hit[rows], scale[rows], reduce_dtype)
-                grad_h[rows] = grad @ w
-                grad_weight += (grad.T @ x).to(reduce_dtype)
-        return grad_h.view(h.shape), grad_weight.to(weight.dtype), *(None,) * 6
-
-
-def _loss_and_unit_gradients(tokens: Tensor, w: Tensor, local_target: Tensor, hit: Tensor, valid: Tensor, reduce_dtype: torch.dtype,
-                             ctx) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every token's log-sum-exp and target logit, and the gradients of the sum of the losses w.r.t.
-    the tokens (n, d) and the weight (V, d, fp32), one chunk of logits at a time; the whole vocabulary
-    is on this rank."""
-    lse, target_logit = (torch.empty(len(tokens), dtype=reduce_dtype, device=tokens.device) for _ in range(2))
-    grad_h = torch.empty_like(tokens)
-    grad_weight = torch.zeros(w.shape, dtype=reduce_dtype, device=w.device)
-    scale = valid.to(reduce_dtype)
-    loss_and_grad = maybe_compiled(_chunk_loss_and_grad, ctx.compile, tokens.device)
-    for start in range(0, len(tokens), ctx.chunk_tokens):
-        rows = slice(start, start + ctx.chunk_tokens)
-        x = tokens[rows].to(ctx.compute_dtype)
-        lse[rows], target_logit[rows], grad = loss_and_grad(x @ w.T, local_target[rows], hit[rows], scale[rows], reduce_dtype)
-        grad_h[rows] = grad @ w
-        grad_weight += (grad.T @ x).to(reduce_dtype)
-    return lse, target_logit, grad_h, grad_weight
-
-
-def vocab_parallel_linear_cross_entropy(
-    h: Tensor, weight: Tensor, target: Tensor, ctx: ParallelContext, chunk_tokens: int = LOSS_CHUNK_TOKENS, ignore_index: int = -100,
-    compile: bool = False,
-) -> Tensor:
-    """Per-token cross-entropy (b, l) of the logits h @ weight.T (vocab-split `weight`), 0 where
-    target == ignore_index, as vocab_parallel_cross_entropy(vocab_parallel_logits(h, weight, ctx), target)
-    computes it, but without ever holding the logits of more than `chunk_tokens` tokens: at a 50k
-    vocabulary those (and their fp32 softmax) would otherwise dominate a small model's memory."""
-    # Gradients computed in the forward pass: only where they will be wanted (not under no_grad, which a
-    # custom Function's needs_input_grad does not tell) and the whole vocabulary is on this rank.
-    unit_gradients = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and ctx.tp == 1
-    return _VocabParallelLinearCrossEntropy.apply(layer_input(h, ctx), weight, target, ctx.tp_group, chunk_tokens, ignore_index, compile,
-                                                  unit_gradients)

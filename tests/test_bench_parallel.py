@@ -1,5 +1,5 @@
-"""tools/bench_parallel.py, the multi-GPU measurements of issue 7, on two CPU processes (gloo): its
-runs work and its verdicts hold, so that a machine with GPUs needs one call."""
+"""tools/bench_parallel.py, the multi-GPU measurements, on two CPU processes (gloo): its runs work
+and its verdicts hold, so that a machine with GPUs needs one call."""
 
 import subprocess
 import sys
@@ -50,8 +50,8 @@ def test_profile_of_one_cp_rank(prepared_data):
 
 
 def test_one_rank_collectives_write_their_outputs(monkeypatch):
-    """On CUDA the fake process group leaves a gathered tensor as allocated; NaN there made every
-    --one-rank step of tp + SP non-finite, so the trainer skipped its update (call 20)."""
+    """On CUDA the fake process group leaves a gathered tensor as allocated; NaN there would make
+    every --one-rank step of tp + SP non-finite, and the trainer skips the update of such a step."""
     monkeypatch.syspath_prepend(str(ROOT / "tools"))
     from bench_parallel import zeroing_output
 
@@ -61,8 +61,8 @@ def test_one_rank_collectives_write_their_outputs(monkeypatch):
 
 
 def test_ranks_keep_the_callers_python_path(tmp_path, monkeypatch):
-    """A mamba-ssm installed with `pip --target` reaches the ranks only through PYTHONPATH: when the
-    tool replaced it, every GPU rank silently ran the PyTorch SSD (bench/RESULTS.md, calls 10-12)."""
+    """A mamba-ssm installed with `pip --target` reaches the ranks only through PYTHONPATH: a tool
+    that replaced it would leave every GPU rank silently running the PyTorch SSD."""
     monkeypatch.syspath_prepend(str(ROOT / "tools"))
     import bench_parallel
 

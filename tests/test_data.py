@@ -369,13 +369,6 @@ def test_train_and_validation_windows_stay_in_their_split(stream):
         SampleLoader(stream, 100_000, seed=0, split="val")
 
 
-def test_prefetch_gives_the_batches_in_order(stream):
-    loader = SampleLoader(stream, 16, seed=0)
-    requests = [(k * 3, 3) for k in range(7)]
-    for got, (first, count) in zip(loader.prefetch(iter(requests), depth=2), requests, strict=True):
-        assert torch.equal(got.input_ids, loader.batch(first, count).input_ids)
-
-
 # ---------------------------------------------------------------------------------------------- command lines
 
 

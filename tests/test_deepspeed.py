@@ -13,8 +13,8 @@ from torch import nn
 pytest.importorskip("deepspeed")
 
 from megassm.model import Mamba2LM, ModelConfig  # noqa: E402
-from parallel import ParallelContext, full_tensor, init_parallel, local_piece  # noqa: E402
-from parallel.collectives import all_reduce  # noqa: E402
+from parallel import ParallelContext, init_parallel, local_piece  # noqa: E402
+from parallel.collectives import all_gather, all_reduce  # noqa: E402
 from parallel.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from tests.test_parallel import relative_error  # noqa: E402
@@ -101,7 +101,11 @@ def local_state(state: dict, params: list[nn.Parameter], ctx: ParallelContext) -
 
 
 def full_weight(p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
-    return full_tensor(p, getattr(p, "tp_dim", None), ctx.tp_group)
+    """The logical tensor assembled from every TP rank's piece."""
+    dim = getattr(p, "tp_dim", None)
+    if dim is None or ctx.tp == 1:
+        return p.detach()
+    return all_gather(p.detach(), ctx.tp_group, dim)
 
 
 def check(what: str, got: float | torch.Tensor, want: float | torch.Tensor) -> None:

@@ -166,18 +166,3 @@ def refuse_layout(tp: int, cp: int, dp: int, message: str) -> None:
 )
 def test_impossible_layouts_are_refused(tp, cp, dp, message):
     run_distributed(refuse_layout, 4, tp, cp, dp, message)
-
-
-def test_vocab_parallel_cross_entropy_on_one_rank_is_cross_entropy():
-    from parallel import vocab_parallel_cross_entropy
-
-    logits = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
-    target = torch.randint(0, 11, (3, 5))
-    target[0, 0] = -100
-    got = vocab_parallel_cross_entropy(logits, target, None)
-    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-    torch.testing.assert_close(got, want)
-    weights = torch.randn(3, 5, dtype=torch.float64)
-    (g,) = torch.autograd.grad((got * weights).sum(), logits)
-    (w,) = torch.autograd.grad((want * weights).sum(), logits)
-    torch.testing.assert_close(g, w)

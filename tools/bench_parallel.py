@@ -1,5 +1,5 @@
-"""Several GPUs (issue 7): TP, sequence parallelism and CP on NCCL against one GPU, the collectives
-per layer, scaling, and a checkpoint resumed under another layout.
+"""Several GPUs: TP, sequence parallelism and CP on NCCL against one GPU, the collectives per layer,
+scaling, and a checkpoint resumed under another layout.
 
 Every measurement runs megassm's own code under torchrun: the trainer (`python -m megassm.train`,
 its metrics.jsonl read back) or, for the collectives, the model in a worker process. Without GPUs
@@ -164,7 +164,7 @@ def join_fake_job(world_size: int) -> None:
 
 
 def zeroing_output(collective):
-    """The collective, its output zeroed first: garbage there (NaN, say) made every step non-finite,
+    """The collective, its output zeroed first: garbage there (NaN, say) would make every step non-finite,
     and the trainer skips the update of such a step, so its time would not be a training step's."""
     def call(out, *args, **kwargs):
         out.zero_()

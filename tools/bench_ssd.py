@@ -22,7 +22,7 @@ from megassm import ops
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.ops.ssd import ssd_chunked
 
-# GPU.md's peer shapes: the 130m layer at b8 x 2048, and one long sequence with 8 groups.
+# The 130m model's layer at batch 8 x 2048 tokens, and one long sequence with 8 groups.
 TIMED = [
     (dict(batch=8, seqlen=2048, nheads=24, headdim=64, ngroups=1, dstate=128), torch.bfloat16),
     (dict(batch=8, seqlen=2048, nheads=24, headdim=64, ngroups=1, dstate=128), torch.float32),

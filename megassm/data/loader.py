@@ -13,10 +13,7 @@ samples of a step are the same whatever the data-parallel size, and every rank r
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -124,15 +121,3 @@ class SampleLoader:
         tokens = np.stack([self.stream.read(int(s), self.columns + 1) for s in starts]).astype(np.int64)
         seq_idx = np.stack([document_ids(self.stream.doc_starts, int(s), self.columns) for s in starts])
         return Batch(torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy()), torch.from_numpy(seq_idx))
-
-    def prefetch(self, requests: Iterable[tuple[int, int]], depth: int = 2) -> Iterator[Batch]:
-        """The batches of (first_sample, count) requests, in order, read `depth` ahead on a thread so
-        that the training loop does not wait for the disk."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="megassm-data") as pool:
-            pending: deque = deque()
-            for first, count in requests:
-                pending.append(pool.submit(self.batch, first, count))
-                if len(pending) > depth:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()

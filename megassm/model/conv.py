@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
+from megassm.model.init import uniform_fan_in
 from megassm.ops import causal_conv1d_silu
 from parallel import ShardedSegments
-
-
-def uniform_fan_in(shape: tuple[int, ...], fan_in: int) -> Tensor:
-    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): PyTorch's default Linear/Conv1d init, which mamba-ssm keeps."""
-    bound = 1 / math.sqrt(fan_in)
-    return torch.empty(shape).uniform_(-bound, bound)
 
 
 class CausalDepthwiseConv1d(nn.Module):

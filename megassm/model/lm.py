@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megassm.model.config import ModelConfig
 from megassm.model.cuda_graphs import BlockGraphs
-from megassm.model.conv import uniform_fan_in
+from megassm.model.init import uniform_fan_in
 from megassm.model.mixer import Mamba2Mixer
 from megassm.ops import add_rms_norm, maybe_compiled, rms_norm
 from megassm.ops.dtypes import upcast

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from megassm import ops
 from megassm.model.config import ModelConfig
 from megassm.model.context_parallel import add_incoming_state
-from megassm.model.conv import CausalDepthwiseConv1d, uniform_fan_in
+from megassm.model.conv import CausalDepthwiseConv1d
+from megassm.model.init import uniform_fan_in
 from megassm.ops.dtypes import upcast
 from parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, send_to_next_rank, shard_parameter
 
