@@ -1,4 +1,5 @@
-"""The language model against Hugging Face transformers on the same weights, and packed documents."""
+"""The language model against Hugging Face transformers on the same weights, packed documents, and the
+mixer's layout."""
 
 import dataclasses
 
@@ -158,3 +159,22 @@ def test_bad_model_config_names_the_key():
         ModelConfig.from_preset("mamba2-7b")
     with pytest.raises(ValueError, match="model.headdim = 100 must divide"):
         dataclasses.replace(ModelConfig(), headdim=100)
+
+
+@pytest.mark.parametrize("tp, heads, groups", [(1, 8, 4), (2, 4, 2), (4, 2, 1)])
+def test_mamba_layout_gives_each_ranks_channels(tp, heads, groups):
+    cfg = ModelConfig.from_preset("debug")  # d_inner 128 in 8 heads of 16, 4 groups, d_state 16
+    layout = cfg.mamba_layout(tp)
+    d_inner, bc = 128 // tp, 4 // tp * 16
+    assert (layout.nheads, layout.ngroups, layout.d_inner, layout.group_size) == (heads, groups, d_inner, 32)
+    assert layout.in_proj_segments == {"z": d_inner, "x": d_inner, "B": bc, "C": bc, "dt": heads}
+    assert layout.conv_segments == {"x": d_inner, "B": bc, "C": bc}
+    assert (layout.in_proj_width, layout.conv_channels) == (2 * d_inner + 2 * bc + heads, d_inner + 2 * bc)
+    assert cfg.in_proj_width == 392
+
+    zxbcdt = torch.arange(layout.in_proj_width).expand(2, 3, -1)
+    z, xBC, dt = layout.split_in_proj(zxbcdt)
+    assert (z[0, 0, 0], xBC[0, 0, 0], dt[0, 0, 0]) == (0, d_inner, 2 * d_inner + 2 * bc)
+    x, B, C = layout.split_conv(xBC - d_inner)
+    assert (x.shape, B.shape, C.shape) == ((2, 3, heads, 16), (2, 3, groups, 16), (2, 3, groups, 16))
+    assert (x[0, 0, 1, 0], B[0, 0, 0, 0], C[0, 0, 0, 0]) == (16, d_inner, d_inner + bc)

@@ -35,12 +35,11 @@ Scan = Callable[[Mamba2Mixer, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor], t
 
 def _empty_states(model: Mamba2LM, batch: int) -> list[LayerState]:
     """The states before a sequence's first token: zeros, on the model's device."""
-    cfg, weight = model.cfg, model.embedding.weight
-    conv_channels = cfg.d_inner + 2 * cfg.ngroups * cfg.d_state
+    cfg, layout, weight = model.cfg, model.cfg.mamba_layout(), model.embedding.weight
     ssm_dtype = torch.promote_types(weight.dtype, torch.float32)
     return [
-        LayerState(weight.new_zeros(batch, cfg.d_conv - 1, conv_channels),
-                   torch.zeros(batch, cfg.nheads, cfg.headdim, cfg.d_state, dtype=ssm_dtype, device=weight.device))
+        LayerState(weight.new_zeros(batch, cfg.d_conv - 1, layout.conv_channels),
+                   torch.zeros(batch, layout.nheads, layout.headdim, layout.d_state, dtype=ssm_dtype, device=weight.device))
         for _ in model.layers
     ]
 
@@ -58,7 +57,8 @@ def _recurrent_scan(mixer: Mamba2Mixer, x: Tensor, dt: Tensor, A: Tensor, B: Ten
     dt = discretize_dt(dt[:, 0], mixer.dt_bias, True, mixer.cfg.dt_limit).to(compute)  # (b, h)
     xs = x[:, 0].to(compute)  # (b, h, p)
     # Heads h of group g are h // (nheads // ngroups) == g, as in the chunked scan.
-    B, C = (t[:, 0].to(compute).repeat_interleave(mixer.nheads // mixer.ngroups, dim=1) for t in (B, C))  # (b, h, n)
+    heads_per_group = mixer.layout.nheads // mixer.layout.ngroups
+    B, C = (t[:, 0].to(compute).repeat_interleave(heads_per_group, dim=1) for t in (B, C))  # (b, h, n)
     state = torch.exp(dt * A)[..., None, None] * state + (dt[..., None] * xs)[..., None] * B[:, :, None, :]
     y = torch.einsum("bhpn,bhn->bhp", state, C) + mixer.D.to(compute)[:, None] * xs
     return y[:, None].to(x.dtype), state
@@ -66,8 +66,8 @@ def _recurrent_scan(mixer: Mamba2Mixer, x: Tensor, dt: Tensor, A: Tensor, B: Ten
 
 def _mixer(mixer: Mamba2Mixer, u: Tensor, state: LayerState, scan: Scan) -> tuple[Tensor, LayerState]:
     """Mamba2Mixer.forward on u (b, l, d_model) continuing from `state`; also the state after u."""
-    z, xBC, dt = mixer.split(mixer.in_proj(u))
-    x, B, C = mixer.convolve(xBC, halo=state.conv)  # the window's rows as the halo
+    z, xBC, dt = mixer.layout.split_in_proj(mixer.in_proj(u))
+    x, B, C = mixer.layout.split_conv(mixer.conv1d(xBC, halo=state.conv))  # the window's rows as the halo
     conv = torch.cat([state.conv.to(xBC.dtype), xBC], dim=1)[:, u.shape[1] :]
     y, ssm = scan(mixer, x, dt, mixer.A(), B, C, state.ssm)
     return mixer.out_proj(mixer.gated_norm(y, z, norm_backend="torch")), LayerState(conv, ssm)

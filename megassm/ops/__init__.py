@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from megassm.ops.conv import causal_conv1d
+from megassm.ops.layout import Mamba2Layout
 from megassm.ops.mamba_triton import TRITON_MAX_ELEMENTS, KernelsUnavailable, load_triton_kernels
 from megassm.ops.norm import gated_rms_norm as gated_rms_norm_reference
 from megassm.ops.norm import add_rms_norm, rms_norm
@@ -20,8 +21,8 @@ from parallel.compiled import maybe_compiled
 
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm",
-           "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
+__all__ = ["BACKENDS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "Mamba2Layout", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu",
+           "conv_ssd_gated_norm", "gated_rms_norm", "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -92,13 +93,13 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, ha
 
 
 def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
-                        norm_weight: Tensor, ngroups: int, chunk_size: int, dt_limit: tuple[float, float], eps: float,
+                        norm_weight: Tensor, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float], eps: float,
                         seq_idx: Tensor | None = None) -> Tensor:
     """The mixer from in_proj's output to the gated norm's, fused for the Triton backend only
     (megassm/ops/fused_mixer.py: one gradient buffer instead of split-and-concatenate)."""
     from megassm.ops.fused_mixer import conv_ssd_gated_norm as fused  # imports triton: only where it runs
 
-    return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, ngroups, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx))
+    return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, layout, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx))
 
 
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float, backend: str = "auto") -> Tensor:
