@@ -8,64 +8,20 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from megassm.model.block import Block, RMSNorm
 from megassm.model.config import ModelConfig
-from megassm.model.cuda_graphs import BlockGraphs
 from megassm.model.conv import uniform_fan_in
-from megassm.model.mixer import Mamba2Mixer
-from megassm.ops import add_rms_norm, maybe_compiled, rms_norm
+from megassm.model.cuda_graphs import BlockGraphs
 from megassm.ops.dtypes import upcast
 from parallel import (
     LOSS_CHUNK_TOKENS,
     ParallelContext,
     VocabParallelEmbedding,
     VocabParallelLMHead,
-    mark_sequence_parallel,
     send_to_next_rank,
     vocab_parallel_linear_cross_entropy,
     vocab_parallel_logits,
 )
-
-
-class RMSNorm(nn.Module):
-    """Normalises the fp32 residual stream; the output is already in the autocast dtype that the next
-    matmul would cast it to, so no separate cast kernel runs."""
-
-    def __init__(self, dim: int, eps: float, ctx: ParallelContext, compile: bool = False):
-        super().__init__()
-        self.eps, self.compile = eps, compile
-        self.weight = nn.Parameter(torch.ones(dim))
-        if ctx.sequence_parallel:
-            mark_sequence_parallel(self.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return maybe_compiled(rms_norm, self.compile, x.device)(x, self.weight, self.eps, self._out_dtype(x))
-
-    def add_forward(self, h: Tensor, update: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(h + update, its norm), fused into one kernel when compiled; (h, norm(h)) when update is None."""
-        if update is None:
-            return h, self(h)
-        return maybe_compiled(add_rms_norm, self.compile, h.device)(h, update, self.weight, self.eps, self._out_dtype(h))
-
-    @staticmethod
-    def _out_dtype(x: Tensor) -> torch.dtype:
-        device = x.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-class Block(nn.Module):
-    """A pre-norm residual block, carried as (h, update): the residual stream h (fp32) and the previous
-    block's output not yet added to it, so that the add and this block's norm are one fused step.
-    Returns (h + update, mixer(norm(h + update)))."""
-
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
-        super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, ctx, cfg.compile)
-        self.mixer = Mamba2Mixer(cfg, ctx)
-
-    def forward(self, h: Tensor, update: Tensor | None, seq_idx: Tensor | None = None,
-                halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        h, x = self.norm.add_forward(h, update)
-        return h, self.mixer(x, seq_idx, halo_seq_idx)
 
 
 class Mamba2LM(nn.Module):
@@ -81,7 +37,7 @@ class Mamba2LM(nn.Module):
         self.graphs: BlockGraphs | None = None
         self.loss_chunk_tokens = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens at a time
         self.embedding = VocabParallelEmbedding(torch.empty(cfg.vocab_size, cfg.d_model).normal_(std=cfg.init_std), ctx)
-        self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, ctx, kind) for kind in cfg.layer_kinds)
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx, cfg.compile)
         self.lm_head = None
         if not cfg.tie_embeddings:
