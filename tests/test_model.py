@@ -193,7 +193,7 @@ def test_mamba_layout_gives_each_ranks_channels(tp, heads, groups):
 
 
 class TwoLayerMLP(torch.nn.Module):
-    """A layer kind of its own."""
+    """A layer kind of its own: keeps no state between calls, so it has no empty_state to offer but None."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
@@ -202,6 +202,9 @@ class TwoLayerMLP(torch.nn.Module):
     def forward(self, u, seq_idx=None, halo_seq_idx=None):
         return self.down(F.silu(self.up(u)))
 
+    def empty_state(self, batch: int) -> None:
+        return None
+
 
 def test_a_new_layer_kind_is_one_registry_line(monkeypatch):
     cfg = ModelConfig.from_preset("debug-g1")
@@ -209,8 +212,9 @@ def test_a_new_layer_kind_is_one_registry_line(monkeypatch):
     monkeypatch.setitem(MIXERS, "-", TwoLayerMLP)
     block = Block(cfg, ParallelContext(), "-").double()
     h, update = torch.randn(2, 5, cfg.d_model, dtype=torch.float64), torch.randn(2, 5, cfg.d_model, dtype=torch.float64)
-    got_h, out = block(h, update)
+    got_h, out, state = block(h, update)
     normed = (h + update) * torch.rsqrt((h + update).pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
     torch.testing.assert_close(got_h, h + update)
     torch.testing.assert_close(out, block.mixer.down(F.silu(block.mixer.up(normed))))
+    assert state is None
     assert sorted(block.state_dict()) == ["mixer.down.bias", "mixer.down.weight", "mixer.up.bias", "mixer.up.weight", "norm.weight"]

@@ -6,11 +6,14 @@ each rank owning nheads/tp heads and ngroups/tp groups with their conv channels,
 norm weights; under CP the conv takes its halo from the previous rank and the SSD adds the state
 entering the rank's slice (megassm/model/context_parallel.py). On the Triton backend without CP,
 the conv, SSD and gated norm run as one autograd step (megassm/ops/fused_mixer.py) with the same kernels.
+In generation the mixer carries a Mamba2State from call to call: the conv continues from its window,
+the SSD from its state (one token: the recurrence itself, megassm/ops/ssd.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +31,19 @@ def init_dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float
     dt = torch.exp(torch.rand(nheads) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
     dt = dt.clamp(min=dt_init_floor)
     return dt + torch.log(-torch.expm1(-dt))
+
+
+@dataclass
+class Mamba2State:
+    """What a Mamba-2 layer carries from one call to the next in generation, the same size however many
+    tokens came before."""
+
+    conv: Tensor  # (b, d_conv - 1, conv channels): the last pre-conv [x | B | C] rows, the conv's window
+    ssm: Tensor  # (b, H, P, N): the SSM state h, fp32 (fp64 in a float64 model)
+
+    def window_after(self, xBC: Tensor) -> Tensor:
+        """The conv's window once the pre-conv rows xBC (b, l, conv channels) follow it."""
+        return torch.cat([self.conv.to(xBC.dtype), xBC], dim=1)[:, xBC.shape[1] :]
 
 
 class Mamba2Mixer(nn.Module):
@@ -52,35 +68,56 @@ class Mamba2Mixer(nn.Module):
         out_weight = uniform_fan_in((cfg.d_model, whole.d_inner), whole.d_inner) / math.sqrt(cfg.n_layer)
         self.out_proj = RowParallelLinear(out_weight, ctx, bias=torch.zeros(cfg.d_model) if cfg.proj_bias else None)
 
-    def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
+    def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None,
+                state: Mamba2State | None = None) -> Tensor | tuple[Tensor, Mamba2State]:
         """u: (b, l, d_model), or (b, l/tp, d_model) under sequence parallelism. seq_idx: (b, l)
-        document ids; halo_seq_idx: those of the previous CP rank's last d_conv-1 tokens."""
+        document ids; halo_seq_idx: those of the previous CP rank's last d_conv-1 tokens.
+        Given `state` (generation: `empty_state`, or the state a previous call returned), u continues the
+        sequences it holds, and the output comes with the state after u."""
         cfg, layout = self.cfg, self.layout
         zxbcdt = self.in_proj(u)
-        if self.ctx.cp == 1 and ops.resolve_backend(cfg.ssd_backend, u.device) == "triton":
+        if state is None and self.ctx.cp == 1 and ops.resolve_backend(cfg.ssd_backend, u.device) == "triton":
             # The same kernels as below, but one gradient buffer for zxbcdt instead of split-and-concatenate.
             conv_bias = None if self.conv1d.bias is None else self.conv1d.bias.fused()
             y = ops.conv_ssd_gated_norm(zxbcdt, self.conv1d.weight.fused(), conv_bias, self.dt_bias, self.A(), self.D,
                                         self.norm_weight, layout, cfg.chunk_size, cfg.dt_limit, cfg.norm_eps, seq_idx)
             return self.out_proj(y)
         z, xBC, dt = layout.split_in_proj(zxbcdt)
-        halo = send_to_next_rank(xBC[:, xBC.shape[1] - (cfg.d_conv - 1) :], self.ctx.cp_group) if self.ctx.cp > 1 else None
-        x, B, C = layout.split_conv(self.conv1d(xBC, halo, seq_idx, halo_seq_idx))
+        x, B, C = layout.split_conv(self.conv1d(xBC, self._halo(xBC, state), seq_idx, halo_seq_idx))
         A = self.A()
         y = ops.ssd(
-            x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit,
-            seq_idx=seq_idx, return_final_states=self.ctx.cp > 1, backend=cfg.ssd_backend,
+            x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit, seq_idx=seq_idx,
+            initial_states=None if state is None else state.ssm, return_final_states=state is not None or self.ctx.cp > 1,
+            backend=cfg.ssd_backend,
         )
+        if state is not None:
+            y, ssm = y
+            return self.out_proj(self.gated_norm(y, z)), Mamba2State(state.window_after(xBC), ssm)
         if self.ctx.cp > 1:
             y, final_state = y
             y = add_incoming_state(y, final_state, dt, A, C, self.dt_bias, cfg.dt_limit, seq_idx, halo_seq_idx, self.ctx.cp_group)
         return self.out_proj(self.gated_norm(y, z))
 
+    def empty_state(self, batch: int) -> Mamba2State:
+        """The state before a sequence's first token: zeros, on the parameters' device."""
+        layout, like = self.layout, self.D
+        ssm_dtype = torch.promote_types(like.dtype, torch.float32)
+        return Mamba2State(like.new_zeros(batch, self.cfg.d_conv - 1, layout.conv_channels),
+                           like.new_zeros(batch, layout.nheads, layout.headdim, layout.d_state, dtype=ssm_dtype))
+
     def A(self) -> Tensor:
         """The per-head decay rates, negative, fp32."""
         return -torch.exp(upcast(self.A_log))
 
-    def gated_norm(self, y: Tensor, z: Tensor, norm_backend: str | None = None) -> Tensor:
+    def _halo(self, xBC: Tensor, state: Mamba2State | None) -> Tensor | None:
+        """The d_conv-1 pre-conv rows before xBC: the state's window, the previous CP rank's last rows, or none (zeros)."""
+        if state is not None:
+            return state.conv
+        if self.ctx.cp > 1:
+            return send_to_next_rank(xBC[:, xBC.shape[1] - (self.cfg.d_conv - 1) :], self.ctx.cp_group)
+        return None
+
+    def gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
         """norm(y * silu(z)) per group of d_inner / ngroups channels, (b, l, d_inner). y: (b, l, H, P)."""
-        cfg, backend = self.cfg, norm_backend or self.cfg.ssd_backend
-        return ops.gated_rms_norm(y.flatten(-2), z, self.norm_weight, self.layout.group_size, cfg.norm_eps, backend)
+        cfg = self.cfg
+        return ops.gated_rms_norm(y.flatten(-2), z, self.norm_weight, self.layout.group_size, cfg.norm_eps, cfg.ssd_backend)

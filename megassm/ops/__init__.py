@@ -16,7 +16,7 @@ from megassm.ops.layout import Mamba2Layout
 from megassm.ops.mamba_triton import TRITON_MAX_ELEMENTS, KernelsUnavailable, load_triton_kernels
 from megassm.ops.norm import gated_rms_norm as gated_rms_norm_reference
 from megassm.ops.norm import add_rms_norm, rms_norm
-from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked
+from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked, ssd_step
 from parallel.compiled import maybe_compiled
 
 BACKENDS = ("auto", "torch", "triton")
@@ -68,7 +68,10 @@ def ssd(
     return_final_states: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """SSD scan, shapes and conventions of megassm.ops.ssd.ssd_chunked, on the chosen backend."""
+    """SSD scan, shapes and conventions of megassm.ops.ssd.ssd_chunked, on the chosen backend; one token
+    continuing initial_states (a generation step) by the recurrence, on any backend."""
+    if initial_states is not None and return_final_states and x.shape[1] == 1:
+        return ssd_step(x, dt, A, B, C, initial_states, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
     if resolve_backend(backend, x.device) == "torch":
         return ssd_chunked(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
