@@ -193,7 +193,7 @@ def test_mamba_layout_gives_each_ranks_channels(tp, heads, groups):
 
 
 class TwoLayerMLP(torch.nn.Module):
-    """A layer kind of its own: keeps no state between calls, so it has no empty_state to offer but None."""
+    """A layer kind of its own, one that keeps no state between calls (its empty state is None)."""
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
         super().__init__()
