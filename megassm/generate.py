@@ -1,15 +1,18 @@
-"""Text generation: sampling a token from logits (temperature, top-k, top-p) and the loop that feeds
-each sampled token back through the recurrent model (megassm/model/recurrent.py)."""
+"""Text generation on one device: sampling a token from logits (temperature, top-k, top-p) and the loop
+that feeds each sampled token back through the model's forward with the sequences' states.
+
+The prompt runs through the parallel forward (the chunked scan), which also returns each layer's state;
+each further token runs through the same forward from those states (the scan's recurrence)."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from megassm.model import Mamba2LM
-from megassm.model.recurrent import prefill, step
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -39,6 +42,24 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
         beyond = probs.cumsum(-1) - probs >= top_p  # the ids before these already hold top_p: never the first
         logits = logits.scatter(-1, order, ordered.masked_fill(beyond, -math.inf))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def prefill(model: Mamba2LM, prompt_ids: Tensor) -> tuple[Tensor, list[Any]]:
+    """Run prompts (b, l >= 1) from empty states: the logits (b, vocab) after their last token and the
+    states to continue from."""
+    if model.ctx.tp > 1 or model.ctx.cp > 1:
+        raise ValueError(f"generation runs on one device, this model is split over tp = {model.ctx.tp}, cp = {model.ctx.cp}: "
+                         "build it with the default ParallelContext() and load the checkpoint into it")
+    if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
+        raise ValueError(f"prefill takes prompts shaped (batch, length >= 1), got {tuple(prompt_ids.shape)}")
+    return model(prompt_ids, states=model.empty_states(prompt_ids.shape[0]))
+
+
+@torch.no_grad()
+def step(model: Mamba2LM, token: Tensor, states: list[Any]) -> tuple[Tensor, list[Any]]:
+    """One more token per sequence, token (b,): its logits (b, vocab) and the states after it."""
+    return model(token[:, None], states=states)
 
 
 @torch.no_grad()

@@ -24,10 +24,6 @@ from torch import Tensor
 
 from megassm.model.config import ModelConfig
 
-IN_PROJ_SEGMENTS = ("z", "x", "B", "C", "dt")
-CONV_SEGMENTS = ("x", "B", "C")
-
-
 # transformers Mamba2Config field -> ModelConfig field.
 _HF_FIELDS = {
     "hidden_size": "d_model", "num_hidden_layers": "n_layer", "vocab_size": "vocab_size", "state_size": "d_state", "head_dim": "headdim",
@@ -54,11 +50,6 @@ def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     return ModelConfig(**{ours: hf[theirs] for theirs, ours in _HF_FIELDS.items()}, **overrides)
 
 
-def _segment_sizes(cfg: ModelConfig) -> dict[str, int]:
-    gn = cfg.ngroups * cfg.d_state
-    return {"z": cfg.d_inner, "x": cfg.d_inner, "B": gn, "C": gn, "dt": cfg.nheads}
-
-
 # megassm name -> transformers name, for tensors that map one to one (layer index as {i}).
 _RENAMES = {
     "embedding.weight": "backbone.embeddings.weight",
@@ -76,15 +67,15 @@ _RENAMES = {
 
 def to_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """megassm Mamba2LM state dict -> transformers Mamba2ForCausalLM state dict."""
-    out = {}
+    layout, out = cfg.mamba_layout(), {}
     for i in range(cfg.n_layer):
         ours, theirs = f"layers.{i}.mixer.", f"backbone.layers.{i}.mixer."
-        out[theirs + "in_proj.weight"] = torch.cat([state[f"{ours}in_proj.weight.{s}"] for s in IN_PROJ_SEGMENTS])
+        out[theirs + "in_proj.weight"] = torch.cat([state[f"{ours}in_proj.weight.{s}"] for s in layout.in_proj_segments])
         if cfg.proj_bias:
-            out[theirs + "in_proj.bias"] = torch.cat([state[f"{ours}in_proj.bias.{s}"] for s in IN_PROJ_SEGMENTS])
-        out[theirs + "conv1d.weight"] = torch.cat([state[f"{ours}conv1d.weight.{s}"] for s in CONV_SEGMENTS])[:, None, :]
+            out[theirs + "in_proj.bias"] = torch.cat([state[f"{ours}in_proj.bias.{s}"] for s in layout.in_proj_segments])
+        out[theirs + "conv1d.weight"] = torch.cat([state[f"{ours}conv1d.weight.{s}"] for s in layout.conv_segments])[:, None, :]
         if cfg.conv_bias:
-            out[theirs + "conv1d.bias"] = torch.cat([state[f"{ours}conv1d.bias.{s}"] for s in CONV_SEGMENTS])
+            out[theirs + "conv1d.bias"] = torch.cat([state[f"{ours}conv1d.bias.{s}"] for s in layout.conv_segments])
     for name, tensor in state.items():
         target = _rename(name, _RENAMES)
         if target is not None:
@@ -96,20 +87,17 @@ def to_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Te
 
 def from_hf_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """transformers Mamba2ForCausalLM state dict -> megassm Mamba2LM state dict."""
-    sizes = _segment_sizes(cfg)
+    layout = cfg.mamba_layout()
     inverse = {theirs: ours for ours, theirs in _RENAMES.items()}
     out = {}
     for i in range(cfg.n_layer):
         ours, theirs = f"layers.{i}.mixer.", f"backbone.layers.{i}.mixer."
         for kind in ("weight", "bias"):
             if theirs + f"in_proj.{kind}" in hf_state:
-                parts = hf_state[theirs + f"in_proj.{kind}"].split([sizes[s] for s in IN_PROJ_SEGMENTS])
-                out.update({f"{ours}in_proj.{kind}.{s}": t for s, t in zip(IN_PROJ_SEGMENTS, parts)})
+                out.update(_split(hf_state[theirs + f"in_proj.{kind}"], layout.in_proj_segments, f"{ours}in_proj.{kind}."))
             if theirs + f"conv1d.{kind}" in hf_state:
                 fused = hf_state[theirs + f"conv1d.{kind}"]
-                fused = fused[:, 0, :] if kind == "weight" else fused
-                parts = fused.split([sizes[s] for s in CONV_SEGMENTS])
-                out.update({f"{ours}conv1d.{kind}.{s}": t for s, t in zip(CONV_SEGMENTS, parts)})
+                out.update(_split(fused[:, 0, :] if kind == "weight" else fused, layout.conv_segments, f"{ours}conv1d.{kind}."))
     for name, tensor in hf_state.items():
         target = _rename(name, inverse)
         if target is not None and not (cfg.tie_embeddings and target == "lm_head.weight"):
@@ -188,6 +176,11 @@ def _require(config: dict, fixed: dict, prefix: str = "") -> None:
     for key, value in fixed.items():
         if config.get(key, value) != value:
             raise ValueError(f"{prefix}{key} = {config[key]!r} is not supported (megassm's Mamba-2 has {value!r})")
+
+
+def _split(fused: Tensor, segments: dict[str, int], prefix: str) -> dict[str, Tensor]:
+    """A fused tensor cut into its segments along dim 0, named prefix + segment."""
+    return {prefix + name: part for name, part in zip(segments, fused.split(list(segments.values())))}
 
 
 def _rename(name: str, table: dict[str, str]) -> str | None:

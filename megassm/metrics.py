@@ -29,12 +29,12 @@ GIB = 2**30
 
 def logical_param_count(cfg: ModelConfig) -> int:
     """Parameters of the whole (unsharded) model, as Mamba2LM builds it."""
-    conv_dim = cfg.d_inner + 2 * cfg.ngroups * cfg.d_state
-    in_proj = (cfg.d_inner + conv_dim + cfg.nheads) * (cfg.d_model + cfg.proj_bias)
-    conv = conv_dim * (cfg.d_conv + cfg.conv_bias)
-    out_proj = cfg.d_model * (cfg.d_inner + cfg.proj_bias)
-    heads = 3 * cfg.nheads  # dt_bias, A_log, D
-    per_layer = in_proj + conv + heads + cfg.d_inner + out_proj + cfg.d_model  # + gated norm, block norm
+    layout = cfg.mamba_layout()
+    in_proj = layout.in_proj_width * (cfg.d_model + cfg.proj_bias)
+    conv = layout.conv_channels * (cfg.d_conv + cfg.conv_bias)
+    out_proj = cfg.d_model * (layout.d_inner + cfg.proj_bias)
+    heads = 3 * layout.nheads  # dt_bias, A_log, D
+    per_layer = in_proj + conv + heads + layout.d_inner + out_proj + cfg.d_model  # + gated norm, block norm
     embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     return embeddings + cfg.n_layer * per_layer + cfg.d_model  # + final norm
 
@@ -51,10 +51,11 @@ def ssd_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
       the entering state's contribution to each output, C_i . state:          Q x H P N
     The last chunk is padded to Q tokens, as the kernels compute it.
     """
+    layout = cfg.mamba_layout()
     q = min(cfg.chunk_size, seq_len)
     chunks = math.ceil(seq_len / q)
-    hpn = cfg.nheads * cfg.headdim * cfg.d_state
-    macs_per_chunk = q * (q + 1) // 2 * (cfg.ngroups * cfg.d_state + cfg.nheads * cfg.headdim) + (2 * q + 1) * hpn
+    hpn = layout.d_inner * layout.d_state
+    macs_per_chunk = q * (q + 1) // 2 * (layout.ngroups * layout.d_state + layout.d_inner) + (2 * q + 1) * hpn
     return 2 * macs_per_chunk * chunks * cfg.n_layer / seq_len
 
 

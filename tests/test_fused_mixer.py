@@ -65,7 +65,7 @@ class ReferenceKernels:
 
 def compare() -> None:
     import megassm.ops.fused_mixer as fused_mixer
-    from megassm.ops import causal_conv1d, gated_rms_norm
+    from megassm.ops import Mamba2Layout, causal_conv1d, gated_rms_norm
     from megassm.ops.ssd import ssd_chunked
 
     fused_mixer.load_triton_kernels = ReferenceKernels
@@ -91,7 +91,8 @@ def compare() -> None:
         return gated_rms_norm(y.flatten(-2), z, norm_weight, d_inner // ngroups, eps)
 
     def fused(*args):
-        return fused_mixer.conv_ssd_gated_norm(*args, ngroups, chunk, dt_limit, eps, seq_idx)
+        layout = Mamba2Layout(nheads=nheads, headdim=headdim, ngroups=ngroups, d_state=dstate)
+        return fused_mixer.conv_ssd_gated_norm(*args, layout, chunk, dt_limit, eps, seq_idx)
 
     upstream = torch.randn(batch, seqlen, d_inner)
     results = []

@@ -1,9 +1,11 @@
-"""Recurrent inference and generation against the parallel forward: prefill + step give the logits of
-model(ids) at every position (float64), greedy generation equals re-running the whole sequence, the
-state stays the same size, sampling keeps to its settings, and tools/generate.py runs on a run folder,
-a checkpoint and a transformers folder, naming what is missing."""
+"""Generation through the model's forward with states, against the parallel forward without: prefill +
+step give the logits of model(ids) at every position (float64), so do pieces of any length continuing
+each other's states and blocks of a kind that keeps no state, greedy generation equals re-running the
+whole sequence, the state stays the same size, sampling keeps to its settings, and tools/generate.py
+runs on a run folder, a checkpoint and a transformers folder, naming what is missing."""
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,12 +15,12 @@ from megassm.checkpoint import save_checkpoint, save_model_checkpoint
 from megassm.config import Config, DataConfig
 from megassm.data import load_tokenizer
 from megassm.data.shards import TOKENIZER_DIR
-from megassm.generate import generate, sample_next
-from megassm.model import Mamba2LM, ModelConfig
-from megassm.model.recurrent import prefill, step
+from megassm.generate import generate, prefill, sample_next, step
+from megassm.model import MIXERS, Block, Mamba2LM, ModelConfig
 from megassm.pretrained import save_transformers
 from parallel import DDPEngine, ParallelContext
 from tests.commands import load_tool, run_tool
+from tests.test_model import TwoLayerMLP
 
 CONFIGS = [
     ModelConfig.from_preset("debug"),  # 8 heads in 4 groups, tied head
@@ -62,6 +64,36 @@ def test_prefill_and_steps_give_the_parallel_forward_logits(cfg, prompt_len):
     with torch.no_grad():
         want = model(ids)[:, prompt_len - 1 :]
     assert torch.allclose(stepped_logits(model, ids, prompt_len), want, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)
+def test_pieces_continuing_each_others_states_give_the_parallel_forward_logits(cfg):
+    """Each piece starts from the conv window and SSM state the one before left (pieces shorter than the
+    window, one token, and longer than a chunk), and ends with the logits of its last token."""
+    model = nontrivial(Mamba2LM(cfg).double())
+    ids = torch.randint(0, cfg.vocab_size, (2, 3 * cfg.chunk_size + 10))
+    with torch.no_grad():
+        want = model(ids)
+    lengths = [cfg.chunk_size + 3, 2, 1, cfg.chunk_size - 1, 5, cfg.chunk_size]
+    assert sum(lengths) == ids.shape[1]
+    states, end = model.empty_states(2), 0
+    for piece in ids.split(lengths, dim=1):
+        with torch.no_grad():
+            logits, states = model(piece, states=states)
+        end += piece.shape[1]
+        assert torch.allclose(logits, want[:, end - 1], rtol=0, atol=1e-10), end
+
+
+def test_generation_steps_through_a_kind_that_keeps_no_state(monkeypatch):
+    cfg = dataclasses.replace(CONFIGS[0], n_layer=3)
+    monkeypatch.setitem(MIXERS, "-", TwoLayerMLP)
+    model = Mamba2LM(cfg)
+    model.layers[1] = Block(cfg, model.ctx, "-")
+    model = nontrivial(model.double())
+    ids = torch.randint(0, cfg.vocab_size, (2, 25))
+    with torch.no_grad():
+        want = model(ids)[:, 9:]
+    assert torch.allclose(stepped_logits(model, ids, 10), want, rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=CONFIG_IDS)

@@ -1,4 +1,5 @@
-"""The language model against Hugging Face transformers on the same weights, and packed documents."""
+"""The language model against Hugging Face transformers on the same weights, and packed documents; the
+names its parameters keep, the mixer's layout, and blocks built from the registry of layer kinds."""
 
 import dataclasses
 
@@ -9,7 +10,8 @@ from transformers import Mamba2Config, Mamba2ForCausalLM
 from transformers.models.mamba2 import modeling_mamba2
 
 from megassm.hf import from_hf_state_dict, hf_config_dict, model_config_from_hf, to_hf_state_dict
-from megassm.model import Mamba2LM, ModelConfig
+from megassm.model import MIXERS, Block, Mamba2LM, Mamba2Mixer, ModelConfig
+from parallel import ParallelContext
 from tests.dispatch import Operators
 
 
@@ -158,3 +160,61 @@ def test_bad_model_config_names_the_key():
         ModelConfig.from_preset("mamba2-7b")
     with pytest.raises(ValueError, match="model.headdim = 100 must divide"):
         dataclasses.replace(ModelConfig(), headdim=100)
+
+
+def test_parameter_names_are_those_checkpoints_hold():
+    """Checkpoints and converted models address tensors by these names: they must not change."""
+    cfg = ModelConfig.from_preset("debug", tie_embeddings=False, proj_bias=True)
+    mixer = [f"in_proj.{kind}.{s}" for kind in ("weight", "bias") for s in ("z", "x", "B", "C", "dt")]
+    mixer += [f"conv1d.{kind}.{s}" for kind in ("weight", "bias") for s in ("x", "B", "C")]
+    mixer += ["dt_bias", "A_log", "D", "norm_weight", "out_proj.weight", "out_proj.bias"]
+    layer = ["norm.weight", *(f"mixer.{name}" for name in mixer)]
+    want = {"embedding.weight", "norm_f.weight", "lm_head.weight", *(f"layers.{i}.{name}" for i in range(2) for name in layer)}
+    assert set(Mamba2LM(cfg).state_dict()) == want
+
+
+@pytest.mark.parametrize("tp, heads, groups", [(1, 8, 4), (2, 4, 2), (4, 2, 1)])
+def test_mamba_layout_gives_each_ranks_channels(tp, heads, groups):
+    cfg = ModelConfig.from_preset("debug")  # d_inner 128 in 8 heads of 16, 4 groups, d_state 16
+    layout = cfg.mamba_layout(tp)
+    d_inner, bc = 128 // tp, 4 // tp * 16
+    assert (layout.nheads, layout.ngroups, layout.d_inner, layout.group_size) == (heads, groups, d_inner, 32)
+    assert layout.in_proj_segments == {"z": d_inner, "x": d_inner, "B": bc, "C": bc, "dt": heads}
+    assert layout.conv_segments == {"x": d_inner, "B": bc, "C": bc}
+    assert (layout.in_proj_width, layout.conv_channels) == (2 * d_inner + 2 * bc + heads, d_inner + 2 * bc)
+    assert cfg.in_proj_width == 392
+
+    zxbcdt = torch.arange(layout.in_proj_width).expand(2, 3, -1)
+    z, xBC, dt = layout.split_in_proj(zxbcdt)
+    assert (z[0, 0, 0], xBC[0, 0, 0], dt[0, 0, 0]) == (0, d_inner, 2 * d_inner + 2 * bc)
+    x, B, C = layout.split_conv(xBC - d_inner)
+    assert (x.shape, B.shape, C.shape) == ((2, 3, heads, 16), (2, 3, groups, 16), (2, 3, groups, 16))
+    assert (x[0, 0, 1, 0], B[0, 0, 0, 0], C[0, 0, 0, 0]) == (16, d_inner, d_inner + bc)
+
+
+class TwoLayerMLP(torch.nn.Module):
+    """A layer kind of its own, one that keeps no state between calls (its empty state is None)."""
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(cfg.d_model, 3 * cfg.d_model), torch.nn.Linear(3 * cfg.d_model, cfg.d_model)
+
+    def forward(self, u, seq_idx=None, halo_seq_idx=None):
+        return self.down(F.silu(self.up(u)))
+
+    def empty_state(self, batch: int) -> None:
+        return None
+
+
+def test_a_new_layer_kind_is_one_registry_line(monkeypatch):
+    cfg = ModelConfig.from_preset("debug-g1")
+    assert cfg.layer_kinds == "MM" and all(isinstance(layer.mixer, Mamba2Mixer) for layer in Mamba2LM(cfg).layers)
+    monkeypatch.setitem(MIXERS, "-", TwoLayerMLP)
+    block = Block(cfg, ParallelContext(), "-").double()
+    h, update = torch.randn(2, 5, cfg.d_model, dtype=torch.float64), torch.randn(2, 5, cfg.d_model, dtype=torch.float64)
+    got_h, out, state = block(h, update)
+    normed = (h + update) * torch.rsqrt((h + update).pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+    torch.testing.assert_close(got_h, h + update)
+    torch.testing.assert_close(out, block.mixer.down(F.silu(block.mixer.up(normed))))
+    assert state is None
+    assert sorted(block.state_dict()) == ["mixer.down.bias", "mixer.down.weight", "mixer.up.bias", "mixer.up.weight", "norm.weight"]

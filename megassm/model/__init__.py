@@ -1,5 +1,6 @@
+from megassm.model.block import MIXERS, Block, RMSNorm
 from megassm.model.config import PRESETS, ModelConfig
-from megassm.model.lm import Block, Mamba2LM, RMSNorm
-from megassm.model.mixer import Mamba2Mixer
+from megassm.model.lm import Mamba2LM
+from megassm.model.mixer import Mamba2Mixer, Mamba2State
 
-__all__ = ["PRESETS", "Block", "Mamba2LM", "Mamba2Mixer", "ModelConfig", "RMSNorm"]
+__all__ = ["MIXERS", "PRESETS", "Block", "Mamba2LM", "Mamba2Mixer", "Mamba2State", "ModelConfig", "RMSNorm"]

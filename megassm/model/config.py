@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from megassm.ops import BACKENDS
+from megassm.ops import BACKENDS, Mamba2Layout
 
 
 @dataclass
@@ -44,7 +44,16 @@ class ModelConfig:
     @property
     def in_proj_width(self) -> int:
         """in_proj's output channels, [z | x | B | C | dt]: the mixer's widest activation."""
-        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+        return self.mamba_layout().in_proj_width
+
+    @property
+    def layer_kinds(self) -> str:
+        """One symbol per block, naming its mixer (megassm/model/block.py, MIXERS): Mamba-2 ("M") in every block."""
+        return "M" * self.n_layer
+
+    def mamba_layout(self, tp: int = 1) -> Mamba2Layout:
+        """The channels of a Mamba-2 mixer on one of tp ranks (tp = 1: the whole layer, as checkpoints hold it)."""
+        return Mamba2Layout(nheads=self.nheads // tp, headdim=self.headdim, ngroups=self.ngroups // tp, d_state=self.d_state)
 
     def __post_init__(self) -> None:
         self.dt_limit = tuple(self.dt_limit)

@@ -4,68 +4,26 @@ is computed from vocabulary-split logits; under SP the residual stream is split 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from megassm.model.block import Block, RMSNorm
 from megassm.model.config import ModelConfig
 from megassm.model.cuda_graphs import BlockGraphs
 from megassm.model.init import uniform_fan_in
-from megassm.model.mixer import Mamba2Mixer
-from megassm.ops import add_rms_norm, maybe_compiled, rms_norm
 from megassm.ops.dtypes import upcast
 from parallel import (
     LOSS_CHUNK_TOKENS,
     ParallelContext,
     VocabParallelEmbedding,
     VocabParallelLMHead,
-    mark_sequence_parallel,
     send_to_next_rank,
     vocab_parallel_linear_cross_entropy,
     vocab_parallel_logits,
 )
-
-
-class RMSNorm(nn.Module):
-    """Normalises the fp32 residual stream; the output is already in the autocast dtype that the next
-    matmul would cast it to, so no separate cast kernel runs."""
-
-    def __init__(self, dim: int, eps: float, ctx: ParallelContext, compile: bool = False):
-        super().__init__()
-        self.eps, self.compile = eps, compile
-        self.weight = nn.Parameter(torch.ones(dim))
-        if ctx.sequence_parallel:
-            mark_sequence_parallel(self.weight)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return maybe_compiled(rms_norm, self.compile, x.device)(x, self.weight, self.eps, self._out_dtype(x))
-
-    def add_forward(self, h: Tensor, update: Tensor | None) -> tuple[Tensor, Tensor]:
-        """(h + update, its norm), fused into one kernel when compiled; (h, norm(h)) when update is None."""
-        if update is None:
-            return h, self(h)
-        return maybe_compiled(add_rms_norm, self.compile, h.device)(h, update, self.weight, self.eps, self._out_dtype(h))
-
-    @staticmethod
-    def _out_dtype(x: Tensor) -> torch.dtype:
-        device = x.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-
-
-class Block(nn.Module):
-    """A pre-norm residual block, carried as (h, update): the residual stream h (fp32) and the previous
-    block's output not yet added to it, so that the add and this block's norm are one fused step.
-    Returns (h + update, mixer(norm(h + update)))."""
-
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext):
-        super().__init__()
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, ctx, cfg.compile)
-        self.mixer = Mamba2Mixer(cfg, ctx)
-
-    def forward(self, h: Tensor, update: Tensor | None, seq_idx: Tensor | None = None,
-                halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        h, x = self.norm.add_forward(h, update)
-        return h, self.mixer(x, seq_idx, halo_seq_idx)
 
 
 class Mamba2LM(nn.Module):
@@ -81,15 +39,45 @@ class Mamba2LM(nn.Module):
         self.graphs: BlockGraphs | None = None
         self.loss_chunk_tokens = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens at a time
         self.embedding = VocabParallelEmbedding(torch.empty(cfg.vocab_size, cfg.d_model).normal_(std=cfg.init_std), ctx)
-        self.layers = nn.ModuleList(Block(cfg, ctx) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(Block(cfg, ctx, kind) for kind in cfg.layer_kinds)
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx, cfg.compile)
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = VocabParallelLMHead(uniform_fan_in((cfg.vocab_size, cfg.d_model), cfg.d_model), ctx)
 
+    def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None, labels: Tensor | None = None,
+                states: list[Any] | None = None) -> Tensor | tuple[Tensor, list[Any]]:
+        """Logits (b, l, vocab_size / tp), this TP rank's part of the vocabulary; or, given labels,
+        the cross-entropy per token (b, l), fp32, 0 where labels == -100, the logits never gathered over TP
+        nor held for more than loss_chunk_tokens tokens at a time.
+        Given `states` (generation: `empty_states`, or the states a previous call returned), input_ids
+        continue the sequences they hold: returns the logits after the last token (b, vocab_size / tp) and
+        the states after input_ids.
+        The loss goes through forward so that wrappers such as DDP see the call."""
+        if states is not None:
+            h, states = self._final_hidden(input_ids, seq_idx, states)
+            return self.logits(h[:, -1]), states
+        h = self.hidden_states(input_ids, seq_idx)
+        if labels is None:
+            return self.logits(h)
+        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
+        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens, compile=self.cfg.compile)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """The LM head on final hidden states h (..., d_model): this TP rank's part of the vocabulary."""
+        return vocab_parallel_logits(h, self.embedding.weight, self.ctx) if self.lm_head is None else self.lm_head(h)
+
+    def empty_states(self, batch: int) -> list[Any]:
+        """Each block's state before a sequence's first token, for `forward(..., states=)`."""
+        return [layer.mixer.empty_state(batch) for layer in self.layers]
+
     def hidden_states(self, input_ids: Tensor, seq_idx: Tensor | None = None) -> Tensor:
         """Final normalised hidden states: (b, l, d_model), or (b, l/tp, d_model) under SP.
         input_ids and seq_idx are this CP rank's slice of the sequence."""
+        return self._final_hidden(input_ids, seq_idx)[0]
+
+    def _final_hidden(self, input_ids: Tensor, seq_idx: Tensor | None, states: list[Any] | None = None) -> tuple[Tensor, list[Any] | None]:
+        """hidden_states, and given states, the states after input_ids."""
         ctx = self.ctx
         if ctx.sequence_parallel and input_ids.shape[1] % ctx.tp:
             raise ValueError(f"sequence parallelism splits each rank's {input_ids.shape[1]} tokens over tp = {ctx.tp}: they must divide")
@@ -100,31 +88,25 @@ class Mamba2LM(nn.Module):
             with torch.no_grad():
                 halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
-        if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():
-            self.graphs = BlockGraphs(lambda h, seq_idx: self.run_blocks(h, seq_idx), self.layers, h, seq_idx)
-        if self.graphs is not None and self.graphs.matches(h, seq_idx, halo_seq_idx):
-            return self.norm_f.add_forward(*self.graphs(h, seq_idx))[1]
-        return self.norm_f.add_forward(*self.run_blocks(h, seq_idx, halo_seq_idx))[1]
+        if states is None:
+            if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():
+                self.graphs = BlockGraphs(lambda h, seq_idx: self.run_blocks(h, seq_idx)[:2], self.layers, h, seq_idx)
+            if self.graphs is not None and self.graphs.matches(h, seq_idx, halo_seq_idx):
+                return self.norm_f.add_forward(*self.graphs(h, seq_idx))[1], None
+        h, update, states = self.run_blocks(h, seq_idx, halo_seq_idx, states)
+        return self.norm_f.add_forward(h, update)[1], states
 
-    def run_blocks(self, h: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The blocks in order: (residual stream, last block's output not yet added to it)."""
-        update = None
-        for layer in self.layers:
+    def run_blocks(self, h: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None = None,
+                   states: list[Any] | None = None) -> tuple[Tensor, Tensor, list[Any] | None]:
+        """The blocks in order: (residual stream, last block's output not yet added to it, and given states, the states after)."""
+        update, after = None, []
+        for i, layer in enumerate(self.layers):
+            state = None if states is None else states[i]
             if self.activation_checkpointing and torch.is_grad_enabled():
                 # Add outside, so that each block keeps one tensor for its recomputation, not two.
                 h = h if update is None else h + update
-                h, update = checkpoint(layer, h, None, seq_idx, halo_seq_idx, use_reentrant=False)
+                h, update, state = checkpoint(layer, h, None, seq_idx, halo_seq_idx, state, use_reentrant=False)
             else:
-                h, update = layer(h, update, seq_idx, halo_seq_idx)
-        return h, update
-
-    def forward(self, input_ids: Tensor, seq_idx: Tensor | None = None, labels: Tensor | None = None) -> Tensor:
-        """Logits (b, l, vocab_size / tp), this TP rank's part of the vocabulary; or, given labels,
-        the cross-entropy per token (b, l), fp32, 0 where labels == -100, the logits never gathered over TP
-        nor held for more than loss_chunk_tokens tokens at a time.
-        The loss goes through forward so that wrappers such as DDP see the call."""
-        h = self.hidden_states(input_ids, seq_idx)
-        if labels is None:
-            return vocab_parallel_logits(h, self.embedding.weight, self.ctx) if self.lm_head is None else self.lm_head(h)
-        weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens, compile=self.cfg.compile)
+                h, update, state = layer(h, update, seq_idx, halo_seq_idx, state)
+            after.append(state)
+        return h, update, None if states is None else after

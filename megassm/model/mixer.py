@@ -6,11 +6,14 @@ each rank owning nheads/tp heads and ngroups/tp groups with their conv channels,
 norm weights; under CP the conv takes its halo from the previous rank and the SSD adds the state
 entering the rank's slice (megassm/model/context_parallel.py). On the Triton backend without CP,
 the conv, SSD and gated norm run as one autograd step (megassm/ops/fused_mixer.py) with the same kernels.
+In generation the mixer carries a Mamba2State from call to call: the conv continues from its window,
+the SSD from its state (one token: the recurrence itself, megassm/ops/ssd.py).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +34,19 @@ def init_dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float
     return dt + torch.log(-torch.expm1(-dt))
 
 
+@dataclass
+class Mamba2State:
+    """What a Mamba-2 layer carries from one call to the next in generation, the same size however many
+    tokens came before."""
+
+    conv: Tensor  # (b, d_conv - 1, conv channels): the last pre-conv [x | B | C] rows, the conv's window
+    ssm: Tensor  # (b, H, P, N): the SSM state h, fp32 (fp64 in a float64 model)
+
+    def window_after(self, xBC: Tensor) -> Tensor:
+        """The conv's window once the pre-conv rows xBC (b, l, conv channels) follow it."""
+        return torch.cat([self.conv.to(xBC.dtype), xBC], dim=1)[:, xBC.shape[1] :]
+
+
 class Mamba2Mixer(nn.Module):
     """u -> in_proj -> [z | xBC | dt] -> conv + silu -> SSD + D x -> norm(y * silu(z)) -> out_proj."""
 
@@ -38,69 +54,71 @@ class Mamba2Mixer(nn.Module):
         super().__init__()
         cfg.check_tensor_parallel(ctx.tp)
         self.cfg, self.ctx = cfg, ctx
-        tp = ctx.tp
-        self.nheads, self.ngroups, self.d_inner = cfg.nheads // tp, cfg.ngroups // tp, cfg.d_inner // tp
-        gn = cfg.ngroups * cfg.d_state
-        segments = {"z": cfg.d_inner, "x": cfg.d_inner, "B": gn, "C": gn, "dt": cfg.nheads}
+        self.layout = cfg.mamba_layout(ctx.tp)  # this rank's heads and groups
+        whole = cfg.mamba_layout()  # every parameter is built whole, then split over TP
         self.in_proj = ColumnParallelLinear(
-            {n: uniform_fan_in((size, cfg.d_model), cfg.d_model) for n, size in segments.items()}, ctx,
-            biases={n: torch.zeros(size) for n, size in segments.items()} if cfg.proj_bias else None,
+            {n: uniform_fan_in((size, cfg.d_model), cfg.d_model) for n, size in whole.in_proj_segments.items()}, ctx,
+            biases={n: torch.zeros(size) for n, size in whole.in_proj_segments.items()} if cfg.proj_bias else None,
         )
-        self.conv1d = CausalDepthwiseConv1d({"x": cfg.d_inner, "B": gn, "C": gn}, cfg.d_conv, cfg.conv_bias, ctx.tp_group,
-                                             cfg.ssd_backend, cfg.compile)
-        self.dt_bias = shard_parameter(init_dt_bias(cfg.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), 0, ctx.tp_group)
-        self.A_log = shard_parameter(torch.log(torch.empty(cfg.nheads).uniform_(*cfg.A_init_range)), 0, ctx.tp_group)
-        self.D = shard_parameter(torch.ones(cfg.nheads), 0, ctx.tp_group)
-        self.norm_weight = shard_parameter(torch.ones(cfg.d_inner), 0, ctx.tp_group)
+        self.conv1d = CausalDepthwiseConv1d(whole.conv_segments, cfg.d_conv, cfg.conv_bias, ctx.tp_group, cfg.ssd_backend, cfg.compile)
+        self.dt_bias = shard_parameter(init_dt_bias(whole.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), 0, ctx.tp_group)
+        self.A_log = shard_parameter(torch.log(torch.empty(whole.nheads).uniform_(*cfg.A_init_range)), 0, ctx.tp_group)
+        self.D = shard_parameter(torch.ones(whole.nheads), 0, ctx.tp_group)
+        self.norm_weight = shard_parameter(torch.ones(whole.d_inner), 0, ctx.tp_group)
         # mamba-ssm / GPT-2: the residual branch's output projection scaled by 1/sqrt(n_layer).
-        out_weight = uniform_fan_in((cfg.d_model, cfg.d_inner), cfg.d_inner) / math.sqrt(cfg.n_layer)
+        out_weight = uniform_fan_in((cfg.d_model, whole.d_inner), whole.d_inner) / math.sqrt(cfg.n_layer)
         self.out_proj = RowParallelLinear(out_weight, ctx, bias=torch.zeros(cfg.d_model) if cfg.proj_bias else None)
 
-    def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
+    def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None,
+                state: Mamba2State | None = None) -> Tensor | tuple[Tensor, Mamba2State]:
         """u: (b, l, d_model), or (b, l/tp, d_model) under sequence parallelism. seq_idx: (b, l)
-        document ids; halo_seq_idx: those of the previous CP rank's last d_conv-1 tokens."""
-        cfg = self.cfg
+        document ids; halo_seq_idx: those of the previous CP rank's last d_conv-1 tokens.
+        Given `state` (generation: `empty_state`, or the state a previous call returned), u continues the
+        sequences it holds, and the output comes with the state after u."""
+        cfg, layout = self.cfg, self.layout
         zxbcdt = self.in_proj(u)
-        if self.ctx.cp == 1 and ops.resolve_backend(cfg.ssd_backend, u.device) == "triton":
+        if state is None and self.ctx.cp == 1 and ops.resolve_backend(cfg.ssd_backend, u.device) == "triton":
             # The same kernels as below, but one gradient buffer for zxbcdt instead of split-and-concatenate.
             conv_bias = None if self.conv1d.bias is None else self.conv1d.bias.fused()
             y = ops.conv_ssd_gated_norm(zxbcdt, self.conv1d.weight.fused(), conv_bias, self.dt_bias, self.A(), self.D,
-                                        self.norm_weight, self.ngroups, cfg.chunk_size, cfg.dt_limit, cfg.norm_eps, seq_idx)
+                                        self.norm_weight, layout, cfg.chunk_size, cfg.dt_limit, cfg.norm_eps, seq_idx)
             return self.out_proj(y)
-        z, xBC, dt = self.split(zxbcdt)
-        halo = send_to_next_rank(xBC[:, xBC.shape[1] - (cfg.d_conv - 1) :], self.ctx.cp_group) if self.ctx.cp > 1 else None
-        x, B, C = self.convolve(xBC, halo, seq_idx, halo_seq_idx)
+        z, xBC, dt = layout.split_in_proj(zxbcdt)
+        x, B, C = layout.split_conv(self.conv1d(xBC, self._halo(xBC, state), seq_idx, halo_seq_idx))
         A = self.A()
         y = ops.ssd(
-            x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit,
-            seq_idx=seq_idx, return_final_states=self.ctx.cp > 1, backend=cfg.ssd_backend,
+            x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit, seq_idx=seq_idx,
+            initial_states=None if state is None else state.ssm, return_final_states=state is not None or self.ctx.cp > 1,
+            backend=cfg.ssd_backend,
         )
+        if state is not None:
+            y, ssm = y
+            return self.out_proj(self.gated_norm(y, z)), Mamba2State(state.window_after(xBC), ssm)
         if self.ctx.cp > 1:
             y, final_state = y
             y = add_incoming_state(y, final_state, dt, A, C, self.dt_bias, cfg.dt_limit, seq_idx, halo_seq_idx, self.ctx.cp_group)
         return self.out_proj(self.gated_norm(y, z))
 
+    def empty_state(self, batch: int) -> Mamba2State:
+        """The state before a sequence's first token: zeros, on the parameters' device."""
+        layout, like = self.layout, self.D
+        ssm_dtype = torch.promote_types(like.dtype, torch.float32)
+        return Mamba2State(like.new_zeros(batch, self.cfg.d_conv - 1, layout.conv_channels),
+                           like.new_zeros(batch, layout.nheads, layout.headdim, layout.d_state, dtype=ssm_dtype))
+
     def A(self) -> Tensor:
         """The per-head decay rates, negative, fp32."""
         return -torch.exp(upcast(self.A_log))
 
-    def split(self, zxbcdt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """in_proj's output split: z (b, l, d_inner), the pre-conv xBC (b, l, d_inner + 2 G N), dt (b, l, H)."""
-        gn = self.ngroups * self.cfg.d_state
-        return zxbcdt.split([self.d_inner, self.d_inner + 2 * gn, self.nheads], dim=-1)
+    def _halo(self, xBC: Tensor, state: Mamba2State | None) -> Tensor | None:
+        """The d_conv-1 pre-conv rows before xBC: the state's window, the previous CP rank's last rows, or none (zeros)."""
+        if state is not None:
+            return state.conv
+        if self.ctx.cp > 1:
+            return send_to_next_rank(xBC[:, xBC.shape[1] - (self.cfg.d_conv - 1) :], self.ctx.cp_group)
+        return None
 
-    def convolve(self, xBC: Tensor, halo: Tensor | None = None, seq_idx: Tensor | None = None,
-                 halo_seq_idx: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """conv + silu, split into heads and groups: x (b, l, H, P), B and C (b, l, G, N).
-        halo: the d_conv-1 pre-conv rows before xBC (the previous CP rank's, or a recurrent state)."""
-        batch, seqlen, _ = xBC.shape
-        cfg, gn = self.cfg, self.ngroups * self.cfg.d_state
-        x, B, C = self.conv1d(xBC, halo, seq_idx, halo_seq_idx).split([self.d_inner, gn, gn], dim=-1)
-        return (x.reshape(batch, seqlen, self.nheads, cfg.headdim), B.reshape(batch, seqlen, self.ngroups, cfg.d_state),
-                C.reshape(batch, seqlen, self.ngroups, cfg.d_state))
-
-    def gated_norm(self, y: Tensor, z: Tensor, norm_backend: str | None = None) -> Tensor:
+    def gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
         """norm(y * silu(z)) per group of d_inner / ngroups channels, (b, l, d_inner). y: (b, l, H, P)."""
         cfg = self.cfg
-        y = y.reshape(*y.shape[:2], self.d_inner)
-        return ops.gated_rms_norm(y, z, self.norm_weight, cfg.d_inner // cfg.ngroups, cfg.norm_eps, norm_backend or cfg.ssd_backend)
+        return ops.gated_rms_norm(y.flatten(-2), z, self.norm_weight, self.layout.group_size, cfg.norm_eps, cfg.ssd_backend)

@@ -12,16 +12,17 @@ import torch
 from torch import Tensor
 
 from megassm.ops.conv import causal_conv1d
+from megassm.ops.layout import Mamba2Layout
 from megassm.ops.mamba_triton import TRITON_MAX_ELEMENTS, KernelsUnavailable, load_triton_kernels
 from megassm.ops.norm import gated_rms_norm as gated_rms_norm_reference
 from megassm.ops.norm import add_rms_norm, rms_norm
-from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked
+from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked, ssd_step
 from parallel.compiled import maybe_compiled
 
 BACKENDS = ("auto", "torch", "triton")
 
-__all__ = ["BACKENDS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm",
-           "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
+__all__ = ["BACKENDS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "Mamba2Layout", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu",
+           "conv_ssd_gated_norm", "gated_rms_norm", "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -67,7 +68,10 @@ def ssd(
     return_final_states: bool = False,
     backend: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """SSD scan, shapes and conventions of megassm.ops.ssd.ssd_chunked, on the chosen backend."""
+    """SSD scan, shapes and conventions of megassm.ops.ssd.ssd_chunked, on the chosen backend; one token
+    continuing initial_states (a generation step) by the recurrence, on any backend."""
+    if initial_states is not None and return_final_states and x.shape[1] == 1:
+        return ssd_step(x, dt, A, B, C, initial_states, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
     if resolve_backend(backend, x.device) == "torch":
         return ssd_chunked(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
@@ -92,13 +96,13 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, ha
 
 
 def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
-                        norm_weight: Tensor, ngroups: int, chunk_size: int, dt_limit: tuple[float, float], eps: float,
+                        norm_weight: Tensor, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float], eps: float,
                         seq_idx: Tensor | None = None) -> Tensor:
     """The mixer from in_proj's output to the gated norm's, fused for the Triton backend only
     (megassm/ops/fused_mixer.py: one gradient buffer instead of split-and-concatenate)."""
     from megassm.ops.fused_mixer import conv_ssd_gated_norm as fused  # imports triton: only where it runs
 
-    return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, ngroups, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx))
+    return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, layout, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx))
 
 
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float, backend: str = "auto") -> Tensor:

@@ -15,63 +15,47 @@ import torch
 from torch import Tensor
 
 from megassm.ops.conv_triton import conv1d_silu_backward, conv1d_silu_forward, last_dim_contiguous
+from megassm.ops.layout import Mamba2Layout
 from megassm.ops.mamba_triton import load_triton_kernels
 
 
-class _Dims:
-    """Channel counts of one rank's mixer, read off its parameters."""
-
-    def __init__(self, conv_weight: Tensor, D: Tensor, norm_weight: Tensor, ngroups: int):
-        self.nheads, self.d_inner, self.ngroups = D.shape[0], norm_weight.shape[0], ngroups
-        self.dstate = (conv_weight.shape[0] - self.d_inner) // (2 * ngroups)
-
-    def split_in_proj(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """z (b, l, d_inner), xBC (b, l, d_inner + 2 G N), dt (b, l, H): views of t."""
-        return t.split([self.d_inner, self.d_inner + 2 * self.ngroups * self.dstate, self.nheads], dim=-1)
-
-    def split_conv(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (b, l, H, P), B and C (b, l, G, N): views of t."""
-        gn = self.ngroups * self.dstate
-        x, B, C = t.split([self.d_inner, gn, gn], dim=-1)
-        return (x.unflatten(-1, (self.nheads, -1)), B.unflatten(-1, (self.ngroups, -1)), C.unflatten(-1, (self.ngroups, -1)))
-
-    def rows(self, t: Tensor) -> Tensor:
-        """(b, l, ...) -> (b * l, d_inner): the norm kernels' layout (a view: rows keep their stride)."""
-        return t.reshape(-1, self.d_inner)
+def _rows(t: Tensor, layout: Mamba2Layout) -> Tensor:
+    """(b, l, ...) -> (b * l, d_inner): the norm kernels' layout (a view: rows keep their stride)."""
+    return t.reshape(-1, layout.d_inner)
 
 
 class _ConvScanNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
-                norm_weight: Tensor, seq_idx: Tensor | None, ngroups: int, chunk_size: int, dt_limit: tuple[float, float],
+                norm_weight: Tensor, seq_idx: Tensor | None, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float],
                 eps: float) -> Tensor:
-        kernels, dims = load_triton_kernels(), _Dims(conv_weight, D, norm_weight, ngroups)
+        kernels = load_triton_kernels()
         zxbcdt, conv_weight = last_dim_contiguous(zxbcdt), conv_weight.contiguous()
-        z, xBC, dt = dims.split_in_proj(zxbcdt)
+        z, xBC, dt = layout.split_in_proj(zxbcdt)
         xBC_conv = conv1d_silu_forward(xBC, conv_weight, conv_bias, seq_idx)
-        x, B, C = dims.split_conv(xBC_conv)
+        x, B, C = layout.split_conv(xBC_conv)
         y, *_ = kernels.scan_forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
                                       dt_limit=dt_limit)
-        out, _, rstd = kernels.norm_forward(dims.rows(y), norm_weight, None, eps, dims.rows(z), group_size=dims.d_inner // ngroups,
+        out, _, rstd = kernels.norm_forward(_rows(y, layout), norm_weight, None, eps, _rows(z, layout), group_size=layout.group_size,
                                             norm_before_gate=False, is_rms_norm=True)
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx)
-        ctx.dims, ctx.chunk_size, ctx.dt_limit, ctx.eps = dims, chunk_size, dt_limit, eps
-        return out.view(*zxbcdt.shape[:2], dims.d_inner)
+        ctx.layout, ctx.chunk_size, ctx.dt_limit, ctx.eps = layout, chunk_size, dt_limit, eps
+        return out.view(*zxbcdt.shape[:2], layout.d_inner)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        kernels, dims = load_triton_kernels(), ctx.dims
+        kernels, layout = load_triton_kernels(), ctx.layout
         zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx = ctx.saved_tensors
-        z, xBC, dt = dims.split_in_proj(zxbcdt)
+        z, xBC, dt = layout.split_in_proj(zxbcdt)
         grad = torch.empty_like(zxbcdt)  # d(in_proj output): the kernels below each write their slice
-        dz, dxBC, ddt = dims.split_in_proj(grad)
+        dz, dxBC, ddt = layout.split_in_proj(grad)
         dxBC_conv = torch.empty_like(xBC_conv)
-        dx, dB, dC = dims.split_conv(dxBC_conv)
+        dx, dB, dC = layout.split_conv(dxBC_conv)
         dy, dnorm_weight, _, _ = kernels.norm_backward(
-            dims.rows(last_dim_contiguous(dout)), dims.rows(y), norm_weight, None, ctx.eps, None, rstd, dims.rows(z),
-            group_size=dims.d_inner // dims.ngroups, norm_before_gate=False, is_rms_norm=True, dz=dims.rows(dz),
+            _rows(last_dim_contiguous(dout), layout), _rows(y, layout), norm_weight, None, ctx.eps, None, rstd, _rows(z, layout),
+            group_size=layout.group_size, norm_before_gate=False, is_rms_norm=True, dz=_rows(dz, layout),
         )
-        x, B, C = dims.split_conv(xBC_conv)
+        x, B, C = layout.split_conv(xBC_conv)
         _, _, dA, _, _, dD, _, ddt_bias, _ = kernels.scan_backward(
             dy.view_as(y), x, dt, A, B, C, y, ctx.chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
             dt_limit=ctx.dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC,
@@ -81,10 +65,10 @@ class _ConvScanNorm(torch.autograd.Function):
 
 
 def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
-                        norm_weight: Tensor, ngroups: int, chunk_size: int, dt_limit: tuple[float, float], eps: float,
+                        norm_weight: Tensor, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float], eps: float,
                         seq_idx: Tensor | None = None) -> Tensor:
-    """norm(ssd(silu(conv(xBC))) * silu(z)) of in_proj's output zxbcdt (b, l, 2 d_inner + 2 G N + H), as
+    """norm(ssd(silu(conv(xBC))) * silu(z)) of in_proj's output zxbcdt (b, l, layout.in_proj_width), as
     the mixer composes it: (b, l, d_inner), zxbcdt's dtype. seq_idx: int32 document ids starting at 0.
-    The norm groups are the B/C groups (d_inner / ngroups channels each)."""
-    return _ConvScanNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, ngroups, chunk_size,
+    The norm groups are the B/C groups (layout.group_size channels each)."""
+    return _ConvScanNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, layout, chunk_size,
                                tuple(dt_limit), eps)

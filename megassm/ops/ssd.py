@@ -6,6 +6,7 @@ y_t = state_t C_t + D_h * x_t. The chunked form computes it with matmuls only:
   2. the state each chunk leaves behind when it starts from zero,
   3. the states entering every chunk, by a (chunks x chunks) decay matrix over those,
   4. the contribution of each entering state to its chunk's outputs.
+One more token continuing a state (generation) is the recurrence itself (`ssd_step`): no chunk to pad.
 
 Documents. `seq_idx` (batch, seqlen) holds a non-decreasing document id per token; nothing crosses a
 change of id. `initial_states` belong to the document of the first token, and the final state is
@@ -133,3 +134,31 @@ def ssd_chunked(
     if return_final_states:
         return y, entering[:, -1].float() if compute == torch.float32 else entering[:, -1]
     return y
+
+
+def ssd_step(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    state: Tensor,
+    D: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    dt_limit: tuple[float, float] = NO_DT_LIMIT,
+) -> tuple[Tensor, Tensor]:
+    """One token by the recurrence, shapes as ssd_chunked's with seqlen 1: x (b, 1, h, p), state (b, h, p, n)
+    (its initial_states). Returns y like x and the state after the token, fp32 (fp64 if x is fp64)."""
+    nheads, ngroups = x.shape[2], B.shape[2]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dt = discretize_dt(dt[:, 0], dt_bias, dt_softplus, dt_limit).to(compute)  # (b, h)
+    xs = x[:, 0].to(compute)  # (b, h, p)
+    # Heads h of group g are h // (nheads // ngroups) == g, as in the chunked scan.
+    Bs, Cs = (t[:, 0].to(compute).repeat_interleave(nheads // ngroups, dim=1) for t in (B, C))  # (b, h, n)
+    state = torch.exp(dt * A.to(compute))[..., None, None] * state.to(compute) + (dt[..., None] * xs)[..., None] * Bs[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, Cs)
+    if D is not None:
+        D = D.to(compute)
+        y = y + xs * (D[:, None] if D.dim() == 1 else D)
+    return y[:, None].to(x.dtype), state
