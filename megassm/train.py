@@ -114,8 +114,9 @@ def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParal
 
 
 class Trainer:
-    def __init__(self, cfg: Config, stream: TokenStream, command: list[str]):
-        self.cfg, self.command = cfg, command  # command: the trainer's arguments, to say how to resume
+    def __init__(self, cfg: Config, stream: TokenStream, command: list[str] | None = None):
+        self.cfg = cfg
+        self.command = sys.argv[1:] if command is None else command  # the trainer's arguments, to say how to resume
         self.device = pick_device(cfg.train.device)
         limit_cpu_threads(self.device)
         launched = "RANK" in os.environ  # by torchrun, also for one process
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         stream = open_data(cfg)
         with RunLock(cfg.run.dir, say=print) if rank == 0 else contextlib.nullcontext():
-            trainer = Trainer(cfg, stream, command=sys.argv[1:] if argv is None else argv)
+            trainer = Trainer(cfg, stream, command=argv)
             started, first_step = time.perf_counter(), trainer.state["step"]
             if first_step >= cfg.train.steps:
                 trainer.say(f"nothing to do: the run is at step {first_step} and train.steps = {cfg.train.steps} "
