@@ -13,6 +13,7 @@ them or rotating them away, unless checkpoint.overwrite lets it delete them.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -29,6 +30,7 @@ from megassm.config import CheckpointConfig
 from megassm.errors import UserError
 
 LOCK_FILE = "run.lock"
+NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # what flock raises where a file system has none
 
 
 class RunDirError(UserError, RuntimeError):
@@ -105,6 +107,11 @@ class RunLock:
             os.close(fd)
             raise RunDirError(f"run.dir = {self.run_dir} is in use by another run ({holder or 'unknown'}): wait for it to end, "
                               "stop it, or choose another run.dir") from None
+        except OSError as error:
+            if error.errno not in NO_FLOCK:
+                os.close(fd)
+                raise
+            # A file system without flock (some Lustre mounts): the owner's processes alone tell whether it runs.
         if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(fd).st_ino:
             os.close(fd)
             return False

@@ -2,6 +2,8 @@
 run. Wherever a run must stop, it prints one line, exits with status 2 and leaves every file of the folder
 byte for byte as it was."""
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -9,9 +11,11 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import psutil
@@ -25,6 +29,7 @@ from megassm.data.corpus import builtin_documents, write_builtin_corpus
 from megassm.data.prepare import prepare
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
+from megassm.run_dir import Owner, RunDirError, RunLock
 from megassm.stopping import StopSignals, Stopped
 from megassm.train import limit_cpu_threads
 from parallel import ParallelContext
@@ -224,6 +229,27 @@ def test_a_second_run_in_a_live_runs_folder_stops_and_a_dead_runs_lock_is_taken_
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"warning: {run_dir}/run.lock was left by a run that is no longer running (pid {first.pid} on" in result.stdout
     assert not (run_dir / "run.lock").exists() and steps_logged(run_dir) == [1]
+
+
+def test_without_flock_the_lock_follows_its_owners_processes(tmp_path, monkeypatch):
+    """On a file system without flock: a lock naming a live process stops a run; one naming a dead one is taken over."""
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock, live = tmp_path / "run.lock", {**asdict(Owner.this_process()), "pid": os.getpid()}
+    lock.write_text(json.dumps(live))
+    with pytest.raises(RunDirError, match=re.escape(f"in use by another run (pid {os.getpid()} on {socket.gethostname()},")):
+        RunLock(tmp_path, print).__enter__()
+    assert json.loads(lock.read_text()) == live
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    lock.write_text(json.dumps({**live, "pid": gone.pid}))
+    warnings = []
+    with RunLock(tmp_path, warnings.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {lock} was left by a run that is no longer running (pid {gone.pid} on")
+    assert not lock.exists()
 
 
 def test_workers_die_with_a_killed_torchrun(config, tmp_path):
