@@ -279,21 +279,29 @@ def test_a_worker_whose_launcher_is_gone_exits_without_prctl(tmp_path):
     worker.wait(timeout=10)  # gone, or TimeoutExpired
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_saves_a_checkpoint_and_the_printed_command_resumes_the_run(signum, config, tmp_path):
-    """A preemption (SIGTERM) or Ctrl-C (SIGINT) mid-run: the step in progress ends, its checkpoint is saved (none
-    would be before the last step), one line says where and how to resume; that command ends the run."""
-    run_dir = tmp_path / "run"
+def stopped_by(signum: signal.Signals, config: Path, run_dir: Path) -> str:
+    """Signal a run mid-way: the step in progress ends and its checkpoint is saved (none would be before the last
+    step); returns the command of the one line that says where the run stopped and how to resume."""
     job = start(config, run_dir, 1, "--train.steps=16", "--checkpoint.every=0")
     job.send_signal(signum)
     _, stderr = job.communicate(timeout=120)
     assert job.returncode == 128 + signum, stderr[-3000:]
     step = steps_logged(run_dir)[-1]
     assert 2 <= step < 16 and checkpoint_names(run_dir) == [f"step_{step}"]
-    assert stderr.strip().splitlines() == [
-        f"megassm-train: stopped by {signum.name} after step {step} of 16, saved as {run_dir}/checkpoints/step_{step}; resume with: "
-        f"python -m megassm.train --config {config} --run.dir={run_dir} --train.eval_every=0 --train.steps=16 --checkpoint.every=0"]
-    command = shlex.split(stderr.split("resume with: ")[1])
+    command = f"python -m megassm.train --config {config} --run.dir={run_dir} --train.eval_every=0 --train.steps=16 --checkpoint.every=0"
+    saved = f"saved as {run_dir}/checkpoints/step_{step}"
+    assert stderr.strip().splitlines() == [f"megassm-train: stopped by {signum.name} after step {step} of 16, {saved}; resume with: {command}"]
+    return command
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(config, tmp_path):
+    stopped_by(signal.SIGINT, config, tmp_path / "run")
+
+
+def test_a_preemption_saves_a_checkpoint_and_the_printed_command_ends_the_run(config, tmp_path):
+    run_dir = tmp_path / "run"
+    command = shlex.split(stopped_by(signal.SIGTERM, config, run_dir))
+    step = steps_logged(run_dir)[-1]
     result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=TRAINER_ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_{step}" in result.stdout and steps_logged(run_dir) == list(range(1, 17))
