@@ -290,7 +290,8 @@ def stopped_by(signum: signal.Signals, config: Path, run_dir: Path) -> str:
     assert 2 <= step < 16 and checkpoint_names(run_dir) == [f"step_{step}"]
     command = f"python -m megassm.train --config {config} --run.dir={run_dir} --train.eval_every=0 --train.steps=16 --checkpoint.every=0"
     saved = f"saved as {run_dir}/checkpoints/step_{step}"
-    assert stderr.strip().splitlines() == [f"megassm-train: stopped by {signum.name} after step {step} of 16, {saved}; resume with: {command}"]
+    line = f"megassm-train: stopped by {signum.name} after step {step} of 16, {saved}; resume with: {command}"
+    assert stderr.strip().splitlines() == [line]
     return command
 
 
