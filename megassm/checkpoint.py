@@ -7,15 +7,20 @@ asks for the pieces of the current layout, which DCP reads from whatever layout 
 checkpoint resumes under any TP/CP/DP layout and either data-parallel engine.
 
 `checkpoints/step_N/` holds DCP's files (`.metadata`, `*.distcp`: the model and AdamW's state),
-`trainer.json` (step, samples consumed, ...) and the resolved `config.toml`. It is written under a
-temporary name and renamed when complete, so a crash mid-write leaves a `.tmp` folder that resuming
-ignores, never a half checkpoint.
+`trainer.json` (step, samples consumed, ...), the resolved `config.toml` and `vocabulary.json` (the
+tokenizer the token ids come from). It is written under a temporary name and renamed when complete, so
+a crash mid-write leaves a `.tmp` folder that resuming ignores, never a half checkpoint.
+
+Before loading, a checkpoint is checked against the model and tokenizer of the run: one that cannot be
+read is DamagedCheckpoint (resuming skips it for an older one), one of another model or tokenizer is
+IncompatibleCheckpoint, naming the key or tensor that differs (resuming stops).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import pickle
 import re
@@ -32,22 +37,66 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from megassm.config import Config, section_toml, write_config
+from megassm.config import Config, ConfigError, read_model_config, section_toml, write_config
+from megassm.data.shards import file_sha256
+from megassm.errors import UserError
 from megassm.model import ModelConfig
 from parallel import ParallelContext
 from parallel.data_parallel import DataParallelEngine
 
 STEP_DIR = re.compile(r"step_(\d+)")
-TRAINER_FILE, CONFIG_FILE = "trainer.json", "config.toml"
+TRAINER_FILE, CONFIG_FILE, VOCABULARY_FILE, METADATA_FILE = "trainer.json", "config.toml", "vocabulary.json", ".metadata"
 MODEL_FILE = "model.toml"  # a converted checkpoint's model; a trained one has the run's config.toml
 EMPTY_OPTIMIZER = {"state": {}, "param_groups": "[]"}
+# The [model] keys that make another model: they change the parameters or the function computed. chunk_size,
+# the kernels and the initialisation may change between runs of one model.
+ARCHITECTURE_KEYS = ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "expand", "ngroups", "d_conv", "tie_embeddings",
+                     "norm_eps", "conv_bias", "proj_bias", "dt_limit")
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint, or run.dir's checkpoints, that this run cannot use as configured; the message says what would do."""
+
+
+class DamagedCheckpoint(CheckpointError):
+    """A checkpoint whose files cannot be read back; the message names it."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A checkpoint of another model or tokenizer than the run's; the message names the key or tensor that differs."""
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step}"
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(STEP_DIR.fullmatch(Path(path).name)[1])
+
+
+def step_folders(run_dir: Path) -> list[Path]:
+    """Every checkpoints/step_N folder of a run, complete or not, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted((p for p in folder.glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()), key=checkpoint_step)
+
+
+def is_complete(path: Path) -> bool:
+    """Whether a folder has the files that mark a checkpoint: trainer.json (written last) and DCP's .metadata.
+    Its tensors may still be unreadable (DamagedCheckpoint when loaded)."""
+    return (path / TRAINER_FILE).is_file() and (path / METADATA_FILE).is_file()
 
 
 def checkpoints_in(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    found = [p for p in folder.glob("step_*") if STEP_DIR.fullmatch(p.name) and (p / TRAINER_FILE).exists()]
-    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name)[1]))
+    return [p for p in step_folders(run_dir) if is_complete(p)]
+
+
+def tokenizer_vocabulary(tokenizer: Path, vocab_size: int) -> dict:
+    """What the token ids of a run mean: the tokenizer's size and a sha256 over its folder's files."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(tokenizer).rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(tokenizer)} {file_sha256(path)}\n".encode())
+    return {"vocab_size": vocab_size, "tokenizer_sha256": digest.hexdigest()}
 
 
 def _distributed() -> bool:
@@ -99,11 +148,14 @@ def _state_to_save(model: nn.Module, engine: DataParallelEngine, layout: _Layout
 
 
 def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext,
-                    trainer_state: dict) -> Path | None:
-    """Write checkpoints/step_{trainer_state['step']} (collective: every rank calls it); keep the newest
-    cfg.checkpoint.keep. Returns the folder on the writing rank."""
-    final = Path(run_dir) / "checkpoints" / f"step_{trainer_state['step']}"
+                    trainer_state: dict, vocabulary: dict | None = None) -> Path | None:
+    """Write checkpoints/step_{trainer_state['step']} (collective: every rank calls it), with the tokenizer's
+    `vocabulary` (tokenizer_vocabulary) when given. Returns the folder on the writing rank. An existing folder
+    of that name is never replaced: CheckpointError."""
+    final = checkpoint_dir(run_dir, trainer_state["step"])
     temporary = final.with_name(f".{final.name}.tmp")
+    if final.exists():
+        raise CheckpointError(f"cannot save step {trainer_state['step']}: {final} exists; move it away and resume")
     if _is_writer():
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
@@ -115,11 +167,10 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataPa
     if not _is_writer():
         return None
     write_config(cfg, temporary / CONFIG_FILE)
+    if vocabulary is not None:
+        (temporary / VOCABULARY_FILE).write_text(json.dumps(vocabulary, indent=1))
     (temporary / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))  # last: marks it complete
-    shutil.rmtree(final, ignore_errors=True)
     temporary.rename(final)
-    for old in checkpoints_in(run_dir)[: -cfg.checkpoint.keep]:
-        shutil.rmtree(old)
     return final
 
 
@@ -132,9 +183,38 @@ def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
     if resume == "auto":
         return checkpoints_in(run_dir)[::-1]
     path = Path(resume)
-    if not (path / TRAINER_FILE).exists() or not (path / ".metadata").exists():
-        raise FileNotFoundError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {TRAINER_FILE} / .metadata there)")
+    if not is_complete(path):
+        raise CheckpointError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {TRAINER_FILE} or {METADATA_FILE} there)")
     return [path]
+
+
+def check_compatible(path: Path, model: ModelConfig, vocabulary: dict | None) -> None:
+    """IncompatibleCheckpoint unless the checkpoint holds `model`'s architecture (ARCHITECTURE_KEYS) and, where both
+    are known, comes from the same tokenizer; DamagedCheckpoint when it does not say which model it holds."""
+    described = next((path / name for name in (CONFIG_FILE, MODEL_FILE) if (path / name).is_file()), None)
+    if described is None:
+        raise DamagedCheckpoint(f"{path} has neither {CONFIG_FILE} nor {MODEL_FILE} to say which model it holds")
+    try:
+        saved = read_model_config(described)
+    except ConfigError as error:
+        raise DamagedCheckpoint(f"cannot read {described}: {error}") from None
+    new_run = "start a new run in another run.dir"
+    for key in ARCHITECTURE_KEYS:
+        if getattr(saved, key) != getattr(model, key):
+            raise IncompatibleCheckpoint(f"{path} holds another model: model.{key} = {getattr(saved, key)!r} there, "
+                                         f"{getattr(model, key)!r} in this config; {new_run} to train this one, or resume with that value")
+    if vocabulary is None or not (path / VOCABULARY_FILE).is_file():
+        return
+    with _reading(path / VOCABULARY_FILE):
+        theirs = json.loads((path / VOCABULARY_FILE).read_text())
+    if theirs != vocabulary:
+        raise IncompatibleCheckpoint(f"{path} was trained with another tokenizer ({_tokenizer(theirs)}) than the one of data.path "
+                                     f"({_tokenizer(vocabulary)}): its token ids mean other things; {new_run} to train on this data, "
+                                     "or use data made with that tokenizer")
+
+
+def _tokenizer(vocabulary: dict) -> str:
+    return f"{vocabulary.get('vocab_size')} tokens, sha256 {str(vocabulary.get('tokenizer_sha256'))[:12]}"
 
 
 @contextlib.contextmanager
@@ -145,16 +225,12 @@ def _single_process_quiet() -> Iterator[None]:
         yield
 
 
-class DamagedCheckpoint(RuntimeError):
-    """A checkpoint whose files cannot be read back; the message names it."""
-
-
 @contextlib.contextmanager
 def _reading(path: Path) -> Iterator[None]:
     """Failures to read a checkpoint's files as DamagedCheckpoint (DCP raises a BaseException of its own)."""
     try:
         yield
-    except (CheckpointException, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+    except (CheckpointException, RuntimeError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError) as error:
         raise DamagedCheckpoint(f"cannot read {path} ({type(error).__name__})") from error
 
 
@@ -177,9 +253,14 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
     params = dict(model.named_parameters())
     mismatched = set(params) ^ {k.removeprefix("model.") for k in saved if k.startswith("model.")}
     if mismatched:
-        raise ValueError(f"{path}: its parameters do not match the model's ({', '.join(sorted(mismatched)[:4])} ...): "
-                         "was it written for another model config?")
+        raise IncompatibleCheckpoint(f"{path}: its parameters do not match the model's ({', '.join(sorted(mismatched)[:4])} ...): "
+                                     "was it written for another model config?")
     layout = _Layout(ctx, next(model.parameters()).device)
+    for name, p in params.items():
+        theirs, ours = tuple(saved[f"model.{name}"].size), tuple(layout.logical(p.detach(), p).shape)
+        if theirs != ours:
+            raise IncompatibleCheckpoint(f"{path}: tensor {name} is {theirs} there, {ours} in this model: it was written for "
+                                         "another model config")
     optimizer_state = {}
     for name, p in params.items():
         prefix = f"optimizer.state.{name}."
@@ -197,7 +278,8 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
     groups = [{**group, "params": [index[name] for name in group["params"]]} for group in json.loads(target["optimizer"]["param_groups"])]
     if groups:
         engine.load_state_dict({"state": state, "param_groups": groups})
-    return json.loads((path / TRAINER_FILE).read_text())
+    with _reading(path / TRAINER_FILE):
+        return json.loads((path / TRAINER_FILE).read_text())
 
 
 def read_model_state(path: Path) -> dict[str, Tensor]:

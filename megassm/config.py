@@ -93,6 +93,9 @@ class CheckpointConfig:
     every: int = 1000  # 0: only at the end; -1: never (benchmarks)
     keep: int = 3
     resume: str = "auto"  # "auto" (newest complete checkpoint of run.dir) | "none" | a checkpoint path
+    # Let a run that starts from scratch ("none") or from an older checkpoint (a path) replace the checkpoints
+    # of run.dir that are not in its history (deleted at start-up) and their metrics; without it, such a run stops.
+    overwrite: bool = False
     # Start a new run from these weights: a megassm checkpoint or run, or a transformers or mamba-ssm
     # Mamba-2 folder (tools/convert_checkpoint.py). Ignored when the run resumes.
     init_from: str = ""

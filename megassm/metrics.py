@@ -229,6 +229,31 @@ class MetricsLogger:
         self.close()
 
 
+def drop_records_after(run_dir: Path, step: int) -> int:
+    """Keep the records of run_dir/metrics.jsonl up to `step`, the step a run starts from: later ones belong to a
+    history it does not continue (or it is about to log them again). Returns how many lines were dropped, lines
+    that are not records (a write cut short) included."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) < len(lines):
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept), encoding="utf-8")
+        temporary.replace(path)
+    return len(lines) - len(kept)
+
+
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line that is not a record."""
+    try:
+        step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of run_dir/metrics.jsonl by step; where a resumed run logged a step again, the last
     record wins. Raises ValueError with one line naming the file when it is missing, empty or not JSON lines."""

@@ -15,6 +15,9 @@ import argparse
 import contextlib
 import math
 import os
+import shlex
+import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,15 +26,37 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megassm.errors import UserError
-from megassm.checkpoint import DamagedCheckpoint, load_checkpoint, resume_candidates, save_checkpoint
+from megassm.checkpoint import (
+    CheckpointError,
+    DamagedCheckpoint,
+    check_compatible,
+    checkpoint_dir,
+    checkpoint_step,
+    load_checkpoint,
+    resume_candidates,
+    save_checkpoint,
+    step_folders,
+    tokenizer_vocabulary,
+)
 from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
-from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
-from megassm.metrics import MetricsLogger, StepTimer, logical_param_count, memory_gib, model_flops_per_token, peak_flops, throughput
+from megassm.data import SampleLoader, TokenStream, rank_samples
+from megassm.errors import UserError
+from megassm.metrics import (
+    MetricsLogger,
+    StepTimer,
+    drop_records_after,
+    logical_param_count,
+    memory_gib,
+    model_flops_per_token,
+    peak_flops,
+    throughput,
+)
 from megassm.model import Mamba2LM
 from megassm.ops import TRITON_MAX_ELEMENTS, resolve_backend
 from megassm.optim import learning_rate, param_groups
-from megassm.pretrained import PretrainedError, load_pretrained
+from megassm.pretrained import load_pretrained
+from megassm.run_dir import RunLock, checkpoints_to_replace, in_run_dir, launched_by_torchrun
+from megassm.stopping import StopSignals, Stopped, die_with_launcher
 from parallel import DDPEngine, ParallelContext, init_parallel, local_piece
 from parallel.collectives import all_reduce
 from parallel.context import group_size
@@ -103,6 +128,15 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def limit_cpu_threads(device: torch.device) -> None:
+    """One thread per core but one, for a run on CPU whose threads nobody set (torchrun sets OMP_NUM_THREADS=1 for
+    several processes). OpenMP's threads wait for each other at every op, so when another process holds one of
+    them off its core all of them stall: on a 2-core machine shared with anything, 2 threads ran 5-8x slower than 1."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, cores - 1))
+
+
 def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParallelEngine:
     """The data-parallel engine named by parallel.engine, owning the AdamW optimizer."""
     optim = cfg.optim
@@ -115,9 +149,11 @@ def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParal
 
 
 class Trainer:
-    def __init__(self, cfg: Config, stream: TokenStream):
+    def __init__(self, cfg: Config, stream: TokenStream, command: list[str] | None = None):
         self.cfg = cfg
+        self.command = sys.argv[1:] if command is None else command  # the trainer's arguments, to say how to resume
         self.device = pick_device(cfg.train.device)
+        limit_cpu_threads(self.device)
         launched = "RANK" in os.environ  # by torchrun, also for one process
         if cfg.parallel.engine == "deepspeed" and not launched:
             raise ConfigError("parallel.engine = 'deepspeed' needs torchrun, also for one process: "
@@ -130,12 +166,14 @@ class Trainer:
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
+        self.vocabulary = tokenizer_vocabulary(stream.tokenizer_path, stream.meta.vocab_size)
+        checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
+        replaced = checkpoints_to_replace(self.run_dir, cfg.checkpoint)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.backend = resolve_backend(cfg.model.ssd_backend, self.device)
         check_kernel_addressing(cfg, self.backend)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
         self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing, cuda_graphs=graphs).to(self.device)
-        checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
@@ -143,16 +181,14 @@ class Trainer:
         self.train_data = SampleLoader(split="train", **loader)
         self.val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0}
+        self.history: list[Path] = []  # this run's checkpoints in run.dir, oldest first: the only ones rotation deletes
         self.resume(checkpoints)
-        if self.is_writer:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(cfg, self.run_dir / "config.toml")
+        self.take_over(replaced)
         n_params = logical_param_count(cfg.model)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len, n_params)
         self.peak = peak_flops(self.device, cfg.train.peak_tflops)
-        self.logger = MetricsLogger(self.run_dir, self.is_writer, cfg.logging.wandb, cfg.logging.wandb_project,
-                                    cfg.run.name or self.run_dir.name, cfg.to_dict(), total_steps=cfg.train.steps)
-        self.say(f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {self.device.type} | "
+        device = f"cpu ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else self.device.type
+        self.say(f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {device} | "
                  f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
                  f"{cfg.train.precision} | {self.backend} kernels | {self.graphs_note} | engine {cfg.parallel.engine} | "
                  f"run dir {self.run_dir}")
@@ -162,16 +198,60 @@ class Trainer:
             print(line, flush=True)
 
     def resume(self, checkpoints: list[Path]) -> None:
+        """Load the first of `checkpoints` that can be read; with checkpoint.resume = "auto" a damaged one is skipped
+        with a warning, but a checkpoint of another model or tokenizer stops the run."""
         for path in checkpoints:
             try:
+                check_compatible(path, self.cfg.model, self.vocabulary)
                 self.state = load_checkpoint(path, self.model, self.engine, self.ctx)
             except DamagedCheckpoint as error:
                 if self.cfg.checkpoint.resume != "auto":
                     raise
                 self.say(f"warning: skipping damaged checkpoint {path}: {error}")
                 continue
+            if in_run_dir(path, self.run_dir):
+                self.history.append(path)
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
             return
+        if checkpoints:
+            raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {self.run_dir / 'checkpoints'} can be read (warnings "
+                                  "above): resume from a good copy with checkpoint.resume = PATH, or start a new run in another run.dir")
+
+    def take_over(self, replaced: list[Path]) -> None:
+        """Delete run.dir's checkpoints outside this run's history (checkpoint.overwrite = true), then make sure no other
+        folder stands where this run will save: it replaces none."""
+        if replaced and self.is_writer:
+            for path in replaced:
+                shutil.rmtree(path)
+            self.say(f"checkpoint.overwrite = true: deleted {', '.join(p.name for p in replaced)} of another history from {self.run_dir}")
+        start = self.state["step"]
+        for path in step_folders(self.run_dir):
+            if path not in replaced and start < checkpoint_step(path) and self.saves_at(checkpoint_step(path)):
+                raise CheckpointError(f"{path} is in the way: this run saves its step-{checkpoint_step(path)} checkpoint there and "
+                                      "replaces no folder it did not write; move that folder away or delete it")
+
+    def saves_at(self, done: int) -> bool:
+        """Whether the run saves a checkpoint after `done` steps (checkpoint.every; the last step unless every = -1)."""
+        every, steps = self.cfg.checkpoint.every, self.cfg.train.steps
+        return done <= steps and ((every > 0 and done % every == 0) or (every >= 0 and done == steps))
+
+    def resume_command(self) -> str:
+        """The command that continues this run from its newest checkpoint in run.dir."""
+        args = list(self.command)
+        if self.history and self.cfg.checkpoint.resume != "auto":
+            args.append(f"--checkpoint.resume={self.history[-1]}")
+        launcher = "torchrun [the same options]" if launched_by_torchrun() else "python"
+        return f"{launcher} -m megassm.train {shlex.join(args)}"
+
+    def stop_message(self, signum: int) -> str:
+        """Where the run stopped on a signal and how to go on."""
+        step, newest = self.state["step"], self.history[-1] if self.history else None
+        stopped = f"stopped by {signal.Signals(signum).name} after step {step} of {self.cfg.train.steps}"
+        if newest is None:
+            return f"{stopped}, with no checkpoint of this run to resume from; start again with: {self.resume_command()}"
+        if checkpoint_step(newest) == step:
+            return f"{stopped}, saved as {newest}; resume with: {self.resume_command()}"
+        return f"{stopped}; resume from its newest checkpoint, {newest}, with: {self.resume_command()}"
 
     def init_weights_from(self, path: str) -> None:
         """Start from the weights of a published or converted model (checkpoint.init_from)."""
@@ -225,40 +305,65 @@ class Trainer:
         return (loss_sum / count).item()
 
     def save(self) -> None:
-        path = save_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state)
-        if path:
-            self.say(f"saved checkpoint {path}")
+        """A checkpoint of this step; the run's own checkpoints beyond the newest checkpoint.keep are deleted."""
+        save_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state, self.vocabulary)
+        self.history.append(checkpoint_dir(self.run_dir, self.state["step"]))
+        self.say(f"saved checkpoint {self.history[-1]}")
+        old, self.history = self.history[: -self.cfg.checkpoint.keep], self.history[-self.cfg.checkpoint.keep :]
+        if self.is_writer:
+            for path in old:
+                shutil.rmtree(path)
+
+    def open_log(self) -> MetricsLogger:
+        """The run's config.toml and its log, which keeps the records of the history this run continues."""
+        cfg, step = self.cfg, self.state["step"]
+        if self.is_writer:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            write_config(cfg, self.run_dir / "config.toml")
+            if dropped := drop_records_after(self.run_dir, step):
+                self.say(f"dropped {dropped} lines after step {step} from {self.run_dir / 'metrics.jsonl'}: "
+                         "this run logs its own history from there")
+        return MetricsLogger(self.run_dir, self.is_writer, cfg.logging.wandb, cfg.logging.wandb_project, cfg.run.name or self.run_dir.name,
+                             cfg.to_dict(), total_steps=cfg.train.steps)
 
     def run(self) -> None:
+        """Train to train.steps; on SIGINT or SIGTERM save a checkpoint after the step in progress and raise Stopped."""
         cfg, timer = self.cfg, StepTimer(self.device)
+        self.logger = self.open_log()
         consecutive_skips, tokens_per_step, logged_step = 0, cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
-        for step in range(self.state["step"], cfg.train.steps):
-            loss_sum, targets, grad_norm, lr = self.train_step(step, timer)
-            # The global gradient norm is non-finite wherever any rank's loss was: the engine skipped the update.
-            finite = math.isfinite(grad_norm)
-            consecutive_skips = 0 if finite else consecutive_skips + 1
-            self.state = {"step": step + 1, "samples": self.state["samples"] + cfg.data.global_batch,
-                          "skipped_steps": self.state["skipped_steps"] + (not finite)}
-            if consecutive_skips >= cfg.train.max_skipped_steps:
-                raise TrainingError(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (the last: step {step + 1}); "
-                                    "their updates were skipped. Lower optim.lr, raise optim.warmup_steps, or check the data")
-            done = step + 1
-            self.logger.progress(done)
-            metrics = {}
-            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
-                lap = timer.lap()
-                metrics = {"step": done, "loss": (global_sum(loss_sum, self.ctx) / targets).item(), "lr": lr, "grad_norm": grad_norm,
-                           **throughput((done - logged_step) * tokens_per_step, lap.elapsed, self.world_size, self.flops_per_token, self.peak),
-                           "mem_gib": memory_gib(self.device), "data_fraction": lap.data_fraction,
-                           "skipped_steps": self.state["skipped_steps"]}
-                logged_step = done
-            if self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
-            if metrics:
-                self.logger.log(metrics)
-            every = cfg.checkpoint.every
-            if (every > 0 and done % every == 0) or (every >= 0 and done == cfg.train.steps):
-                self.save()
+        with StopSignals(self.stop_message) as signals:
+            for step in range(self.state["step"], cfg.train.steps):
+                loss_sum, targets, grad_norm, lr = self.train_step(step, timer)
+                # The global gradient norm is non-finite wherever any rank's loss was: the engine skipped the update.
+                finite = math.isfinite(grad_norm)
+                consecutive_skips = 0 if finite else consecutive_skips + 1
+                self.state = {"step": step + 1, "samples": self.state["samples"] + cfg.data.global_batch,
+                              "skipped_steps": self.state["skipped_steps"] + (not finite)}
+                if consecutive_skips >= cfg.train.max_skipped_steps:
+                    raise TrainingError(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (the last: step "
+                                        f"{step + 1}); their updates were skipped. Lower optim.lr, raise optim.warmup_steps, "
+                                        "or check the data")
+                done = step + 1
+                self.logger.progress(done)
+                metrics = {}
+                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                    lap = timer.lap()
+                    metrics = {"step": done, "loss": (global_sum(loss_sum, self.ctx) / targets).item(), "lr": lr, "grad_norm": grad_norm,
+                               **throughput((done - logged_step) * tokens_per_step, lap.elapsed, self.world_size, self.flops_per_token,
+                                            self.peak),
+                               "mem_gib": memory_gib(self.device), "data_fraction": lap.data_fraction,
+                               "skipped_steps": self.state["skipped_steps"]}
+                    logged_step = done
+                if self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                    metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
+                if metrics:
+                    self.logger.log(metrics)
+                if self.saves_at(done):
+                    self.save()
+                if done < cfg.train.steps and (signum := signals.requested(self.device)):
+                    if cfg.checkpoint.every >= 0 and not self.saves_at(done):
+                        self.save()
+                    raise Stopped(signum, self.stop_message(signum))
         self.logger.close()
 
 
@@ -267,14 +372,31 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Any --section.key=value overrides that key of the config, e.g. --train.steps=100.")
     parser.add_argument("--config", help="a TOML config (see configs/); the defaults when omitted")
     args, overrides = parser.parse_known_args(argv)
-    quiet = int(os.environ.get("RANK", 0)) != 0  # one error line per job, not one per rank
+    rank = int(os.environ.get("RANK", 0))
+    quiet = rank != 0  # one error line per job, not one per rank
+    if launched_by_torchrun():
+        die_with_launcher()
     try:
         cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
         stream = open_data(cfg)
-        trainer = Trainer(cfg, stream)
-        started, first_step = time.perf_counter(), trainer.state["step"]
-        trainer.run()
-    except (ConfigError, DataError, PretrainedError, FileNotFoundError, TrainingError) as error:
+        with RunLock(cfg.run.dir, say=print) if rank == 0 else contextlib.nullcontext():
+            trainer = Trainer(cfg, stream, command=argv)
+            started, first_step = time.perf_counter(), trainer.state["step"]
+            if first_step >= cfg.train.steps:
+                trainer.say(f"nothing to do: the run is at step {first_step} and train.steps = {cfg.train.steps} "
+                            "(raise train.steps to train further)")
+                return 0
+            trainer.run()
+    except Stopped as stop:
+        if not quiet:
+            print(f"megassm-train: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        if not quiet:
+            print("megassm-train: stopped by SIGINT while starting, before the first step; run the same command to start again",
+                  file=sys.stderr)
+        return 128 + signal.SIGINT
+    except UserError as error:
         if not quiet:
             print(f"megassm-train: error: {error}", file=sys.stderr)
         return 2 if not isinstance(error, TrainingError) else 1

@@ -1,0 +1,170 @@
+"""A run folder belongs to one run: a lock while the run is alive, and checkpoints that only its own history
+may replace.
+
+`run.lock` is held with flock by the run's first process for as long as it lives (the kernel lets go when it
+dies, however it dies) and says who holds it: host, process, its torchrun launcher, start time, command. A lock
+file that nobody holds is stale once its processes are gone and is taken over with a warning; one written on
+another host cannot be checked from here, so it is left to the user to delete.
+
+The checkpoints of run.dir that a run neither resumes from nor continues are another history: a run from
+scratch, from a checkpoint elsewhere, or from an older checkpoint of the folder stops rather than mixing with
+them or rotating them away, unless checkpoint.overwrite lets it delete them.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shlex
+import socket
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from megassm.checkpoint import CheckpointError, checkpoint_step, checkpoints_in, step_folders
+from megassm.config import CheckpointConfig
+from megassm.errors import UserError
+
+LOCK_FILE = "run.lock"
+NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # what flock raises where a file system has none
+
+
+class RunDirError(UserError, RuntimeError):
+    """run.dir cannot be used by this run (another run holds it, or it cannot be written); the message says what to do."""
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@dataclass
+class Owner:
+    """Who holds a run folder: the process, and the torchrun agent that started it (which restarts it after a failure)."""
+
+    host: str
+    pid: int
+    launcher_pid: int | None
+    started: str
+    command: str
+
+    @classmethod
+    def this_process(cls) -> "Owner":
+        return cls(socket.gethostname(), os.getpid(), os.getppid() if launched_by_torchrun() else None,
+                   time.strftime("%Y-%m-%d %H:%M:%S"), shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]]))
+
+    def alive(self) -> bool:
+        """Whether a process of that run still lives (on another host: unknown, so yes)."""
+        if self.host != socket.gethostname():
+            return True
+        return any(_alive(pid) for pid in (self.pid, self.launcher_pid) if pid is not None)
+
+    def restarts(self, previous: "Owner") -> bool:
+        """Whether this process is `previous`'s run started again by the same torchrun agent."""
+        return self.launcher_pid is not None and (self.host, self.launcher_pid) == (previous.host, previous.launcher_pid)
+
+    def __str__(self) -> str:
+        launcher = f", launched by pid {self.launcher_pid}" if self.launcher_pid is not None else ""
+        return f"pid {self.pid} on {self.host}{launcher}, started {self.started}: {self.command}"
+
+
+class RunLock:
+    """Hold run_dir/run.lock for this process (a context manager); RunDirError when another live run holds it."""
+
+    def __init__(self, run_dir: Path, say: Callable[[str], None]):
+        self.run_dir, self.path, self.say = Path(run_dir), Path(run_dir) / LOCK_FILE, say
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            while not self._try_lock():
+                pass
+        except OSError as error:
+            raise RunDirError(f"run.dir = {self.run_dir}: cannot write there ({error.strerror}): choose a folder you can write") from None
+        return self
+
+    def _try_lock(self) -> bool:
+        """Lock the file now at self.path: False when it was replaced meanwhile (the holder let go and deleted it)."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_owner(fd)
+            os.close(fd)
+            raise RunDirError(f"run.dir = {self.run_dir} is in use by another run ({holder or 'unknown'}): wait for it to end, "
+                              "stop it, or choose another run.dir") from None
+        except OSError as error:
+            if error.errno not in NO_FLOCK:
+                os.close(fd)
+                raise
+            # A file system without flock (some Lustre mounts): the owner's processes alone tell whether it runs.
+        if not self.path.exists() or os.stat(self.path).st_ino != os.fstat(fd).st_ino:
+            os.close(fd)
+            return False
+        me, holder = Owner.this_process(), _read_owner(fd)
+        if holder is not None and not me.restarts(holder):
+            if holder.alive():
+                os.close(fd)
+                raise RunDirError(f"run.dir = {self.run_dir} is in use by another run ({holder}): wait for it to end, stop it, "
+                                  f"or choose another run.dir; if that run is not running any more, delete {self.path}")
+            self.say(f"warning: {self.path} was left by a run that is no longer running ({holder}); this run takes it over")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(asdict(me), indent=1) + "\n").encode(), 0)
+        self._fd = fd
+        return True
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_owner(fd: int) -> Owner | None:
+    """The owner a lock file names; None when it is empty (just created) or not one of ours."""
+    try:
+        return Owner(**json.loads(os.pread(fd, 1 << 16, 0)))
+    except (ValueError, TypeError):
+        return None
+
+
+def in_run_dir(checkpoint: Path, run_dir: Path) -> bool:
+    """Whether a checkpoint is one of run_dir's checkpoints/step_N."""
+    return Path(checkpoint).resolve() in {p.resolve() for p in step_folders(run_dir)}
+
+
+def checkpoints_to_replace(run_dir: Path, ckpt: CheckpointConfig) -> list[Path]:
+    """run.dir's complete checkpoints outside the history of a run that resumes as ckpt.resume says: all of them for a
+    run from scratch or from a checkpoint elsewhere, the later ones for a run from an older one of the folder, none
+    for "auto" (the newest). CheckpointError naming them and the ways on, unless ckpt.overwrite allows deleting them."""
+    if ckpt.resume == "auto":
+        return []
+    found = checkpoints_in(run_dir)
+    start = Path(ckpt.resume)
+    rewinds = ckpt.resume != "none" and in_run_dir(start, run_dir)
+    if rewinds:
+        found = [p for p in found if checkpoint_step(p) > checkpoint_step(start)]
+    if not found or ckpt.overwrite:
+        return found
+    names = ", ".join(p.name for p in found[:3]) + (f", ... {found[-1].name} ({len(found)})" if len(found) > 3 else "")
+    ways = "choose another run.dir, or set checkpoint.overwrite = true to delete them"
+    if rewinds:
+        raise CheckpointError(f"run.dir = {run_dir} holds checkpoints after {start.name} ({names}) that a run resumed from it "
+                              f"would mix with: continue from the newest with checkpoint.resume = 'auto', {ways}")
+    started = "= 'none' starts a new run" if ckpt.resume == "none" else f"= {ckpt.resume} continues another run"
+    raise CheckpointError(f"run.dir = {run_dir} holds the checkpoints of another run ({names}) and checkpoint.resume {started}: "
+                          f"continue that run with checkpoint.resume = 'auto', {ways}")

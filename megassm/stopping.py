@@ -1,0 +1,87 @@
+"""How a run stops other than at its last step: on SIGINT or SIGTERM, and with its launcher.
+
+The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, torchrun passing either on) asks the run to stop
+after the step in progress: every rank learns of it at the end of that step, so all of them save the same
+checkpoint before they exit. A second signal stops the process at once.
+
+torchrun starts each worker in a session of its own, so a `kill -9` of torchrun (or of its process group) would
+leave the workers training and writing into run.dir; here they die with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(Exception):
+    """The run stopped on a signal; the message says where, and how to go on."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process ended by that signal
+
+
+class StopSignals:
+    """While active (a context manager, in the main thread): the first SIGINT or SIGTERM is recorded for
+    `requested`; the second raises Stopped with immediate_stop(signum)'s message, wherever the run is."""
+
+    def __init__(self, immediate_stop: Callable[[int], str]):
+        self.immediate_stop = immediate_stop
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            raise Stopped(signum, self.immediate_stop(signum))
+        self.received = signum
+
+    def requested(self, device: torch.device) -> int | None:
+        """The signal any rank received, on every rank (a collective over all ranks when distributed), else None."""
+        if not dist.is_initialized():
+            return self.received
+        received = torch.tensor([self.received or 0], device=device)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return int(received.item()) or None
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def die_with_launcher() -> None:
+    """End this process as soon as its parent, the torchrun agent, is gone: on Linux the kernel sends SIGKILL
+    (PR_SET_PDEATHSIG), elsewhere a thread watches the parent."""
+    launcher = os.getppid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=exit_when_orphaned, args=(launcher,), daemon=True).start()
+    if os.getppid() != launcher:  # it died before the kernel was asked
+        os._exit(1)
+
+
+def exit_when_orphaned(parent: int, every_s: float = 0.5) -> None:
+    """Poll until this process is no longer `parent`'s child, then exit at once."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)

@@ -1,0 +1,354 @@
+"""A run folder belongs to one run and no checkpoint is lost: the trainer through its entry point on a tiny CPU
+run. Wherever a run must stop, it prints one line, exits with status 2 and leaves every file of the folder
+byte for byte as it was."""
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from megassm.checkpoint import IncompatibleCheckpoint, load_checkpoint, save_checkpoint
+from megassm.config import Config
+from megassm.data import train_sentencepiece
+from megassm.data.corpus import builtin_documents, write_builtin_corpus
+from megassm.data.prepare import prepare
+from megassm.metrics import read_metrics
+from megassm.model import Mamba2LM, ModelConfig
+from megassm.run_dir import Owner, RunDirError, RunLock
+from megassm.stopping import StopSignals, Stopped
+from megassm.train import limit_cpu_threads
+from parallel import ParallelContext
+from tests.test_convert import engine_for
+from tests.test_train import CONFIG, STEPS, TRAINER_ENV, assert_same_run, run_trainer, train, trainer_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hashes(run_dir: Path) -> dict[str, str]:
+    """The sha256 of every file under run_dir, by path."""
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def refused(result: subprocess.CompletedProcess, *phrases: str) -> None:
+    """The run stopped at start-up with exit status 2 and one line (no traceback) holding every phrase."""
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("megassm-train: error: "), result.stderr[-3000:]
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoint_names(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.fixture(scope="module")
+def config(prepared_data: Path, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("config") / "tiny.toml"
+    path.write_text(CONFIG.format(data=prepared_data, steps=STEPS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(config: Path, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A finished run of 4 steps (checkpoints step_2 and step_4) and its metrics records."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    return run_dir, train(config, run_dir, 1)
+
+
+@pytest.fixture
+def old_run(finished, tmp_path) -> Path:
+    """A copy of the finished run, for a test to run into."""
+    return Path(shutil.copytree(finished[0], tmp_path / "old"))
+
+
+def assert_refused_and_untouched(config: Path, run_dir: Path, overrides: list[str], *phrases: str, into: Path | None = None) -> None:
+    """A run in `into` (run_dir when None) with these overrides stops with one line; run_dir's files are unchanged."""
+    before = hashes(run_dir)
+    refused(run_trainer(config, into or run_dir, 1, *overrides), *phrases)
+    assert hashes(run_dir) == before
+
+
+def test_resume_auto_with_another_model_stops_naming_the_key_and_both_values(config, old_run):
+    assert_refused_and_untouched(config, old_run, ["--model.d_model=128"],
+                                 f"{old_run}/checkpoints/step_4 holds another model: model.d_model = 64 there, 128 in this config",
+                                 "another run.dir")
+
+
+def test_under_torchrun_the_same_stop_is_one_line_from_rank_0(config, old_run):
+    """No worker prints a traceback (torchrun itself reports the failed workers after that line)."""
+    before = hashes(old_run)
+    result = run_trainer(config, old_run, 2, "--parallel.cp=2", "--model.d_model=128")
+    assert result.returncode != 0 and f'File "{ROOT}' not in result.stderr, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if "megassm-train" in line] == [
+        f"megassm-train: error: {old_run}/checkpoints/step_4 holds another model: model.d_model = 64 there, 128 in this config; "
+        "start a new run in another run.dir to train this one, or resume with that value"]
+    assert hashes(old_run) == before
+
+
+def test_an_explicit_checkpoint_of_another_model_stops_naming_the_key_and_both_values(config, old_run, tmp_path):
+    assert_refused_and_untouched(config, old_run, [f"--checkpoint.resume={old_run}/checkpoints/step_4", "--model.d_state=32"],
+                                 "model.d_state = 16 there, 32 in this config", into=tmp_path / "new")
+
+
+@pytest.fixture(scope="module")
+def data_of_another_tokenizer(tmp_path_factory) -> Path:
+    """The corpus of prepared_data, tokenized by a 384-token sentencepiece model (ids that fit the debug model)."""
+    root = tmp_path_factory.mktemp("other-tokenizer")
+    corpus = write_builtin_corpus(root / "corpus.jsonl", max_documents=80)
+    tokenizer = train_sentencepiece(builtin_documents(), vocab_size=384, out_dir=root / "tokenizer", max_sentences=20000)
+    return prepare([corpus], tokenizer, root / "prepared", num_proc=1, val_fraction=0.05, cache_dir=root / "cache")
+
+
+def test_resume_with_another_tokenizer_stops(config, old_run, data_of_another_tokenizer):
+    assert_refused_and_untouched(config, old_run, [f"--data.path={data_of_another_tokenizer}"],
+                                 f"{old_run}/checkpoints/step_4 was trained with another tokenizer (512 tokens", "(384 tokens")
+
+
+def test_a_checkpoint_with_other_tensor_shapes_is_incompatible_not_damaged(tmp_path):
+    """Behind a config.toml that does not tell, DCP's size mismatch is named: tensor and both shapes."""
+    saved, wanted = Mamba2LM(ModelConfig.from_preset("debug")), Mamba2LM(ModelConfig.from_preset("debug", d_state=32))
+    path = save_checkpoint(tmp_path, Config(model=wanted.cfg), saved, engine_for(saved), ParallelContext(),
+                           {"step": 1, "samples": 8, "skipped_steps": 0})
+    name = next(n for n, p in saved.named_parameters() if p.shape != wanted.get_parameter(n).shape)
+    shapes = f"tensor {name} is {tuple(saved.get_parameter(name).shape)} there, {tuple(wanted.get_parameter(name).shape)} in this model"
+    with pytest.raises(IncompatibleCheckpoint, match=re.escape(shapes)):
+        load_checkpoint(path, wanted, engine_for(wanted), ParallelContext())
+
+
+@pytest.mark.parametrize("resume, phrases", [
+    ("none", ["holds the checkpoints of another run (step_2, step_4) and checkpoint.resume = 'none' starts a new run",
+              "checkpoint.overwrite = true"]),
+    ("{run}/checkpoints/step_2", ["holds checkpoints after step_2 (step_4)", "checkpoint.resume = 'auto'", "checkpoint.overwrite = true"]),
+], ids=["from-scratch", "from-an-older-checkpoint"])
+def test_a_run_outside_the_history_of_the_folder_stops(resume, phrases, config, old_run):
+    assert_refused_and_untouched(config, old_run, [f"--checkpoint.resume={resume.format(run=old_run)}"], *phrases)
+
+
+def test_overwrite_replaces_the_other_history_and_its_metrics(config, old_run):
+    result = run_trainer(config, old_run, 1, "--checkpoint.resume=none", "--checkpoint.overwrite=true", "--train.steps=1",
+                         "--checkpoint.every=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"deleted step_2, step_4 of another history from {old_run}" in result.stdout
+    assert checkpoint_names(old_run) == ["step_1"] and steps_logged(old_run) == [1]
+
+
+def test_a_stray_step_folder_is_neither_resumed_nor_rotated_nor_counted(config, old_run):
+    """A half-copied step_900 (trainer.json alone): the run resumes from step_4, and with keep = 1 rotation
+    deletes only its own checkpoints (step_4 it resumed from, step_5), never step_2 of an earlier run or step_900."""
+    stray = old_run / "checkpoints" / "step_900"
+    stray.mkdir()
+    shutil.copy(old_run / "checkpoints" / "step_4" / "trainer.json", stray)
+    untouched = {k: v for k, v in hashes(old_run).items() if k.startswith(("checkpoints/step_2/", "checkpoints/step_900/"))}
+    result = run_trainer(config, old_run, 1, "--train.steps=6", "--checkpoint.every=1", "--checkpoint.keep=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {old_run}/checkpoints/step_4" in result.stdout
+    assert checkpoint_names(old_run) == ["step_2", "step_6", "step_900"]
+    assert json.loads((old_run / "checkpoints" / "step_6" / "trainer.json").read_text())["step"] == 6
+    assert {k: v for k, v in hashes(old_run).items() if k in untouched} == untouched
+
+
+def test_a_folder_where_the_run_would_save_stops_it(config, old_run):
+    stray = old_run / "checkpoints" / "step_5"
+    stray.mkdir()
+    shutil.copy(old_run / "checkpoints" / "step_4" / "trainer.json", stray)
+    assert_refused_and_untouched(config, old_run, ["--train.steps=6", "--checkpoint.every=1"],
+                                 f"{stray} is in the way: this run saves its step-5 checkpoint there")
+
+
+def test_unreadable_checkpoints_stop_resume_auto_instead_of_starting_over(config, old_run):
+    for shard in (old_run / "checkpoints").glob("step_*/*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
+    assert_refused_and_untouched(config, old_run, [], f"none of the 2 checkpoints in {old_run}/checkpoints can be read")
+
+
+def test_a_run_dir_that_cannot_be_written_stops(config, tmp_path):
+    (tmp_path / "file").write_text("")
+    refused(run_trainer(config, tmp_path / "file" / "run", 1), f"run.dir = {tmp_path}/file/run: cannot write there (Not a directory)")
+
+
+def test_nothing_is_left_to_do_past_train_steps(config, old_run):
+    before = hashes(old_run)
+    result = run_trainer(config, old_run, 1, "--train.steps=2")
+    assert result.returncode == 0 and result.stderr == "", result.stderr[-3000:]
+    assert "nothing to do: the run is at step 4 and train.steps = 2" in result.stdout
+    assert hashes(old_run) == before
+
+
+def test_metrics_after_a_resume_describe_one_history(config, finished, old_run):
+    """The step-4 checkpoint is lost after steps 3 and 4 were logged: the resumed run drops their records and logs
+    them again, so the log equals the uninterrupted run's, its first records byte for byte."""
+    shutil.rmtree(old_run / "checkpoints" / "step_4")
+    first_two = (old_run / "metrics.jsonl").read_text().splitlines(keepends=True)[:2]
+    result = run_trainer(config, old_run, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"dropped 2 lines after step 2 from {old_run}/metrics.jsonl" in result.stdout
+    assert steps_logged(old_run) == [1, 2, 3, 4]
+    assert (old_run / "metrics.jsonl").read_text().splitlines(keepends=True)[:2] == first_two
+    assert_same_run(read_metrics(old_run), finished[1])
+
+
+def start(config: Path, run_dir: Path, nproc: int, *overrides: str) -> subprocess.Popen:
+    """A long run in the background, returned once it has logged two steps."""
+    job = subprocess.Popen(trainer_command(config, run_dir, nproc, "--train.eval_every=0", *overrides), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=TRAINER_ENV)
+    deadline = time.monotonic() + 120
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.02)
+    return job
+
+
+def test_a_second_run_in_a_live_runs_folder_stops_and_a_dead_runs_lock_is_taken_over(config, tmp_path):
+    run_dir = tmp_path / "run"
+    first = start(config, run_dir, 1, "--train.steps=100000", "--checkpoint.every=-1")
+    refused(run_trainer(config, run_dir, 1), f"run.dir = {run_dir} is in use by another run (pid {first.pid} on")
+    first.kill()
+    first.communicate()
+    assert steps_logged(run_dir) == list(range(1, len(steps_logged(run_dir)) + 1))  # the second run wrote nothing
+    result = run_trainer(config, run_dir, 1, "--train.steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"warning: {run_dir}/run.lock was left by a run that is no longer running (pid {first.pid} on" in result.stdout
+    assert not (run_dir / "run.lock").exists() and steps_logged(run_dir) == [1]
+
+
+def test_without_flock_the_lock_follows_its_owners_processes(tmp_path, monkeypatch):
+    """On a file system without flock: a lock naming a live process stops a run; one naming a dead one is taken over."""
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    lock, live = tmp_path / "run.lock", {**asdict(Owner.this_process()), "pid": os.getpid()}
+    lock.write_text(json.dumps(live))
+    with pytest.raises(RunDirError, match=re.escape(f"in use by another run (pid {os.getpid()} on {socket.gethostname()},")):
+        RunLock(tmp_path, print).__enter__()
+    assert json.loads(lock.read_text()) == live
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    lock.write_text(json.dumps({**live, "pid": gone.pid}))
+    warnings = []
+    with RunLock(tmp_path, warnings.append):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: {lock} was left by a run that is no longer running (pid {gone.pid} on")
+    assert not lock.exists()
+
+
+def test_workers_die_with_a_killed_torchrun(config, tmp_path):
+    """torchrun starts each worker in its own session: kill -9 of torchrun alone must still end them."""
+    job = start(config, tmp_path / "run", 2, "--parallel.cp=2", "--train.steps=100000", "--checkpoint.every=-1")
+    workers = [p for p in psutil.Process(job.pid).children(recursive=True) if "megassm.train" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    job.kill()
+    job.communicate()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
+
+
+def test_a_worker_whose_launcher_is_gone_exits_without_prctl(tmp_path):
+    """The watch of the parent used where PR_SET_PDEATHSIG does not exist."""
+    child = ("import sys; from megassm.stopping import exit_when_orphaned; print('watching', flush=True); "
+             "exit_when_orphaned(int(sys.argv[1]), 0.05)")
+    parent = ("import os, subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())]); "
+              "print(child.pid, flush=True); time.sleep(600)")
+    launcher = subprocess.Popen([sys.executable, "-c", parent, child], stdout=subprocess.PIPE, text=True, env=TRAINER_ENV)
+    worker = psutil.Process(int(launcher.stdout.readline()))
+    assert launcher.stdout.readline() == "watching\n"
+    time.sleep(0.5)
+    assert worker.is_running()  # watching while its parent lives
+    launcher.kill()
+    launcher.wait()
+    worker.wait(timeout=10)  # gone, or TimeoutExpired
+
+
+def stopped_by(signum: signal.Signals, config: Path, run_dir: Path) -> str:
+    """Signal a run mid-way: the step in progress ends and its checkpoint is saved (none would be before the last
+    step); returns the command of the one line that says where the run stopped and how to resume."""
+    job = start(config, run_dir, 1, "--train.steps=16", "--checkpoint.every=0")
+    job.send_signal(signum)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 128 + signum, stderr[-3000:]
+    step = steps_logged(run_dir)[-1]
+    assert 2 <= step < 16 and checkpoint_names(run_dir) == [f"step_{step}"]
+    command = f"python -m megassm.train --config {config} --run.dir={run_dir} --train.eval_every=0 --train.steps=16 --checkpoint.every=0"
+    saved = f"saved as {run_dir}/checkpoints/step_{step}"
+    line = f"megassm-train: stopped by {signum.name} after step {step} of 16, {saved}; resume with: {command}"
+    assert stderr.strip().splitlines() == [line]
+    return command
+
+
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(config, tmp_path):
+    stopped_by(signal.SIGINT, config, tmp_path / "run")
+
+
+def test_a_preemption_saves_a_checkpoint_and_the_printed_command_ends_the_run(config, tmp_path):
+    run_dir = tmp_path / "run"
+    command = shlex.split(stopped_by(signal.SIGTERM, config, run_dir))
+    step = steps_logged(run_dir)[-1]
+    result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=TRAINER_ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_{step}" in result.stdout and steps_logged(run_dir) == list(range(1, 17))
+
+
+def test_a_preempted_torchrun_job_saves_on_every_rank_and_says_so_once(config, tmp_path):
+    """SIGTERM to torchrun, which passes it to its workers: both finish the same step and save it together;
+    rank 0 alone prints the line; the checkpoint resumes in one process."""
+    run_dir = tmp_path / "run"
+    job = start(config, run_dir, 2, "--parallel.cp=2", "--train.steps=16", "--checkpoint.every=0")
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    step = steps_logged(run_dir)[-1]
+    assert stderr.count("megassm-train:") == 1, stderr[-3000:]
+    assert (f"megassm-train: stopped by SIGTERM after step {step} of 16, saved as {run_dir}/checkpoints/step_{step}; resume with: "
+            "torchrun [the same options] -m megassm.train") in stderr
+    assert 2 <= step < 16 and checkpoint_names(run_dir) == [f"step_{step}"]
+    records = train(config, run_dir, 1, "--train.eval_every=0", "--train.steps=16", "--checkpoint.every=0")
+    assert [r["step"] for r in records] == list(range(1, 17))
+
+
+def test_a_second_signal_stops_at_once():
+    def wait_for_handlers():
+        for _ in range(100):  # Python runs a signal's handler between bytecodes of the main thread
+            time.sleep(0.001)
+
+    previous = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Stopped, match="stopped at once by 2") as stop:
+        with StopSignals(lambda signum: f"stopped at once by {signum}") as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for_handlers()
+            assert signals.requested(torch.device("cpu")) == signal.SIGINT
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for_handlers()
+    assert stop.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_cpu_run_leaves_a_core_free_unless_told(monkeypatch):
+    cores, threads = len(os.sched_getaffinity(0)), torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        limit_cpu_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == max(1, cores - 1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        limit_cpu_threads(torch.device("cpu"))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
