@@ -51,7 +51,7 @@ from megassm.metrics import (
     peak_flops,
     throughput,
 )
-from megassm.model import Mamba2LM
+from megassm.model import Mamba2LM, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels, apply_loss_chunking
 from megassm.ops import TRITON_MAX_ELEMENTS, resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import load_pretrained
@@ -120,6 +120,18 @@ def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
     return True, "CUDA graphs"
 
 
+def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool) -> Mamba2LM:
+    """[model]'s architecture, run as [kernels] and [train] say."""
+    model = Mamba2LM(cfg.model, ctx)
+    apply_kernels(model, cfg.kernels.backend, cfg.kernels.compile)
+    apply_loss_chunking(model, cfg.train.loss_chunk_tokens)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cuda_graphs:
+        apply_cuda_graphs(model)
+    return model
+
+
 def pick_device(choice: str) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -170,10 +182,10 @@ class Trainer:
         checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
         replaced = checkpoints_to_replace(self.run_dir, cfg.checkpoint)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
-        self.backend = resolve_backend(cfg.model.ssd_backend, self.device)
+        self.backend = resolve_backend(cfg.kernels.backend, self.device)
         check_kernel_addressing(cfg, self.backend)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
-        self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing, cuda_graphs=graphs).to(self.device)
+        self.model = build_model(cfg, self.ctx, graphs).to(self.device)
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
