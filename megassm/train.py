@@ -57,7 +57,7 @@ from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import load_pretrained
 from megassm.run_dir import RunLock, checkpoints_to_replace, in_run_dir, launched_by_torchrun
 from megassm.stopping import StopSignals, Stopped, die_with_launcher
-from parallel import DDPEngine, ParallelContext, init_parallel, local_piece
+from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
 from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
@@ -268,9 +268,10 @@ class Trainer:
     def init_weights_from(self, path: str) -> None:
         """Start from the weights of a published or converted model (checkpoint.init_from)."""
         _, state = load_pretrained(path, expect=self.cfg.model)
+        roles = param_roles(self.model)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                p.copy_(local_piece(state[name], p, self.ctx.tp_group))
+                p.copy_(local_piece(state[name], roles[name], self.ctx.tp_group))
         self.say(f"initialised from {path}")
 
     def micro_batches(self) -> list:

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from megassm.model.config import ModelConfig
 from megassm.model.mixer import Mamba2Mixer
 from megassm.ops import add_rms_norm, maybe_compiled, rms_norm
-from parallel import ParallelContext, mark_sequence_parallel
+from parallel import ParallelContext, ParamRole, declare_roles
 
 MIXERS: dict[str, type[nn.Module]] = {
     "M": Mamba2Mixer,
@@ -36,8 +36,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-        if ctx.sequence_parallel:
-            mark_sequence_parallel(self.weight)
+        declare_roles(self, weight=ParamRole(sequence_parallel=ctx.sequence_parallel))
 
     def forward(self, x: Tensor) -> Tensor:
         return maybe_compiled(rms_norm, self.torch_compile, x.device)(x, self.weight, self.eps, self._out_dtype(x))

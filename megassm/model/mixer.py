@@ -24,7 +24,7 @@ from megassm.model.context_parallel import add_incoming_state
 from megassm.model.conv import CausalDepthwiseConv1d
 from megassm.model.init import uniform_fan_in
 from megassm.ops.dtypes import upcast
-from parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, send_to_next_rank, shard_parameter
+from parallel import ColumnParallelLinear, ParallelContext, ParamRole, RowParallelLinear, declare_roles, send_to_next_rank, shard_parameter
 
 
 def init_dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
@@ -67,6 +67,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = shard_parameter(torch.log(torch.empty(whole.nheads).uniform_(*cfg.A_init_range)), 0, ctx.tp_group)
         self.D = shard_parameter(torch.ones(whole.nheads), 0, ctx.tp_group)
         self.norm_weight = shard_parameter(torch.ones(whole.d_inner), 0, ctx.tp_group)
+        declare_roles(self, **dict.fromkeys(("dt_bias", "A_log", "D", "norm_weight"), ParamRole(tp_dim=0)))  # split with the heads
         # mamba-ssm / GPT-2: the residual branch's output projection scaled by 1/sqrt(n_layer).
         out_weight = uniform_fan_in((cfg.d_model, whole.d_inner), whole.d_inner) / math.sqrt(cfg.n_layer)
         self.out_proj = RowParallelLinear(out_weight, ctx, bias=torch.zeros(cfg.d_model) if cfg.proj_bias else None)
