@@ -233,7 +233,8 @@ def _reading(path: Path) -> Iterator[None]:
     """Failures to read a checkpoint's files as DamagedCheckpoint (DCP raises a BaseException of its own)."""
     try:
         yield
-    except (CheckpointException, RuntimeError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError) as error:
+    except (CheckpointException, RuntimeError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError,
+            pickle.UnpicklingError) as error:
         raise DamagedCheckpoint(f"cannot read {path} ({type(error).__name__})") from error
 
 
@@ -288,7 +289,8 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
 def read_model_state(path: Path) -> dict[str, Tensor]:
     """The whole (logical) model tensors of a checkpoint, in one process: for tools (export, generation)."""
     saved = _saved_tensors(path)
-    model = {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items() if k.startswith("model.")}
+    model = {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for k, m in saved.items() if k.startswith("model.")}
     _load({"model": model}, path)
     return model
 

@@ -314,9 +314,11 @@ def validate(cfg: Config, world_size: int) -> None:
     if data.seq_len % par.cp:
         raise ConfigError(f"data.seq_len = {data.seq_len} must be divisible by parallel.cp = {par.cp}")
     if par.cp > 1 and data.seq_len // par.cp < cfg.model.d_conv - 1:
-        raise ConfigError(f"data.seq_len / parallel.cp = {data.seq_len // par.cp} tokens per CP rank: at least model.d_conv - 1 = {cfg.model.d_conv - 1} needed")
+        raise ConfigError(f"data.seq_len / parallel.cp = {data.seq_len // par.cp} tokens per CP rank: at least "
+                          f"model.d_conv - 1 = {cfg.model.d_conv - 1} needed")
     if par.sequence_parallel and (par.tp == 1 or (data.seq_len // par.cp) % par.tp):
-        raise ConfigError(f"parallel.sequence_parallel needs parallel.tp > 1 dividing data.seq_len / parallel.cp = {data.seq_len // par.cp}")
+        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1 dividing data.seq_len / parallel.cp = "
+                          f"{data.seq_len // par.cp}")
     if data.global_batch % (data.micro_batch * par.dp):
         raise ConfigError(f"data.global_batch = {data.global_batch} must be a multiple of data.micro_batch * parallel.dp = "
                           f"{data.micro_batch} * {par.dp}")

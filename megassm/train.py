@@ -79,7 +79,8 @@ def open_data(cfg: Config) -> TokenStream:
         raise ConfigError(f"the tokenizer of data.path = {cfg.data.path} has {stream.meta.vocab_size} tokens, more than "
                           f"model.vocab_size = {cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
     if not stream.tokenizer_path.exists():
-        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {cfg.data.path}/meta.json is missing: re-run tools/prepare_data.py")
+        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {cfg.data.path}/meta.json is missing: "
+                          "re-run tools/prepare_data.py")
     if cfg.data.verify and int(os.environ.get("RANK", 0)) == 0:
         stream.verify()  # rank 0 alone reads everything: if it fails, torchrun stops the others
     return stream
@@ -416,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; metrics in {trainer.run_dir / 'metrics.jsonl'}, "
+    trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; "
+                f"metrics in {trainer.run_dir / 'metrics.jsonl'}, "
                 f"checkpoints in {trainer.run_dir / 'checkpoints'}")
     return 0
 
