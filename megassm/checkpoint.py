@@ -1,6 +1,6 @@
 """Checkpoints with torch.distributed.checkpoint, every tensor in its logical shape.
 
-Each rank hands DCP its pieces as DTensors over its TP group (sharded along `param.tp_dim`), so the
+Each rank hands DCP its pieces as DTensors over its TP group (sharded as their roles say, parallel/roles.py), so the
 checkpoint holds whole logical tensors — the five in_proj segments separately, the vocabulary-split
 embedding whole — written in parallel, each piece once (DP and CP replicas are deduplicated). Loading
 asks for the pieces of the current layout, which DCP reads from whatever layout wrote them: a
@@ -41,7 +41,7 @@ from megassm.config import Config, ConfigError, read_model_config, section_toml,
 from megassm.data.shards import file_sha256
 from megassm.errors import UserError
 from megassm.model import ModelConfig
-from parallel import ParallelContext
+from parallel import ParallelContext, param_roles
 from parallel.data_parallel import DataParallelEngine
 
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -115,13 +115,16 @@ def _barrier() -> None:
 class _Layout:
     """How this rank's tensors map to logical ones: DTensors over its TP group (plain tensors alone)."""
 
-    def __init__(self, ctx: ParallelContext, device: torch.device):
+    def __init__(self, ctx: ParallelContext, model: nn.Module):
+        device = next(model.parameters()).device
         self.mesh = DeviceMesh.from_group(ctx.tp_group, device.type) if ctx.tp_group is not None else None
+        self.roles = param_roles(model)
 
-    def logical(self, local: Tensor, param: nn.Parameter) -> Tensor:
+    def logical(self, local: Tensor, name: str) -> Tensor:
+        """`local`, this rank's piece of parameter `name` (or of a tensor of its shape), as the logical tensor."""
         if self.mesh is None:
             return local
-        dim = getattr(param, "tp_dim", None)
+        dim = self.roles[name].tp_dim
         return DTensor.from_local(local, self.mesh, [Replicate() if dim is None else Shard(dim)], run_check=False)
 
     @staticmethod
@@ -139,11 +142,11 @@ def _state_to_save(model: nn.Module, engine: DataParallelEngine, layout: _Layout
     """{"model": {name: tensor}, "optimizer": {"state": {name: {key: value}}, "param_groups": [...]}}, logical."""
     saved, names = engine.state_dict(), _param_names(model, engine)  # a collective under ZeRO
     params = engine.params
-    state = {names[i]: {k: layout.logical(v.to(params[i].device), params[i]) if torch.is_tensor(v) and v.shape == params[i].shape else v
+    state = {names[i]: {k: layout.logical(v.to(params[i].device), names[i]) if torch.is_tensor(v) and v.shape == params[i].shape else v
                         for k, v in values.items()}
              for i, values in saved["state"].items()}
     groups = [{**group, "params": [names[i] for i in group["params"]]} for group in saved["param_groups"]]
-    return {"model": {name: layout.logical(p.detach(), p) for name, p in model.named_parameters()},
+    return {"model": {name: layout.logical(p.detach(), name) for name, p in model.named_parameters()},
             "optimizer": {"state": state, "param_groups": json.dumps(groups)}}  # a string: DCP would flatten a list
 
 
@@ -160,7 +163,7 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataPa
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     _barrier()
-    layout = _Layout(ctx, next(model.parameters()).device)
+    layout = _Layout(ctx, model)
     with _single_process_quiet():
         dcp.save(_state_to_save(model, engine, layout), checkpoint_id=temporary, no_dist=not _distributed())
     _barrier()
@@ -230,7 +233,8 @@ def _reading(path: Path) -> Iterator[None]:
     """Failures to read a checkpoint's files as DamagedCheckpoint (DCP raises a BaseException of its own)."""
     try:
         yield
-    except (CheckpointException, RuntimeError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError, pickle.UnpicklingError) as error:
+    except (CheckpointException, RuntimeError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError,
+            pickle.UnpicklingError) as error:
         raise DamagedCheckpoint(f"cannot read {path} ({type(error).__name__})") from error
 
 
@@ -255,9 +259,9 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
     if mismatched:
         raise IncompatibleCheckpoint(f"{path}: its parameters do not match the model's ({', '.join(sorted(mismatched)[:4])} ...): "
                                      "was it written for another model config?")
-    layout = _Layout(ctx, next(model.parameters()).device)
+    layout = _Layout(ctx, model)
     for name, p in params.items():
-        theirs, ours = tuple(saved[f"model.{name}"].size), tuple(layout.logical(p.detach(), p).shape)
+        theirs, ours = tuple(saved[f"model.{name}"].size), tuple(layout.logical(p.detach(), name).shape)
         if theirs != ours:
             raise IncompatibleCheckpoint(f"{path}: tensor {name} is {theirs} there, {ours} in this model: it was written for "
                                          "another model config")
@@ -265,9 +269,9 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
     for name, p in params.items():
         prefix = f"optimizer.state.{name}."
         keys = {k.removeprefix(prefix): meta for k, meta in saved.items() if k.startswith(prefix)}
-        optimizer_state[name] = {key: layout.logical(torch.empty_like(p), p) if tuple(meta.size) == tuple(saved[f"model.{name}"].size)
+        optimizer_state[name] = {key: layout.logical(torch.empty_like(p), name) if tuple(meta.size) == tuple(saved[f"model.{name}"].size)
                                  else torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in keys.items()}
-    target = {"model": {name: layout.logical(torch.empty_like(p), p) for name, p in params.items()},
+    target = {"model": {name: layout.logical(torch.empty_like(p), name) for name, p in params.items()},
               "optimizer": {**EMPTY_OPTIMIZER, "state": optimizer_state}}
     _load(target, path)
     with torch.no_grad():
@@ -285,7 +289,8 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
 def read_model_state(path: Path) -> dict[str, Tensor]:
     """The whole (logical) model tensors of a checkpoint, in one process: for tools (export, generation)."""
     saved = _saved_tensors(path)
-    model = {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype) for k, m in saved.items() if k.startswith("model.")}
+    model = {k.removeprefix("model."): torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for k, m in saved.items() if k.startswith("model.")}
     _load({"model": model}, path)
     return model
 

@@ -22,7 +22,8 @@ import torch
 
 from megassm.errors import UserError
 from megassm.model.config import PRESETS, ModelConfig
-from megassm.ops import KernelsUnavailable, resolve_backend
+from megassm.ops import BACKENDS, KernelsUnavailable, resolve_backend
+from parallel import LOSS_CHUNK_TOKENS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -76,7 +77,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # each block keeps only its input and recomputes the rest in backward
+    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens per rank at a time
     # Replay the blocks' forward and backward as CUDA graphs: "auto" (on CUDA where cuda_graph_blockers finds
     # nothing in the way and without activation checkpointing; the start-up line says why not), true, false.
     cuda_graphs: bool | str = "auto"
@@ -86,6 +88,12 @@ class TrainConfig:
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
     peak_tflops: float | None = None  # the device's bf16 peak for MFU, when megassm does not know it
     device: str = "auto"  # "auto" (CUDA when there is one) | "cuda" | "cpu"
+
+
+@dataclass
+class KernelsConfig:
+    backend: str = "auto"  # the mixer's SSD, conv1d and gated norm: "auto" (Triton on CUDA), "triton", "torch" (the references)
+    compile: bool = True  # on CUDA: torch.compile the RMSNorms, the loss's chunk steps, and the conv1d where no Triton kernel runs
 
 
 @dataclass
@@ -115,6 +123,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -127,6 +136,9 @@ class Config:
 
 
 SECTIONS = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+# Keys that left [model], which holds the architecture only: old configs and runs keep working.
+MOVED_KEYS = {("model", "ssd_backend"): ("kernels", "backend"), ("model", "compile"): ("kernels", "compile")}
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), world_size: int | None = 1) -> Config:
@@ -148,6 +160,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
     for override in overrides:
         section, key, value = parse_override(override)
         raw.setdefault(section, {})[key] = value
+    move_old_keys(raw, where)
     cfg = build_config(raw, where)
     if world_size is not None:
         make_paths_absolute(cfg)
@@ -177,6 +190,19 @@ def check_command_line(argv: list[str], world_size: int | None) -> None:
     cfg = load_config(args.config, overrides, world_size=None)
     if world_size is not None:
         validate(cfg, world_size)
+
+
+def move_old_keys(raw: dict, where: str) -> None:
+    """MOVED_KEYS moved to their new place in the raw tables (a value there wins), with one line each."""
+    for (section, key), (new_section, new_key) in MOVED_KEYS.items():
+        table = raw.get(section)
+        if isinstance(table, dict) and key in table:
+            value = table.pop(key)
+            if isinstance(raw.setdefault(new_section, {}), dict):
+                raw[new_section].setdefault(new_key, value)
+            if int(os.environ.get("RANK", 0)) == 0:
+                print(f"megassm: {section}.{key} in {where} is now {new_section}.{new_key} (the old key still works; rename it)",
+                      file=sys.stderr)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
@@ -288,17 +314,21 @@ def validate(cfg: Config, world_size: int) -> None:
     if data.seq_len % par.cp:
         raise ConfigError(f"data.seq_len = {data.seq_len} must be divisible by parallel.cp = {par.cp}")
     if par.cp > 1 and data.seq_len // par.cp < cfg.model.d_conv - 1:
-        raise ConfigError(f"data.seq_len / parallel.cp = {data.seq_len // par.cp} tokens per CP rank: at least model.d_conv - 1 = {cfg.model.d_conv - 1} needed")
+        raise ConfigError(f"data.seq_len / parallel.cp = {data.seq_len // par.cp} tokens per CP rank: at least "
+                          f"model.d_conv - 1 = {cfg.model.d_conv - 1} needed")
     if par.sequence_parallel and (par.tp == 1 or (data.seq_len // par.cp) % par.tp):
-        raise ConfigError(f"parallel.sequence_parallel needs parallel.tp > 1 dividing data.seq_len / parallel.cp = {data.seq_len // par.cp}")
+        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1 dividing data.seq_len / parallel.cp = "
+                          f"{data.seq_len // par.cp}")
     if data.global_batch % (data.micro_batch * par.dp):
         raise ConfigError(f"data.global_batch = {data.global_batch} must be a multiple of data.micro_batch * parallel.dp = "
                           f"{data.micro_batch} * {par.dp}")
     if train.eval_every and train.eval_samples % (data.micro_batch * par.dp):
         raise ConfigError(f"train.eval_samples = {train.eval_samples} must be a multiple of data.micro_batch * parallel.dp = "
                           f"{data.micro_batch} * {par.dp}")
+    if train.loss_chunk_tokens < 1:
+        raise ConfigError(f"train.loss_chunk_tokens must be at least 1, got {train.loss_chunk_tokens}")
     choices = {"parallel.engine": (par.engine, ("ddp", "deepspeed")), "train.precision": (train.precision, ("bf16", "fp32")),
-               "train.device": (train.device, ("auto", "cuda", "cpu"))}
+               "train.device": (train.device, ("auto", "cuda", "cpu")), "kernels.backend": (cfg.kernels.backend, BACKENDS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")
@@ -335,12 +365,12 @@ def cuda_graph_blockers(cfg: Config) -> list[str]:
 
 
 def check_backend(cfg: Config) -> None:
-    """model.ssd_backend can run on the device the trainer will pick (train.device), before a model is built."""
+    """kernels.backend can run on the device the trainer will pick (train.device), before a model is built."""
     device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
-        resolve_backend(cfg.model.ssd_backend, device)
+        resolve_backend(cfg.kernels.backend, device)
     except KernelsUnavailable as error:
-        raise ConfigError(f"model.{error}") from None
+        raise ConfigError(f"kernels.{error}") from None
 
 
 def write_config(cfg: Config, path: Path) -> None:
@@ -354,12 +384,16 @@ def section_toml(name: str, values: dict) -> str:
 
 
 def read_model_config(path: Path) -> ModelConfig:
-    """The [model] table of a TOML file (a run's config.toml, a converted checkpoint's model.toml)."""
+    """The [model] table of a TOML file (a run's config.toml, a converted checkpoint's model.toml); the runtime
+    keys that files written before MOVED_KEYS still hold there are not architecture and are left out."""
     try:
         raw = tomllib.loads(Path(path).read_text())
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    return build_model_config(dict(raw.get("model", {})), str(path))
+    table = dict(raw.get("model", {}))
+    for key in [key for section, key in MOVED_KEYS if section == "model"]:
+        table.pop(key, None)
+    return build_model_config(table, str(path))
 
 
 def toml_value(value: object) -> str:

@@ -1,9 +1,10 @@
 """Training metrics: model FLOPs and MFU, memory, step timing, and the run's log (metrics.jsonl,
 console, optionally Weights & Biases).
 
-MFU follows GPU.md: tokens/s x (6 x params + 3 x SSD forward FLOPs per token) / peak. The 6 x params
-term covers every matmul with a weight (forward 2, backward 4 FLOPs per parameter and token); the SSD
-scan has no weights, so its forward FLOPs are counted from the chunked algorithm and tripled.
+MFU counts model FLOPs as mamba-ssm's and Megatron's benchmarks do: tokens/s x (6 x params + 3 x SSD
+forward FLOPs per token) / peak. The 6 x params term covers every matmul with a weight (forward 2,
+backward 4 FLOPs per parameter and token); the SSD scan has no weights, so its forward FLOPs are
+counted from the chunked algorithm and tripled.
 """
 
 from __future__ import annotations

@@ -51,13 +51,13 @@ from megassm.metrics import (
     peak_flops,
     throughput,
 )
-from megassm.model import Mamba2LM
+from megassm.model import Mamba2LM, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels, apply_loss_chunking
 from megassm.ops import TRITON_MAX_ELEMENTS, resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import load_pretrained
 from megassm.run_dir import RunLock, checkpoints_to_replace, in_run_dir, launched_by_torchrun
 from megassm.stopping import StopSignals, Stopped, die_with_launcher
-from parallel import DDPEngine, ParallelContext, init_parallel, local_piece
+from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
 from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
@@ -79,7 +79,8 @@ def open_data(cfg: Config) -> TokenStream:
         raise ConfigError(f"the tokenizer of data.path = {cfg.data.path} has {stream.meta.vocab_size} tokens, more than "
                           f"model.vocab_size = {cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
     if not stream.tokenizer_path.exists():
-        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {cfg.data.path}/meta.json is missing: re-run tools/prepare_data.py")
+        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {cfg.data.path}/meta.json is missing: "
+                          "re-run tools/prepare_data.py")
     if cfg.data.verify and int(os.environ.get("RANK", 0)) == 0:
         stream.verify()  # rank 0 alone reads everything: if it fails, torchrun stops the others
     return stream
@@ -118,6 +119,18 @@ def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
     if choice == "auto" and tokens > GRAPHS_AUTO_MAX_TOKENS:
         return False, f"no CUDA graphs ({tokens:,} tokens per micro batch launch few kernels per token; train.cuda_graphs = true adds them)"
     return True, "CUDA graphs"
+
+
+def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool) -> Mamba2LM:
+    """[model]'s architecture, run as [kernels] and [train] say."""
+    model = Mamba2LM(cfg.model, ctx)
+    apply_kernels(model, cfg.kernels.backend, cfg.kernels.compile)
+    apply_loss_chunking(model, cfg.train.loss_chunk_tokens)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cuda_graphs:
+        apply_cuda_graphs(model)
+    return model
 
 
 def pick_device(choice: str) -> torch.device:
@@ -170,10 +183,10 @@ class Trainer:
         checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
         replaced = checkpoints_to_replace(self.run_dir, cfg.checkpoint)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
-        self.backend = resolve_backend(cfg.model.ssd_backend, self.device)
+        self.backend = resolve_backend(cfg.kernels.backend, self.device)
         check_kernel_addressing(cfg, self.backend)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
-        self.model = Mamba2LM(cfg.model, self.ctx, cfg.train.activation_checkpointing, cuda_graphs=graphs).to(self.device)
+        self.model = build_model(cfg, self.ctx, graphs).to(self.device)
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
@@ -256,9 +269,10 @@ class Trainer:
     def init_weights_from(self, path: str) -> None:
         """Start from the weights of a published or converted model (checkpoint.init_from)."""
         _, state = load_pretrained(path, expect=self.cfg.model)
+        roles = param_roles(self.model)
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                p.copy_(local_piece(state[name], p, self.ctx.tp_group))
+                p.copy_(local_piece(state[name], roles[name], self.ctx.tp_group))
         self.say(f"initialised from {path}")
 
     def micro_batches(self) -> list:
@@ -403,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; metrics in {trainer.run_dir / 'metrics.jsonl'}, "
+    trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; "
+                f"metrics in {trainer.run_dir / 'metrics.jsonl'}, "
                 f"checkpoints in {trainer.run_dir / 'checkpoints'}")
     return 0
 

@@ -12,12 +12,17 @@ from parallel.tensor_parallel import (
     ShardedSegments,
     layer_input,
     local_piece,
-    mark_sequence_parallel,
     shard_parameter,
 )
+from parallel.roles import REPLICATED, ParamRole, declare_roles, param_roles, roles_of
 from parallel.vocab_parallel import VocabParallelEmbedding, VocabParallelLMHead, vocab_parallel_logits
 
 __all__ = [
+    "REPLICATED",
+    "ParamRole",
+    "declare_roles",
+    "param_roles",
+    "roles_of",
     "LOSS_CHUNK_TOKENS",
     "ColumnParallelLinear",
     "DDPEngine",
@@ -31,7 +36,6 @@ __all__ = [
     "init_parallel",
     "layer_input",
     "local_piece",
-    "mark_sequence_parallel",
     "record_communication",
     "send_to_next_rank",
     "shard_parameter",

@@ -2,8 +2,8 @@
 gradients too), with the same calls as DDPEngine, so the trainer switches with `parallel.engine`.
 
 DeepSpeed sees our mesh through its model-parallel unit: its data-parallel group is DP x CP (the
-ranks that saw different tokens), its model-parallel group is TP, and every TP-sharded parameter is
-marked `tensor_model_parallel`, so its gradient norm sums sharded squares over TP and counts
+ranks that saw different tokens), its model-parallel group is TP, and every TP-sharded parameter
+(parallel/roles.py) is marked `tensor_model_parallel`, so its gradient norm sums sharded squares over TP and counts
 replicated parameters once. Parameters stay fp32 (the trainer autocasts); DeepSpeed's own fp16/bf16
 stay off. Stage 3 is refused: it would shard parameters that our TP layers already hold sharded.
 """
@@ -21,6 +21,7 @@ from torch.distributed import ProcessGroup
 from parallel.collectives import all_reduce
 from parallel.context import ParallelContext, group_rank, group_size
 from parallel.data_parallel import make_adamw
+from parallel.roles import roles_of
 
 try:
     import deepspeed
@@ -107,9 +108,9 @@ class DeepSpeedEngine:
         self.groups = [list(group["params"]) for group in param_groups if group["params"]]
         self.params = [p for group in self.groups for p in group]  # in the order of state_dict()'s indices, as DDPEngine's
         self.optimizer = make_adamw(param_groups, lr, betas, eps)
-        for p in self.params:
-            p.tensor_model_parallel = getattr(p, "tp_dim", None) is not None
-            if ctx.sequence_parallel and getattr(p, "sequence_parallel", False):
+        for p, role in zip(self.params, roles_of(model, self.params)):
+            p.tensor_model_parallel = role.tp_dim is not None  # DeepSpeed's own mark, from the declared role
+            if ctx.sequence_parallel and role.sequence_parallel:
                 # Each TP rank holds part of this replicated parameter's gradient: sum it over TP as it
                 # arrives, before DeepSpeed reduces it over DP x CP (stage 2 does so during backward).
                 p.register_hook(_sum_over_tp_hook(ctx.tp_group))

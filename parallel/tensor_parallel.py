@@ -1,10 +1,9 @@
 """Tensor-parallel linear layers (Megatron style) and the sharding of their parameters.
 
 Layers are built from the full, logical initial tensors (so a model initialises identically whatever
-its layout) and keep only this rank's contiguous piece. Every sharded parameter records the dimension
-it is split along in `param.tp_dim` (None: replicated); that is all a checkpoint needs to reassemble
-or reshard it. With sequence parallelism the activations between layers are split along dim 1 (the
-sequence) across the TP group: layer inputs are all-gathered, outputs reduce-scattered.
+its layout) and keep only this rank's contiguous piece, declaring the dimension it is split along
+(parallel/roles.py); that is all a checkpoint needs to reassemble or reshard it. With sequence
+parallelism the activations between layers are split along dim 1 (the sequence) across the TP group: layer inputs are all-gathered, outputs reduce-scattered.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from torch.distributed import ProcessGroup
 
 from parallel.collectives import copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
 from parallel.context import ParallelContext, group_rank, group_size
+from parallel.roles import ParamRole, declare_roles
 
 SEQUENCE_DIM = 1
 
@@ -27,23 +27,14 @@ def shard_parameter(full: Tensor, dim: int | None, group: ProcessGroup | None, n
         if full.shape[dim] % size:
             raise ValueError(f"{name}: dimension {dim} of size {full.shape[dim]} cannot be split evenly over tp = {size}")
         full = full.chunk(size, dim)[group_rank(group)]
-    param = nn.Parameter(full.detach().clone().contiguous())
-    param.tp_dim = dim
-    return param
+    return nn.Parameter(full.detach().clone().contiguous())
 
 
-def local_piece(full: Tensor, param: nn.Parameter, group: ProcessGroup | None) -> Tensor:
-    """The part of a full (logical) tensor that `param` holds on this rank."""
-    dim = getattr(param, "tp_dim", None)
-    if dim is None or group_size(group) == 1:
+def local_piece(full: Tensor, role: ParamRole, group: ProcessGroup | None) -> Tensor:
+    """The part of a full (logical) tensor that a parameter of this role holds on this rank."""
+    if role.tp_dim is None or group_size(group) == 1:
         return full
-    return full.chunk(group_size(group), dim)[group_rank(group)]
-
-
-def mark_sequence_parallel(param: nn.Parameter) -> None:
-    """A replicated parameter applied to sequence-split activations: each TP rank sees part of its
-    gradient, so reduce_gradients() sums it over the TP group."""
-    param.sequence_parallel = True
+    return full.chunk(group_size(group), role.tp_dim)[group_rank(group)]
 
 
 def layer_input(x: Tensor, ctx: ParallelContext) -> Tensor:
@@ -67,6 +58,7 @@ class ShardedSegments(nn.ParameterDict):
 
     def __init__(self, full: dict[str, Tensor], group: ProcessGroup | None):
         super().__init__({name: shard_parameter(t, 0, group, name) for name, t in full.items()})
+        declare_roles(self, **dict.fromkeys(full, ParamRole(tp_dim=0)))
         self.order = list(full)  # nn.ParameterDict sorts plain-dict keys
 
     def fused(self) -> Tensor:
@@ -95,8 +87,7 @@ class RowParallelLinear(nn.Module):
         self.ctx = ctx
         self.weight = shard_parameter(weight, 1, ctx.tp_group, "row-parallel weight")
         self.bias = None if bias is None else shard_parameter(bias, None, ctx.tp_group)
-        if self.bias is not None and ctx.sequence_parallel:
-            mark_sequence_parallel(self.bias)
+        declare_roles(self, weight=ParamRole(tp_dim=1), bias=ParamRole(sequence_parallel=ctx.sequence_parallel))
 
     def forward(self, x: Tensor) -> Tensor:
         y = layer_output(F.linear(x, self.weight), self.ctx)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from parallel.context import ParallelContext
+from parallel.roles import ParamRole, declare_roles
 from parallel.tensor_parallel import layer_input, layer_output, shard_parameter
 
 
@@ -18,6 +19,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.weight = shard_parameter(weight, 0, ctx.tp_group, "embedding (vocab_size)")
+        declare_roles(self, weight=ParamRole(tp_dim=0))
         self.vocab_start = ctx.tp_rank * self.weight.shape[0]
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -41,6 +43,7 @@ class VocabParallelLMHead(nn.Module):
         super().__init__()
         self.ctx = ctx
         self.weight = shard_parameter(weight, 0, ctx.tp_group, "lm_head (vocab_size)")
+        declare_roles(self, weight=ParamRole(tp_dim=0))
 
     def forward(self, h: Tensor) -> Tensor:
         return vocab_parallel_logits(h, self.weight, self.ctx)

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megassm.model import Mamba2LM, ModelConfig
-from parallel import ParallelContext, init_parallel, local_piece, vocab_parallel_linear_cross_entropy
+from megassm.model import Mamba2LM, ModelConfig, apply_loss_chunking
+from parallel import ParallelContext, init_parallel, local_piece, param_roles, vocab_parallel_linear_cross_entropy
 from tests.dispatch import Operators
 from tests.distributed import run_distributed
 from tests.test_parallel import relative_error
@@ -105,14 +105,15 @@ def check_tensor_parallel(sequence_parallel: bool) -> None:
     want.sum().backward()
     torch.manual_seed(0)
     model = Mamba2LM(CFG, ctx).double()
-    model.loss_chunk_tokens = 7
+    apply_loss_chunking(model, 7)
     got = model(ids, labels=labels)
     got.sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    roles = param_roles(model)
     for (name, p), full in zip(model.named_parameters(), reference.parameters()):
-        if getattr(p, "sequence_parallel", False):  # each TP rank holds its sequence slice's share
+        if roles[name].sequence_parallel:  # each TP rank holds its sequence slice's share
             torch.distributed.all_reduce(p.grad, group=ctx.tp_group)
-        torch.testing.assert_close(p.grad, local_piece(full.grad, p, ctx.tp_group), rtol=1e-10, atol=1e-10, msg=name)
+        torch.testing.assert_close(p.grad, local_piece(full.grad, roles[name], ctx.tp_group), rtol=1e-10, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2-sequence-parallel"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import megassm.ops
-from megassm.config import ConfigError, load_config, write_config
+from megassm.config import ConfigError, load_config, read_model_config, write_config
 from megassm.ops.mamba_triton import load_triton_kernels
 from megassm.train import main
 
@@ -60,12 +60,14 @@ def config_file(tmp_path: Path, prepared_data: Path):
         ({"[data]": "[train]\ncuda_graphs = true\n[data]"}, 4, r"train.cuda_graphs = true needs parallel.tp = 1 and parallel.cp = 1: switch"),
         ({"[data]": "[checkpoint]\nevery = -2\n[data]"}, 4, r"checkpoint.every must be a number of steps, 0 \(only at the end\) or -1"),
         ({"[data]": "[optim]\nlr = -0.001\n[data]"}, 4, r"optim.lr must be positive, got -0.001$"),
-        ({'preset = "debug"': 'preset = "debug"\nssd_backend = "triton"'}, 4,
-         r"model.ssd_backend = 'triton' needs CUDA tensors, these are on cpu: use 'auto' or 'torch'$"),
+        ({"[data]": '[kernels]\nbackend = "triton"\n[data]'}, 4,
+         r"kernels.backend = 'triton' needs CUDA tensors, these are on cpu: use 'auto' or 'torch'$"),
+        ({"[data]": '[kernels]\nbackend = "cuda"\n[data]'}, 4, r"kernels.backend = 'cuda': choose one of auto, torch, triton$"),
+        ({"[data]": "[train]\nloss_chunk_tokens = 0\n[data]"}, 4, r"train.loss_chunk_tokens must be at least 1, got 0$"),
     ],
     ids=["unknown-key", "unknown-section", "wrong-type", "layout-too-big", "world-not-divisible", "heads-vs-tp", "groups-vs-tp",
          "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-tp", "checkpoint-every", "negative-lr",
-         "triton-on-cpu"],
+         "triton-on-cpu", "unknown-backend", "loss-chunk"],
 )
 def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replace, world, message):
     monkeypatch.setenv("WORLD_SIZE", str(world))
@@ -120,11 +122,24 @@ def test_a_backend_on_cuda_without_the_kernels_stops_with_advice(config_file, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # not installed
     monkeypatch.setattr(megassm.ops, "load_triton_kernels", load_triton_kernels.__wrapped__)  # not the cached answer
-    with pytest.raises(ConfigError, match=rf"^model.ssd_backend = '{backend}' on CUDA needs the Triton kernels: .*package 'mamba_ssm'.*"
-                                          r"pip install 'megassm\[gpu\]'.*; or set ssd_backend = 'torch'"):
-        load_config(config_file(), [f"--model.ssd_backend={backend}"], world_size=4)
-    assert load_config(config_file(), ["--model.ssd_backend=torch"], world_size=4).model.ssd_backend == "torch"
+    with pytest.raises(ConfigError, match=rf"^kernels.backend = '{backend}' on CUDA needs the Triton kernels: .*package 'mamba_ssm'.*"
+                                          r"pip install 'megassm\[gpu\]'.*; or choose the backend 'torch'"):
+        load_config(config_file(), [f"--kernels.backend={backend}"], world_size=4)
+    assert load_config(config_file(), ["--kernels.backend=torch"], world_size=4).kernels.backend == "torch"
     assert load_config(config_file(), ["--train.device=cpu"], world_size=4).train.device == "cpu"  # "auto" on CPU: the reference
+
+
+def test_runtime_keys_of_old_configs_and_runs_still_work(config_file, tmp_path, capsys):
+    """model.ssd_backend and model.compile moved to [kernels]: an old config keeps its choice, with one line
+    per key naming the new one; a run's config.toml written before the move still says which model it holds."""
+    old = config_file(**{'preset = "debug"': 'preset = "debug"\nssd_backend = "torch"\ncompile = false'})
+    cfg = load_config(old, world_size=4)
+    assert (cfg.kernels.backend, cfg.kernels.compile) == ("torch", False)
+    assert capsys.readouterr().err.splitlines() == [f"megassm: model.ssd_backend in {old} is now kernels.backend (the old key still "
+                                                    "works; rename it)", f"megassm: model.compile in {old} is now kernels.compile "
+                                                    "(the old key still works; rename it)"]
+    assert load_config(old, ["--kernels.backend=auto"], world_size=4).kernels.backend == "auto"  # the new key wins
+    assert read_model_config(old) == cfg.model
 
 
 def test_a_runs_paths_are_absolute_so_its_config_works_from_anywhere(tmp_path, monkeypatch):

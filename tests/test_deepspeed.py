@@ -13,7 +13,7 @@ from torch import nn
 pytest.importorskip("deepspeed")
 
 from megassm.model import Mamba2LM, ModelConfig  # noqa: E402
-from parallel import ParallelContext, init_parallel, local_piece  # noqa: E402
+from parallel import ParallelContext, ParamRole, init_parallel, local_piece, param_roles, roles_of  # noqa: E402
 from parallel.collectives import all_gather, all_reduce  # noqa: E402
 from parallel.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
@@ -93,19 +93,18 @@ def train_step(engine: DeepSpeedEngine, ctx: ParallelContext, step: int, loss_sc
     return all_reduce(total, ctx.dp_cp_group).item(), norm
 
 
-def local_state(state: dict, params: list[nn.Parameter], ctx: ParallelContext) -> dict:
-    """This TP rank's pieces of a one-process optimizer state."""
-    pieces = {i: {key: local_piece(value, params[i], ctx.tp_group) if value.dim() else value for key, value in entry.items()}
+def local_state(state: dict, roles: list[ParamRole], ctx: ParallelContext) -> dict:
+    """This TP rank's pieces of a one-process optimizer state (roles: of its parameters, in order)."""
+    pieces = {i: {key: local_piece(value, roles[i], ctx.tp_group) if value.dim() else value for key, value in entry.items()}
               for i, entry in state["state"].items()}
     return {"state": pieces, "param_groups": state["param_groups"]}
 
 
-def full_weight(p: nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
+def full_weight(p: nn.Parameter, role: ParamRole, ctx: ParallelContext) -> torch.Tensor:
     """The logical tensor assembled from every TP rank's piece."""
-    dim = getattr(p, "tp_dim", None)
-    if dim is None or ctx.tp == 1:
+    if role.tp_dim is None or ctx.tp == 1:
         return p.detach()
-    return all_gather(p.detach(), ctx.tp_group, dim)
+    return all_gather(p.detach(), ctx.tp_group, role.tp_dim)
 
 
 def check(what: str, got: float | torch.Tensor, want: float | torch.Tensor) -> None:
@@ -138,11 +137,12 @@ def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, res
         loss, norm = train_step(engine, ctx, step)
         check(f"{layout}: loss of step {step}", loss, losses[step])
         check(f"{layout}: gradient norm of step {step}", norm, norms[step])
+    roles = param_roles(model)
     for name, p in model.named_parameters():
-        check(f"{layout}: {name}", full_weight(p, ctx), weights[name])
+        check(f"{layout}: {name}", full_weight(p, roles[name], ctx), weights[name])
     got = engine.state_dict()
     assert got["param_groups"] == state["param_groups"], layout
-    for i, entry in local_state(state, engine.params, ctx)["state"].items():
+    for i, entry in local_state(state, roles_of(model, engine.params), ctx)["state"].items():
         for key, value in entry.items():
             check(f"{layout}: AdamW {key} of parameter {i}", got["state"][i][key], value)
     check_callers_autocast(engine, model, layout)
@@ -154,18 +154,18 @@ def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, res
     engine = DeepSpeedEngine(model, ctx, param_groups(model), LRS[0], BETAS, EPS, zero_stage, MICRO_BATCHES)
     with torch.no_grad():  # into the model after the engine is built, as a checkpoint would
         for name, p in model.named_parameters():
-            p.copy_(local_piece(weights[name], p, ctx.tp_group))
-    engine.load_state_dict(local_state(state, engine.params, ctx))
+            p.copy_(local_piece(weights[name], roles[name], ctx.tp_group))
+    engine.load_state_dict(local_state(state, roles_of(model, engine.params), ctx))
     last = len(LRS) - 1
     _, norm = train_step(engine, ctx, last, loss_scale=math.nan)
     assert not math.isfinite(norm), f"{layout}: a NaN gradient gave the norm {norm}"
     for name, p in model.named_parameters():
-        assert torch.equal(full_weight(p, ctx), weights[name]), f"{layout}: the NaN step changed {name}"
+        assert torch.equal(full_weight(p, roles[name], ctx), weights[name]), f"{layout}: the NaN step changed {name}"
     loss, norm = train_step(engine, ctx, last)
     check(f"{layout}: loss after resuming", loss, losses[last])
     check(f"{layout}: gradient norm after resuming", norm, norms[last])
     for name, p in model.named_parameters():
-        check(f"{layout}: {name} after resuming", full_weight(p, ctx), last_weights[name])
+        check(f"{layout}: {name} after resuming", full_weight(p, roles[name], ctx), last_weights[name])
 
 
 def check_layouts(layouts: list[tuple]) -> None:

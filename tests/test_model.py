@@ -10,8 +10,8 @@ from transformers import Mamba2Config, Mamba2ForCausalLM
 from transformers.models.mamba2 import modeling_mamba2
 
 from megassm.hf import from_hf_state_dict, hf_config_dict, model_config_from_hf, to_hf_state_dict
-from megassm.model import MIXERS, Block, Mamba2LM, Mamba2Mixer, ModelConfig
-from parallel import ParallelContext
+from megassm.model import MIXERS, Block, Mamba2LM, Mamba2Mixer, ModelConfig, apply_activation_checkpointing
+from parallel import ParallelContext, param_roles
 from tests.dispatch import Operators
 
 
@@ -115,7 +115,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
     runs = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        model = Mamba2LM(cfg, activation_checkpointing=checkpointing).double()
+        model = Mamba2LM(cfg).double()
+        if checkpointing:
+            apply_activation_checkpointing(model)
         loss = model(ids, seq_idx=seq_idx, labels=ids.roll(-1, 1)).sum()
         with Operators() as backward:
             runs.append((backward, torch.autograd.grad(loss, list(model.parameters()))))
@@ -218,3 +220,16 @@ def test_a_new_layer_kind_is_one_registry_line(monkeypatch):
     torch.testing.assert_close(out, block.mixer.down(F.silu(block.mixer.up(normed))))
     assert state is None
     assert sorted(block.state_dict()) == ["mixer.down.bias", "mixer.down.weight", "mixer.up.bias", "mixer.up.weight", "norm.weight"]
+
+
+def test_every_parameter_declares_its_parallel_role():
+    """The roles checkpoints, the gradient norm and the engines read: split with the heads, channels or
+    vocabulary on dim 0, out_proj's input dim 1, norms whole; kept when a wrapper re-creates a parameter."""
+    model = Mamba2LM(ModelConfig.from_preset("debug", n_layer=1, tie_embeddings=False))
+    mixer = model.layers[0].mixer
+    mixer.D = torch.nn.Parameter(mixer.D.detach().clone())  # as FSDP2 re-creates parameters
+    split = {name: role.tp_dim for name, role in param_roles(model).items()}
+    assert split == {"embedding.weight": 0, "layers.0.norm.weight": None, "layers.0.mixer.dt_bias": 0, "layers.0.mixer.A_log": 0,
+                     "layers.0.mixer.D": 0, "layers.0.mixer.norm_weight": 0, **{f"layers.0.mixer.in_proj.weight.{n}": 0 for n in ("z", "x", "B", "C", "dt")},
+                     **{f"layers.0.mixer.conv1d.{kind}.{n}": 0 for kind in ("weight", "bias") for n in "xBC"},
+                     "layers.0.mixer.out_proj.weight": 1, "norm_f.weight": None, "lm_head.weight": 0}

@@ -102,7 +102,7 @@ def test_backend_choice_on_cpu():
     cpu = torch.device("cpu")
     assert ops.resolve_backend("auto", cpu) == "torch"
     assert ops.resolve_backend("torch", cpu) == "torch"
-    with pytest.raises(ops.KernelsUnavailable, match="ssd_backend = 'triton' needs CUDA tensors"):
+    with pytest.raises(ops.KernelsUnavailable, match="backend = 'triton' needs CUDA tensors"):
         ops.ssd(**inputs, chunk_size=8, backend="triton")
-    with pytest.raises(ValueError, match="ssd_backend = 'cuda': choose one of auto, torch, triton"):
+    with pytest.raises(ValueError, match="backend = 'cuda': choose one of auto, torch, triton"):
         ops.ssd(**inputs, chunk_size=8, backend="cuda")

@@ -48,11 +48,11 @@ TRAINER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def trainer_command(config: Path, run_dir: Path, nproc: int, *overrides: str) -> list[str]:
-    """The trainer's command line, under torchrun when nproc > 1."""
+    """The trainer's command line, under torchrun when nproc > 1 (megassm.torchrun, as launch/torchrun.sh runs it)."""
     args = ["--config", str(config), f"--run.dir={run_dir}", *overrides]
     if nproc == 1:
         return [sys.executable, "-m", "megassm.train", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
+    return [sys.executable, "-m", "megassm.torchrun", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
             "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "megassm.train", *args]
 
 

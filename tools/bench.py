@@ -11,7 +11,7 @@ Each measurement is its own process (a clean peak-memory figure, an out-of-memor
 row only), all sharing one Triton cache, so the kernels autotune once per shape.
 
     python tools/bench.py                               # 130m 8x2048, 780m 8x2048, 1.3b 4x4096: megassm and both peers
-    python tools/bench.py --cases 130m:8x2048 --variant eager:model.compile=false --profile
+    python tools/bench.py --cases 130m:8x2048 --variant eager:kernels.compile=false --profile
     python tools/bench.py --check                       # the fast path against the reference path, a few steps
 
 MFU = tokens/s x (6 x parameters + 3 x SSD forward FLOPs per token) / the GPU's bf16 peak,
@@ -291,8 +291,8 @@ def check(args) -> None:
     _, batch, _ = parse_case(args.check_case)
     # Two micro batches per step (gradient accumulation), and a validation loss after the steps (graphs replayed without gradients).
     common = [f"data.global_batch={2 * batch}", "train.eval_every=1000", f"train.eval_samples={2 * batch}", *args.set]
-    fast = spawn(args, "megassm", args.check_case, [*common, "model.ssd_backend=triton", "train.cuda_graphs=true"])
-    reference = spawn(args, "megassm", args.check_case, [*common, "model.ssd_backend=torch", "model.compile=false"])
+    fast = spawn(args, "megassm", args.check_case, [*common, "kernels.backend=triton", "train.cuda_graphs=true"])
+    reference = spawn(args, "megassm", args.check_case, [*common, "kernels.backend=torch", "kernels.compile=false"])
     if "losses" not in fast or "losses" not in reference:
         raise SystemExit(f"bench --check: a run failed: fast {fast.get('error')}, reference {reference.get('error')}")
     rows, worst = [], 0.0

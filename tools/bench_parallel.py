@@ -83,7 +83,7 @@ def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | 
                  "--data.verify=false", "--optim.warmup_steps=5", f"--parallel.tp={tp}", f"--parallel.cp={cp}",
                  f"--parallel.sequence_parallel={str(sp).lower()}", f"--run.dir={run_dir}", *extra, *(f"--{kv}" for kv in args.set)]
     if torch.cuda.is_available():  # a GPU figure must come from the Triton kernels, never the silent fallback of "auto"
-        overrides.insert(0, "--model.ssd_backend=triton")
+        overrides.insert(0, "--kernels.backend=triton")
     if args.one_rank:
         done = launch([sys.executable, __file__, "rank", "--gpus", str(nproc or tp * cp), *overrides], args.timeout)
     else:
@@ -133,9 +133,8 @@ def count_worker(args) -> None:
         per_model = []
         for layers in (1, 2):
             torch.manual_seed(0)
-            cfg = ModelConfig.from_preset(args.preset, n_layer=layers, ngroups=args.ngroups, compile=False,  # a count: no compile time
-                                          ssd_backend="triton" if device.type == "cuda" else "torch")
-            model = Mamba2LM(cfg, ctx).to(device)
+            cfg = ModelConfig.from_preset(args.preset, n_layer=layers, ngroups=args.ngroups)
+            model = Mamba2LM(cfg, ctx).to(device)  # a count: nothing compiled
             ids = torch.randint(0, model.cfg.vocab_size, (1, tokens // args.cp), device=device)
             with torch.autocast(device.type, dtype=torch.bfloat16), record_communication() as forward:
                 loss = model(ids, labels=ids).sum()
@@ -187,16 +186,16 @@ def profile_rank(args) -> None:
     device time by op and kernel, to find what a layout adds to one GPU's work."""
     from torch.profiler import ProfilerActivity, profile
 
-    from megassm.model import Mamba2LM, ModelConfig
+    from megassm.model import Mamba2LM, ModelConfig, apply_activation_checkpointing
     from parallel import init_parallel
 
     join_fake_job(args.tp * args.cp)
     ctx = init_parallel(args.tp, args.cp, 1, args.sp)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = ModelConfig.from_preset(args.preset, ngroups=args.ngroups, n_layer=args.layers, compile=False,
-                                  ssd_backend="triton" if device.type == "cuda" else "torch")
-    model = Mamba2LM(cfg, ctx, activation_checkpointing=True).to(device)
+    cfg = ModelConfig.from_preset(args.preset, ngroups=args.ngroups, n_layer=args.layers)
+    model = Mamba2LM(cfg, ctx).to(device)
+    apply_activation_checkpointing(model)
     ids = torch.randint(0, cfg.vocab_size, (1, args.seq_len), device=device)
     seq_idx = (torch.arange(args.seq_len, device=device) >= args.seq_len // 3).int()[None]
 

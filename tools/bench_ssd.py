@@ -12,14 +12,13 @@ Speed: forward + backward time and peak memory of both, same inputs, same proces
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
 import torch
 
 from megassm import ops
-from megassm.model import Mamba2LM, ModelConfig
+from megassm.model import Mamba2LM, ModelConfig, apply_kernels
 from megassm.ops.ssd import ssd_chunked
 
 # The 130m model's layer at batch 8 x 2048 tokens, and one long sequence with 8 groups.
@@ -96,9 +95,11 @@ def check_ssd(cases, device) -> list[dict]:
 def check_model(device, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
     """Whole LM forward + backward (2 layers of 130m's width), Triton path vs the reference path, eager."""
     rows = []
-    cfg = ModelConfig.from_preset("mamba2-130m", n_layer=2, ngroups=2, compile=False)
+    cfg = ModelConfig.from_preset("mamba2-130m", n_layer=2, ngroups=2)
     torch.manual_seed(0)
-    models = {backend: Mamba2LM(dataclasses.replace(cfg, ssd_backend=backend)).to(device) for backend in ("torch", "triton")}
+    models = {backend: Mamba2LM(cfg).to(device) for backend in ("torch", "triton")}
+    for backend, model in models.items():
+        apply_kernels(model, backend)
     models["triton"].load_state_dict(models["torch"].state_dict())
     ids = torch.randint(0, cfg.vocab_size, (2, 1000), device=device)
     seq_idx = torch.zeros_like(ids, dtype=torch.int32)

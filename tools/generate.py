@@ -12,7 +12,6 @@ the next eos.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from megassm.data import Tokenizer, load_tokenizer
 from megassm.generate import check_sampling, generate
-from megassm.model import Mamba2LM
+from megassm.model import Mamba2LM, apply_kernels
 from megassm.pretrained import MEGASSM, checkpoint_folder, detect_format, load_pretrained, run_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -33,7 +32,8 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> Mamba2LM
     # The prompt goes through the PyTorch SSD, eagerly: on an H100 the Triton kernels' autotuning took ~25 s
     # per process, longer than a short prompt's whole generation, and torch.compile would recompile per length.
     with torch.device("meta"):  # no random init: every weight comes from the folder
-        model = Mamba2LM(dataclasses.replace(cfg, ssd_backend="torch", compile=False))
+        model = Mamba2LM(cfg)
+    apply_kernels(model, "torch")
     model.load_state_dict(state, assign=True)
     return model.to(device, dtype).eval()
 

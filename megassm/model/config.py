@@ -1,4 +1,5 @@
-"""ModelConfig: the shape and numerics of a Mamba-2 language model, with the published presets."""
+"""ModelConfig: the architecture of a Mamba-2 language model, with the published presets. How it runs (kernels,
+compile, activation checkpointing, CUDA graphs) is not architecture: megassm/model/apply.py sets it on a built model."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from megassm.ops import BACKENDS, Mamba2Layout
+from megassm.ops import Mamba2Layout
 
 
 @dataclass
@@ -30,8 +31,6 @@ class ModelConfig:
     dt_limit: tuple[float, float] = (0.0, math.inf)
     A_init_range: tuple[float, float] = (1.0, 16.0)
     init_std: float = 0.02
-    ssd_backend: str = "auto"
-    compile: bool = True  # on CUDA: torch.compile the RMSNorms, the loss's softmax, and the conv1d where no Triton kernel runs
 
     @property
     def d_inner(self) -> int:
@@ -71,8 +70,6 @@ class ModelConfig:
             raise ValueError(f"model.ngroups = {self.ngroups} must divide the number of heads {self.nheads}")
         if self.d_conv < 2:
             raise ValueError(f"model.d_conv must be at least 2, got {self.d_conv}")
-        if self.ssd_backend not in BACKENDS:
-            raise ValueError(f"model.ssd_backend = {self.ssd_backend!r}: choose one of {', '.join(BACKENDS)}")
         if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"model.A_init_range = {self.A_init_range} must satisfy 0 < low <= high")
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
 from megassm.model.block import Block, RMSNorm
 from megassm.model.config import ModelConfig
@@ -27,20 +26,19 @@ from parallel import (
 
 
 class Mamba2LM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext(), activation_checkpointing: bool = False,
-                 cuda_graphs: bool = False):
+    # How the model runs, set on a built model by megassm/model/apply.py:
+    torch_compile = False  # torch.compile the loss's chunk steps on CUDA
+    cuda_graphs = False  # replay the blocks as CUDA graphs (megassm/model/cuda_graphs.py), captured on the first training step
+    loss_chunk_tokens = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens at a time
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
         super().__init__()
         cfg.check_tensor_parallel(ctx.tp)
-        if cuda_graphs and (ctx.tp > 1 or ctx.cp > 1):
-            raise ValueError("CUDA graphs of the blocks need tp = cp = 1")
         self.cfg, self.ctx = cfg, ctx
-        self.activation_checkpointing = activation_checkpointing  # recompute each block's activations in backward
-        self.cuda_graphs = cuda_graphs  # replay the blocks as CUDA graphs (megassm/model/cuda_graphs.py)
         self.graphs: BlockGraphs | None = None
-        self.loss_chunk_tokens = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens at a time
         self.embedding = VocabParallelEmbedding(torch.empty(cfg.vocab_size, cfg.d_model).normal_(std=cfg.init_std), ctx)
         self.layers = nn.ModuleList(Block(cfg, ctx, kind) for kind in cfg.layer_kinds)
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx, cfg.compile)
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, ctx)
         self.lm_head = None
         if not cfg.tie_embeddings:
             self.lm_head = VocabParallelLMHead(uniform_fan_in((cfg.vocab_size, cfg.d_model), cfg.d_model), ctx)
@@ -61,7 +59,7 @@ class Mamba2LM(nn.Module):
         if labels is None:
             return self.logits(h)
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens, compile=self.cfg.compile)
+        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens, compile=self.torch_compile)
 
     def logits(self, h: Tensor) -> Tensor:
         """The LM head on final hidden states h (..., d_model): this TP rank's part of the vocabulary."""
@@ -101,12 +99,6 @@ class Mamba2LM(nn.Module):
         """The blocks in order: (residual stream, last block's output not yet added to it, and given states, the states after)."""
         update, after = None, []
         for i, layer in enumerate(self.layers):
-            state = None if states is None else states[i]
-            if self.activation_checkpointing and torch.is_grad_enabled():
-                # Add outside, so that each block keeps one tensor for its recomputation, not two.
-                h = h if update is None else h + update
-                h, update, state = checkpoint(layer, h, None, seq_idx, halo_seq_idx, state, use_reentrant=False)
-            else:
-                h, update, state = layer(h, update, seq_idx, halo_seq_idx, state)
+            h, update, state = layer(h, update, seq_idx, halo_seq_idx, None if states is None else states[i])
             after.append(state)
         return h, update, None if states is None else after

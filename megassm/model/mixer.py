@@ -24,7 +24,7 @@ from megassm.model.context_parallel import add_incoming_state
 from megassm.model.conv import CausalDepthwiseConv1d
 from megassm.model.init import uniform_fan_in
 from megassm.ops.dtypes import upcast
-from parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear, send_to_next_rank, shard_parameter
+from parallel import ColumnParallelLinear, ParallelContext, ParamRole, RowParallelLinear, declare_roles, send_to_next_rank, shard_parameter
 
 
 def init_dt_bias(nheads: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
@@ -50,6 +50,8 @@ class Mamba2State:
 class Mamba2Mixer(nn.Module):
     """u -> in_proj -> [z | xBC | dt] -> conv + silu -> SSD + D x -> norm(y * silu(z)) -> out_proj."""
 
+    backend = "auto"  # megassm.ops's kernels for the SSD and the gated norm (apply_kernels sets it)
+
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
         super().__init__()
         cfg.check_tensor_parallel(ctx.tp)
@@ -60,11 +62,12 @@ class Mamba2Mixer(nn.Module):
             {n: uniform_fan_in((size, cfg.d_model), cfg.d_model) for n, size in whole.in_proj_segments.items()}, ctx,
             biases={n: torch.zeros(size) for n, size in whole.in_proj_segments.items()} if cfg.proj_bias else None,
         )
-        self.conv1d = CausalDepthwiseConv1d(whole.conv_segments, cfg.d_conv, cfg.conv_bias, ctx.tp_group, cfg.ssd_backend, cfg.compile)
+        self.conv1d = CausalDepthwiseConv1d(whole.conv_segments, cfg.d_conv, cfg.conv_bias, ctx.tp_group)
         self.dt_bias = shard_parameter(init_dt_bias(whole.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), 0, ctx.tp_group)
         self.A_log = shard_parameter(torch.log(torch.empty(whole.nheads).uniform_(*cfg.A_init_range)), 0, ctx.tp_group)
         self.D = shard_parameter(torch.ones(whole.nheads), 0, ctx.tp_group)
         self.norm_weight = shard_parameter(torch.ones(whole.d_inner), 0, ctx.tp_group)
+        declare_roles(self, **dict.fromkeys(("dt_bias", "A_log", "D", "norm_weight"), ParamRole(tp_dim=0)))  # split with the heads
         # mamba-ssm / GPT-2: the residual branch's output projection scaled by 1/sqrt(n_layer).
         out_weight = uniform_fan_in((cfg.d_model, whole.d_inner), whole.d_inner) / math.sqrt(cfg.n_layer)
         self.out_proj = RowParallelLinear(out_weight, ctx, bias=torch.zeros(cfg.d_model) if cfg.proj_bias else None)
@@ -77,7 +80,7 @@ class Mamba2Mixer(nn.Module):
         sequences it holds, and the output comes with the state after u."""
         cfg, layout = self.cfg, self.layout
         zxbcdt = self.in_proj(u)
-        if state is None and self.ctx.cp == 1 and ops.resolve_backend(cfg.ssd_backend, u.device) == "triton":
+        if state is None and self.ctx.cp == 1 and ops.resolve_backend(self.backend, u.device) == "triton":
             # The same kernels as below, but one gradient buffer for zxbcdt instead of split-and-concatenate.
             conv_bias = None if self.conv1d.bias is None else self.conv1d.bias.fused()
             y = ops.conv_ssd_gated_norm(zxbcdt, self.conv1d.weight.fused(), conv_bias, self.dt_bias, self.A(), self.D,
@@ -89,7 +92,7 @@ class Mamba2Mixer(nn.Module):
         y = ops.ssd(
             x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit, seq_idx=seq_idx,
             initial_states=None if state is None else state.ssm, return_final_states=state is not None or self.ctx.cp > 1,
-            backend=cfg.ssd_backend,
+            backend=self.backend,
         )
         if state is not None:
             y, ssm = y
@@ -121,4 +124,4 @@ class Mamba2Mixer(nn.Module):
     def gated_norm(self, y: Tensor, z: Tensor) -> Tensor:
         """norm(y * silu(z)) per group of d_inner / ngroups channels, (b, l, d_inner). y: (b, l, H, P)."""
         cfg = self.cfg
-        return ops.gated_rms_norm(y.flatten(-2), z, self.norm_weight, self.layout.group_size, cfg.norm_eps, cfg.ssd_backend)
+        return ops.gated_rms_norm(y.flatten(-2), z, self.norm_weight, self.layout.group_size, cfg.norm_eps, self.backend)

@@ -29,19 +29,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     """"torch" or "triton" for tensors on `device`; KernelsUnavailable, saying what to install or set, where
     the chosen backend cannot run."""
     if backend not in BACKENDS:
-        raise ValueError(f"ssd_backend = {backend!r}: choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"backend = {backend!r}: choose one of {', '.join(BACKENDS)}")
     if backend == "torch":
         return "torch"
     if device.type != "cuda":
         if backend == "triton":
             raise KernelsUnavailable(
-                f"ssd_backend = 'triton' needs CUDA tensors, these are on {device.type}: use 'auto' or 'torch'"
+                f"backend = 'triton' needs CUDA tensors, these are on {device.type}: use 'auto' or 'torch'"
             )
         return "torch"
     try:
         load_triton_kernels()
     except KernelsUnavailable as error:
-        raise KernelsUnavailable(f"ssd_backend = {backend!r} on CUDA needs the Triton kernels: {error}; or set ssd_backend = 'torch' "
+        raise KernelsUnavailable(f"backend = {backend!r} on CUDA needs the Triton kernels: {error}; or choose the backend 'torch' "
                                  "(the PyTorch reference, many times slower)") from None
     return "triton"
 

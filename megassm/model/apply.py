@@ -1,0 +1,46 @@
+"""How a built model runs, applied to it after construction (torchtitan's apply_ac / apply_compile):
+kernels and compile, activation checkpointing, CUDA graphs, the loss's chunk size. None of it is
+architecture: it is not in ModelConfig, not in checkpoints, and a model built without these calls
+runs the default path (kernels chosen by device, nothing compiled, nothing recomputed).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from megassm.model.lm import Mamba2LM
+from megassm.ops import BACKENDS
+
+
+def apply_kernels(model: nn.Module, backend: str = "auto", compile: bool = False) -> None:
+    """Every module that chooses kernels gets `backend` ("auto": Triton on CUDA, "torch": the PyTorch
+    references, "triton"); every module with a compilable step gets `torch_compile = compile` (it compiles on CUDA only)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend = {backend!r}: choose one of {', '.join(BACKENDS)}")
+    for module in model.modules():
+        if hasattr(module, "backend"):
+            module.backend = backend
+        if hasattr(module, "torch_compile"):
+            module.torch_compile = compile
+
+
+def apply_activation_checkpointing(model: Mamba2LM) -> None:
+    """Each block keeps only its input and recomputes the rest in backward: less memory, one more forward."""
+    for layer in model.layers:
+        layer.recompute = True
+
+
+def apply_cuda_graphs(model: Mamba2LM) -> None:
+    """Replay the blocks' forward and backward as CUDA graphs, captured on the first training step on CUDA.
+    A graph replays kernels without Python, so the blocks may not communicate: tp = cp = 1."""
+    if model.ctx.tp > 1 or model.ctx.cp > 1:
+        raise ValueError("CUDA graphs of the blocks need tp = cp = 1")
+    model.cuda_graphs = True
+
+
+def apply_loss_chunking(model: Mamba2LM, tokens: int) -> None:
+    """The loss holds the logits of `tokens` tokens at a time (fewer: less memory, more kernel launches)."""
+    if tokens < 1:
+        raise ValueError(f"the loss's chunk must hold at least one token, got {tokens}")
+    model.loss_chunk_tokens = tokens
+
