@@ -82,25 +82,31 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the first key whose value cannot make a model."""
-        for key in ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "expand", "ngroups", "d_conv", "chunk_size"):
+        """Raise ValueError naming the first key whose value cannot make a model; the keys of a kind of block
+        (Mamba-2, attention, MLP) only where the pattern has one."""
+        self._check_positive("d_model", "n_layer", "vocab_size")
+        if self.ssd_backend not in BACKENDS:
+            raise ValueError(f"model.ssd_backend = {self.ssd_backend!r}: choose one of {', '.join(BACKENDS)}")
+        self._validate_pattern()
+        for kind, check in (("M", self._validate_mamba), ("*", self._validate_attention), ("-", self._validate_mlp)):
+            if kind in self.layer_kinds:
+                check()
+
+    def _check_positive(self, *keys: str) -> None:
+        for key in keys:
             if getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+
+    def _validate_mamba(self) -> None:
+        self._check_positive("d_state", "headdim", "expand", "ngroups", "d_conv", "chunk_size")
         if self.d_inner % self.headdim:
             raise ValueError(f"model.headdim = {self.headdim} must divide expand * d_model = {self.d_inner}")
         if self.nheads % self.ngroups:
             raise ValueError(f"model.ngroups = {self.ngroups} must divide the number of heads {self.nheads}")
         if self.d_conv < 2:
             raise ValueError(f"model.d_conv must be at least 2, got {self.d_conv}")
-        if self.ssd_backend not in BACKENDS:
-            raise ValueError(f"model.ssd_backend = {self.ssd_backend!r}: choose one of {', '.join(BACKENDS)}")
         if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"model.A_init_range = {self.A_init_range} must satisfy 0 < low <= high")
-        self._validate_pattern()
-        if "*" in self.layer_kinds:
-            self._validate_attention()
-        if "-" in self.layer_kinds:
-            self._validate_mlp()
 
     def _validate_pattern(self) -> None:
         if not self.pattern:
@@ -114,9 +120,7 @@ class ModelConfig:
             raise ValueError(f"model.pattern = {self.pattern!r} has unknown symbols {', '.join(map(repr, unknown))}; the symbols are {kinds}")
 
     def _validate_attention(self) -> None:
-        for key in ("attn_heads", "attn_kv_heads", "attn_head_dim"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"model.{key} must be a positive integer, got {getattr(self, key)}")
+        self._check_positive("attn_heads", "attn_kv_heads", "attn_head_dim")
         if self.attn_heads % self.attn_kv_heads:
             raise ValueError(f"model.attn_kv_heads = {self.attn_kv_heads} must divide model.attn_heads = {self.attn_heads}")
         if not self.rope:
