@@ -12,8 +12,10 @@ import torch.distributed as dist
 
 from megassm.checkpoint import checkpoint_dir, load_checkpoint, read_model_state, save_checkpoint
 from megassm.config import Config
+from megassm.hf import hf_config_dict, mamba_ssm_config_dict
 from megassm.model import MIXERS, Attention, Mamba2LM, ModelConfig
 from megassm.model.config import LAYER_KINDS
+from megassm.ops.attention import causal_document_attention
 from parallel import DDPEngine, init_parallel, local_piece
 from tests.distributed import run_distributed
 from tests.test_generate import nontrivial
@@ -69,6 +71,17 @@ def test_attention_matches_a_naive_reference(cfg):
     assert low.dtype == torch.bfloat16
     want = naive_attention(mixer.double(), u, seq_idx)
     assert ((low.double() - want).abs().max() / want.abs().max()).item() < 3e-2
+
+
+def test_flex_attention_masks_as_the_reference():
+    """The CUDA path's block mask (flex_attention, eager here: forward only on CPU) against the reference: grouped-query
+    heads, queries after earlier keys (a CP rank's, a KV cache's), documents running through both."""
+    q, k, v = torch.randn(2, 4, 40, 16), torch.randn(2, 2, 56, 16), torch.randn(2, 2, 56, 16)
+    q_seq_idx = torch.tensor([[0] * 10 + [1] * 30, [2] * 40])
+    k_seq_idx = torch.cat([torch.tensor([[0] * 16, [1] * 16]), q_seq_idx], dim=1)
+    for ids in ((q_seq_idx, k_seq_idx), (None, None)):
+        want = causal_document_attention(q, k, v, *ids)
+        torch.testing.assert_close(causal_document_attention(q, k, v, *ids, flex=True), want, rtol=1e-5, atol=1e-6)
 
 
 HYBRID_LAYOUTS = [(4, 1, 1, False), (2, 2, 1, False), (2, 1, 2, True), (1, 2, 2, False)]  # tp, cp, dp, sequence_parallel
@@ -135,6 +148,12 @@ def test_generation_continues_packed_documents():
 def test_config_errors_name_the_key(changes, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(HYBRID, **changes)
+
+
+def test_mamba2_formats_refuse_a_hybrid():
+    for export in (hf_config_dict, mamba_ssm_config_dict):
+        with pytest.raises(ValueError, match=r"model.pattern = 'M-M\*-M\*-' has attention or MLP blocks: the transformers Mamba2"):
+            export(HYBRID)
 
 
 def test_unused_keys_are_not_checked_and_tp_checks_the_blocks_used():
