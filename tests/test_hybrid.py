@@ -139,8 +139,8 @@ def test_generation_continues_packed_documents():
     ({"n_layer": 7}, r"model.pattern has 8 symbols but model.n_layer = 7: give one symbol per block, or set model.n_layer"),
     ({"pattern": "M-M*-MEx"}, r"model.pattern = 'M-M\*-MEx' has unknown symbols 'E', 'x'; the symbols are 'M' Mamba-2, '\*' attention"),
     ({"attn_kv_heads": 3}, r"model.attn_kv_heads = 3 must divide model.attn_heads = 4"),
-    ({"rope_fraction": 0.1875}, r"model.rope_fraction = 0.1875 must be in \(0, 1\] and rotate an even number of the model.attn_head_dim = 16 "
-                                r"channels, got 3"),
+    ({"rope_fraction": 0.1875}, r"model.rope_fraction = 0.1875 must be in \(0, 1\] and rotate an even number of the "
+                                r"model.attn_head_dim = 16 channels, got 3"),
     ({"attn_head_dim": 0}, r"model.attn_head_dim must be a positive integer, got 0"),
     ({"mlp_hidden": 0}, r"model.mlp_hidden must be a positive integer when model.pattern has MLP blocks"),
     ({"mlp_activation": "gelu"}, r"model.mlp_activation = 'gelu': choose one of swiglu, relu2"),

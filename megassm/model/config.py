@@ -117,7 +117,8 @@ class ModelConfig:
         unknown = sorted(set(self.pattern) - set(LAYER_KINDS))
         if unknown:
             kinds = ", ".join(f"{symbol!r} {name}" for symbol, name in LAYER_KINDS.items())
-            raise ValueError(f"model.pattern = {self.pattern!r} has unknown symbols {', '.join(map(repr, unknown))}; the symbols are {kinds}")
+            raise ValueError(f"model.pattern = {self.pattern!r} has unknown symbols {', '.join(map(repr, unknown))}; "
+                             f"the symbols are {kinds}")
 
     def _validate_attention(self) -> None:
         self._check_positive("attn_heads", "attn_kv_heads", "attn_head_dim")
