@@ -69,6 +69,7 @@ def test_attention_matches_a_naive_reference(cfg):
     assert ((low.double() - want).abs().max() / want.abs().max()).item() < 3e-2
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_attention_masks_as_the_reference():
     """The CUDA path's block mask (flex_attention, eager here: forward only on CPU) against the reference: grouped-query
     heads, queries after earlier keys (a CP rank's, a KV cache's), documents running through both."""
