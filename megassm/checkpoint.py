@@ -51,7 +51,8 @@ EMPTY_OPTIMIZER = {"state": {}, "param_groups": "[]"}
 # The [model] keys that make another model: they change the parameters or the function computed. chunk_size,
 # the kernels and the initialisation may change between runs of one model.
 ARCHITECTURE_KEYS = ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "expand", "ngroups", "d_conv", "tie_embeddings",
-                     "norm_eps", "conv_bias", "proj_bias", "dt_limit")
+                     "norm_eps", "conv_bias", "proj_bias", "dt_limit", "pattern", "attn_heads", "attn_kv_heads", "attn_head_dim", "rope",
+                     "rope_theta", "rope_fraction", "mlp_hidden", "mlp_activation")
 
 
 class CheckpointError(UserError, RuntimeError):

@@ -353,8 +353,11 @@ def validate(cfg: Config, world_size: int) -> None:
 def cuda_graph_blockers(cfg: Config) -> list[str]:
     """What keeps the blocks from being replayed as CUDA graphs under this config (empty: nothing).
     A graph replays its kernels without Python: the blocks may not communicate (TP, CP) nor leave
-    the step to an engine that reorders the backward pass (DeepSpeed)."""
+    the step to an engine that reorders the backward pass (DeepSpeed). Attention blocks build their
+    block mask from each batch's documents (flex_attention's create_block_mask), untried under capture."""
     par, blockers = cfg.parallel, []
+    if "*" in cfg.model.layer_kinds:
+        blockers.append("no attention blocks ('*') in model.pattern")
     if par.tp > 1:
         blockers.append("parallel.tp = 1")
     if par.cp > 1:

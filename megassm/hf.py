@@ -35,6 +35,7 @@ _HF_FIELDS = {
 
 def hf_config_dict(cfg: ModelConfig) -> dict:
     """The `transformers.Mamba2Config` fields describing `cfg`."""
+    _require_mamba_only(cfg)
     fields = {theirs: getattr(cfg, ours) for theirs, ours in _HF_FIELDS.items()}
     return {"model_type": "mamba2", "architectures": ["Mamba2ForCausalLM"], **fields, "time_step_limit": list(cfg.dt_limit),
             "num_heads": cfg.nheads, "residual_in_fp32": True, "rescale_prenorm_residual": False}
@@ -135,6 +136,7 @@ _MAMBA2_IGNORED = {"conv_init", "use_mem_eff_path"}  # initialisation and kernel
 def mamba_ssm_config_dict(cfg: ModelConfig) -> dict:
     """mamba-ssm's `config.json` (MambaConfig's fields) for `cfg`; ssm_cfg names only what differs from Mamba2's
     defaults, as the published configs do. Raises ValueError if mamba-ssm cannot express cfg."""
+    _require_mamba_only(cfg)
     if cfg.norm_eps != MAMBA_SSM_NORM_EPS:
         raise ValueError(f"model.norm_eps = {cfg.norm_eps}: mamba-ssm fixes it at {MAMBA_SSM_NORM_EPS}; export to transformers instead")
     ssm_cfg = {"layer": "Mamba2"}
@@ -176,6 +178,13 @@ def _require(config: dict, fixed: dict, prefix: str = "") -> None:
     for key, value in fixed.items():
         if config.get(key, value) != value:
             raise ValueError(f"{prefix}{key} = {config[key]!r} is not supported (megassm's Mamba-2 has {value!r})")
+
+
+def _require_mamba_only(cfg: ModelConfig) -> None:
+    """ValueError for a hybrid: both formats hold Mamba-2 blocks only."""
+    if cfg.layer_kinds.strip("M"):
+        raise ValueError(f"model.pattern = {cfg.pattern!r} has attention or MLP blocks: the transformers Mamba2 and mamba-ssm "
+                         "formats hold Mamba-2 blocks only")
 
 
 def _split(fused: Tensor, segments: dict[str, int], prefix: str) -> dict[str, Tensor]:

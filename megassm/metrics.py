@@ -1,10 +1,10 @@
 """Training metrics: model FLOPs and MFU, memory, step timing, and the run's log (metrics.jsonl,
 console, optionally Weights & Biases).
 
-MFU counts model FLOPs as mamba-ssm's and Megatron's benchmarks do: tokens/s x (6 x params + 3 x SSD
-forward FLOPs per token) / peak. The 6 x params term covers every matmul with a weight (forward 2,
-backward 4 FLOPs per parameter and token); the SSD scan has no weights, so its forward FLOPs are
-counted from the chunked algorithm and tripled.
+MFU counts model FLOPs as mamba-ssm's and Megatron's benchmarks do: tokens/s x (6 x params + 3 x (SSD +
+attention) forward FLOPs per token) / peak. The 6 x params term covers every matmul with a weight (forward 2,
+backward 4 FLOPs per parameter and token); the SSD scan and attention's scores have no weights, so their forward
+FLOPs are counted from the algorithm and tripled.
 """
 
 from __future__ import annotations
@@ -24,24 +24,41 @@ import torch
 from tqdm import tqdm
 
 from megassm.model.config import ModelConfig
+from megassm.model.mlp import SEGMENTS as MLP_SEGMENTS
 
 GIB = 2**30
 
 
 def logical_param_count(cfg: ModelConfig) -> int:
     """Parameters of the whole (unsharded) model, as Mamba2LM builds it."""
+    blocks = sum(BLOCK_PARAMS[kind](cfg) + cfg.d_model for kind in cfg.layer_kinds)  # + each block's norm
+    embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    return embeddings + blocks + cfg.d_model  # + final norm
+
+
+def mamba_params(cfg: ModelConfig) -> int:
     layout = cfg.mamba_layout()
     in_proj = layout.in_proj_width * (cfg.d_model + cfg.proj_bias)
     conv = layout.conv_channels * (cfg.d_conv + cfg.conv_bias)
     out_proj = cfg.d_model * (layout.d_inner + cfg.proj_bias)
     heads = 3 * layout.nheads  # dt_bias, A_log, D
-    per_layer = in_proj + conv + heads + layout.d_inner + out_proj + cfg.d_model  # + gated norm, block norm
-    embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    return embeddings + cfg.n_layer * per_layer + cfg.d_model  # + final norm
+    return in_proj + conv + heads + layout.d_inner + out_proj  # + gated norm
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    qkv = (cfg.attn_heads + 2 * cfg.attn_kv_heads) * cfg.attn_head_dim * cfg.d_model
+    return qkv + cfg.d_model * cfg.attn_heads * cfg.attn_head_dim  # + o_proj
+
+
+def mlp_params(cfg: ModelConfig) -> int:
+    return (len(MLP_SEGMENTS[cfg.mlp_activation]) + 1) * cfg.mlp_hidden * cfg.d_model  # up_proj's segments, down_proj
+
+
+BLOCK_PARAMS = {"M": mamba_params, "*": attention_params, "-": mlp_params}
 
 
 def ssd_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of the SSD scan of all layers, as the chunked algorithm computes it
+    """Forward FLOPs per token of the SSD scan of all Mamba-2 blocks, as the chunked algorithm computes it
     (megassm/ops/ssd.py, mamba-ssm's kernels); a multiply-add is 2 FLOPs, elementwise work is not counted.
 
     With Q = min(chunk_size, seq_len), H heads of P channels, G groups, state size N, per chunk:
@@ -57,13 +74,20 @@ def ssd_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     chunks = math.ceil(seq_len / q)
     hpn = layout.d_inner * layout.d_state
     macs_per_chunk = q * (q + 1) // 2 * (layout.ngroups * layout.d_state + layout.d_inner) + (2 * q + 1) * hpn
-    return 2 * macs_per_chunk * chunks * cfg.n_layer / seq_len
+    return 2 * macs_per_chunk * chunks * cfg.layer_kinds.count("M") / seq_len
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of all attention blocks' scores q k^T and their product with v, as Megatron-LM's
+    hybrid count takes them: each of the two matmuls 2 x attn_heads x attn_head_dim FLOPs per (query, key) pair,
+    over the causal half of the seq_len x seq_len pairs (seq_len / 2 keys per query), whatever the documents."""
+    return cfg.layer_kinds.count("*") * 2 * 2 * cfg.attn_heads * cfg.attn_head_dim * seq_len / 2
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
-    """Training (forward + backward) FLOPs per token: 6 x n_params + 3 x the SSD forward FLOPs.
+    """Training (forward + backward) FLOPs per token: 6 x n_params + 3 x the SSD's and attention's forward FLOPs.
     n_params is the logical whole-model count (logical_param_count), not one rank's shard."""
-    return 6 * n_params + 3 * ssd_flops_per_token(cfg, seq_len)
+    return 6 * n_params + 3 * (ssd_flops_per_token(cfg, seq_len) + attention_flops_per_token(cfg, seq_len))
 
 
 # Dense bf16 tensor-core peaks, FLOP/s; the first entry whose substrings all occur in the name wins.

@@ -15,7 +15,7 @@ from torch.distributed import ProcessGroup
 
 from parallel.collectives import copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
 from parallel.context import ParallelContext, group_rank, group_size
-from parallel.roles import ParamRole, declare_roles
+from parallel.roles import REPLICATED, ParamRole, declare_roles
 
 SEQUENCE_DIM = 1
 
@@ -54,25 +54,30 @@ def layer_output(x: Tensor, ctx: ParallelContext) -> Tensor:
 
 class ShardedSegments(nn.ParameterDict):
     """The logical segments of one fused tensor, each its own Parameter split on dim 0 over TP.
-    Rank r holds [seg1_r | seg2_r | ...]; checkpoints and exports see each segment whole."""
+    Rank r holds [seg1_r | seg2_r | ...]; checkpoints and exports see each segment whole.
+    A `replicated` segment is whole on every rank (attention's key/value heads when there are fewer than tp):
+    each rank uses part of it, so its gradient is summed over TP (backward's all-reduce of copy_to_region)."""
 
-    def __init__(self, full: dict[str, Tensor], group: ProcessGroup | None):
-        super().__init__({name: shard_parameter(t, 0, group, name) for name, t in full.items()})
-        declare_roles(self, **dict.fromkeys(full, ParamRole(tp_dim=0)))
+    def __init__(self, full: dict[str, Tensor], group: ProcessGroup | None, replicated: tuple[str, ...] = ()):
+        super().__init__({name: shard_parameter(t, None if name in replicated else 0, group, name) for name, t in full.items()})
+        declare_roles(self, **{name: REPLICATED if name in replicated else ParamRole(tp_dim=0) for name in full})
         self.order = list(full)  # nn.ParameterDict sorts plain-dict keys
+        self.group, self.replicated = group, replicated
 
     def fused(self) -> Tensor:
-        return torch.cat([self[name] for name in self.order])
+        return torch.cat([copy_to_region(self[name], self.group) if name in self.replicated else self[name] for name in self.order])
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x @ cat(segments).T with each segment split on its output dim over TP: one GEMM per rank."""
+    """y = x @ cat(segments).T with each segment split on its output dim over TP (or whole on every rank: `replicated`):
+    one GEMM per rank."""
 
-    def __init__(self, weights: dict[str, Tensor], ctx: ParallelContext, biases: dict[str, Tensor] | None = None):
+    def __init__(self, weights: dict[str, Tensor], ctx: ParallelContext, biases: dict[str, Tensor] | None = None,
+                 replicated: tuple[str, ...] = ()):
         super().__init__()
         self.ctx = ctx
-        self.weight = ShardedSegments(weights, ctx.tp_group)
-        self.bias = None if biases is None else ShardedSegments(biases, ctx.tp_group)
+        self.weight = ShardedSegments(weights, ctx.tp_group, replicated)
+        self.bias = None if biases is None else ShardedSegments(biases, ctx.tp_group, replicated)
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.fused()

@@ -26,8 +26,9 @@ CONFIGS = [
     ModelConfig.from_preset("debug"),  # 8 heads in 4 groups, tied head
     # Init draws dt log-uniformly in [0.001, 0.1]: most heads are clamped by this limit.
     ModelConfig.from_preset("debug-g1", dt_limit=(0.02, 0.05), tie_embeddings=False),
+    ModelConfig.from_preset("debug-hybrid", chunk_size=8),  # KV caches and MLP blocks (no state) among the Mamba-2 states
 ]
-CONFIG_IDS = ["ngroups4", "ngroups1-dt_limit-untied"]
+CONFIG_IDS = ["ngroups4", "ngroups1-dt_limit-untied", "hybrid"]
 
 
 def nontrivial(model: Mamba2LM) -> Mamba2LM:

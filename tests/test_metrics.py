@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from megassm.metrics import (
     MetricsLogger,
+    attention_flops_per_token,
     StepTimer,
     console_line,
     logical_param_count,
@@ -26,6 +27,7 @@ from megassm.metrics import (
     throughput,
 )
 from megassm.model import Mamba2LM, ModelConfig
+from megassm.ops.attention import causal_document_attention
 from megassm.ops.ssd import ssd_chunked
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,11 +40,31 @@ ROOT = Path(__file__).resolve().parents[1]
         ModelConfig.from_preset("debug-g1"),
         ModelConfig.from_preset("debug", tie_embeddings=False, proj_bias=True),
         ModelConfig.from_preset("debug-g1", conv_bias=False, expand=3, d_conv=3),
+        ModelConfig.from_preset("debug-hybrid"),
+        ModelConfig.from_preset("debug-hybrid", mlp_activation="relu2", tie_embeddings=False),
     ],
-    ids=["debug", "debug-g1", "untied-proj-bias", "no-conv-bias"],
+    ids=["debug", "debug-g1", "untied-proj-bias", "no-conv-bias", "hybrid-swiglu", "hybrid-relu2-untied"],
 )
 def test_logical_param_count_matches_the_model(cfg):
     assert logical_param_count(cfg) == sum(p.numel() for p in Mamba2LM(cfg).parameters())
+
+
+def test_hybrid_counts_by_hand():
+    """Nemotron-H 8B's published size, and one attention and one MLP block counted by hand."""
+    assert logical_param_count(ModelConfig.from_preset("nemotron-h-8b")) / 1e9 == pytest.approx(8.1, abs=0.05)
+    cfg = ModelConfig(d_model=8, n_layer=2, vocab_size=10, pattern="*-", attn_heads=4, attn_kv_heads=2, attn_head_dim=6, mlp_hidden=5)
+    qkv, o, mlp = (4 + 2 + 2) * 6 * 8, 8 * 4 * 6, 3 * 5 * 8  # swiglu: gate, up, down
+    assert logical_param_count(cfg) == 10 * 8 + qkv + o + mlp + 3 * 8  # + 2 block norms and the final norm
+    assert model_flops_per_token(cfg, 100, 7) == 6 * 7 + 3 * 2 * 2 * 4 * 6 * 50  # no SSD; the causal half of the scores
+
+
+def test_attention_flops_are_the_causal_half_of_the_reference():
+    """The reference computes q k^T and its product with v over every (query, key) pair; the count takes half."""
+    cfg = ModelConfig(d_model=16, n_layer=1, vocab_size=32, pattern="*", attn_heads=4, attn_kv_heads=2, attn_head_dim=8)
+    q, k = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8)
+    with FlopCounterMode(display=False) as counter:
+        causal_document_attention(q, k, k, None, None)
+    assert 2 * attention_flops_per_token(cfg, 40) * 40 == counter.get_total_flops()
 
 
 def reference_ssd_flops(cfg: ModelConfig, seq_len: int) -> int:

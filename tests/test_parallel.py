@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megassm.model import Mamba2LM, Mamba2Mixer, ModelConfig
+from megassm.model import MIXERS, Mamba2LM, Mamba2Mixer, ModelConfig
 from parallel import DDPEngine, global_grad_norm, init_parallel, local_piece, param_roles, record_communication
 from parallel.collectives import all_reduce
 from tests.distributed import run_distributed
@@ -24,11 +24,11 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def global_batch(dp: int):
+def global_batch(cfg: ModelConfig, dp: int):
     g = torch.Generator().manual_seed(7)
     rows = dp * ROWS_PER_DP_RANK
-    ids = torch.randint(0, CFG.vocab_size, (rows, SEQLEN), generator=g)
-    labels = torch.randint(0, CFG.vocab_size, (rows, SEQLEN), generator=g)
+    ids = torch.randint(0, cfg.vocab_size, (rows, SEQLEN), generator=g)
+    labels = torch.randint(0, cfg.vocab_size, (rows, SEQLEN), generator=g)
     labels[0, :3] = -100  # ignored targets count nowhere
     seq_idx = torch.zeros(rows, SEQLEN, dtype=torch.long)
     for row in range(rows):
@@ -37,28 +37,29 @@ def global_batch(dp: int):
     return ids, labels, seq_idx
 
 
-def reference_gradients(dtype: torch.dtype, ids, labels, seq_idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def reference_gradients(cfg: ModelConfig, dtype: torch.dtype, ids, labels, seq_idx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and gradients of the one-process model on the whole global batch."""
     torch.manual_seed(0)
-    model = Mamba2LM(CFG).to(dtype)
+    model = Mamba2LM(cfg).to(dtype)
     loss = model(ids, seq_idx, labels).sum() / (labels != -100).sum()
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def check_layout(tp: int, cp: int, dp: int, sequence_parallel: bool, dtype: torch.dtype) -> None:
+def check_layout(cfg: ModelConfig, tp: int, cp: int, dp: int, sequence_parallel: bool, dtype: torch.dtype) -> None:
     """float64: the layout must reproduce one process to 1e-10, i.e. exactly up to rounding.
     float32: within 1e-5 (relative to each tensor's largest entry) of the exact float64 result,
     or, for the few small gradients where fp32 cancellation exceeds that, no further from it than 4x
     the one-process fp32 run is."""
     ctx = init_parallel(tp, cp, dp, sequence_parallel, backend="gloo")
     torch.manual_seed(0)
-    model = Mamba2LM(CFG, ctx).to(dtype)  # the same logical initial weights as one process, this rank's pieces
-    ids, labels, seq_idx = global_batch(dp)
-    exact_loss, exact = reference_gradients(torch.float64, ids, labels, seq_idx)
+    model = Mamba2LM(cfg, ctx).to(dtype)  # the same logical initial weights as one process, this rank's pieces
+    ids, labels, seq_idx = global_batch(cfg, dp)
+    exact_loss, exact = reference_gradients(cfg, torch.float64, ids, labels, seq_idx)
+    weights = reference_weights(cfg)
     roles = param_roles(model)
     for name, p in model.named_parameters():
-        assert torch.equal(p.double(), local_piece(reference_weights()[name], roles[name], ctx.tp_group)), name
+        assert torch.equal(p.double(), local_piece(weights[name], roles[name], ctx.tp_group)), name
 
     rows = slice(ctx.dp_rank * ROWS_PER_DP_RANK, (ctx.dp_rank + 1) * ROWS_PER_DP_RANK)
     cols = slice(ctx.cp_rank * SEQLEN // cp, (ctx.cp_rank + 1) * SEQLEN // cp)
@@ -71,7 +72,7 @@ def check_layout(tp: int, cp: int, dp: int, sequence_parallel: bool, dtype: torc
 
     fp32 = None
     if dtype == torch.float32:
-        fp32_loss, fp32 = reference_gradients(dtype, ids, labels, seq_idx)
+        fp32_loss, fp32 = reference_gradients(cfg, dtype, ids, labels, seq_idx)
 
     def check(what: str, got: torch.Tensor, want: torch.Tensor, same_precision: torch.Tensor | None) -> None:
         limit = 1e-10 if same_precision is None else max(1e-5, 4 * relative_error(same_precision.double(), want))
@@ -87,9 +88,9 @@ def check_layout(tp: int, cp: int, dp: int, sequence_parallel: bool, dtype: torc
         check(f"gradient of {name}", p.grad, piece(exact[name]), None if fp32 is None else piece(fp32[name]))
 
 
-def reference_weights() -> dict[str, torch.Tensor]:
+def reference_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return {name: p.detach().double() for name, p in Mamba2LM(CFG).named_parameters()}
+    return {name: p.detach().double() for name, p in Mamba2LM(cfg).named_parameters()}
 
 
 LAYOUTS = {
@@ -107,13 +108,14 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_layout_matches_one_process(layout, dtype):
     tp, cp, dp, sp = LAYOUTS[layout]
-    run_distributed(check_layout, tp * cp * dp, tp, cp, dp, sp, dtype)
+    run_distributed(check_layout, tp * cp * dp, CFG, tp, cp, dp, sp, dtype)
 
 
-def count_mixer_collectives(sequence_parallel: bool) -> None:
+def count_mixer_collectives(sequence_parallel: bool, cfg: ModelConfig = CFG, kind: str = "M") -> None:
+    """The mixer of a block of `kind` issues one collective each way under tp = 2 (one of each pair under SP)."""
     ctx = init_parallel(tp=2, sequence_parallel=sequence_parallel, backend="gloo")
-    mixer = Mamba2Mixer(CFG, ctx)
-    u = torch.randn(2, 16 if sequence_parallel else 32, CFG.d_model, requires_grad=True)
+    mixer = MIXERS[kind](cfg, ctx)
+    u = torch.randn(2, 16 if sequence_parallel else 32, cfg.d_model, requires_grad=True)
     with record_communication() as forward:
         out = mixer(u)
     with record_communication() as backward:

@@ -150,6 +150,18 @@ def test_resume_after_a_crash_continues_exactly_on_another_layout(layout, crashe
     assert_same_run(resumed, [r for r in one_process if r["step"] > 2])
 
 
+def test_a_hybrid_matches_one_process_and_resumes_on_another_layout(prepared_data, tmp_path):
+    """debug-hybrid (Mamba-2, attention and MLP blocks): a tp=2 x cp=2 run is the one-process run, and its step-2
+    checkpoint resumed under tp=4 (the key/value heads replicated) continues it."""
+    config = tmp_path / "hybrid.toml"
+    config.write_text(CONFIG.format(data=prepared_data, steps=STEPS).replace('preset = "debug"', 'preset = "debug-hybrid"'))
+    one = train(config, tmp_path / "one", 1)
+    run_dir = tmp_path / "run"
+    assert_same_run(train(config, run_dir, 4, *LAYOUTS["tp2-cp2"]), one)
+    lose_the_last_checkpoint(run_dir)
+    assert_same_run(train(config, run_dir, 4, "--parallel.tp=4"), [r for r in one if r["step"] > 2])
+
+
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(crashed_tp2_cp2_run, config, one_process, tmp_path, capfd):
     run_dir = Path(shutil.copytree(crashed_tp2_cp2_run, tmp_path / "run"))
     damaged = Path(shutil.copytree(run_dir / "checkpoints" / "step_2", run_dir / "checkpoints" / "step_3"))

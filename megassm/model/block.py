@@ -4,8 +4,9 @@ residual stream.
 A block's kind is one symbol, Megatron's hybrid-pattern convention ("M" Mamba-2, "*" attention, "-" MLP),
 and MIXERS maps it to the mixer module. A mixer is built as `Mixer(cfg, ctx)` and called as
 `mixer(u, seq_idx, halo_seq_idx)` -> output (u's shape); for generation it also offers
-`empty_state(batch)` and, called with `state=`, returns (output, state after u). A new kind is its
-module and one line in MIXERS.
+`empty_state(batch)` and, called with `state=`, returns (output, state after u); a kind that keeps no state
+(MLP) has the empty state None and is never given one. A new kind is its module, one line in MIXERS and its
+symbol in megassm/model/config.py's LAYER_KINDS.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from megassm.model.attention import Attention
 from megassm.model.config import ModelConfig
 from megassm.model.mixer import Mamba2Mixer
+from megassm.model.mlp import MLP
 from megassm.ops import add_rms_norm, maybe_compiled, rms_norm
 from parallel import ParallelContext, ParamRole, declare_roles
 
 MIXERS: dict[str, type[nn.Module]] = {
     "M": Mamba2Mixer,
+    "*": Attention,
+    "-": MLP,
 }
 
 

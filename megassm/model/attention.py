@@ -1,0 +1,109 @@
+"""The attention block's mixer: causal self-attention with grouped-query heads, rotary position embeddings on
+the first rope_dim channels of each head, and packed documents that never see each other (seq_idx).
+
+It reads as single-device code; `ctx` makes it parallel. TP: qkv_proj is column-parallel over its q, k, v
+segments and o_proj row-parallel (the block's one collective), each rank owning attn_heads/tp query heads and
+attn_kv_heads/tp key/value heads; with fewer key/value heads than ranks every rank holds k and v whole
+(replicated, their gradient summed over TP) and uses the one head its query heads share. CP: each rank holds a
+slice of the sequence; its queries see the keys and values of the earlier ranks' slices and its own, one
+all-gather over the CP group (its backward: reduce-scatter of their gradients), so documents that cross slices
+attend exactly as on one rank; unlike Mamba-2's chunk states these bytes grow with the sequence. RoPE positions
+are the tokens' positions in the whole (CP-joined) sequence. In generation the mixer carries a KVCache.
+
+Init: both projections U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's Linear default, as the Mamba-2 mixer's),
+o_proj scaled by 1/sqrt(n_layer) like every block's output projection.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from megassm.model.config import ModelConfig
+from megassm.model.init import uniform_fan_in
+from megassm.ops.attention import causal_document_attention, rotary
+from parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear
+from parallel.collectives import gather_from_region
+
+
+@dataclass
+class KVCache:
+    """The keys (after RoPE), values and document ids of the tokens so far, for generation."""
+
+    k: Tensor  # (b, key/value heads, t, head_dim)
+    v: Tensor
+    seq_idx: Tensor  # (b, t)
+
+    def extend(self, k: Tensor, v: Tensor, seq_idx: Tensor | None) -> KVCache:
+        """The cache with the l new tokens' k, v (b, heads, l, head_dim) after it. The new tokens' first document
+        continues the cache's last one, as a Mamba-2 state continues into it (seq_idx None: one document)."""
+        last = self.seq_idx[:, -1:] if self.seq_idx.shape[1] else self.seq_idx.new_zeros(self.seq_idx.shape[0], 1)
+        ids = last.expand(-1, k.shape[2]) if seq_idx is None else seq_idx - seq_idx[:, :1] + last
+        return KVCache(torch.cat([self.k.to(k.dtype), k], dim=2), torch.cat([self.v.to(v.dtype), v], dim=2),
+                       torch.cat([self.seq_idx, ids], dim=1))
+
+
+class Attention(nn.Module):
+    """u -> qkv_proj -> RoPE(q), RoPE(k) -> causal attention within documents -> o_proj."""
+
+    torch_compile = False  # on CUDA: flex_attention compiled into its fused kernel, else eager and slow (apply_kernels sets it)
+
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
+        super().__init__()
+        cfg.check_tensor_parallel(ctx.tp)
+        self.cfg, self.ctx = cfg, ctx
+        dim, kv_heads = cfg.attn_head_dim, cfg.attn_kv_heads
+        replicated = kv_heads < ctx.tp
+        self.heads, self.kv_heads = cfg.attn_heads // ctx.tp, 1 if replicated else kv_heads // ctx.tp
+        # The key/value head of this rank's query heads when k and v are replicated (all of qkv_proj's k, v otherwise).
+        self.kv_head = ctx.tp_rank * kv_heads // ctx.tp if replicated else None
+        self.qkv_proj = ColumnParallelLinear(
+            {name: uniform_fan_in((heads * dim, cfg.d_model), cfg.d_model) for name, heads in
+             (("q", cfg.attn_heads), ("k", kv_heads), ("v", kv_heads))},
+            ctx, replicated=("k", "v") if replicated else (),
+        )
+        self.widths = [self.heads * dim, *[(kv_heads if replicated else self.kv_heads) * dim] * 2]
+        width = cfg.attn_heads * dim
+        self.o_proj = RowParallelLinear(uniform_fan_in((cfg.d_model, width), width) / math.sqrt(cfg.n_layer), ctx)
+
+    def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None,
+                state: KVCache | None = None) -> Tensor | tuple[Tensor, KVCache]:
+        """u: (b, l, d_model), or (b, l/tp, d_model) under sequence parallelism; seq_idx: (b, l) document ids
+        (halo_seq_idx, for the Mamba-2 conv, is not needed). Given `state` (generation: `empty_state`, or the
+        cache a previous call returned), u continues the sequences it holds, and the output comes with the cache after u."""
+        q, k, v = (self._heads(t) for t in self.qkv_proj(u).split(self.widths, dim=-1))
+        if self.kv_head is not None:
+            k, v = k[:, self.kv_head : self.kv_head + 1], v[:, self.kv_head : self.kv_head + 1]
+        length = q.shape[2]
+        start = state.k.shape[2] if state is not None else self.ctx.cp_rank * length
+        positions = torch.arange(start, start + length, device=u.device)
+        q, k = (rotary(t, positions, self.cfg.rope_dim, self.cfg.rope_theta) for t in (q, k))
+        k_seq_idx = seq_idx
+        if state is not None:
+            state = state.extend(k, v, seq_idx)
+            k, v, k_seq_idx = state.k, state.v, state.seq_idx
+            seq_idx = k_seq_idx[:, -length:]
+        elif self.ctx.cp > 1:
+            k, v, k_seq_idx = self._with_earlier_ranks(k, v, seq_idx)
+        y = causal_document_attention(q, k, v, seq_idx, k_seq_idx, flex=u.is_cuda and state is None, compile=self.torch_compile)
+        y = self.o_proj(y.transpose(1, 2).flatten(2))
+        return y if state is None else (y, state)
+
+    def empty_state(self, batch: int) -> KVCache:
+        """The cache before a sequence's first token: no tokens, on the parameters' device and dtype."""
+        like = self.o_proj.weight
+        kv = like.new_zeros(batch, self.kv_heads, 0, self.cfg.attn_head_dim)
+        return KVCache(kv, kv.clone(), torch.zeros(batch, 0, dtype=torch.long, device=like.device))
+
+    def _heads(self, x: Tensor) -> Tensor:
+        """(b, l, heads * head_dim) -> (b, heads, l, head_dim)."""
+        return x.unflatten(-1, (-1, self.cfg.attn_head_dim)).transpose(1, 2)
+
+    def _with_earlier_ranks(self, k: Tensor, v: Tensor, seq_idx: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The keys, values and document ids of the CP ranks up to this one, in sequence order (one all-gather of k | v)."""
+        group, end = self.ctx.cp_group, (self.ctx.cp_rank + 1) * k.shape[2]
+        k, v = gather_from_region(torch.cat([k, v], dim=1), group, 2)[:, :, :end].chunk(2, dim=1)
+        return k, v, None if seq_idx is None else gather_from_region(seq_idx, group, 1)[:, :end]
