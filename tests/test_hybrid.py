@@ -100,10 +100,11 @@ def test_hybrid_layouts_match_one_process():
 
 def test_generation_continues_packed_documents():
     """A prompt of two documents, then one token at a time: each step's logits are those of the parallel forward
-    over the whole sequence, the new tokens continuing the prompt's last document (in the KV cache as in the Mamba-2 state)."""
+    over the whole sequence, the new tokens continuing the prompt's last document (in the KV cache as in the Mamba-2
+    state). The second row's last document starts 2 tokens before the prompt ends: within the conv's window."""
     model = nontrivial(Mamba2LM(HYBRID).double())
     ids = torch.randint(0, HYBRID.vocab_size, (2, 30))
-    seq_idx = torch.tensor([[0] * 7 + [1] * 23, [4] * 12 + [5] * 18])
+    seq_idx = torch.tensor([[0] * 7 + [1] * 23, [4] * 18 + [5] * 12])
     with torch.no_grad():
         want = model(ids, seq_idx)
         logits, states = model(ids[:, :20], seq_idx[:, :20], states=model.empty_states(2))

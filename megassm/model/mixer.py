@@ -42,9 +42,16 @@ class Mamba2State:
     conv: Tensor  # (b, d_conv - 1, conv channels): the last pre-conv [x | B | C] rows, the conv's window
     ssm: Tensor  # (b, H, P, N): the SSM state h, fp32 (fp64 in a float64 model)
 
-    def window_after(self, xBC: Tensor) -> Tensor:
-        """The conv's window once the pre-conv rows xBC (b, l, conv channels) follow it."""
-        return torch.cat([self.conv.to(xBC.dtype), xBC], dim=1)[:, xBC.shape[1] :]
+    def window_after(self, xBC: Tensor, seq_idx: Tensor | None = None) -> Tensor:
+        """The conv's window once the pre-conv rows xBC (b, l, conv channels) of documents seq_idx (b, l) follow it:
+        rows of an earlier document than the last token's are zeros, as the conv masks them (the window's own rows
+        continue xBC's first document)."""
+        window = torch.cat([self.conv.to(xBC.dtype), xBC], dim=1)[:, xBC.shape[1] :]
+        if seq_idx is None:
+            return window
+        width = window.shape[1]
+        ids = torch.cat([seq_idx[:, :1].expand(-1, width), seq_idx], dim=1)[:, -width:]
+        return window * (ids == seq_idx[:, -1:]).unsqueeze(-1).to(window.dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -96,7 +103,7 @@ class Mamba2Mixer(nn.Module):
         )
         if state is not None:
             y, ssm = y
-            return self.out_proj(self.gated_norm(y, z)), Mamba2State(state.window_after(xBC), ssm)
+            return self.out_proj(self.gated_norm(y, z)), Mamba2State(state.window_after(xBC, seq_idx), ssm)
         if self.ctx.cp > 1:
             y, final_state = y
             y = add_incoming_state(y, final_state, dt, A, C, self.dt_bias, cfg.dt_limit, seq_idx, halo_seq_idx, self.ctx.cp_group)
