@@ -34,7 +34,7 @@ from megassm.stopping import StopSignals, Stopped
 from megassm.train import limit_cpu_threads
 from parallel import ParallelContext
 from tests.test_convert import engine_for
-from tests.test_train import CONFIG, STEPS, TRAINER_ENV, assert_same_run, run_trainer, train, trainer_command
+from tests.test_train import TRAINER_ENV, assert_same_run, config, run_trainer, train, trainer_command  # noqa: F401 (config: a fixture)
 
 
 def hashes(run_dir: Path) -> dict[str, str]:
@@ -57,13 +57,6 @@ def steps_logged(run_dir: Path) -> list[int]:
 
 def checkpoint_names(run_dir: Path) -> list[str]:
     return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-
-
-@pytest.fixture(scope="module")
-def config(prepared_data: Path, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "tiny.toml"
-    path.write_text(CONFIG.format(data=prepared_data, steps=STEPS))
-    return path
 
 
 @pytest.fixture(scope="module")
