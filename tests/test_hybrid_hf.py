@@ -111,7 +111,12 @@ def test_a_folder_transformers_wrote_loads_with_its_logits(build, tmp_path):
             if name.endswith(("in_proj.weight", "out_proj.weight")):  # transformers' init leaves the SSM's share of the output tiny
                 p.mul_(10)
     hf.save_pretrained(tmp_path)
+    if isinstance(hf, NemotronHForCausalLM):  # the pattern as the published Nemotron-H folders name it
+        config = json.loads((tmp_path / "config.json").read_text())
+        del config["layers_block_type"]
+        (tmp_path / "config.json").write_text(json.dumps({**config, "hybrid_override_pattern": "M-M*-M*-"}))
     cfg, state = load_pretrained(tmp_path)
+    assert cfg.pattern == {NemotronHForCausalLM: "M-M*-M*-", BambaForCausalLM: "M-*-M-"}[type(hf)]
     model = Mamba2LM(cfg).eval()
     model.load_state_dict(state)
     ids = one_document_per_row(cfg)
