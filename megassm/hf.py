@@ -1,13 +1,10 @@
-"""State-dict and config mapping between megassm and the two published Mamba-2 formats: Hugging Face
+"""Config and state-dict mapping between megassm and the two published Mamba-2 formats: Hugging Face
 `transformers` Mamba2ForCausalLM and state-spaces' mamba-ssm MambaLMHeadModel (pure functions on
-dictionaries; megassm/pretrained.py reads and writes the folders).
+dictionaries; megassm/pretrained.py reads and writes the folders, megassm/hf_tensors.py maps the tensors).
 
-Both formats keep mamba-ssm's fused layout: one in_proj over [z | x | B | C | dt] and one conv1d
-over [x | B | C] of shape (channels, 1, width). megassm keeps each segment as its own
-parameter (parallel.ShardedSegments); here they are concatenated and split. The two formats' tensor
-names differ only in the embedding (`backbone.embeddings.weight` in transformers,
-`backbone.embedding.weight` in mamba-ssm); mamba-ssm's state dict holds `lm_head.weight` also when
-it is tied to the embedding.
+Both formats keep mamba-ssm's fused in_proj and conv1d. The two formats' tensor names differ only in the
+embedding (`backbone.embeddings.weight` in transformers, `backbone.embedding.weight` in mamba-ssm);
+mamba-ssm's state dict holds `lm_head.weight` also when it is tied to the embedding.
 
 Note: megassm, mamba-ssm and transformers' kernel path normalise the gated RMSNorm per group
 (d_inner / ngroups). transformers 5.24's PyTorch path does too; older versions' normalised over all
@@ -17,11 +14,10 @@ of d_inner, which agrees only when ngroups = 1.
 from __future__ import annotations
 
 import math
-import re
 
-import torch
 from torch import Tensor
 
+from megassm.hf_tensors import BACKBONE_LAYOUT, from_transformers, to_transformers
 from megassm.model.config import ModelConfig
 
 # transformers Mamba2Config field -> ModelConfig field.
@@ -44,66 +40,21 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
 def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
     """A ModelConfig from a transformers Mamba2Config's fields (`Mamba2Config.to_dict()`, which fills in the defaults
     that a `config.json` may leave out). Raises ValueError for a model megassm cannot represent."""
-    _require(hf, {"hidden_act": "silu"})
+    require(hf, {"hidden_act": "silu"})
     if hf["num_heads"] * hf["head_dim"] != hf["expand"] * hf["hidden_size"]:
         raise ValueError(f"num_heads * head_dim = {hf['num_heads']} * {hf['head_dim']} must equal "
                          f"expand * hidden_size = {hf['expand']} * {hf['hidden_size']}")
     return ModelConfig(**{ours: hf[theirs] for theirs, ours in _HF_FIELDS.items()}, **overrides)
 
 
-# megassm name -> transformers name, for tensors that map one to one (layer index as {i}).
-_RENAMES = {
-    "embedding.weight": "backbone.embeddings.weight",
-    "norm_f.weight": "backbone.norm_f.weight",
-    "lm_head.weight": "lm_head.weight",
-    "layers.{i}.norm.weight": "backbone.layers.{i}.norm.weight",
-    "layers.{i}.mixer.dt_bias": "backbone.layers.{i}.mixer.dt_bias",
-    "layers.{i}.mixer.A_log": "backbone.layers.{i}.mixer.A_log",
-    "layers.{i}.mixer.D": "backbone.layers.{i}.mixer.D",
-    "layers.{i}.mixer.norm_weight": "backbone.layers.{i}.mixer.norm.weight",
-    "layers.{i}.mixer.out_proj.weight": "backbone.layers.{i}.mixer.out_proj.weight",
-    "layers.{i}.mixer.out_proj.bias": "backbone.layers.{i}.mixer.out_proj.bias",
-}
-
-
 def to_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """megassm Mamba2LM state dict -> transformers Mamba2ForCausalLM state dict."""
-    layout, out = cfg.mamba_layout(), {}
-    for i in range(cfg.n_layer):
-        ours, theirs = f"layers.{i}.mixer.", f"backbone.layers.{i}.mixer."
-        out[theirs + "in_proj.weight"] = torch.cat([state[f"{ours}in_proj.weight.{s}"] for s in layout.in_proj_segments])
-        if cfg.proj_bias:
-            out[theirs + "in_proj.bias"] = torch.cat([state[f"{ours}in_proj.bias.{s}"] for s in layout.in_proj_segments])
-        out[theirs + "conv1d.weight"] = torch.cat([state[f"{ours}conv1d.weight.{s}"] for s in layout.conv_segments])[:, None, :]
-        if cfg.conv_bias:
-            out[theirs + "conv1d.bias"] = torch.cat([state[f"{ours}conv1d.bias.{s}"] for s in layout.conv_segments])
-    for name, tensor in state.items():
-        target = _rename(name, _RENAMES)
-        if target is not None:
-            out[target] = tensor
-    if cfg.tie_embeddings:
-        out["lm_head.weight"] = state["embedding.weight"]
-    return out
+    return to_transformers(state, cfg, BACKBONE_LAYOUT)
 
 
 def from_hf_state_dict(hf_state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """transformers Mamba2ForCausalLM state dict -> megassm Mamba2LM state dict."""
-    layout = cfg.mamba_layout()
-    inverse = {theirs: ours for ours, theirs in _RENAMES.items()}
-    out = {}
-    for i in range(cfg.n_layer):
-        ours, theirs = f"layers.{i}.mixer.", f"backbone.layers.{i}.mixer."
-        for kind in ("weight", "bias"):
-            if theirs + f"in_proj.{kind}" in hf_state:
-                out.update(_split(hf_state[theirs + f"in_proj.{kind}"], layout.in_proj_segments, f"{ours}in_proj.{kind}."))
-            if theirs + f"conv1d.{kind}" in hf_state:
-                fused = hf_state[theirs + f"conv1d.{kind}"]
-                out.update(_split(fused[:, 0, :] if kind == "weight" else fused, layout.conv_segments, f"{ours}conv1d.{kind}."))
-    for name, tensor in hf_state.items():
-        target = _rename(name, inverse)
-        if target is not None and not (cfg.tie_embeddings and target == "lm_head.weight"):
-            out[target] = tensor
-    return out
+    return from_transformers(hf_state, cfg, BACKBONE_LAYOUT)
 
 
 def to_mamba_ssm_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
@@ -155,9 +106,9 @@ def mamba_ssm_config_dict(cfg: ModelConfig) -> dict:
 def model_config_from_mamba_ssm(config: dict) -> ModelConfig:
     """A ModelConfig from a mamba-ssm `config.json` dictionary (defaults as MambaConfig's and Mamba2's). Raises
     ValueError for a model megassm cannot represent and KeyError for a missing field."""
-    _require(config, _MAMBA_SSM_FIXED)
+    require(config, _MAMBA_SSM_FIXED)
     ssm_cfg = {"layer": "Mamba1", **config.get("ssm_cfg", {})}  # mamba-ssm's default layer is Mamba-1
-    _require(ssm_cfg, _MAMBA2_FIXED, "ssm_cfg.")
+    require(ssm_cfg, _MAMBA2_FIXED, "ssm_cfg.")
     unknown = set(ssm_cfg) - set(MAMBA2_DEFAULTS) - set(_MAMBA2_FIXED) - _MAMBA2_IGNORED
     if unknown:
         raise ValueError(f"ssm_cfg.{sorted(unknown)[0]} is not a Mamba2 setting megassm knows")
@@ -173,28 +124,15 @@ def model_config_from_mamba_ssm(config: dict) -> ModelConfig:
     )
 
 
-def _require(config: dict, fixed: dict, prefix: str = "") -> None:
+def require(config: dict, fixed: dict, prefix: str = "") -> None:
     """ValueError unless each key of `fixed` is absent from config or has the value megassm's architecture implies."""
     for key, value in fixed.items():
         if config.get(key, value) != value:
-            raise ValueError(f"{prefix}{key} = {config[key]!r} is not supported (megassm's Mamba-2 has {value!r})")
+            raise ValueError(f"{prefix}{key} = {config[key]!r} is not supported (megassm's model has {value!r})")
 
 
 def _require_mamba_only(cfg: ModelConfig) -> None:
     """ValueError for a hybrid: both formats hold Mamba-2 blocks only."""
     if cfg.layer_kinds.strip("M"):
         raise ValueError(f"model.pattern = {cfg.pattern!r} has attention or MLP blocks: the transformers Mamba2 and mamba-ssm "
-                         "formats hold Mamba-2 blocks only")
-
-
-def _split(fused: Tensor, segments: dict[str, int], prefix: str) -> dict[str, Tensor]:
-    """A fused tensor cut into its segments along dim 0, named prefix + segment."""
-    return {prefix + name: part for name, part in zip(segments, fused.split(list(segments.values())))}
-
-
-def _rename(name: str, table: dict[str, str]) -> str | None:
-    match = re.fullmatch(r"(.*layers\.)(\d+)(\..*)", name)
-    if match is None:
-        return table.get(name)
-    target = table.get(f"{match[1]}{{i}}{match[3]}")
-    return None if target is None else target.replace("{i}", match[2])
+                         "formats hold Mamba-2 blocks only; transformers' NemotronH or Bamba holds a hybrid")

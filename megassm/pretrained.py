@@ -1,5 +1,5 @@
-"""Model weights in and out of folders of three formats: megassm checkpoints, transformers Mamba2 folders and
-mamba-ssm (state-spaces) folders.
+"""Model weights in and out of folders of three formats: megassm checkpoints, transformers folders (Mamba2, and
+the hybrids NemotronH and Bamba) and mamba-ssm (state-spaces) folders.
 
 `load_pretrained` reads any of them, telling them apart by their files, as a ModelConfig and a logical
 megassm state dict: the trainer's `checkpoint.init_from` (continue pretraining a published or converted
@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -26,24 +27,55 @@ from megassm.config import read_model_config as read_model_config_file
 from megassm.data import Meta
 from megassm.data.shards import META_FILE
 from megassm.hf import (
-    from_hf_state_dict,
     from_mamba_ssm_state_dict,
     hf_config_dict,
     mamba_ssm_config_dict,
     model_config_from_hf,
     model_config_from_mamba_ssm,
-    to_hf_state_dict,
     to_mamba_ssm_state_dict,
 )
+from megassm.hf_hybrid import (
+    BAMBA,
+    NEMOTRON_H,
+    bamba_config_dict,
+    model_config_from_bamba,
+    model_config_from_nemotron_h,
+    nemotron_h_config_dict,
+)
+from megassm.hf_tensors import BACKBONE_LAYOUT, BAMBA_LAYOUT, Layout, from_transformers, to_transformers
 from megassm.model import Mamba2LM, ModelConfig
 
 MEGASSM, TRANSFORMERS, MAMBA_SSM = "megassm", "transformers", "mamba-ssm"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each possibly sharded, with a NAME.index.json
 DESCRIPTIONS = {
     MEGASSM: f"a megassm checkpoint ({TRAINER_FILE} and DCP files) or run folder (checkpoints/step_N/)",
-    TRANSFORMERS: 'a transformers Mamba2 folder (config.json with "model_type": "mamba2")',
+    TRANSFORMERS: 'a transformers folder (config.json with "model_type" "mamba2", "nemotron_h" or "bamba")',
     MAMBA_SSM: "a mamba-ssm folder (config.json with d_model, n_layer, ssm_cfg)",
 }
+MAMBA2 = "mamba2"
+
+
+@dataclasses.dataclass(frozen=True)
+class HFFormat:
+    """A transformers model megassm reads and writes: its config mapping and where it keeps the tensors."""
+
+    architecture: str
+    config_dict: Callable[[ModelConfig], dict]  # raises ValueError if the format cannot hold the model
+    model_config: Callable[[dict], ModelConfig]  # from the config's to_dict()
+    layout: Layout
+    ties_head: bool  # transformers ties lm_head to the embedding when tie_word_embeddings (else it uses lm_head.weight as it is)
+
+
+HF_FORMATS = {  # by config.json's model_type
+    MAMBA2: HFFormat("Mamba2ForCausalLM", hf_config_dict, model_config_from_hf, BACKBONE_LAYOUT, ties_head=True),
+    NEMOTRON_H: HFFormat("NemotronHForCausalLM", nemotron_h_config_dict, model_config_from_nemotron_h, BACKBONE_LAYOUT, ties_head=False),
+    BAMBA: HFFormat("BambaForCausalLM", bamba_config_dict, model_config_from_bamba, BAMBA_LAYOUT, ties_head=True),
+}
+
+
+def default_hf_format(cfg: ModelConfig) -> str:
+    """The transformers model a model exports to unless asked: Mamba2 for Mamba-2 blocks only, NemotronH for a hybrid."""
+    return MAMBA2 if not cfg.layer_kinds.strip("M") else NEMOTRON_H
 
 
 class PretrainedError(UserError, ValueError):
@@ -58,10 +90,11 @@ def detect_format(path: str | Path) -> str:
     if (path / TRAINER_FILE).is_file() or checkpoints_in(path):
         return MEGASSM
     config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
-    if config.get("model_type") == "mamba2":
+    if config.get("model_type") in HF_FORMATS:
         return TRANSFORMERS
     if "model_type" in config:
-        raise PretrainedError(f"{path / 'config.json'}: model_type {config['model_type']!r}; megassm reads only Mamba-2 (\"mamba2\")")
+        raise PretrainedError(f"{path / 'config.json'}: model_type {config['model_type']!r}; megassm reads transformers' "
+                              f"{', '.join(map(repr, HF_FORMATS))} only")
     if {"d_model", "n_layer"} <= config.keys():
         return MAMBA_SSM
     raise PretrainedError(f"{path} is none of: {'; '.join(DESCRIPTIONS.values())}")
@@ -69,12 +102,12 @@ def detect_format(path: str | Path) -> str:
 
 def load_pretrained(path: str | Path, expect: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The model in `path` (any of the three formats) as its ModelConfig and logical megassm state dict (float32,
-    on CPU). With `expect`, the model must also fit that config's shapes (PretrainedError naming the fields that
-    differ), as when the trainer loads it into the model its [model] table builds."""
+    on CPU). With `expect`, the model must also fit that config's shapes and RoPE (PretrainedError naming the fields
+    that differ), as when the trainer loads it into the model its [model] table builds."""
     path = Path(path)
     fmt = detect_format(path)
     cfg, state = _READERS[fmt](path)
-    if expect is not None and _shapes(expect) != _shapes(cfg):
+    if expect is not None and (_shapes(expect), _rotary(expect)) != (_shapes(cfg), _rotary(cfg)):
         differ = [f"{f.name} {getattr(cfg, f.name)} (configured: {getattr(expect, f.name)})"
                   for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expect, f.name)]
         raise PretrainedError(f"{path} does not fit the configured model; it has {', '.join(differ)}")
@@ -124,19 +157,24 @@ def read_model_config(checkpoint: Path) -> ModelConfig:
 
 
 def save_transformers(cfg: ModelConfig, state: dict[str, Tensor], out: Path, dtype: torch.dtype = torch.float32,
-                      token_ids: dict[str, int | None] | None = None) -> None:
+                      token_ids: dict[str, int | None] | None = None, model_type: str | None = None) -> None:
     """A folder `transformers.AutoModelForCausalLM.from_pretrained` loads: config.json and model.safetensors
-    (sharded above 5 GB). token_ids: bos_token_id, eos_token_id, pad_token_id (None where the tokenizer has none;
-    left out, transformers' Mamba2 defaults would claim 0, 2 and 1)."""
+    (sharded above 5 GB), of the model_type in HF_FORMATS (default: default_hf_format). token_ids: bos_token_id,
+    eos_token_id, pad_token_id (None where the tokenizer has none; left out, transformers' defaults would claim
+    some). Raises ValueError, before writing anything, if the format cannot hold the model."""
     from huggingface_hub import save_torch_state_dict
-    from transformers import Mamba2Config
+    from transformers import AutoConfig
 
-    fields = {key: value for key, value in hf_config_dict(cfg).items() if key != "model_type"}
+    model_type = model_type or default_hf_format(cfg)
+    fmt = HF_FORMATS[model_type]
+    fields = {key: value for key, value in fmt.config_dict(cfg).items() if key != "model_type"}
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {})}
-    Mamba2Config(**fields, **ids, dtype=dtype).save_pretrained(out)
-    tensors = to_hf_state_dict(_cast(state, dtype), cfg)
-    if cfg.tie_embeddings:
+    AutoConfig.for_model(model_type, **fields, **ids, dtype=dtype).save_pretrained(out)
+    tensors = to_transformers(_cast(state, dtype), cfg, fmt.layout)
+    if cfg.tie_embeddings and fmt.ties_head:
         del tensors["lm_head.weight"]  # transformers ties it to the embedding when it loads
+    elif cfg.tie_embeddings:
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # saved as its own tensor, not deduplicated away
     save_torch_state_dict(tensors, out)
 
 
@@ -166,40 +204,43 @@ def _read_megassm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     return cfg, state
 
 
-def _published_reader(read_config: Callable[[Path], ModelConfig], to_ours: Callable, to_theirs: Callable, tied_head_optional: bool):
-    """The reader of a published format: its config, then its tensors checked in its own names and layout
-    (tied_head_optional: the format may leave out lm_head.weight when tied), then mapped to megassm's."""
+def _read_transformers(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    from transformers import AutoConfig  # fills in the defaults a config.json may leave out
 
-    def read(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-        try:
-            cfg = read_config(path)
-        except KeyError as error:
-            raise PretrainedError(f"{path / 'config.json'} lacks {error}") from None
-        except ValueError as error:
-            raise PretrainedError(f"{path / 'config.json'}: {error}") from None
-        theirs = _read_weights(path)
-        optional = {"lm_head.weight"} if cfg.tie_embeddings and tied_head_optional else set()
-        _check_tensors(theirs, {name: t.shape for name, t in to_theirs(_meta_state(cfg), cfg).items()}, path, optional)
-        return cfg, to_ours(theirs, cfg)
-
-    return read
+    fmt = HF_FORMATS[_read_json(path / "config.json")["model_type"]]
+    cfg = _published_config(path, lambda: fmt.model_config(AutoConfig.from_pretrained(path).to_dict()))
+    theirs = _published_tensors(path, cfg, partial(to_transformers, layout=fmt.layout), tied_head_optional=fmt.ties_head)
+    if cfg.tie_embeddings and not fmt.ties_head and not torch.equal(theirs["lm_head.weight"], theirs[fmt.layout.embedding]):
+        raise PretrainedError(f"{path / 'config.json'}: tie_word_embeddings is true, but lm_head.weight is not {fmt.layout.embedding}, "
+                              f"and transformers' {fmt.architecture} computes with lm_head.weight: set tie_word_embeddings to false")
+    return cfg, from_transformers(theirs, cfg, fmt.layout)
 
 
-def _hf_config(path: Path) -> ModelConfig:
-    from transformers import Mamba2Config  # fills in the defaults a config.json may leave out
-
-    return model_config_from_hf(Mamba2Config.from_pretrained(path).to_dict())
-
-
-def _mamba_ssm_config(path: Path) -> ModelConfig:
-    return model_config_from_mamba_ssm(_read_json(path / "config.json"))
+def _read_mamba_ssm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
+    cfg = _published_config(path, lambda: model_config_from_mamba_ssm(_read_json(path / "config.json")))
+    return cfg, from_mamba_ssm_state_dict(_published_tensors(path, cfg, to_mamba_ssm_state_dict, tied_head_optional=False), cfg)
 
 
-_READERS = {
-    MEGASSM: _read_megassm,
-    TRANSFORMERS: _published_reader(_hf_config, from_hf_state_dict, to_hf_state_dict, tied_head_optional=True),
-    MAMBA_SSM: _published_reader(_mamba_ssm_config, from_mamba_ssm_state_dict, to_mamba_ssm_state_dict, tied_head_optional=False),
-}
+def _published_config(path: Path, read: Callable[[], ModelConfig]) -> ModelConfig:
+    """A published folder's ModelConfig, read by `read`; PretrainedError naming config.json if megassm cannot represent it."""
+    try:
+        return read()
+    except KeyError as error:
+        raise PretrainedError(f"{path / 'config.json'} lacks {error}") from None
+    except ValueError as error:
+        raise PretrainedError(f"{path / 'config.json'}: {error}") from None
+
+
+def _published_tensors(path: Path, cfg: ModelConfig, to_theirs: Callable, tied_head_optional: bool) -> dict[str, Tensor]:
+    """A published folder's tensors, checked in the format's own names and shapes against its config
+    (tied_head_optional: the format may leave out lm_head.weight when tied)."""
+    theirs = _read_weights(path)
+    optional = {"lm_head.weight"} if cfg.tie_embeddings and tied_head_optional else set()
+    _check_tensors(theirs, {name: t.shape for name, t in to_theirs(_meta_state(cfg), cfg).items()}, path, optional)
+    return theirs
+
+
+_READERS = {MEGASSM: _read_megassm, TRANSFORMERS: _read_transformers, MAMBA_SSM: _read_mamba_ssm}
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
@@ -237,6 +278,11 @@ def _meta_state(cfg: ModelConfig) -> dict[str, Tensor]:
 
 def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {name: tensor.shape for name, tensor in _meta_state(cfg).items()}
+
+
+def _rotary(cfg: ModelConfig) -> tuple[float, int] | None:
+    """RoPE as the attention blocks apply it (theta, channels rotated), None without: the shapes do not tell it."""
+    return (cfg.rope_theta, cfg.rope_dim) if "*" in cfg.layer_kinds and cfg.rope_dim else None
 
 
 def _check_tensors(got: dict[str, Tensor], want: dict[str, torch.Size], where: Path, optional: set[str] = frozenset()) -> None:

@@ -1,21 +1,26 @@
-"""Convert Mamba-2 checkpoints between megassm and the published formats.
+"""Convert Mamba-2 and hybrid checkpoints between megassm and the published formats.
 
-    python tools/convert_checkpoint.py to-hf runs/debug/checkpoints/step_300 exports/debug-hf [--dtype bf16]
+    python tools/convert_checkpoint.py to-hf runs/debug/checkpoints/step_300 exports/debug-hf [--dtype bf16] [--format bamba]
     python tools/convert_checkpoint.py to-mamba-ssm runs/debug exports/debug-mamba-ssm
     python tools/convert_checkpoint.py from-hf path/to/mamba2-hf checkpoints/mamba2-hf
     python tools/convert_checkpoint.py from-mamba-ssm path/to/mamba2-130m checkpoints/mamba2-130m
 
 to-hf writes config.json and model.safetensors, which transformers' AutoModelForCausalLM.from_pretrained
-loads, and the run's tokenizer (--tokenizer, else the one of data.path in the checkpoint's config.toml; an
-error when neither is found): an HF tokenizer as it is; a sentencepiece model converted to tokenizer.json
-when transformers reproduces its ids exactly, else copied as tokenizer.model. to-mamba-ssm writes
-config.json and pytorch_model.bin for mamba_ssm's MambaLMHeadModel.from_pretrained. The source may also
-be a run folder: its newest checkpoint whose files are all there (a damaged newer one is skipped).
+loads, of the model --format names; by default Mamba2ForCausalLM for a model of Mamba-2 blocks only and
+NemotronHForCausalLM for a hybrid (any model.pattern; it needs model.rope = false and mlp_activation = "relu2").
+--format bamba writes BambaForCausalLM, for a pattern of "M-" and "*-" pairs (a Mamba-2 or attention block,
+then an MLP block) with mlp_activation = "swiglu" and RoPE. A model the format cannot hold is refused before
+anything is written, naming the key and the format that fits. to-hf also writes the run's tokenizer
+(--tokenizer, else the one of data.path in the checkpoint's config.toml; an error when neither is found): an
+HF tokenizer as it is; a sentencepiece model converted to tokenizer.json when transformers reproduces its ids
+exactly, else copied as tokenizer.model. to-mamba-ssm writes config.json and pytorch_model.bin for
+mamba_ssm's MambaLMHeadModel.from_pretrained (Mamba-2 blocks only). The source may also be a run folder: its
+newest checkpoint whose files are all there (a damaged newer one is skipped).
 
-from-hf and from-mamba-ssm write a megassm checkpoint at step 0 without optimizer state (DCP's files,
-model.toml, trainer.json): continue pretraining from it, or from the original folder, with
-checkpoint.init_from, on data prepared with the model's tokenizer (a transformers folder usually holds
-it; the state-spaces models use EleutherAI/gpt-neox-20b's).
+from-hf (a transformers Mamba2, NemotronH or Bamba folder) and from-mamba-ssm write a megassm checkpoint at
+step 0 without optimizer state (DCP's files, model.toml, trainer.json): continue pretraining from it, or from
+the original folder, with checkpoint.init_from, on data prepared with the model's tokenizer (a transformers
+folder usually holds it; the state-spaces models use EleutherAI/gpt-neox-20b's).
 """
 
 from __future__ import annotations
@@ -34,10 +39,12 @@ from megassm.data import DataError, load_tokenizer
 from megassm.data.tokenizer import HF_FILES, SENTENCEPIECE_FILE, SentencePieceTokenizer
 from megassm.pretrained import (
     DESCRIPTIONS,
+    HF_FORMATS,
     MAMBA_SSM,
     MEGASSM,
     TRANSFORMERS,
     checkpoint_folder,
+    default_hf_format,
     detect_format,
     load_pretrained,
     run_tokenizer,
@@ -67,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             command.add_argument("--dtype", choices=DTYPES, default="fp32", help="the weights' precision (default: fp32)")
         if name == "to-hf":
             command.add_argument("--tokenizer", type=Path, help="the tokenizer to export (default: the run's, from config.toml data.path)")
+            command.add_argument("--format", choices=HF_FORMATS, help="the transformers model_type to write (default: mamba2 for a "
+                                 "model of Mamba-2 blocks only, nemotron_h for a hybrid)")
     args = parser.parse_args(argv)
     try:
         print(convert(args))
@@ -84,13 +93,14 @@ def convert(args: argparse.Namespace) -> str:
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out} is not empty: give a new folder")
     source = checkpoint_folder(args.source) if found == MEGASSM else args.source
-    tokenizer = (args.tokenizer or tokenizer_to_export(source)) if args.command == "to-hf" else None
     cfg, state = load_pretrained(source)
     shape = f"d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.vocab_size}"
     if args.command == "to-hf":
-        token_ids, tokenizer_note = export_tokenizer(tokenizer, args.out)
-        save_transformers(cfg, state, args.out, DTYPES[args.dtype], token_ids)
-        return f"wrote {args.out}: transformers Mamba2ForCausalLM ({shape}, {args.dtype}); {tokenizer_note}"
+        model_type = args.format or default_hf_format(cfg)
+        HF_FORMATS[model_type].config_dict(cfg)  # a model the format cannot hold fails here, before anything is written
+        token_ids, tokenizer_note = export_tokenizer(args.tokenizer or tokenizer_to_export(source), args.out)
+        save_transformers(cfg, state, args.out, DTYPES[args.dtype], token_ids, model_type)
+        return f"wrote {args.out}: transformers {HF_FORMATS[model_type].architecture} ({shape}, {args.dtype}); {tokenizer_note}"
     if args.command == "to-mamba-ssm":
         save_mamba_ssm(cfg, state, args.out, DTYPES[args.dtype])
         return f"wrote {args.out}: mamba-ssm MambaLMHeadModel ({shape}, {args.dtype}); no tokenizer: mamba-ssm loads none"

@@ -1,10 +1,10 @@
-"""Continue a prompt with a Mamba-2 model on one device, and print the continuation.
+"""Continue a prompt with a Mamba-2 or hybrid model on one device, and print the continuation.
 
     python tools/generate.py runs/NAME --prompt "def fibonacci(" --max-new-tokens 200 --temperature 0.8 --top-k 50 --seed 0
 
 MODEL is a megassm checkpoint (checkpoints/step_N), a run folder (its newest checkpoint whose files are
-all there: a damaged newer one is skipped), or a transformers or mamba-ssm folder. The tokenizer is
---tokenizer, else the one of the data the run trained on (data.path in the checkpoint's config.toml),
+all there: a damaged newer one is skipped), or a transformers (Mamba2, NemotronH, Bamba) or mamba-ssm
+folder. The tokenizer is --tokenizer, else the one of the data the run trained on (data.path in the checkpoint's config.toml),
 else the model folder's own. As in the training data, the prompt starts a document: [eos] + tokens(prompt); generation stops at
 the next eos.
 """
