@@ -104,11 +104,15 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def check_layout_in_both_precisions(tp: int, cp: int, dp: int, sequence_parallel: bool) -> None:
+    for dtype in (torch.float64, torch.float32):
+        check_layout(CFG, tp, cp, dp, sequence_parallel, dtype)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_layout_matches_one_process(layout, dtype):
+def test_layout_matches_one_process(layout):
     tp, cp, dp, sp = LAYOUTS[layout]
-    run_distributed(check_layout, tp * cp * dp, CFG, tp, cp, dp, sp, dtype)
+    run_distributed(check_layout_in_both_precisions, tp * cp * dp, tp, cp, dp, sp)
 
 
 def count_mixer_collectives(sequence_parallel: bool, cfg: ModelConfig = CFG, kind: str = "M") -> None:
@@ -154,18 +158,18 @@ def test_context_parallel_bytes_do_not_grow_with_sequence_length():
     run_distributed(cp_bytes_per_layer, 2)
 
 
-def refuse_layout(tp: int, cp: int, dp: int, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        ctx = init_parallel(tp, cp, dp, backend="gloo")
-        Mamba2LM(dataclasses.replace(CFG, ngroups=2), ctx)
+IMPOSSIBLE_LAYOUTS = [  # (tp, cp, dp, the error) in a world of 4
+    (2, 2, 2, r"parallel.tp \* parallel.cp \* parallel.dp = 2 \* 2 \* 2 = 8, but the world size is 4"),
+    (4, 1, 1, r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups\)"),
+]
 
 
-@pytest.mark.parametrize(
-    "tp, cp, dp, message",
-    [
-        (2, 2, 2, r"parallel.tp \* parallel.cp \* parallel.dp = 2 \* 2 \* 2 = 8, but the world size is 4"),
-        (4, 1, 1, r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups\)"),
-    ],
-)
-def test_impossible_layouts_are_refused(tp, cp, dp, message):
-    run_distributed(refuse_layout, 4, tp, cp, dp, message)
+def refuse_layouts() -> None:
+    for tp, cp, dp, message in IMPOSSIBLE_LAYOUTS:
+        with pytest.raises(ValueError, match=message):
+            ctx = init_parallel(tp, cp, dp, backend="gloo")
+            Mamba2LM(dataclasses.replace(CFG, ngroups=2), ctx)
+
+
+def test_impossible_layouts_are_refused():
+    run_distributed(refuse_layouts, 4)

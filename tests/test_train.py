@@ -105,19 +105,29 @@ def test_checkpoint_every_minus_one_writes_none(config, tmp_path):
     assert by_step(records, "loss").keys() == {1, 2} and not (tmp_path / "run" / "checkpoints").exists()
 
 
+TP2_CP2 = ["--parallel.tp=2", "--parallel.cp=2"]
+# Four processes each; tp2 x cp2 with activation checkpointing is the run below that crashes, DeepSpeed's layouts
+# run where checkpoints move between engines.
 LAYOUTS = {
-    "tp2-cp2": ["--parallel.tp=2", "--parallel.cp=2"],
     "dp2-cp2": ["--parallel.cp=2"],
     "dp2-tp2-sequence-parallel": ["--parallel.tp=2", "--parallel.sequence_parallel=true"],
-    "dp2-tp2-deepspeed-zero2": ["--parallel.tp=2", "--parallel.engine=deepspeed", "--parallel.zero_stage=2"],
-    "dp2-cp2-deepspeed-zero1": ["--parallel.cp=2", "--parallel.engine=deepspeed", "--parallel.zero_stage=1"],
-    "tp2-cp2-activation-checkpointing": ["--parallel.tp=2", "--parallel.cp=2", "--train.activation_checkpointing=true"],
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_torchrun_layout_matches_one_process(layout, config, one_process, tmp_path):
     assert_same_run(train(config, tmp_path / "run", 4, *LAYOUTS[layout]), one_process)
+
+
+@pytest.fixture(scope="module")
+def tp2_cp2_run(config, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """A tp=2 x cp=2 run with activation checkpointing under torchrun: its folder and metrics."""
+    run_dir = tmp_path_factory.mktemp("tp2-cp2") / "run"
+    return run_dir, train(config, run_dir, 4, *TP2_CP2, "--train.activation_checkpointing=true")
+
+
+def test_torchrun_tp2_cp2_with_activation_checkpointing_matches_one_process(tp2_cp2_run, one_process):
+    assert_same_run(tp2_cp2_run[1], one_process)
 
 
 def lose_the_last_checkpoint(run_dir: Path) -> None:
@@ -128,21 +138,22 @@ def lose_the_last_checkpoint(run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def crashed_tp2_cp2_run(config, tmp_path_factory) -> Path:
-    """A tp=2 x cp=2 run whose last complete checkpoint is step 2."""
-    run_dir = tmp_path_factory.mktemp("crashed") / "run"
-    train(config, run_dir, 4, *LAYOUTS["tp2-cp2"])
+def crashed_tp2_cp2_run(tp2_cp2_run, tmp_path_factory) -> Path:
+    """The tp=2 x cp=2 run as if it had crashed: its last complete checkpoint is step 2."""
+    run_dir = Path(shutil.copytree(tp2_cp2_run[0], tmp_path_factory.mktemp("crashed") / "run"))
     lose_the_last_checkpoint(run_dir)
     return run_dir
 
 
-RESHARDED = {"cp4": (4, ["--parallel.cp=4"]), "tp4": (4, ["--parallel.tp=4"]), "dp2-tp2": (4, ["--parallel.tp=2"]), "one-process": (1, [])}
+# (tp4 resumes the hybrid's run below; tools/bench_parallel.py's reshard test goes from tp2 to cp2.)
+RESHARDED = {"cp4": (4, ["--parallel.cp=4"]), "one-process": (1, []),
+             "dp4-deepspeed-zero1": (4, ["--parallel.engine=deepspeed", "--parallel.zero_stage=1"])}
 
 
 @pytest.mark.parametrize("layout", RESHARDED)
 def test_resume_after_a_crash_continues_exactly_on_another_layout(layout, crashed_tp2_cp2_run, config, one_process, tmp_path):
-    """The crashed tp=2 x cp=2 run resumes at step 2 under another layout and produces the
-    uninterrupted run's steps 3 and 4."""
+    """The crashed tp=2 x cp=2 run resumes at step 2 under another layout (or DeepSpeed's engine) and produces
+    the uninterrupted run's steps 3 and 4."""
     run_dir = Path(shutil.copytree(crashed_tp2_cp2_run, tmp_path / "run"))
     nproc, overrides = RESHARDED[layout]
     resumed = train(config, run_dir, nproc, *overrides)
@@ -150,16 +161,15 @@ def test_resume_after_a_crash_continues_exactly_on_another_layout(layout, crashe
     assert_same_run(resumed, [r for r in one_process if r["step"] > 2])
 
 
-def test_a_hybrid_matches_one_process_and_resumes_on_another_layout(prepared_data, tmp_path):
-    """debug-hybrid (Mamba-2, attention and MLP blocks): a tp=2 x cp=2 run is the one-process run, and its step-2
-    checkpoint resumed under tp=4 (the key/value heads replicated) continues it."""
+def test_a_hybrid_resumes_on_another_layout(prepared_data, tmp_path):
+    """debug-hybrid (Mamba-2, attention and MLP blocks): the one-process run's step-2 checkpoint, resumed under
+    tp=2 x cp=2, continues it (tests/test_hybrid.py compares every layout with one process)."""
     config = tmp_path / "hybrid.toml"
     config.write_text(CONFIG.format(data=prepared_data, steps=STEPS).replace('preset = "debug"', 'preset = "debug-hybrid"'))
-    one = train(config, tmp_path / "one", 1)
     run_dir = tmp_path / "run"
-    assert_same_run(train(config, run_dir, 4, *LAYOUTS["tp2-cp2"]), one)
+    one = train(config, run_dir, 1)
     lose_the_last_checkpoint(run_dir)
-    assert_same_run(train(config, run_dir, 4, "--parallel.tp=4"), [r for r in one if r["step"] > 2])
+    assert_same_run(train(config, run_dir, 4, *TP2_CP2), [r for r in one if r["step"] > 2])
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(crashed_tp2_cp2_run, config, one_process, tmp_path, capfd):
@@ -174,15 +184,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_with_a_warning_naming_it(crashed
     assert_same_run(read_metrics(run_dir), [r for r in one_process if r["step"] > 2])
 
 
-@pytest.mark.parametrize("first, then", [(("dp2-tp2-deepspeed-zero2", 4), ("ddp", 1)), (("ddp", 1), ("dp4-deepspeed-zero1", 4))],
-                         ids=["zero2-to-ddp", "ddp-to-zero1"])
-def test_checkpoints_move_between_engines(first, then, config, one_process, tmp_path):
-    """Both engines write the same logical checkpoint, optimizer state included."""
-    layouts = {**LAYOUTS, "ddp": [], "dp4-deepspeed-zero1": ["--parallel.engine=deepspeed", "--parallel.zero_stage=1"]}
+def test_a_deepspeed_run_matches_one_process_and_its_checkpoint_resumes_under_ddp(config, one_process, tmp_path):
+    """DeepSpeed ZeRO-2 (dp2 x tp2) trains as one process and writes the logical checkpoint DDP reads, optimizer
+    state included (the other way: a DDP run resumed by ZeRO-1 above)."""
     run_dir = tmp_path / "run"
-    train(config, run_dir, first[1], *layouts[first[0]])
+    zero2 = ["--parallel.tp=2", "--parallel.engine=deepspeed", "--parallel.zero_stage=2"]
+    assert_same_run(train(config, run_dir, 4, *zero2), one_process)
     lose_the_last_checkpoint(run_dir)
-    assert_same_run(train(config, run_dir, then[1], *layouts[then[0]]), [r for r in one_process if r["step"] > 2])
+    assert_same_run(train(config, run_dir, 1), [r for r in one_process if r["step"] > 2])
 
 
 def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(config, tmp_path):
