@@ -12,7 +12,7 @@ import torch
 from megassm.hf import hf_config_dict, mamba_ssm_config_dict
 from megassm.model import MIXERS, Attention, Mamba2LM, ModelConfig
 from megassm.model.config import LAYER_KINDS
-from megassm.ops.attention import causal_document_attention
+from megassm.ops.attention import causal_document_attention, shared_block_masks
 from tests.distributed import run_distributed
 from tests.test_generate import nontrivial
 from tests.test_parallel import check_layout, count_mixer_collectives
@@ -79,6 +79,28 @@ def test_flex_attention_masks_as_the_reference():
     for ids in ((q_seq_idx, k_seq_idx), (None, None)):
         want = causal_document_attention(q, k, v, *ids)
         torch.testing.assert_close(causal_document_attention(q, k, v, *ids, flex=True), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_block_mask_built_once_per_scope(monkeypatch):
+    """Within shared_block_masks() a second call over the same document ids reuses the first's block mask; other ids,
+    other lengths or a new scope build their own, and every call still equals the reference."""
+    import torch.nn.attention.flex_attention as flex
+
+    built = []
+    create = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *args, **kwargs: built.append(args[3:5]) or create(*args, **kwargs))
+    q, k, v = torch.randn(2, 2, 24, 8), torch.randn(2, 2, 24, 8), torch.randn(2, 2, 24, 8)
+    ids, other = torch.tensor([[0] * 5 + [1] * 19, [2] * 24]), torch.tensor([[0] * 12 + [1] * 12, [0] * 24])
+    with shared_block_masks():
+        for seq_idx in (ids, ids, other, ids):
+            got = causal_document_attention(q, k, v, seq_idx, seq_idx, flex=True)
+            torch.testing.assert_close(got, causal_document_attention(q, k, v, seq_idx, seq_idx), rtol=1e-5, atol=1e-6)
+        causal_document_attention(q[:, :, 8:], k, v, ids[:, 8:], ids, flex=True)
+    assert built == [(24, 24), (24, 24), (16, 24)]
+    with shared_block_masks():
+        causal_document_attention(q, k, v, ids, ids, flex=True)
+    assert len(built) == 4
 
 
 HYBRID_LAYOUTS = [(4, 1, 1, False), (2, 2, 1, False), (2, 1, 2, True), (1, 2, 2, False)]  # tp, cp, dp, sequence_parallel

@@ -13,6 +13,7 @@ from megassm.model.block import Block, RMSNorm
 from megassm.model.config import ModelConfig
 from megassm.model.cuda_graphs import BlockGraphs
 from megassm.model.init import uniform_fan_in
+from megassm.ops.attention import shared_block_masks
 from megassm.ops.dtypes import upcast
 from parallel import (
     LOSS_CHUNK_TOKENS,
@@ -98,7 +99,8 @@ class Mamba2LM(nn.Module):
                    states: list[Any] | None = None) -> tuple[Tensor, Tensor, list[Any] | None]:
         """The blocks in order: (residual stream, last block's output not yet added to it, and given states, the states after)."""
         update, after = None, []
-        for i, layer in enumerate(self.layers):
-            h, update, state = layer(h, update, seq_idx, halo_seq_idx, None if states is None else states[i])
-            after.append(state)
+        with shared_block_masks():  # the attention blocks build one block mask for the pass
+            for i, layer in enumerate(self.layers):
+                h, update, state = layer(h, update, seq_idx, halo_seq_idx, None if states is None else states[i])
+                after.append(state)
         return h, update, None if states is None else after

@@ -4,17 +4,36 @@ Queries are the last lq of the lk keys' positions (a rank's slice after the gath
 or new tokens after a KV cache): query i sees key j when j <= i + lk - lq and both belong to the same
 document (seq_idx). Two implementations of the same function: the reference, an explicit masked softmax
 (any device and dtype, float64 in the tests), and on CUDA flex_attention with a block mask built from the
-same rule, which skips the blocks the mask empties (compiled: the fused kernel).
+same rule, which skips the blocks the mask empties (compiled: the fused kernel). Within `shared_block_masks()`
+(the model's blocks, one forward pass) attention over the same document ids builds that block mask once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from contextvars import ContextVar
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from parallel.compiled import maybe_compiled
+
+# Open block-mask scopes: (q_seq_idx, k_seq_idx, lq, lk) -> block mask. The keys' tensors are kept alive by the
+# scope, so their ids cannot be reused by other tensors while it is open.
+_BLOCK_MASKS: ContextVar[dict | None] = ContextVar("block_masks", default=None)
+
+
+@contextlib.contextmanager
+def shared_block_masks() -> Iterator[None]:
+    """A scope in which flex_attention's block mask is built once per (document ids, lengths) and reused by later
+    calls, e.g. by every attention block of one forward pass (under a CUDA graph, inside the captured kernels)."""
+    token = _BLOCK_MASKS.set({})
+    try:
+        yield
+    finally:
+        _BLOCK_MASKS.reset(token)
 
 
 def rotary(x: Tensor, positions: Tensor, rope_dim: int, theta: float) -> Tensor:
@@ -68,7 +87,13 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, q_seq_idx: Tensor | None, k
         causal = kv_idx <= q_idx + offset
         return causal if q_seq_idx is None else causal & (q_seq_idx[b, q_idx] == k_seq_idx[b, kv_idx])
 
-    batch = None if q_seq_idx is None else q.shape[0]
-    block_mask = create_block_mask(visible, batch, None, lq, lk, device=q.device, _compile=compile)
+    scope, key = _BLOCK_MASKS.get(), (id(q_seq_idx), id(k_seq_idx), lq, lk)
+    if scope is not None and key in scope:
+        block_mask = scope[key][-1]
+    else:
+        batch = None if q_seq_idx is None else q.shape[0]
+        block_mask = create_block_mask(visible, batch, None, lq, lk, device=q.device, _compile=compile)
+        if scope is not None:
+            scope[key] = (q_seq_idx, k_seq_idx, block_mask)
     attend = maybe_compiled(flex_attention, compile, q.device)
     return attend(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
