@@ -353,11 +353,11 @@ def validate(cfg: Config, world_size: int) -> None:
 def cuda_graph_blockers(cfg: Config) -> list[str]:
     """What keeps the blocks from being replayed as CUDA graphs under this config (empty: nothing).
     A graph replays its kernels without Python: the blocks may not communicate (TP, CP) nor leave
-    the step to an engine that reorders the backward pass (DeepSpeed). Attention blocks build their
-    block mask from each batch's documents (flex_attention's create_block_mask), untried under capture."""
+    the step to an engine that reorders the backward pass (DeepSpeed). Attention's flex_attention copies from
+    the CPU when it runs eager, which a capture forbids."""
     par, blockers = cfg.parallel, []
-    if "*" in cfg.model.layer_kinds:
-        blockers.append("no attention blocks ('*') in model.pattern")
+    if "*" in cfg.model.layer_kinds and not cfg.kernels.compile:
+        blockers.append("kernels.compile = true with attention blocks ('*')")
     if par.tp > 1:
         blockers.append("parallel.tp = 1")
     if par.cp > 1:

@@ -113,10 +113,12 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
 
 
 def memory_gib(device: torch.device) -> float:
-    """Peak GiB allocated on a CUDA device since the last call (the peak is reset after reading, so each
-    log line reports its own interval); on CPU the process's maximum resident set size so far."""
+    """Peak GiB reserved by PyTorch's allocator on a CUDA device since the last call (the peak is reset after
+    reading, so each log line reports its own interval): tensors, cached blocks and CUDA graphs' private pools,
+    whose memory stays taken between replays but counts as allocated only while they capture. On CPU the
+    process's maximum resident set size so far."""
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
+        peak = torch.cuda.max_memory_reserved(device)
         torch.cuda.reset_peak_memory_stats(device)
         return peak / GIB
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -26,8 +26,9 @@ def config(*overrides: str, world_size: int = 1):
     (["--data.micro_batch=1", "--data.global_batch=1", f"--data.seq_len={2 * GRAPHS_AUTO_MAX_TOKENS}", "--parallel.cp=2"], 2,
      (False, "no CUDA graphs (they need parallel.cp = 1)")),
     (["--train.cuda_graphs=false"], 1, (False, "no CUDA graphs")),
-    (["--model.preset=debug-hybrid"], 1, (False, "no CUDA graphs (they need no attention blocks ('*') in model.pattern)")),
-    (["--model.preset=debug-hybrid", "--model.pattern=M-M-M-M-"], 1, (True, "CUDA graphs")),
+    (["--model.preset=debug-hybrid"], 1, (True, "CUDA graphs")),
+    (["--model.preset=debug-hybrid", "--kernels.compile=false"], 1,
+     (False, "no CUDA graphs (they need kernels.compile = true with attention blocks ('*'))")),
 ])
 def test_auto_graphs_where_correct_and_worth_it(overrides, world, expected):
     assert cuda_graphs_choice(config(*overrides, world_size=world), CUDA) == expected

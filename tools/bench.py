@@ -52,7 +52,7 @@ FAMILIES = (
 
 
 def parse_case(case: str) -> tuple[str, int, int]:
-    match = re.fullmatch(r"([\w.]+):(\d+)x(\d+)", case)
+    match = re.fullmatch(r"([\w.-]+):(\d+)x(\d+)", case)
     if not match:
         raise SystemExit(f"bench: case {case!r} is not SIZE:BATCHxSEQLEN, e.g. 130m:8x2048")
     return match[1], int(match[2]), int(match[3])
@@ -292,7 +292,7 @@ def check(args) -> None:
     # Two micro batches per step (gradient accumulation), and a validation loss after the steps (graphs replayed without gradients).
     common = [f"data.global_batch={2 * batch}", "train.eval_every=1000", f"train.eval_samples={2 * batch}", *args.set]
     fast = spawn(args, "megassm", args.check_case, [*common, "kernels.backend=triton", "train.cuda_graphs=true"])
-    reference = spawn(args, "megassm", args.check_case, [*common, "kernels.backend=torch", "kernels.compile=false"])
+    reference = spawn(args, "megassm", args.check_case, [*common, "kernels.backend=torch", "kernels.compile=false", "train.cuda_graphs=false"])
     if "losses" not in fast or "losses" not in reference:
         raise SystemExit(f"bench --check: a run failed: fast {fast.get('error')}, reference {reference.get('error')}")
     rows, worst = [], 0.0
