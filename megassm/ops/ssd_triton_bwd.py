@@ -1,0 +1,216 @@
+"""The backward kernels of megassm's Triton SSD (the derivation: megassm/ops/ssd_triton.py).
+
+Two launches after the forward's dt kernel (and, when the forward's states were not kept, its states
+kernel): `_state_grads_kernel` walks the chunks in reverse and leaves G[c], the gradient of the state
+leaving each chunk; `_chunk_grads_kernel` then gives every gradient of a chunk from its tokens, its
+entering state, the state leaving it and G[c], parallel over chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from megassm.ops.ssd_triton_fwd import _chunk_tokens, _state_configs, head_slice, pow2
+
+
+@triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
+@triton.jit
+def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, L, nchunks, H, heads_per_group, batch_heads,
+                        stride_dy_b, stride_dy_l, stride_dy_h, stride_C_b, stride_C_l, stride_C_g, stride_seq_b,
+                        P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For one (batch, head) and a (BLOCK_P, BLOCK_N) tile, chunk after chunk from the last:
+        dstates[c] = G (the gradient of the state leaving chunk c; at first d(final states)),
+        G <- [doc_out == doc_in] exp(cs_last) G + sum_i [doc_i == doc_in] exp(cs_i) dy_i C_i^T,
+    and d(initial states) = G at the end; G in fp32 registers, dstates in its dtype."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H
+    g = h // heads_per_group
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_ok = (p < P)[:, None] & (n < N)[None, :]
+    tile = p[:, None] * N + n[None, :]
+    if HAS_DFINAL:
+        grad = tl.load(dfinal_ptr + bh.to(tl.int64) * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    dy_base = dy_ptr + b * stride_dy_b + h * stride_dy_h
+    C_base = C_ptr + b * stride_C_b + g * stride_C_g
+    head_time = bh.to(tl.int64) * L
+    for k in range(nchunks):
+        c = nchunks - 1 - k
+        tl.store(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, grad.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
+        rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+        cs = tl.load(cs_ptr + head_time + rows, mask=valid, other=0.0)
+        cs_last = tl.load(cs_ptr + head_time + last)
+        weight = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
+        dy = tl.load(dy_base + rows[:, None] * stride_dy_l + p[None, :], mask=valid[:, None] & (p < P)[None, :], other=0.0)
+        Cc = tl.load(C_base + rows[:, None] * stride_C_l + n[None, :], mask=valid[:, None] & (n < N)[None, :], other=0.0)
+        carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
+        grad = grad * carry + tl.dot(tl.trans((dy * weight[:, None]).to(dy.dtype)), Cc)
+    tl.store(dinit_ptr + bh.to(tl.int64) * P * N + tile, grad, mask=tile_ok)
+
+
+def _chunk_grad_configs() -> list[triton.Config]:
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+
+
+@triton.autotune(configs=_chunk_grad_configs(), key=["P", "N", "Q", "HEADS"])
+@triton.jit
+def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, A_ptr, bias_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr,
+                        dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_part_ptr, dbias_part_ptr, dD_part_ptr, L, nchunks, H, heads_per_group,
+                        dt_min, dt_max, stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g,
+                        stride_C_b, stride_C_l, stride_C_g, stride_dy_b, stride_dy_l, stride_dy_h, stride_dt_b, stride_dt_l, stride_seq_b,
+                        stride_dx_b, stride_dx_l, stride_dx_h, stride_ddt_b, stride_ddt_l,
+                        stride_dB_s, stride_dB_b, stride_dB_l, stride_dB_g, stride_dC_s, stride_dC_b, stride_dC_l, stride_dC_g,
+                        P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_P: tl.constexpr,
+                        BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
+                        D_PER_CHANNEL: tl.constexpr):
+    """Chunk c's gradients for HEADS heads of one group; with decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j),
+    W_ij = (dy_i . x_j) decay_ij, out_j = [doc_j == doc_out] exp(cs_last - cs_j), in_i = [doc_i == doc_in] exp(cs_i),
+    S = states[c], S' = states[c + 1], G = dstates[c]:
+        dx_j  = sum_i (C_i . B_j) decay_ij dt_j dy_i + out_j dt_j G B_j + D dy_j
+        dC_i  = sum_j W_ij dt_j B_j + in_i S^T dy_i                 (summed over the program's heads)
+        dB_j  = sum_i W_ij dt_j C_i + out_j dt_j G^T x_j            (likewise)
+        ddt_j = sum_i W_ij (C_i . B_j) + out_j x_j^T G B_j + A d(dA)_j, d(dA)_j = sum_{k >= j} ds_k,
+        ds_k  = C_k . dC_k - B_k . dB_k (this head's) + [k == last] <G, S'>,
+    then ddt through the clamp and softplus; dA, d(dt_bias) and dD as this chunk's partial sums."""
+    b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
+    first_head = tl.program_id(1) * HEADS
+    g = first_head // heads_per_group
+    head_slice = (first_head % heads_per_group) // HEADS
+    rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    n_ok, p_ok = valid[:, None] & (n < N)[None, :], valid[:, None] & (p < P)[None, :]
+    Cc = tl.load(C_ptr + b * stride_C_b + g * stride_C_g + rows[:, None] * stride_C_l + n[None, :], mask=n_ok, other=0.0)
+    Bc = tl.load(B_ptr + b * stride_B_b + g * stride_B_g + rows[:, None] * stride_B_l + n[None, :], mask=n_ok, other=0.0)
+    CB = tl.dot(Cc, tl.trans(Bc))
+    causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
+    from_state, to_end = valid & (doc == doc_in), valid & (doc == doc_out)
+    tile_ok = (p < P)[:, None] & (n < N)[None, :]
+    tile = p[:, None] * N + n[None, :]
+    dB_sum = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
+    dC_sum = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
+    for k in range(HEADS):
+        h = first_head + k
+        head_time = (b * H + h) * L
+        cs = tl.load(cs_ptr + head_time + rows, mask=valid, other=0.0)
+        cs_last = tl.load(cs_ptr + head_time + last)
+        dt = tl.load(dt_ptr + head_time + rows, mask=valid, other=0.0)
+        x = tl.load(x_ptr + b * stride_x_b + h * stride_x_h + rows[:, None] * stride_x_l + p[None, :], mask=p_ok, other=0.0)
+        dy = tl.load(dy_ptr + b * stride_dy_b + h * stride_dy_h + rows[:, None] * stride_dy_l + p[None, :], mask=p_ok, other=0.0)
+        state_at = ((b * (nchunks + 1) + c) * H + h) * P * N + tile
+        S = tl.load(states_ptr + state_at, mask=tile_ok, other=0.0)
+        S_next = tl.load(states_ptr + state_at + H * P * N, mask=tile_ok, other=0.0)
+        G = tl.load(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, mask=tile_ok, other=0.0)
+
+        decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
+        W = tl.dot(dy, tl.trans(x)) * decay
+        W_dt = (W * dt[None, :]).to(x.dtype)
+        out_dt = tl.where(to_end, tl.exp(cs_last - cs), 0.0) * dt
+        xG = tl.dot(x, G)
+        dC = tl.dot(W_dt, Bc) + tl.where(from_state, tl.exp(cs), 0.0)[:, None] * tl.dot(dy, S)
+        dB = tl.dot(tl.trans(W_dt), Cc) + out_dt[:, None] * xG
+        dx = tl.dot(tl.trans((CB * decay * dt[None, :]).to(x.dtype)), dy) + out_dt[:, None] * tl.dot(Bc, tl.trans(G))
+        if HAS_D:
+            if D_PER_CHANNEL:
+                D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
+            else:
+                D = tl.load(D_ptr + h).to(tl.float32)
+            dx += D * dy.to(tl.float32)
+            dD_part = tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0)
+            tl.store(dD_part_ptr + (tl.program_id(0) * H + h) * P + p, dD_part, mask=p < P)
+        tl.store(dx_ptr + b * stride_dx_b + h * stride_dx_h + rows[:, None] * stride_dx_l + p[None, :], dx.to(dx_ptr.dtype.element_ty),
+                 mask=p_ok)
+
+        ds = tl.sum(Cc.to(tl.float32) * dC, axis=1) - tl.sum(Bc.to(tl.float32) * dB, axis=1)
+        ds += tl.where(rows == last, tl.sum(G.to(tl.float32) * S_next.to(tl.float32)), 0.0)
+        d_dA = tl.cumsum(ds, axis=0, reverse=True)
+        A = tl.load(A_ptr + h).to(tl.float32)
+        tl.store(dA_part_ptr + tl.program_id(0) * H + h, tl.sum(dt * d_dA))
+        ddt = tl.sum(W * CB, axis=0) + tl.where(to_end, tl.exp(cs_last - cs), 0.0) * tl.sum(xG * Bc.to(tl.float32), axis=1) + A * d_dA
+
+        # Through dt's processing, recomputed from the raw dt: clamp (gradient where not clamped), softplus.
+        v = tl.load(dt_raw_ptr + b * stride_dt_b + rows * stride_dt_l + h, mask=valid, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + h).to(tl.float32)
+        if SOFTPLUS:
+            ddt = tl.where(v <= 20.0, ddt * tl.sigmoid(v), ddt)
+            v = tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
+        ddt = tl.where(valid & (v >= dt_min) & (v <= dt_max), ddt, 0.0)
+        tl.store(ddt_ptr + b * stride_ddt_b + rows * stride_ddt_l + h, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+        tl.store(dbias_part_ptr + tl.program_id(0) * H + h, tl.sum(ddt))
+        dB_sum += dB
+        dC_sum += dC
+    tl.store(dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + g * stride_dB_g + rows[:, None] * stride_dB_l + n[None, :],
+             dB_sum.to(dB_ptr.dtype.element_ty), mask=n_ok)
+    tl.store(dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + g * stride_dC_g + rows[:, None] * stride_dC_l + n[None, :],
+             dC_sum.to(dC_ptr.dtype.element_ty), mask=n_ok)
+
+
+def state_grads(dy: Tensor, C: Tensor, cs: Tensor, seq_idx: Tensor | None, dfinal_states: Tensor | None, heads: int,
+                chunk: int) -> tuple[Tensor, Tensor]:
+    """(dstates (b, nchunks, h, p, n) in dy's dtype: the gradient of the state leaving each chunk;
+    d(initial states) (b, h, p, n) fp32)."""
+    batch, length, _, headdim = dy.shape
+    groups, dstate = C.shape[2:]
+    nchunks = triton.cdiv(length, chunk)
+    dstates = torch.empty(batch, nchunks, heads, headdim, dstate, dtype=dy.dtype, device=dy.device)
+    dinit = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=dy.device)
+    grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
+    _state_grads_kernel[grid](dy, C, cs, dy if seq_idx is None else seq_idx, dy if dfinal_states is None else dfinal_states, dstates,
+                              dinit, length, nchunks, heads, heads // groups, batch * heads, dy.stride(0), dy.stride(1), dy.stride(2),
+                              C.stride(0), C.stride(1), C.stride(2), 0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate,
+                              Q=chunk, HAS_DFINAL=dfinal_states is not None, HAS_SEQ=seq_idx is not None)
+    return dstates, dinit
+
+
+def _group_grad_target(buffer: Tensor | None, like: Tensor, slices: int) -> tuple[Tensor, int]:
+    """Where the kernel writes dB (or dC) and its stride between head slices: the caller's buffer (or a
+    new one) when one slice holds a group's heads, else fp32 partial sums (slices, b, l, g, n) to add."""
+    if slices == 1:
+        return (torch.empty(like.shape, dtype=like.dtype, device=like.device) if buffer is None else buffer), 0
+    partial = torch.empty(slices, *like.shape, dtype=torch.float32, device=like.device)
+    return partial, partial.stride(0)
+
+
+def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, dt: Tensor, cs: Tensor, states: Tensor,
+                dstates: Tensor, D: Tensor | None, dt_bias: Tensor | None, seq_idx: Tensor | None, dt_softplus: bool,
+                dt_limit: tuple[float, float], chunk: int, dx: Tensor | None, ddt: Tensor | None, dB: Tensor | None,
+                dC: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(dx, ddt, dA, dB, dC, dD, d(dt_bias)), written into dx, ddt, dB, dC where given."""
+    batch, length, heads, headdim = x.shape
+    groups, dstate = B.shape[2:]
+    nchunks = triton.cdiv(length, chunk)
+    heads_per_program = head_slice(heads // groups, batch * nchunks * groups)
+    slices = heads // groups // heads_per_program
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
+    ddt = torch.empty(dt_raw.shape, dtype=dt_raw.dtype, device=x.device) if ddt is None else ddt
+    dB_target, dB_slice_stride = _group_grad_target(dB, B, slices)
+    dC_target, dC_slice_stride = _group_grad_target(dC, C, slices)
+    dA_part = torch.empty(batch * nchunks, heads, dtype=torch.float32, device=x.device)
+    dbias_part = torch.empty_like(dA_part)
+    dD_part = torch.empty(batch * nchunks, heads, headdim, dtype=torch.float32, device=x.device)
+    grid = (batch * nchunks, heads // heads_per_program)
+    _chunk_grads_kernel[grid](
+        x, B, C, dy, dt_raw, dt, cs, A, dt if dt_bias is None else dt_bias, x if D is None else D, x if seq_idx is None else seq_idx,
+        states, dstates, dx, ddt, dB_target, dC_target, dA_part, dbias_part, dD_part, length, nchunks, heads, heads // groups,
+        float(dt_limit[0]), float(dt_limit[1]), x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+        C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), dt_raw.stride(0), dt_raw.stride(1),
+        0 if seq_idx is None else seq_idx.stride(0), dx.stride(0), dx.stride(1), dx.stride(2), ddt.stride(0), ddt.stride(1),
+        dB_slice_stride, *dB_target.stride()[-4:-1], dC_slice_stride, *dC_target.stride()[-4:-1],
+        P=headdim, N=dstate, Q=chunk, HEADS=heads_per_program, BLOCK_P=pow2(headdim), BLOCK_N=pow2(dstate),
+        HAS_SEQ=seq_idx is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2,
+    )
+    if slices > 1:
+        dB = dB_target.sum(0).to(B.dtype) if dB is None else dB.copy_(dB_target.sum(0))
+        dC = dC_target.sum(0).to(C.dtype) if dC is None else dC.copy_(dC_target.sum(0))
+    else:
+        dB, dC = dB_target, dC_target
+    dD = None if D is None else (dD_part.sum(0) if D.dim() == 2 else dD_part.sum((0, 2))).to(D.dtype)
+    ddt_bias = None if dt_bias is None else dbias_part.sum(0).to(dt_bias.dtype)
+    return dx, ddt, dA_part.sum(0).to(A.dtype), dB, dC, dD, ddt_bias

@@ -1,0 +1,128 @@
+"""megassm's Triton SSD kernels (megassm/ops/ssd_triton.py) against the reference ssd_chunked in float64,
+run by Triton's interpreter on the CPU: the kernel source the GPU compiles, executed with numpy per program.
+
+Each case runs in a fresh process with TRITON_INTERPRET=1 set before triton is imported (the interpreter
+is chosen when @triton.jit runs). float32 only (the interpreter has no bf16; the GPU check is
+`python tools/bench_ssd_kernels.py`), and each autotuned kernel keeps only its first configuration: the
+interpreter cannot time configurations."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# case: (heads, groups, seqlen, documents, initial states, dt_limit, D per channel, kernel chunk)
+CASES = {
+    # Documents: one boundary exactly on a chunk edge (token 64), one inside a chunk, one spanning three chunks;
+    # two groups of two heads; a partial last chunk; clamping on both sides of dt_limit.
+    "documents": (4, 2, 150, True, True, (0.3, 1.5), False, 32),
+    "one-document": (4, 1, 100, False, False, (0.0, float("inf")), True, 32),
+    "group-per-head": (2, 2, 70, True, False, (0.0, float("inf")), False, 16),
+}
+HEADDIM, DSTATE, REFERENCE_CHUNK = 16, 16, 64
+
+
+def _documents(batch: int, seqlen: int) -> torch.Tensor:
+    """Row 0: documents of 64 | 23 | the rest (the first boundary on the edge of chunks of 16, 32 or 64);
+    row 1: 5 | the rest, which spans several chunks."""
+    rows = torch.zeros(batch, seqlen, dtype=torch.int32)
+    rows[0, 64:] = 1
+    rows[0, 87:] = 2
+    rows[1, 5:] = 1
+    return rows
+
+
+def _interpret_runtime_loop_bounds() -> None:
+    """Triton 3.6's interpreter holds scalar arguments as 1-element arrays and takes a loop bound with
+    int(array), which numpy >= 2.4 refuses for arrays of one dimension: the kernels' loops over chunks
+    and heads have runtime bounds, so read the bound with .item()."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_limit: tuple[float, float],
+            D_per_channel: bool, kernel_chunk: int) -> None:
+    """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; the loss reads
+    the final states too), with x, B, C, dt strided views of one wider tensor as the mixer has them, then
+    the backward writing dx, ddt, dB, dC into strided views of one gradient buffer."""
+    from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
+    from megassm.ops.ssd import ssd_chunked
+    from megassm.ops.ssd_triton import ssd_backward, ssd_forward, ssd_triton
+
+    _interpret_runtime_loop_bounds()
+    for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
+                   ssd_triton_bwd._chunk_grads_kernel):
+        kernel.configs = kernel.configs[:1]
+    torch.manual_seed(0)
+    batch = 2
+    widths = [heads * HEADDIM, groups * DSTATE, groups * DSTATE, heads]
+    wide = torch.randn(batch, seqlen, sum(widths) + 3)
+    wide[..., -heads - 3:-3] -= 1.0  # dt: softplus(dt + bias) around 0.3 to 1.5 with the bias below
+
+    def views(t: torch.Tensor) -> list[torch.Tensor]:
+        x, B, C, dt = torch.split(t[..., :-3], widths, dim=-1)
+        return [x.unflatten(-1, (heads, HEADDIM)), B.unflatten(-1, (groups, DSTATE)), C.unflatten(-1, (groups, DSTATE)), dt]
+
+    A = -torch.rand(heads) - 0.2
+    D = torch.randn(heads, HEADDIM) if D_per_channel else torch.randn(heads)
+    dt_bias = torch.rand(heads) * 0.5
+    initial = torch.randn(batch, heads, HEADDIM, DSTATE) if with_initial else None
+    seq_idx = _documents(batch, seqlen) if documents else None
+    dy = torch.randn(batch, seqlen, heads, HEADDIM)
+    dfinal = torch.randn(batch, heads, HEADDIM, DSTATE)
+    options = dict(dt_softplus=True, dt_limit=dt_limit, seq_idx=seq_idx)
+
+    def run(ssd, dtype: torch.dtype) -> list[torch.Tensor]:
+        leaf = wide.to(dtype).requires_grad_()
+        params = [t.to(dtype).requires_grad_() for t in (A, D, dt_bias, initial) if t is not None]
+        x, B, C, dt = views(leaf)
+        y, final = ssd(x, dt, params[0], B, C, D=params[1], dt_bias=params[2], initial_states=params[3] if with_initial else None)
+        loss = (y * dy.to(dtype)).sum() + (final * dfinal.to(dtype)).sum()
+        grads = torch.autograd.grad(loss, [leaf, *params])
+        return [y, final, *views(grads[0]), *grads[1:]]
+
+    want = run(lambda *a, **k: ssd_chunked(*a, REFERENCE_CHUNK, return_final_states=True, **options, **k), torch.float64)
+    got = run(lambda *a, **k: ssd_triton(*a, REFERENCE_CHUNK, return_final_states=True, kernel_chunk=kernel_chunk, **options, **k),
+              torch.float32)
+    names = ["y", "final_states", "dx", "dB", "dC", "ddt", "dA", "dD", "ddt_bias", "dinitial_states"][:len(want)]
+    for name, g, w in zip(names, got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
+
+    # As a fused mixer calls it: gradients written into their slices of one buffer, nothing outside them.
+    x, B, C, dt = views(wide)
+    y, final, saved = ssd_forward(x, dt, A, B, C, REFERENCE_CHUNK, D=D, dt_bias=dt_bias, initial_states=initial,
+                                  kernel_chunk=kernel_chunk, **options)
+    buffer = torch.full_like(wide, float("nan"))
+    dx, dB, dC, ddt = views(buffer)
+    ssd_backward(dy, x, dt, A, B, C, REFERENCE_CHUNK, D=D, dt_bias=dt_bias, initial_states=initial, dfinal_states=dfinal,
+                 saved=saved, dx=dx, ddt=ddt, dB=dB, dC=dC, **options)
+    for name, written, expected in zip(["dx", "dB", "dC", "ddt"], views(buffer), want[2:6], strict=True):
+        torch.testing.assert_close(written.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(), msg=name)
+    assert buffer[..., -3:].isnan().all(), "wrote outside the gradient slices"
+    # Without the forward's states: recomputed, the same gradients.
+    recomputed = ssd_backward(dy, x, dt, A, B, C, REFERENCE_CHUNK, D=D, dt_bias=dt_bias, initial_states=initial,
+                              dfinal_states=dfinal, kernel_chunk=kernel_chunk, **options)
+    torch.testing.assert_close(recomputed[0], dx, rtol=0, atol=0, msg="dx, states recomputed")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_ssd_matches_the_reference(case):
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+if __name__ == "__main__":
+    compare(*CASES[sys.argv[1]])
