@@ -124,5 +124,38 @@ def test_triton_ssd_matches_the_reference(case):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):
+    """The interpreter runs the kernels' Python; this compiles them, bf16, for an H100/H200 (sm_90) down to
+    a cubin with each autotuning configuration, which needs no GPU: what only the compiler rejects fails here."""
+    triton = pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megassm.ops import ssd_triton_bwd as bwd
+    from megassm.ops import ssd_triton_fwd as fwd
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    shape = dict(P=64, N=128, Q=64)
+    flags = dict(HAS_SEQ=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True, SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True)
+    tiles = dict(BLOCK_P=64, BLOCK_N=128, HEADS=4)
+    fp32 = ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs_out_ptr", "init_ptr", "final_ptr", "dfinal_ptr", "dinit_ptr", "A_ptr", "D_ptr",
+            "bias_ptr", "dA_part_ptr", "dbias_part_ptr", "dD_part_ptr")
+    kernels = [(fwd._dt_kernel, {"HAS_BIAS": True, "SOFTPLUS": True, "Q": 64, "BLOCK_H": fwd.DT_BLOCK_HEADS}, [{}])]
+    for tuner in (fwd._states_kernel, fwd._output_kernel, bwd._state_grads_kernel, bwd._chunk_grads_kernel):
+        names = tuner.fn.arg_names
+        constants = {k: v for k, v in {**shape, **flags, **tiles}.items() if k in names}
+        kernels.append((tuner.fn, constants, [{**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                                              for config in tuner.configs]))
+    for kernel, constants, configs in kernels:
+        for config in configs:
+            options = {k: v for k, v in config.items() if k.startswith("num_")}
+            constexprs = {**constants, **{k: v for k, v in config.items() if not k.startswith("num_")}}
+            signature = {name: "constexpr" if name in constexprs else
+                         ("*i32" if name == "seq_ptr" else "*fp32" if name in fp32 else "*bf16") if name.endswith("_ptr") else
+                         "fp32" if name in ("dt_min", "dt_max") else "i32" for name in kernel.arg_names}
+            source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+            assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
 if __name__ == "__main__":
     compare(*CASES[sys.argv[1]])
