@@ -43,12 +43,12 @@ def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr,
     for k in range(nchunks):
         c = nchunks - 1 - k
         tl.store(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, grad.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
-        rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
-        cs = tl.load(cs_ptr + head_time + rows, mask=valid, other=0.0)
-        cs_last = tl.load(cs_ptr + head_time + last)
+        start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+        cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
+        cs_last = tl.load(cs_ptr + head_time + start + last)
         weight = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
-        dy = tl.load(dy_base + rows[:, None] * stride_dy_l + p[None, :], mask=valid[:, None] & (p < P)[None, :], other=0.0)
-        Cc = tl.load(C_base + rows[:, None] * stride_C_l + n[None, :], mask=valid[:, None] & (n < N)[None, :], other=0.0)
+        dy = tl.load(dy_base + start * stride_dy_l + rows[:, None] * stride_dy_l + p[None, :], mask=valid[:, None] & (p < P)[None, :], other=0.0)
+        Cc = tl.load(C_base + start * stride_C_l + rows[:, None] * stride_C_l + n[None, :], mask=valid[:, None] & (n < N)[None, :], other=0.0)
         carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
         grad = grad * carry + tl.dot(tl.trans((dy * weight[:, None]).to(dy.dtype)), Cc)
     tl.store(dinit_ptr + bh.to(tl.int64) * P * N + tile, grad, mask=tile_ok)
@@ -82,11 +82,11 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
     first_head = tl.program_id(1) * HEADS
     g = first_head // heads_per_group
     head_slice = (first_head % heads_per_group) // HEADS
-    rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     n_ok, p_ok = valid[:, None] & (n < N)[None, :], valid[:, None] & (p < P)[None, :]
-    Cc = tl.load(C_ptr + b * stride_C_b + g * stride_C_g + rows[:, None] * stride_C_l + n[None, :], mask=n_ok, other=0.0)
-    Bc = tl.load(B_ptr + b * stride_B_b + g * stride_B_g + rows[:, None] * stride_B_l + n[None, :], mask=n_ok, other=0.0)
+    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + rows[:, None] * stride_C_l + n[None, :], mask=n_ok, other=0.0)
+    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + rows[:, None] * stride_B_l + n[None, :], mask=n_ok, other=0.0)
     CB = tl.dot(Cc, tl.trans(Bc))
     causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
     from_state, to_end = valid & (doc == doc_in), valid & (doc == doc_out)
@@ -96,15 +96,15 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
     dC_sum = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
     for k in range(HEADS):
         h = first_head + k
-        head_time = (b * H + h) * L
-        cs = tl.load(cs_ptr + head_time + rows, mask=valid, other=0.0)
-        cs_last = tl.load(cs_ptr + head_time + last)
-        dt = tl.load(dt_ptr + head_time + rows, mask=valid, other=0.0)
-        x = tl.load(x_ptr + b * stride_x_b + h * stride_x_h + rows[:, None] * stride_x_l + p[None, :], mask=p_ok, other=0.0)
-        dy = tl.load(dy_ptr + b * stride_dy_b + h * stride_dy_h + rows[:, None] * stride_dy_l + p[None, :], mask=p_ok, other=0.0)
-        state_at = ((b * (nchunks + 1) + c) * H + h) * P * N + tile
-        S = tl.load(states_ptr + state_at, mask=tile_ok, other=0.0)
-        S_next = tl.load(states_ptr + state_at + H * P * N, mask=tile_ok, other=0.0)
+        chunk_time = (b * H + h) * L + start
+        cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
+        cs_last = tl.load(cs_ptr + chunk_time + last)
+        dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
+        x = tl.load(x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h + rows[:, None] * stride_x_l + p[None, :], mask=p_ok, other=0.0)
+        dy = tl.load(dy_ptr + b * stride_dy_b + start * stride_dy_l + h * stride_dy_h + rows[:, None] * stride_dy_l + p[None, :], mask=p_ok, other=0.0)
+        state_at = ((b * (nchunks + 1) + c) * H + h) * P * N
+        S = tl.load(states_ptr + state_at + tile, mask=tile_ok, other=0.0)
+        S_next = tl.load(states_ptr + state_at + H * P * N + tile, mask=tile_ok, other=0.0)
         G = tl.load(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, mask=tile_ok, other=0.0)
 
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
@@ -123,7 +123,7 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
             dx += D * dy.to(tl.float32)
             dD_part = tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0)
             tl.store(dD_part_ptr + (tl.program_id(0) * H + h) * P + p, dD_part, mask=p < P)
-        tl.store(dx_ptr + b * stride_dx_b + h * stride_dx_h + rows[:, None] * stride_dx_l + p[None, :], dx.to(dx_ptr.dtype.element_ty),
+        tl.store(dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h + rows[:, None] * stride_dx_l + p[None, :], dx.to(dx_ptr.dtype.element_ty),
                  mask=p_ok)
 
         ds = tl.sum(Cc.to(tl.float32) * dC, axis=1) - tl.sum(Bc.to(tl.float32) * dB, axis=1)
@@ -134,20 +134,20 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
         ddt = tl.sum(W * CB, axis=0) + tl.where(to_end, tl.exp(cs_last - cs), 0.0) * tl.sum(xG * Bc.to(tl.float32), axis=1) + A * d_dA
 
         # Through dt's processing, recomputed from the raw dt: clamp (gradient where not clamped), softplus.
-        v = tl.load(dt_raw_ptr + b * stride_dt_b + rows * stride_dt_l + h, mask=valid, other=0.0).to(tl.float32)
+        v = tl.load(dt_raw_ptr + b * stride_dt_b + start * stride_dt_l + h + rows * stride_dt_l, mask=valid, other=0.0).to(tl.float32)
         if HAS_BIAS:
             v += tl.load(bias_ptr + h).to(tl.float32)
         if SOFTPLUS:
             ddt = tl.where(v <= 20.0, ddt * tl.sigmoid(v), ddt)
             v = tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
         ddt = tl.where(valid & (v >= dt_min) & (v <= dt_max), ddt, 0.0)
-        tl.store(ddt_ptr + b * stride_ddt_b + rows * stride_ddt_l + h, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+        tl.store(ddt_ptr + b * stride_ddt_b + start * stride_ddt_l + h + rows * stride_ddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
         tl.store(dbias_part_ptr + tl.program_id(0) * H + h, tl.sum(ddt))
         dB_sum += dB
         dC_sum += dC
-    tl.store(dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + g * stride_dB_g + rows[:, None] * stride_dB_l + n[None, :],
+    tl.store(dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + start * stride_dB_l + g * stride_dB_g + rows[:, None] * stride_dB_l + n[None, :],
              dB_sum.to(dB_ptr.dtype.element_ty), mask=n_ok)
-    tl.store(dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + g * stride_dC_g + rows[:, None] * stride_dC_l + n[None, :],
+    tl.store(dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + start * stride_dC_l + g * stride_dC_g + rows[:, None] * stride_dC_l + n[None, :],
              dC_sum.to(dC_ptr.dtype.element_ty), mask=n_ok)
 
 

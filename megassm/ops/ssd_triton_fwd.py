@@ -29,22 +29,23 @@ def head_slice(heads_per_group: int, programs_per_slice: int, target_programs: i
 
 @triton.jit
 def _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ: tl.constexpr, Q: tl.constexpr):
-    """Chunk c's token rows (int64), which exist, the last existing one, and the documents: of each token,
-    of the state entering the chunk (the previous chunk's last token's, or the first token's), and of
-    the last token (the state leaving the chunk)."""
-    rows = c * Q + tl.arange(0, Q).to(tl.int64)
-    valid = rows < L
-    last = tl.minimum(c * Q + Q, L) - 1
+    """Chunk c's first token (int64), its rows from there (int32: tile offsets stay 32-bit), which exist,
+    the last existing one, and the documents: of each token, of the state entering the chunk (the previous
+    chunk's last token's, or the first token's), and of the last token (the state leaving the chunk)."""
+    start = tl.cast(c, tl.int64) * Q
+    rows = tl.arange(0, Q)
+    valid = rows < L - start
+    last = tl.minimum(Q, L - start).to(tl.int32) - 1
     if HAS_SEQ:
-        seq = seq_ptr + b * stride_seq_b
+        seq = seq_ptr + b * stride_seq_b + start
         doc = tl.load(seq + rows, mask=valid, other=-1)
-        doc_in = tl.load(seq + tl.maximum(c * Q - 1, 0))
+        doc_in = tl.load(seq + tl.where(c > 0, -1, 0))
         doc_out = tl.load(seq + last)
     else:
         doc = tl.where(valid, 0, -1)
         doc_in = 0
         doc_out = 0
-    return rows, valid, last, doc, doc_in, doc_out
+    return start, rows, valid, last, doc, doc_in, doc_out
 
 
 @triton.jit
@@ -100,13 +101,13 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
     head_time = bh.to(tl.int64) * L  # (b, h) row of dt and cs
     for c in range(nchunks):
         tl.store(states_ptr + ((b * (nchunks + 1) + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
-        rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
-        cs = tl.load(cs_ptr + head_time + rows, mask=valid, other=0.0)
-        cs_last = tl.load(cs_ptr + head_time + last)
-        dt = tl.load(dt_ptr + head_time + rows, mask=valid, other=0.0)
+        start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+        cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
+        cs_last = tl.load(cs_ptr + head_time + start + last)
+        dt = tl.load(dt_ptr + head_time + start + rows, mask=valid, other=0.0)
         weight = tl.where(valid & (doc == doc_out), tl.exp(cs_last - cs) * dt, 0.0)
-        x = tl.load(x_base + rows[:, None] * stride_x_l + p[None, :], mask=valid[:, None] & (p < P)[None, :], other=0.0)
-        Bc = tl.load(B_base + rows[:, None] * stride_B_l + n[None, :], mask=valid[:, None] & (n < N)[None, :], other=0.0)
+        x = tl.load(x_base + start * stride_x_l + rows[:, None] * stride_x_l + p[None, :], mask=valid[:, None] & (p < P)[None, :], other=0.0)
+        Bc = tl.load(B_base + start * stride_B_l + rows[:, None] * stride_B_l + n[None, :], mask=valid[:, None] & (n < N)[None, :], other=0.0)
         carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
         state = state * carry + tl.dot(tl.trans((x * weight[:, None]).to(x.dtype)), Bc)
     tl.store(states_ptr + ((b * (nchunks + 1) + nchunks) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
@@ -130,11 +131,11 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
     first_head = tl.program_id(1) * HEADS
     g = first_head // heads_per_group
-    rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     n_ok = valid[:, None] & (n < N)[None, :]
-    Cc = tl.load(C_ptr + b * stride_C_b + g * stride_C_g + rows[:, None] * stride_C_l + n[None, :], mask=n_ok, other=0.0)
-    Bc = tl.load(B_ptr + b * stride_B_b + g * stride_B_g + rows[:, None] * stride_B_l + n[None, :], mask=n_ok, other=0.0)
+    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + rows[:, None] * stride_C_l + n[None, :], mask=n_ok, other=0.0)
+    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + rows[:, None] * stride_B_l + n[None, :], mask=n_ok, other=0.0)
     CB = tl.dot(Cc, tl.trans(Bc))
     i, j = tl.arange(0, Q)[:, None], tl.arange(0, Q)[None, :]
     causal = (i >= j) & (doc[:, None] == doc[None, :])
@@ -142,13 +143,13 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
     p_ok = valid[:, None] & (p < P)[None, :]
     for k in range(HEADS):
         h = first_head + k
-        head_time = (b * H + h) * L
-        cs = tl.load(cs_ptr + head_time + rows, mask=valid, other=0.0)
-        dt = tl.load(dt_ptr + head_time + rows, mask=valid, other=0.0)
+        chunk_time = (b * H + h) * L + start
+        cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
+        dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
-        x = tl.load(x_ptr + b * stride_x_b + h * stride_x_h + rows[:, None] * stride_x_l + p[None, :], mask=p_ok, other=0.0)
+        x = tl.load(x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h + rows[:, None] * stride_x_l + p[None, :], mask=p_ok, other=0.0)
         y = tl.dot((CB * decay * dt[None, :]).to(x.dtype), x)
-        state = tl.load(states_ptr + ((b * (nchunks + 1) + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+        state = tl.load(states_ptr + ((b * (nchunks + 1) + c) * H + h) * P * N + (p[:, None] * N + n[None, :]),
                         mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
         C_in = Cc * tl.where(from_state, tl.exp(cs), 0.0)[:, None]
         y += tl.dot(C_in.to(state.dtype), tl.trans(state))
@@ -158,7 +159,7 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
             else:
                 D = tl.load(D_ptr + h).to(tl.float32)
             y += D * x.to(tl.float32)
-        tl.store(y_ptr + b * stride_y_b + h * stride_y_h + rows[:, None] * stride_y_l + p[None, :], y.to(y_ptr.dtype.element_ty), mask=p_ok)
+        tl.store(y_ptr + b * stride_y_b + start * stride_y_l + h * stride_y_h + rows[:, None] * stride_y_l + p[None, :], y.to(y_ptr.dtype.element_ty), mask=p_ok)
 
 
 def discretize(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float],
