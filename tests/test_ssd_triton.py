@@ -137,7 +137,7 @@ def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     shape = dict(P=64, N=128, Q=64)
     flags = dict(HAS_SEQ=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True, SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True)
-    tiles = dict(BLOCK_P=64, BLOCK_N=128, HEADS=4)
+    tiles = dict(BLOCK_P=64, BLOCK_N=128)
     fp32 = ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs_out_ptr", "init_ptr", "final_ptr", "dfinal_ptr", "dinit_ptr", "A_ptr", "D_ptr",
             "bias_ptr", "dA_part_ptr", "dbias_part_ptr", "dD_part_ptr")
     kernels = [(fwd._dt_kernel, {"HAS_BIAS": True, "SOFTPLUS": True, "Q": 64, "BLOCK_H": fwd.DT_BLOCK_HEADS}, [{}])]

@@ -47,29 +47,31 @@ def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr,
         cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
         cs_last = tl.load(cs_ptr + head_time + start + last)
         weight = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
-        dy = tl.load(dy_base + start * stride_dy_l + rows[:, None] * stride_dy_l + p[None, :], mask=valid[:, None] & (p < P)[None, :], other=0.0)
-        Cc = tl.load(C_base + start * stride_C_l + rows[:, None] * stride_C_l + n[None, :], mask=valid[:, None] & (n < N)[None, :], other=0.0)
+        dy = tl.load(dy_base + start * stride_dy_l + (rows[:, None] * stride_dy_l + p[None, :]), mask=valid[:, None] & (p < P)[None, :],
+                     other=0.0)
+        Cc = tl.load(C_base + start * stride_C_l + (rows[:, None] * stride_C_l + n[None, :]), mask=valid[:, None] & (n < N)[None, :],
+                     other=0.0)
         carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
         grad = grad * carry + tl.dot(tl.trans((dy * weight[:, None]).to(dy.dtype)), Cc)
     tl.store(dinit_ptr + bh.to(tl.int64) * P * N + tile, grad, mask=tile_ok)
 
 
 def _chunk_grad_configs() -> list[triton.Config]:
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
 
-@triton.autotune(configs=_chunk_grad_configs(), key=["P", "N", "Q", "HEADS"])
+@triton.autotune(configs=_chunk_grad_configs(), key=["P", "N", "Q"])
 @triton.jit
 def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, A_ptr, bias_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr,
                         dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_part_ptr, dbias_part_ptr, dD_part_ptr, L, nchunks, H, heads_per_group,
-                        dt_min, dt_max, stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g,
+                        heads_per_program, dt_min, dt_max, stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g,
                         stride_C_b, stride_C_l, stride_C_g, stride_dy_b, stride_dy_l, stride_dy_h, stride_dt_b, stride_dt_l, stride_seq_b,
                         stride_dx_b, stride_dx_l, stride_dx_h, stride_ddt_b, stride_ddt_l,
                         stride_dB_s, stride_dB_b, stride_dB_l, stride_dB_g, stride_dC_s, stride_dC_b, stride_dC_l, stride_dC_g,
-                        P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_P: tl.constexpr,
+                        P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                         D_PER_CHANNEL: tl.constexpr):
-    """Chunk c's gradients for HEADS heads of one group; with decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j),
+    """Chunk c's gradients for `heads_per_program` heads of one group; with decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j),
     W_ij = (dy_i . x_j) decay_ij, out_j = [doc_j == doc_out] exp(cs_last - cs_j), in_i = [doc_i == doc_in] exp(cs_i),
     S = states[c], S' = states[c + 1], G = dstates[c]:
         dx_j  = sum_i (C_i . B_j) decay_ij dt_j dy_i + out_j dt_j G B_j + D dy_j
@@ -79,14 +81,16 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
         ds_k  = C_k . dC_k - B_k . dB_k (this head's) + [k == last] <G, S'>,
     then ddt through the clamp and softplus; dA, d(dt_bias) and dD as this chunk's partial sums."""
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
-    first_head = tl.program_id(1) * HEADS
+    first_head = tl.program_id(1) * heads_per_program
     g = first_head // heads_per_group
-    head_slice = (first_head % heads_per_group) // HEADS
+    head_slice = (first_head % heads_per_group) // heads_per_program
     start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     n_ok, p_ok = valid[:, None] & (n < N)[None, :], valid[:, None] & (p < P)[None, :]
-    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + rows[:, None] * stride_C_l + n[None, :], mask=n_ok, other=0.0)
-    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + rows[:, None] * stride_B_l + n[None, :], mask=n_ok, other=0.0)
+    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + (rows[:, None] * stride_C_l + n[None, :]), mask=n_ok,
+                 other=0.0)
+    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + (rows[:, None] * stride_B_l + n[None, :]), mask=n_ok,
+                 other=0.0)
     CB = tl.dot(Cc, tl.trans(Bc))
     causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
     from_state, to_end = valid & (doc == doc_in), valid & (doc == doc_out)
@@ -94,14 +98,16 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
     tile = p[:, None] * N + n[None, :]
     dB_sum = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
     dC_sum = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
-    for k in range(HEADS):
+    for k in range(heads_per_program):
         h = first_head + k
         chunk_time = (b * H + h) * L + start
         cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
         cs_last = tl.load(cs_ptr + chunk_time + last)
         dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
-        x = tl.load(x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h + rows[:, None] * stride_x_l + p[None, :], mask=p_ok, other=0.0)
-        dy = tl.load(dy_ptr + b * stride_dy_b + start * stride_dy_l + h * stride_dy_h + rows[:, None] * stride_dy_l + p[None, :], mask=p_ok, other=0.0)
+        x_chunk = x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h
+        x = tl.load(x_chunk + (rows[:, None] * stride_x_l + p[None, :]), mask=p_ok, other=0.0)
+        dy_chunk = dy_ptr + b * stride_dy_b + start * stride_dy_l + h * stride_dy_h
+        dy = tl.load(dy_chunk + (rows[:, None] * stride_dy_l + p[None, :]), mask=p_ok, other=0.0)
         state_at = ((b * (nchunks + 1) + c) * H + h) * P * N
         S = tl.load(states_ptr + state_at + tile, mask=tile_ok, other=0.0)
         S_next = tl.load(states_ptr + state_at + H * P * N + tile, mask=tile_ok, other=0.0)
@@ -123,8 +129,8 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
             dx += D * dy.to(tl.float32)
             dD_part = tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0)
             tl.store(dD_part_ptr + (tl.program_id(0) * H + h) * P + p, dD_part, mask=p < P)
-        tl.store(dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h + rows[:, None] * stride_dx_l + p[None, :], dx.to(dx_ptr.dtype.element_ty),
-                 mask=p_ok)
+        dx_chunk = dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h
+        tl.store(dx_chunk + (rows[:, None] * stride_dx_l + p[None, :]), dx.to(dx_ptr.dtype.element_ty), mask=p_ok)
 
         ds = tl.sum(Cc.to(tl.float32) * dC, axis=1) - tl.sum(Bc.to(tl.float32) * dB, axis=1)
         ds += tl.where(rows == last, tl.sum(G.to(tl.float32) * S_next.to(tl.float32)), 0.0)
@@ -145,10 +151,10 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
         tl.store(dbias_part_ptr + tl.program_id(0) * H + h, tl.sum(ddt))
         dB_sum += dB
         dC_sum += dC
-    tl.store(dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + start * stride_dB_l + g * stride_dB_g + rows[:, None] * stride_dB_l + n[None, :],
-             dB_sum.to(dB_ptr.dtype.element_ty), mask=n_ok)
-    tl.store(dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + start * stride_dC_l + g * stride_dC_g + rows[:, None] * stride_dC_l + n[None, :],
-             dC_sum.to(dC_ptr.dtype.element_ty), mask=n_ok)
+    dB_chunk = dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + start * stride_dB_l + g * stride_dB_g
+    tl.store(dB_chunk + (rows[:, None] * stride_dB_l + n[None, :]), dB_sum.to(dB_ptr.dtype.element_ty), mask=n_ok)
+    dC_chunk = dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + start * stride_dC_l + g * stride_dC_g
+    tl.store(dC_chunk + (rows[:, None] * stride_dC_l + n[None, :]), dC_sum.to(dC_ptr.dtype.element_ty), mask=n_ok)
 
 
 def state_grads(dy: Tensor, C: Tensor, cs: Tensor, seq_idx: Tensor | None, dfinal_states: Tensor | None, heads: int,
@@ -198,11 +204,11 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
     _chunk_grads_kernel[grid](
         x, B, C, dy, dt_raw, dt, cs, A, dt if dt_bias is None else dt_bias, x if D is None else D, x if seq_idx is None else seq_idx,
         states, dstates, dx, ddt, dB_target, dC_target, dA_part, dbias_part, dD_part, length, nchunks, heads, heads // groups,
-        float(dt_limit[0]), float(dt_limit[1]), x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
-        C.stride(0), C.stride(1), C.stride(2), dy.stride(0), dy.stride(1), dy.stride(2), dt_raw.stride(0), dt_raw.stride(1),
+        heads_per_program, float(dt_limit[0]), float(dt_limit[1]), *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3],
+        dt_raw.stride(0), dt_raw.stride(1),
         0 if seq_idx is None else seq_idx.stride(0), dx.stride(0), dx.stride(1), dx.stride(2), ddt.stride(0), ddt.stride(1),
         dB_slice_stride, *dB_target.stride()[-4:-1], dC_slice_stride, *dC_target.stride()[-4:-1],
-        P=headdim, N=dstate, Q=chunk, HEADS=heads_per_program, BLOCK_P=pow2(headdim), BLOCK_N=pow2(dstate),
+        P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim), BLOCK_N=pow2(dstate),
         HAS_SEQ=seq_idx is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2,
     )

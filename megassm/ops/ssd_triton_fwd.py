@@ -71,8 +71,8 @@ def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_
 
 
 def _state_configs() -> list[triton.Config]:
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=s) for bp, bn in ((16, 64), (32, 64), (64, 64))
-            for s in (1, 2)]
+    """Small tiles give a long sequence of few heads enough programs (one per (batch, head, tile))."""
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=2) for bp, bn in ((16, 64), (32, 64), (64, 64))]
 
 
 @triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
@@ -100,54 +100,62 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
     B_base = B_ptr + b * stride_B_b + g * stride_B_g
     head_time = bh.to(tl.int64) * L  # (b, h) row of dt and cs
     for c in range(nchunks):
-        tl.store(states_ptr + ((b * (nchunks + 1) + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(states_ptr + ((b * (nchunks + 1) + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty),
+                 mask=tile_ok)
         start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
         cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
         cs_last = tl.load(cs_ptr + head_time + start + last)
         dt = tl.load(dt_ptr + head_time + start + rows, mask=valid, other=0.0)
         weight = tl.where(valid & (doc == doc_out), tl.exp(cs_last - cs) * dt, 0.0)
-        x = tl.load(x_base + start * stride_x_l + rows[:, None] * stride_x_l + p[None, :], mask=valid[:, None] & (p < P)[None, :], other=0.0)
-        Bc = tl.load(B_base + start * stride_B_l + rows[:, None] * stride_B_l + n[None, :], mask=valid[:, None] & (n < N)[None, :], other=0.0)
+        x = tl.load(x_base + start * stride_x_l + (rows[:, None] * stride_x_l + p[None, :]), mask=valid[:, None] & (p < P)[None, :],
+                    other=0.0)
+        Bc = tl.load(B_base + start * stride_B_l + (rows[:, None] * stride_B_l + n[None, :]), mask=valid[:, None] & (n < N)[None, :],
+                     other=0.0)
         carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
         state = state * carry + tl.dot(tl.trans((x * weight[:, None]).to(x.dtype)), Bc)
-    tl.store(states_ptr + ((b * (nchunks + 1) + nchunks) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(states_ptr + ((b * (nchunks + 1) + nchunks) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty),
+             mask=tile_ok)
     tl.store(final_ptr + bh.to(tl.int64) * P * N + tile, state, mask=tile_ok)
 
 
 def _output_configs() -> list[triton.Config]:
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
 
-@triton.autotune(configs=_output_configs(), key=["P", "N", "Q", "HEADS"])
+@triton.autotune(configs=_output_configs(), key=["P", "N", "Q"])
 @triton.jit
 def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_ptr, y_ptr, L, nchunks, H, heads_per_group,
+                   heads_per_program,
                    stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l, stride_C_g,
                    stride_seq_b, stride_y_b, stride_y_l, stride_y_h,
-                   P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr):
-    """Chunk c's outputs for HEADS heads of one group (sharing C B^T):
+    """Chunk c's outputs for `heads_per_program` heads of one group (sharing C B^T):
         y_i = sum_{j <= i, doc_j == doc_i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
               + [doc_i == doc_in] exp(cs_i) states[c] C_i + D x_i."""
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
-    first_head = tl.program_id(1) * HEADS
+    first_head = tl.program_id(1) * heads_per_program
     g = first_head // heads_per_group
     start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     n_ok = valid[:, None] & (n < N)[None, :]
-    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + rows[:, None] * stride_C_l + n[None, :], mask=n_ok, other=0.0)
-    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + rows[:, None] * stride_B_l + n[None, :], mask=n_ok, other=0.0)
+    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + (rows[:, None] * stride_C_l + n[None, :]), mask=n_ok,
+                 other=0.0)
+    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + (rows[:, None] * stride_B_l + n[None, :]), mask=n_ok,
+                 other=0.0)
     CB = tl.dot(Cc, tl.trans(Bc))
     i, j = tl.arange(0, Q)[:, None], tl.arange(0, Q)[None, :]
     causal = (i >= j) & (doc[:, None] == doc[None, :])
     from_state = doc == doc_in
     p_ok = valid[:, None] & (p < P)[None, :]
-    for k in range(HEADS):
+    for k in range(heads_per_program):
         h = first_head + k
         chunk_time = (b * H + h) * L + start
         cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
         dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
-        x = tl.load(x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h + rows[:, None] * stride_x_l + p[None, :], mask=p_ok, other=0.0)
+        x_chunk = x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h
+        x = tl.load(x_chunk + (rows[:, None] * stride_x_l + p[None, :]), mask=p_ok, other=0.0)
         y = tl.dot((CB * decay * dt[None, :]).to(x.dtype), x)
         state = tl.load(states_ptr + ((b * (nchunks + 1) + c) * H + h) * P * N + (p[:, None] * N + n[None, :]),
                         mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
@@ -159,7 +167,8 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
             else:
                 D = tl.load(D_ptr + h).to(tl.float32)
             y += D * x.to(tl.float32)
-        tl.store(y_ptr + b * stride_y_b + start * stride_y_l + h * stride_y_h + rows[:, None] * stride_y_l + p[None, :], y.to(y_ptr.dtype.element_ty), mask=p_ok)
+        y_chunk = y_ptr + b * stride_y_b + start * stride_y_l + h * stride_y_h
+        tl.store(y_chunk + (rows[:, None] * stride_y_l + p[None, :]), y.to(y_ptr.dtype.element_ty), mask=p_ok)
 
 
 def discretize(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float],
@@ -201,9 +210,9 @@ def chunk_outputs(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, cs: Tensor, seq_i
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (batch * nchunks, heads // heads_per_program)
     _output_kernel[grid](x, B, C, dt, cs, x if seq_idx is None else seq_idx, states, x if D is None else D, y, length, nchunks, heads,
-                         heads // groups, x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+                         heads // groups, heads_per_program, x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
                          C.stride(0), C.stride(1), C.stride(2), 0 if seq_idx is None else seq_idx.stride(0),
-                         y.stride(0), y.stride(1), y.stride(2), P=headdim, N=dstate, Q=chunk, HEADS=heads_per_program,
+                         y.stride(0), y.stride(1), y.stride(2), P=headdim, N=dstate, Q=chunk, 
                          BLOCK_P=pow2(headdim), BLOCK_N=pow2(dstate), HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
                          D_PER_CHANNEL=D is not None and D.dim() == 2)
     return y
