@@ -18,24 +18,25 @@ Forward:
       sequential over chunks, parallel over (batch, head, p-tile, n-tile)      _states_kernel
   (c) y_i = sum_{j <= i, doc_j == doc_i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
             + [doc_i == doc_in] exp(cs_i) S[c] C_i + D x_i,  parallel over chunks    _output_kernel
-  S[nchunks] is the final state. (b) keeps S in fp32 registers and stores S[c] in x's dtype, as
-  mamba-ssm's chunk scan reads them.
+  S[nchunks] is the final state (fp32). (b) keeps S in fp32 registers and stores S[c] in x's dtype,
+  as mamba-ssm's chunk scan reads them.
 
 Backward. Let G[c] = dL/dS[c+1] (the state leaving chunk c; G[nchunks-1] = d(final states)). From (b)
 and (c):  dL/dS[c] = [doc_out == doc_in] exp(cs_last) G[c] + sum_i [doc_i == doc_in] exp(cs_i) dy_i C_i^T
 = G[c-1], a reverse walk like (b) with (dy, C, exp(cs_i)) for (x, B, exp(cs_last - cs_j))
 (_state_grads_kernel; its end is d(initial states)). Every other gradient is local to a chunk given
-S[c], S[c+1] and G[c] (_chunk_grads_kernel): x_j, B_j and dt_j enter y through the intra-chunk sum and
-S[c+1] through its second term, C_i through both terms of y_i: the products rules give dx, dB, dC and
-the direct part of ddt. The decays depend on cs: with T_ij = (C_i . B_j) exp(cs_i - cs_j) dt_j (dy_i . x_j)
-(the intra-chunk terms), U_i the state term of y_i dotted with dy_i, and V_j = <G[c], [doc_j == doc_out]
-exp(cs_last - cs_j) dt_j x_j B_j^T>, dL/dcs_k = sum_j T_kj - sum_i T_ik + U_k - V_k + [k == last]
-(sum_j V_j + [doc_out == doc_in] exp(cs_last) <G[c], S[c]>). Since sum_j T_kj + U_k = C_k . dC_k and
-sum_i T_ik + V_k = B_k . dB_k (this head's parts of dC, dB), and the bracket is <G[c], S[c+1]>:
-    ds_k = C_k . dC_k - B_k . dB_k + [k == last] <G[c], S[c+1]>,
-and d(dt_k A) = sum_{k' >= k in the chunk} ds_k' (cs is a cumsum), so ddt_k += A d(dt_k A) and
-dA = sum_k dt_k d(dt_k A). ddt then goes back through clamp (zero where clamped), softplus (times
-sigmoid) and the bias (d(dt_bias) = the sum of ddt); dD = sum_t dy_t . x_t.
+S[c] and G[c] (_chunk_grads_kernel): x_j, B_j and dt_j enter y through the intra-chunk sum and S[c+1]
+through its second term, C_i through both terms of y_i; the product rule gives dx, dB, dC and the
+direct part of ddt. The decays depend on cs. With the intra-chunk terms
+T_ij = (C_i . B_j) exp(cs_i - cs_j) dt_j (dy_i . x_j) (j <= i, same document), U_i = the state term of
+y_i dotted with dy_i, V_j = <G[c], [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T>, and
+S[c+1] = [doc_out == doc_in] exp(cs_last) S[c] + (the V terms' matrices):
+    ds_k = dL/dcs_k = sum_j T_kj - sum_i T_ik + U_k - V_k + [k == last] <G[c], S[c+1]>,
+    <G[c], S[c+1]> = [doc_out == doc_in] exp(cs_last) <G[c], S[c]> + sum_j V_j
+(all fp32 terms, nothing cancels between rounded gradients). d(dt_k A) = sum_{k' >= k in the chunk} ds_k'
+(cs is a cumsum), so ddt_k += A d(dt_k A) and dA = sum_k dt_k d(dt_k A). ddt then goes back through
+the clamp (zero where clamped), softplus (times sigmoid) and the bias (d(dt_bias) = the sum of ddt);
+dD = sum_t dy_t . x_t.
 
 Heads of one group share B and C: a program of (c) or of the chunk gradients takes several of them,
 computing C B^T once and summing their dB, dC in registers (fp32 partials per head slice otherwise).
@@ -59,7 +60,7 @@ DEFAULT_KERNEL_CHUNK = 64
 
 
 class SSDSaved(NamedTuple):
-    """What the forward leaves for the backward: dt processed and cs (b, h, l) fp32, states (b, nchunks + 1, h, p, n)."""
+    """What the forward leaves for the backward: dt processed and cs (b, h, l) fp32, states (b, nchunks, h, p, n)."""
 
     dt: Tensor
     cumsum: Tensor

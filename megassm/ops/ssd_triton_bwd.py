@@ -71,15 +71,17 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
                         P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr,
                         BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr,
                         D_PER_CHANNEL: tl.constexpr):
-    """Chunk c's gradients for `heads_per_program` heads of one group; with decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j),
-    W_ij = (dy_i . x_j) decay_ij, out_j = [doc_j == doc_out] exp(cs_last - cs_j), in_i = [doc_i == doc_in] exp(cs_i),
-    S = states[c], S' = states[c + 1], G = dstates[c]:
+    """Chunk c's gradients for `heads_per_program` heads of one group. With decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j),
+    W_ij = (dy_i . x_j) decay_ij, T_ij = W_ij dt_j (C_i . B_j), out_j = [doc_j == doc_out] exp(cs_last - cs_j),
+    in_i = [doc_i == doc_in] exp(cs_i), S = states[c], G = dstates[c]:
         dx_j  = sum_i (C_i . B_j) decay_ij dt_j dy_i + out_j dt_j G B_j + D dy_j
         dC_i  = sum_j W_ij dt_j B_j + in_i S^T dy_i                 (summed over the program's heads)
         dB_j  = sum_i W_ij dt_j C_i + out_j dt_j G^T x_j            (likewise)
-        ddt_j = sum_i W_ij (C_i . B_j) + out_j x_j^T G B_j + A d(dA)_j, d(dA)_j = sum_{k >= j} ds_k,
-        ds_k  = C_k . dC_k - B_k . dB_k (this head's) + [k == last] <G, S'>,
-    then ddt through the clamp and softplus; dA, d(dt_bias) and dD as this chunk's partial sums."""
+        ddt_j = sum_i W_ij (C_i . B_j) + out_j x_j . G B_j + A d(dA)_j,   d(dA)_j = sum_{k >= j} ds_k,
+        ds_k  = sum_j T_kj - sum_i T_ik + U_k - V_k + [k == last] (sum_j V_j + [doc_out == doc_in] exp(cs_last) <G, S>),
+    U_i = in_i dy_i . S C_i and V_j = out_j dt_j x_j . G B_j (this head's C_k . dC_k - B_k . dB_k + [k == last] <G, S[c+1]>,
+    from fp32 terms rather than rounded gradients); then ddt through the clamp and softplus; dA, d(dt_bias) and dD
+    as this chunk's partial sums."""
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
     first_head = tl.program_id(1) * heads_per_program
     g = first_head // heads_per_group
@@ -108,19 +110,21 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
         x = tl.load(x_chunk + (rows[:, None] * stride_x_l + p[None, :]), mask=p_ok, other=0.0)
         dy_chunk = dy_ptr + b * stride_dy_b + start * stride_dy_l + h * stride_dy_h
         dy = tl.load(dy_chunk + (rows[:, None] * stride_dy_l + p[None, :]), mask=p_ok, other=0.0)
-        state_at = ((b * (nchunks + 1) + c) * H + h) * P * N
-        S = tl.load(states_ptr + state_at + tile, mask=tile_ok, other=0.0)
-        S_next = tl.load(states_ptr + state_at + H * P * N + tile, mask=tile_ok, other=0.0)
+        S = tl.load(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, mask=tile_ok, other=0.0)
         G = tl.load(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, mask=tile_ok, other=0.0)
 
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
         W = tl.dot(dy, tl.trans(x)) * decay
-        W_dt = (W * dt[None, :]).to(x.dtype)
-        out_dt = tl.where(to_end, tl.exp(cs_last - cs), 0.0) * dt
-        xG = tl.dot(x, G)
-        dC = tl.dot(W_dt, Bc) + tl.where(from_state, tl.exp(cs), 0.0)[:, None] * tl.dot(dy, S)
-        dB = tl.dot(tl.trans(W_dt), Cc) + out_dt[:, None] * xG
-        dx = tl.dot(tl.trans((CB * decay * dt[None, :]).to(x.dtype)), dy) + out_dt[:, None] * tl.dot(Bc, tl.trans(G))
+        W_dt = W * dt[None, :]
+        T = W_dt * CB
+        in_w = tl.where(from_state, tl.exp(cs), 0.0)
+        out_w = tl.where(to_end, tl.exp(cs_last - cs), 0.0)
+        GB = tl.dot(Bc, tl.trans(G))  # (Q, P): G B_j
+        x_GB = tl.sum(x.to(tl.float32) * GB, axis=1)
+        U = in_w * tl.sum(dy.to(tl.float32) * tl.dot(Cc, tl.trans(S)), axis=1)
+        V = out_w * dt * x_GB
+
+        dx = tl.dot(tl.trans((CB * decay * dt[None, :]).to(x.dtype)), dy) + (out_w * dt)[:, None] * GB
         if HAS_D:
             if D_PER_CHANNEL:
                 D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
@@ -131,13 +135,17 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
             tl.store(dD_part_ptr + (tl.program_id(0) * H + h) * P + p, dD_part, mask=p < P)
         dx_chunk = dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h
         tl.store(dx_chunk + (rows[:, None] * stride_dx_l + p[None, :]), dx.to(dx_ptr.dtype.element_ty), mask=p_ok)
+        dC_sum = tl.dot(W_dt.to(x.dtype), Bc, dC_sum)
+        dC_sum = tl.dot((dy * in_w[:, None]).to(x.dtype), S, dC_sum)
+        dB_sum = tl.dot(tl.trans(W_dt.to(x.dtype)), Cc, dB_sum)
+        dB_sum = tl.dot((x * (out_w * dt)[:, None]).to(x.dtype), G, dB_sum)
 
-        ds = tl.sum(Cc.to(tl.float32) * dC, axis=1) - tl.sum(Bc.to(tl.float32) * dB, axis=1)
-        ds += tl.where(rows == last, tl.sum(G.to(tl.float32) * S_next.to(tl.float32)), 0.0)
+        carried = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0) * tl.sum(G.to(tl.float32) * S.to(tl.float32))
+        ds = tl.sum(T, axis=1) - tl.sum(T, axis=0) + U - V + tl.where(rows == last, tl.sum(V) + carried, 0.0)
         d_dA = tl.cumsum(ds, axis=0, reverse=True)
         A = tl.load(A_ptr + h).to(tl.float32)
         tl.store(dA_part_ptr + tl.program_id(0) * H + h, tl.sum(dt * d_dA))
-        ddt = tl.sum(W * CB, axis=0) + tl.where(to_end, tl.exp(cs_last - cs), 0.0) * tl.sum(xG * Bc.to(tl.float32), axis=1) + A * d_dA
+        ddt = tl.sum(W * CB, axis=0) + out_w * x_GB + A * d_dA
 
         # Through dt's processing, recomputed from the raw dt: clamp (gradient where not clamped), softplus.
         v = tl.load(dt_raw_ptr + b * stride_dt_b + start * stride_dt_l + h + rows * stride_dt_l, mask=valid, other=0.0).to(tl.float32)
@@ -149,8 +157,6 @@ def _chunk_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr,
         ddt = tl.where(valid & (v >= dt_min) & (v <= dt_max), ddt, 0.0)
         tl.store(ddt_ptr + b * stride_ddt_b + start * stride_ddt_l + h + rows * stride_ddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
         tl.store(dbias_part_ptr + tl.program_id(0) * H + h, tl.sum(ddt))
-        dB_sum += dB
-        dC_sum += dC
     dB_chunk = dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + start * stride_dB_l + g * stride_dB_g
     tl.store(dB_chunk + (rows[:, None] * stride_dB_l + n[None, :]), dB_sum.to(dB_ptr.dtype.element_ty), mask=n_ok)
     dC_chunk = dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + start * stride_dC_l + g * stride_dC_g

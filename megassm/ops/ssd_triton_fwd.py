@@ -82,9 +82,9 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
                    P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """For one (batch, head) and a (BLOCK_P, BLOCK_N) tile of the state, chunk after chunk:
-        states[c] = S (the state entering chunk c; states[nchunks] and final: the last one),
+        states[c] = S (the state entering chunk c; final states: the last one),
         S <- [doc_out == doc_in] exp(cs_last) S + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,
-    S in fp32 registers, stored in states' dtype."""
+    S in fp32 registers, stored in states' dtype (final states: fp32)."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H
     g = h // heads_per_group
@@ -100,8 +100,7 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
     B_base = B_ptr + b * stride_B_b + g * stride_B_g
     head_time = bh.to(tl.int64) * L  # (b, h) row of dt and cs
     for c in range(nchunks):
-        tl.store(states_ptr + ((b * (nchunks + 1) + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty),
-                 mask=tile_ok)
+        tl.store(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
         start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
         cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
         cs_last = tl.load(cs_ptr + head_time + start + last)
@@ -113,8 +112,6 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
                      other=0.0)
         carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
         state = state * carry + tl.dot(tl.trans((x * weight[:, None]).to(x.dtype)), Bc)
-    tl.store(states_ptr + ((b * (nchunks + 1) + nchunks) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty),
-             mask=tile_ok)
     tl.store(final_ptr + bh.to(tl.int64) * P * N + tile, state, mask=tile_ok)
 
 
@@ -157,10 +154,10 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
         x_chunk = x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h
         x = tl.load(x_chunk + (rows[:, None] * stride_x_l + p[None, :]), mask=p_ok, other=0.0)
         y = tl.dot((CB * decay * dt[None, :]).to(x.dtype), x)
-        state = tl.load(states_ptr + ((b * (nchunks + 1) + c) * H + h) * P * N + (p[:, None] * N + n[None, :]),
+        state = tl.load(states_ptr + ((b * nchunks + c) * H + h) * P * N + (p[:, None] * N + n[None, :]),
                         mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
         C_in = Cc * tl.where(from_state, tl.exp(cs), 0.0)[:, None]
-        y += tl.dot(C_in.to(state.dtype), tl.trans(state))
+        y = tl.dot(C_in.to(state.dtype), tl.trans(state), y)
         if HAS_D:
             if D_PER_CHANNEL:
                 D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
@@ -186,11 +183,11 @@ def discretize(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool,
 
 def chunk_states(x: Tensor, B: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, initial_states: Tensor | None,
                  chunk: int) -> tuple[Tensor, Tensor]:
-    """(states (b, nchunks + 1, h, p, n) in x's dtype: entering each chunk, then the final one; final states fp32)."""
+    """(states (b, nchunks, h, p, n) in x's dtype: the state entering each chunk; final states (b, h, p, n) fp32)."""
     batch, length, heads, headdim = x.shape
     groups, dstate = B.shape[2:]
     nchunks = triton.cdiv(length, chunk)
-    states = torch.empty(batch, nchunks + 1, heads, headdim, dstate, dtype=x.dtype, device=x.device)
+    states = torch.empty(batch, nchunks, heads, headdim, dstate, dtype=x.dtype, device=x.device)
     final = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=x.device)
     grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
     _states_kernel[grid](x, B, dt, cs, x if seq_idx is None else seq_idx, x if initial_states is None else initial_states, states, final,
