@@ -15,13 +15,13 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# case: (heads, groups, seqlen, documents, initial states, dt_limit, D per channel, kernel chunk)
+# case: (heads, groups, seqlen, documents, initial states, dt_limit, D per channel, kernel chunk, loss reads the final states)
 CASES = {
     # Documents: one boundary exactly on a chunk edge (token 64), one inside a chunk, one spanning three chunks;
     # two groups of two heads; a partial last chunk; clamping on both sides of dt_limit.
-    "documents": (4, 2, 150, True, True, (0.3, 1.5), False, 32),
-    "one-document": (4, 1, 100, False, False, (0.0, float("inf")), True, 32),
-    "group-per-head": (2, 2, 70, True, False, (0.0, float("inf")), False, 16),
+    "documents": (4, 2, 150, True, True, (0.3, 1.5), False, 32, True),
+    "one-document": (4, 1, 100, False, False, (0.0, float("inf")), True, 32, False),
+    "group-per-head": (2, 2, 70, True, False, (0.0, float("inf")), False, 16, True),
 }
 HEADDIM, DSTATE, REFERENCE_CHUNK = 16, 16, 64
 
@@ -52,9 +52,9 @@ def _interpret_runtime_loop_bounds() -> None:
 
 
 def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_limit: tuple[float, float],
-            D_per_channel: bool, kernel_chunk: int) -> None:
-    """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; the loss reads
-    the final states too), with x, B, C, dt strided views of one wider tensor as the mixer has them, then
+            D_per_channel: bool, kernel_chunk: int, final_in_loss: bool) -> None:
+    """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; through the final
+    states too where the loss reads them), with x, B, C, dt strided views of one wider tensor as the mixer has them, then
     the backward writing dx, ddt, dB, dC into strided views of one gradient buffer."""
     from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
     from megassm.ops.ssd import ssd_chunked
@@ -80,7 +80,7 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
     initial = torch.randn(batch, heads, HEADDIM, DSTATE) if with_initial else None
     seq_idx = _documents(batch, seqlen) if documents else None
     dy = torch.randn(batch, seqlen, heads, HEADDIM)
-    dfinal = torch.randn(batch, heads, HEADDIM, DSTATE)
+    dfinal = torch.randn(batch, heads, HEADDIM, DSTATE) if final_in_loss else None
     options = dict(dt_softplus=True, dt_limit=dt_limit, seq_idx=seq_idx)
 
     def run(ssd, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -88,7 +88,7 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
         params = [t.to(dtype).requires_grad_() for t in (A, D, dt_bias, initial) if t is not None]
         x, B, C, dt = views(leaf)
         y, final = ssd(x, dt, params[0], B, C, D=params[1], dt_bias=params[2], initial_states=params[3] if with_initial else None)
-        loss = (y * dy.to(dtype)).sum() + (final * dfinal.to(dtype)).sum()
+        loss = (y * dy.to(dtype)).sum() + ((final * dfinal.to(dtype)).sum() if final_in_loss else 0)
         grads = torch.autograd.grad(loss, [leaf, *params])
         return [y, final, *views(grads[0]), *grads[1:]]
 

@@ -82,6 +82,12 @@ def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, kernel_chunk:
         raise ValueError(f"kernel_chunk must be a power of two >= 16, got {kernel_chunk}")
 
 
+def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The small operands (parameters, states, document ids; autograd may hand an expanded d(final states))
+    as the kernels index them: contiguous."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
                 dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
                 dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT,
@@ -92,6 +98,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     signature: the kernels chunk by `kernel_chunk`, which gives the same result."""
     del chunk_size
     _check(x, dt, A, B, C, kernel_chunk)
+    A, D, dt_bias, initial_states, seq_idx = _contiguous(A, D, dt_bias, initial_states, seq_idx)
     dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
     states, final_states = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
     y = chunk_outputs(x, B, C, dt_processed, cumsum, seq_idx, states, D, kernel_chunk)
@@ -109,6 +116,8 @@ def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
     dx, ddt, dB, dC are written into the given buffers (strided views welcome, last dimension contiguous).
     `saved` is ssd_forward's third result; without it the forward's states are recomputed (the memory of
     mamba-ssm's backward, one more pass over x and B)."""
+    del chunk_size
+    A, D, dt_bias, initial_states, seq_idx, dfinal_states = _contiguous(A, D, dt_bias, initial_states, seq_idx, dfinal_states)
     if saved is None:
         _check(x, dt, A, B, C, kernel_chunk)
         dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)

@@ -71,8 +71,9 @@ def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_
 
 
 def _state_configs() -> list[triton.Config]:
-    """Small tiles give a long sequence of few heads enough programs (one per (batch, head, tile))."""
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=2) for bp, bn in ((16, 64), (32, 64), (64, 64))]
+    """Small tiles give a long sequence of few heads enough programs (one per (batch, head, tile)); stages > 1
+    prefetch the next chunks' x and B while the state is updated (the one serial step is state * decay + dot)."""
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": 64}, num_warps=4, num_stages=s) for bp in (16, 32, 64) for s in (2, 3)]
 
 
 @triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
