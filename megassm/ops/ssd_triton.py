@@ -123,7 +123,7 @@ def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
         dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
         states, _ = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
         saved = SSDSaved(dt_processed, cumsum, states, kernel_chunk)
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dy = dy.to(x.dtype) if dy.stride(-1) == 1 else dy.to(x.dtype).contiguous()  # the kernels' dots take one dtype
     dstates, dinitial_states = state_grads(dy, C, saved.cumsum, seq_idx, dfinal_states, x.shape[2], saved.kernel_chunk)
     grads = chunk_grads(dy, x, dt, A, B, C, saved.dt, saved.cumsum, saved.states, dstates, D, dt_bias, seq_idx, dt_softplus,
                         dt_limit, saved.kernel_chunk, dx, ddt, dB, dC)
