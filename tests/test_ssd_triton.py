@@ -62,7 +62,7 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
 
     _interpret_runtime_loop_bounds()
     for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
-                   ssd_triton_bwd._chunk_grads_kernel):
+                   ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
         kernel.configs = kernel.configs[:1]
     torch.manual_seed(0)
     batch = 2
@@ -141,7 +141,8 @@ def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):
     fp32 = ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs_out_ptr", "init_ptr", "final_ptr", "dfinal_ptr", "dinit_ptr", "A_ptr", "D_ptr",
             "bias_ptr", "dA_part_ptr", "dbias_part_ptr", "dD_part_ptr")
     kernels = [(fwd._dt_kernel, {"HAS_BIAS": True, "SOFTPLUS": True, "Q": 64, "BLOCK_H": fwd.DT_BLOCK_HEADS}, [{}])]
-    for tuner in (fwd._states_kernel, fwd._output_kernel, bwd._state_grads_kernel, bwd._chunk_grads_kernel):
+    for tuner in (fwd._states_kernel, fwd._output_kernel, bwd._state_grads_kernel, bwd._head_grads_kernel,
+                  bwd._group_grads_kernel):
         names = tuner.fn.arg_names
         constants = {k: v for k, v in {**shape, **flags, **tiles}.items() if k in names}
         kernels.append((tuner.fn, constants, [{**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}

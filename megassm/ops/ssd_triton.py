@@ -25,7 +25,7 @@ Backward. Let G[c] = dL/dS[c+1] (the state leaving chunk c; G[nchunks-1] = d(fin
 and (c):  dL/dS[c] = [doc_out == doc_in] exp(cs_last) G[c] + sum_i [doc_i == doc_in] exp(cs_i) dy_i C_i^T
 = G[c-1], a reverse walk like (b) with (dy, C, exp(cs_i)) for (x, B, exp(cs_last - cs_j))
 (_state_grads_kernel; its end is d(initial states)). Every other gradient is local to a chunk given
-S[c] and G[c] (_chunk_grads_kernel): x_j, B_j and dt_j enter y through the intra-chunk sum and S[c+1]
+S[c] and G[c] (_head_grads_kernel, _group_grads_kernel): x_j, B_j and dt_j enter y through the intra-chunk sum and S[c+1]
 through its second term, C_i through both terms of y_i; the product rule gives dx, dB, dC and the
 direct part of ddt. The decays depend on cs. With the intra-chunk terms
 T_ij = (C_i . B_j) exp(cs_i - cs_j) dt_j (dy_i . x_j) (j <= i, same document), U_i = the state term of
