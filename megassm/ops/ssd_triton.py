@@ -1,8 +1,9 @@
 """megassm's Triton SSD (the Mamba-2 state-space dual), forward and backward: megassm/ops/ssd.py's
-`ssd_chunked` in five kernels where mamba-ssm's Triton path launches about fifteen.
+`ssd_chunked` in three forward and three backward kernels where mamba-ssm's Triton path launches about
+fifteen.
 
 Why: at the 780m model the SSD took about a third of an H200 training step while running ~4x above
-the time its memory traffic needs; most of the gap is launches and intermediates (CB, dA_cumsum,
+the time its memory traffic needs; much of the gap is launches and intermediates (CB, dA_cumsum,
 per-chunk states and their fp32 gradients) written by one kernel and read back by the next.
 
 Notation (per batch row and head; the reference's): dt_t after bias, softplus and clamp; cs_t the
@@ -12,35 +13,36 @@ the document of the state entering it (the previous chunk's last token's; the fi
 c = 0), doc_out and cs_last those of its last token; S[c] the state (p, n) entering chunk c.
 
 Forward:
-  (a) dt, cs                                                            _dt_kernel
+  (a) dt, cs                                                                   _dt_kernel
   (b) S[c+1] = [doc_out == doc_in] exp(cs_last) S[c]
-               + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,   S[0] = initial states
-      sequential over chunks, parallel over (batch, head, p-tile, n-tile)      _states_kernel
+               + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,   S[0] = initial states,
+      sequential over chunks, parallel over (batch, head, p-tile, n-tile)         _states_kernel
   (c) y_i = sum_{j <= i, doc_j == doc_i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
-            + [doc_i == doc_in] exp(cs_i) S[c] C_i + D x_i,  parallel over chunks    _output_kernel
+            + [doc_i == doc_in] exp(cs_i) S[c] C_i + D x_i,   parallel over chunks  _output_kernel
   S[nchunks] is the final state (fp32). (b) keeps S in fp32 registers and stores S[c] in x's dtype,
   as mamba-ssm's chunk scan reads them.
 
-Backward. Let G[c] = dL/dS[c+1] (the state leaving chunk c; G[nchunks-1] = d(final states)). From (b)
-and (c):  dL/dS[c] = [doc_out == doc_in] exp(cs_last) G[c] + sum_i [doc_i == doc_in] exp(cs_i) dy_i C_i^T
-= G[c-1], a reverse walk like (b) with (dy, C, exp(cs_i)) for (x, B, exp(cs_last - cs_j))
-(_state_grads_kernel; its end is d(initial states)). Every other gradient is local to a chunk given
-S[c] and G[c] (_head_grads_kernel, _group_grads_kernel): x_j, B_j and dt_j enter y through the intra-chunk sum and S[c+1]
-through its second term, C_i through both terms of y_i; the product rule gives dx, dB, dC and the
-direct part of ddt. The decays depend on cs. With the intra-chunk terms
-T_ij = (C_i . B_j) exp(cs_i - cs_j) dt_j (dy_i . x_j) (j <= i, same document), U_i = the state term of
-y_i dotted with dy_i, V_j = <G[c], [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T>, and
-S[c+1] = [doc_out == doc_in] exp(cs_last) S[c] + (the V terms' matrices):
+Backward. Let G[c] = dL/dS[c+1], the gradient of the state leaving chunk c (G[nchunks-1] = d(final
+states)). By (b) and (c), dL/dS[c] = [doc_out == doc_in] exp(cs_last) G[c] + sum_i [doc_i == doc_in]
+exp(cs_i) dy_i C_i^T = G[c-1]: a reverse walk like (b) with (dy, C, exp(cs_i)) for (x, B,
+exp(cs_last - cs_j)), ending at d(initial states)                                  _state_grads_kernel
+Every other gradient is local to a chunk given S[c] and G[c]. x_j, B_j, dt_j enter y through the
+intra-chunk sum and S[c+1] through its second term, C_i through both terms of y_i; the product rule
+gives dx, dB, dC and the direct part of ddt. The decays depend on cs: with the intra-chunk terms
+T_ij = (C_i . B_j) exp(cs_i - cs_j) dt_j (dy_i . x_j) (j <= i, same document), U_i the state term of
+y_i dotted with dy_i, and V_j = <G[c], [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T>,
     ds_k = dL/dcs_k = sum_j T_kj - sum_i T_ik + U_k - V_k + [k == last] <G[c], S[c+1]>,
-    <G[c], S[c+1]> = [doc_out == doc_in] exp(cs_last) <G[c], S[c]> + sum_j V_j
-(all fp32 terms, nothing cancels between rounded gradients). d(dt_k A) = sum_{k' >= k in the chunk} ds_k'
-(cs is a cumsum), so ddt_k += A d(dt_k A) and dA = sum_k dt_k d(dt_k A). ddt then goes back through
-the clamp (zero where clamped), softplus (times sigmoid) and the bias (d(dt_bias) = the sum of ddt);
-dD = sum_t dy_t . x_t.
+    <G[c], S[c+1]> = [doc_out == doc_in] exp(cs_last) <G[c], S[c]> + sum_j V_j,
+all fp32 terms (nothing cancels between rounded gradients). cs is a cumsum of a_k = dt_k A, so
+da_k = sum_{k' >= k in the chunk} ds_k', ddt_k += A da_k and dA = sum_k dt_k da_k. ddt then goes back
+through the clamp (zero where clamped), softplus (times sigmoid) and the bias (d(dt_bias) = the sum of
+ddt); dD = sum_t dy_t . x_t.                               _head_grads_kernel, _group_grads_kernel
 
-Heads of one group share B and C: a program of (c) or of the chunk gradients takes several of them,
-computing C B^T once and summing their dB, dC in registers (fp32 partials per head slice otherwise).
-All sums are deterministic (no atomics). Offsets from batch and token indices are int64.
+Heads of one group share B and C: a program of (c) or of the group gradients takes several of them,
+computing C B^T once and summing their dB, dC in registers (fp32 partial sums per slice of a group's
+heads, added afterwards, where the heads are split over programs). All sums are deterministic (no
+atomics). Offsets from batch and token indices are int64; offsets within a chunk's tile are int32
+(Q x a row stride < 2^31).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-DT_BLOCK_HEADS = 16
+DT_BLOCK_HEADS = 16  # heads per program of _dt_kernel
 
 
 def pow2(n: int) -> int:
@@ -20,10 +20,11 @@ def pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def head_slice(heads_per_group: int, programs_per_slice: int, target_programs: int = 1024) -> int:
-    """How many heads of one group a program handles, sharing its C B^T between them: as many as keep
-    about `target_programs` programs (an H200 has 132 SMs), and a divisor of the group's heads."""
-    wanted = max(1, heads_per_group * programs_per_slice // target_programs)
+def head_slice(heads_per_group: int, chunk_programs: int, target_programs: int = 1024) -> int:
+    """How many heads of one group a program handles (sharing B and C, and C B^T, between them): few enough
+    to keep about `target_programs` programs (an H200 has 132 SMs) when there are `chunk_programs`
+    (batch x chunks x groups) programs per head, and a divisor of the group's heads."""
+    wanted = max(1, heads_per_group * chunk_programs // target_programs)
     return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= wanted)
 
 
