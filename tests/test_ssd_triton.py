@@ -15,13 +15,15 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# case: (heads, groups, seqlen, documents, initial states, dt_limit, D per channel, kernel chunk, loss reads the final states)
+# case: (heads, groups, seqlen, documents, initial states, dt_limit, D per channel, kernel chunk, loss reads the final states,
+#        heads per program: None for the heuristic's, which gives 1 at these sizes: dB, dC as partial sums per head)
 CASES = {
     # Documents: one boundary exactly on a chunk edge (token 64), one inside a chunk, one spanning three chunks;
     # two groups of two heads; a partial last chunk; clamping on both sides of dt_limit.
-    "documents": (4, 2, 150, True, True, (0.3, 1.5), False, 32, True),
-    "one-document": (4, 1, 100, False, False, (0.0, float("inf")), True, 32, False),
-    "group-per-head": (2, 2, 70, True, False, (0.0, float("inf")), False, 16, True),
+    "documents": (4, 2, 150, True, True, (0.3, 1.5), False, 32, True, None),
+    # A program takes all four heads of the group: their loop, C B^T shared, dB and dC summed in registers.
+    "one-document": (4, 1, 100, False, False, (0.0, float("inf")), True, 32, False, 4),
+    "group-per-head": (2, 2, 70, True, False, (0.0, float("inf")), False, 16, True, None),
 }
 HEADDIM, DSTATE, REFERENCE_CHUNK = 16, 16, 64
 
@@ -52,7 +54,7 @@ def _interpret_runtime_loop_bounds() -> None:
 
 
 def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_limit: tuple[float, float],
-            D_per_channel: bool, kernel_chunk: int, final_in_loss: bool) -> None:
+            D_per_channel: bool, kernel_chunk: int, final_in_loss: bool, heads_per_program: int | None) -> None:
     """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; through the final
     states too where the loss reads them), with x, B, C, dt strided views of one wider tensor as the mixer has them, then
     the backward writing dx, ddt, dB, dC into strided views of one gradient buffer."""
@@ -64,6 +66,9 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
     for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
                    ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
         kernel.configs = kernel.configs[:1]
+    if heads_per_program:
+        for module in (ssd_triton_fwd, ssd_triton_bwd):
+            module.head_slice = lambda heads_per_group, chunk_programs: heads_per_program
     torch.manual_seed(0)
     batch = 2
     widths = [heads * HEADDIM, groups * DSTATE, groups * DSTATE, heads]
