@@ -135,7 +135,7 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
     first_head = tl.program_id(1) * heads_per_program
     g = first_head // heads_per_group
-    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    start, rows, valid, _, doc, doc_in, _ = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
     p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
     n_ok = valid[:, None] & (n < N)[None, :]
     Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + (rows[:, None] * stride_C_l + n[None, :]), mask=n_ok,
