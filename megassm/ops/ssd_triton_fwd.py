@@ -74,7 +74,7 @@ def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_
 def _state_configs() -> list[triton.Config]:
     """Small tiles give a long sequence of few heads enough programs (one per (batch, head, tile)); stages > 1
     prefetch the next chunks' x and B while the state is updated (the one serial step is state * decay + dot)."""
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": 64}, num_warps=4, num_stages=s) for bp in (16, 32, 64) for s in (2, 3)]
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": 64}, num_warps=4, num_stages=s) for bp, s in ((16, 3), (32, 2), (64, 2))]
 
 
 @triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
