@@ -95,7 +95,8 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
                 dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT,
                 kernel_chunk: int = DEFAULT_KERNEL_CHUNK) -> tuple[Tensor, Tensor, SSDSaved]:
     """(y (b, l, h, p) contiguous in x's dtype, final states (b, h, p, n) fp32, what ssd_backward needs).
-    Shapes and semantics of ssd_chunked; seq_idx int32 starting at 0. x, dt, B, C may be strided views
+    Shapes and semantics of ssd_chunked; seq_idx: non-decreasing document ids (int32, e.g. as
+    megassm.ops._kernel_seq_idx gives them). x, dt, B, C may be strided views
     (last dimension contiguous): they are read in place. `chunk_size` is the model's, kept for the
     signature: the kernels chunk by `kernel_chunk`, which gives the same result."""
     del chunk_size

@@ -26,7 +26,7 @@ def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr,
     """For one (batch, head) and a (BLOCK_P, BLOCK_N) tile, chunk after chunk from the last:
         dstates[c] = G (the gradient of the state leaving chunk c; at first d(final states)),
         G <- [doc_out == doc_in] exp(cs_last) G + sum_i [doc_i == doc_in] exp(cs_i) dy_i C_i^T,
-    and d(initial states) = G at the end; G in fp32 registers, dstates in its dtype."""
+    and d(initial states) = G at the end; G in fp32 registers, dstates in its dtype (batch_heads: as in _states_kernel)."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H
     g = h // heads_per_group

@@ -86,7 +86,8 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
     """For one (batch, head) and a (BLOCK_P, BLOCK_N) tile of the state, chunk after chunk:
         states[c] = S (the state entering chunk c; final states: the last one),
         S <- [doc_out == doc_in] exp(cs_last) S + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,
-    S in fp32 registers, stored in states' dtype (final states: fp32)."""
+    S in fp32 registers, stored in states' dtype (final states: fp32). batch_heads only keys the autotuning
+    (the best tile depends on how many (batch, head) programs there are)."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H
     g = h // heads_per_group
