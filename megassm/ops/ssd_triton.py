@@ -137,32 +137,36 @@ class _SSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None,
                 initial_states: Tensor | None, seq_idx: Tensor | None, chunk_size: int, dt_softplus: bool,
-                dt_limit: tuple[float, float], kernel_chunk: int) -> tuple[Tensor, Tensor]:
+                dt_limit: tuple[float, float], kernel_chunk: int, keep_states: bool) -> tuple[Tensor, Tensor]:
         y, final_states, saved = ssd_forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
                                              seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit, kernel_chunk=kernel_chunk)
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, saved.dt, saved.cumsum, saved.states)
+        kept = (saved.dt, saved.cumsum, saved.states) if keep_states else ()
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept)
         ctx.options = (chunk_size, dt_softplus, dt_limit, kernel_chunk)
         ctx.set_materialize_grads(False)  # no d(final states) when they are not used: none to read
         return y, final_states
 
     @staticmethod
-    def backward(ctx, dy: Tensor, dfinal_states: Tensor | None):
-        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, dt_processed, cumsum, states = ctx.saved_tensors
+    def backward(ctx, dy: Tensor | None, dfinal_states: Tensor | None):
+        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept = ctx.saved_tensors
         chunk_size, dt_softplus, dt_limit, kernel_chunk = ctx.options
         dy = torch.zeros_like(x) if dy is None else dy
         dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states = ssd_backward(
             dy, x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
-            dt_softplus=dt_softplus, dt_limit=dt_limit, dfinal_states=dfinal_states,
-            saved=SSDSaved(dt_processed, cumsum, states, kernel_chunk))
-        return dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states, None, None, None, None, None
+            dt_softplus=dt_softplus, dt_limit=dt_limit, dfinal_states=dfinal_states, saved=SSDSaved(*kept, kernel_chunk) if kept else None,
+            kernel_chunk=kernel_chunk)
+        return dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states, None, None, None, None, None, None
 
 
 def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
                dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
                dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT, return_final_states: bool = False,
-               kernel_chunk: int = DEFAULT_KERNEL_CHUNK) -> Tensor | tuple[Tensor, Tensor]:
+               kernel_chunk: int = DEFAULT_KERNEL_CHUNK, keep_states: bool = True) -> Tensor | tuple[Tensor, Tensor]:
     """mamba_chunk_scan_combined's semantics (shapes and documents: megassm.ops.ssd.ssd_chunked; seq_idx
-    int32 starting at 0, as megassm.ops._kernel_seq_idx gives), differentiable, also through the final states."""
+    non-decreasing int32 ids, as megassm.ops._kernel_seq_idx gives), differentiable, also through the final
+    states. keep_states: keep the forward's per-chunk states for the backward (b x l/kernel_chunk x h x p x n
+    in x's dtype, twice x's size at kernel chunk 64 and d_state 128), else recompute them there (one more
+    pass over x and B; the memory of mamba-ssm's path)."""
     y, final_states = _SSD.apply(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, tuple(dt_limit),
-                                 kernel_chunk)
+                                 kernel_chunk, keep_states)
     return (y, final_states) if return_final_states else y
