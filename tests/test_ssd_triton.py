@@ -10,20 +10,37 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-# case: (heads, groups, seqlen, documents, initial states, dt_limit, D per channel, kernel chunk, loss reads the final states,
-#        heads per program: None for the heuristic's, which gives 1 at these sizes: dB, dC as partial sums per head)
+
+
+class Case(NamedTuple):
+    heads: int
+    groups: int
+    seqlen: int
+    documents: bool
+    with_initial: bool
+    dt_softplus: bool
+    dt_limit: tuple[float, float]
+    D_per_channel: bool
+    kernel_chunk: int
+    final_in_loss: bool  # the loss reads the final states (else the backward gets no gradient for them)
+    heads_per_program: int | None  # None: the heuristic's, 1 at these sizes (dB, dC as partial sums per head)
+
+
+NO_LIMIT = (0.0, float("inf"))
 CASES = {
     # Documents: one boundary exactly on a chunk edge (token 64), one inside a chunk, one spanning three chunks;
     # two groups of two heads; a partial last chunk; clamping on both sides of dt_limit.
-    "documents": (4, 2, 150, True, True, (0.3, 1.5), False, 32, True, None),
+    "documents": Case(4, 2, 150, True, True, True, (0.3, 1.5), False, 32, True, None),
     # A program takes all four heads of the group: their loop, C B^T shared, dB and dC summed in registers.
-    "one-document": (4, 1, 100, False, False, (0.0, float("inf")), True, 32, False, 4),
-    "group-per-head": (2, 2, 70, True, False, (0.0, float("inf")), False, 16, True, None),
+    "one-document": Case(4, 1, 100, False, False, True, NO_LIMIT, True, 32, False, 4),
+    # No softplus: dt + bias clamped from below (the raw dt is often negative).
+    "group-per-head": Case(2, 2, 70, True, False, False, (0.05, float("inf")), False, 16, True, None),
 }
 HEADDIM, DSTATE, REFERENCE_CHUNK = 16, 16, 64
 
@@ -53,7 +70,7 @@ def _interpret_runtime_loop_bounds() -> None:
     interpreter._patch_lang_tensor = patched
 
 
-def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_limit: tuple[float, float],
+def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_softplus: bool, dt_limit: tuple[float, float],
             D_per_channel: bool, kernel_chunk: int, final_in_loss: bool, heads_per_program: int | None) -> None:
     """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; through the final
     states too where the loss reads them), with x, B, C, dt strided views of one wider tensor as the mixer has them, then
@@ -86,7 +103,7 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
     seq_idx = _documents(batch, seqlen) if documents else None
     dy = torch.randn(batch, seqlen, heads, HEADDIM)
     dfinal = torch.randn(batch, heads, HEADDIM, DSTATE) if final_in_loss else None
-    options = dict(dt_softplus=True, dt_limit=dt_limit, seq_idx=seq_idx)
+    options = dict(dt_softplus=dt_softplus, dt_limit=dt_limit, seq_idx=seq_idx)
 
     def run(ssd, dtype: torch.dtype) -> list[torch.Tensor]:
         leaf = wide.to(dtype).requires_grad_()
