@@ -1,0 +1,172 @@
+"""megassm's Triton SSD (the Mamba-2 state-space dual), forward and backward: megassm/ops/ssd.py's
+`ssd_chunked` in three forward and three backward kernels where mamba-ssm's Triton path launches about
+fifteen.
+
+Why: at the 780m model the SSD took about a third of an H200 training step while running ~4x above
+the time its memory traffic needs; much of the gap is launches and intermediates (CB, dA_cumsum,
+per-chunk states and their fp32 gradients) written by one kernel and read back by the next.
+
+Notation (per batch row and head; the reference's): dt_t after bias, softplus and clamp; cs_t the
+cumsum of dt_s * A over the tokens s <= t of t's chunk (Q tokens; Q need not be `chunk_size`: the
+result is the same, so the kernels pick theirs); doc_t the document (seq_idx); per chunk c, doc_in
+the document of the state entering it (the previous chunk's last token's; the first token's for
+c = 0), doc_out and cs_last those of its last token; S[c] the state (p, n) entering chunk c.
+
+Forward:
+  (a) dt, cs                                                                   _dt_kernel
+  (b) S[c+1] = [doc_out == doc_in] exp(cs_last) S[c]
+               + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,   S[0] = initial states,
+      sequential over chunks, parallel over (batch, head, p-tile, n-tile)         _states_kernel
+  (c) y_i = sum_{j <= i, doc_j == doc_i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
+            + [doc_i == doc_in] exp(cs_i) S[c] C_i + D x_i,   parallel over chunks  _output_kernel
+  S[nchunks] is the final state (fp32). (b) keeps S in fp32 registers and stores S[c] in x's dtype,
+  as mamba-ssm's chunk scan reads them.
+
+Backward. Let G[c] = dL/dS[c+1], the gradient of the state leaving chunk c (G[nchunks-1] = d(final
+states)). By (b) and (c), dL/dS[c] = [doc_out == doc_in] exp(cs_last) G[c] + sum_i [doc_i == doc_in]
+exp(cs_i) dy_i C_i^T = G[c-1]: a reverse walk like (b) with (dy, C, exp(cs_i)) for (x, B,
+exp(cs_last - cs_j)), ending at d(initial states)                                  _state_grads_kernel
+Every other gradient is local to a chunk given S[c] and G[c]. x_j, B_j, dt_j enter y through the
+intra-chunk sum and S[c+1] through its second term, C_i through both terms of y_i; the product rule
+gives dx, dB, dC and the direct part of ddt. The decays depend on cs: with the intra-chunk terms
+T_ij = (C_i . B_j) exp(cs_i - cs_j) dt_j (dy_i . x_j) (j <= i, same document), U_i the state term of
+y_i dotted with dy_i, and V_j = <G[c], [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T>,
+    ds_k = dL/dcs_k = sum_j T_kj - sum_i T_ik + U_k - V_k + [k == last] <G[c], S[c+1]>,
+    <G[c], S[c+1]> = [doc_out == doc_in] exp(cs_last) <G[c], S[c]> + sum_j V_j,
+all fp32 terms (nothing cancels between rounded gradients). cs is a cumsum of a_k = dt_k A, so
+da_k = sum_{k' >= k in the chunk} ds_k', ddt_k += A da_k and dA = sum_k dt_k da_k. ddt then goes back
+through the clamp (zero where clamped), softplus (times sigmoid) and the bias (d(dt_bias) = the sum of
+ddt); dD = sum_t dy_t . x_t.                               _head_grads_kernel, _group_grads_kernel
+
+Heads of one group share B and C: a program of (c) or of the group gradients takes several of them,
+computing C B^T once and summing their dB, dC in registers (fp32 partial sums per slice of a group's
+heads, added afterwards, where the heads are split over programs). All sums are deterministic (no
+atomics). Offsets from batch and token indices are int64; offsets within a chunk's tile are int32
+(Q x a row stride < 2^31).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from megassm.ops.ssd_triton_bwd import chunk_grads, state_grads
+from megassm.ops.ssd_triton_fwd import chunk_outputs, chunk_states, discretize
+
+NO_DT_LIMIT = (0.0, math.inf)
+KERNEL_CHUNKS = (64, 128)  # the internal chunk lengths the kernels are tuned for (any power of two >= 16 works)
+DEFAULT_KERNEL_CHUNK = 64
+
+
+class SSDSaved(NamedTuple):
+    """What the forward leaves for the backward: dt processed and cs (b, h, l) fp32, states (b, nchunks, h, p, n)."""
+
+    dt: Tensor
+    cumsum: Tensor
+    states: Tensor
+    kernel_chunk: int
+
+
+def _check(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, kernel_chunk: int) -> None:
+    batch, length, heads, _ = x.shape
+    if heads % B.shape[2] or B.shape != C.shape or B.shape[:2] != (batch, length) or dt.shape != (batch, length, heads):
+        raise ValueError(f"shapes x {tuple(x.shape)}, dt {tuple(dt.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)} do not fit together")
+    if A.shape != (heads,):
+        raise ValueError(f"A must be (nheads,), got {tuple(A.shape)}")
+    if B.dtype != x.dtype or C.dtype != x.dtype:
+        raise ValueError(f"x, B and C must share a dtype, got {x.dtype}, {B.dtype}, {C.dtype}")
+    if any(t.stride(-1) != 1 for t in (x, dt, B, C)):
+        raise ValueError("x, dt, B and C need their last dimension contiguous")
+    if kernel_chunk < 16 or kernel_chunk & (kernel_chunk - 1):
+        raise ValueError(f"kernel_chunk must be a power of two >= 16, got {kernel_chunk}")
+
+
+def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The small operands (parameters, states, document ids; autograd may hand an expanded d(final states))
+    as the kernels index them: contiguous."""
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
+def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
+                dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
+                dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT,
+                kernel_chunk: int = DEFAULT_KERNEL_CHUNK) -> tuple[Tensor, Tensor, SSDSaved]:
+    """(y (b, l, h, p) contiguous in x's dtype, final states (b, h, p, n) fp32, what ssd_backward needs).
+    Shapes and semantics of ssd_chunked; seq_idx: non-decreasing document ids (int32, e.g. as
+    megassm.ops._kernel_seq_idx gives them). x, dt, B, C may be strided views
+    (last dimension contiguous): they are read in place. `chunk_size` is the model's, kept for the
+    signature: the kernels chunk by `kernel_chunk`, which gives the same result."""
+    del chunk_size
+    _check(x, dt, A, B, C, kernel_chunk)
+    A, D, dt_bias, initial_states, seq_idx = _contiguous(A, D, dt_bias, initial_states, seq_idx)
+    dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
+    states, final_states = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
+    y = chunk_outputs(x, B, C, dt_processed, cumsum, seq_idx, states, D, kernel_chunk)
+    return y, final_states, SSDSaved(dt_processed, cumsum, states, kernel_chunk)
+
+
+def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
+                 dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
+                 dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT, dfinal_states: Tensor | None = None,
+                 saved: SSDSaved | None = None, dx: Tensor | None = None, ddt: Tensor | None = None, dB: Tensor | None = None,
+                 dC: Tensor | None = None, kernel_chunk: int = DEFAULT_KERNEL_CHUNK,
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(dx, ddt, dA, dB, dC, dD, d(dt_bias), d(initial states)) from dy = dL/dy and, when the final states
+    are an output, dfinal_states. ddt is for the raw dt (before bias, softplus and clamp), as mamba-ssm's.
+    dx, ddt, dB, dC are written into the given buffers (strided views welcome, last dimension contiguous).
+    `saved` is ssd_forward's third result; without it the forward's states are recomputed (the memory of
+    mamba-ssm's backward, one more pass over x and B)."""
+    del chunk_size
+    A, D, dt_bias, initial_states, seq_idx, dfinal_states = _contiguous(A, D, dt_bias, initial_states, seq_idx, dfinal_states)
+    if saved is None:
+        _check(x, dt, A, B, C, kernel_chunk)
+        dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
+        states, _ = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
+        saved = SSDSaved(dt_processed, cumsum, states, kernel_chunk)
+    dy = dy.to(x.dtype) if dy.stride(-1) == 1 else dy.to(x.dtype).contiguous()  # the kernels' dots take one dtype
+    dstates, dinitial_states = state_grads(dy, C, saved.cumsum, seq_idx, dfinal_states, x.shape[2], saved.kernel_chunk)
+    grads = chunk_grads(dy, x, dt, A, B, C, saved.dt, saved.cumsum, saved.states, dstates, D, dt_bias, seq_idx, dt_softplus,
+                        dt_limit, saved.kernel_chunk, dx, ddt, dB, dC)
+    return (*grads, None if initial_states is None else dinitial_states.to(initial_states.dtype))
+
+
+class _SSD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None,
+                initial_states: Tensor | None, seq_idx: Tensor | None, chunk_size: int, dt_softplus: bool,
+                dt_limit: tuple[float, float], kernel_chunk: int, keep_states: bool) -> tuple[Tensor, Tensor]:
+        y, final_states, saved = ssd_forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
+                                             seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit, kernel_chunk=kernel_chunk)
+        kept = (saved.dt, saved.cumsum, saved.states) if keep_states else ()
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept)
+        ctx.options = (chunk_size, dt_softplus, dt_limit, kernel_chunk)
+        ctx.set_materialize_grads(False)  # no d(final states) when they are not used: none to read
+        return y, final_states
+
+    @staticmethod
+    def backward(ctx, dy: Tensor | None, dfinal_states: Tensor | None):
+        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept = ctx.saved_tensors
+        chunk_size, dt_softplus, dt_limit, kernel_chunk = ctx.options
+        dy = torch.zeros_like(x) if dy is None else dy
+        dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states = ssd_backward(
+            dy, x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
+            dt_softplus=dt_softplus, dt_limit=dt_limit, dfinal_states=dfinal_states, saved=SSDSaved(*kept, kernel_chunk) if kept else None,
+            kernel_chunk=kernel_chunk)
+        return dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states, None, None, None, None, None, None
+
+
+def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
+               dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
+               dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT, return_final_states: bool = False,
+               kernel_chunk: int = DEFAULT_KERNEL_CHUNK, keep_states: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+    """mamba_chunk_scan_combined's semantics (shapes and documents: megassm.ops.ssd.ssd_chunked; seq_idx
+    non-decreasing int32 ids, as megassm.ops._kernel_seq_idx gives), differentiable, also through the final
+    states. keep_states: keep the forward's per-chunk states for the backward (b x l/kernel_chunk x h x p x n
+    in x's dtype, twice x's size at kernel chunk 64 and d_state 128), else recompute them there (one more
+    pass over x and B; the memory of mamba-ssm's path)."""
+    y, final_states = _SSD.apply(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, tuple(dt_limit),
+                                 kernel_chunk, keep_states)
+    return (y, final_states) if return_final_states else y

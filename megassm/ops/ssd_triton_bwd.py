@@ -1,0 +1,271 @@
+"""The backward kernels of megassm's Triton SSD (the derivation: megassm/ops/ssd_triton.py).
+
+Three launches after the forward's dt kernel (and, when the forward's states were not kept, its states
+kernel): `_state_grads_kernel` walks the chunks in reverse and leaves G[c], the gradient of the state
+leaving each chunk; `_head_grads_kernel` then gives each head's dx, ddt (and partial sums of dA,
+d(dt_bias), dD) of a chunk from its tokens, its entering state and G[c], and `_group_grads_kernel` the dB
+and dC of a chunk summed over a group's heads; both parallel over chunks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from megassm.ops.ssd_triton_fwd import _chunk_tokens, _state_configs, head_slice, pow2
+
+
+@triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
+@triton.jit
+def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, L, nchunks, H, heads_per_group, batch_heads,
+                        stride_dy_b, stride_dy_l, stride_dy_h, stride_C_b, stride_C_l, stride_C_g, stride_seq_b,
+                        P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For one (batch, head) and a (BLOCK_P, BLOCK_N) tile, chunk after chunk from the last:
+        dstates[c] = G (the gradient of the state leaving chunk c; at first d(final states)),
+        G <- [doc_out == doc_in] exp(cs_last) G + sum_i [doc_i == doc_in] exp(cs_i) dy_i C_i^T,
+    and d(initial states) = G at the end; G in fp32 registers, dstates in its dtype (batch_heads: as in _states_kernel)."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H
+    g = h // heads_per_group
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_ok = (p < P)[:, None] & (n < N)[None, :]
+    tile = p[:, None] * N + n[None, :]
+    if HAS_DFINAL:
+        grad = tl.load(dfinal_ptr + bh.to(tl.int64) * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    dy_base = dy_ptr + b * stride_dy_b + h * stride_dy_h
+    C_base = C_ptr + b * stride_C_b + g * stride_C_g
+    head_time = bh.to(tl.int64) * L
+    for k in range(nchunks):
+        c = nchunks - 1 - k
+        tl.store(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, grad.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
+        start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+        cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
+        cs_last = tl.load(cs_ptr + head_time + start + last)
+        weight = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
+        dy = tl.load(dy_base + start * stride_dy_l + (rows[:, None] * stride_dy_l + p[None, :]), mask=valid[:, None] & (p < P)[None, :],
+                     other=0.0)
+        Cc = tl.load(C_base + start * stride_C_l + (rows[:, None] * stride_C_l + n[None, :]), mask=valid[:, None] & (n < N)[None, :],
+                     other=0.0)
+        carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
+        grad = grad * carry + tl.dot(tl.trans((dy * weight[:, None]).to(dy.dtype)), Cc)
+    tl.store(dinit_ptr + bh.to(tl.int64) * P * N + tile, grad, mask=tile_ok)
+
+
+@triton.jit
+def _head_chunk(b, c, h, start, rows, valid, last, p, p_ok, tile, tile_ok, nchunks, H, L, x_ptr, dy_ptr, dt_ptr, cs_ptr, states_ptr,
+                dstates_ptr, stride_x_b, stride_x_l, stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P: tl.constexpr, N: tl.constexpr):
+    """Head h's part of chunk c: cs, cs at the last token, dt, x, dy, the entering state S and G."""
+    chunk_time = (b * H + h) * L + start
+    cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
+    cs_last = tl.load(cs_ptr + chunk_time + last)
+    dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
+    x_chunk = x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h
+    x = tl.load(x_chunk + (rows[:, None] * stride_x_l + p[None, :]), mask=p_ok, other=0.0)
+    dy_chunk = dy_ptr + b * stride_dy_b + start * stride_dy_l + h * stride_dy_h
+    dy = tl.load(dy_chunk + (rows[:, None] * stride_dy_l + p[None, :]), mask=p_ok, other=0.0)
+    S = tl.load(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, mask=tile_ok, other=0.0)
+    G = tl.load(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, mask=tile_ok, other=0.0)
+    return cs, cs_last, dt, x, dy, S, G
+
+
+@triton.jit
+def _group_chunk(b, g, start, rows, valid, n, B_ptr, C_ptr, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l, stride_C_g,
+                 N: tl.constexpr):
+    """Chunk c's C and B of group g."""
+    n_ok = valid[:, None] & (n < N)[None, :]
+    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + (rows[:, None] * stride_C_l + n[None, :]), mask=n_ok,
+                 other=0.0)
+    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + (rows[:, None] * stride_B_l + n[None, :]), mask=n_ok,
+                 other=0.0)
+    return Cc, Bc
+
+
+def _chunk_grad_configs() -> list[triton.Config]:
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
+
+
+@triton.autotune(configs=_chunk_grad_configs(), key=["P", "N", "Q"])
+@triton.jit
+def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, A_ptr, bias_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr,
+                       dx_ptr, ddt_ptr, dA_part_ptr, dbias_part_ptr, dD_part_ptr, L, nchunks, H, heads_per_group, dt_min, dt_max,
+                       stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l, stride_C_g,
+                       stride_dy_b, stride_dy_l, stride_dy_h, stride_dt_b, stride_dt_l, stride_seq_b, stride_dx_b, stride_dx_l,
+                       stride_dx_h, stride_ddt_b, stride_ddt_l, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr):
+    """Chunk c's dx and ddt of head h, and its partial sums of dA, d(dt_bias) and dD. With
+    decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j), W_ij = (dy_i . x_j) decay_ij, T_ij = W_ij dt_j (C_i . B_j),
+    out_j = [doc_j == doc_out] exp(cs_last - cs_j), in_i = [doc_i == doc_in] exp(cs_i), S = states[c], G = dstates[c],
+    U_i = in_i dy_i . S C_i, V_j = out_j dt_j x_j . G B_j:
+        dx_j  = sum_i (C_i . B_j) decay_ij dt_j dy_i + out_j dt_j G B_j + D dy_j
+        ddt_j = sum_i W_ij (C_i . B_j) + out_j x_j . G B_j + A d(dA)_j,   d(dA)_j = sum_{k >= j} ds_k,
+        ds_k  = sum_j T_kj - sum_i T_ik + U_k - V_k + [k == last] (sum_j V_j + [doc_out == doc_in] exp(cs_last) <G, S>),
+    then ddt through the clamp and softplus."""
+    b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
+    h = tl.program_id(1)
+    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p_ok, tile_ok, tile = valid[:, None] & (p < P)[None, :], (p < P)[:, None] & (n < N)[None, :], p[:, None] * N + n[None, :]
+    Cc, Bc = _group_chunk(b, h // heads_per_group, start, rows, valid, n, B_ptr, C_ptr, stride_B_b, stride_B_l, stride_B_g,
+                          stride_C_b, stride_C_l, stride_C_g, N)
+    cs, cs_last, dt, x, dy, S, G = _head_chunk(b, c, h, start, rows, valid, last, p, p_ok, tile, tile_ok, nchunks, H, L, x_ptr, dy_ptr,
+                                               dt_ptr, cs_ptr, states_ptr, dstates_ptr, stride_x_b, stride_x_l, stride_x_h,
+                                               stride_dy_b, stride_dy_l, stride_dy_h, P, N)
+    # The products with C, B, S and G first: those tiles are then dead (registers are this kernel's limit).
+    CB = tl.dot(Cc, tl.trans(Bc))
+    SC = tl.dot(Cc, tl.trans(S))  # (Q, P): S C_i
+    GB = tl.dot(Bc, tl.trans(G))  # (Q, P): G B_j
+    G_dot_S = tl.sum(G.to(tl.float32) * S.to(tl.float32))
+    causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
+    decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
+    dx = tl.dot(tl.trans((CB * decay * dt[None, :]).to(x.dtype)), dy)
+    W_CB = tl.dot(dy, tl.trans(x)) * decay * CB  # W_ij (C_i . B_j): T_ij = W_CB_ij dt_j
+    ddt = tl.sum(W_CB, axis=0)
+    T_rows = tl.sum(W_CB * dt[None, :], axis=1)
+    in_w = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
+    out_w = tl.where(valid & (doc == doc_out), tl.exp(cs_last - cs), 0.0)
+    x_GB = tl.sum(x.to(tl.float32) * GB, axis=1)
+    U = in_w * tl.sum(dy.to(tl.float32) * SC, axis=1)
+    V = out_w * dt * x_GB
+
+    dx += (out_w * dt)[:, None] * GB
+    if HAS_D:
+        if D_PER_CHANNEL:
+            D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
+        else:
+            D = tl.load(D_ptr + h).to(tl.float32)
+        dx += D * dy.to(tl.float32)
+        tl.store(dD_part_ptr + (tl.program_id(0) * H + h) * P + p, tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=p < P)
+    dx_chunk = dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h
+    tl.store(dx_chunk + (rows[:, None] * stride_dx_l + p[None, :]), dx.to(dx_ptr.dtype.element_ty), mask=p_ok)
+
+    carried = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0) * G_dot_S
+    ds = T_rows - dt * ddt + U - V + tl.where(rows == last, tl.sum(V) + carried, 0.0)  # sum_i T_ij = dt_j ddt_j so far
+    d_dA = tl.cumsum(ds, axis=0, reverse=True)
+    tl.store(dA_part_ptr + tl.program_id(0) * H + h, tl.sum(dt * d_dA))
+    ddt += out_w * x_GB + tl.load(A_ptr + h).to(tl.float32) * d_dA
+
+    # Through dt's processing, recomputed from the raw dt: clamp (gradient where not clamped), softplus.
+    v = tl.load(dt_raw_ptr + b * stride_dt_b + start * stride_dt_l + h + rows * stride_dt_l, mask=valid, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        v += tl.load(bias_ptr + h).to(tl.float32)
+    if SOFTPLUS:
+        ddt = tl.where(v <= 20.0, ddt * tl.sigmoid(v), ddt)
+        v = tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
+    ddt = tl.where(valid & (v >= dt_min) & (v <= dt_max), ddt, 0.0)
+    tl.store(ddt_ptr + b * stride_ddt_b + start * stride_ddt_l + h + rows * stride_ddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+    tl.store(dbias_part_ptr + tl.program_id(0) * H + h, tl.sum(ddt))
+
+
+@triton.autotune(configs=_chunk_grad_configs(), key=["P", "N", "Q"])
+@triton.jit
+def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, dstates_ptr, dB_ptr, dC_ptr, L, nchunks, H,
+                        heads_per_group, heads_per_program, stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g,
+                        stride_C_b, stride_C_l, stride_C_g, stride_dy_b, stride_dy_l, stride_dy_h, stride_seq_b,
+                        stride_dB_s, stride_dB_b, stride_dB_l, stride_dB_g, stride_dC_s, stride_dC_b, stride_dC_l, stride_dC_g,
+                        P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                        HAS_SEQ: tl.constexpr):
+    """Chunk c's dB and dC summed over `heads_per_program` heads of one group (decay, W, in, out, S, G as in
+    _head_grads_kernel):
+        dC_i = sum_h (sum_j W_ij dt_j B_j + in_i S^T dy_i),   dB_j = sum_h (sum_i W_ij dt_j C_i + out_j dt_j G^T x_j)."""
+    b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
+    first_head = tl.program_id(1) * heads_per_program
+    g = first_head // heads_per_group
+    head_slice = (first_head % heads_per_group) // heads_per_program
+    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p_ok, tile_ok, tile = valid[:, None] & (p < P)[None, :], (p < P)[:, None] & (n < N)[None, :], p[:, None] * N + n[None, :]
+    Cc, Bc = _group_chunk(b, g, start, rows, valid, n, B_ptr, C_ptr, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l,
+                          stride_C_g, N)
+    causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
+    from_state, to_end = valid & (doc == doc_in), valid & (doc == doc_out)
+    dB = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
+    dC = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
+    for k in range(heads_per_program):
+        cs, cs_last, dt, x, dy, S, G = _head_chunk(b, c, first_head + k, start, rows, valid, last, p, p_ok, tile, tile_ok, nchunks, H, L,
+                                                   x_ptr, dy_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr, stride_x_b, stride_x_l,
+                                                   stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P, N)
+        decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
+        W_dt = (tl.dot(dy, tl.trans(x)) * decay * dt[None, :]).to(x.dtype)
+        dC = tl.dot(W_dt, Bc, dC)
+        dC = tl.dot((dy * tl.where(from_state, tl.exp(cs), 0.0)[:, None]).to(x.dtype), S, dC)
+        dB = tl.dot(tl.trans(W_dt), Cc, dB)
+        dB = tl.dot((x * (tl.where(to_end, tl.exp(cs_last - cs), 0.0) * dt)[:, None]).to(x.dtype), G, dB)
+    n_ok = valid[:, None] & (n < N)[None, :]
+    dB_chunk = dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + start * stride_dB_l + g * stride_dB_g
+    tl.store(dB_chunk + (rows[:, None] * stride_dB_l + n[None, :]), dB.to(dB_ptr.dtype.element_ty), mask=n_ok)
+    dC_chunk = dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + start * stride_dC_l + g * stride_dC_g
+    tl.store(dC_chunk + (rows[:, None] * stride_dC_l + n[None, :]), dC.to(dC_ptr.dtype.element_ty), mask=n_ok)
+
+
+def state_grads(dy: Tensor, C: Tensor, cs: Tensor, seq_idx: Tensor | None, dfinal_states: Tensor | None, heads: int,
+                chunk: int) -> tuple[Tensor, Tensor]:
+    """(dstates (b, nchunks, h, p, n) in dy's dtype: the gradient of the state leaving each chunk;
+    d(initial states) (b, h, p, n) fp32)."""
+    batch, length, _, headdim = dy.shape
+    groups, dstate = C.shape[2:]
+    nchunks = triton.cdiv(length, chunk)
+    dstates = torch.empty(batch, nchunks, heads, headdim, dstate, dtype=dy.dtype, device=dy.device)
+    dinit = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=dy.device)
+    grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
+    _state_grads_kernel[grid](dy, C, cs, dy if seq_idx is None else seq_idx, dy if dfinal_states is None else dfinal_states, dstates,
+                              dinit, length, nchunks, heads, heads // groups, batch * heads, dy.stride(0), dy.stride(1), dy.stride(2),
+                              C.stride(0), C.stride(1), C.stride(2), 0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate,
+                              Q=chunk, HAS_DFINAL=dfinal_states is not None, HAS_SEQ=seq_idx is not None)
+    return dstates, dinit
+
+
+def _group_grad_target(buffer: Tensor | None, like: Tensor, slices: int) -> tuple[Tensor, int]:
+    """Where the kernel writes dB (or dC) and its stride between head slices: the caller's buffer (or a
+    new one) when one slice holds a group's heads, else fp32 partial sums (slices, b, l, g, n) to add."""
+    if slices == 1:
+        return (torch.empty(like.shape, dtype=like.dtype, device=like.device) if buffer is None else buffer), 0
+    partial = torch.empty(slices, *like.shape, dtype=torch.float32, device=like.device)
+    return partial, partial.stride(0)
+
+
+def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, dt: Tensor, cs: Tensor, states: Tensor,
+                dstates: Tensor, D: Tensor | None, dt_bias: Tensor | None, seq_idx: Tensor | None, dt_softplus: bool,
+                dt_limit: tuple[float, float], chunk: int, dx: Tensor | None, ddt: Tensor | None, dB: Tensor | None,
+                dC: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(dx, ddt, dA, dB, dC, dD, d(dt_bias)), written into dx, ddt, dB, dC where given."""
+    batch, length, heads, headdim = x.shape
+    groups, dstate = B.shape[2:]
+    nchunks = triton.cdiv(length, chunk)
+    heads_per_program = head_slice(heads // groups, batch * nchunks * groups)
+    slices = heads // groups // heads_per_program
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
+    ddt = torch.empty(dt_raw.shape, dtype=dt_raw.dtype, device=x.device) if ddt is None else ddt
+    dB_target, dB_slice_stride = _group_grad_target(dB, B, slices)
+    dC_target, dC_slice_stride = _group_grad_target(dC, C, slices)
+    dA_part = torch.empty(batch * nchunks, heads, dtype=torch.float32, device=x.device)
+    dbias_part = torch.empty_like(dA_part)
+    dD_part = torch.empty(batch * nchunks, heads, headdim, dtype=torch.float32, device=x.device)
+    seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
+    shape = dict(P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim), BLOCK_N=pow2(dstate), HAS_SEQ=seq_idx is not None)
+    _head_grads_kernel[(batch * nchunks, heads)](
+        x, B, C, dy, dt_raw, dt, cs, A, dt if dt_bias is None else dt_bias, x if D is None else D, seq, states, dstates, dx, ddt,
+        dA_part, dbias_part, dD_part, length, nchunks, heads, heads // groups, float(dt_limit[0]), float(dt_limit[1]),
+        *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], dt_raw.stride(0), dt_raw.stride(1), seq_stride,
+        *dx.stride()[:3], ddt.stride(0), ddt.stride(1), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None,
+        D_PER_CHANNEL=D is not None and D.dim() == 2, **shape,
+    )
+    _group_grads_kernel[(batch * nchunks, heads // heads_per_program)](
+        x, B, C, dy, dt, cs, seq, states, dstates, dB_target, dC_target, length, nchunks, heads, heads // groups, heads_per_program,
+        *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], seq_stride,
+        dB_slice_stride, *dB_target.stride()[-4:-1], dC_slice_stride, *dC_target.stride()[-4:-1], **shape,
+    )
+    if slices > 1:
+        dB = dB_target.sum(0).to(B.dtype) if dB is None else dB.copy_(dB_target.sum(0))
+        dC = dC_target.sum(0).to(C.dtype) if dC is None else dC.copy_(dC_target.sum(0))
+    else:
+        dB, dC = dB_target, dC_target
+    dD = None if D is None else (dD_part.sum(0) if D.dim() == 2 else dD_part.sum((0, 2))).to(D.dtype)
+    ddt_bias = None if dt_bias is None else dbias_part.sum(0).to(dt_bias.dtype)
+    return dx, ddt, dA_part.sum(0).to(A.dtype), dB, dC, dD, ddt_bias

@@ -1,0 +1,219 @@
+"""The forward kernels of megassm's Triton SSD (the math and the plan: megassm/ops/ssd_triton.py).
+
+Three launches: `_dt_kernel` (dt processing and the in-chunk cumsum of dt * A), `_states_kernel` (the
+sequential walk over chunks that leaves the state entering each chunk) and `_output_kernel` (each
+chunk's output from its own tokens and its entering state, parallel over chunks).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+DT_BLOCK_HEADS = 16  # heads per program of _dt_kernel
+
+
+def pow2(n: int) -> int:
+    """A tile length covering n (Triton's tiles are powers of two, at least 16 for tl.dot)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def head_slice(heads_per_group: int, chunk_programs: int, target_programs: int = 1024) -> int:
+    """How many heads of one group a program handles (sharing B and C, and C B^T, between them): few enough
+    to keep about `target_programs` programs (an H200 has 132 SMs) when there are `chunk_programs`
+    (batch x chunks x groups) programs per head, and a divisor of the group's heads."""
+    wanted = max(1, heads_per_group * chunk_programs // target_programs)
+    return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= wanted)
+
+
+@triton.jit
+def _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ: tl.constexpr, Q: tl.constexpr):
+    """Chunk c's first token (int64), its rows from there (int32: tile offsets stay 32-bit), which exist,
+    the last existing one, and the documents: of each token, of the state entering the chunk (the previous
+    chunk's last token's, or the first token's), and of the last token (the state leaving the chunk)."""
+    start = tl.cast(c, tl.int64) * Q
+    rows = tl.arange(0, Q)
+    valid = rows < L - start
+    last = tl.minimum(Q, L - start).to(tl.int32) - 1
+    if HAS_SEQ:
+        seq = seq_ptr + b * stride_seq_b + start
+        doc = tl.load(seq + rows, mask=valid, other=-1)
+        doc_in = tl.load(seq + tl.where(c > 0, -1, 0))
+        doc_out = tl.load(seq + last)
+    else:
+        doc = tl.where(valid, 0, -1)
+        doc_in = 0
+        doc_out = 0
+    return start, rows, valid, last, doc, doc_in, doc_out
+
+
+@triton.jit
+def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_b, stride_dt_l, dt_min, dt_max,
+               HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, Q: tl.constexpr, BLOCK_H: tl.constexpr):
+    """dt_t = clamp(softplus(dt_t + bias)) and cs_t = sum of dt_s * A over the chunk's tokens s <= t, both
+    fp32 in (b, h, l): the layout the other kernels read a head's chunk from."""
+    b, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rows = c * Q + tl.arange(0, Q).to(tl.int64)
+    ok = (rows < L)[:, None] & (heads < H)[None, :]
+    dt = tl.load(dt_ptr + b * stride_dt_b + rows[:, None] * stride_dt_l + heads[None, :], mask=ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
+    if SOFTPLUS:
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # torch's softplus: v itself above 20
+    dt = tl.where(ok, tl.minimum(tl.maximum(dt, dt_min), dt_max), 0.0)
+    A = tl.load(A_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)
+    cs = tl.cumsum(dt * A[None, :], axis=0)
+    out = (b * H + heads[None, :]) * L + rows[:, None]
+    tl.store(dt_out_ptr + out, dt, mask=ok)
+    tl.store(cs_out_ptr + out, cs, mask=ok)
+
+
+def _state_configs() -> list[triton.Config]:
+    """Small tiles give a long sequence of few heads enough programs (one per (batch, head, tile)); stages > 1
+    prefetch the next chunks' x and B while the state is updated (the one serial step is state * decay + dot)."""
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": 64}, num_warps=4, num_stages=s) for bp, s in ((16, 3), (32, 2), (64, 2))]
+
+
+@triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
+@triton.jit
+def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, L, nchunks, H, heads_per_group, batch_heads,
+                   stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_seq_b,
+                   P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For one (batch, head) and a (BLOCK_P, BLOCK_N) tile of the state, chunk after chunk:
+        states[c] = S (the state entering chunk c; final states: the last one),
+        S <- [doc_out == doc_in] exp(cs_last) S + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,
+    S in fp32 registers, stored in states' dtype (final states: fp32). batch_heads only keys the autotuning
+    (the best tile depends on how many (batch, head) programs there are)."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H
+    g = h // heads_per_group
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile_ok = (p < P)[:, None] & (n < N)[None, :]
+    tile = p[:, None] * N + n[None, :]
+    if HAS_INIT:
+        state = tl.load(init_ptr + bh.to(tl.int64) * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    x_base = x_ptr + b * stride_x_b + h * stride_x_h
+    B_base = B_ptr + b * stride_B_b + g * stride_B_g
+    head_time = bh.to(tl.int64) * L  # (b, h) row of dt and cs
+    for c in range(nchunks):
+        tl.store(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
+        start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+        cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
+        cs_last = tl.load(cs_ptr + head_time + start + last)
+        dt = tl.load(dt_ptr + head_time + start + rows, mask=valid, other=0.0)
+        weight = tl.where(valid & (doc == doc_out), tl.exp(cs_last - cs) * dt, 0.0)
+        x = tl.load(x_base + start * stride_x_l + (rows[:, None] * stride_x_l + p[None, :]), mask=valid[:, None] & (p < P)[None, :],
+                    other=0.0)
+        Bc = tl.load(B_base + start * stride_B_l + (rows[:, None] * stride_B_l + n[None, :]), mask=valid[:, None] & (n < N)[None, :],
+                     other=0.0)
+        carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
+        state = state * carry + tl.dot(tl.trans((x * weight[:, None]).to(x.dtype)), Bc)
+    tl.store(final_ptr + bh.to(tl.int64) * P * N + tile, state, mask=tile_ok)
+
+
+def _output_configs() -> list[triton.Config]:
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
+
+
+@triton.autotune(configs=_output_configs(), key=["P", "N", "Q"])
+@triton.jit
+def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_ptr, y_ptr, L, nchunks, H, heads_per_group,
+                   heads_per_program,
+                   stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l, stride_C_g,
+                   stride_seq_b, stride_y_b, stride_y_l, stride_y_h,
+                   P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr):
+    """Chunk c's outputs for `heads_per_program` heads of one group (sharing C B^T):
+        y_i = sum_{j <= i, doc_j == doc_i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
+              + [doc_i == doc_in] exp(cs_i) states[c] C_i + D x_i."""
+    b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
+    first_head = tl.program_id(1) * heads_per_program
+    g = first_head // heads_per_group
+    start, rows, valid, _, doc, doc_in, _ = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    n_ok = valid[:, None] & (n < N)[None, :]
+    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + (rows[:, None] * stride_C_l + n[None, :]), mask=n_ok,
+                 other=0.0)
+    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + (rows[:, None] * stride_B_l + n[None, :]), mask=n_ok,
+                 other=0.0)
+    CB = tl.dot(Cc, tl.trans(Bc))
+    i, j = tl.arange(0, Q)[:, None], tl.arange(0, Q)[None, :]
+    causal = (i >= j) & (doc[:, None] == doc[None, :])
+    from_state = doc == doc_in
+    p_ok = valid[:, None] & (p < P)[None, :]
+    for k in range(heads_per_program):
+        h = first_head + k
+        chunk_time = (b * H + h) * L + start
+        cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
+        dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
+        decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
+        x_chunk = x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h
+        x = tl.load(x_chunk + (rows[:, None] * stride_x_l + p[None, :]), mask=p_ok, other=0.0)
+        y = tl.dot((CB * decay * dt[None, :]).to(x.dtype), x)
+        state = tl.load(states_ptr + ((b * nchunks + c) * H + h) * P * N + (p[:, None] * N + n[None, :]),
+                        mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
+        C_in = Cc * tl.where(from_state, tl.exp(cs), 0.0)[:, None]
+        y = tl.dot(C_in.to(state.dtype), tl.trans(state), y)
+        if HAS_D:
+            if D_PER_CHANNEL:
+                D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
+            else:
+                D = tl.load(D_ptr + h).to(tl.float32)
+            y += D * x.to(tl.float32)
+        y_chunk = y_ptr + b * stride_y_b + start * stride_y_l + h * stride_y_h
+        tl.store(y_chunk + (rows[:, None] * stride_y_l + p[None, :]), y.to(y_ptr.dtype.element_ty), mask=p_ok)
+
+
+def discretize(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float],
+               chunk: int) -> tuple[Tensor, Tensor]:
+    """(dt processed, in-chunk cumsum of dt * A), fp32, (b, h, l)."""
+    batch, length, heads = dt.shape
+    dt_out = torch.empty(batch, heads, length, dtype=torch.float32, device=dt.device)
+    cs = torch.empty_like(dt_out)
+    grid = (batch, triton.cdiv(length, chunk), triton.cdiv(heads, DT_BLOCK_HEADS))
+    _dt_kernel[grid](dt, dt if dt_bias is None else dt_bias, A, dt_out, cs, length, heads, dt.stride(0), dt.stride(1),
+                     float(dt_limit[0]), float(dt_limit[1]), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, Q=chunk,
+                     BLOCK_H=DT_BLOCK_HEADS)
+    return dt_out, cs
+
+
+def chunk_states(x: Tensor, B: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, initial_states: Tensor | None,
+                 chunk: int) -> tuple[Tensor, Tensor]:
+    """(states (b, nchunks, h, p, n) in x's dtype: the state entering each chunk; final states (b, h, p, n) fp32)."""
+    batch, length, heads, headdim = x.shape
+    groups, dstate = B.shape[2:]
+    nchunks = triton.cdiv(length, chunk)
+    states = torch.empty(batch, nchunks, heads, headdim, dstate, dtype=x.dtype, device=x.device)
+    final = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=x.device)
+    grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
+    _states_kernel[grid](x, B, dt, cs, x if seq_idx is None else seq_idx, x if initial_states is None else initial_states, states, final,
+                         length, nchunks, heads, heads // groups, batch * heads, x.stride(0), x.stride(1), x.stride(2),
+                         B.stride(0), B.stride(1), B.stride(2), 0 if seq_idx is None else seq_idx.stride(0),
+                         P=headdim, N=dstate, Q=chunk, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None)
+    return states, final
+
+
+def chunk_outputs(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, states: Tensor, D: Tensor | None,
+                  chunk: int) -> Tensor:
+    """y (b, l, h, p), contiguous, in x's dtype."""
+    batch, length, heads, headdim = x.shape
+    groups, dstate = B.shape[2:]
+    nchunks = triton.cdiv(length, chunk)
+    heads_per_program = head_slice(heads // groups, batch * nchunks * groups)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (batch * nchunks, heads // heads_per_program)
+    _output_kernel[grid](x, B, C, dt, cs, x if seq_idx is None else seq_idx, states, x if D is None else D, y, length, nchunks, heads,
+                         heads // groups, heads_per_program, x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+                         C.stride(0), C.stride(1), C.stride(2), 0 if seq_idx is None else seq_idx.stride(0),
+                         y.stride(0), y.stride(1), y.stride(2), P=headdim, N=dstate, Q=chunk, 
+                         BLOCK_P=pow2(headdim), BLOCK_N=pow2(dstate), HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
+                         D_PER_CHANNEL=D is not None and D.dim() == 2)
+    return y
+

@@ -1,0 +1,185 @@
+"""megassm's Triton SSD kernels (megassm/ops/ssd_triton.py) against the reference ssd_chunked in float64,
+run by Triton's interpreter on the CPU: the kernel source the GPU compiles, executed with numpy per program.
+
+Each case runs in a fresh process with TRITON_INTERPRET=1 set before triton is imported (the interpreter
+is chosen when @triton.jit runs). float32 only (the interpreter has no bf16; the GPU check is
+`python tools/bench_ssd_kernels.py`), and each autotuned kernel keeps only its first configuration: the
+interpreter cannot time configurations."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Case(NamedTuple):
+    heads: int
+    groups: int
+    seqlen: int
+    documents: bool
+    with_initial: bool
+    dt_softplus: bool
+    dt_limit: tuple[float, float]
+    D_per_channel: bool
+    kernel_chunk: int
+    final_in_loss: bool  # the loss reads the final states (else the backward gets no gradient for them)
+    heads_per_program: int | None  # None: the heuristic's, 1 at these sizes (dB, dC as partial sums per head)
+
+
+NO_LIMIT = (0.0, float("inf"))
+CASES = {
+    # Documents: one boundary exactly on a chunk edge (token 64), one inside a chunk, one spanning three chunks;
+    # two groups of two heads; a partial last chunk; clamping on both sides of dt_limit.
+    "documents": Case(4, 2, 150, True, True, True, (0.3, 1.5), False, 32, True, None),
+    # A program takes all four heads of the group: their loop, C B^T shared, dB and dC summed in registers.
+    "one-document": Case(4, 1, 100, False, False, True, NO_LIMIT, True, 32, False, 4),
+    # No softplus: dt + bias clamped from below (the raw dt is often negative).
+    "group-per-head": Case(2, 2, 70, True, False, False, (0.05, float("inf")), False, 16, True, None),
+}
+HEADDIM, DSTATE, REFERENCE_CHUNK = 16, 16, 64
+
+
+def _documents(batch: int, seqlen: int) -> torch.Tensor:
+    """Row 0: documents of 64 | 23 | the rest (the first boundary on the edge of chunks of 16, 32 or 64);
+    row 1: 5 | the rest, which spans several chunks."""
+    rows = torch.zeros(batch, seqlen, dtype=torch.int32)
+    rows[0, 64:] = 1
+    rows[0, 87:] = 2
+    rows[1, 5:] = 1
+    return rows
+
+
+def _interpret_runtime_loop_bounds() -> None:
+    """Triton 3.6's interpreter holds scalar arguments as 1-element arrays and takes a loop bound with
+    int(array), which numpy >= 2.4 refuses for arrays of one dimension: the kernels' loops over chunks
+    and heads have runtime bounds, so read the bound with .item()."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_softplus: bool, dt_limit: tuple[float, float],
+            D_per_channel: bool, kernel_chunk: int, final_in_loss: bool, heads_per_program: int | None) -> None:
+    """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; through the final
+    states too where the loss reads them), with x, B, C, dt strided views of one wider tensor as the mixer has them, then
+    the backward writing dx, ddt, dB, dC into strided views of one gradient buffer."""
+    from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
+    from megassm.ops.ssd import ssd_chunked
+    from megassm.ops.ssd_triton import ssd_backward, ssd_forward, ssd_triton
+
+    _interpret_runtime_loop_bounds()
+    for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
+                   ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
+        kernel.configs = kernel.configs[:1]
+    if heads_per_program:
+        for module in (ssd_triton_fwd, ssd_triton_bwd):
+            module.head_slice = lambda heads_per_group, chunk_programs: heads_per_program
+    torch.manual_seed(0)
+    batch = 2
+    widths = [heads * HEADDIM, groups * DSTATE, groups * DSTATE, heads]
+    wide = torch.randn(batch, seqlen, sum(widths) + 3)
+    wide[..., -heads - 3:-3] -= 1.0  # dt: softplus(dt + bias) around 0.3 to 1.5 with the bias below
+
+    def views(t: torch.Tensor) -> list[torch.Tensor]:
+        x, B, C, dt = torch.split(t[..., :-3], widths, dim=-1)
+        return [x.unflatten(-1, (heads, HEADDIM)), B.unflatten(-1, (groups, DSTATE)), C.unflatten(-1, (groups, DSTATE)), dt]
+
+    A = -torch.rand(heads) - 0.2
+    D = torch.randn(heads, HEADDIM) if D_per_channel else torch.randn(heads)
+    dt_bias = torch.rand(heads) * 0.5
+    initial = torch.randn(batch, heads, HEADDIM, DSTATE) if with_initial else None
+    seq_idx = _documents(batch, seqlen) if documents else None
+    dy = torch.randn(batch, seqlen, heads, HEADDIM)
+    dfinal = torch.randn(batch, heads, HEADDIM, DSTATE) if final_in_loss else None
+    options = dict(dt_softplus=dt_softplus, dt_limit=dt_limit, seq_idx=seq_idx)
+
+    def run(ssd, dtype: torch.dtype) -> list[torch.Tensor]:
+        leaf = wide.to(dtype).requires_grad_()
+        params = [t.to(dtype).requires_grad_() for t in (A, D, dt_bias, initial) if t is not None]
+        x, B, C, dt = views(leaf)
+        y, final = ssd(x, dt, params[0], B, C, D=params[1], dt_bias=params[2], initial_states=params[3] if with_initial else None)
+        loss = (y * dy.to(dtype)).sum() + ((final * dfinal.to(dtype)).sum() if final_in_loss else 0)
+        grads = torch.autograd.grad(loss, [leaf, *params])
+        return [y, final, *views(grads[0]), *grads[1:]]
+
+    want = run(lambda *a, **k: ssd_chunked(*a, REFERENCE_CHUNK, return_final_states=True, **options, **k), torch.float64)
+    # Without kept states where the loss ignores the final states: the backward recomputes them.
+    got = run(lambda *a, **k: ssd_triton(*a, REFERENCE_CHUNK, return_final_states=True, kernel_chunk=kernel_chunk,
+                                         keep_states=final_in_loss, **options, **k), torch.float32)
+    names = ["y", "final_states", "dx", "dB", "dC", "ddt", "dA", "dD", "ddt_bias", "dinitial_states"][:len(want)]
+    for name, g, w in zip(names, got, want, strict=True):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
+
+    # As a fused mixer calls it: gradients written into their slices of one buffer, nothing outside them.
+    x, B, C, dt = views(wide)
+    y, final, saved = ssd_forward(x, dt, A, B, C, REFERENCE_CHUNK, D=D, dt_bias=dt_bias, initial_states=initial,
+                                  kernel_chunk=kernel_chunk, **options)
+    buffer = torch.full_like(wide, float("nan"))
+    dx, dB, dC, ddt = views(buffer)
+    ssd_backward(dy, x, dt, A, B, C, REFERENCE_CHUNK, D=D, dt_bias=dt_bias, initial_states=initial, dfinal_states=dfinal,
+                 saved=saved, dx=dx, ddt=ddt, dB=dB, dC=dC, **options)
+    for name, written, expected in zip(["dx", "dB", "dC", "ddt"], views(buffer), want[2:6], strict=True):
+        torch.testing.assert_close(written.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(), msg=name)
+    assert buffer[..., -3:].isnan().all(), "wrote outside the gradient slices"
+    # Without the forward's states: recomputed, the same gradients.
+    recomputed = ssd_backward(dy, x, dt, A, B, C, REFERENCE_CHUNK, D=D, dt_bias=dt_bias, initial_states=initial,
+                              dfinal_states=dfinal, kernel_chunk=kernel_chunk, **options)
+    torch.testing.assert_close(recomputed[0], dx, rtol=0, atol=0, msg="dx, states recomputed")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_triton_ssd_matches_the_reference(case):
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):
+    """The interpreter runs the kernels' Python; this compiles them, bf16, for an H100/H200 (sm_90) down to
+    a cubin with each autotuning configuration, which needs no GPU: what only the compiler rejects fails here."""
+    triton = pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from megassm.ops import ssd_triton_bwd as bwd
+    from megassm.ops import ssd_triton_fwd as fwd
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    shape = dict(P=64, N=128, Q=64)
+    flags = dict(HAS_SEQ=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True, SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True)
+    tiles = dict(BLOCK_P=64, BLOCK_N=128)
+    fp32 = ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs_out_ptr", "init_ptr", "final_ptr", "dfinal_ptr", "dinit_ptr", "A_ptr", "D_ptr",
+            "bias_ptr", "dA_part_ptr", "dbias_part_ptr", "dD_part_ptr")
+    kernels = [(fwd._dt_kernel, {"HAS_BIAS": True, "SOFTPLUS": True, "Q": 64, "BLOCK_H": fwd.DT_BLOCK_HEADS}, [{}])]
+    for tuner in (fwd._states_kernel, fwd._output_kernel, bwd._state_grads_kernel, bwd._head_grads_kernel,
+                  bwd._group_grads_kernel):
+        names = tuner.fn.arg_names
+        constants = {k: v for k, v in {**shape, **flags, **tiles}.items() if k in names}
+        kernels.append((tuner.fn, constants, [{**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+                                              for config in tuner.configs]))
+    for kernel, constants, configs in kernels:
+        for config in configs:
+            options = {k: v for k, v in config.items() if k.startswith("num_")}
+            constexprs = {**constants, **{k: v for k, v in config.items() if not k.startswith("num_")}}
+            signature = {name: "constexpr" if name in constexprs else
+                         ("*i32" if name == "seq_ptr" else "*fp32" if name in fp32 else "*bf16") if name.endswith("_ptr") else
+                         "fp32" if name in ("dt_min", "dt_max") else "i32" for name in kernel.arg_names}
+            source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
+            assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+
+
+if __name__ == "__main__":
+    compare(*CASES[sys.argv[1]])
