@@ -22,7 +22,7 @@ import torch
 
 from megassm.errors import UserError
 from megassm.model.config import PRESETS, ModelConfig
-from megassm.ops import BACKENDS, KernelsUnavailable, resolve_backend
+from megassm.ops import BACKENDS, SSD_KERNELS, KernelsUnavailable, resolve_backend
 from parallel import LOSS_CHUNK_TOKENS
 
 if sys.version_info >= (3, 11):
@@ -94,6 +94,7 @@ class TrainConfig:
 class KernelsConfig:
     backend: str = "auto"  # the mixer's SSD, conv1d and gated norm: "auto" (Triton on CUDA), "triton", "torch" (the references)
     compile: bool = True  # on CUDA: torch.compile the RMSNorms, the loss's chunk steps, and the conv1d where no Triton kernel runs
+    ssd: str = "megassm"  # the SSD's Triton kernels: "megassm" (megassm/ops/ssd_triton.py) or "mamba-ssm" (its Triton kernels)
 
 
 @dataclass
@@ -328,7 +329,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if train.loss_chunk_tokens < 1:
         raise ConfigError(f"train.loss_chunk_tokens must be at least 1, got {train.loss_chunk_tokens}")
     choices = {"parallel.engine": (par.engine, ("ddp", "deepspeed")), "train.precision": (train.precision, ("bf16", "fp32")),
-               "train.device": (train.device, ("auto", "cuda", "cpu")), "kernels.backend": (cfg.kernels.backend, BACKENDS)}
+               "train.device": (train.device, ("auto", "cuda", "cpu")), "kernels.backend": (cfg.kernels.backend, BACKENDS),
+               "kernels.ssd": (cfg.kernels.ssd, SSD_KERNELS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")

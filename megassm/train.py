@@ -124,7 +124,7 @@ def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
 def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool) -> Mamba2LM:
     """[model]'s architecture, run as [kernels] and [train] say."""
     model = Mamba2LM(cfg.model, ctx)
-    apply_kernels(model, cfg.kernels.backend, cfg.kernels.compile)
+    apply_kernels(model, cfg.kernels.backend, cfg.kernels.compile, cfg.kernels.ssd)
     apply_loss_chunking(model, cfg.train.loss_chunk_tokens)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -184,6 +184,7 @@ class Trainer:
         replaced = checkpoints_to_replace(self.run_dir, cfg.checkpoint)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
+        self.kernels_note = f"triton kernels (SSD: {cfg.kernels.ssd})" if self.backend == "triton" else f"{self.backend} kernels"
         check_kernel_addressing(cfg, self.backend)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
         self.model = build_model(cfg, self.ctx, graphs).to(self.device)
@@ -203,7 +204,7 @@ class Trainer:
         device = f"cpu ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else self.device.type
         self.say(f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {device} | "
                  f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
-                 f"{cfg.train.precision} | {self.backend} kernels | {self.graphs_note} | engine {cfg.parallel.engine} | "
+                 f"{cfg.train.precision} | {self.kernels_note} | {self.graphs_note} | engine {cfg.parallel.engine} | "
                  f"run dir {self.run_dir}")
 
     def say(self, line: str) -> None:

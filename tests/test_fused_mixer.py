@@ -1,8 +1,8 @@
 """The plumbing of megassm/ops/fused_mixer.py on the CPU: which slice of in_proj's output and of its
 one gradient buffer each kernel reads and writes, and which of their results become which gradient.
 
-mamba-ssm's SSD and norm kernels do not run in Triton's interpreter, so they are replaced here by
-stand-ins with the same signatures and return tuples (ssd_combined._mamba_chunk_scan_combined_fwd/bwd,
+megassm's SSD kernels run interpreted too. mamba-ssm's SSD and norm kernels do not run in Triton's
+interpreter, so they are replaced here by stand-ins with the same signatures and return tuples (ssd_combined._mamba_chunk_scan_combined_fwd/bwd,
 layernorm_gated._layer_norm_fwd/bwd of mamba-ssm 2.3.2) computed with megassm's PyTorch reference,
 writing into the buffers they are given as the real ones do. The conv is megassm's Triton kernel,
 interpreted (a fresh process with TRITON_INTERPRET=1, as in test_conv_triton.py). The reference is
@@ -63,12 +63,14 @@ class ReferenceKernels:
         return gx, gw, None, dz
 
 
-def compare() -> None:
+def compare(ssd_kernels: str) -> None:
     import megassm.ops.fused_mixer as fused_mixer
+    from tests.triton_interpreter import interpret_ssd_kernels
     from megassm.ops import Mamba2Layout, causal_conv1d, gated_rms_norm
     from megassm.ops.ssd import ssd_chunked
 
     fused_mixer.load_triton_kernels = ReferenceKernels
+    interpret_ssd_kernels()
     torch.manual_seed(0)
     batch, seqlen, nheads, headdim, ngroups, dstate, width, chunk = 2, 96, 4, 8, 2, 16, 4, 32
     d_inner, conv_dim, eps, dt_limit = nheads * headdim, nheads * headdim + 2 * ngroups * dstate, 1e-5, (0.0, float("inf"))
@@ -92,7 +94,7 @@ def compare() -> None:
 
     def fused(*args):
         layout = Mamba2Layout(nheads=nheads, headdim=headdim, ngroups=ngroups, d_state=dstate)
-        return fused_mixer.conv_ssd_gated_norm(*args, layout, chunk, dt_limit, eps, seq_idx)
+        return fused_mixer.conv_ssd_gated_norm(*args, layout, chunk, dt_limit, eps, seq_idx, ssd_kernels)
 
     upstream = torch.randn(batch, seqlen, d_inner)
     results = []
@@ -103,12 +105,13 @@ def compare() -> None:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_fused_mixer_matches_the_composed_reference():
+@pytest.mark.parametrize("ssd_kernels", ["megassm", "mamba-ssm"])
+def test_fused_mixer_matches_the_composed_reference(ssd_kernels):
     pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, __file__, ssd_kernels], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 if __name__ == "__main__":
-    compare()
+    compare(sys.argv[1])

@@ -55,21 +55,6 @@ def _documents(batch: int, seqlen: int) -> torch.Tensor:
     return rows
 
 
-def _interpret_runtime_loop_bounds() -> None:
-    """Triton 3.6's interpreter holds scalar arguments as 1-element arrays and takes a loop bound with
-    int(array), which numpy >= 2.4 refuses for arrays of one dimension: the kernels' loops over chunks
-    and heads have runtime bounds, so read the bound with .item()."""
-    from triton.runtime import interpreter
-
-    patch = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope) -> None:
-        patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-
-
 def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_softplus: bool, dt_limit: tuple[float, float],
             D_per_channel: bool, kernel_chunk: int, final_in_loss: bool, heads_per_program: int | None) -> None:
     """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; through the final
@@ -78,11 +63,9 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
     from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
     from megassm.ops.ssd import ssd_chunked
     from megassm.ops.ssd_triton import ssd_backward, ssd_forward, ssd_triton
+    from tests.triton_interpreter import interpret_ssd_kernels
 
-    _interpret_runtime_loop_bounds()
-    for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
-                   ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
-        kernel.configs = kernel.configs[:1]
+    interpret_ssd_kernels()
     if heads_per_program:
         for module in (ssd_triton_fwd, ssd_triton_bwd):
             module.head_slice = lambda heads_per_group, chunk_programs: heads_per_program

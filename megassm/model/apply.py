@@ -9,17 +9,22 @@ from __future__ import annotations
 from torch import nn
 
 from megassm.model.lm import Mamba2LM
-from megassm.ops import BACKENDS
+from megassm.ops import BACKENDS, SSD_KERNELS
 
 
-def apply_kernels(model: nn.Module, backend: str = "auto", compile: bool = False) -> None:
+def apply_kernels(model: nn.Module, backend: str = "auto", compile: bool = False, ssd: str = "megassm") -> None:
     """Every module that chooses kernels gets `backend` ("auto": Triton on CUDA, "torch": the PyTorch
-    references, "triton"); every module with a compilable step gets `torch_compile = compile` (it compiles on CUDA only)."""
+    references, "triton") and, on the Triton backend, its SSD's kernels `ssd` ("megassm" or "mamba-ssm");
+    every module with a compilable step gets `torch_compile = compile` (it compiles on CUDA only)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend = {backend!r}: choose one of {', '.join(BACKENDS)}")
+    if ssd not in SSD_KERNELS:
+        raise ValueError(f"ssd = {ssd!r}: choose one of {', '.join(SSD_KERNELS)}")
     for module in model.modules():
         if hasattr(module, "backend"):
             module.backend = backend
+        if hasattr(module, "ssd_kernels"):
+            module.ssd_kernels = ssd
         if hasattr(module, "torch_compile"):
             module.torch_compile = compile
 

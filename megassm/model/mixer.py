@@ -58,6 +58,7 @@ class Mamba2Mixer(nn.Module):
     """u -> in_proj -> [z | xBC | dt] -> conv + silu -> SSD + D x -> norm(y * silu(z)) -> out_proj."""
 
     backend = "auto"  # megassm.ops's kernels for the SSD and the gated norm (apply_kernels sets it)
+    ssd_kernels = "megassm"  # the SSD's Triton kernels on the Triton backend: "megassm" or "mamba-ssm" (apply_kernels sets it)
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
         super().__init__()
@@ -91,7 +92,8 @@ class Mamba2Mixer(nn.Module):
             # The same kernels as below, but one gradient buffer for zxbcdt instead of split-and-concatenate.
             conv_bias = None if self.conv1d.bias is None else self.conv1d.bias.fused()
             y = ops.conv_ssd_gated_norm(zxbcdt, self.conv1d.weight.fused(), conv_bias, self.dt_bias, self.A(), self.D,
-                                        self.norm_weight, layout, cfg.chunk_size, cfg.dt_limit, cfg.norm_eps, seq_idx)
+                                        self.norm_weight, layout, cfg.chunk_size, cfg.dt_limit, cfg.norm_eps, seq_idx,
+                                        self.ssd_kernels)
             return self.out_proj(y)
         z, xBC, dt = layout.split_in_proj(zxbcdt)
         x, B, C = layout.split_conv(self.conv1d(xBC, self._halo(xBC, state), seq_idx, halo_seq_idx))
@@ -99,7 +101,7 @@ class Mamba2Mixer(nn.Module):
         y = ops.ssd(
             x, dt, A, B, C, cfg.chunk_size, D=self.D, dt_bias=self.dt_bias, dt_limit=cfg.dt_limit, seq_idx=seq_idx,
             initial_states=None if state is None else state.ssm, return_final_states=state is not None or self.ctx.cp > 1,
-            backend=self.backend,
+            backend=self.backend, kernels=self.ssd_kernels,
         )
         if state is not None:
             y, ssm = y

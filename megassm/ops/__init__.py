@@ -20,8 +20,9 @@ from megassm.ops.ssd import NO_DT_LIMIT, ssd_chunked, ssd_step
 from parallel.compiled import maybe_compiled
 
 BACKENDS = ("auto", "torch", "triton")
+SSD_KERNELS = ("megassm", "mamba-ssm")  # the SSD's Triton kernels: megassm's (megassm/ops/ssd_triton.py) or mamba-ssm's
 
-__all__ = ["BACKENDS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "Mamba2Layout", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu",
+__all__ = ["BACKENDS", "SSD_KERNELS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "Mamba2Layout", "add_rms_norm", "causal_conv1d", "causal_conv1d_silu",
            "conv_ssd_gated_norm", "gated_rms_norm", "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
 
 
@@ -67,9 +68,10 @@ def ssd(
     seq_idx: Tensor | None = None,
     return_final_states: bool = False,
     backend: str = "auto",
+    kernels: str = "megassm",
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """SSD scan, shapes and conventions of megassm.ops.ssd.ssd_chunked, on the chosen backend; one token
-    continuing initial_states (a generation step) by the recurrence, on any backend."""
+    """SSD scan, shapes and conventions of megassm.ops.ssd.ssd_chunked, on the chosen backend (on Triton, by the
+    `kernels` of SSD_KERNELS); one token continuing initial_states (a generation step) by the recurrence, on any backend."""
     if initial_states is not None and return_final_states and x.shape[1] == 1:
         return ssd_step(x, dt, A, B, C, initial_states, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit)
     if resolve_backend(backend, x.device) == "torch":
@@ -77,10 +79,14 @@ def ssd(
             x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit,
             initial_states=initial_states, seq_idx=seq_idx, return_final_states=return_final_states,
         )
-    return load_triton_kernels().mamba_chunk_scan_combined(
-        x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=_kernel_seq_idx(seq_idx),
-        dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_states,
-    )
+    if kernels == "megassm":
+        from megassm.ops.ssd_triton import ssd_triton  # imports triton: only where it runs
+
+        scan = ssd_triton
+    else:
+        scan = load_triton_kernels().mamba_chunk_scan_combined
+    return scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=_kernel_seq_idx(seq_idx),
+                dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_states)
 
 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, halo: Tensor | None = None, seq_idx: Tensor | None = None,
@@ -97,12 +103,13 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, ha
 
 def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
                         norm_weight: Tensor, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float], eps: float,
-                        seq_idx: Tensor | None = None) -> Tensor:
+                        seq_idx: Tensor | None = None, ssd_kernels: str = "megassm") -> Tensor:
     """The mixer from in_proj's output to the gated norm's, fused for the Triton backend only
     (megassm/ops/fused_mixer.py: one gradient buffer instead of split-and-concatenate)."""
     from megassm.ops.fused_mixer import conv_ssd_gated_norm as fused  # imports triton: only where it runs
 
-    return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, layout, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx))
+    return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, layout, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx),
+                 ssd_kernels)
 
 
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float, backend: str = "auto") -> Tensor:

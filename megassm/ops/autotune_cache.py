@@ -1,4 +1,4 @@
-"""A disk cache of the Triton autotuning choices of mamba-ssm's kernels.
+"""A disk cache of the Triton autotuning choices of the SSD's kernels (megassm's and mamba-ssm's).
 
 Why: on first use each kernel benchmarks all its configurations for every new shape, about 2 minutes
 per process on an H100, and Triton's own result cache (TRITON_CACHE_AUTOTUNING) skips every kernel
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
-KERNEL_PACKAGE = "mamba_ssm.ops.triton."
+KERNEL_MODULES = ("mamba_ssm.ops.triton.", "megassm.ops.ssd_triton")  # prefixes of the modules whose autotuners are recorded
 
 
 def cache_file() -> Path:
@@ -32,10 +32,10 @@ def cache_file() -> Path:
 
 
 def autotuners() -> Iterator[tuple[str, object]]:
-    """(module.name, autotuner) of every loaded mamba-ssm Triton kernel: the objects that
+    """(module.name, autotuner) of every loaded kernel of KERNEL_MODULES: the objects that
     triton.autotune makes, with their list of `configs` and their `cache` {key: chosen config}."""
     for module_name, module in list(sys.modules.items()):
-        if module_name.startswith(KERNEL_PACKAGE) and module is not None:
+        if module_name.startswith(KERNEL_MODULES) and module is not None:
             for name, value in vars(module).items():
                 if isinstance(getattr(value, "configs", None), list) and isinstance(getattr(value, "cache", None), dict):
                     yield f"{module_name}.{name}", value

@@ -1,6 +1,7 @@
 """The middle of the Mamba-2 mixer as one autograd step on CUDA: in_proj's output [z | xBC | dt] ->
 conv + silu -> SSD (+ D x) -> norm(y * silu(z)), with the kernels of the composed path
-(megassm/model/mixer.py): megassm's Triton conv, mamba-ssm's SSD and gated RMSNorm.
+(megassm/model/mixer.py): megassm's Triton conv, the SSD's kernels (megassm's or mamba-ssm's), mamba-ssm's
+gated RMSNorm.
 
 Why: composed, autograd splits in_proj's output into z, xBC and dt (and the conv's output into x, B
 and C) and in backward concatenates their separate gradients again: two copies of the layer's widest
@@ -17,6 +18,7 @@ from torch import Tensor
 from megassm.ops.conv_triton import conv1d_silu_backward, conv1d_silu_forward, last_dim_contiguous
 from megassm.ops.layout import Mamba2Layout
 from megassm.ops.mamba_triton import load_triton_kernels
+from megassm.ops.ssd_triton import ssd_backward, ssd_forward
 
 
 def _rows(t: Tensor, layout: Mamba2Layout) -> Tensor:
@@ -24,22 +26,40 @@ def _rows(t: Tensor, layout: Mamba2Layout) -> Tensor:
     return t.reshape(-1, layout.d_inner)
 
 
+def _scan_forward(kernels: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor, dt_bias: Tensor,
+                  seq_idx: Tensor | None, dt_limit: tuple[float, float]) -> Tensor:
+    """y of the SSD (dt through bias and softplus) by `kernels`, "megassm" or "mamba-ssm"."""
+    forward = ssd_forward if kernels == "megassm" else load_triton_kernels().scan_forward
+    return forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit)[0]
+
+
+def _scan_backward(kernels: str, dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, y: Tensor, chunk_size: int,
+                   D: Tensor, dt_bias: Tensor, seq_idx: Tensor | None, dt_limit: tuple[float, float],
+                   dx: Tensor, ddt: Tensor, dB: Tensor, dC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(dA, dD, d(dt_bias)); dx, ddt, dB, dC written into the given buffers. The forward's states are recomputed."""
+    options = dict(D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC)
+    if kernels == "megassm":
+        _, _, dA, _, _, dD, ddt_bias, _ = ssd_backward(dy, x, dt, A, B, C, chunk_size, **options)
+    else:
+        _, _, dA, _, _, dD, _, ddt_bias, _ = load_triton_kernels().scan_backward(dy, x, dt, A, B, C, y, chunk_size, **options)
+    return dA, dD, ddt_bias
+
+
 class _ConvScanNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
                 norm_weight: Tensor, seq_idx: Tensor | None, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float],
-                eps: float) -> Tensor:
+                eps: float, ssd_kernels: str) -> Tensor:
         kernels = load_triton_kernels()
         zxbcdt, conv_weight = last_dim_contiguous(zxbcdt), conv_weight.contiguous()
         z, xBC, dt = layout.split_in_proj(zxbcdt)
         xBC_conv = conv1d_silu_forward(xBC, conv_weight, conv_bias, seq_idx)
         x, B, C = layout.split_conv(xBC_conv)
-        y, *_ = kernels.scan_forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
-                                      dt_limit=dt_limit)
+        y = _scan_forward(ssd_kernels, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
         out, _, rstd = kernels.norm_forward(_rows(y, layout), norm_weight, None, eps, _rows(z, layout), group_size=layout.group_size,
                                             norm_before_gate=False, is_rms_norm=True)
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx)
-        ctx.layout, ctx.chunk_size, ctx.dt_limit, ctx.eps = layout, chunk_size, dt_limit, eps
+        ctx.layout, ctx.chunk_size, ctx.dt_limit, ctx.eps, ctx.ssd_kernels = layout, chunk_size, dt_limit, eps, ssd_kernels
         return out.view(*zxbcdt.shape[:2], layout.d_inner)
 
     @staticmethod
@@ -56,19 +76,17 @@ class _ConvScanNorm(torch.autograd.Function):
             group_size=layout.group_size, norm_before_gate=False, is_rms_norm=True, dz=_rows(dz, layout),
         )
         x, B, C = layout.split_conv(xBC_conv)
-        _, _, dA, _, _, dD, _, ddt_bias, _ = kernels.scan_backward(
-            dy.view_as(y), x, dt, A, B, C, y, ctx.chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True,
-            dt_limit=ctx.dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC,
-        )
+        dA, dD, ddt_bias = _scan_backward(ctx.ssd_kernels, dy.view_as(y), x, dt, A, B, C, y, ctx.chunk_size, D, dt_bias, seq_idx,
+                                          ctx.dt_limit, dx, ddt, dB, dC)
         _, dconv_weight, dconv_bias, _ = conv1d_silu_backward(xBC, conv_weight, conv_bias, seq_idx, dxBC_conv, dx=dxBC)
-        return grad, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, None, None, None, None, None
+        return grad, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, None, None, None, None, None, None
 
 
 def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
                         norm_weight: Tensor, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float], eps: float,
-                        seq_idx: Tensor | None = None) -> Tensor:
+                        seq_idx: Tensor | None = None, ssd_kernels: str = "megassm") -> Tensor:
     """norm(ssd(silu(conv(xBC))) * silu(z)) of in_proj's output zxbcdt (b, l, layout.in_proj_width), as
     the mixer composes it: (b, l, d_inner), zxbcdt's dtype. seq_idx: int32 document ids starting at 0.
-    The norm groups are the B/C groups (layout.group_size channels each)."""
+    The norm groups are the B/C groups (layout.group_size channels each); the SSD runs `ssd_kernels`."""
     return _ConvScanNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, layout, chunk_size,
-                               tuple(dt_limit), eps)
+                               tuple(dt_limit), eps, ssd_kernels)

@@ -8,7 +8,7 @@ import fails we register bare package modules for `mamba_ssm`, `mamba_ssm.ops`,
 kernel modules' absolute imports resolve to the installed files. A complete mamba-ssm install is
 imported the ordinary way and left untouched.
 
-The kernels' autotuning choices are restored from, and recorded at exit to, megassm's disk cache
+These kernels' and megassm's SSD kernels' autotuning choices are restored from, and recorded at exit to, megassm's disk cache
 (megassm/ops/autotune_cache.py), so a run on a machine that has seen the shapes tunes nothing.
 """
 
@@ -92,6 +92,7 @@ def load_triton_kernels() -> TritonKernels:
         ssd_combined, layernorm_gated = _import_kernel_modules()
     except ImportError as error:
         raise KernelsUnavailable(f"mamba-ssm's Triton kernels failed to import: {error}") from error
+    importlib.import_module("megassm.ops.ssd_triton")  # megassm's SSD kernels: their autotuners get their choices too
     autotune_cache.restore()
     atexit.register(_record_autotuning)
     return TritonKernels(ssd_combined.mamba_chunk_scan_combined, layernorm_gated.rmsnorm_fn,

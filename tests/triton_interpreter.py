@@ -1,0 +1,23 @@
+"""Running megassm's SSD kernels in Triton's CPU interpreter (a process started with TRITON_INTERPRET=1)."""
+
+
+def interpret_ssd_kernels() -> None:
+    """Patch what Triton 3.6's interpreter cannot do for megassm/ops/ssd_triton*.py, before they run:
+    - it holds scalar arguments as 1-element arrays and takes a loop bound with int(array), which numpy >= 2.4
+      refuses for arrays of one dimension (the kernels' loops over chunks and heads have runtime bounds):
+      read the bound with .item();
+    - it cannot time autotuning configurations: each kernel keeps its first."""
+    from triton.runtime import interpreter
+
+    from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
+
+    patch = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope) -> None:
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+    for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
+                   ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
+        kernel.configs = kernel.configs[:1]
