@@ -31,7 +31,7 @@ from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.run_dir import Owner, RunDirError, RunLock
 from megassm.stopping import StopSignals, Stopped
-from megassm.train import limit_cpu_threads
+from megassm.train import limit_cpu_threads, use_expandable_segments
 from parallel import ParallelContext
 from tests.test_convert import engine_for
 from tests.test_train import TRAINER_ENV, assert_same_run, config, run_trainer, train, trainer_command  # noqa: F401 (config: a fixture)
@@ -343,3 +343,14 @@ def test_a_cpu_run_leaves_a_core_free_unless_told(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_cuda_runs_use_expandable_segments_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    use_expandable_segments(torch.device("cpu"))
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    use_expandable_segments(torch.device("cuda", 0))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    use_expandable_segments(torch.device("cuda", 0))
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
