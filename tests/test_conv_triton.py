@@ -1,22 +1,17 @@
 """megassm's Triton conv1d kernels (megassm/ops/conv_triton.py) against the PyTorch reference, run by
-Triton's interpreter on the CPU: the kernel source the GPU compiles, executed with numpy per program.
-
-The interpreter is chosen when @triton.jit runs, and also applies to triton's own library functions,
-so each case runs in a fresh process with TRITON_INTERPRET=1 set before triton is imported.
+Triton's interpreter on the CPU (tests/triton_interpreter.py), each case in a fresh process.
 float32 only: the interpreter has no bf16 (the GPU check is `python tools/bench.py --check`)."""
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-# case: (documents, bias, halo, tokens); one token after a halo is a decoding step (megassm/model/recurrent.py)
+from tests.triton_interpreter import run_interpreted
+
+# case: (documents, bias, halo, tokens); one token after a halo is a decoding step (the conv window of Mamba2State)
 CASES = {"documents": (True, True, False, 45), "one-document": (False, True, False, 45), "no-bias": (True, False, False, 45),
          "halo": (True, True, True, 45), "halo-one-document": (False, True, True, 45), "halo-one-token": (False, True, True, 1)}
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def compare(documents: bool, with_bias: bool, with_halo: bool, seqlen: int) -> None:
@@ -60,10 +55,7 @@ def compare(documents: bool, with_bias: bool, with_halo: bool, seqlen: int) -> N
 
 @pytest.mark.parametrize("case", CASES)
 def test_triton_conv_matches_the_reference(case):
-    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_interpreted(__file__, case)
 
 
 @pytest.mark.parametrize("options", [False, True], ids=["plain", "bias-documents-halo"])

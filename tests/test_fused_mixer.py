@@ -9,15 +9,12 @@ interpreted (a fresh process with TRITON_INTERPRET=1, as in test_conv_triton.py)
 the composition the mixer runs on the PyTorch backend; the real kernels are compared on the GPU by
 `tools/bench_ssd.py` (check_model) and `tools/bench.py --check`."""
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import run_interpreted
 
 
 class ReferenceKernels:
@@ -107,10 +104,7 @@ def compare(ssd_kernels: str) -> None:
 
 @pytest.mark.parametrize("ssd_kernels", ["megassm", "mamba-ssm"])
 def test_fused_mixer_matches_the_composed_reference(ssd_kernels):
-    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, __file__, ssd_kernels], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_interpreted(__file__, ssd_kernels)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,14 @@
 """megassm's Triton SSD kernels (megassm/ops/ssd_triton.py) against the reference ssd_chunked in float64,
-run by Triton's interpreter on the CPU: the kernel source the GPU compiles, executed with numpy per program.
+run by Triton's interpreter on the CPU (tests/triton_interpreter.py), each case in a fresh process. float32 only
+(the interpreter has no bf16; the GPU check is `python tools/bench_ssd_kernels.py`)."""
 
-Each case runs in a fresh process with TRITON_INTERPRET=1 set before triton is imported (the interpreter
-is chosen when @triton.jit runs). float32 only (the interpreter has no bf16; the GPU check is
-`python tools/bench_ssd_kernels.py`), and each autotuned kernel keeps only its first configuration: the
-interpreter cannot time configurations."""
-
-import os
-import subprocess
 import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.triton_interpreter import run_interpreted
 
 
 class Case(NamedTuple):
@@ -124,10 +117,7 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
 
 @pytest.mark.parametrize("case", CASES)
 def test_triton_ssd_matches_the_reference(case):
-    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, __file__, case], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    run_interpreted(__file__, case)
 
 
 def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):

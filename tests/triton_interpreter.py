@@ -1,4 +1,23 @@
-"""Running megassm's SSD kernels in Triton's CPU interpreter (a process started with TRITON_INTERPRET=1)."""
+"""Running megassm's Triton kernels in Triton's CPU interpreter: the kernel source the GPU compiles, executed with
+numpy per program. The interpreter is chosen when @triton.jit runs and also applies to triton's own library
+functions, so each case runs in a fresh process with TRITON_INTERPRET=1 set before triton is imported."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_interpreted(script: str, *args: str) -> None:
+    """`python script args` with Triton's interpreter on; fails the test with the script's output if it fails."""
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def interpret_ssd_kernels() -> None:

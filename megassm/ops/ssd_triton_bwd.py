@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megassm.ops.ssd_triton_fwd import _chunk_tokens, _state_configs, head_slice, pow2
+from megassm.ops.ssd_triton_fwd import _chunk_tokens, _start_state, _state_configs, _state_tile, head_slice, pow2
 
 
 @triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
@@ -27,17 +27,8 @@ def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr,
         dstates[c] = G (the gradient of the state leaving chunk c; at first d(final states)),
         G <- [doc_out == doc_in] exp(cs_last) G + sum_i [doc_i == doc_in] exp(cs_i) dy_i C_i^T,
     and d(initial states) = G at the end; G in fp32 registers, dstates in its dtype (batch_heads: as in _states_kernel)."""
-    bh = tl.program_id(0)
-    b, h = (bh // H).to(tl.int64), bh % H
-    g = h // heads_per_group
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tile_ok = (p < P)[:, None] & (n < N)[None, :]
-    tile = p[:, None] * N + n[None, :]
-    if HAS_DFINAL:
-        grad = tl.load(dfinal_ptr + bh.to(tl.int64) * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    else:
-        grad = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, P, N, BLOCK_P, BLOCK_N)
+    grad = _start_state(dfinal_ptr, bh, P, N, tile, tile_ok, HAS_DFINAL, BLOCK_P, BLOCK_N)
     dy_base = dy_ptr + b * stride_dy_b + h * stride_dy_h
     C_base = C_ptr + b * stride_C_b + g * stride_C_g
     head_time = bh.to(tl.int64) * L

@@ -50,6 +50,26 @@ def _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ: tl.constexpr, Q: tl.c
 
 
 @triton.jit
+def _state_tile(H, heads_per_group, P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A chunk walk's program: its (batch, head) index bh, b (int64), h, h's group g, and its (BLOCK_P, BLOCK_N)
+    tile of a (P, N) state: the offsets within one state and which of them exist."""
+    bh = tl.program_id(0)
+    b, h = (bh // H).to(tl.int64), bh % H
+    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return bh, b, h, h // heads_per_group, p, n, p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
+
+
+@triton.jit
+def _start_state(ptr, bh, P: tl.constexpr, N: tl.constexpr, tile, tile_ok, PRESENT: tl.constexpr, BLOCK_P: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
+    """The walk's starting tile in fp32: bh's (P, N) state at ptr where PRESENT, else zeros."""
+    if PRESENT:
+        return tl.load(ptr + bh.to(tl.int64) * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
+    return tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+
+
+@triton.jit
 def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_b, stride_dt_l, dt_min, dt_max,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, Q: tl.constexpr, BLOCK_H: tl.constexpr):
     """dt_t = clamp(softplus(dt_t + bias)) and cs_t = sum of dt_s * A over the chunk's tokens s <= t, both
@@ -88,17 +108,8 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
         S <- [doc_out == doc_in] exp(cs_last) S + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,
     S in fp32 registers, stored in states' dtype (final states: fp32). batch_heads only keys the autotuning
     (the best tile depends on how many (batch, head) programs there are)."""
-    bh = tl.program_id(0)
-    b, h = (bh // H).to(tl.int64), bh % H
-    g = h // heads_per_group
-    p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tile_ok = (p < P)[:, None] & (n < N)[None, :]
-    tile = p[:, None] * N + n[None, :]
-    if HAS_INIT:
-        state = tl.load(init_ptr + bh.to(tl.int64) * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
-    else:
-        state = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, P, N, BLOCK_P, BLOCK_N)
+    state = _start_state(init_ptr, bh, P, N, tile, tile_ok, HAS_INIT, BLOCK_P, BLOCK_N)
     x_base = x_ptr + b * stride_x_b + h * stride_x_h
     B_base = B_ptr + b * stride_B_b + g * stride_B_g
     head_time = bh.to(tl.int64) * L  # (b, h) row of dt and cs
