@@ -20,14 +20,12 @@ from parallel.roles import REPLICATED, ParamRole, declare_roles
 SEQUENCE_DIM = 1
 
 
-def shard_parameter(full: Tensor, dim: int | None, group: ProcessGroup | None, name: str = "tensor") -> nn.Parameter:
-    """This rank's contiguous piece of `full` along dim (all of it when dim is None) as a Parameter."""
-    size = group_size(group)
-    if dim is not None and size > 1:
-        if full.shape[dim] % size:
-            raise ValueError(f"{name}: dimension {dim} of size {full.shape[dim]} cannot be split evenly over tp = {size}")
-        full = full.chunk(size, dim)[group_rank(group)]
-    return nn.Parameter(full.detach().clone().contiguous())
+def shard_parameter(full: Tensor, role: ParamRole, group: ProcessGroup | None, name: str = "tensor") -> nn.Parameter:
+    """This rank's piece of the logical tensor `full` for a parameter of `role` (local_piece), as a Parameter."""
+    dim, size = role.tp_dim, group_size(group)
+    if dim is not None and full.shape[dim] % size:
+        raise ValueError(f"{name}: dimension {dim} of size {full.shape[dim]} cannot be split evenly over tp = {size}")
+    return nn.Parameter(local_piece(full, role, group).detach().clone().contiguous())
 
 
 def local_piece(full: Tensor, role: ParamRole, group: ProcessGroup | None) -> Tensor:
@@ -59,8 +57,9 @@ class ShardedSegments(nn.ParameterDict):
     each rank uses part of it, so its gradient is summed over TP (backward's all-reduce of copy_to_region)."""
 
     def __init__(self, full: dict[str, Tensor], group: ProcessGroup | None, replicated: tuple[str, ...] = ()):
-        super().__init__({name: shard_parameter(t, None if name in replicated else 0, group, name) for name, t in full.items()})
-        declare_roles(self, **{name: REPLICATED if name in replicated else ParamRole(tp_dim=0) for name in full})
+        roles = {name: REPLICATED if name in replicated else ParamRole(tp_dim=0) for name in full}
+        super().__init__({name: shard_parameter(t, roles[name], group, name) for name, t in full.items()})
+        declare_roles(self, **roles)
         self.order = list(full)  # nn.ParameterDict sorts plain-dict keys
         self.group, self.replicated = group, replicated
 
@@ -90,9 +89,10 @@ class RowParallelLinear(nn.Module):
     def __init__(self, weight: Tensor, ctx: ParallelContext, bias: Tensor | None = None):
         super().__init__()
         self.ctx = ctx
-        self.weight = shard_parameter(weight, 1, ctx.tp_group, "row-parallel weight")
-        self.bias = None if bias is None else shard_parameter(bias, None, ctx.tp_group)
-        declare_roles(self, weight=ParamRole(tp_dim=1), bias=ParamRole(sequence_parallel=ctx.sequence_parallel))
+        roles = dict(weight=ParamRole(tp_dim=1), bias=ParamRole(sequence_parallel=ctx.sequence_parallel))
+        self.weight = shard_parameter(weight, roles["weight"], ctx.tp_group, "row-parallel weight")
+        self.bias = None if bias is None else shard_parameter(bias, roles["bias"], ctx.tp_group)
+        declare_roles(self, **roles)
 
     def forward(self, x: Tensor) -> Tensor:
         y = layer_output(F.linear(x, self.weight), self.ctx)

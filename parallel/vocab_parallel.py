@@ -10,6 +10,8 @@ from parallel.context import ParallelContext
 from parallel.roles import ParamRole, declare_roles
 from parallel.tensor_parallel import layer_input, layer_output, shard_parameter
 
+VOCABULARY_SPLIT = ParamRole(tp_dim=0)  # embedding and LM head: rows (the vocabulary) split over TP
+
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose rows (the vocabulary) are split over TP; each rank looks up its own rows,
@@ -18,8 +20,8 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, weight: Tensor, ctx: ParallelContext):
         super().__init__()
         self.ctx = ctx
-        self.weight = shard_parameter(weight, 0, ctx.tp_group, "embedding (vocab_size)")
-        declare_roles(self, weight=ParamRole(tp_dim=0))
+        self.weight = shard_parameter(weight, VOCABULARY_SPLIT, ctx.tp_group, "embedding (vocab_size)")
+        declare_roles(self, weight=VOCABULARY_SPLIT)
         self.vocab_start = ctx.tp_rank * self.weight.shape[0]
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -42,8 +44,8 @@ class VocabParallelLMHead(nn.Module):
     def __init__(self, weight: Tensor, ctx: ParallelContext):
         super().__init__()
         self.ctx = ctx
-        self.weight = shard_parameter(weight, 0, ctx.tp_group, "lm_head (vocab_size)")
-        declare_roles(self, weight=ParamRole(tp_dim=0))
+        self.weight = shard_parameter(weight, VOCABULARY_SPLIT, ctx.tp_group, "lm_head (vocab_size)")
+        declare_roles(self, weight=VOCABULARY_SPLIT)
 
     def forward(self, h: Tensor) -> Tensor:
         return vocab_parallel_logits(h, self.weight, self.ctx)

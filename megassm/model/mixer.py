@@ -71,11 +71,12 @@ class Mamba2Mixer(nn.Module):
             biases={n: torch.zeros(size) for n, size in whole.in_proj_segments.items()} if cfg.proj_bias else None,
         )
         self.conv1d = CausalDepthwiseConv1d(whole.conv_segments, cfg.d_conv, cfg.conv_bias, ctx.tp_group)
-        self.dt_bias = shard_parameter(init_dt_bias(whole.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), 0, ctx.tp_group)
-        self.A_log = shard_parameter(torch.log(torch.empty(whole.nheads).uniform_(*cfg.A_init_range)), 0, ctx.tp_group)
-        self.D = shard_parameter(torch.ones(whole.nheads), 0, ctx.tp_group)
-        self.norm_weight = shard_parameter(torch.ones(whole.d_inner), 0, ctx.tp_group)
-        declare_roles(self, **dict.fromkeys(("dt_bias", "A_log", "D", "norm_weight"), ParamRole(tp_dim=0)))  # split with the heads
+        with_heads = ParamRole(tp_dim=0)  # split over TP with the heads
+        self.dt_bias = shard_parameter(init_dt_bias(whole.nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor), with_heads, ctx.tp_group)
+        self.A_log = shard_parameter(torch.log(torch.empty(whole.nheads).uniform_(*cfg.A_init_range)), with_heads, ctx.tp_group)
+        self.D = shard_parameter(torch.ones(whole.nheads), with_heads, ctx.tp_group)
+        self.norm_weight = shard_parameter(torch.ones(whole.d_inner), with_heads, ctx.tp_group)
+        declare_roles(self, **dict.fromkeys(("dt_bias", "A_log", "D", "norm_weight"), with_heads))
         # mamba-ssm / GPT-2: the residual branch's output projection scaled by 1/sqrt(n_layer).
         out_weight = uniform_fan_in((cfg.d_model, whole.d_inner), whole.d_inner) / math.sqrt(cfg.n_layer)
         self.out_proj = RowParallelLinear(out_weight, ctx, bias=torch.zeros(cfg.d_model) if cfg.proj_bias else None)
