@@ -3,7 +3,8 @@
 Layers are built from the full, logical initial tensors (so a model initialises identically whatever
 its layout) and keep only this rank's contiguous piece, declaring the dimension it is split along
 (parallel/roles.py); that is all a checkpoint needs to reassemble or reshard it. With sequence
-parallelism the activations between layers are split along dim 1 (the sequence) across the TP group: layer inputs are all-gathered, outputs reduce-scattered.
+parallelism the activations between layers are split along dim 1 (the sequence) across the TP group: layer
+inputs are all-gathered, outputs reduce-scattered.
 """
 
 from __future__ import annotations
