@@ -161,12 +161,12 @@ class _SSD(torch.autograd.Function):
 def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
                dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
                dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT, return_final_states: bool = False,
-               kernel_chunk: int = DEFAULT_KERNEL_CHUNK, keep_states: bool = True) -> Tensor | tuple[Tensor, Tensor]:
+               kernel_chunk: int = DEFAULT_KERNEL_CHUNK, keep_states: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """mamba_chunk_scan_combined's semantics (shapes and documents: megassm.ops.ssd.ssd_chunked; seq_idx
     non-decreasing int32 ids, as megassm.ops._kernel_seq_idx gives), differentiable, also through the final
     states. keep_states: keep the forward's per-chunk states for the backward (b x l/kernel_chunk x h x p x n
-    in x's dtype, twice x's size at kernel chunk 64 and d_state 128), else recompute them there (one more
-    pass over x and B; the memory of mamba-ssm's path)."""
+    in x's dtype, twice x's size at kernel chunk 64 and d_state 128), else (the default, as the fused mixer does)
+    recompute them there: one more pass over x and B, and the memory of mamba-ssm's path."""
     y, final_states = _SSD.apply(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, tuple(dt_limit),
                                  kernel_chunk, keep_states)
     return (y, final_states) if return_final_states else y
