@@ -2,10 +2,10 @@
 one gradient buffer each kernel reads and writes, and which of their results become which gradient.
 
 megassm's SSD kernels run interpreted too. mamba-ssm's SSD and norm kernels do not run in Triton's
-interpreter, so they are replaced here by stand-ins with the same signatures and return tuples (ssd_combined._mamba_chunk_scan_combined_fwd/bwd,
-layernorm_gated._layer_norm_fwd/bwd of mamba-ssm 2.3.2) computed with megassm's PyTorch reference,
-writing into the buffers they are given as the real ones do. The conv is megassm's Triton kernel,
-interpreted (a fresh process with TRITON_INTERPRET=1, as in test_conv_triton.py). The reference is
+interpreter, so they are replaced here by stand-ins with the same signatures and return tuples
+(ssd_combined._mamba_chunk_scan_combined_fwd/bwd, layernorm_gated._layer_norm_fwd/bwd of mamba-ssm 2.3.2)
+computed with megassm's PyTorch reference, writing into the buffers they are given as the real ones do. The
+conv is megassm's Triton kernel, interpreted too (tests/triton_interpreter.py). The reference is
 the composition the mixer runs on the PyTorch backend; the real kernels are compared on the GPU by
 `tools/bench_ssd.py` (check_model) and `tools/bench.py --check`."""
 

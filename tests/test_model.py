@@ -230,6 +230,7 @@ def test_every_parameter_declares_its_parallel_role():
     mixer.D = torch.nn.Parameter(mixer.D.detach().clone())  # as FSDP2 re-creates parameters
     split = {name: role.tp_dim for name, role in param_roles(model).items()}
     assert split == {"embedding.weight": 0, "layers.0.norm.weight": None, "layers.0.mixer.dt_bias": 0, "layers.0.mixer.A_log": 0,
-                     "layers.0.mixer.D": 0, "layers.0.mixer.norm_weight": 0, **{f"layers.0.mixer.in_proj.weight.{n}": 0 for n in ("z", "x", "B", "C", "dt")},
+                     "layers.0.mixer.D": 0, "layers.0.mixer.norm_weight": 0,
+                     **{f"layers.0.mixer.in_proj.weight.{n}": 0 for n in ("z", "x", "B", "C", "dt")},
                      **{f"layers.0.mixer.conv1d.{kind}.{n}": 0 for kind in ("weight", "bias") for n in "xBC"},
                      "layers.0.mixer.out_proj.weight": 1, "norm_f.weight": None, "lm_head.weight": 0}

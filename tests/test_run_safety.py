@@ -346,7 +346,8 @@ def test_a_cpu_run_leaves_a_core_free_unless_told(monkeypatch):
 
 
 def test_cuda_runs_use_expandable_segments_unless_the_user_chose(monkeypatch):
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # restored (or removed) after the test, whatever the calls set
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     use_expandable_segments(torch.device("cpu"))
     assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
     use_expandable_segments(torch.device("cuda", 0))

@@ -91,9 +91,8 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
         return [y, final, *views(grads[0]), *grads[1:]]
 
     want = run(lambda *a, **k: ssd_chunked(*a, REFERENCE_CHUNK, return_final_states=True, **options, **k), torch.float64)
-    # Without kept states where the loss ignores the final states: the backward recomputes them.
     got = run(lambda *a, **k: ssd_triton(*a, REFERENCE_CHUNK, return_final_states=True, kernel_chunk=kernel_chunk,
-                                         keep_states=final_in_loss, **options, **k), torch.float32)
+                                         **options, **k), torch.float32)
     names = ["y", "final_states", "dx", "dB", "dC", "ddt", "dA", "dD", "ddt_bias", "dinitial_states"][:len(want)]
     for name, g, w in zip(names, got, want, strict=True):
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4 * w.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")

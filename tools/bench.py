@@ -293,7 +293,8 @@ def check(args) -> None:
     # Two micro batches per step (gradient accumulation), and a validation loss after the steps (graphs replayed without gradients).
     common = [f"data.global_batch={2 * batch}", "train.eval_every=1000", f"train.eval_samples={2 * batch}", *args.set]
     fast = spawn(args, "megassm", args.check_case, [*common, "kernels.backend=triton", "train.cuda_graphs=true"])
-    reference = spawn(args, "megassm", args.check_case, [*common, "kernels.backend=torch", "kernels.compile=false", "train.cuda_graphs=false"])
+    reference = spawn(args, "megassm", args.check_case,
+                      [*common, "kernels.backend=torch", "kernels.compile=false", "train.cuda_graphs=false"])
     if "losses" not in fast or "losses" not in reference:
         raise SystemExit(f"bench --check: a run failed: fast {fast.get('error')}, reference {reference.get('error')}")
     rows, worst = [], 0.0

@@ -58,8 +58,9 @@ import triton  # noqa: E402
 
 from megassm.ops import ssd_triton_bwd as bwd  # noqa: E402
 from megassm.ops import ssd_triton_fwd as fwd  # noqa: E402
-from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK, NO_DT_LIMIT, ssd_backward, ssd_forward  # noqa: E402
-from tools.bench_ssd_kernels import document_ids, mixer_tensors  # noqa: E402
+from megassm.ops.ssd import NO_DT_LIMIT  # noqa: E402
+from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK, ssd_backward, ssd_forward  # noqa: E402
+from tools.bench_ssd_kernels import document_ids, mixer_tensors, relative_error  # noqa: E402
 
 CUDA = not ARGS.cpu_check
 CHUNK_SIZE = 256  # the model's (unused by the kernels)
@@ -553,10 +554,6 @@ def kernel_chunk_sweep(cases: list[Case]) -> None:
         table("kernel_chunk: ms of one fwd+bwd", rows, cases)
 
 
-def relative(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
-
-
 def summary(cases: list[Case]) -> None:
     log(f"\n==================== SUMMARY [{elapsed():.0f} s]")
     log("best config per kernel at each shape vs the current default (ms per launch; x = speedup)")
@@ -624,7 +621,7 @@ def summary(cases: list[Case]) -> None:
                 f"   (head_slice {hps}; {', '.join(f'{k} {label(v)}' for k, v in pins.items())})")
             log("    per kernel: " + ", ".join(f"{k} {m_default.get(k, math.nan):.3f}->{m_best.get(k, math.nan):.3f}" for k in
                                             ("dt", *TUNED)))
-            errors = {k: relative(got[k], want[k]) for k in want}
+            errors = {k: relative_error(got[k], want[k]) for k in want}
             worst = max(errors, key=errors.get)
             log(f"    accuracy (max|best - default| / max|default|): worst {worst} {errors[worst]:.2e}; "
                 + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))

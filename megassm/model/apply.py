@@ -48,4 +48,3 @@ def apply_loss_chunking(model: Mamba2LM, tokens: int) -> None:
     if tokens < 1:
         raise ValueError(f"the loss's chunk must hold at least one token, got {tokens}")
     model.loss_chunk_tokens = tokens
-

@@ -47,18 +47,17 @@ atomics). Offsets from batch and token indices are int64; offsets within a chunk
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from megassm.ops.ssd import NO_DT_LIMIT
 from megassm.ops.ssd_triton_bwd import chunk_grads, state_grads
 from megassm.ops.ssd_triton_fwd import chunk_outputs, chunk_states, discretize
 
-NO_DT_LIMIT = (0.0, math.inf)
-KERNEL_CHUNKS = (64, 128)  # the internal chunk lengths the kernels are tuned for (any power of two >= 16 works)
-DEFAULT_KERNEL_CHUNK = 64
+KERNEL_CHUNKS = (64, 128)  # internal chunk lengths tools/bench_ssd_kernels.py compares (any power of two >= 16 works)
+DEFAULT_KERNEL_CHUNK = 64  # the fastest on an H200 (tools/tune_ssd_kernels.py: 32 and 128 are 1.3x and 1.7x slower)
 
 
 class SSDSaved(NamedTuple):
@@ -90,6 +89,14 @@ def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     return tuple(None if t is None else t.contiguous() for t in tensors)
 
 
+def _chunk_walk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, initial_states: Tensor | None,
+                seq_idx: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float], kernel_chunk: int) -> tuple[SSDSaved, Tensor]:
+    """dt and cs, then the states entering every chunk (what the forward leaves for the backward), and the final states."""
+    dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
+    states, final_states = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
+    return SSDSaved(dt_processed, cumsum, states, kernel_chunk), final_states
+
+
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
                 dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
                 dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT,
@@ -102,10 +109,9 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     del chunk_size
     _check(x, dt, A, B, C, kernel_chunk)
     A, D, dt_bias, initial_states, seq_idx = _contiguous(A, D, dt_bias, initial_states, seq_idx)
-    dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
-    states, final_states = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
-    y = chunk_outputs(x, B, C, dt_processed, cumsum, seq_idx, states, D, kernel_chunk)
-    return y, final_states, SSDSaved(dt_processed, cumsum, states, kernel_chunk)
+    saved, final_states = _chunk_walk(x, dt, A, B, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, kernel_chunk)
+    y = chunk_outputs(x, B, C, saved.dt, saved.cumsum, seq_idx, saved.states, D, kernel_chunk)
+    return y, final_states, saved
 
 
 def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
@@ -123,9 +129,7 @@ def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
     A, D, dt_bias, initial_states, seq_idx, dfinal_states = _contiguous(A, D, dt_bias, initial_states, seq_idx, dfinal_states)
     if saved is None:
         _check(x, dt, A, B, C, kernel_chunk)
-        dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
-        states, _ = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
-        saved = SSDSaved(dt_processed, cumsum, states, kernel_chunk)
+        saved, _ = _chunk_walk(x, dt, A, B, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, kernel_chunk)
     dy = dy.to(x.dtype) if dy.stride(-1) == 1 else dy.to(x.dtype).contiguous()  # the kernels' dots take one dtype
     dstates, dinitial_states = state_grads(dy, C, saved.cumsum, seq_idx, dfinal_states, x.shape[2], saved.kernel_chunk)
     grads = chunk_grads(dy, x, dt, A, B, C, saved.dt, saved.cumsum, saved.states, dstates, D, dt_bias, seq_idx, dt_softplus,
@@ -137,36 +141,33 @@ class _SSD(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None,
                 initial_states: Tensor | None, seq_idx: Tensor | None, chunk_size: int, dt_softplus: bool,
-                dt_limit: tuple[float, float], kernel_chunk: int, keep_states: bool) -> tuple[Tensor, Tensor]:
-        y, final_states, saved = ssd_forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
-                                             seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit, kernel_chunk=kernel_chunk)
-        kept = (saved.dt, saved.cumsum, saved.states) if keep_states else ()
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept)
+                dt_limit: tuple[float, float], kernel_chunk: int) -> tuple[Tensor, Tensor]:
+        y, final_states, _ = ssd_forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
+                                         seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit, kernel_chunk=kernel_chunk)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx)  # the states are recomputed in backward
         ctx.options = (chunk_size, dt_softplus, dt_limit, kernel_chunk)
         ctx.set_materialize_grads(False)  # no d(final states) when they are not used: none to read
         return y, final_states
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dfinal_states: Tensor | None):
-        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, *kept = ctx.saved_tensors
+        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx = ctx.saved_tensors
         chunk_size, dt_softplus, dt_limit, kernel_chunk = ctx.options
         dy = torch.zeros_like(x) if dy is None else dy
         dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states = ssd_backward(
             dy, x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
-            dt_softplus=dt_softplus, dt_limit=dt_limit, dfinal_states=dfinal_states, saved=SSDSaved(*kept, kernel_chunk) if kept else None,
-            kernel_chunk=kernel_chunk)
-        return dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states, None, None, None, None, None, None
+            dt_softplus=dt_softplus, dt_limit=dt_limit, dfinal_states=dfinal_states, kernel_chunk=kernel_chunk)
+        return dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states, None, None, None, None, None
 
 
 def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
                dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
                dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT, return_final_states: bool = False,
-               kernel_chunk: int = DEFAULT_KERNEL_CHUNK, keep_states: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+               kernel_chunk: int = DEFAULT_KERNEL_CHUNK) -> Tensor | tuple[Tensor, Tensor]:
     """mamba_chunk_scan_combined's semantics (shapes and documents: megassm.ops.ssd.ssd_chunked; seq_idx
     non-decreasing int32 ids, as megassm.ops._kernel_seq_idx gives), differentiable, also through the final
-    states. keep_states: keep the forward's per-chunk states for the backward (b x l/kernel_chunk x h x p x n
-    in x's dtype, twice x's size at kernel chunk 64 and d_state 128), else (the default, as the fused mixer does)
-    recompute them there: one more pass over x and B, and the memory of mamba-ssm's path."""
+    states. The per-chunk states (twice x's size at kernel chunk 64 and d_state 128) are recomputed in backward,
+    as the fused mixer does: one more pass over x and B, and the memory of mamba-ssm's path."""
     y, final_states = _SSD.apply(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, tuple(dt_limit),
-                                 kernel_chunk, keep_states)
+                                 kernel_chunk)
     return (y, final_states) if return_final_states else y
