@@ -69,7 +69,7 @@ def compare(ssd_kernels: str) -> None:
     fused_mixer.load_triton_kernels = ReferenceKernels
     interpret_ssd_kernels()
     torch.manual_seed(0)
-    batch, seqlen, nheads, headdim, ngroups, dstate, width, chunk = 2, 96, 4, 8, 2, 16, 4, 32
+    batch, seqlen, nheads, headdim, ngroups, dstate, width, chunk = 2, 96, 4, 8, 2, 32, 4, 32
     d_inner, conv_dim, eps, dt_limit = nheads * headdim, nheads * headdim + 2 * ngroups * dstate, 1e-5, (0.0, float("inf"))
     params = {
         "zxbcdt": torch.randn(batch, seqlen, d_inner + conv_dim + nheads), "conv_weight": torch.randn(conv_dim, width) * 0.5,

@@ -25,7 +25,9 @@ def interpret_ssd_kernels() -> None:
     - it holds scalar arguments as 1-element arrays and takes a loop bound with int(array), which numpy >= 2.4
       refuses for arrays of one dimension (the kernels' loops over chunks and heads have runtime bounds):
       read the bound with .item();
-    - it cannot time autotuning configurations: each kernel keeps its first."""
+    - it cannot time autotuning configurations: each kernel keeps its first, with d_state in blocks of 16 (the
+      tests' d_state of 32 then takes two: the loops and grids over d_state blocks run)."""
+    import triton
     from triton.runtime import interpreter
 
     from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
@@ -39,4 +41,6 @@ def interpret_ssd_kernels() -> None:
     interpreter._patch_lang_tensor = patched
     for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
                    ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
-        kernel.configs = kernel.configs[:1]
+        first = kernel.configs[0]
+        kwargs = {key: 16 if key == "BLOCK_N" else value for key, value in first.kwargs.items()}
+        kernel.configs = [triton.Config(kwargs, num_warps=first.num_warps, num_stages=first.num_stages)]

@@ -95,19 +95,20 @@ def elapsed() -> float:
 
 # ---------------------------------------------------------------- configurations
 
-def make_config(kwargs: dict, warps: int, stages: int) -> triton.Config:
-    return triton.Config(dict(kwargs), num_warps=warps, num_stages=stages)
+def make_config(kwargs: dict, warps: int, stages: int, maxnreg: int | None = None) -> triton.Config:
+    return triton.Config(dict(kwargs), num_warps=warps, num_stages=stages, maxnreg=maxnreg)
 
 
 def spec(config: triton.Config) -> list:
-    return [dict(config.kwargs), config.num_warps, config.num_stages]
+    return [dict(config.kwargs), config.num_warps, config.num_stages, config.maxnreg]
 
 
 def label(config: triton.Config | None) -> str:
     if config is None:
         return "-"
     tiles = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in config.kwargs.items())
-    return f"{tiles + ' ' if tiles else ''}w{config.num_warps} s{config.num_stages}"
+    registers = f" r{config.maxnreg}" if config.maxnreg else ""
+    return f"{tiles + ' ' if tiles else ''}w{config.num_warps} s{config.num_stages}{registers}"
 
 
 def same(a: triton.Config | None, b: triton.Config | None) -> bool:
@@ -117,11 +118,20 @@ def same(a: triton.Config | None, b: triton.Config | None) -> bool:
 ORIGINAL_CONFIGS = {name: list(REAL[name].configs) for name in TUNED}
 STATE_TILES = [(16, 32), (16, 64), (32, 32), (32, 64), (64, 32), (64, 64), (16, 128), (32, 128), (64, 128)]
 WARPS_STAGES = [(w, s) for w in (2, 4, 8) for s in (1, 2, 3, 4)]
-# _head_grads_kernel has no loop: num_stages (software pipelining of loops) should not matter; 1 and 2 check that.
-HEAD_WARPS_STAGES = [(w, s) for w in (2, 4, 8) for s in (1, 2)] + [(16, 1)]
-CHUNK_WARPS_STAGES = WARPS_STAGES + [(16, 1)]  # 16 warps: these kernels are register-bound (per the author)
 HEAD_SLICES = (1, 2, 4, 8, 16, 24, 48)
 KERNEL_CHUNK_VALUES = (32, 64, 128)
+
+
+def blocked_sweep(block_ns: tuple[int, ...]) -> list[tuple]:
+    """The chunk-parallel kernels (output, head and group grads) take d_state in blocks of BLOCK_N. ptxas gives them
+    all 255 registers (at most 2 programs of 4 warps per SM); a register cap (maxnreg) trades spills for occupancy."""
+    return ([({"BLOCK_N": n}, w, s, None) for n in block_ns for w, s in ((4, 1), (4, 2), (4, 3), (8, 1), (8, 2))]
+            + [({"BLOCK_N": n}, 4, s, r) for n in block_ns[:2] for s in (1, 2) for r in (128, 168)]
+            + [({"BLOCK_N": n}, 8, 1, 128) for n in block_ns[:2]])
+
+
+# _group_grads_kernel at BLOCK_N 32 computes wrong dB, dC (and faults at 780m shapes) on an H200 with Triton 3.6.
+BLOCK_NS = {"output": (32, 64, 128), "head_grads": (32, 64, 128), "group_grads": (64, 128)}
 
 
 def unique(configs: list[triton.Config]) -> list[triton.Config]:
@@ -133,13 +143,12 @@ def unique(configs: list[triton.Config]) -> list[triton.Config]:
 
 
 def sweep_configs(name: str) -> list[triton.Config]:
-    """Round 1: the default list plus the sweep (states kernels: tiles at w4 s2; the others: warps x stages)."""
+    """Round 1: the default list plus the sweep (states kernels: tiles at w4 s2; the others: BLOCK_N x warps x stages,
+    and register caps)."""
     if name in ("states", "state_grads"):
         swept = [make_config({"BLOCK_P": p, "BLOCK_N": n}, 4, 2) for p, n in STATE_TILES]
-    elif name == "head_grads":
-        swept = [make_config({}, w, s) for w, s in HEAD_WARPS_STAGES]
     else:
-        swept = [make_config({}, w, s) for w, s in CHUNK_WARPS_STAGES]
+        swept = [make_config(*variant) for variant in blocked_sweep(BLOCK_NS[name])]
     return unique(ORIGINAL_CONFIGS[name] + swept)
 
 
@@ -154,8 +163,8 @@ def set_head_slice(value: int | None) -> None:
     if value is None:
         patched = ORIGINAL_HEAD_SLICE
     else:
-        def patched(heads_per_group: int, chunk_programs: int, target_programs: int = 1024) -> int:
-            return value if heads_per_group % value == 0 else ORIGINAL_HEAD_SLICE(heads_per_group, chunk_programs, target_programs)
+        def patched(heads_per_group: int, chunk_programs: int) -> int:
+            return value if heads_per_group % value == 0 else ORIGINAL_HEAD_SLICE(heads_per_group, chunk_programs)
     fwd.head_slice = patched
     bwd.head_slice = patched
 
@@ -676,10 +685,10 @@ def main() -> int:
             log(f"    {name:<12} {m.get(name, math.nan):7.3f} ms x{LAUNCHES[name]}  {label(DEFAULTS[case.name].get(name))}")
 
     experiments = [
-        ("head_grads", "_head_grads_kernel: num_warps x num_stages (no loop in it: stages should not matter)"),
-        ("group_grads", "_group_grads_kernel: num_warps x num_stages"),
+        ("head_grads", "_head_grads_kernel: BLOCK_N x num_warps x num_stages (r: register cap)"),
+        ("group_grads", "_group_grads_kernel: BLOCK_N x num_warps x num_stages (r: register cap)"),
         ("states", "_states_kernel: BLOCK_P x BLOCK_N at w4 s2 (and the original list)"),
-        ("output", "_output_kernel: num_warps x num_stages"),
+        ("output", "_output_kernel: BLOCK_N x num_warps x num_stages (r: register cap)"),
         ("state_grads", "_state_grads_kernel: BLOCK_P x BLOCK_N at w4 s2 (and the original list)"),
     ]
     round2 = None

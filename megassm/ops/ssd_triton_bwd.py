@@ -14,10 +14,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megassm.ops.ssd_triton_fwd import _chunk_tokens, _start_state, _state_configs, _state_tile, head_slice, pow2
+from megassm.ops.ssd_triton_fwd import _chunk_tokens, _start_state, _state_tile, _tile, head_slice, pow2, state_configs
 
 
-@triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
+@triton.autotune(configs=state_configs((64, 128, 2)), key=["batch_heads", "P", "N", "Q"])
 @triton.jit
 def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, L, nchunks, H, heads_per_group, batch_heads,
                         stride_dy_b, stride_dy_l, stride_dy_h, stride_C_b, stride_C_l, stride_C_g, stride_seq_b,
@@ -49,39 +49,24 @@ def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr,
 
 
 @triton.jit
-def _head_chunk(b, c, h, start, rows, valid, last, p, p_ok, tile, tile_ok, nchunks, H, L, x_ptr, dy_ptr, dt_ptr, cs_ptr, states_ptr,
-                dstates_ptr, stride_x_b, stride_x_l, stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P: tl.constexpr, N: tl.constexpr):
-    """Head h's part of chunk c: cs, cs at the last token, dt, x, dy, the entering state S and G."""
+def _head_chunk(b, h, start, rows, valid, last, p, H, L, x_ptr, dy_ptr, dt_ptr, cs_ptr, stride_x_b, stride_x_l, stride_x_h,
+                stride_dy_b, stride_dy_l, stride_dy_h, P: tl.constexpr):
+    """Head h's part of the chunk: cs, cs at the last token, dt, x, dy."""
     chunk_time = (b * H + h) * L + start
     cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
     cs_last = tl.load(cs_ptr + chunk_time + last)
     dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
-    x_chunk = x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h
-    x = tl.load(x_chunk + (rows[:, None] * stride_x_l + p[None, :]), mask=p_ok, other=0.0)
-    dy_chunk = dy_ptr + b * stride_dy_b + start * stride_dy_l + h * stride_dy_h
-    dy = tl.load(dy_chunk + (rows[:, None] * stride_dy_l + p[None, :]), mask=p_ok, other=0.0)
-    S = tl.load(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, mask=tile_ok, other=0.0)
-    G = tl.load(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, mask=tile_ok, other=0.0)
-    return cs, cs_last, dt, x, dy, S, G
+    x = _tile(x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h, rows, p, stride_x_l, valid, p < P)
+    dy = _tile(dy_ptr + b * stride_dy_b + start * stride_dy_l + h * stride_dy_h, rows, p, stride_dy_l, valid, p < P)
+    return cs, cs_last, dt, x, dy
 
 
-@triton.jit
-def _group_chunk(b, g, start, rows, valid, n, B_ptr, C_ptr, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l, stride_C_g,
-                 N: tl.constexpr):
-    """Chunk c's C and B of group g."""
-    n_ok = valid[:, None] & (n < N)[None, :]
-    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + (rows[:, None] * stride_C_l + n[None, :]), mask=n_ok,
-                 other=0.0)
-    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + (rows[:, None] * stride_B_l + n[None, :]), mask=n_ok,
-                 other=0.0)
-    return Cc, Bc
+def _head_grad_configs() -> list[triton.Config]:
+    """d_state in blocks of BLOCK_N, stages prefetching the next block: 1.05x whole (Q, N) tiles on an H200."""
+    return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=s) for bn, s in ((64, 3), (32, 3))]
 
 
-def _chunk_grad_configs() -> list[triton.Config]:
-    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
-
-
-@triton.autotune(configs=_chunk_grad_configs(), key=["P", "N", "Q"])
+@triton.autotune(configs=_head_grad_configs(), key=["P", "N", "Q"])
 @triton.jit
 def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, A_ptr, bias_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr,
                        dx_ptr, ddt_ptr, dA_part_ptr, dbias_part_ptr, dD_part_ptr, L, nchunks, H, heads_per_group, dt_min, dt_max,
@@ -101,31 +86,38 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, 
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
     h = tl.program_id(1)
     start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
-    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    p_ok, tile_ok, tile = valid[:, None] & (p < P)[None, :], (p < P)[:, None] & (n < N)[None, :], p[:, None] * N + n[None, :]
-    Cc, Bc = _group_chunk(b, h // heads_per_group, start, rows, valid, n, B_ptr, C_ptr, stride_B_b, stride_B_l, stride_B_g,
-                          stride_C_b, stride_C_l, stride_C_g, N)
-    cs, cs_last, dt, x, dy, S, G = _head_chunk(b, c, h, start, rows, valid, last, p, p_ok, tile, tile_ok, nchunks, H, L, x_ptr, dy_ptr,
-                                               dt_ptr, cs_ptr, states_ptr, dstates_ptr, stride_x_b, stride_x_l, stride_x_h,
-                                               stride_dy_b, stride_dy_l, stride_dy_h, P, N)
-    # The products with C, B, S and G first: those tiles are then dead (registers are this kernel's limit).
-    CB = tl.dot(Cc, tl.trans(Bc))
-    SC = tl.dot(Cc, tl.trans(S))  # (Q, P): S C_i
-    GB = tl.dot(Bc, tl.trans(G))  # (Q, P): G B_j
-    G_dot_S = tl.sum(G.to(tl.float32) * S.to(tl.float32))
+    p = tl.arange(0, BLOCK_P)
+    cs, cs_last, dt, x, dy = _head_chunk(b, h, start, rows, valid, last, p, H, L, x_ptr, dy_ptr, dt_ptr, cs_ptr, stride_x_b, stride_x_l,
+                                         stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P)
+    # The products over d_state first, a block at a time (registers are this kernel's limit).
+    C_chunk = C_ptr + b * stride_C_b + start * stride_C_l + (h // heads_per_group) * stride_C_g
+    B_chunk = B_ptr + b * stride_B_b + start * stride_B_l + (h // heads_per_group) * stride_B_g
+    state = ((b * nchunks + c) * H + h) * P * N
+    CB = tl.zeros((Q, Q), dtype=tl.float32)
+    SC = tl.zeros((Q, BLOCK_P), dtype=tl.float32)  # S C_i
+    GB = tl.zeros((Q, BLOCK_P), dtype=tl.float32)  # G B_j
+    G_dot_S = 0.0
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        Cc = _tile(C_chunk, rows, n, stride_C_l, valid, n < N)
+        Bc = _tile(B_chunk, rows, n, stride_B_l, valid, n < N)
+        S = _tile(states_ptr + state, p, n, N, p < P, n < N)
+        G = _tile(dstates_ptr + state, p, n, N, p < P, n < N)
+        CB = tl.dot(Cc, tl.trans(Bc), CB)
+        SC = tl.dot(Cc, tl.trans(S), SC)
+        GB = tl.dot(Bc, tl.trans(G), GB)
+        G_dot_S += tl.sum(G.to(tl.float32) * S.to(tl.float32))
+    in_w = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
+    out_w = tl.where(valid & (doc == doc_out), tl.exp(cs_last - cs), 0.0)
+    U = in_w * tl.sum(dy.to(tl.float32) * SC, axis=1)
+    x_GB = tl.sum(x.to(tl.float32) * GB, axis=1)
+    V = out_w * dt * x_GB
     causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
     decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
-    dx = tl.dot(tl.trans((CB * decay * dt[None, :]).to(x.dtype)), dy)
+    dx = tl.dot(tl.trans((CB * decay * dt[None, :]).to(x.dtype)), dy, (out_w * dt)[:, None] * GB)
     W_CB = tl.dot(dy, tl.trans(x)) * decay * CB  # W_ij (C_i . B_j): T_ij = W_CB_ij dt_j
     ddt = tl.sum(W_CB, axis=0)
     T_rows = tl.sum(W_CB * dt[None, :], axis=1)
-    in_w = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
-    out_w = tl.where(valid & (doc == doc_out), tl.exp(cs_last - cs), 0.0)
-    x_GB = tl.sum(x.to(tl.float32) * GB, axis=1)
-    U = in_w * tl.sum(dy.to(tl.float32) * SC, axis=1)
-    V = out_w * dt * x_GB
-
-    dx += (out_w * dt)[:, None] * GB
     if HAS_D:
         if D_PER_CHANNEL:
             D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
@@ -134,7 +126,7 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, 
         dx += D * dy.to(tl.float32)
         tl.store(dD_part_ptr + (tl.program_id(0) * H + h) * P + p, tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=p < P)
     dx_chunk = dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h
-    tl.store(dx_chunk + (rows[:, None] * stride_dx_l + p[None, :]), dx.to(dx_ptr.dtype.element_ty), mask=p_ok)
+    tl.store(dx_chunk + (rows[:, None] * stride_dx_l + p[None, :]), dx.to(dx_ptr.dtype.element_ty), mask=valid[:, None] & (p < P)[None, :])
 
     carried = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0) * G_dot_S
     ds = T_rows - dt * ddt + U - V + tl.where(rows == last, tl.sum(V) + carried, 0.0)  # sum_i T_ij = dt_j ddt_j so far
@@ -154,7 +146,14 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, 
     tl.store(dbias_part_ptr + tl.program_id(0) * H + h, tl.sum(ddt))
 
 
-@triton.autotune(configs=_chunk_grad_configs(), key=["P", "N", "Q"])
+def _group_grad_configs() -> list[triton.Config]:
+    """A program per block of BLOCK_N state columns (each recomputes its heads' dy x^T), stages prefetching the next
+    head: 64 x 3 stages is 1.14x one whole block on an H200. Not 32: Triton 3.6 miscompiles it for an H200 (wrong
+    dB, dC; faults at 780m shapes)."""
+    return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=s) for bn, s in ((64, 3), (128, 1))]
+
+
+@triton.autotune(configs=_group_grad_configs(), key=["P", "N", "Q"])
 @triton.jit
 def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, dstates_ptr, dB_ptr, dC_ptr, L, nchunks, H,
                         heads_per_group, heads_per_program, stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g,
@@ -162,32 +161,33 @@ def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, st
                         stride_dB_s, stride_dB_b, stride_dB_l, stride_dB_g, stride_dC_s, stride_dC_b, stride_dC_l, stride_dC_g,
                         P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
                         HAS_SEQ: tl.constexpr):
-    """Chunk c's dB and dC summed over `heads_per_program` heads of one group (decay, W, in, out, S, G as in
-    _head_grads_kernel):
+    """Chunk c's dB and dC, columns n of one block, summed over `heads_per_program` heads of one group (decay, W,
+    in, out, S, G as in _head_grads_kernel):
         dC_i = sum_h (sum_j W_ij dt_j B_j + in_i S^T dy_i),   dB_j = sum_h (sum_i W_ij dt_j C_i + out_j dt_j G^T x_j)."""
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
     first_head = tl.program_id(1) * heads_per_program
     g = first_head // heads_per_group
     head_slice = (first_head % heads_per_group) // heads_per_program
     start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
-    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    p_ok, tile_ok, tile = valid[:, None] & (p < P)[None, :], (p < P)[:, None] & (n < N)[None, :], p[:, None] * N + n[None, :]
-    Cc, Bc = _group_chunk(b, g, start, rows, valid, n, B_ptr, C_ptr, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l,
-                          stride_C_g, N)
+    p, n = tl.arange(0, BLOCK_P), tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    Cc = _tile(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g, rows, n, stride_C_l, valid, n < N)
+    Bc = _tile(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g, rows, n, stride_B_l, valid, n < N)
     causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
     from_state, to_end = valid & (doc == doc_in), valid & (doc == doc_out)
     dB = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
     dC = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
     for k in range(heads_per_program):
-        cs, cs_last, dt, x, dy, S, G = _head_chunk(b, c, first_head + k, start, rows, valid, last, p, p_ok, tile, tile_ok, nchunks, H, L,
-                                                   x_ptr, dy_ptr, dt_ptr, cs_ptr, states_ptr, dstates_ptr, stride_x_b, stride_x_l,
-                                                   stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P, N)
+        h = first_head + k
+        cs, cs_last, dt, x, dy = _head_chunk(b, h, start, rows, valid, last, p, H, L, x_ptr, dy_ptr, dt_ptr, cs_ptr, stride_x_b,
+                                             stride_x_l, stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P)
+        state = ((b * nchunks + c) * H + h) * P * N
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
         W_dt = (tl.dot(dy, tl.trans(x)) * decay * dt[None, :]).to(x.dtype)
         dC = tl.dot(W_dt, Bc, dC)
-        dC = tl.dot((dy * tl.where(from_state, tl.exp(cs), 0.0)[:, None]).to(x.dtype), S, dC)
+        dC = tl.dot((dy * tl.where(from_state, tl.exp(cs), 0.0)[:, None]).to(x.dtype), _tile(states_ptr + state, p, n, N, p < P, n < N), dC)
         dB = tl.dot(tl.trans(W_dt), Cc, dB)
-        dB = tl.dot((x * (tl.where(to_end, tl.exp(cs_last - cs), 0.0) * dt)[:, None]).to(x.dtype), G, dB)
+        dB = tl.dot((x * (tl.where(to_end, tl.exp(cs_last - cs), 0.0) * dt)[:, None]).to(x.dtype),
+                    _tile(dstates_ptr + state, p, n, N, p < P, n < N), dB)
     n_ok = valid[:, None] & (n < N)[None, :]
     dB_chunk = dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + start * stride_dB_l + g * stride_dB_g
     tl.store(dB_chunk + (rows[:, None] * stride_dB_l + n[None, :]), dB.to(dB_ptr.dtype.element_ty), mask=n_ok)
@@ -239,7 +239,7 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
     dbias_part = torch.empty_like(dA_part)
     dD_part = torch.empty(batch * nchunks, heads, headdim, dtype=torch.float32, device=x.device)
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
-    shape = dict(P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim), BLOCK_N=pow2(dstate), HAS_SEQ=seq_idx is not None)
+    shape = dict(P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim), HAS_SEQ=seq_idx is not None)
     _head_grads_kernel[(batch * nchunks, heads)](
         x, B, C, dy, dt_raw, dt, cs, A, dt if dt_bias is None else dt_bias, x if D is None else D, seq, states, dstates, dx, ddt,
         dA_part, dbias_part, dD_part, length, nchunks, heads, heads // groups, float(dt_limit[0]), float(dt_limit[1]),
@@ -247,7 +247,8 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
         *dx.stride()[:3], ddt.stride(0), ddt.stride(1), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None,
         D_PER_CHANNEL=D is not None and D.dim() == 2, **shape,
     )
-    _group_grads_kernel[(batch * nchunks, heads // heads_per_program)](
+    group_grid = lambda meta: (batch * nchunks, heads // heads_per_program, triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
+    _group_grads_kernel[group_grid](
         x, B, C, dy, dt, cs, seq, states, dstates, dB_target, dC_target, length, nchunks, heads, heads // groups, heads_per_program,
         *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], seq_stride,
         dB_slice_stride, *dB_target.stride()[-4:-1], dC_slice_stride, *dC_target.stride()[-4:-1], **shape,

@@ -20,10 +20,11 @@ def pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def head_slice(heads_per_group: int, chunk_programs: int, target_programs: int = 1024) -> int:
+def head_slice(heads_per_group: int, chunk_programs: int, target_programs: int = 256) -> int:
     """How many heads of one group a program handles (sharing B and C, and C B^T, between them): few enough
     to keep about `target_programs` programs (an H200 has 132 SMs) when there are `chunk_programs`
-    (batch x chunks x groups) programs per head, and a divisor of the group's heads."""
+    (batch x chunks x groups) programs per head, and a divisor of the group's heads. 256: at 780m shapes a
+    program per chunk with all 48 heads is 1.05x faster per layer than 12 heads (tools/tune_ssd_kernels.py)."""
     wanted = max(1, heads_per_group * chunk_programs // target_programs)
     return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= wanted)
 
@@ -91,14 +92,15 @@ def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_
     tl.store(cs_out_ptr + out, cs, mask=ok)
 
 
-def _state_configs() -> list[triton.Config]:
-    """Small tiles give a long sequence of few heads enough programs (one per (batch, head, tile)); stages > 1
-    prefetch the next chunks' x and B while the state is updated (the one serial step is state * decay + dot)."""
-    tiles = ((16, 64, 3), (32, 64, 2), (64, 64, 2), (32, 128, 4), (64, 128, 2))  # (BLOCK_P, BLOCK_N, stages): the H200 sweep's best
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=s) for bp, bn, s in tiles]
+def state_configs(wide_tile: tuple[int, int, int]) -> list[triton.Config]:
+    """(BLOCK_P, BLOCK_N, stages) at 4 warps: `wide_tile` for many (batch, head) walks, small tiles for a long sequence
+    of few heads (enough programs: one per (batch, head, tile)); stages > 1 prefetch the next chunks' operands while
+    the state is updated (the one serial step is state * decay + dot). Two candidates only: timed alone, the
+    autotuner preferred tiles 1.2-1.45x slower within the training step (tools/tune_ssd_kernels.py on an H200)."""
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=s) for bp, bn, s in (wide_tile, (16, 64, 3))]
 
 
-@triton.autotune(configs=_state_configs(), key=["batch_heads", "P", "N", "Q"])
+@triton.autotune(configs=state_configs((32, 128, 4)), key=["batch_heads", "P", "N", "Q"])
 @triton.jit
 def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, L, nchunks, H, heads_per_group, batch_heads,
                    stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_seq_b,
@@ -131,8 +133,24 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
 
 
 def _output_configs() -> list[triton.Config]:
-    """3 stages prefetch the next loads behind the dots: 1.5x one stage on an H200 (780m and 32K-token shapes)."""
-    return [triton.Config({}, num_warps=w, num_stages=s) for w, s in ((4, 3), (4, 1), (8, 1))]
+    """d_state in blocks of BLOCK_N (one block of 128 was the fastest on an H200; the register-capped 64 next)."""
+    return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=s, maxnreg=r) for bn, s, r in ((128, 2, None), (64, 1, 128))]
+
+
+@triton.jit
+def _tile(ptr, rows, cols, row_stride, rows_ok, cols_ok):
+    """The (rows, cols) tile of a row-major matrix at ptr (row stride row_stride, columns contiguous), zero where absent."""
+    return tl.load(ptr + (rows[:, None] * row_stride + cols[None, :]), mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _chunk_CB(C_chunk, B_chunk, stride_C_l, stride_B_l, rows, valid, N: tl.constexpr, Q: tl.constexpr, BLOCK_N: tl.constexpr):
+    """C B^T of one chunk and group, (Q, Q) fp32, summed over d_state in blocks of BLOCK_N."""
+    CB = tl.zeros((Q, Q), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        CB = tl.dot(_tile(C_chunk, rows, n, stride_C_l, valid, n < N), tl.trans(_tile(B_chunk, rows, n, stride_B_l, valid, n < N)), CB)
+    return CB
 
 
 @triton.autotune(configs=_output_configs(), key=["P", "N", "Q"])
@@ -150,30 +168,27 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
     first_head = tl.program_id(1) * heads_per_program
     g = first_head // heads_per_group
     start, rows, valid, _, doc, doc_in, _ = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
-    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
-    n_ok = valid[:, None] & (n < N)[None, :]
-    Cc = tl.load(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g + (rows[:, None] * stride_C_l + n[None, :]), mask=n_ok,
-                 other=0.0)
-    Bc = tl.load(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g + (rows[:, None] * stride_B_l + n[None, :]), mask=n_ok,
-                 other=0.0)
-    CB = tl.dot(Cc, tl.trans(Bc))
+    p = tl.arange(0, BLOCK_P)
+    C_chunk = C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g
+    CB = _chunk_CB(C_chunk, B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g, stride_C_l, stride_B_l, rows, valid, N, Q,
+                   BLOCK_N)
     i, j = tl.arange(0, Q)[:, None], tl.arange(0, Q)[None, :]
     causal = (i >= j) & (doc[:, None] == doc[None, :])
     from_state = doc == doc_in
-    p_ok = valid[:, None] & (p < P)[None, :]
     for k in range(heads_per_program):
         h = first_head + k
         chunk_time = (b * H + h) * L + start
         cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
         dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
-        x_chunk = x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h
-        x = tl.load(x_chunk + (rows[:, None] * stride_x_l + p[None, :]), mask=p_ok, other=0.0)
+        x = _tile(x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h, rows, p, stride_x_l, valid, p < P)
         y = tl.dot((CB * decay * dt[None, :]).to(x.dtype), x)
-        state = tl.load(states_ptr + ((b * nchunks + c) * H + h) * P * N + (p[:, None] * N + n[None, :]),
-                        mask=(p < P)[:, None] & (n < N)[None, :], other=0.0)
-        C_in = Cc * tl.where(from_state, tl.exp(cs), 0.0)[:, None]
-        y = tl.dot(C_in.to(state.dtype), tl.trans(state), y)
+        in_w = tl.where(from_state, tl.exp(cs), 0.0)[:, None]
+        state = states_ptr + ((b * nchunks + c) * H + h) * P * N
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            S = _tile(state, p, n, N, p < P, n < N)
+            y = tl.dot((_tile(C_chunk, rows, n, stride_C_l, valid, n < N) * in_w).to(S.dtype), tl.trans(S), y)
         if HAS_D:
             if D_PER_CHANNEL:
                 D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
@@ -181,7 +196,7 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
                 D = tl.load(D_ptr + h).to(tl.float32)
             y += D * x.to(tl.float32)
         y_chunk = y_ptr + b * stride_y_b + start * stride_y_l + h * stride_y_h
-        tl.store(y_chunk + (rows[:, None] * stride_y_l + p[None, :]), y.to(y_ptr.dtype.element_ty), mask=p_ok)
+        tl.store(y_chunk + (rows[:, None] * stride_y_l + p[None, :]), y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (p < P)[None, :])
 
 
 def discretize(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float],
@@ -225,8 +240,8 @@ def chunk_outputs(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, cs: Tensor, seq_i
     _output_kernel[grid](x, B, C, dt, cs, x if seq_idx is None else seq_idx, states, x if D is None else D, y, length, nchunks, heads,
                          heads // groups, heads_per_program, x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
                          C.stride(0), C.stride(1), C.stride(2), 0 if seq_idx is None else seq_idx.stride(0),
-                         y.stride(0), y.stride(1), y.stride(2), P=headdim, N=dstate, Q=chunk, 
-                         BLOCK_P=pow2(headdim), BLOCK_N=pow2(dstate), HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
+                         y.stride(0), y.stride(1), y.stride(2), P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim),
+                         HAS_SEQ=seq_idx is not None, HAS_D=D is not None,
                          D_PER_CHANNEL=D is not None and D.dim() == 2)
     return y
 
