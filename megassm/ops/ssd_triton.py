@@ -41,8 +41,9 @@ ddt); dD = sum_t dy_t . x_t.                               _head_grads_kernel, _
 Heads of one group share B and C: a program of (c) or of the group gradients takes several of them,
 computing C B^T once and summing their dB, dC in registers (fp32 partial sums per slice of a group's
 heads, added afterwards, where the heads are split over programs). All sums are deterministic (no
-atomics). Offsets from batch and token indices are int64; offsets within a chunk's tile are int32
-(Q x a row stride < 2^31).
+atomics). The chunk-parallel kernels take d_state in blocks of BLOCK_N (whole (Q, N) and (P, N) tiles spill
+registers): (c) and the head gradients in a loop, the group gradients a program per block. Offsets from batch
+and token indices are int64; offsets within a chunk's tile are int32 (Q x a row stride < 2^31).
 """
 
 from __future__ import annotations
