@@ -141,14 +141,6 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def use_expandable_segments(device: torch.device) -> None:
-    """CUDA memory in segments that grow in place, unless the user set PYTORCH_CUDA_ALLOC_CONF (read at the first CUDA
-    allocation, so called before it). Why: a step near the GPU's capacity fits where fixed blocks fragment; on an H200
-    780m x 65,536 tokens trains in 137.1 GiB with them and ran out of memory with 3 GiB reserved but free without."""
-    if device.type == "cuda":
-        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-
-
 def limit_cpu_threads(device: torch.device) -> None:
     """One thread per core but one, for a run on CPU whose threads nobody set (torchrun sets OMP_NUM_THREADS=1 for
     several processes). OpenMP's threads wait for each other at every op, so when another process holds one of
@@ -174,7 +166,6 @@ class Trainer:
         self.cfg = cfg
         self.command = sys.argv[1:] if command is None else command  # the trainer's arguments, to say how to resume
         self.device = pick_device(cfg.train.device)
-        use_expandable_segments(self.device)
         limit_cpu_threads(self.device)
         launched = "RANK" in os.environ  # by torchrun, also for one process
         if cfg.parallel.engine == "deepspeed" and not launched:

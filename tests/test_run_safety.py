@@ -31,7 +31,7 @@ from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.run_dir import Owner, RunDirError, RunLock
 from megassm.stopping import StopSignals, Stopped
-from megassm.train import limit_cpu_threads, use_expandable_segments
+from megassm.train import limit_cpu_threads
 from parallel import ParallelContext
 from tests.test_convert import engine_for
 from tests.test_train import TRAINER_ENV, assert_same_run, config, run_trainer, train, trainer_command  # noqa: F401 (config: a fixture)
@@ -345,13 +345,12 @@ def test_a_cpu_run_leaves_a_core_free_unless_told(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_cuda_runs_use_expandable_segments_unless_the_user_chose(monkeypatch):
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "")  # restored (or removed) after the test, whatever the calls set
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
-    use_expandable_segments(torch.device("cpu"))
-    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
-    use_expandable_segments(torch.device("cuda", 0))
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
-    use_expandable_segments(torch.device("cuda", 0))
-    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+def test_importing_megassm_chooses_expandable_segments_unless_the_user_did():
+    """Set at import, before anything of megassm's start-up initializes CUDA (PyTorch reads it then, once)."""
+    code = "import os, megassm; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert chosen.stdout.strip() == "expandable_segments:True"
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert kept.stdout.strip() == "max_split_size_mb:512"
