@@ -349,8 +349,9 @@ def test_importing_megassm_chooses_expandable_segments_unless_the_user_did():
     """Set at import, before anything of megassm's start-up initializes CUDA (PyTorch reads it then, once)."""
     code = "import os, megassm; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
     env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
-    chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    root = Path(__file__).resolve().parents[1]
+    chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
     assert chosen.stdout.strip() == "expandable_segments:True"
     env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"
-    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
     assert kept.stdout.strip() == "max_split_size_mb:512"
