@@ -62,11 +62,9 @@ def test_triton_conv_matches_the_reference(case):
 def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
     """The interpreter runs the kernels' Python; this compiles them for an H100/H200 (sm_90) down to
     a cubin, which needs no GPU, so that what only the compiler rejects fails here and not on the GPU."""
-    triton = pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
     from megassm.ops import conv_triton
+    from tools.kernel_registers import compile_sm90
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     flags = dict(HAS_BIAS=options, HAS_SEQ=options, HAS_HALO=options)
@@ -77,11 +75,7 @@ def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
                                                  "TAPS": 4, "BLOCK_L": conv_triton.WEIGHT_BLOCK_L, "BLOCK_D": conv_triton.WEIGHT_BLOCK_D}}
     pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dpre_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
     for kernel, constants in kernels.items():
-        constants = {**constants, "WIDTH": 4}
-        signature = {name: "constexpr" if name in constants else pointer.get(name, "*bf16") if name.endswith("_ptr") else "i32"
-                     for name in kernel.arg_names}
-        source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constants.items()})
-        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+        assert compile_sm90(kernel, {**constants, "WIDTH": 4}, pointer).asm["cubin"]
 
 
 if __name__ == "__main__":

@@ -122,34 +122,30 @@ def test_triton_ssd_matches_the_reference(case):
 def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):
     """The interpreter runs the kernels' Python; this compiles them, bf16, for an H100/H200 (sm_90) down to
     a cubin with each autotuning configuration, which needs no GPU: what only the compiler rejects fails here."""
-    triton = pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from megassm.ops import ssd_triton_bwd as bwd
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
     from megassm.ops import ssd_triton_fwd as fwd
+    from tools.kernel_registers import SSD_POINTERS, compile_sm90, compile_ssd_kernel, ssd_autotuners
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    shape = dict(P=64, N=128, Q=64)
-    flags = dict(HAS_SEQ=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True, SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True)
-    tiles = dict(BLOCK_P=64, BLOCK_N=128)
-    fp32 = ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs_out_ptr", "init_ptr", "final_ptr", "dfinal_ptr", "dinit_ptr", "A_ptr", "D_ptr",
-            "bias_ptr", "dA_part_ptr", "dbias_part_ptr", "dD_part_ptr")
-    kernels = [(fwd._dt_kernel, {"HAS_BIAS": True, "SOFTPLUS": True, "Q": 64, "BLOCK_H": fwd.DT_BLOCK_HEADS}, [{}])]
-    for tuner in (fwd._states_kernel, fwd._output_kernel, bwd._state_grads_kernel, bwd._head_grads_kernel,
-                  bwd._group_grads_kernel):
-        names = tuner.fn.arg_names
-        constants = {k: v for k, v in {**shape, **flags, **tiles}.items() if k in names}
-        kernels.append((tuner.fn, constants, [config.all_kwargs() for config in tuner.configs]))
-    for kernel, constants, configs in kernels:
-        for config in configs:
-            options = {k: v for k, v in config.items() if k.startswith("num_") or k == "maxnreg"}
-            constexprs = {**constants, **{k: v for k, v in config.items() if k not in options}}
-            signature = {name: "constexpr" if name in constexprs else
-                         ("*i32" if name == "seq_ptr" else "*fp32" if name in fp32 else "*bf16") if name.endswith("_ptr") else
-                         "fp32" if name in ("dt_min", "dt_max") else "i32" for name in kernel.arg_names}
-            source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()})
-            assert triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["cubin"]
+    dt_constants = {"HAS_BIAS": True, "SOFTPLUS": True, "Q": 64, "BLOCK_H": fwd.DT_BLOCK_HEADS}
+    assert compile_sm90(fwd._dt_kernel, dt_constants, SSD_POINTERS).asm["cubin"]
+    for tuner in ssd_autotuners().values():
+        for config in tuner.configs:
+            assert compile_ssd_kernel(tuner, {k: v for k, v in config.all_kwargs().items() if v is not None}).asm["cubin"]
+
+
+def test_kernel_registers_reports_what_ptxas_and_triton_allocate(tmp_path, monkeypatch):
+    """tools/kernel_registers.py: registers from ptxas, shared memory from Triton, and the programs one SM holds."""
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    from tools.kernel_registers import compile_ssd_kernel, programs_per_sm, ptxas_report, ssd_autotuners
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    tuner = ssd_autotuners()["_states_kernel"]
+    small = compile_ssd_kernel(tuner, dict(BLOCK_P=16, BLOCK_N=64, num_warps=4, num_stages=1))
+    large = compile_ssd_kernel(tuner, dict(BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=1))
+    small_report, large_report = ptxas_report(small.asm["ptx"]), ptxas_report(large.asm["ptx"])
+    assert 0 < small_report["registers"] < large_report["registers"] <= 255  # a 16 x 64 state tile against 64 x 128
+    assert programs_per_sm(128, 4, 0) == 4 and programs_per_sm(64, 4, 100 * 1024) == 2  # 64K registers; 227 KiB
 
 
 if __name__ == "__main__":
