@@ -1,10 +1,12 @@
-"""Registers, spills and shared memory of megassm's SSD Triton kernels on an H100/H200 (sm_90), compiled on the CPU.
+"""Registers, spills, shared memory and instructions of megassm's SSD Triton kernels on an H100/H200 (sm_90), compiled on
+the CPU.
 
     python tools/kernel_registers.py [--kernels _head_grads_kernel ...] [--config BLOCK_N=32,num_warps=8,maxnreg=128]
 
 Why: the chunk-parallel SSD kernels are latency-bound at two programs per SM, held there by registers and shared
 memory (bench/RESULTS.md, Nsight Compute on the H200). Triton compiles a kernel to PTX without a GPU and ptxas
-reports what one program of it needs: a change's effect on occupancy is seen here before any device time is spent.
+reports what one program of it needs, nvdisasm how many instructions it issues: a change's effect on occupancy and on
+the instructions to issue is seen here before any device time is spent.
 Shapes: 780m's layer (headdim 64, d_state 128), megassm's internal chunk; every autotuning configuration of each
 kernel, or the --config given.
 """
@@ -44,7 +46,8 @@ def compile_sm90(kernel, constexprs: dict, pointer_types: dict[str, str], option
 
 
 SSD_POINTERS = {name: "*fp32" for name in ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs_out_ptr", "init_ptr", "final_ptr", "dfinal_ptr",
-                                           "dinit_ptr", "A_ptr", "D_ptr", "bias_ptr", "dA_part_ptr", "dbias_part_ptr", "dD_part_ptr")}
+                                           "dinit_ptr", "A_ptr", "D_ptr", "bias_ptr", "dA_part_ptr", "dbias_part_ptr", "dD_part_ptr",
+                                           "slope_ptr", "slope_out_ptr")}
 SSD_POINTERS["seq_ptr"] = "*i32"
 SSD_CONSTANTS = dict(P=64, N=128, BLOCK_P=64, BLOCK_N=128, HAS_SEQ=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True, SOFTPLUS=True,
                      HAS_INIT=True, HAS_DFINAL=True)
@@ -86,6 +89,20 @@ def ptxas_report(ptx: str) -> dict:
             "spill_loads": int(spills.group(2)) if spills else 0}
 
 
+def sass_instructions(cubin: bytes) -> int:
+    """Instructions in the kernel's machine code (nvdisasm): the chunk-parallel SSD kernels are issue-bound and have
+    no loop but over d_state blocks, so this tracks the instructions a warp issues (Nsight Compute: ~4,000 per warp
+    of `_head_grads_kernel`, 3,728 here)."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder, "kernel.cubin")
+        path.write_bytes(cubin)
+        listing = subprocess.run([str(nvdisasm), "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    return sum(1 for line in listing.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line))
+
+
 def programs_per_sm(registers: int, warps: int, shared_bytes: int) -> int:
     """How many programs fit on one SM at once by registers and by shared memory (the tighter)."""
     by_registers = SM90_REGISTERS // (registers * warps * 32)
@@ -113,7 +130,8 @@ def main() -> int:
     if unknown:
         print(f"unknown kernels {sorted(unknown)}: choose from {sorted(tuners)}")
         return 2
-    print(f"{'kernel':<22}{'configuration':<58}{'registers':>10}{'spills st/ld':>14}{'shared KiB':>11}{'programs/SM':>12}")
+    print(f"{'kernel':<22}{'configuration':<58}{'registers':>10}{'spills st/ld':>14}{'shared KiB':>11}{'programs/SM':>12}"
+          f"{'instructions':>13}")
     for name in args.kernels or tuners:
         tuner = tuners[name]
         configs = args.config or [{k: v for k, v in c.all_kwargs().items() if v is not None} for c in tuner.configs]
@@ -125,7 +143,7 @@ def main() -> int:
             per_sm = programs_per_sm(report["registers"], config["num_warps"], shared)
             described = ", ".join(f"{k}={v}" for k, v in config.items() if k != "num_ctas")
             print(f"{name:<22}{described:<58}{report['registers']:>10}{report['spill_stores']:>7}/{report['spill_loads']:<6}"
-                  f"{shared / 1024:>11.1f}{per_sm:>12}", flush=True)
+                  f"{shared / 1024:>11.1f}{per_sm:>12}{sass_instructions(compiled.asm['cubin']):>13}", flush=True)
     return 0
 
 

@@ -355,8 +355,8 @@ def worker_main(job_file: str) -> int:
             elif name == "state_grads":
                 bwd.state_grads(case.dy, case.C, cs, case.seq_idx, None, heads, chunk)
             else:
-                bwd.chunk_grads(case.dy, case.x, case.dt, case.A, case.B, case.C, dt_p, cs, states, torch.empty_like(states), case.D,
-                                case.dt_bias, case.seq_idx, True, NO_DT_LIMIT, chunk, case.dx, case.ddt, case.dB, case.dC)
+                bwd.chunk_grads(case.dy, case.x, case.dt, case.A, case.B, case.C, dt_p, cs, torch.empty_like(cs), states,
+                                torch.empty_like(states), case.D, case.dt_bias, case.seq_idx, chunk, case.dx, case.ddt, case.dB, case.dC)
             print(json.dumps(dict(job=index, ok=True, s=round(time.time() - t, 2))), flush=True)
         except Exception as error:  # noqa: BLE001
             print(json.dumps(dict(job=index, ok=False, s=round(time.time() - t, 2), err=f"{type(error).__name__}: {error}"[:300])),

@@ -13,7 +13,7 @@ the document of the state entering it (the previous chunk's last token's; the fi
 c = 0), doc_out and cs_last those of its last token; S[c] the state (p, n) entering chunk c.
 
 Forward:
-  (a) dt, cs                                                                   _dt_kernel
+  (a) dt, cs, and the slope d(dt)/d(raw dt) for the backward                 _dt_kernel
   (b) S[c+1] = [doc_out == doc_in] exp(cs_last) S[c]
                + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,   S[0] = initial states,
       sequential over chunks, parallel over (batch, head, p-tile, n-tile)         _states_kernel
@@ -36,7 +36,7 @@ y_i dotted with dy_i, and V_j = <G[c], [doc_j == doc_out] exp(cs_last - cs_j) dt
 all fp32 terms (nothing cancels between rounded gradients). cs is a cumsum of a_k = dt_k A, so
 da_k = sum_{k' >= k in the chunk} ds_k', ddt_k += A da_k and dA = sum_k dt_k da_k. ddt then goes back
 through the clamp (zero where clamped), softplus (times sigmoid) and the bias (d(dt_bias) = the sum of
-ddt); dD = sum_t dy_t . x_t.                               _head_grads_kernel, _group_grads_kernel
+ddt): times the slope (a) leaves; dD = sum_t dy_t . x_t.  _head_grads_kernel, _group_grads_kernel
 
 Heads of one group share B and C: a program of (c) or of the group gradients takes several of them,
 computing C B^T once and summing their dB, dC in registers (fp32 partial sums per slice of a group's
@@ -62,10 +62,12 @@ DEFAULT_KERNEL_CHUNK = 64  # the fastest on an H200 (tools/tune_ssd_kernels.py: 
 
 
 class SSDSaved(NamedTuple):
-    """What the forward leaves for the backward: dt processed and cs (b, h, l) fp32, states (b, nchunks, h, p, n)."""
+    """What the forward leaves for the backward: dt processed, cs and d(dt processed)/d(dt) (b, h, l) fp32, states
+    (b, nchunks, h, p, n)."""
 
     dt: Tensor
     cumsum: Tensor
+    dt_slope: Tensor
     states: Tensor
     kernel_chunk: int
 
@@ -93,9 +95,9 @@ def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 def _chunk_walk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, initial_states: Tensor | None,
                 seq_idx: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float], kernel_chunk: int) -> tuple[SSDSaved, Tensor]:
     """dt and cs, then the states entering every chunk (what the forward leaves for the backward), and the final states."""
-    dt_processed, cumsum = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
+    dt_processed, cumsum, dt_slope = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
     states, final_states = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
-    return SSDSaved(dt_processed, cumsum, states, kernel_chunk), final_states
+    return SSDSaved(dt_processed, cumsum, dt_slope, states, kernel_chunk), final_states
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
@@ -133,8 +135,8 @@ def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
         saved, _ = _chunk_walk(x, dt, A, B, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, kernel_chunk)
     dy = dy.to(x.dtype) if dy.stride(-1) == 1 else dy.to(x.dtype).contiguous()  # the kernels' dots take one dtype
     dstates, dinitial_states = state_grads(dy, C, saved.cumsum, seq_idx, dfinal_states, x.shape[2], saved.kernel_chunk)
-    grads = chunk_grads(dy, x, dt, A, B, C, saved.dt, saved.cumsum, saved.states, dstates, D, dt_bias, seq_idx, dt_softplus,
-                        dt_limit, saved.kernel_chunk, dx, ddt, dB, dC)
+    grads = chunk_grads(dy, x, dt, A, B, C, saved.dt, saved.cumsum, saved.dt_slope, saved.states, dstates, D, dt_bias, seq_idx,
+                        saved.kernel_chunk, dx, ddt, dB, dC)
     return (*grads, None if initial_states is None else dinitial_states.to(initial_states.dtype))
 
 

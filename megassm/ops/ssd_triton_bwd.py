@@ -68,13 +68,13 @@ def _head_grad_configs() -> list[triton.Config]:
 
 @triton.autotune(configs=_head_grad_configs(), key=["P", "N", "Q"])
 @triton.jit
-def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, A_ptr, bias_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr,
-                       dx_ptr, ddt_ptr, dA_part_ptr, dbias_part_ptr, dD_part_ptr, L, nchunks, H, heads_per_group, dt_min, dt_max,
+def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A_ptr, D_ptr, seq_ptr, states_ptr, dstates_ptr,
+                       dx_ptr, ddt_ptr, dA_part_ptr, dbias_part_ptr, dD_part_ptr, L, nchunks, H, heads_per_group,
                        stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l, stride_C_g,
-                       stride_dy_b, stride_dy_l, stride_dy_h, stride_dt_b, stride_dt_l, stride_seq_b, stride_dx_b, stride_dx_l,
+                       stride_dy_b, stride_dy_l, stride_dy_h, stride_seq_b, stride_dx_b, stride_dx_l,
                        stride_dx_h, stride_ddt_b, stride_ddt_l, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, D_PER_CHANNEL: tl.constexpr):
+                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
+                       D_PER_CHANNEL: tl.constexpr):
     """Chunk c's dx and ddt of head h, and its partial sums of dA, d(dt_bias) and dD. With
     decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j), W_ij = (dy_i . x_j) decay_ij, T_ij = W_ij dt_j (C_i . B_j),
     out_j = [doc_j == doc_out] exp(cs_last - cs_j), in_i = [doc_i == doc_in] exp(cs_i), S = states[c], G = dstates[c],
@@ -82,7 +82,7 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, 
         dx_j  = sum_i (C_i . B_j) decay_ij dt_j dy_i + out_j dt_j G B_j + D dy_j
         ddt_j = sum_i W_ij (C_i . B_j) + out_j x_j . G B_j + A d(dA)_j,   d(dA)_j = sum_{k >= j} ds_k,
         ds_k  = sum_j T_kj - sum_i T_ik + U_k - V_k + [k == last] (sum_j V_j + [doc_out == doc_in] exp(cs_last) <G, S>),
-    then ddt through the clamp and softplus."""
+    then ddt times the slope of dt's processing (the dt kernel's: clamp, softplus)."""
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
     h = tl.program_id(1)
     start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
@@ -133,15 +133,7 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_raw_ptr, dt_ptr, cs_ptr, 
     d_dA = tl.cumsum(ds, axis=0, reverse=True)
     tl.store(dA_part_ptr + tl.program_id(0) * H + h, tl.sum(dt * d_dA))
     ddt += out_w * x_GB + tl.load(A_ptr + h).to(tl.float32) * d_dA
-
-    # Through dt's processing, recomputed from the raw dt: clamp (gradient where not clamped), softplus.
-    v = tl.load(dt_raw_ptr + b * stride_dt_b + start * stride_dt_l + h + rows * stride_dt_l, mask=valid, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        v += tl.load(bias_ptr + h).to(tl.float32)
-    if SOFTPLUS:
-        ddt = tl.where(v <= 20.0, ddt * tl.sigmoid(v), ddt)
-        v = tl.where(v <= 20.0, tl.log(1.0 + tl.exp(v)), v)
-    ddt = tl.where(valid & (v >= dt_min) & (v <= dt_max), ddt, 0.0)
+    ddt *= tl.load(slope_ptr + (b * H + h) * L + start + rows, mask=valid, other=0.0)  # to the raw dt
     tl.store(ddt_ptr + b * stride_ddt_b + start * stride_ddt_l + h + rows * stride_ddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
     tl.store(dbias_part_ptr + tl.program_id(0) * H + h, tl.sum(ddt))
 
@@ -221,11 +213,12 @@ def _group_grad_target(buffer: Tensor | None, like: Tensor, slices: int) -> tupl
     return partial, partial.stride(0)
 
 
-def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, dt: Tensor, cs: Tensor, states: Tensor,
-                dstates: Tensor, D: Tensor | None, dt_bias: Tensor | None, seq_idx: Tensor | None, dt_softplus: bool,
-                dt_limit: tuple[float, float], chunk: int, dx: Tensor | None, ddt: Tensor | None, dB: Tensor | None,
+def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: Tensor, dt: Tensor, cs: Tensor, dt_slope: Tensor,
+                states: Tensor, dstates: Tensor, D: Tensor | None, dt_bias: Tensor | None, seq_idx: Tensor | None, chunk: int,
+                dx: Tensor | None, ddt: Tensor | None, dB: Tensor | None,
                 dC: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """(dx, ddt, dA, dB, dC, dD, d(dt_bias)), written into dx, ddt, dB, dC where given."""
+    """(dx, ddt, dA, dB, dC, dD, d(dt_bias)), written into dx, ddt, dB, dC where given; ddt for the raw dt (dt_raw's
+    shape and dtype) through dt_slope, discretize's."""
     batch, length, heads, headdim = x.shape
     groups, dstate = B.shape[2:]
     nchunks = triton.cdiv(length, chunk)
@@ -241,11 +234,9 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
     shape = dict(P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim), HAS_SEQ=seq_idx is not None)
     _head_grads_kernel[(batch * nchunks, heads)](
-        x, B, C, dy, dt_raw, dt, cs, A, dt if dt_bias is None else dt_bias, x if D is None else D, seq, states, dstates, dx, ddt,
-        dA_part, dbias_part, dD_part, length, nchunks, heads, heads // groups, float(dt_limit[0]), float(dt_limit[1]),
-        *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], dt_raw.stride(0), dt_raw.stride(1), seq_stride,
-        *dx.stride()[:3], ddt.stride(0), ddt.stride(1), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, HAS_D=D is not None,
-        D_PER_CHANNEL=D is not None and D.dim() == 2, **shape,
+        x, B, C, dy, dt, cs, dt_slope, A, x if D is None else D, seq, states, dstates, dx, ddt, dA_part, dbias_part, dD_part, length,
+        nchunks, heads, heads // groups, *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], seq_stride,
+        *dx.stride()[:3], ddt.stride(0), ddt.stride(1), HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, **shape,
     )
     group_grid = lambda meta: (batch * nchunks, heads // heads_per_program, triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
     _group_grads_kernel[group_grid](

@@ -71,10 +71,12 @@ def _start_state(ptr, bh, P: tl.constexpr, N: tl.constexpr, tile, tile_ok, PRESE
 
 
 @triton.jit
-def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_b, stride_dt_l, dt_min, dt_max,
+def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, slope_out_ptr, L, H, stride_dt_b, stride_dt_l, dt_min, dt_max,
                HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, Q: tl.constexpr, BLOCK_H: tl.constexpr):
-    """dt_t = clamp(softplus(dt_t + bias)) and cs_t = sum of dt_s * A over the chunk's tokens s <= t, both
-    fp32 in (b, h, l): the layout the other kernels read a head's chunk from."""
+    """dt_t = clamp(softplus(dt_t + bias)), cs_t = sum of dt_s * A over the chunk's tokens s <= t, and the slope
+    d(dt_t)/d(raw dt_t) (zero where clamped) for the backward, all fp32 in (b, h, l): the layout the other kernels
+    read a head's chunk from. The slope here, on a (tokens, heads) tile, costs a few instructions per value where the
+    head-gradient kernel, whose per-token vectors are spread over its warps, spent ~700 per program on it."""
     b, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     heads = tl.program_id(2) * BLOCK_H + tl.arange(0, BLOCK_H)
     rows = c * Q + tl.arange(0, Q).to(tl.int64)
@@ -82,14 +84,18 @@ def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, L, H, stride_dt_
     dt = tl.load(dt_ptr + b * stride_dt_b + rows[:, None] * stride_dt_l + heads[None, :], mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         dt += tl.load(bias_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)[None, :]
+    slope = tl.full(dt.shape, 1.0, tl.float32)
     if SOFTPLUS:
+        slope = tl.where(dt <= 20.0, tl.sigmoid(dt), 1.0)
         dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # torch's softplus: v itself above 20
+    slope = tl.where(ok & (dt >= dt_min) & (dt <= dt_max), slope, 0.0)  # clamp's gradient: where not clamped
     dt = tl.where(ok, tl.minimum(tl.maximum(dt, dt_min), dt_max), 0.0)
     A = tl.load(A_ptr + heads, mask=heads < H, other=0.0).to(tl.float32)
     cs = tl.cumsum(dt * A[None, :], axis=0)
     out = (b * H + heads[None, :]) * L + rows[:, None]
     tl.store(dt_out_ptr + out, dt, mask=ok)
     tl.store(cs_out_ptr + out, cs, mask=ok)
+    tl.store(slope_out_ptr + out, slope, mask=ok)
 
 
 def state_configs(wide_tile: tuple[int, int, int]) -> list[triton.Config]:
@@ -200,16 +206,17 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
 
 
 def discretize(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float],
-               chunk: int) -> tuple[Tensor, Tensor]:
-    """(dt processed, in-chunk cumsum of dt * A), fp32, (b, h, l)."""
+               chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dt processed, in-chunk cumsum of dt * A, d(dt processed)/d(dt)), fp32, (b, h, l)."""
     batch, length, heads = dt.shape
     dt_out = torch.empty(batch, heads, length, dtype=torch.float32, device=dt.device)
     cs = torch.empty_like(dt_out)
+    slope = torch.empty_like(dt_out)
     grid = (batch, triton.cdiv(length, chunk), triton.cdiv(heads, DT_BLOCK_HEADS))
-    _dt_kernel[grid](dt, dt if dt_bias is None else dt_bias, A, dt_out, cs, length, heads, dt.stride(0), dt.stride(1),
+    _dt_kernel[grid](dt, dt if dt_bias is None else dt_bias, A, dt_out, cs, slope, length, heads, dt.stride(0), dt.stride(1),
                      float(dt_limit[0]), float(dt_limit[1]), HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, Q=chunk,
                      BLOCK_H=DT_BLOCK_HEADS)
-    return dt_out, cs
+    return dt_out, cs, slope
 
 
 def chunk_states(x: Tensor, B: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, initial_states: Tensor | None,
