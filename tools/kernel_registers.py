@@ -49,8 +49,8 @@ SSD_POINTERS = {name: "*fp32" for name in ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs
                                            "dinit_ptr", "A_ptr", "D_ptr", "bias_ptr", "dA_part_ptr", "dbias_part_ptr", "dD_part_ptr",
                                            "slope_ptr", "slope_out_ptr")}
 SSD_POINTERS["seq_ptr"] = "*i32"
-SSD_CONSTANTS = dict(P=64, N=128, BLOCK_P=64, BLOCK_N=128, HAS_SEQ=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True, SOFTPLUS=True,
-                     HAS_INIT=True, HAS_DFINAL=True)
+SSD_CONSTANTS = dict(P=64, N=128, BLOCK_P=64, BLOCK_N=128, HAS_SEQ=True, WHOLE=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True,
+                     SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True)
 
 
 def ssd_autotuners() -> dict:

@@ -35,7 +35,8 @@ def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr,
     for k in range(nchunks):
         c = nchunks - 1 - k
         tl.store(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, grad.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
-        start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+        # Row masks kept (WHOLE False): folding them away costs this kernel registers and, at 780m, its third program per SM.
+        start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q, False)
         cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
         cs_last = tl.load(cs_ptr + head_time + start + last)
         weight = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
@@ -73,7 +74,7 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A
                        stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_C_b, stride_C_l, stride_C_g,
                        stride_dy_b, stride_dy_l, stride_dy_h, stride_seq_b, stride_dx_b, stride_dx_l,
                        stride_dx_h, stride_ddt_b, stride_ddt_l, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
-                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_D: tl.constexpr,
+                       BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, WHOLE: tl.constexpr, HAS_D: tl.constexpr,
                        D_PER_CHANNEL: tl.constexpr):
     """Chunk c's dx and ddt of head h, and its partial sums of dA, d(dt_bias) and dD. With
     decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j), W_ij = (dy_i . x_j) decay_ij, T_ij = W_ij dt_j (C_i . B_j),
@@ -85,7 +86,7 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A
     then ddt times the slope of dt's processing (the dt kernel's: clamp, softplus)."""
     b, c = (tl.program_id(0) // nchunks).to(tl.int64), tl.program_id(0) % nchunks
     h = tl.program_id(1)
-    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q, WHOLE)
     p = tl.arange(0, BLOCK_P)
     cs, cs_last, dt, x, dy = _head_chunk(b, h, start, rows, valid, last, p, H, L, x_ptr, dy_ptr, dt_ptr, cs_ptr, stride_x_b, stride_x_l,
                                          stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P)
@@ -152,7 +153,7 @@ def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, st
                         stride_C_b, stride_C_l, stride_C_g, stride_dy_b, stride_dy_l, stride_dy_h, stride_seq_b,
                         stride_dB_s, stride_dB_b, stride_dB_l, stride_dB_g, stride_dC_s, stride_dC_b, stride_dC_l, stride_dC_g,
                         P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-                        HAS_SEQ: tl.constexpr):
+                        HAS_SEQ: tl.constexpr, WHOLE: tl.constexpr):
     """Chunk c's dB and dC, columns n of one block, summed over `heads_per_program` heads of one group (decay, W,
     in, out, S, G as in _head_grads_kernel):
         dC_i = sum_h (sum_j W_ij dt_j B_j + in_i S^T dy_i),   dB_j = sum_h (sum_i W_ij dt_j C_i + out_j dt_j G^T x_j)."""
@@ -160,7 +161,7 @@ def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, st
     first_head = tl.program_id(1) * heads_per_program
     g = first_head // heads_per_group
     head_slice = (first_head % heads_per_group) // heads_per_program
-    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q)
+    start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q, WHOLE)
     p, n = tl.arange(0, BLOCK_P), tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     Cc = _tile(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g, rows, n, stride_C_l, valid, n < N)
     Bc = _tile(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g, rows, n, stride_B_l, valid, n < N)
@@ -232,7 +233,7 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
     dbias_part = torch.empty_like(dA_part)
     dD_part = torch.empty(batch * nchunks, heads, headdim, dtype=torch.float32, device=x.device)
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
-    shape = dict(P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim), HAS_SEQ=seq_idx is not None)
+    shape = dict(P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim), HAS_SEQ=seq_idx is not None, WHOLE=length % chunk == 0)
     _head_grads_kernel[(batch * nchunks, heads)](
         x, B, C, dy, dt, cs, dt_slope, A, x if D is None else D, seq, states, dstates, dx, ddt, dA_part, dbias_part, dD_part, length,
         nchunks, heads, heads // groups, *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], seq_stride,
