@@ -135,9 +135,9 @@ def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):
 
 
 def test_kernel_registers_reports_what_ptxas_and_triton_allocate(tmp_path, monkeypatch):
-    """tools/kernel_registers.py: registers from ptxas, shared memory from Triton, and the programs one SM holds."""
+    """tools/kernel_registers.py: registers from ptxas, instructions from nvdisasm, and the programs one SM holds."""
     pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
-    from tools.kernel_registers import compile_ssd_kernel, programs_per_sm, ptxas_report, ssd_autotuners
+    from tools.kernel_registers import compile_ssd_kernel, programs_per_sm, ptxas_report, sass_instructions, ssd_autotuners
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     tuner = ssd_autotuners()["_states_kernel"]
@@ -145,6 +145,7 @@ def test_kernel_registers_reports_what_ptxas_and_triton_allocate(tmp_path, monke
     large = compile_ssd_kernel(tuner, dict(BLOCK_P=64, BLOCK_N=128, num_warps=4, num_stages=1))
     small_report, large_report = ptxas_report(small.asm["ptx"]), ptxas_report(large.asm["ptx"])
     assert 0 < small_report["registers"] < large_report["registers"] <= 255  # a 16 x 64 state tile against 64 x 128
+    assert 0 < sass_instructions(small.asm["cubin"]) < sass_instructions(large.asm["cubin"])
     assert programs_per_sm(128, 4, 0) == 4 and programs_per_sm(64, 4, 100 * 1024) == 2  # 64K registers; 227 KiB
 
 

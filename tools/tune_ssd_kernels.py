@@ -124,7 +124,8 @@ KERNEL_CHUNK_VALUES = (32, 64, 128)
 
 def blocked_sweep(block_ns: tuple[int, ...]) -> list[tuple]:
     """The chunk-parallel kernels (output, head and group grads) take d_state in blocks of BLOCK_N. ptxas gives them
-    all 255 registers (at most 2 programs of 4 warps per SM); a register cap (maxnreg) trades spills for occupancy."""
+    219-255 registers (2 programs of 4 warps per SM: tools/kernel_registers.py); a register cap (maxnreg) trades
+    spills for occupancy."""
     return ([({"BLOCK_N": n}, w, s, None) for n in block_ns for w, s in ((4, 1), (4, 2), (4, 3), (8, 1), (8, 2))]
             + [({"BLOCK_N": n}, 4, s, r) for n in block_ns[:2] for s in (1, 2) for r in (128, 168)]
             + [({"BLOCK_N": n}, 8, 1, 128) for n in block_ns[:2]])

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megassm.ops.ssd_triton_fwd import _chunk_tokens, _start_state, _state_tile, _tile, head_slice, pow2, state_configs
+from megassm.ops.ssd_triton_fwd import (_chunk_tokens, _decay, _same_document_causal, _skip_weight, _start_state, _state_tile,
+                                        _store_tile, _tile, head_slice, pow2, state_configs)
 
 
 @triton.autotune(configs=state_configs((64, 128, 2)), key=["batch_heads", "P", "N", "Q"])
@@ -113,21 +114,15 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A
     U = in_w * tl.sum(dy.to(tl.float32) * SC, axis=1)
     x_GB = tl.sum(x.to(tl.float32) * GB, axis=1)
     V = out_w * dt * x_GB
-    causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
-    decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
+    decay = _decay(_same_document_causal(doc, Q), cs)
     dx = tl.dot(tl.trans((CB * decay * dt[None, :]).to(x.dtype)), dy, (out_w * dt)[:, None] * GB)
     W_CB = tl.dot(dy, tl.trans(x)) * decay * CB  # W_ij (C_i . B_j): T_ij = W_CB_ij dt_j
     ddt = tl.sum(W_CB, axis=0)
     T_rows = tl.sum(W_CB * dt[None, :], axis=1)
     if HAS_D:
-        if D_PER_CHANNEL:
-            D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
-        else:
-            D = tl.load(D_ptr + h).to(tl.float32)
-        dx += D * dy.to(tl.float32)
+        dx += _skip_weight(D_ptr, h, p, P, D_PER_CHANNEL) * dy.to(tl.float32)
         tl.store(dD_part_ptr + (tl.program_id(0) * H + h) * P + p, tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=p < P)
-    dx_chunk = dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h
-    tl.store(dx_chunk + (rows[:, None] * stride_dx_l + p[None, :]), dx.to(dx_ptr.dtype.element_ty), mask=valid[:, None] & (p < P)[None, :])
+    _store_tile(dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h, rows, p, stride_dx_l, valid, p < P, dx)
 
     carried = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0) * G_dot_S
     ds = T_rows - dt * ddt + U - V + tl.where(rows == last, tl.sum(V) + carried, 0.0)  # sum_i T_ij = dt_j ddt_j so far
@@ -165,7 +160,7 @@ def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, st
     p, n = tl.arange(0, BLOCK_P), tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     Cc = _tile(C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g, rows, n, stride_C_l, valid, n < N)
     Bc = _tile(B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g, rows, n, stride_B_l, valid, n < N)
-    causal = (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
+    causal = _same_document_causal(doc, Q)
     from_state, to_end = valid & (doc == doc_in), valid & (doc == doc_out)
     dB = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
     dC = tl.zeros((Q, BLOCK_N), dtype=tl.float32)
@@ -174,18 +169,17 @@ def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, st
         cs, cs_last, dt, x, dy = _head_chunk(b, h, start, rows, valid, last, p, H, L, x_ptr, dy_ptr, dt_ptr, cs_ptr, stride_x_b,
                                              stride_x_l, stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P)
         state = ((b * nchunks + c) * H + h) * P * N
-        decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
+        decay = _decay(causal, cs)
         W_dt = (tl.dot(dy, tl.trans(x)) * decay * dt[None, :]).to(x.dtype)
         dC = tl.dot(W_dt, Bc, dC)
         dC = tl.dot((dy * tl.where(from_state, tl.exp(cs), 0.0)[:, None]).to(x.dtype), _tile(states_ptr + state, p, n, N, p < P, n < N), dC)
         dB = tl.dot(tl.trans(W_dt), Cc, dB)
         dB = tl.dot((x * (tl.where(to_end, tl.exp(cs_last - cs), 0.0) * dt)[:, None]).to(x.dtype),
                     _tile(dstates_ptr + state, p, n, N, p < P, n < N), dB)
-    n_ok = valid[:, None] & (n < N)[None, :]
-    dB_chunk = dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + start * stride_dB_l + g * stride_dB_g
-    tl.store(dB_chunk + (rows[:, None] * stride_dB_l + n[None, :]), dB.to(dB_ptr.dtype.element_ty), mask=n_ok)
-    dC_chunk = dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + start * stride_dC_l + g * stride_dC_g
-    tl.store(dC_chunk + (rows[:, None] * stride_dC_l + n[None, :]), dC.to(dC_ptr.dtype.element_ty), mask=n_ok)
+    _store_tile(dB_ptr + head_slice * stride_dB_s + b * stride_dB_b + start * stride_dB_l + g * stride_dB_g, rows, n, stride_dB_l, valid,
+                n < N, dB)
+    _store_tile(dC_ptr + head_slice * stride_dC_s + b * stride_dC_b + start * stride_dC_l + g * stride_dC_g, rows, n, stride_dC_l, valid,
+                n < N, dC)
 
 
 def state_grads(dy: Tensor, C: Tensor, cs: Tensor, seq_idx: Tensor | None, dfinal_states: Tensor | None, heads: int,

@@ -156,6 +156,32 @@ def _tile(ptr, rows, cols, row_stride, rows_ok, cols_ok):
 
 
 @triton.jit
+def _store_tile(ptr, rows, cols, row_stride, rows_ok, cols_ok, value):
+    """`value` into the (rows, cols) tile of a row-major matrix at ptr, in its dtype, where rows and columns exist."""
+    tl.store(ptr + (rows[:, None] * row_stride + cols[None, :]), value.to(ptr.dtype.element_ty), mask=rows_ok[:, None] & cols_ok[None, :])
+
+
+@triton.jit
+def _same_document_causal(doc, Q: tl.constexpr):
+    """(Q, Q): token j <= token i of the chunk, in i's document."""
+    return (tl.arange(0, Q)[:, None] >= tl.arange(0, Q)[None, :]) & (doc[:, None] == doc[None, :])
+
+
+@triton.jit
+def _decay(causal, cs):
+    """(Q, Q): exp(cs_i - cs_j) where `causal`, else 0 (the decay from token j to token i within the chunk)."""
+    return tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
+
+
+@triton.jit
+def _skip_weight(D_ptr, h, p, P: tl.constexpr, D_PER_CHANNEL: tl.constexpr):
+    """Head h's D, fp32: a (1, BLOCK_P) row per channel, or one scalar."""
+    if D_PER_CHANNEL:
+        return tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
+    return tl.load(D_ptr + h).to(tl.float32)
+
+
+@triton.jit
 def _chunk_CB(C_chunk, B_chunk, stride_C_l, stride_B_l, rows, valid, N: tl.constexpr, Q: tl.constexpr, BLOCK_N: tl.constexpr):
     """C B^T of one chunk and group, (Q, Q) fp32, summed over d_state in blocks of BLOCK_N."""
     CB = tl.zeros((Q, Q), dtype=tl.float32)
@@ -184,15 +210,14 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
     C_chunk = C_ptr + b * stride_C_b + start * stride_C_l + g * stride_C_g
     CB = _chunk_CB(C_chunk, B_ptr + b * stride_B_b + start * stride_B_l + g * stride_B_g, stride_C_l, stride_B_l, rows, valid, N, Q,
                    BLOCK_N)
-    i, j = tl.arange(0, Q)[:, None], tl.arange(0, Q)[None, :]
-    causal = (i >= j) & (doc[:, None] == doc[None, :])
+    causal = _same_document_causal(doc, Q)
     from_state = doc == doc_in
     for k in range(heads_per_program):
         h = first_head + k
         chunk_time = (b * H + h) * L + start
         cs = tl.load(cs_ptr + chunk_time + rows, mask=valid, other=0.0)
         dt = tl.load(dt_ptr + chunk_time + rows, mask=valid, other=0.0)
-        decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], -float("inf")))
+        decay = _decay(causal, cs)
         x = _tile(x_ptr + b * stride_x_b + start * stride_x_l + h * stride_x_h, rows, p, stride_x_l, valid, p < P)
         y = tl.dot((CB * decay * dt[None, :]).to(x.dtype), x)
         in_w = tl.where(from_state, tl.exp(cs), 0.0)[:, None]
@@ -202,13 +227,8 @@ def _output_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, cs_ptr, seq_ptr, states_ptr, D_p
             S = _tile(state, p, n, N, p < P, n < N)
             y = tl.dot((_tile(C_chunk, rows, n, stride_C_l, valid, n < N) * in_w).to(S.dtype), tl.trans(S), y)
         if HAS_D:
-            if D_PER_CHANNEL:
-                D = tl.load(D_ptr + h * P + p, mask=p < P, other=0.0).to(tl.float32)[None, :]
-            else:
-                D = tl.load(D_ptr + h).to(tl.float32)
-            y += D * x.to(tl.float32)
-        y_chunk = y_ptr + b * stride_y_b + start * stride_y_l + h * stride_y_h
-        tl.store(y_chunk + (rows[:, None] * stride_y_l + p[None, :]), y.to(y_ptr.dtype.element_ty), mask=valid[:, None] & (p < P)[None, :])
+            y += _skip_weight(D_ptr, h, p, P, D_PER_CHANNEL) * x.to(tl.float32)
+        _store_tile(y_ptr + b * stride_y_b + start * stride_y_l + h * stride_y_h, rows, p, stride_y_l, valid, p < P, y)
 
 
 def discretize(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float],
