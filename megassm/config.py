@@ -82,6 +82,10 @@ class TrainConfig:
     # Replay the blocks' forward and backward as CUDA graphs: "auto" (on CUDA where cuda_graph_blockers finds
     # nothing in the way and without activation checkpointing; the start-up line says why not), true, false.
     cuda_graphs: bool | str = "auto"
+    # megassm's SSD keeps its per-chunk states for the backward instead of recomputing them (one pass over x and B per
+    # layer; about in_proj's output in memory): "auto" (under activation checkpointing, where only the recomputed
+    # layer holds them, or when all layers' states take at most a tenth of the GPU's memory), true, false.
+    keep_ssd_states: bool | str = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation
     eval_samples: int = 32  # held-out sequences per validation, the same ones every time and for every layout
@@ -336,6 +340,8 @@ def validate(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")
     if train.cuda_graphs not in (True, False, "auto"):
         raise ConfigError(f"train.cuda_graphs = {train.cuda_graphs!r}: choose true, false or \"auto\"")
+    if train.keep_ssd_states not in (True, False, "auto"):
+        raise ConfigError(f"train.keep_ssd_states = {train.keep_ssd_states!r}: choose true, false or \"auto\"")
     if train.cuda_graphs is True and cuda_graph_blockers(cfg):
         raise ConfigError(f"train.cuda_graphs = true needs {' and '.join(cuda_graph_blockers(cfg))}: switch one of them, or use \"auto\"")
     if par.engine == "deepspeed" and par.zero_stage not in (1, 2):

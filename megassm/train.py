@@ -51,7 +51,8 @@ from megassm.metrics import (
     peak_flops,
     throughput,
 )
-from megassm.model import Mamba2LM, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels, apply_loss_chunking
+from megassm.model import (Mamba2LM, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels, apply_loss_chunking,
+                           apply_ssd_state_keeping)
 from megassm.ops import TRITON_MAX_ELEMENTS, resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import load_pretrained
@@ -121,13 +122,42 @@ def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
     return True, "CUDA graphs"
 
 
-def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool) -> Mamba2LM:
+# "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory: 780m at
+# 8 x 2048 tokens keeps 9.7 GB on an H200, and its step is 2% faster (bench/RESULTS.md).
+KEEP_SSD_STATES_AUTO_SHARE = 0.1
+
+
+def ssd_states_bytes(cfg: Config) -> int:
+    """What megassm's SSD states take when every Mamba-2 layer keeps them: (b, chunks, heads, headdim, d_state) per
+    layer and rank, in the compute dtype, at its kernels' chunk."""
+    from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK  # imports triton: only where the Triton backend runs
+
+    layout = cfg.model.mamba_layout(cfg.parallel.tp)
+    chunks = math.ceil(cfg.data.seq_len / cfg.parallel.cp / DEFAULT_KERNEL_CHUNK)
+    per_layer = cfg.data.micro_batch * chunks * layout.d_inner * layout.d_state * (2 if cfg.train.precision == "bf16" else 4)
+    return cfg.model.layer_kinds.count("M") * per_layer
+
+
+def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int) -> bool:
+    """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
+    bytes). Only its fused mixer (Triton backend, megassm's SSD kernels, cp = 1) can."""
+    choice = cfg.train.keep_ssd_states
+    if choice is False or backend != "triton" or cfg.kernels.ssd != "megassm" or cfg.parallel.cp > 1:
+        return False
+    if choice is True or cfg.train.activation_checkpointing:
+        return True
+    return ssd_states_bytes(cfg) <= KEEP_SSD_STATES_AUTO_SHARE * device_memory
+
+
+def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_states: bool) -> Mamba2LM:
     """[model]'s architecture, run as [kernels] and [train] say."""
     model = Mamba2LM(cfg.model, ctx)
     apply_kernels(model, cfg.kernels.backend, cfg.kernels.compile, cfg.kernels.ssd)
     apply_loss_chunking(model, cfg.train.loss_chunk_tokens)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if keep_ssd_states:
+        apply_ssd_state_keeping(model)
     if cuda_graphs:
         apply_cuda_graphs(model)
     return model
@@ -184,10 +214,13 @@ class Trainer:
         replaced = checkpoints_to_replace(self.run_dir, cfg.checkpoint)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
-        self.kernels_note = f"triton kernels (SSD: {cfg.kernels.ssd})" if self.backend == "triton" else f"{self.backend} kernels"
+        device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        keep_states = keep_ssd_states_choice(cfg, self.backend, device_memory)
+        self.kernels_note = (f"triton kernels (SSD: {cfg.kernels.ssd}{', states kept' if keep_states else ''})" if self.backend == "triton"
+                             else f"{self.backend} kernels")
         check_kernel_addressing(cfg, self.backend)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
-        self.model = build_model(cfg, self.ctx, graphs).to(self.device)
+        self.model = build_model(cfg, self.ctx, graphs, keep_states).to(self.device)
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)

@@ -89,17 +89,20 @@ def compare(ssd_kernels: str) -> None:
                         C.unflatten(-1, (ngroups, dstate)), chunk, D=D, dt_bias=dt_bias, dt_softplus=True, seq_idx=seq_idx)
         return gated_rms_norm(y.flatten(-2), z, norm_weight, d_inner // ngroups, eps)
 
-    def fused(*args):
+    def fused(*args, keep_ssd_states: bool = False):
         layout = Mamba2Layout(nheads=nheads, headdim=headdim, ngroups=ngroups, d_state=dstate)
-        return fused_mixer.conv_ssd_gated_norm(*args, layout, chunk, dt_limit, eps, seq_idx, ssd_kernels)
+        return fused_mixer.conv_ssd_gated_norm(*args, layout, chunk, dt_limit, eps, seq_idx, ssd_kernels, keep_ssd_states)
 
     upstream = torch.randn(batch, seqlen, d_inner)
     results = []
-    for fn in (composed, fused):
+    # megassm's SSD also with its forward's states kept for the backward (mamba-ssm's recomputes them regardless)
+    variants = (composed, fused) + ((lambda *args: fused(*args, keep_ssd_states=True)),) * (ssd_kernels == "megassm")
+    for fn in variants:
         out = fn(*params.values())
         results.append((out, *torch.autograd.grad((out * upstream).sum(), list(params.values()))))
-    for name, got, want in zip(("out", *(f"d{n}" for n in params)), results[1], results[0]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
+    for got_all in results[1:]:
+        for name, got, want in zip(("out", *(f"d{n}" for n in params)), got_all, results[0]):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.parametrize("ssd_kernels", ["megassm", "mamba-ssm"])

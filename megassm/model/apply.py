@@ -1,5 +1,5 @@
 """How a built model runs, applied to it after construction (torchtitan's apply_ac / apply_compile):
-kernels and compile, activation checkpointing, CUDA graphs, the loss's chunk size. None of it is
+kernels and compile, activation checkpointing, kept SSD states, CUDA graphs, the loss's chunk size. None of it is
 architecture: it is not in ModelConfig, not in checkpoints, and a model built without these calls
 runs the default path (kernels chosen by device, nothing compiled, nothing recomputed).
 """
@@ -33,6 +33,13 @@ def apply_activation_checkpointing(model: Mamba2LM) -> None:
     """Each block keeps only its input and recomputes the rest in backward: less memory, one more forward."""
     for layer in model.layers:
         layer.recompute = True
+
+
+def apply_ssd_state_keeping(model: nn.Module) -> None:
+    """megassm's SSD keeps its per-chunk states for the backward (more memory, one pass over x and B per layer less)."""
+    for module in model.modules():
+        if hasattr(module, "keep_ssd_states"):
+            module.keep_ssd_states = True
 
 
 def apply_cuda_graphs(model: Mamba2LM) -> None:

@@ -59,6 +59,7 @@ class Mamba2Mixer(nn.Module):
 
     backend = "auto"  # megassm.ops's kernels for the SSD and the gated norm (apply_kernels sets it)
     ssd_kernels = "megassm"  # the SSD's Triton kernels on the Triton backend: "megassm" or "mamba-ssm" (apply_kernels sets it)
+    keep_ssd_states = False  # megassm's SSD keeps its per-chunk states for the backward (apply_ssd_state_keeping sets it)
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
         super().__init__()
@@ -94,7 +95,7 @@ class Mamba2Mixer(nn.Module):
             conv_bias = None if self.conv1d.bias is None else self.conv1d.bias.fused()
             y = ops.conv_ssd_gated_norm(zxbcdt, self.conv1d.weight.fused(), conv_bias, self.dt_bias, self.A(), self.D,
                                         self.norm_weight, layout, cfg.chunk_size, cfg.dt_limit, cfg.norm_eps, seq_idx,
-                                        self.ssd_kernels)
+                                        self.ssd_kernels, self.keep_ssd_states)
             return self.out_proj(y)
         z, xBC, dt = layout.split_in_proj(zxbcdt)
         x, B, C = layout.split_conv(self.conv1d(xBC, self._halo(xBC, state), seq_idx, halo_seq_idx))

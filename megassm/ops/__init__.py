@@ -104,13 +104,13 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, ha
 
 def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
                         norm_weight: Tensor, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float], eps: float,
-                        seq_idx: Tensor | None = None, ssd_kernels: str = "megassm") -> Tensor:
+                        seq_idx: Tensor | None = None, ssd_kernels: str = "megassm", keep_ssd_states: bool = False) -> Tensor:
     """The mixer from in_proj's output to the gated norm's, fused for the Triton backend only
     (megassm/ops/fused_mixer.py: one gradient buffer instead of split-and-concatenate)."""
     from megassm.ops.fused_mixer import conv_ssd_gated_norm as fused  # imports triton: only where it runs
 
     return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, layout, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx),
-                 ssd_kernels)
+                 ssd_kernels, keep_ssd_states)
 
 
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float, backend: str = "auto") -> Tensor:

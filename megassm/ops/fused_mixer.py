@@ -18,7 +18,7 @@ from torch import Tensor
 from megassm.ops.conv_triton import conv1d_silu_backward, conv1d_silu_forward, last_dim_contiguous
 from megassm.ops.layout import Mamba2Layout
 from megassm.ops.mamba_triton import load_triton_kernels
-from megassm.ops.ssd_triton import ssd_backward, ssd_forward
+from megassm.ops.ssd_triton import SSDSaved, ssd_backward, ssd_forward
 
 
 def _rows(t: Tensor, layout: Mamba2Layout) -> Tensor:
@@ -27,19 +27,24 @@ def _rows(t: Tensor, layout: Mamba2Layout) -> Tensor:
 
 
 def _scan_forward(kernels: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor, dt_bias: Tensor,
-                  seq_idx: Tensor | None, dt_limit: tuple[float, float]) -> Tensor:
-    """y of the SSD (dt through bias and softplus) by `kernels`, "megassm" or "mamba-ssm"."""
-    forward = ssd_forward if kernels == "megassm" else load_triton_kernels().scan_forward
-    return forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit)[0]
+                  seq_idx: Tensor | None, dt_limit: tuple[float, float]) -> tuple[Tensor, SSDSaved | None]:
+    """y of the SSD (dt through bias and softplus) by `kernels`, "megassm" or "mamba-ssm", and what megassm's
+    backward could reuse (None for mamba-ssm's, whose backward recomputes it)."""
+    options = dict(D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit)
+    if kernels == "megassm":
+        y, _, saved = ssd_forward(x, dt, A, B, C, chunk_size, **options)
+        return y, saved
+    return load_triton_kernels().scan_forward(x, dt, A, B, C, chunk_size, **options)[0], None
 
 
 def _scan_backward(kernels: str, dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, y: Tensor, chunk_size: int,
-                   D: Tensor, dt_bias: Tensor, seq_idx: Tensor | None, dt_limit: tuple[float, float],
+                   D: Tensor, dt_bias: Tensor, seq_idx: Tensor | None, dt_limit: tuple[float, float], saved: SSDSaved | None,
                    dx: Tensor, ddt: Tensor, dB: Tensor, dC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(dA, dD, d(dt_bias)); dx, ddt, dB, dC written into the given buffers. The forward's states are recomputed."""
+    """(dA, dD, d(dt_bias)); dx, ddt, dB, dC written into the given buffers. The forward's states are recomputed
+    unless `saved` holds them."""
     options = dict(D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC)
     if kernels == "megassm":
-        _, _, dA, _, _, dD, ddt_bias, _ = ssd_backward(dy, x, dt, A, B, C, chunk_size, **options)
+        _, _, dA, _, _, dD, ddt_bias, _ = ssd_backward(dy, x, dt, A, B, C, chunk_size, saved=saved, **options)
     else:
         _, _, dA, _, _, dD, _, ddt_bias, _ = load_triton_kernels().scan_backward(dy, x, dt, A, B, C, y, chunk_size, **options)
     return dA, dD, ddt_bias
@@ -49,23 +54,27 @@ class _ConvScanNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
                 norm_weight: Tensor, seq_idx: Tensor | None, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float],
-                eps: float, ssd_kernels: str) -> Tensor:
+                eps: float, ssd_kernels: str, keep_ssd_states: bool) -> Tensor:
         kernels = load_triton_kernels()
         zxbcdt, conv_weight = last_dim_contiguous(zxbcdt), conv_weight.contiguous()
         z, xBC, dt = layout.split_in_proj(zxbcdt)
         xBC_conv = conv1d_silu_forward(xBC, conv_weight, conv_bias, seq_idx)
         x, B, C = layout.split_conv(xBC_conv)
-        y = _scan_forward(ssd_kernels, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
+        y, saved = _scan_forward(ssd_kernels, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
         out, _, rstd = kernels.norm_forward(_rows(y, layout), norm_weight, None, eps, _rows(z, layout), group_size=layout.group_size,
                                             norm_before_gate=False, is_rms_norm=True)
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx)
+        kept = saved if keep_ssd_states and saved is not None else None
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx,
+                              *(kept[:-1] if kept else ()))
         ctx.layout, ctx.chunk_size, ctx.dt_limit, ctx.eps, ctx.ssd_kernels = layout, chunk_size, dt_limit, eps, ssd_kernels
+        ctx.kernel_chunk = kept.kernel_chunk if kept else None
         return out.view(*zxbcdt.shape[:2], layout.d_inner)
 
     @staticmethod
     def backward(ctx, dout: Tensor):
         kernels, layout = load_triton_kernels(), ctx.layout
-        zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx = ctx.saved_tensors
+        zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx, *kept = ctx.saved_tensors
+        saved = SSDSaved(*kept, ctx.kernel_chunk) if kept else None
         z, xBC, dt = layout.split_in_proj(zxbcdt)
         grad = torch.empty_like(zxbcdt)  # d(in_proj output): the kernels below each write their slice
         dz, dxBC, ddt = layout.split_in_proj(grad)
@@ -77,16 +86,18 @@ class _ConvScanNorm(torch.autograd.Function):
         )
         x, B, C = layout.split_conv(xBC_conv)
         dA, dD, ddt_bias = _scan_backward(ctx.ssd_kernels, dy.view_as(y), x, dt, A, B, C, y, ctx.chunk_size, D, dt_bias, seq_idx,
-                                          ctx.dt_limit, dx, ddt, dB, dC)
+                                          ctx.dt_limit, saved, dx, ddt, dB, dC)
         _, dconv_weight, dconv_bias, _ = conv1d_silu_backward(xBC, conv_weight, conv_bias, seq_idx, dxBC_conv, dx=dxBC)
-        return grad, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, None, None, None, None, None, None
+        return grad, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, None, None, None, None, None, None, None
 
 
 def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
                         norm_weight: Tensor, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float], eps: float,
-                        seq_idx: Tensor | None = None, ssd_kernels: str = "megassm") -> Tensor:
+                        seq_idx: Tensor | None = None, ssd_kernels: str = "megassm", keep_ssd_states: bool = False) -> Tensor:
     """norm(ssd(silu(conv(xBC))) * silu(z)) of in_proj's output zxbcdt (b, l, layout.in_proj_width), as
     the mixer composes it: (b, l, d_inner), zxbcdt's dtype. seq_idx: int32 document ids starting at 0.
-    The norm groups are the B/C groups (layout.group_size channels each); the SSD runs `ssd_kernels`."""
+    The norm groups are the B/C groups (layout.group_size channels each); the SSD runs `ssd_kernels`.
+    keep_ssd_states: megassm's SSD keeps its per-chunk states (about in_proj's output in size) for the backward
+    instead of recomputing them."""
     return _ConvScanNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, layout, chunk_size,
-                               tuple(dt_limit), eps, ssd_kernels)
+                               tuple(dt_limit), eps, ssd_kernels, keep_ssd_states)

@@ -1,12 +1,14 @@
-"""Where train.cuda_graphs = "auto" replays the blocks as CUDA graphs, and what it says when it does not."""
+"""What the "auto" settings of [train] choose: where train.cuda_graphs replays the blocks as CUDA graphs (and what it
+says when it does not), and where train.keep_ssd_states keeps the SSD's states for the backward."""
 
 import pytest
 import torch
 
 from megassm.config import ConfigError, load_config
-from megassm.train import GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice
+from megassm.train import GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice, keep_ssd_states_choice, ssd_states_bytes
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
+H200, H100 = 143_771 * 2**20, 81_559 * 2**20  # total_memory of the GPUs, bytes
 
 
 def config(*overrides: str, world_size: int = 1):
@@ -43,3 +45,32 @@ def test_auto_graphs_where_correct_and_worth_it(overrides, world, expected):
 def test_graphs_that_cannot_run_are_refused(overrides, world, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config(*overrides, world_size=world)
+
+
+def test_the_ssd_states_of_780m_at_8_x_2048_tokens():
+    """48 layers x (8 sequences, 2048 / 64 chunks, 48 heads, headdim 64, d_state 128) bf16; fp32 and tp 2 (of 2 groups) alike."""
+    assert ssd_states_bytes(config("--model.preset=mamba2-780m")) == 48 * 8 * 32 * 48 * 64 * 128 * 2
+    assert ssd_states_bytes(config("--model.preset=mamba2-780m", "--train.precision=fp32")) == 48 * 8 * 32 * 48 * 64 * 128 * 4
+    tp2 = config("--model.preset=mamba2-780m", "--model.ngroups=2", "--parallel.tp=2", world_size=2)
+    assert ssd_states_bytes(tp2) == 48 * 8 * 32 * 24 * 64 * 128 * 2
+
+
+@pytest.mark.parametrize("overrides, world, memory, expected", [
+    (["--model.preset=mamba2-780m"], 1, H200, True),  # 9.7 GB: under a tenth of an H200
+    (["--model.preset=mamba2-780m"], 1, H100, False),  # over a tenth of an H100
+    (["--model.preset=mamba2-780m", "--data.micro_batch=1", "--data.global_batch=1", "--data.seq_len=65536"], 1, H200, False),
+    (["--model.preset=mamba2-780m", "--data.micro_batch=1", "--data.global_batch=1", "--data.seq_len=65536",
+      "--train.activation_checkpointing=true"], 1, H100, True),  # only the recomputed layer holds them
+    (["--model.preset=mamba2-780m", "--train.keep_ssd_states=true"], 1, H100, True),
+    (["--model.preset=mamba2-780m", "--train.keep_ssd_states=false"], 1, H200, False),
+    (["--model.preset=mamba2-780m", "--kernels.ssd=mamba-ssm"], 1, H200, False),  # its backward recomputes them
+    (["--model.preset=mamba2-780m", "--parallel.cp=2", "--train.keep_ssd_states=true"], 2, H200, False),  # CP: not the fused mixer
+])
+def test_auto_keeps_the_ssd_states_where_memory_allows(overrides, world, memory, expected):
+    assert keep_ssd_states_choice(config(*overrides, world_size=world), "triton", memory) == expected
+    assert keep_ssd_states_choice(config(*overrides, world_size=world), "torch", memory) is False
+
+
+def test_a_wrong_keep_ssd_states_is_refused():
+    with pytest.raises(ConfigError, match="train.keep_ssd_states = 'yes': choose true, false or"):
+        config("--train.keep_ssd_states=yes")
