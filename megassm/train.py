@@ -188,7 +188,7 @@ def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParal
         from parallel.deepspeed_engine import DeepSpeedEngine  # imported only when used: it is slow to import
 
         return DeepSpeedEngine(*args, zero_stage=cfg.parallel.zero_stage, accumulation_steps=cfg.accumulation_steps)
-    return DDPEngine(*args)
+    return DDPEngine(*args, zero_in_place=model.cuda_graphs and cfg.accumulation_steps > 1)
 
 
 class Trainer:

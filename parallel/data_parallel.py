@@ -108,8 +108,10 @@ class DDPEngine:
     """torch DistributedDataParallel over the DP x CP group (identity when that group has one rank)."""
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, param_groups: list[dict], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8):
-        self.model, self.ctx = model, ctx
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, zero_in_place: bool = False):
+        """zero_in_place: zero the gradients in place after each step instead of dropping them (a CUDA graph's
+        gradient buffers, added into .grad over several micro batches, must never become .grad)."""
+        self.model, self.ctx, self.zero_in_place = model, ctx, zero_in_place
         self.params = [p for group in param_groups for p in group["params"]]
         self.roles = roles_of(model, self.params)
         self.optimizer = make_adamw(param_groups, lr, betas, eps)
@@ -141,7 +143,7 @@ class DDPEngine:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=False)  # in place: a CUDA graph's gradient buffers are added into these, never adopted
+        self.optimizer.zero_grad(set_to_none=not self.zero_in_place)
         return norm
 
     def state_dict(self) -> dict:

@@ -1,11 +1,14 @@
 """What the "auto" settings of [train] choose: where train.cuda_graphs replays the blocks as CUDA graphs (and what it
-says when it does not), and where train.keep_ssd_states keeps the SSD's states for the backward."""
+says when it does not), how the engine then drops or zeroes gradients, and where train.keep_ssd_states keeps the SSD's
+states for the backward."""
 
 import pytest
 import torch
 
 from megassm.config import ConfigError, load_config
-from megassm.train import GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice, keep_ssd_states_choice, ssd_states_bytes
+from megassm.model import Mamba2LM
+from megassm.train import GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice, keep_ssd_states_choice, make_engine, ssd_states_bytes
+from parallel import ParallelContext
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 H200, H100 = 143_771 * 2**20, 81_559 * 2**20  # total_memory of the GPUs, bytes
@@ -35,6 +38,23 @@ def config(*overrides: str, world_size: int = 1):
 def test_auto_graphs_where_correct_and_worth_it(overrides, world, expected):
     assert cuda_graphs_choice(config(*overrides, world_size=world), CUDA) == expected
     assert cuda_graphs_choice(config(*overrides, world_size=world), CPU) == (False, "no CUDA graphs")
+
+
+@pytest.mark.parametrize("graphs, global_batch, in_place", [(True, 8, False), (True, 16, True), (False, 16, False)])
+def test_gradients_are_zeroed_in_place_only_where_graph_buffers_are_summed(graphs, global_batch, in_place):
+    """A CUDA graph's gradient buffers may become .grad (the engine drops gradients after a step: no add, no zeroing)
+    unless several micro batches per step add into .grad: then it is zeroed in place."""
+    cfg = config(f"--data.global_batch={global_batch}")
+    model = Mamba2LM(cfg.model)
+    model.cuda_graphs = graphs
+    engine = make_engine(cfg, model, ParallelContext())
+    model(torch.randint(0, cfg.model.vocab_size, (1, 16)), labels=torch.randint(0, cfg.model.vocab_size, (1, 16))).mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    engine.step(lr=1e-3, max_norm=1.0)
+    if in_place:
+        assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+    else:
+        assert all(p.grad is None for p in model.parameters())
 
 
 @pytest.mark.parametrize("overrides, world, message", [
