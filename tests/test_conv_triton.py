@@ -73,7 +73,7 @@ def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
                conv_triton._grad_input_kernel: {"HAS_SEQ": flags["HAS_SEQ"], **tiles},
                conv_triton._grad_weight_kernel: {"HAS_SEQ": flags["HAS_SEQ"], "HAS_HALO": flags["HAS_HALO"], "TILES_PER_PROGRAM": 4,
                                                  "TAPS": 4, "BLOCK_L": conv_triton.WEIGHT_BLOCK_L, "BLOCK_D": conv_triton.WEIGHT_BLOCK_D}}
-    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dpre_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}
+    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}  # dpre: bf16, as in training
     for kernel, constants in kernels.items():
         assert compile_sm90(kernel, {**constants, "WIDTH": 4}, pointer).asm["cubin"]
 

@@ -6,7 +6,8 @@ mamba-ssm's peer pads, transposes and slices around cuDNN. Here a program owns a
 channels and reads the `width` shifted rows it needs straight from the input (neighbouring tiles'
 rows come from cache), so the forward reads x once and writes y once. Document boundaries (seq_idx)
 mask taps that reach into another document, as the reference does. The backward recomputes the
-pre-activation (cheaper than storing it), writes d(pre-activation) in fp32, and takes dx from that;
+pre-activation (cheaper than storing it), writes d(pre-activation) in x's dtype (bf16 in training, as
+PyTorch's autograd of a bf16 silu keeps it; fp32 would move 1.5x the backward's bytes), and takes dx from that;
 the weight and bias gradients are summed per tile, then over tiles.
 Sums are fp32; y and dx have x's dtype. A halo (context parallelism: the previous rank's last
 width-1 rows; a decoding step's conv state) is read by the taps that reach before row 0, from its own
@@ -100,14 +101,15 @@ def _forward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, y_ptr, L, D, 
 def _grad_pre_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr, dpre_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
                      stride_sb, stride_hsb, stride_dyb, stride_dyl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
                      WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d(pre-activation) of the tile, fp32, contiguous (b, l, d)."""
+    """d(pre-activation) of the tile, in dpre's dtype, contiguous (b, l, d)."""
     batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
     mask = (rows < L)[:, None] & (cols < D)[None, :]
     pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb,
                           stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L, BLOCK_D)
     dy = tl.load(dy_ptr + batch * stride_dyb + rows[:, None] * stride_dyl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(pre)
-    tl.store(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], dy * sig * (1 + pre * (1 - sig)), mask=mask)  # silu'
+    dpre = dy * sig * (1 + pre * (1 - sig))  # silu'
+    tl.store(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -129,7 +131,8 @@ def _grad_weight_kernel(x_ptr, h_ptr, seq_ptr, hseq_ptr, dpre_ptr, dw_ptr, db_pt
         batch = tile // n_blocks
         rows = (tile % n_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
         row_ok = (rows < L) & (tile < tiles)
-        dpre = tl.load(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        dpre = tl.load(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
+                       other=0.0).to(tl.float32)
         source = rows[:, None] - (WIDTH - 1) + taps[None, :]
         ok = _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows[:, None], source, row_ok[:, None], L, HAS_SEQ, HAS_HALO,
                        WIDTH) & (taps < WIDTH)[None, :]
@@ -153,7 +156,8 @@ def _grad_input_kernel(dpre_ptr, w_ptr, seq_ptr, dx_ptr, L, D, stride_sb, stride
     for k in tl.static_range(WIDTH):
         target = rows + (WIDTH - 1) - k  # never before row 0: no halo
         ok = _tap_mask(seq_ptr, seq_ptr, batch, stride_sb, 0, rows, target, row_ok, L, HAS_SEQ, False, WIDTH)
-        g = tl.load(dpre_ptr + (batch * L + target[:, None]) * D + cols[None, :], mask=ok[:, None] & col_ok[None, :], other=0.0)
+        g = tl.load(dpre_ptr + (batch * L + target[:, None]) * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                    other=0.0).to(tl.float32)
         acc += g * tl.load(w_ptr + cols * WIDTH + k, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
     tl.store(dx_ptr + batch * stride_dxb + rows[:, None] * stride_dxl + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -191,10 +195,10 @@ def halo_gradient(dpre: Tensor, weight: Tensor, seq_idx: Tensor | None, halo_seq
     """d(halo) (b, width-1, d) fp32: halo row j reaches output t <= j through tap j - t (a few rows: PyTorch)."""
     batch, length, channels = dpre.shape
     width = weight.shape[1]
-    dhalo = dpre.new_zeros(batch, width - 1, channels)
+    dhalo = dpre.new_zeros(batch, width - 1, channels, dtype=torch.float32)
     for j in range(width - 1):
         for t in range(min(j + 1, length)):
-            term = dpre[:, t] * weight[:, j - t].float()
+            term = dpre[:, t].float() * weight[:, j - t].float()
             if seq_idx is not None:
                 term = term * (seq_idx[:, t] == halo_seq_idx[:, j])[:, None]
             dhalo[:, j] += term
@@ -212,7 +216,7 @@ def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx
     grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
     flags = dict(HAS_SEQ=seq_idx is not None, WIDTH=width)
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
-    dpre = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    dpre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _grad_pre_kernel[grid](x, h.tensor, weight, x if bias is None else bias, seq, h.ids, dy, dpre, length, channels, x.stride(0),
                            x.stride(1), *h.strides, seq_stride, h.ids_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None,
                            HAS_HALO=halo is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)

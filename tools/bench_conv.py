@@ -1,0 +1,120 @@
+"""megassm's Triton conv1d + silu (megassm/ops/conv_triton.py) against causal-conv1d's CUDA kernels, on one GPU.
+
+The conv as the Mamba-2 mixer runs it: x = the [x | B | C] columns of an in_proj-like (b, l, width) bf16 tensor (a
+strided view), depthwise weight (channels, 4), bias, four documents per row (seq_idx), dx written into a view of one
+gradient buffer. Accuracy: y, dx, dweight, dbias against the PyTorch reference (megassm/ops/conv.py) in float32 on
+the same rounded inputs, max|got - want| / max|want|. Speed: forward and backward, CUDA events, the median after
+warm-up (tools/bench_ssd_kernels.py's cuda_ms); the peer is causal-conv1d's channel-last path (what mamba-ssm's
+fused path calls), when installed.
+
+    python tools/bench_conv.py [--sweep]
+
+--sweep also times the backward under other tiles (conv_triton's BLOCK_* constants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megassm.ops import conv_triton  # noqa: E402
+from megassm.ops.conv import causal_conv1d  # noqa: E402
+from tools.bench_ssd_kernels import cuda_ms  # noqa: E402
+
+WIDTH, DOCUMENTS = 4, 4
+# name: (batch, seqlen, conv channels = d_inner + 2 * ngroups * d_state, in_proj width)
+SHAPES = {"780m": (8, 2048, 3328, 6448), "780m-32k": (1, 32768, 3328, 6448), "130m": (8, 2048, 1792, 3352),
+          "1.3b": (4, 4096, 4352, 8512)}
+SWEEP = {"BLOCK_L": (16, 32, 64), "BLOCK_D": (64, 128), "WEIGHT_BLOCK_L": (16, 32)}
+
+
+def conv_inputs(batch: int, seqlen: int, channels: int, width: int, device: torch.device) -> dict:
+    """The mixer's conv operands, bf16: x a view of a wider tensor, weight, bias; documents; an upstream gradient."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    wide = torch.randn(batch, seqlen, width, device=device, generator=generator).to(torch.bfloat16)
+    x = wide[..., 1000:1000 + channels]  # past z: the mixer's [x | B | C] columns
+    weight = (torch.randn(channels, WIDTH, device=device, generator=generator) * 0.5).to(torch.bfloat16)
+    bias = torch.randn(channels, device=device, generator=generator).to(torch.bfloat16)
+    seq_idx = (torch.arange(seqlen, device=device) * DOCUMENTS // seqlen).to(torch.int32).expand(batch, -1).contiguous()
+    dy = torch.randn(batch, seqlen, channels, device=device, generator=generator).to(torch.bfloat16)
+    return dict(wide=wide, x=x, weight=weight, bias=bias, seq_idx=seq_idx, dy=dy)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def check(t: dict) -> dict:
+    """megassm's y, dx, dweight, dbias against the float32 reference on the same inputs."""
+    y = conv_triton.conv1d_silu_forward(t["x"], t["weight"], t["bias"], t["seq_idx"])
+    dx, dw, db, _ = conv_triton.conv1d_silu_backward(t["x"], t["weight"], t["bias"], t["seq_idx"], t["dy"])
+    leaves = [v.float().requires_grad_() for v in (t["x"], t["weight"], t["bias"])]
+    want = causal_conv1d(*leaves, seq_idx=t["seq_idx"], activation="silu")
+    grads = torch.autograd.grad(want, leaves, t["dy"].float())
+    return {name: relative_error(got, ref) for name, got, ref in zip(("y", "dx", "dweight", "dbias"), (y, dx, dw, db), (want, *grads))}
+
+
+def megassm_times(t: dict) -> dict:
+    grad = torch.empty_like(t["wide"])
+    dx = grad[..., 1000:1000 + t["x"].shape[-1]]
+    forward = cuda_ms(lambda: conv_triton.conv1d_silu_forward(t["x"], t["weight"], t["bias"], t["seq_idx"]))
+    backward = cuda_ms(lambda: conv_triton.conv1d_silu_backward(t["x"], t["weight"], t["bias"], t["seq_idx"], t["dy"], dx=dx))
+    return dict(forward=forward, backward=backward)
+
+
+def peer_times(t: dict) -> dict | None:
+    """causal-conv1d's channel-last forward and backward ((b, d, l) views with channels contiguous), as mamba-ssm's
+    fused path calls them."""
+    try:
+        from causal_conv1d.cpp_functions import causal_conv1d_bwd_function, causal_conv1d_fwd_function
+    except ImportError:
+        return None
+    x, dy = (t[k].contiguous().transpose(1, 2) for k in ("x", "dy"))
+    weight, bias, seq_idx = t["weight"].contiguous(), t["bias"], t["seq_idx"]
+    dx = torch.empty_like(x)
+    forward = cuda_ms(lambda: causal_conv1d_fwd_function(x, weight, bias, seq_idx, None, None, True))
+    backward = cuda_ms(lambda: causal_conv1d_bwd_function(x, weight, bias, dy, seq_idx, None, None, dx, False, True))
+    return dict(forward=forward, backward=backward)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sweep", action="store_true", help="also time the backward under other launch parameters")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name in args.shapes:
+        t = conv_inputs(*SHAPES[name], device)
+        errors = check(t)
+        ours, peer = megassm_times(t), peer_times(t)
+        line = f"{name:9} megassm fwd {ours['forward']:.3f} bwd {ours['backward']:.3f} ms"
+        if peer:
+            line += (f" | causal-conv1d fwd {peer['forward']:.3f} bwd {peer['backward']:.3f} ms"
+                     f" | ratio fwd+bwd {(peer['forward'] + peer['backward']) / (ours['forward'] + ours['backward']):.2f}x")
+        print(line + " | errors " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+        if not args.sweep:
+            continue
+        default = {key: getattr(conv_triton, key) for key in SWEEP}
+        for values in itertools.product(*SWEEP.values()):
+            for key, value in zip(SWEEP, values):
+                setattr(conv_triton, key, value)
+            try:
+                worst = max(check(t).values())
+                print(f"  {dict(zip(SWEEP, values))} bwd {megassm_times(t)['backward']:.3f} ms, max error {worst:.1e}", flush=True)
+            except Exception as error:  # a configuration the compiler or the GPU refuses: report it, go on
+                print(f"  {dict(zip(SWEEP, values))} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        for key, value in default.items():
+            setattr(conv_triton, key, value)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
