@@ -18,7 +18,7 @@ from megassm.ops.ssd_triton_fwd import (_chunk_tokens, _decay, _same_document_ca
                                         _store_tile, _tile, head_slice, pow2, state_configs)
 
 
-@triton.autotune(configs=state_configs((64, 128, 2)), key=["batch_heads", "P", "N", "Q"])
+@triton.autotune(configs=state_configs(), key=["batch_heads", "P", "N", "Q"])
 @triton.jit
 def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, L, nchunks, H, heads_per_group, batch_heads,
                         stride_dy_b, stride_dy_l, stride_dy_h, stride_C_b, stride_C_l, stride_C_g, stride_seq_b,

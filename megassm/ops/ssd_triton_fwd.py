@@ -104,15 +104,16 @@ def _dt_kernel(dt_ptr, bias_ptr, A_ptr, dt_out_ptr, cs_out_ptr, slope_out_ptr, L
     tl.store(slope_out_ptr + out, slope, mask=ok)
 
 
-def state_configs(wide_tile: tuple[int, int, int]) -> list[triton.Config]:
-    """(BLOCK_P, BLOCK_N, stages) at 4 warps: `wide_tile` for many (batch, head) walks, small tiles for a long sequence
-    of few heads (enough programs: one per (batch, head, tile)); stages > 1 prefetch the next chunks' operands while
-    the state is updated (the one serial step is state * decay + dot). Two candidates only: timed alone, the
-    autotuner preferred tiles 1.2-1.45x slower within the training step (tools/tune_ssd_kernels.py on an H200)."""
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=s) for bp, bn, s in (wide_tile, (16, 64, 3))]
+def state_configs() -> list[triton.Config]:
+    """(BLOCK_P, BLOCK_N, stages) at 4 warps of the chunk walks (states, state gradients): a wide (64, 128) tile for many
+    (batch, head) walks, a small one for a long sequence of few heads (enough programs: one per (batch, head, tile));
+    stages > 1 prefetch the next chunks' operands while the state is updated (the one serial step is state * decay +
+    dot). Two candidates only: timed alone, the autotuner preferred tiles 1.2-1.45x slower within the training step
+    (tools/tune_ssd_kernels.py on an H200, which also picked these two)."""
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=s) for bp, bn, s in ((64, 128, 2), (16, 64, 3))]
 
 
-@triton.autotune(configs=state_configs((32, 128, 4)), key=["batch_heads", "P", "N", "Q"])
+@triton.autotune(configs=state_configs(), key=["batch_heads", "P", "N", "Q"])
 @triton.jit
 def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, L, nchunks, H, heads_per_group, batch_heads,
                    stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_seq_b,
