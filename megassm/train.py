@@ -68,6 +68,26 @@ class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. the loss diverged); the message says what to try."""
 
 
+class OutOfMemory(TrainingError):
+    """A training step ran out of GPU memory on this rank (said by the rank it happened on, not only rank 0)."""
+
+
+def out_of_memory_advice(cfg: Config, step: int, keep_ssd_states: bool, cuda_graphs: bool) -> str:
+    """What to change when training step `step` (0-based) ran out of memory: the cheapest levers first."""
+    tokens = cfg.data.micro_batch * cfg.data.seq_len // cfg.parallel.cp
+    levers = []
+    if cfg.data.micro_batch > 1:
+        levers.append(f"lower data.micro_batch (now {cfg.data.micro_batch}; gradient accumulation keeps data.global_batch)")
+    if keep_ssd_states:
+        levers.append(f"set train.keep_ssd_states = false (the SSD's states take {ssd_states_bytes(cfg) / 2**30:.1f} GiB)")
+    if cuda_graphs:
+        levers.append("set train.cuda_graphs = false (their memory pool)")
+    if not cfg.train.activation_checkpointing:
+        levers.append("set train.activation_checkpointing = true")
+    levers.append("spread the sequence or the model over more GPUs (parallel.cp, parallel.tp)")
+    return f"the GPU ran out of memory in step {step + 1} ({tokens:,} tokens per micro batch and rank): " + "; or ".join(levers)
+
+
 def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
     """Sum over the ranks that hold different tokens (DP x CP)."""
     return x if group_size(ctx.dp_cp_group) == 1 else all_reduce(x, ctx.dp_cp_group)
@@ -221,6 +241,7 @@ class Trainer:
         check_kernel_addressing(cfg, self.backend)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
         self.model = build_model(cfg, self.ctx, graphs, keep_states).to(self.device)
+        self.memory_levers = {"keep_ssd_states": keep_states, "cuda_graphs": graphs}
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
@@ -381,7 +402,10 @@ class Trainer:
         consecutive_skips, tokens_per_step, logged_step = 0, cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
         with StopSignals(self.stop_message) as signals:
             for step in range(self.state["step"], cfg.train.steps):
-                loss_sum, targets, grad_norm, lr = self.train_step(step, timer)
+                try:
+                    loss_sum, targets, grad_norm, lr = self.train_step(step, timer)
+                except torch.OutOfMemoryError:
+                    raise OutOfMemory(out_of_memory_advice(cfg, step, **self.memory_levers)) from None
                 # The global gradient norm is non-finite wherever any rank's loss was: the engine skipped the update.
                 finite = math.isfinite(grad_norm)
                 consecutive_skips = 0 if finite else consecutive_skips + 1
@@ -447,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         if not quiet:
             print(f"megassm-train: error: {error}", file=sys.stderr)
+        elif isinstance(error, OutOfMemory):  # this rank's own: the others may have had memory to spare
+            print(f"megassm-train: error on rank {rank}: {error}", file=sys.stderr)
         return 2 if not isinstance(error, TrainingError) else 1
     finally:
         if dist.is_initialized():

@@ -7,7 +7,8 @@ import torch
 
 from megassm.config import ConfigError, load_config
 from megassm.model import Mamba2LM
-from megassm.train import GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice, keep_ssd_states_choice, make_engine, ssd_states_bytes
+from megassm.train import (GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice, keep_ssd_states_choice, make_engine, out_of_memory_advice,
+                           ssd_states_bytes)
 from parallel import ParallelContext
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -89,6 +90,14 @@ def test_the_ssd_states_of_780m_at_8_x_2048_tokens():
 def test_auto_keeps_the_ssd_states_where_memory_allows(overrides, world, memory, expected):
     assert keep_ssd_states_choice(config(*overrides, world_size=world), "triton", memory) == expected
     assert keep_ssd_states_choice(config(*overrides, world_size=world), "torch", memory) is False
+
+
+def test_out_of_memory_advice_offers_what_the_auto_settings_turned_on():
+    advice = out_of_memory_advice(config("--model.preset=mamba2-780m"), 4, keep_ssd_states=True, cuda_graphs=True)
+    assert advice == ("the GPU ran out of memory in step 5 (16,384 tokens per micro batch and rank): lower data.micro_batch (now 8; "
+                      "gradient accumulation keeps data.global_batch); or set train.keep_ssd_states = false (the SSD's states take "
+                      "9.0 GiB); or set train.cuda_graphs = false (their memory pool); or set train.activation_checkpointing = true; "
+                      "or spread the sequence or the model over more GPUs (parallel.cp, parallel.tp)")
 
 
 def test_a_wrong_keep_ssd_states_is_refused():

@@ -236,6 +236,24 @@ def test_diverging_run_skips_steps_then_stops_with_advice(config, tmp_path):
     assert [r["skipped_steps"] for r in steps] == [0, 1]
 
 
+def test_a_step_out_of_gpu_memory_stops_with_one_line_of_what_to_change(config, tmp_path, monkeypatch, capsys):
+    """A step that runs out of GPU memory (raised here as PyTorch raises it on CUDA: the CPU has no such error) ends
+    the run with exit code 1 and one line naming the step and what to change, the cheapest first; no traceback."""
+    from megassm import train as trainer_module
+
+    def out_of_memory(self, step, timer):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", out_of_memory)
+    code = trainer_module.main(["--config", str(config), f"--run.dir={tmp_path}", "--train.eval_every=0"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 1
+    assert last == ("megassm-train: error: the GPU ran out of memory in step 1 (176 tokens per micro batch and rank): lower "
+                    "data.micro_batch (now 2; gradient accumulation keeps data.global_batch); or set "
+                    "train.activation_checkpointing = true; or spread the sequence or the model over more GPUs (parallel.cp, "
+                    "parallel.tp)")
+
+
 def test_init_from_a_transformers_model_starts_from_its_weights(config, prepared_data, tmp_path):
     """checkpoint.init_from = a transformers Mamba2 folder: the first step's loss is that model's loss
     on the first global batch, computed here directly."""
