@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 from tests.triton_interpreter import run_interpreted
 
@@ -95,8 +96,11 @@ def compare(ssd_kernels: str) -> None:
 
     upstream = torch.randn(batch, seqlen, d_inner)
     results = []
-    # megassm's SSD also with its forward's states kept for the backward (mamba-ssm's recomputes them regardless)
-    variants = (composed, fused) + ((lambda *args: fused(*args, keep_ssd_states=True)),) * (ssd_kernels == "megassm")
+    # megassm's SSD also with its forward's states kept for the backward (mamba-ssm's recomputes them regardless), also
+    # inside activation checkpointing as a block runs it (the states of the forward recomputed in backward are kept)
+    kept = lambda *args: fused(*args, keep_ssd_states=True)  # noqa: E731
+    recomputed = lambda *args: torch.utils.checkpoint.checkpoint(kept, *args, use_reentrant=False)  # noqa: E731
+    variants = (composed, fused) + (kept, recomputed) * (ssd_kernels == "megassm")
     for fn in variants:
         out = fn(*params.values())
         results.append((out, *torch.autograd.grad((out * upstream).sum(), list(params.values()))))
