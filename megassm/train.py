@@ -148,14 +148,15 @@ KEEP_SSD_STATES_AUTO_SHARE = 0.1
 
 
 def ssd_states_bytes(cfg: Config) -> int:
-    """What megassm's SSD states take when every Mamba-2 layer keeps them: (b, chunks, heads, headdim, d_state) per
-    layer and rank, in the compute dtype, at its kernels' chunk."""
+    """What megassm's SSD states take when every Mamba-2 layer keeps them: their shape per layer and rank, in the
+    compute dtype, at its kernels' chunk."""
     from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK  # imports triton: only where the Triton backend runs
+    from megassm.ops.ssd_triton_fwd import states_shape
 
     layout = cfg.model.mamba_layout(cfg.parallel.tp)
-    chunks = math.ceil(cfg.data.seq_len / cfg.parallel.cp / DEFAULT_KERNEL_CHUNK)
-    per_layer = cfg.data.micro_batch * chunks * layout.d_inner * layout.d_state * (2 if cfg.train.precision == "bf16" else 4)
-    return cfg.model.layer_kinds.count("M") * per_layer
+    shape = states_shape(cfg.data.micro_batch, cfg.data.seq_len // cfg.parallel.cp, layout.nheads, layout.headdim, layout.d_state,
+                         DEFAULT_KERNEL_CHUNK)
+    return cfg.model.layer_kinds.count("M") * math.prod(shape) * (2 if cfg.train.precision == "bf16" else 4)
 
 
 def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int) -> bool:

@@ -246,13 +246,18 @@ def discretize(dt: Tensor, A: Tensor, dt_bias: Tensor | None, dt_softplus: bool,
     return dt_out, cs, slope
 
 
+def states_shape(batch: int, length: int, heads: int, headdim: int, dstate: int, chunk: int) -> tuple[int, ...]:
+    """The per-chunk states' shape (b, nchunks, h, p, n): the state entering each chunk of `chunk` tokens."""
+    return batch, triton.cdiv(length, chunk), heads, headdim, dstate
+
+
 def chunk_states(x: Tensor, B: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, initial_states: Tensor | None,
                  chunk: int) -> tuple[Tensor, Tensor]:
     """(states (b, nchunks, h, p, n) in x's dtype: the state entering each chunk; final states (b, h, p, n) fp32)."""
     batch, length, heads, headdim = x.shape
     groups, dstate = B.shape[2:]
-    nchunks = triton.cdiv(length, chunk)
-    states = torch.empty(batch, nchunks, heads, headdim, dstate, dtype=x.dtype, device=x.device)
+    states = torch.empty(states_shape(batch, length, heads, headdim, dstate, chunk), dtype=x.dtype, device=x.device)
+    nchunks = states.shape[1]
     final = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=x.device)
     grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
     _states_kernel[grid](x, B, dt, cs, x if seq_idx is None else seq_idx, x if initial_states is None else initial_states, states, final,
