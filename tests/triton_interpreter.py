@@ -20,17 +20,10 @@ def run_interpreted(script: str, *args: str) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def interpret_ssd_kernels() -> None:
-    """Patch what Triton 3.6's interpreter cannot do for megassm/ops/ssd_triton*.py, before they run:
-    - it holds scalar arguments as 1-element arrays and takes a loop bound with int(array), which numpy >= 2.4
-      refuses for arrays of one dimension (the kernels' loops over chunks and heads have runtime bounds):
-      read the bound with .item();
-    - it cannot time autotuning configurations: each kernel keeps its first, with d_state in blocks of 16 (the
-      tests' d_state of 32 then takes two: the loops and grids over d_state blocks run)."""
-    import triton
+def interpret_runtime_loop_bounds() -> None:
+    """Triton 3.6's interpreter holds scalar arguments as 1-element arrays and takes a loop bound with int(array),
+    which numpy >= 2.4 refuses for arrays of one dimension: read the bound with .item() (call before kernels run)."""
     from triton.runtime import interpreter
-
-    from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
 
     patch = interpreter._patch_lang_tensor
 
@@ -39,6 +32,18 @@ def interpret_ssd_kernels() -> None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     interpreter._patch_lang_tensor = patched
+
+
+def interpret_ssd_kernels() -> None:
+    """Patch what Triton 3.6's interpreter cannot do for megassm/ops/ssd_triton*.py, before they run: runtime loop
+    bounds (over chunks and heads; interpret_runtime_loop_bounds), and timing autotuning configurations: each
+    kernel keeps its first, with d_state in blocks of 16 (the tests' d_state of 32 then takes two: the loops and
+    grids over d_state blocks run)."""
+    import triton
+
+    from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
+
+    interpret_runtime_loop_bounds()
     for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
                    ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
         first = kernel.configs[0]

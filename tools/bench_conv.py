@@ -31,7 +31,7 @@ WIDTH, DOCUMENTS = 4, 4
 # name: (batch, seqlen, conv channels = d_inner + 2 * ngroups * d_state, in_proj width)
 SHAPES = {"780m": (8, 2048, 3328, 6448), "780m-32k": (1, 32768, 3328, 6448), "130m": (8, 2048, 1792, 3352),
           "1.3b": (4, 4096, 4352, 8512)}
-SWEEP = {"BLOCK_L": (16, 32, 64), "BLOCK_D": (64, 128), "WEIGHT_BLOCK_L": (16, 32)}
+SWEEP = {"BLOCK_L": (16, 32, 64), "GRAD_BLOCK_L": (16, 32), "GRAD_BLOCK_D": (32, 64, 128)}
 
 
 def conv_inputs(batch: int, seqlen: int, channels: int, width: int, device: torch.device) -> dict:

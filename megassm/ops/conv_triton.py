@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_L, BLOCK_D = 32, 128  # a program's tile of tokens x channels
-WEIGHT_BLOCK_L, WEIGHT_BLOCK_D, WEIGHT_PROGRAMS = 16, 64, 2048  # the weight gradient's tiles, and about how many programs share it
+GRAD_BLOCK_L, GRAD_BLOCK_D, GRAD_PROGRAMS = 16, 64, 2048  # dx and dw's kernel: its tiles, and about how many programs share them
 
 
 @triton.jit
@@ -113,54 +113,42 @@ def _grad_pre_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr, dpre
 
 
 @triton.jit
-def _grad_weight_kernel(x_ptr, h_ptr, seq_ptr, hseq_ptr, dpre_ptr, dw_ptr, db_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
-                        stride_sb, stride_hsb, tiles, TILES_PER_PROGRAM: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
-                        WIDTH: tl.constexpr, TAPS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's share of dw (programs, WIDTH, D) and db (programs, D): a run of TILES_PER_PROGRAM
-    token tiles (all batch rows in order), summed elementwise in registers and over tokens once at the end.
+def _grad_input_kernel(dpre_ptr, x_ptr, w_ptr, seq_ptr, dx_ptr, dw_ptr, db_ptr, L, D, stride_xb, stride_xl, stride_sb, stride_dxb,
+                       stride_dxl, tiles, tiles_per_program, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr, TAPS: tl.constexpr,
+                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For a run of `tiles_per_program` token tiles (all batch rows in order): dx[u] = sum over taps k of
+    w[:, k] * dpre[u + WIDTH-1 - k], where that output row is in u's document; and this program's share of
+    dw (programs, WIDTH, D) and db (programs, D) from the same terms (tap k of output u + WIDTH-1 - k reads input
+    row u: dw[k] = sum_u dpre[u + WIDTH-1 - k] x[u], db = sum_u dpre[u]), summed in registers and over tokens once
+    at the end. Inputs in the halo (before row 0) are not x's rows: their dw terms are added by the caller.
     TAPS: WIDTH rounded up to a power of two (the taps are one axis of a 3-d tile)."""
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
     taps = tl.arange(0, TAPS)
+    tap_ok = (taps < WIDTH)[:, None] & col_ok[None, :]
+    w = tl.load(w_ptr + cols[None, :] * WIDTH + taps[:, None], mask=tap_ok, other=0.0).to(tl.float32)  # (TAPS, BLOCK_D)
     n_blocks = tl.cdiv(L, BLOCK_L)
     acc_w = tl.zeros((BLOCK_L, TAPS, BLOCK_D), dtype=tl.float32)
     acc_b = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    first = tl.program_id(0) * TILES_PER_PROGRAM
-    for i in range(0, TILES_PER_PROGRAM):
-        tile = first + i
+    for i in range(0, tiles_per_program):
+        tile = tl.program_id(0) * tiles_per_program + i
         batch = tile // n_blocks
         rows = (tile % n_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
         row_ok = (rows < L) & (tile < tiles)
-        dpre = tl.load(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                       other=0.0).to(tl.float32)
-        source = rows[:, None] - (WIDTH - 1) + taps[None, :]
-        ok = _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows[:, None], source, row_ok[:, None], L, HAS_SEQ, HAS_HALO,
+        target = rows[:, None] + (WIDTH - 1) - taps[None, :]  # never before row 0: no halo
+        ok = _tap_mask(seq_ptr, seq_ptr, batch, stride_sb, 0, rows[:, None], target, row_ok[:, None], L, HAS_SEQ, False,
                        WIDTH) & (taps < WIDTH)[None, :]
-        x = _load_rows(x_ptr, h_ptr, batch, source[:, :, None], cols[None, None, :], ok[:, :, None] & col_ok[None, None, :],
-                       stride_xb, stride_xl, stride_hb, stride_hl, HAS_HALO, WIDTH)
-        acc_w += dpre[:, None, :] * x
-        acc_b += dpre
+        g = tl.load(dpre_ptr + (batch * L + target[:, :, None]) * D + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :],
+                    other=0.0).to(tl.float32)  # (BLOCK_L, TAPS, BLOCK_D)
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(x_ptr + batch * stride_xb + rows[:, None] * stride_xl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + batch * stride_dxb + rows[:, None] * stride_dxl + cols[None, :],
+                 tl.sum(g * w[None, :, :], axis=1).to(dx_ptr.dtype.element_ty), mask=mask)
+        acc_w += g * x[:, None, :]
+        acc_b += tl.sum(tl.where((taps == WIDTH - 1)[None, :, None], g, 0.0), axis=1)  # tap WIDTH-1: dpre[u] itself
     program = tl.program_id(0)
-    tap_ok = (taps < WIDTH)[:, None] & col_ok[None, :]
     tl.store(dw_ptr + (program * WIDTH + taps[:, None]) * D + cols[None, :], tl.sum(acc_w, axis=0), mask=tap_ok)
     tl.store(db_ptr + program * D + cols, tl.sum(acc_b, axis=0), mask=col_ok)
-
-
-@triton.jit
-def _grad_input_kernel(dpre_ptr, w_ptr, seq_ptr, dx_ptr, L, D, stride_sb, stride_dxb, stride_dxl, HAS_SEQ: tl.constexpr,
-                       WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """dx[u] = sum over taps k of w[:, k] * dpre[u + WIDTH-1 - k], where that output row is in u's document."""
-    batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
-    row_ok, col_ok = rows < L, cols < D
-    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for k in tl.static_range(WIDTH):
-        target = rows + (WIDTH - 1) - k  # never before row 0: no halo
-        ok = _tap_mask(seq_ptr, seq_ptr, batch, stride_sb, 0, rows, target, row_ok, L, HAS_SEQ, False, WIDTH)
-        g = tl.load(dpre_ptr + (batch * L + target[:, None]) * D + cols[None, :], mask=ok[:, None] & col_ok[None, :],
-                    other=0.0).to(tl.float32)
-        acc += g * tl.load(w_ptr + cols * WIDTH + k, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    mask = row_ok[:, None] & col_ok[None, :]
-    tl.store(dx_ptr + batch * stride_dxb + rows[:, None] * stride_dxl + cols[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:
@@ -191,18 +179,22 @@ def conv1d_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx:
     return y
 
 
-def halo_gradient(dpre: Tensor, weight: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None) -> Tensor:
-    """d(halo) (b, width-1, d) fp32: halo row j reaches output t <= j through tap j - t (a few rows: PyTorch)."""
+def halo_gradients(dpre: Tensor, halo: Tensor, weight: Tensor, seq_idx: Tensor | None,
+                   halo_seq_idx: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(d(halo) (b, width-1, d), the halo's terms of dweight (d, width)), fp32: halo row j reaches output t <= j
+    through tap j - t (a few rows: PyTorch)."""
     batch, length, channels = dpre.shape
     width = weight.shape[1]
     dhalo = dpre.new_zeros(batch, width - 1, channels, dtype=torch.float32)
+    dweight = dpre.new_zeros(channels, width, dtype=torch.float32)
     for j in range(width - 1):
         for t in range(min(j + 1, length)):
-            term = dpre[:, t].float() * weight[:, j - t].float()
+            term = dpre[:, t].float()
             if seq_idx is not None:
                 term = term * (seq_idx[:, t] == halo_seq_idx[:, j])[:, None]
-            dhalo[:, j] += term
-    return dhalo
+            dhalo[:, j] += term * weight[:, j - t].float()
+            dweight[:, j - t] += (term * halo[:, j].float()).sum(0)
+    return dhalo, dweight
 
 
 def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, dy: Tensor,
@@ -214,29 +206,29 @@ def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx
     width = weight.shape[1]
     h = _Halo(x, halo, halo_seq_idx)
     grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
-    flags = dict(HAS_SEQ=seq_idx is not None, WIDTH=width)
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
     dpre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _grad_pre_kernel[grid](x, h.tensor, weight, x if bias is None else bias, seq, h.ids, dy, dpre, length, channels, x.stride(0),
                            x.stride(1), *h.strides, seq_stride, h.ids_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None,
-                           HAS_HALO=halo is not None, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
+                           HAS_SEQ=seq_idx is not None, HAS_HALO=halo is not None, WIDTH=width, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    _grad_input_kernel[grid](dpre, weight, seq, dx, length, channels, seq_stride, dx.stride(0), dx.stride(1),
-                             BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D, **flags)
-    column_blocks = triton.cdiv(channels, WEIGHT_BLOCK_D)
-    tiles = batch * triton.cdiv(length, WEIGHT_BLOCK_L)
-    tiles_per_program = triton.cdiv(tiles, max(1, WEIGHT_PROGRAMS // column_blocks))
+    column_blocks = triton.cdiv(channels, GRAD_BLOCK_D)
+    tiles = batch * triton.cdiv(length, GRAD_BLOCK_L)
+    tiles_per_program = triton.cdiv(tiles, max(1, GRAD_PROGRAMS // column_blocks))
     programs = triton.cdiv(tiles, tiles_per_program)
     dw = torch.empty(programs, width, channels, dtype=torch.float32, device=x.device)
     db = torch.empty(programs, channels, dtype=torch.float32, device=x.device)
-    _grad_weight_kernel[(programs, column_blocks)](x, h.tensor, seq, h.ids, dpre, dw, db, length, channels, x.stride(0), x.stride(1),
-                                                   *h.strides, seq_stride, h.ids_stride, tiles, TILES_PER_PROGRAM=tiles_per_program,
-                                                   HAS_HALO=halo is not None, TAPS=triton.next_power_of_2(width),
-                                                   BLOCK_L=WEIGHT_BLOCK_L, BLOCK_D=WEIGHT_BLOCK_D, **flags)
+    _grad_input_kernel[(programs, column_blocks)](dpre, x, weight, seq, dx, dw, db, length, channels, x.stride(0), x.stride(1), seq_stride,
+                                                  dx.stride(0), dx.stride(1), tiles, tiles_per_program, HAS_SEQ=seq_idx is not None,
+                                                  WIDTH=width, TAPS=triton.next_power_of_2(width), BLOCK_L=GRAD_BLOCK_L,
+                                                  BLOCK_D=GRAD_BLOCK_D)
+    dweight, dhalo = dw.sum(0).T, None
+    if halo is not None:
+        dhalo, halo_dweight = halo_gradients(dpre, halo, weight, seq_idx, halo_seq_idx)
+        dweight, dhalo = dweight + halo_dweight, dhalo.to(halo.dtype)
     grad_bias = None if bias is None else db.sum(0).to(bias.dtype)
-    dhalo = None if halo is None else halo_gradient(dpre, weight, seq_idx, halo_seq_idx).to(halo.dtype)
-    return dx, dw.sum(0).T.to(weight.dtype), grad_bias, dhalo
+    return dx, dweight.to(weight.dtype), grad_bias, dhalo
 
 
 class _CausalConv1dSilu(torch.autograd.Function):
