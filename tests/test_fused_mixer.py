@@ -3,9 +3,9 @@ one gradient buffer each kernel reads and writes, and which of their results bec
 
 megassm's SSD kernels run interpreted too. mamba-ssm's SSD and norm kernels do not run in Triton's
 interpreter, so they are replaced here by stand-ins with the same signatures and return tuples
-(ssd_combined._mamba_chunk_scan_combined_fwd/bwd, layernorm_gated._layer_norm_fwd/bwd of mamba-ssm 2.3.2)
+(ssd_combined._mamba_chunk_scan_combined_fwd/bwd, layernorm_gated._layer_norm_fwd of mamba-ssm 2.3.2)
 computed with megassm's PyTorch reference, writing into the buffers they are given as the real ones do. The
-conv is megassm's Triton kernel, interpreted too (tests/triton_interpreter.py). The reference is
+conv and the gated norm's backward are megassm's Triton kernels, interpreted too (tests/triton_interpreter.py). The reference is
 the composition the mixer runs on the PyTorch backend; the real kernels are compared on the GPU by
 `tools/bench_ssd.py` (check_model) and `tools/bench.py --check`."""
 
@@ -44,21 +44,14 @@ class ReferenceKernels:
 
     @staticmethod
     def norm_forward(x, weight, bias, eps, z=None, out=None, group_size=None, norm_before_gate=True, is_rms_norm=False):
+        """out, mean (None for RMS), and 1/rms of each (row, group) flattened group-major (groups * rows,), the layout
+        megassm's gated-norm backward reads."""
         from megassm.ops.norm import gated_rms_norm
 
         assert bias is None and not norm_before_gate and is_rms_norm
-        return gated_rms_norm(x, z, weight, group_size, eps), None, None  # out, mean, rstd (norm_backward recomputes)
-
-    @staticmethod
-    def norm_backward(dy, x, weight, bias, eps, mean, rstd, z=None, group_size=None, norm_before_gate=True, is_rms_norm=False,
-                      recompute_output=False, dz=None, out=None):
-        from megassm.ops.norm import gated_rms_norm
-
-        leaves = [t.detach().requires_grad_() for t in (x, z, weight)]
-        with torch.enable_grad():
-            gx, gz, gw = torch.autograd.grad(gated_rms_norm(*leaves, group_size, eps), leaves, dy)
-        dz.copy_(gz)
-        return gx, gw, None, dz
+        h = (x * torch.nn.functional.silu(z)).unflatten(-1, (-1, group_size))
+        rstd = torch.rsqrt(h.pow(2).mean(-1) + eps).T.reshape(-1)
+        return gated_rms_norm(x, z, weight, group_size, eps), None, rstd
 
 
 def compare(ssd_kernels: str) -> None:

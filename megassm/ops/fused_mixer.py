@@ -1,7 +1,7 @@
 """The middle of the Mamba-2 mixer as one autograd step on CUDA: in_proj's output [z | xBC | dt] ->
 conv + silu -> SSD (+ D x) -> norm(y * silu(z)), with the kernels of the composed path
 (megassm/model/mixer.py): megassm's Triton conv, the SSD's kernels (megassm's or mamba-ssm's), mamba-ssm's
-gated RMSNorm.
+gated RMSNorm forward and megassm's backward of it (megassm/ops/gated_norm_triton.py).
 
 Why: composed, autograd splits in_proj's output into z, xBC and dt (and the conv's output into x, B
 and C) and in backward concatenates their separate gradients again: two copies of the layer's widest
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from megassm.ops.conv_triton import conv1d_silu_backward, conv1d_silu_forward, last_dim_contiguous
+from megassm.ops.gated_norm_triton import gated_norm_backward
 from megassm.ops.layout import Mamba2Layout
 from megassm.ops.mamba_triton import load_triton_kernels
 from megassm.ops.ssd_triton import SSDSaved, ssd_backward, ssd_forward
@@ -72,7 +73,7 @@ class _ConvScanNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout: Tensor):
-        kernels, layout = load_triton_kernels(), ctx.layout
+        layout = ctx.layout
         zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx, *kept = ctx.saved_tensors
         saved = SSDSaved(*kept, ctx.kernel_chunk) if kept else None
         z, xBC, dt = layout.split_in_proj(zxbcdt)
@@ -80,10 +81,8 @@ class _ConvScanNorm(torch.autograd.Function):
         dz, dxBC, ddt = layout.split_in_proj(grad)
         dxBC_conv = torch.empty_like(xBC_conv)
         dx, dB, dC = layout.split_conv(dxBC_conv)
-        dy, dnorm_weight, _, _ = kernels.norm_backward(
-            _rows(last_dim_contiguous(dout), layout), _rows(y, layout), norm_weight, None, ctx.eps, None, rstd, _rows(z, layout),
-            group_size=layout.group_size, norm_before_gate=False, is_rms_norm=True, dz=_rows(dz, layout),
-        )
+        dy, dnorm_weight = gated_norm_backward(_rows(last_dim_contiguous(dout), layout), _rows(y, layout), _rows(z, layout), norm_weight,
+                                               rstd, layout.group_size, dz=_rows(dz, layout))
         x, B, C = layout.split_conv(xBC_conv)
         dA, dD, ddt_bias = _scan_backward(ctx.ssd_kernels, dy.view_as(y), x, dt, A, B, C, y, ctx.chunk_size, D, dt_bias, seq_idx,
                                           ctx.dt_limit, saved, dx, ddt, dB, dC)

@@ -1,0 +1,78 @@
+"""megassm's gated RMSNorm backward (megassm/ops/gated_norm_triton.py) against mamba-ssm's (layernorm_gated), on one GPU.
+
+As the fused mixer runs it: y (the SSD's output) and z (a strided view of in_proj's output) in bf16, norm groups of
+d_inner / ngroups channels, mamba-ssm's forward giving the 1/rms both backwards read, dz written into a view of one
+gradient buffer. Accuracy: dx, dz, dweight of each against autograd through the float32 reference
+(megassm/ops/norm.py) on the same rounded inputs, max|got - want| / max|want|. Speed: CUDA events, the median after
+warm-up (tools/bench_ssd_kernels.py's cuda_ms), and the bandwidth that the bytes read and written imply.
+
+    python tools/bench_norm.py [--shapes 780m 1.3b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megassm.ops import gated_norm_triton  # noqa: E402
+from megassm.ops.mamba_triton import load_triton_kernels  # noqa: E402
+from megassm.ops.norm import gated_rms_norm  # noqa: E402
+from tools.bench_ssd_kernels import cuda_ms  # noqa: E402
+
+EPS = 1e-5
+# name: (tokens, d_inner, ngroups, in_proj width)
+SHAPES = {"780m": (16384, 3072, 1, 6448), "780m-64k": (65536, 3072, 1, 6448), "1.3b": (16384, 4096, 1, 8512),
+          "780m-g8": (16384, 3072, 8, 6448)}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).abs().max() / want.abs().max())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    args = parser.parse_args()
+    kernels, device = load_triton_kernels(), torch.device("cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
+    for name in args.shapes:
+        tokens, width, groups, in_proj = SHAPES[name]
+        generator = torch.Generator(device=device).manual_seed(0)
+        wide = torch.randn(tokens, in_proj, device=device, generator=generator).to(torch.bfloat16)
+        z = wide[:, :width]
+        y, dout = (torch.randn(tokens, width, device=device, generator=generator).to(torch.bfloat16) for _ in range(2))
+        weight = 1 + 0.1 * torch.randn(width, device=device, generator=generator)
+        group = width // groups
+        _, _, rstd = kernels.norm_forward(y, weight, None, EPS, z, group_size=group, norm_before_gate=False, is_rms_norm=True)
+        leaves = [t.float().requires_grad_() for t in (y, z, weight)]
+        want = torch.autograd.grad(gated_rms_norm(*leaves, group, EPS), leaves, dout.float())
+        grad = torch.empty_like(wide)
+        dz = grad[:, :width]
+
+        def ours():
+            dx, dw = gated_norm_triton.gated_norm_backward(dout, y, z, weight, rstd, group, dz=dz)
+            return dx, dz, dw
+
+        def peer():
+            dx, dw, _, dz_ = kernels.norm_backward(dout, y, weight, None, EPS, None, rstd, z, group_size=group, norm_before_gate=False,
+                                                   is_rms_norm=True, dz=dz)
+            return dx, dz_, dw
+
+        moved = tokens * width * 2 * 5  # y, z, dout read; dx, dz written, bf16
+        line = f"{name:9}"
+        for label, fn in (("megassm", ours), ("mamba-ssm", peer)):
+            errors = [relative_error(got, w) for got, w in zip(fn(), want)]
+            ms = cuda_ms(fn)
+            line += f" | {label} {ms:.3f} ms ({moved / ms / 1e9:.2f} TB/s), errors dx {errors[0]:.1e} dz {errors[1]:.1e} dw {errors[2]:.1e}"
+        print(line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
