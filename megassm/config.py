@@ -84,7 +84,7 @@ class TrainConfig:
     cuda_graphs: bool | str = "auto"
     # megassm's SSD keeps its per-chunk states for the backward instead of recomputing them (one pass over x and B per
     # layer; about in_proj's output in memory): "auto" (under activation checkpointing, where only the recomputed
-    # layer holds them, or when all layers' states take at most a tenth of the GPU's memory), true, false.
+    # layer holds them, or when all layers' states take at most a fifth of the GPU's memory), true, false.
     keep_ssd_states: bool | str = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation

@@ -142,9 +142,10 @@ def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
     return True, "CUDA graphs"
 
 
-# "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory: 780m at
-# 8 x 2048 tokens keeps 9.7 GB on an H200, and its step is 2% faster (bench/RESULTS.md).
-KEEP_SSD_STATES_AUTO_SHARE = 0.1
+# "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory. On an H200
+# (bench/RESULTS.md): 780m at 8 x 2048 tokens keeps 9.7 GB, 2% faster; at 1 x 32,768 19.3 GB (90 GiB peak), 5% faster;
+# at 1 x 65,536 the 39 GB would not fit next to the rest (134 GiB without them).
+KEEP_SSD_STATES_AUTO_SHARE = 0.2
 
 
 def ssd_states_bytes(cfg: Config) -> int:
