@@ -21,6 +21,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megassm.host_scalar import HostScalar
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -44,6 +46,7 @@ class StopSignals:
     def __init__(self, immediate_stop: Callable[[int], str]):
         self.immediate_stop = immediate_stop
         self.received: int | None = None
+        self._reduced: HostScalar | None = None
         self._previous: dict = {}
 
     def _handle(self, signum: int, frame) -> None:
@@ -52,12 +55,15 @@ class StopSignals:
         self.received = signum
 
     def requested(self, device: torch.device) -> int | None:
-        """The signal any rank received, on every rank (a collective over all ranks when distributed), else None."""
+        """The signal any rank received, on every rank, else None. Distributed, a collective over all ranks, called
+        once per step: the flags reduced at the previous call, so that reading them waits only for the work queued
+        before that call (all ranks stop after the same step, the one after the signal's)."""
         if not dist.is_initialized():
             return self.received
-        received = torch.tensor([self.received or 0], device=device)
+        received = torch.tensor(self.received or 0, device=device)
         dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        return int(received.item()) or None
+        previous, self._reduced = self._reduced, HostScalar(received)
+        return None if previous is None else int(previous.item()) or None
 
     def __enter__(self) -> "StopSignals":
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}

@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ from megassm.checkpoint import (
 from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
 from megassm.data import SampleLoader, TokenStream, rank_samples
 from megassm.errors import UserError
+from megassm.host_scalar import HostScalar
 from megassm.metrics import (
     MetricsLogger,
     StepTimer,
@@ -213,6 +215,16 @@ def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParal
     return DDPEngine(*args, zero_in_place=model.cuda_graphs and cfg.accumulation_steps > 1)
 
 
+class QueuedStep(NamedTuple):
+    """An optimizer step queued on the device."""
+
+    done: int  # steps done once it is
+    loss_sum: Tensor  # this rank's; reduced over ranks only when logged
+    targets: Tensor  # the global count of target tokens
+    grad_norm: HostScalar  # before clipping
+    lr: float
+
+
 class Trainer:
     def __init__(self, cfg: Config, stream: TokenStream, command: list[str] | None = None):
         self.cfg = cfg
@@ -344,9 +356,8 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16",
                               cache_enabled=not self.model.cuda_graphs)
 
-    def train_step(self, step: int, timer: StepTimer) -> tuple[Tensor, Tensor, float, float]:
-        """One optimizer step: (this rank's loss sum, the global target count, gradient norm before
-        clipping, learning rate). The loss is reduced over ranks only when it is logged."""
+    def train_step(self, step: int, timer: StepTimer) -> QueuedStep:
+        """One optimizer step, queued on the device (nothing here waits for it)."""
         with timer.data_wait():
             batches = self.micro_batches()
         targets = global_sum(sum((b.labels != -100).sum() for b in batches).float(), self.ctx)
@@ -358,7 +369,20 @@ class Trainer:
                 self.engine.backward(losses.sum() / targets)
             loss_sum += losses.detach().sum()
         lr = learning_rate(step, self.cfg.optim, self.cfg.train.steps)
-        return loss_sum, targets, self.engine.step(lr, self.cfg.optim.grad_clip), lr
+        return QueuedStep(step + 1, loss_sum, targets, HostScalar(self.engine.step(lr, self.cfg.optim.grad_clip)), lr)
+
+    def read_norm(self, queued: QueuedStep) -> float:
+        """The step's gradient norm (waiting for its backward); where it is not finite the engine skipped the update:
+        counted, and the run stops after train.max_skipped_steps such steps in a row. The global norm is non-finite
+        wherever any rank's loss was."""
+        grad_norm = queued.grad_norm.item()
+        finite = math.isfinite(grad_norm)
+        self.consecutive_skips = 0 if finite else self.consecutive_skips + 1
+        self.state["skipped_steps"] += not finite
+        if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
+            raise TrainingError(f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (the last: step "
+                                f"{queued.done}); their updates were skipped. Lower optim.lr, raise optim.warmup_steps, or check the data")
+        return grad_norm
 
     @torch.no_grad()
     def validation_loss(self) -> float:
@@ -398,43 +422,47 @@ class Trainer:
                              cfg.to_dict(), total_steps=cfg.train.steps)
 
     def run(self) -> None:
-        """Train to train.steps; on SIGINT or SIGTERM save a checkpoint after the step in progress and raise Stopped."""
+        """Train to train.steps; on SIGINT or SIGTERM save a checkpoint after the step in progress and raise Stopped.
+        A step's gradient norm is read once the next step is queued, or at once where the step logs, validates, saves
+        or stops the run."""
         cfg, timer = self.cfg, StepTimer(self.device)
         self.logger = self.open_log()
-        consecutive_skips, tokens_per_step, logged_step = 0, cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
+        self.consecutive_skips, tokens_per_step, logged_step = 0, cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
+        unread = None
         with StopSignals(self.stop_message) as signals:
             for step in range(self.state["step"], cfg.train.steps):
                 try:
-                    loss_sum, targets, grad_norm, lr = self.train_step(step, timer)
+                    queued = self.train_step(step, timer)
                 except torch.OutOfMemoryError:
                     raise OutOfMemory(out_of_memory_advice(cfg, step, **self.memory_levers)) from None
-                # The global gradient norm is non-finite wherever any rank's loss was: the engine skipped the update.
-                finite = math.isfinite(grad_norm)
-                consecutive_skips = 0 if finite else consecutive_skips + 1
-                self.state = {"step": step + 1, "samples": self.state["samples"] + cfg.data.global_batch,
-                              "skipped_steps": self.state["skipped_steps"] + (not finite)}
-                if consecutive_skips >= cfg.train.max_skipped_steps:
-                    raise TrainingError(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient (the last: step "
-                                        f"{step + 1}); their updates were skipped. Lower optim.lr, raise optim.warmup_steps, "
-                                        "or check the data")
-                done = step + 1
+                if unread is not None:
+                    self.read_norm(unread)
+                unread, done = queued, queued.done
+                self.state["step"], self.state["samples"] = done, self.state["samples"] + cfg.data.global_batch
                 self.logger.progress(done)
+                logs = done % cfg.train.log_every == 0 or done == cfg.train.steps
+                validates = self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
+                signum = signals.requested(self.device) if done < cfg.train.steps else None
+                if not (logs or validates or self.saves_at(done) or signum):
+                    continue
+                grad_norm, unread = self.read_norm(queued), None
                 metrics = {}
-                if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                if logs:
                     lap = timer.lap()
-                    metrics = {"step": done, "loss": (global_sum(loss_sum, self.ctx) / targets).item(), "lr": lr, "grad_norm": grad_norm,
+                    metrics = {"step": done, "loss": (global_sum(queued.loss_sum, self.ctx) / queued.targets).item(), "lr": queued.lr,
+                               "grad_norm": grad_norm,
                                **throughput((done - logged_step) * tokens_per_step, lap.elapsed, self.world_size, self.flops_per_token,
                                             self.peak),
                                "mem_gib": memory_gib(self.device), "data_fraction": lap.data_fraction,
                                "skipped_steps": self.state["skipped_steps"]}
                     logged_step = done
-                if self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                if validates:
                     metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
                 if metrics:
                     self.logger.log(metrics)
                 if self.saves_at(done):
                     self.save()
-                if done < cfg.train.steps and (signum := signals.requested(self.device)):
+                if signum:
                     if cfg.checkpoint.every >= 0 and not self.saves_at(done):
                         self.save()
                     raise Stopped(signum, self.stop_message(signum))

@@ -12,7 +12,6 @@ Every engine (this one, parallel.deepspeed_engine.DeepSpeedEngine) offers the tr
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import ContextManager, Iterable, Protocol
 
 import torch
@@ -39,9 +38,9 @@ class DataParallelEngine(Protocol):
     def backward(self, loss: Tensor) -> None:
         """loss is already divided by the global number of target tokens: gradients are summed."""
 
-    def step(self, lr: float, max_norm: float) -> float:
+    def step(self, lr: float, max_norm: float) -> Tensor:
         """Clip to max_norm and update when the gradient is finite, else skip; zero the gradients.
-        Returns the global gradient norm before clipping."""
+        Returns the global gradient norm before clipping, a 0-dim tensor on the gradients' device."""
 
     def state_dict(self) -> dict:
         """The optimizer state in torch's format, parameter-shaped tensors this TP rank's pieces (a collective)."""
@@ -86,16 +85,25 @@ def global_grad_norm(params: list[nn.Parameter], roles: list[ParamRole], ctx: Pa
     return (sharded + squares(p for p, role in with_grad if role.tp_dim is None)).sqrt()
 
 
-def clip_gradients(params: list[nn.Parameter], norm: float, max_norm: float) -> None:
-    """Scale every gradient by max_norm / norm when the norm exceeds max_norm (> 0)."""
-    if max_norm > 0 and norm > max_norm:
-        torch._foreach_mul_([p.grad for p in params if p.grad is not None], max_norm / (norm + 1e-6))
+def clipped_step(optimizer: torch.optim.AdamW, norm: Tensor, max_norm: float) -> None:
+    """The fused AdamW update with every gradient scaled by max_norm / norm where the norm exceeds max_norm (> 0), and
+    no update where the norm is not finite: decided on the device (the kernel divides by `grad_scale` and skips on
+    `found_inf`, as for torch.amp.GradScaler), so the host never waits for the backward to finish."""
+    optimizer.grad_scale = torch.where(norm > max_norm, (norm + 1e-6) / max_norm, 1.0).float() if max_norm > 0 else None
+    optimizer.found_inf = (~torch.isfinite(norm)).float()
+    optimizer.step()
 
 
 def make_adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """AdamW, fused into one kernel per step when the parameters are on CUDA."""
-    on_cuda = all(p.is_cuda for group in param_groups for p in group["params"])
-    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=on_cuda or None)
+    """AdamW fused into one kernel per step (on CUDA and CPU alike)."""
+    return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+
+def load_adamw_state(optimizer: torch.optim.AdamW, state: dict) -> None:
+    """A state_dict() into `optimizer`, which keeps its fused kernel (torch would take the saved groups' choice)."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        group.update(fused=True, foreach=None)
 
 
 def _sum_hook(group, bucket):  # unannotated: DDP rejects the string annotations of `from __future__`
@@ -134,15 +142,13 @@ class DDPEngine:
         """After the last micro batch's backward: the parameters' gradients of the whole global batch."""
         sum_sequence_parallel_gradients(self.params, self.roles, self.ctx)
 
-    def step(self, lr: float, max_norm: float) -> float:
-        """Clip and update when the gradient is finite (else skip); zero the gradients. Returns its norm."""
+    def step(self, lr: float, max_norm: float) -> Tensor:
+        """Clip and update when the gradient is finite (else skip); zero the gradients. Returns its norm, unread."""
         self.finish_gradients()
-        norm = global_grad_norm(self.params, self.roles, self.ctx).item()
-        if math.isfinite(norm):
-            clip_gradients(self.params, norm, max_norm)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
+        norm = global_grad_norm(self.params, self.roles, self.ctx)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        clipped_step(self.optimizer, norm, max_norm)
         self.optimizer.zero_grad(set_to_none=not self.zero_in_place)
         return norm
 
@@ -150,4 +156,4 @@ class DDPEngine:
         return self.optimizer.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state)
+        load_adamw_state(self.optimizer, state)

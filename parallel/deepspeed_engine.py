@@ -20,7 +20,7 @@ from torch.distributed import ProcessGroup
 
 from parallel.collectives import all_reduce
 from parallel.context import ParallelContext, group_rank, group_size
-from parallel.data_parallel import make_adamw
+from parallel.data_parallel import load_adamw_state, make_adamw
 from parallel.roles import roles_of
 
 try:
@@ -143,8 +143,9 @@ class DeepSpeedEngine:
     def backward(self, loss: Tensor) -> None:
         self.ds.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole step
 
-    def step(self, lr: float, max_norm: float) -> float:
-        """Clip and update when the gradient is finite (else skip); zero the gradients. Returns its norm."""
+    def step(self, lr: float, max_norm: float) -> Tensor:
+        """Clip and update when the gradient is finite (else skip); zero the gradients. Returns its norm (which
+        DeepSpeed has read on the host)."""
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("step() must follow the backward of a micro_step(is_last=True)")
         # ZeRO keeps its own fp32 copy of the weights and overwrites the model's with it after the update:
@@ -154,7 +155,7 @@ class DeepSpeedEngine:
             group["lr"] = lr
         self.zero.clip_grad = max_norm  # ZeRO clips with the global norm it computes, when > 0
         self.ds.step()
-        return float(self.ds.get_global_grad_norm())
+        return torch.tensor(float(self.ds.get_global_grad_norm()))
 
     def _partition_states(self) -> Iterator[tuple[list[nn.Parameter], Tensor, dict]]:
         """Each parameter group, its flat fp32 partition on this rank and that partition's AdamW state,
@@ -193,7 +194,7 @@ class DeepSpeedEngine:
                 flat_state[g] = {key: torch.zeros_like(flat) if value.shape == params[0].shape else value.clone()
                                  for key, value in first.items()}
         param_groups = [{**saved, "params": [g]} for g, saved in enumerate(saved_groups)]
-        self.optimizer.load_state_dict({"state": flat_state, "param_groups": param_groups})
+        load_adamw_state(self.optimizer, {"state": flat_state, "param_groups": param_groups})
         for g, (saved, (params, _, _)) in enumerate(zip(saved_groups, self._partition_states())):
             if g in flat_state:  # _partition_states() linked the parameters to the state torch just loaded
                 for p, index in zip(params, saved["params"]):

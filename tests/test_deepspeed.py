@@ -60,7 +60,7 @@ def reference():
     and AdamW's state before the last step, and the weights after it."""
     torch.manual_seed(0)
     model = Mamba2LM(CFG)
-    optimizer = torch.optim.AdamW(param_groups(model), lr=LRS[0], betas=BETAS, eps=EPS)
+    optimizer = torch.optim.AdamW(param_groups(model), lr=LRS[0], betas=BETAS, eps=EPS, fused=True)  # as the engines' (their param_groups)
     losses, norms = [], []
     for (ids, labels, seq_idx), lr, max_norm in zip(global_batches(), LRS, MAX_NORMS):
         before_last = snapshot(model, optimizer)

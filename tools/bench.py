@@ -8,7 +8,9 @@ clipping: "fused" is its default training path (use_mem_eff_path=True: conv, SSD
 one autograd function, with causal-conv1d's CUDA conv; what mamba-ssm and Megatron-LM users train
 with, and the reference for the ratios), "unfused" its path without causal-conv1d (nn.Conv1d).
 Each measurement is its own process (a clean peak-memory figure, an out-of-memory that ends one
-row only), all sharing one Triton cache, so the kernels autotune once per shape.
+row only), all sharing one Triton cache, so the kernels autotune once per shape. Neither loop reads
+a loss or gradient norm on the host during the timed steps (they are read afterwards), as megassm's
+trainer reads them only when it logs.
 
     python tools/bench.py                               # 130m 8x2048, 780m 8x2048, 1.3b 4x4096: megassm and both peers
     python tools/bench.py --cases 130m:8x2048 --variant eager:kernels.compile=false --profile
@@ -132,16 +134,16 @@ def run_megassm(args, started: float) -> dict:
         trainer = Trainer(cfg, open_data(cfg))
         timer = StepTimer(trainer.device)
 
-        def step(i: int) -> tuple[float, float]:
-            loss_sum, targets, grad_norm, _ = trainer.train_step(i, timer)
+        def step(i: int) -> tuple:  # (loss, gradient norm), read after the timing: no step waits for the GPU
+            queued = trainer.train_step(i, timer)
             trainer.state["samples"] += cfg.data.global_batch
-            return (loss_sum / targets).item(), grad_norm
+            return queued.loss_sum / queued.targets, queued.grad_norm
 
         first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
         profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
         val_loss = trainer.validation_loss() if trainer.val_data is not None else None  # train.eval_every > 0
         return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "val_loss": val_loss,
-                "losses": [r[0] for r in results], "grad_norms": [r[1] for r in results], "profile": profile,
+                "losses": [r[0].item() for r in results], "grad_norms": [r[1].item() for r in results], "profile": profile,
                 "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak, "tokens": cfg.data.global_batch * cfg.data.seq_len,
                 "peak_gib": peak_gib()}
 
@@ -193,7 +195,7 @@ def run_peer(args, started: float) -> dict:
     loader = SampleLoader(stream=TokenStream(cfg.data.path), split="train", seq_len=cfg.data.seq_len, seed=cfg.run.seed)
     batch_size = cfg.data.micro_batch
 
-    def step(i: int) -> tuple[float, float]:
+    def step(i: int) -> tuple:  # as megassm's
         batch = loader.batch(rank_samples(i * batch_size, 0, 0, 1, batch_size, batch_size), batch_size).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(batch.input_ids).logits
@@ -202,12 +204,12 @@ def run_peer(args, started: float) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item(), grad_norm.item()
+        return loss.detach(), grad_norm
 
     first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
     profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
-    return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "losses": [r[0] for r in results],
-            "grad_norms": [r[1] for r in results],
+    return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "losses": [r[0].item() for r in results],
+            "grad_norms": [r[1].item() for r in results],
             "profile": profile, "flops_per_token": model_flops_per_token(m, cfg.data.seq_len, logical_param_count(m)),
             "peak_flops": peak_flops(device, cfg.train.peak_tflops), "tokens": batch_size * cfg.data.seq_len,
             "peak_gib": peak_gib()}

@@ -81,7 +81,10 @@ class Batch:
     seq_idx: Tensor  # global document number of each input token: a change marks a document start
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in dataclasses.fields(self)))
+        """On `device`; to a GPU from pinned memory, so the copy waits for nothing queued before it."""
+        pin = torch.device(device).type == "cuda"
+        tensors = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return Batch(*((t.pin_memory() if pin else t).to(device, non_blocking=True) for t in tensors))
 
 
 def _too_short(stream: TokenStream, split: str, tokens: int, seq_len: int) -> str:
