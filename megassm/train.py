@@ -263,6 +263,7 @@ class Trainer:
         self.train_data = SampleLoader(split="train", **loader)
         self.val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0}
+        self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
         self.history: list[Path] = []  # this run's checkpoints in run.dir, oldest first: the only ones rotation deletes
         self.resume(checkpoints)
         self.take_over(replaced)
@@ -427,7 +428,7 @@ class Trainer:
         or stops the run."""
         cfg, timer = self.cfg, StepTimer(self.device)
         self.logger = self.open_log()
-        self.consecutive_skips, tokens_per_step, logged_step = 0, cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
+        tokens_per_step, logged_step = cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
         unread = None
         with StopSignals(self.stop_message) as signals:
             for step in range(self.state["step"], cfg.train.steps):
