@@ -5,7 +5,8 @@
 Shapes: 780m (b8 x 2048) and b1 x 32768, 48 heads, headdim 64, d_state 128, ngroups 1, bf16, 4 documents per row
 (seq_idx), x, B, C, dt strided views of one in_proj-like tensor and the gradients written into views of one
 buffer (tools/bench_ssd_kernels.py's helpers). The workload is the training one: ssd_forward, then
-ssd_backward with saved=None (states recomputed). Every kernel launch is bracketed by CUDA events (a
+ssd_backward with the states the forward kept (as train.keep_ssd_states = "auto" does at both shapes on an H200).
+Every kernel launch is bracketed by CUDA events (a
 _sleep before each repetition keeps the CPU ahead of the GPU, so the events time the kernels, not the
 launch gaps); medians of --reps repetitions after --warmup.
 
@@ -79,7 +80,7 @@ KERNELS = {"dt": (fwd, "_dt_kernel"), "states": (fwd, "_states_kernel"), "output
            "state_grads": (bwd, "_state_grads_kernel"), "head_grads": (bwd, "_head_grads_kernel"),
            "group_grads": (bwd, "_group_grads_kernel")}
 TUNED = ("states", "output", "state_grads", "head_grads", "group_grads")
-LAUNCHES = {"dt": 2, "states": 2, "output": 1, "state_grads": 1, "head_grads": 1, "group_grads": 1}  # per fwd + bwd(saved=None)
+LAUNCHES = {"dt": 1, "states": 1, "output": 1, "state_grads": 1, "head_grads": 1, "group_grads": 1}  # per fwd + bwd(kept states)
 REAL = {name: getattr(module, attr) for name, (module, attr) in KERNELS.items()}
 ORIGINAL_HEAD_SLICE = fwd.head_slice
 T0 = time.time()
@@ -261,8 +262,8 @@ class Case:
         return ORIGINAL_HEAD_SLICE(s["nheads"] // s["ngroups"], s["batch"] * math.ceil(s["seqlen"] / chunk) * s["ngroups"])
 
     def run(self, chunk: int = DEFAULT_KERNEL_CHUNK):
-        y, _, _ = ssd_forward(self.x, self.dt, self.A, self.B, self.C, CHUNK_SIZE, kernel_chunk=chunk, **self.common)
-        grads = ssd_backward(self.dy, self.x, self.dt, self.A, self.B, self.C, CHUNK_SIZE, **self.common, saved=None,
+        y, _, saved = ssd_forward(self.x, self.dt, self.A, self.B, self.C, CHUNK_SIZE, kernel_chunk=chunk, **self.common)
+        grads = ssd_backward(self.dy, self.x, self.dt, self.A, self.B, self.C, CHUNK_SIZE, **self.common, saved=saved,
                              dx=self.dx, ddt=self.ddt, dB=self.dB, dC=self.dC, kernel_chunk=chunk)
         return y, grads
 
@@ -616,7 +617,7 @@ def summary(cases: list[Case]) -> None:
             k = min(full, key=lambda key: sum(full[key]))
             log(f"    {name:<12} {k:<16} geo-mean x{math.exp(-sum(full[k]) / len(full[k])):.3f} vs default")
 
-    log("\nwhole fwd+bwd (ssd_forward, ssd_backward saved=None), current defaults vs all best choices combined (kernel_chunk 64)")
+    log("\nwhole fwd+bwd (ssd_forward, ssd_backward with the kept states), current defaults vs all best choices combined (kernel_chunk 64)")
     for case in cases:
         pins, hps = combos[case.name]
         try:
