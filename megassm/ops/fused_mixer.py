@@ -67,7 +67,7 @@ class _ConvScanNorm(torch.autograd.Function):
         kept = saved if keep_ssd_states and saved is not None else None
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx,
                               *(kept[:-1] if kept else ()))  # SSDSaved's tensors: all its fields but kernel_chunk, the last
-        ctx.layout, ctx.chunk_size, ctx.dt_limit, ctx.eps, ctx.ssd_kernels = layout, chunk_size, dt_limit, eps, ssd_kernels
+        ctx.layout, ctx.chunk_size, ctx.dt_limit, ctx.ssd_kernels = layout, chunk_size, dt_limit, ssd_kernels
         ctx.kernel_chunk = kept.kernel_chunk if kept else None
         return out.view(*zxbcdt.shape[:2], layout.d_inner)
 

@@ -65,6 +65,12 @@ def _head_chunk(b, h, start, rows, valid, last, p, H, L, x_ptr, dy_ptr, dt_ptr, 
     return cs, cs_last, dt, x, dy
 
 
+@triton.jit
+def _W_dt_tile(W_dt_ptr, h, H, rows, Q: tl.constexpr):
+    """Pointers to head h's (Q, Q) W dt of this program's chunk (program_id(0): batch x chunk), row-major."""
+    return W_dt_ptr + (tl.program_id(0).to(tl.int64) * H + h) * Q * Q + rows[:, None] * Q + rows[None, :]
+
+
 def _head_grad_configs() -> list[triton.Config]:
     """d_state in blocks of BLOCK_N, stages prefetching the next block: 1.05x whole (Q, N) tiles on an H200."""
     return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=s) for bn, s in ((64, 3), (32, 3))]
@@ -120,8 +126,7 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A
     decay = _decay(_same_document_causal(doc, Q), cs)
     dx = tl.dot(tl.trans((CB * decay * dt[None, :]).to(x.dtype)), dy, (out_w * dt)[:, None] * GB)
     W = tl.dot(dy, tl.trans(x)) * decay
-    W_dt = W_dt_ptr + (tl.program_id(0).to(tl.int64) * H + h) * Q * Q + rows[:, None] * Q + rows[None, :]
-    tl.store(W_dt, (W * dt[None, :]).to(W_dt_ptr.dtype.element_ty))
+    tl.store(_W_dt_tile(W_dt_ptr, h, H, rows, Q), (W * dt[None, :]).to(W_dt_ptr.dtype.element_ty))
     W_CB = W * CB  # W_ij (C_i . B_j): T_ij = W_CB_ij dt_j
     ddt = tl.sum(W_CB, axis=0)
     T_rows = tl.sum(W_CB * dt[None, :], axis=1)
@@ -174,7 +179,7 @@ def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, st
         cs, cs_last, dt, x, dy = _head_chunk(b, h, start, rows, valid, last, p, H, L, x_ptr, dy_ptr, dt_ptr, cs_ptr, stride_x_b,
                                              stride_x_l, stride_x_h, stride_dy_b, stride_dy_l, stride_dy_h, P)
         state = ((b * nchunks + c) * H + h) * P * N
-        W_dt = tl.load(W_dt_ptr + (tl.program_id(0).to(tl.int64) * H + h) * Q * Q + rows[:, None] * Q + rows[None, :])
+        W_dt = tl.load(_W_dt_tile(W_dt_ptr, h, H, rows, Q))
         dC = tl.dot(W_dt, Bc, dC)
         dB = tl.dot(tl.trans(W_dt), Cc, dB)
         dC = tl.dot((dy * tl.where(from_state, tl.exp(cs), 0.0)[:, None]).to(x.dtype), _tile(states_ptr + state, p, n, N, p < P, n < N), dC)
