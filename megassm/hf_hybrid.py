@@ -3,17 +3,14 @@ functions on dictionaries; megassm/hf_tensors.py maps the tensors, megassm/pretr
 
 NemotronH holds any pattern, one megassm block per layer (`layers_block_type`: "linear_attention" Mamba-2,
 "full_attention", "mlp"), but its attention has no position embedding and its MLP is the squared ReLU: it
-needs `rope = false` and `mlp_activation = "relu2"`. Its Mamba-2 clamps dt below at `time_step_min` (not at
-`time_step_limit`): megassm's `dt_limit = (low, inf)` is written as `time_step_min = low` (0: no clamp, which
-transformers' from_pretrained loads though its random init cannot use it), and `dt_min`, which only initialises,
-is not kept. Bamba's decoder layer is a Mamba-2 or attention block followed by a SwiGLU MLP block: the pattern
+needs `rope = false` and `mlp_activation = "relu2"`. Its Mamba-2 clamps dt to `time_step_limit` (megassm's
+`dt_limit`; transformers from 5.25, as NVIDIA's own code) and initialises from `time_step_min` (`dt_min`). Bamba's decoder layer is a Mamba-2 or attention block followed by a SwiGLU MLP block: the pattern
 must be pairs `M-` or `*-`; its attention rotates the first `partial_rotary_factor` of each head's channels
 (rotate-half, as megassm's `rope_fraction`). Neither holds attention or MLP biases.
 """
 
 from __future__ import annotations
 
-import math
 
 from megassm.hf import require
 from megassm.model.config import ModelConfig
@@ -40,8 +37,6 @@ def _fit_problem(cfg: ModelConfig, model_type: str) -> str | None:
             return "model.rope = true, but NemotronH's attention has no position embedding (it needs model.rope = false)"
         if "-" in kinds and cfg.mlp_activation != "relu2":
             return f"model.mlp_activation = {cfg.mlp_activation!r}, but NemotronH's MLP is 'relu2'"
-        if cfg.dt_limit[1] != math.inf:
-            return f"model.dt_limit = {list(cfg.dt_limit)}, but NemotronH clamps dt below only (it needs [low, inf])"
         return None
     if len(kinds) % 2 or set(kinds[::2]) - {"M", "*"} or set(kinds[1::2]) != {"-"}:
         return f"model.pattern = {cfg.pattern!r} is not pairs 'M-' or '*-', as Bamba's layers (Mamba-2 or attention, then an MLP)"
@@ -58,7 +53,7 @@ def nemotron_h_config_dict(cfg: ModelConfig) -> dict:
     return {"model_type": NEMOTRON_H, "architectures": ["NemotronHForCausalLM"], **_fields(cfg, {**_SHARED, **_NEMOTRON_H_MAMBA}),
             "layers_block_type": [_NEMOTRON_H_BLOCKS[kind] for kind in cfg.layer_kinds], "mamba_num_heads": cfg.nheads,
             "expand": cfg.expand, "mamba_proj_bias": cfg.proj_bias, "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2",
-            "time_step_min": cfg.dt_limit[0], "time_step_max": cfg.dt_max, "time_step_floor": cfg.dt_init_floor,
+            "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max, "time_step_floor": cfg.dt_init_floor,
             "time_step_limit": list(cfg.dt_limit), "layer_norm_epsilon": cfg.norm_eps, "residual_in_fp32": True, **_NO_BIASES}
 
 
@@ -77,9 +72,8 @@ def model_config_from_nemotron_h(hf: dict) -> ModelConfig:
     if inner % hf["hidden_size"]:
         raise ValueError(f"mamba_num_heads * mamba_head_dim = {inner} must be a multiple of hidden_size = {hf['hidden_size']} "
                          "(megassm's Mamba-2 width is model.expand * model.d_model)")
-    low = hf["time_step_min"]
     return _model_config(hf, {**_SHARED, **_NEMOTRON_H_MAMBA}, pattern=pattern, n_layer=len(pattern), expand=inner // hf["hidden_size"],
-                         norm_eps=hf["layer_norm_epsilon"], dt_limit=(low, math.inf), dt_min=low or ModelConfig.dt_min,
+                         norm_eps=hf["layer_norm_epsilon"], dt_limit=tuple(hf["time_step_limit"]), dt_min=hf["time_step_min"],
                          dt_max=hf["time_step_max"], dt_init_floor=hf["time_step_floor"], rope=False, mlp_activation="relu2")
 
 

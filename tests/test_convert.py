@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, pipeline
-from transformers.models.mamba2 import modeling_mamba2
 
 from megassm.checkpoint import load_checkpoint, save_checkpoint, save_model_checkpoint
 from megassm.config import Config, DataConfig, load_config
@@ -19,7 +18,7 @@ from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import PretrainedError, load_pretrained, save_mamba_ssm, save_transformers
 from parallel import DDPEngine, ParallelContext
 from tests.commands import load_tool, run_tool
-from tests.test_model import grouped_gated_norm, relative_error
+from tests.test_model import relative_error
 
 
 tool = load_tool("convert_checkpoint.py")
@@ -52,7 +51,7 @@ def trained_checkpoint(run_dir: Path, model: Mamba2LM, data_path: Path, step: in
 
 @pytest.mark.parametrize("cfg", [ModelConfig.from_preset("debug-g1", vocab_size=512), ModelConfig.from_preset("debug", ngroups=2)],
                          ids=["ngroups1", "ngroups2"])
-def test_exported_checkpoint_runs_in_transformers(cfg, prepared_data, tmp_path, monkeypatch):
+def test_exported_checkpoint_runs_in_transformers(cfg, prepared_data, tmp_path):
     model = perturbed_model(cfg)
     checkpoint = trained_checkpoint(tmp_path / "run", model, prepared_data)
     out = tmp_path / "hf"
@@ -60,9 +59,6 @@ def test_exported_checkpoint_runs_in_transformers(cfg, prepared_data, tmp_path, 
 
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
     assert "lm_head.weight" not in load_file(out / "model.safetensors")  # tied: transformers ties it on load
-    if cfg.ngroups > 1:  # older transformers' PyTorch path normalises over all of d_inner: see tests/test_model.py
-        monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "n_groups", cfg.ngroups, raising=False)
-        monkeypatch.setattr(modeling_mamba2.MambaRMSNormGated, "forward", grouped_gated_norm)
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 3 * cfg.chunk_size + 5))
     with torch.no_grad():

@@ -6,7 +6,6 @@ hybrid; the command-line tools export, import and generate with a hybrid."""
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -28,9 +27,9 @@ NEMOTRON_H = dataclasses.replace(TINY, rope=False, mlp_activation="relu2")
 BAMBA = dataclasses.replace(TINY, pattern="M-*-M-*-", rope_theta=500.0)
 EXPORTS = {  # (model_type, config): each mapping rule the formats' fields have, tied and untied
     "nemotron_h-tied": ("nemotron_h", NEMOTRON_H),
-    "nemotron_h-untied-mqa-biases-dt_min": ("nemotron_h", dataclasses.replace(
+    "nemotron_h-untied-mqa-biases-dt_limit": ("nemotron_h", dataclasses.replace(
         NEMOTRON_H, pattern="M*-*MM-M", tie_embeddings=False, attn_kv_heads=1, proj_bias=True, conv_bias=False, ngroups=2,
-        dt_limit=(0.02, math.inf), norm_eps=1e-6)),
+        dt_limit=(0.02, 0.3), dt_min=0.005, norm_eps=1e-6)),
     "bamba-tied-half_rotary": ("bamba", BAMBA),
     "bamba-untied-full_rotary-dt_limit-eps": ("bamba", dataclasses.replace(
         BAMBA, pattern="*-M-M-M-", tie_embeddings=False, rope_fraction=1.0, proj_bias=True, dt_limit=(0.0, 0.05), norm_eps=1e-6)),
@@ -45,8 +44,8 @@ def exported(model_type: str, cfg: ModelConfig, tmp_path) -> tuple[Mamba2LM, tor
 
 
 def kept_by_nemotron_h(cfg: ModelConfig) -> ModelConfig:
-    """cfg as a NemotronH folder reads back: no rope_fraction (no RoPE); dt_min, which only initialises, is time_step_min, the clamp."""
-    return dataclasses.replace(cfg, rope_fraction=ModelConfig.rope_fraction, dt_min=cfg.dt_limit[0] or ModelConfig.dt_min)
+    """cfg as a NemotronH folder reads back: no rope_fraction (no RoPE)."""
+    return dataclasses.replace(cfg, rope_fraction=ModelConfig.rope_fraction)
 
 
 def one_document_per_row(cfg: ModelConfig) -> torch.Tensor:
@@ -84,10 +83,11 @@ def test_greedy_generation_gives_transformers_tokens(export, tmp_path):
 
 
 def nemotron_h_twin() -> NemotronHForCausalLM:
-    """A NemotronH as transformers builds it: its own init (dt clamped below at time_step_min), the legacy pattern field."""
+    """A NemotronH as transformers builds it: its own init, dt clamped below at 0.05 (time_step_limit), the legacy pattern field."""
     config = NemotronHConfig(vocab_size=96, hidden_size=32, hybrid_override_pattern="M-M*-M*-", num_attention_heads=4,
                              num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=8, mamba_head_dim=8,
-                             ssm_state_size=8, n_groups=2, chunk_size=8, time_step_min=0.05)
+                             ssm_state_size=8, n_groups=2, chunk_size=8, time_step_min=0.05,
+                             time_step_limit=(0.05, float("inf")))
     return NemotronHForCausalLM(config).eval()
 
 
@@ -130,8 +130,6 @@ REFUSALS = {  # id: (config, model_type, the error)
     "nemotron_h-swiglu": (dataclasses.replace(BAMBA, rope=False), "nemotron_h",
                           r"model.mlp_activation = 'swiglu', but NemotronH's MLP is 'relu2'"),
     "nemotron_h-rope-bamba_fits": (BAMBA, "nemotron_h", r"model.rope = true, .*; export to bamba instead \(it fits\)"),
-    "nemotron_h-dt_max": (dataclasses.replace(NEMOTRON_H, dt_limit=(0.0, 0.1)), "nemotron_h",
-                          r"model.dt_limit = \[0.0, 0.1\], but NemotronH clamps dt below only"),
     "bamba-pattern": (TINY, "bamba",
                       r"transformers' bamba cannot hold this model: model.pattern = 'M-M\*-M\*-' is not pairs 'M-' or '\*-'"),
     "bamba-relu2": (dataclasses.replace(BAMBA, mlp_activation="relu2"), "bamba",

@@ -179,8 +179,7 @@ PRESETS: dict[str, ModelConfig] = {
     # NVIDIA's Nemotron-H 8B (nvidia/Nemotron-H-8B-Base-8K): 24 Mamba-2, 4 attention (no position embedding), 24 squared-ReLU MLP blocks.
     "nemotron-h-8b": ModelConfig(d_model=4096, n_layer=52, vocab_size=131072, d_state=128, headdim=64, ngroups=8, chunk_size=128,
                                  tie_embeddings=False, pattern="M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-",
-                                 attn_heads=32, attn_kv_heads=8, attn_head_dim=128, rope=False, mlp_hidden=21504, mlp_activation="relu2",
-                                 dt_limit=(0.001, math.inf)),  # transformers' Nemotron-H clamps dt from below at time_step_min
+                                 attn_heads=32, attn_kv_heads=8, attn_head_dim=128, rope=False, mlp_hidden=21504, mlp_activation="relu2"),
     # A ~1B hybrid for one GPU: 15 Mamba-2, 2 attention (RoPE) and 15 SwiGLU MLP blocks, the Mamba-2 groups as Megatron's (8: tp up to 8).
     "hybrid-1b": ModelConfig(d_model=2048, n_layer=32, ngroups=8, pattern="M-M-M-M-M-M*-M-M-M-M-M-M-M*-M-M-",
                              attn_heads=16, attn_kv_heads=8, attn_head_dim=128, mlp_hidden=5632),
