@@ -72,7 +72,7 @@ def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
     grads = {"HAS_SEQ": flags["HAS_SEQ"], "TAPS": 4, "BLOCK_L": conv_triton.GRAD_BLOCK_L, "BLOCK_D": conv_triton.GRAD_BLOCK_D}
     kernels = {conv_triton._forward_kernel: {**flags, **tiles}, conv_triton._grad_pre_kernel: {**flags, **tiles},
                conv_triton._grad_input_kernel: grads}
-    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dw_ptr": "*fp32", "db_ptr": "*fp32"}  # dpre: bf16, as in training
+    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dwb_ptr": "*fp32"}  # dpre: bf16, as in training
     for kernel, constants in kernels.items():
         assert compile_sm90(kernel, {**constants, "WIDTH": 4}, pointer).asm["cubin"]
 
