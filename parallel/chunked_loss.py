@@ -11,6 +11,7 @@ from torch.distributed import ProcessGroup
 from parallel.collectives import all_reduce
 from parallel.compiled import maybe_compiled
 from parallel.context import ParallelContext, group_rank, group_size
+from parallel.linear import add_matmul_
 from parallel.tensor_parallel import layer_input
 
 # Tokens per chunk of the fused LM head + loss: 4096 tokens' fp32 logits at a 50k vocabulary are 0.8 GB.
@@ -56,7 +57,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, target: Tensor, group: ProcessGroup | None, chunk_tokens: int,
-                ignore_index: int, compile: bool, unit_gradients: bool):
+                ignore_index: int, compile: bool, unit_gradients: bool, triton: bool):
         device = h.device.type
         autocast = torch.is_autocast_enabled(device)  # custom Functions are not autocast: do what it would
         compute_dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(h.dtype, weight.dtype)
@@ -67,7 +68,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         local_target = local_target.masked_fill(~mine, 0)
         valid = target.reshape(-1) != ignore_index
         hit = mine & valid
-        ctx.compute_dtype, ctx.chunk_tokens, ctx.compile = compute_dtype, chunk_tokens, compile
+        ctx.compute_dtype, ctx.chunk_tokens, ctx.compile, ctx.triton = compute_dtype, chunk_tokens, compile, triton
         with torch.autocast(device, enabled=False):
             w = weight.to(compute_dtype)
             if unit_gradients:
@@ -96,7 +97,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if unit_gradients and _is_broadcast_scalar(grad_loss):
             scale = grad_loss[(0,) * grad_loss.dim()]
             grad_h, grad_weight = unit_gradients
-            return (grad_h * scale).to(h.dtype).view(h.shape), (grad_weight * scale).to(weight.dtype), *(None,) * 6
+            return (grad_h * scale).to(h.dtype).view(h.shape), (grad_weight * scale).to(weight.dtype), *(None,) * 7
         compute_dtype, reduce_dtype = ctx.compute_dtype, lse.dtype
         tokens = h.reshape(-1, h.shape[-1])
         scale = (grad_loss.reshape(-1) * valid).to(reduce_dtype)
@@ -110,8 +111,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 x = tokens[rows].to(compute_dtype)
                 grad = logit_grad(x @ w.T, lse[rows], local_target[rows], hit[rows], scale[rows], reduce_dtype)
                 grad_h[rows] = grad @ w
-                grad_weight += (grad.T @ x).to(reduce_dtype)
-        return grad_h.view(h.shape), grad_weight.to(weight.dtype), *(None,) * 6
+                add_matmul_(grad_weight, grad.T, x)
+        return grad_h.view(h.shape), grad_weight.to(weight.dtype), *(None,) * 7
 
 
 def _loss_and_unit_gradients(tokens: Tensor, w: Tensor, local_target: Tensor, hit: Tensor, valid: Tensor, reduce_dtype: torch.dtype,
@@ -123,27 +124,32 @@ def _loss_and_unit_gradients(tokens: Tensor, w: Tensor, local_target: Tensor, hi
     grad_h = torch.empty_like(tokens)
     grad_weight = torch.zeros(w.shape, dtype=reduce_dtype, device=w.device)
     scale = valid.to(reduce_dtype)
-    loss_and_grad = maybe_compiled(_chunk_loss_and_grad, ctx.compile, tokens.device)
+    if ctx.triton:
+        from parallel.cross_entropy_triton import loss_and_grad_in_place  # imports triton: only where it runs
+        loss_and_grad = loss_and_grad_in_place
+    else:
+        loss_and_grad = maybe_compiled(_chunk_loss_and_grad, ctx.compile, tokens.device)
     for start in range(0, len(tokens), ctx.chunk_tokens):
         rows = slice(start, start + ctx.chunk_tokens)
         x = tokens[rows].to(ctx.compute_dtype)
         lse[rows], target_logit[rows], grad = loss_and_grad(x @ w.T, local_target[rows], hit[rows], scale[rows], reduce_dtype)
         grad_h[rows] = grad @ w
-        grad_weight += (grad.T @ x).to(reduce_dtype)
+        add_matmul_(grad_weight, grad.T, x)
     return lse, target_logit, grad_h, grad_weight
 
 
 def vocab_parallel_linear_cross_entropy(
     h: Tensor, weight: Tensor, target: Tensor, ctx: ParallelContext, chunk_tokens: int = LOSS_CHUNK_TOKENS, ignore_index: int = -100,
-    compile: bool = False,
+    compile: bool = False, triton: bool = False,
 ) -> Tensor:
     """Per-token cross-entropy (b, l) of the logits h @ weight.T (vocab-split `weight`), 0 where
     target == ignore_index, computed from vocabulary-split logits without gathering them (max,
     sum of exponentials and the target's logit are reduced over TP) and without ever holding the logits
     of more than `chunk_tokens` tokens: at a 50k vocabulary those (and their fp32 softmax) would
-    otherwise dominate a small model's memory."""
+    otherwise dominate a small model's memory. triton: on one TP rank, each chunk's loss and gradient by
+    parallel/cross_entropy_triton.py (CUDA tensors) instead of PyTorch's ops (through torch.compile with `compile`)."""
     # Gradients computed in the forward pass: only where they will be wanted (not under no_grad, which a
     # custom Function's needs_input_grad does not tell) and the whole vocabulary is on this rank.
     unit_gradients = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad) and ctx.tp == 1
     return _VocabParallelLinearCrossEntropy.apply(layer_input(h, ctx), weight, target, ctx.tp_group, chunk_tokens, ignore_index, compile,
-                                                  unit_gradients)
+                                                  unit_gradients, triton)

@@ -16,6 +16,7 @@ from torch.distributed import ProcessGroup
 
 from parallel.collectives import copy_to_region, gather_from_region, reduce_from_region, reduce_scatter_to_region
 from parallel.context import ParallelContext, group_rank, group_size
+from parallel.linear import linear
 from parallel.roles import REPLICATED, ParamRole, declare_roles
 
 SEQUENCE_DIM = 1
@@ -64,8 +65,12 @@ class ShardedSegments(nn.ParameterDict):
         self.order = list(full)  # nn.ParameterDict sorts plain-dict keys
         self.group, self.replicated = group, replicated
 
+    def segments(self) -> list[Tensor]:
+        """The segments in order, as this rank uses them (a replicated one through copy_to_region)."""
+        return [copy_to_region(self[name], self.group) if name in self.replicated else self[name] for name in self.order]
+
     def fused(self) -> Tensor:
-        return torch.cat([copy_to_region(self[name], self.group) if name in self.replicated else self[name] for name in self.order])
+        return torch.cat(self.segments())
 
 
 class ColumnParallelLinear(nn.Module):
@@ -81,7 +86,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.fused()
-        return F.linear(layer_input(x, self.ctx), self.weight.fused(), bias)
+        return linear(layer_input(x, self.ctx), self.weight.segments(), bias)
 
 
 class RowParallelLinear(nn.Module):
@@ -96,5 +101,7 @@ class RowParallelLinear(nn.Module):
         declare_roles(self, **roles)
 
     def forward(self, x: Tensor) -> Tensor:
+        # F.linear, not parallel/linear.py: the last matmul of a block, which activation checkpointing's recomputation
+        # then skips (it stops once the tensors backward needs exist: F.linear saves its inputs before multiplying).
         y = layer_output(F.linear(x, self.weight), self.ctx)
         return y if self.bias is None else y + self.bias

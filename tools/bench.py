@@ -45,6 +45,7 @@ FAMILIES = (
     ("RMSNorms (mamba-ssm Triton)", r"_layer_norm|_rms_norm"),
     ("RMSNorms (megassm Triton)", r"^_gated_norm_backward_kernel$"),
     ("conv1d (megassm Triton)", r"^_(forward|grad_pre|grad_input)_kernel$"),
+    ("cross-entropy (megassm Triton)", r"^_loss_and_grad_kernel$"),
     ("matmuls (cuBLAS)", r"gemm|cutlass|xmma|sm90|sm80|cublas|Kernel2"),
     ("compiled elementwise (inductor)", r"^triton_"),
     ("optimizer (fused AdamW, clipping)", r"adam|multi_tensor|foreach"),

@@ -13,6 +13,7 @@ from megassm.model.block import Block, RMSNorm
 from megassm.model.config import ModelConfig
 from megassm.model.cuda_graphs import BlockGraphs
 from megassm.model.init import uniform_fan_in
+from megassm.ops import resolve_backend
 from megassm.ops.attention import shared_block_masks
 from megassm.ops.dtypes import upcast
 from parallel import (
@@ -29,6 +30,7 @@ from parallel import (
 class Mamba2LM(nn.Module):
     # How the model runs, set on a built model by megassm/model/apply.py:
     torch_compile = False  # torch.compile the loss's chunk steps on CUDA
+    backend = "auto"  # the loss's kernels: "auto" (Triton on CUDA: parallel/cross_entropy_triton.py), "torch" or "triton"
     cuda_graphs = False  # replay the blocks as CUDA graphs (megassm/model/cuda_graphs.py), captured on the first training step
     loss_chunk_tokens = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens at a time
 
@@ -60,7 +62,8 @@ class Mamba2LM(nn.Module):
         if labels is None:
             return self.logits(h)
         weight = self.embedding.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens, compile=self.torch_compile)
+        return vocab_parallel_linear_cross_entropy(h, weight, labels, self.ctx, self.loss_chunk_tokens, compile=self.torch_compile,
+                                                   triton=resolve_backend(self.backend, h.device) == "triton")
 
     def logits(self, h: Tensor) -> Tensor:
         """The LM head on final hidden states h (..., d_model): this TP rank's part of the vocabulary."""
