@@ -96,8 +96,9 @@ class TrainConfig:
 
 @dataclass
 class KernelsConfig:
-    backend: str = "auto"  # the mixer's SSD, conv1d and gated norm: "auto" (Triton on CUDA), "triton", "torch" (the references)
-    compile: bool = True  # on CUDA: torch.compile the RMSNorms, the loss's chunk steps, and the conv1d where no Triton kernel runs
+    backend: str = "auto"  # the mixer's SSD, conv1d, gated norm and the loss: "auto" (Triton on CUDA), "triton", "torch" (the references)
+    compile: bool = True  # on CUDA: torch.compile the RMSNorms, the loss's chunk steps (those of the torch backend, and its
+    # validation), and the conv1d where no Triton kernel runs
     ssd: str = "megassm"  # the SSD's Triton kernels: "megassm" (megassm/ops/ssd_triton.py) or "mamba-ssm" (its Triton kernels)
 
 

@@ -4,9 +4,10 @@ functions on dictionaries; megassm/hf_tensors.py maps the tensors, megassm/pretr
 NemotronH holds any pattern, one megassm block per layer (`layers_block_type`: "linear_attention" Mamba-2,
 "full_attention", "mlp"), but its attention has no position embedding and its MLP is the squared ReLU: it
 needs `rope = false` and `mlp_activation = "relu2"`. Its Mamba-2 clamps dt to `time_step_limit` (megassm's
-`dt_limit`; transformers from 5.25, as NVIDIA's own code) and initialises from `time_step_min` (`dt_min`). Bamba's decoder layer is a Mamba-2 or attention block followed by a SwiGLU MLP block: the pattern
-must be pairs `M-` or `*-`; its attention rotates the first `partial_rotary_factor` of each head's channels
-(rotate-half, as megassm's `rope_fraction`). Neither holds attention or MLP biases.
+`dt_limit`; transformers from 5.25, as NVIDIA's own code) and initialises from `time_step_min` (`dt_min`).
+Bamba's decoder layer is a Mamba-2 or attention block followed by a SwiGLU MLP block: the pattern must be pairs
+`M-` or `*-`; its attention rotates the first `partial_rotary_factor` of each head's channels (rotate-half, as
+megassm's `rope_fraction`). Neither holds attention or MLP biases.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_V = 2048  # vocabulary columns per loop step
+BLOCK_V, NUM_WARPS = 2048, 8  # vocabulary columns per loop step, and warps per program (one row)
 FAR_BELOW = -1e30  # the running max's start: finite, so that exp(max - new max) of a lane that saw nothing is 1, not nan
 
 
@@ -55,5 +55,5 @@ def loss_and_grad_in_place(logits: Tensor, local_target: Tensor, hit: Tensor, sc
         raise ValueError("the logits need their vocabulary dimension contiguous")
     lse, target_logit = (torch.empty(rows, dtype=torch.float32, device=logits.device) for _ in range(2))
     _loss_and_grad_kernel[(rows,)](logits, local_target, hit, scale.to(torch.float32), lse, target_logit, vocab, logits.stride(0),
-                                   BLOCK_V=BLOCK_V, FAR_BELOW=FAR_BELOW, num_warps=8)
+                                   BLOCK_V=BLOCK_V, FAR_BELOW=FAR_BELOW, num_warps=NUM_WARPS)
     return lse.to(reduce_dtype), target_logit.to(reduce_dtype), logits

@@ -50,7 +50,7 @@ def test_the_kernel_compiles_for_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     pointers = {"target_ptr": "*i64", "hit_ptr": "*i1", "scale_ptr": "*fp32", "lse_ptr": "*fp32", "target_logit_ptr": "*fp32"}
     assert compile_sm90(ce._loss_and_grad_kernel, {"BLOCK_V": ce.BLOCK_V, "FAR_BELOW": ce.FAR_BELOW}, pointers,
-                        options={"num_warps": 8}).asm["cubin"]
+                        options={"num_warps": ce.NUM_WARPS}).asm["cubin"]
 
 
 if __name__ == "__main__":

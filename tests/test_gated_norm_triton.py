@@ -42,13 +42,13 @@ def test_the_kernel_compiles_for_the_gpu(group, tmp_path, monkeypatch):
     pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
     import triton
 
-    from megassm.ops.gated_norm_triton import _gated_norm_backward_kernel
+    from megassm.ops.gated_norm_triton import _gated_norm_backward_kernel, warps
     from tools.kernel_registers import compile_sm90
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     block = triton.next_power_of_2(group)
     pointers = {"rstd_ptr": "*fp32", "w_ptr": "*fp32", "dw_ptr": "*fp32"}
-    assert compile_sm90(_gated_norm_backward_kernel, {"BLOCK_N": block}, pointers, options={"num_warps": min(max(block // 256, 1), 8)}
+    assert compile_sm90(_gated_norm_backward_kernel, {"BLOCK_N": block}, pointers, options={"num_warps": warps(block)}
                         ).asm["cubin"]
 
 

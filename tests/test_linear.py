@@ -52,7 +52,7 @@ def test_linear_under_autocast_gives_fp32_weight_gradients_as_f_linear():
         torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
 
 
-def test_add_matmul_accumulates_into_fp32():
+def test_add_matmul_adds_the_product_in_place():
     torch.manual_seed(0)
     acc = torch.randn(6, 5, dtype=torch.float64)
     a, b = torch.randn(6, 4, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)

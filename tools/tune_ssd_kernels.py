@@ -80,7 +80,6 @@ KERNELS = {"dt": (fwd, "_dt_kernel"), "states": (fwd, "_states_kernel"), "output
            "state_grads": (bwd, "_state_grads_kernel"), "head_grads": (bwd, "_head_grads_kernel"),
            "group_grads": (bwd, "_group_grads_kernel")}
 TUNED = ("states", "output", "state_grads", "head_grads", "group_grads")
-LAUNCHES = {"dt": 1, "states": 1, "output": 1, "state_grads": 1, "head_grads": 1, "group_grads": 1}  # per fwd + bwd(kept states)
 REAL = {name: getattr(module, attr) for name, (module, attr) in KERNELS.items()}
 ORIGINAL_HEAD_SLICE = fwd.head_slice
 T0 = time.time()
@@ -584,8 +583,8 @@ def summary(cases: list[Case]) -> None:
                 log(f"    {name:<12} default {label(default_config):<16} {fmt(d)} | best {label(b[0]):<16} {fmt(b[1])}  x{d / b[1]:.2f}")
                 b_ms = b[1]
             if d is not None:
-                step_default += LAUNCHES[name] * d
-                step_best += LAUNCHES[name] * (b_ms if b_ms is not None else d)
+                step_default += d
+                step_best += b_ms if b_ms is not None else d
         hps_rows = RESULTS.get(("head_slice", case.name), [])
         hps_default = case.default_head_slice()
         hps_best = min(hps_rows, key=lambda r: r[1])[0] if hps_rows else hps_default
@@ -599,7 +598,7 @@ def summary(cases: list[Case]) -> None:
             log(f"    kernel_chunk default {DEFAULT_KERNEL_CHUNK:<16} {fmt(q_default)} | best {q_best[0]:<16} {fmt(q_best[1])} "
                 "(ms of one fwd+bwd, autotuned lists)")
         factor = LAYERS if case.name == "780m" else 1
-        log(f"    sum of the five kernels per fwd+bwd (states x2): default {step_default:.3f} ms, best configs {step_best:.3f} ms"
+        log(f"    sum of the five kernels per fwd+bwd (each launched once): default {step_default:.3f} ms, best configs {step_best:.3f} ms"
             + (f"; x{LAYERS} layers: {step_default * factor:.1f} -> {step_best * factor:.1f} ms per step" if factor > 1 else ""))
         combos[case.name] = (pins, hps_best)
     # Kernels whose autotuning key has no shape: one config serves both shapes.
@@ -684,7 +683,7 @@ def main() -> int:
         DEFAULTS[case.name] = {name: Recorder.chosen.get(name, ORIGINAL_CONFIGS[name][0]) for name in TUNED}
         log(f"  {case}: fwd+bwd {m['total']:.3f} ms; head_slice {case.default_head_slice()}")
         for name in ("dt", *TUNED):
-            log(f"    {name:<12} {m.get(name, math.nan):7.3f} ms x{LAUNCHES[name]}  {label(DEFAULTS[case.name].get(name))}")
+            log(f"    {name:<12} {m.get(name, math.nan):7.3f} ms  {label(DEFAULTS[case.name].get(name))}")
 
     experiments = [
         ("head_grads", "_head_grads_kernel: BLOCK_N x num_warps x num_stages (r: register cap)"),

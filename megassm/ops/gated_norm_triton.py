@@ -18,6 +18,11 @@ from torch import Tensor
 PROGRAMS_PER_SM = 4  # programs launched per SM (over several waves where fewer fit at once)
 
 
+def warps(block: int) -> int:
+    """Warps of a program for rows of `block` columns: 256 columns per warp, from one to eight."""
+    return min(max(block // 256, 1), 8)
+
+
 @triton.jit
 def _row(x_ptr, z_ptr, dout_ptr, row, present, stride_x, stride_z, stride_dout, first_col, cols, ok):
     """Row `row` of x, z and dout at the group's columns, fp32 (zeros where it is not `present`)."""
@@ -76,5 +81,5 @@ def gated_norm_backward(dout: Tensor, x: Tensor, z: Tensor, weight: Tensor, rstd
     dw = torch.empty(programs, width, dtype=torch.float32, device=x.device)
     _gated_norm_backward_kernel[(programs, groups)](x, z, weight, rstd, dout, dx, dz, dw, rows, group_size, rows_per_program,
                                                     x.stride(0), z.stride(0), dout.stride(0), dx.stride(0), dz.stride(0),
-                                                    BLOCK_N=block, num_warps=min(max(block // 256, 1), 8))
+                                                    BLOCK_N=block, num_warps=warps(block))
     return dx, dw.sum(0).to(weight.dtype)
