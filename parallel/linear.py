@@ -42,8 +42,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x: Tensor, bias: Tensor | None, dtype: torch.dtype, *weights: Tensor) -> Tensor:
         rows = [w.shape[0] for w in weights]
         weight = torch.empty(sum(rows), weights[0].shape[1], dtype=dtype, device=x.device)
-        for piece, w in zip(weight.split(rows), weights):
-            piece.copy_(w)  # cast and concatenation in one pass
+        torch._foreach_copy_(weight.split(rows), weights)  # cast and concatenation in one pass
         inputs = x.to(dtype)
         ctx.save_for_backward(inputs, weight)
         ctx.x_dtype, ctx.rows, ctx.weight_dtypes = x.dtype, rows, [w.dtype for w in weights]

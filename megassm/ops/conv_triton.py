@@ -118,9 +118,11 @@ def _grad_input_kernel(dpre_ptr, x_ptr, w_ptr, seq_ptr, dx_ptr, dwb_ptr, L, D, s
                        BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     """For a run of `tiles_per_program` token tiles (all batch rows in order): dx[u] = sum over taps k of
     w[:, k] * dpre[u + WIDTH-1 - k], where that output row is in u's document; and this program's share of
-    dw and db (dwb (programs, WIDTH + 1, D): the taps, then the bias) from the same terms (tap k of output
-    u + WIDTH-1 - k reads input row u: dw[k] = sum_u dpre[u + WIDTH-1 - k] x[u], db = sum_u dpre[u]), summed in
-    registers and over tokens once at the end. Inputs in the halo (before row 0) are not x's rows: their dw terms are added by the caller.
+    dw and db from the same terms (tap k of output u + WIDTH-1 - k reads input row u: dw[k] = sum_u
+    dpre[u + WIDTH-1 - k] x[u], db = sum_u dpre[u]), summed in registers and over tokens once at the end, into
+    its row of dwb (programs, (WIDTH + 1) D): dw laid out as the (D, WIDTH) weight, then db, so that their sums
+    over programs are gradients in the parameters' own layout (no copy into it). Inputs in the halo (before
+    row 0) are not x's rows: their dw terms are added by the caller.
     TAPS: WIDTH rounded up to a power of two (the taps are one axis of a 3-d tile)."""
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
@@ -146,9 +148,9 @@ def _grad_input_kernel(dpre_ptr, x_ptr, w_ptr, seq_ptr, dx_ptr, dwb_ptr, L, D, s
                  tl.sum(g * w[None, :, :], axis=1).to(dx_ptr.dtype.element_ty), mask=mask)
         acc_w += g * x[:, None, :]
         acc_b += tl.sum(tl.where((taps == WIDTH - 1)[None, :, None], g, 0.0), axis=1)  # tap WIDTH-1: dpre[u] itself
-    program = tl.program_id(0)
-    tl.store(dwb_ptr + (program * (WIDTH + 1) + taps[:, None]) * D + cols[None, :], tl.sum(acc_w, axis=0), mask=tap_ok)
-    tl.store(dwb_ptr + (program * (WIDTH + 1) + WIDTH) * D + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+    partial = dwb_ptr + tl.program_id(0) * (WIDTH + 1) * D
+    tl.store(partial + cols[None, :] * WIDTH + taps[:, None], tl.sum(acc_w, axis=0), mask=tap_ok)
+    tl.store(partial + WIDTH * D + cols, tl.sum(acc_b, axis=0), mask=col_ok)
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:
@@ -217,17 +219,17 @@ def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx
     tiles = batch * triton.cdiv(length, GRAD_BLOCK_L)
     tiles_per_program = triton.cdiv(tiles, max(1, GRAD_PROGRAMS // column_blocks))
     programs = triton.cdiv(tiles, tiles_per_program)
-    dwb = torch.empty(programs, width + 1, channels, dtype=torch.float32, device=x.device)  # per program: dw's taps, then db
+    dwb = torch.empty(programs, (width + 1) * channels, dtype=torch.float32, device=x.device)  # per program: dw (d, width), then db
     _grad_input_kernel[(programs, column_blocks)](dpre, x, weight, seq, dx, dwb, length, channels, x.stride(0), x.stride(1), seq_stride,
                                                   dx.stride(0), dx.stride(1), tiles, tiles_per_program, HAS_SEQ=seq_idx is not None,
                                                   WIDTH=width, TAPS=triton.next_power_of_2(width), BLOCK_L=GRAD_BLOCK_L,
                                                   BLOCK_D=GRAD_BLOCK_D)
     sums = dwb.sum(0)  # one reduction for both
-    dweight, dhalo = sums[:width].T, None
+    dweight, dhalo = sums[:width * channels].view(channels, width), None
     if halo is not None:
         dhalo, halo_dweight = halo_gradients(dpre, halo, weight, seq_idx, halo_seq_idx)
         dweight, dhalo = dweight + halo_dweight, dhalo.to(halo.dtype)
-    grad_bias = None if bias is None else sums[width].to(bias.dtype)
+    grad_bias = None if bias is None else sums[width * channels:].to(bias.dtype)
     return dx, dweight.to(weight.dtype), grad_bias, dhalo
 
 

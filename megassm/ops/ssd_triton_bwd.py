@@ -85,7 +85,8 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A
                        stride_dx_h, stride_ddt_b, stride_ddt_l, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr,
                        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr, WHOLE: tl.constexpr, HAS_D: tl.constexpr,
                        D_PER_CHANNEL: tl.constexpr):
-    """Chunk c's dx and ddt of head h, and its partial sums of dD, dA and d(dt_bias) (a row of P + 2 of `part`). With
+    """Chunk c's dx and ddt of head h, and its partial sums of dD, dA and d(dt_bias) (column h of the chunk's rows of
+    `part`: dD's P rows per channel or one per head, then dA, d(dt_bias)). With
     decay_ij = [j <= i, doc_j == doc_i] exp(cs_i - cs_j), W_ij = (dy_i . x_j) decay_ij, T_ij = W_ij dt_j (C_i . B_j),
     out_j = [doc_j == doc_out] exp(cs_last - cs_j), in_i = [doc_i == doc_in] exp(cs_i), S = states[c], G = dstates[c],
     U_i = in_i dy_i . S C_i, V_j = out_j dt_j x_j . G B_j:
@@ -130,20 +131,25 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A
     W_CB = W * CB  # W_ij (C_i . B_j): T_ij = W_CB_ij dt_j
     ddt = tl.sum(W_CB, axis=0)
     T_rows = tl.sum(W_CB * dt[None, :], axis=1)
-    part = part_ptr + (tl.program_id(0) * H + h) * (P + 2)  # [dD (P) | dA | d(dt_bias)] of this chunk and head
+    D_ROWS: tl.constexpr = P if D_PER_CHANNEL else 1
+    part = part_ptr + tl.program_id(0) * (D_ROWS + 2) * H + h  # column h of this chunk's [dD | dA | d(dt_bias)] rows
     if HAS_D:
         dx += _skip_weight(D_ptr, h, p, P, D_PER_CHANNEL) * dy.to(tl.float32)
-        tl.store(part + p, tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0), mask=p < P)
+        dD = tl.sum(dy.to(tl.float32) * x.to(tl.float32), axis=0)
+        if D_PER_CHANNEL:
+            tl.store(part + p * H, dD, mask=p < P)
+        else:
+            tl.store(part, tl.sum(dD))
     _store_tile(dx_ptr + b * stride_dx_b + start * stride_dx_l + h * stride_dx_h, rows, p, stride_dx_l, valid, p < P, dx)
 
     carried = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0) * G_dot_S
     ds = T_rows - dt * ddt + U - V + tl.where(rows == last, tl.sum(V) + carried, 0.0)  # sum_i T_ij = dt_j ddt_j so far
     d_dA = tl.cumsum(ds, axis=0, reverse=True)
-    tl.store(part + P, tl.sum(dt * d_dA))
+    tl.store(part + D_ROWS * H, tl.sum(dt * d_dA))
     ddt += out_w * x_GB + tl.load(A_ptr + h).to(tl.float32) * d_dA
     ddt *= tl.load(slope_ptr + (b * H + h) * L + start + rows, mask=valid, other=0.0)  # to the raw dt
     tl.store(ddt_ptr + b * stride_ddt_b + start * stride_ddt_l + h + rows * stride_ddt_l, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
-    tl.store(part + P + 1, tl.sum(ddt))
+    tl.store(part + (D_ROWS + 1) * H, tl.sum(ddt))
 
 
 def _group_grad_configs() -> list[triton.Config]:
@@ -233,7 +239,8 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
     ddt = torch.empty(dt_raw.shape, dtype=dt_raw.dtype, device=x.device) if ddt is None else ddt
     dB_target, dB_slice_stride = _group_grad_target(dB, B, slices)
     dC_target, dC_slice_stride = _group_grad_target(dC, C, slices)
-    parts = torch.empty(batch * nchunks, heads, headdim + 2, dtype=torch.float32, device=x.device)  # per chunk: [dD | dA | d(dt_bias)]
+    d_rows = headdim if D is not None and D.dim() == 2 else 1
+    parts = torch.empty(batch * nchunks, d_rows + 2, heads, dtype=torch.float32, device=x.device)  # per chunk: [dD | dA | d(dt_bias)]
     W_dt = torch.empty(batch * nchunks, heads, chunk, chunk, dtype=x.dtype, device=x.device)
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
     shape = dict(P=headdim, N=dstate, Q=chunk, BLOCK_P=pow2(headdim), HAS_SEQ=seq_idx is not None, WHOLE=length % chunk == 0)
@@ -253,7 +260,7 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
         dC = dC_target.sum(0).to(C.dtype) if dC is None else dC.copy_(dC_target.sum(0))
     else:
         dB, dC = dB_target, dC_target
-    sums = parts.sum(0)  # one reduction for the three (dD's columns hold garbage without D: not read then)
-    dD = None if D is None else (sums[:, :headdim] if D.dim() == 2 else sums[:, :headdim].sum(1)).to(D.dtype)
-    ddt_bias = None if dt_bias is None else sums[:, headdim + 1].to(dt_bias.dtype)
-    return dx, ddt, sums[:, headdim].to(A.dtype), dB, dC, dD, ddt_bias
+    sums = parts.sum(0)  # one reduction for the three, each row a contiguous gradient (dD's row holds garbage without D: not read)
+    dD = None if D is None else (sums[:d_rows].T if D.dim() == 2 else sums[0]).to(D.dtype)
+    ddt_bias = None if dt_bias is None else sums[d_rows + 1].to(dt_bias.dtype)
+    return dx, ddt, sums[d_rows].to(A.dtype), dB, dC, dD, ddt_bias
