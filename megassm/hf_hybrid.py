@@ -12,7 +12,6 @@ megassm's `rope_fraction`). Neither holds attention or MLP biases.
 
 from __future__ import annotations
 
-
 from megassm.hf import require
 from megassm.model.config import ModelConfig
 

@@ -239,7 +239,8 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
     ddt = torch.empty(dt_raw.shape, dtype=dt_raw.dtype, device=x.device) if ddt is None else ddt
     dB_target, dB_slice_stride = _group_grad_target(dB, B, slices)
     dC_target, dC_slice_stride = _group_grad_target(dC, C, slices)
-    d_rows = headdim if D is not None and D.dim() == 2 else 1
+    D_per_channel = D is not None and D.dim() == 2
+    d_rows = headdim if D_per_channel else 1
     parts = torch.empty(batch * nchunks, d_rows + 2, heads, dtype=torch.float32, device=x.device)  # per chunk: [dD | dA | d(dt_bias)]
     W_dt = torch.empty(batch * nchunks, heads, chunk, chunk, dtype=x.dtype, device=x.device)
     seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
@@ -247,7 +248,7 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
     _head_grads_kernel[(batch * nchunks, heads)](
         x, B, C, dy, dt, cs, dt_slope, A, x if D is None else D, seq, states, dstates, dx, ddt, W_dt, parts, length,
         nchunks, heads, heads // groups, *x.stride()[:3], *B.stride()[:3], *C.stride()[:3], *dy.stride()[:3], seq_stride,
-        *dx.stride()[:3], ddt.stride(0), ddt.stride(1), HAS_D=D is not None, D_PER_CHANNEL=D is not None and D.dim() == 2, **shape,
+        *dx.stride()[:3], ddt.stride(0), ddt.stride(1), HAS_D=D is not None, D_PER_CHANNEL=D_per_channel, **shape,
     )
     group_grid = lambda meta: (batch * nchunks, heads // heads_per_program, triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
     _group_grads_kernel[group_grid](
@@ -261,6 +262,6 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
     else:
         dB, dC = dB_target, dC_target
     sums = parts.sum(0)  # one reduction for the three, each row a contiguous gradient (dD's row holds garbage without D: not read)
-    dD = None if D is None else (sums[:d_rows].T if D.dim() == 2 else sums[0]).to(D.dtype)
+    dD = None if D is None else (sums[:d_rows].T if D_per_channel else sums[0]).to(D.dtype)
     ddt_bias = None if dt_bias is None else sums[d_rows + 1].to(dt_bias.dtype)
     return dx, ddt, sums[d_rows].to(A.dtype), dB, dC, dD, ddt_bias
