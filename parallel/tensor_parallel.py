@@ -92,6 +92,8 @@ class ColumnParallelLinear(nn.Module):
 class RowParallelLinear(nn.Module):
     """y = x_r @ W_r.T summed over TP ranks (x split on its last dim, W on dim 1); bias added once."""
 
+    builtin_matmul = False  # multiply with F.linear (apply_activation_checkpointing sets it: see forward)
+
     def __init__(self, weight: Tensor, ctx: ParallelContext, bias: Tensor | None = None):
         super().__init__()
         self.ctx = ctx
@@ -101,7 +103,8 @@ class RowParallelLinear(nn.Module):
         declare_roles(self, **roles)
 
     def forward(self, x: Tensor) -> Tensor:
-        # F.linear, not parallel/linear.py: the last matmul of a block, which activation checkpointing's recomputation
-        # then skips (it stops once the tensors backward needs exist: F.linear saves its inputs before multiplying).
-        y = layer_output(F.linear(x, self.weight), self.ctx)
+        # parallel/linear.py gives the weight's gradient in fp32 straight from cuBLAS (F.linear's is bf16, then cast). In a
+        # recomputed block F.linear: the block's last matmul, which activation checkpointing's recomputation then skips
+        # (it stops once the tensors backward needs exist: F.linear saves its inputs before multiplying, linear() after).
+        y = layer_output(F.linear(x, self.weight) if self.builtin_matmul else linear(x, [self.weight]), self.ctx)
         return y if self.bias is None else y + self.bias

@@ -74,6 +74,7 @@ def compare(ssd_kernels: str) -> None:
     seq_idx = torch.zeros(batch, seqlen, dtype=torch.int32)
     seq_idx[:, 40:] = 1
     seq_idx[1, 70:] = 2
+    seq_idx[1] += 3  # int32 ids are taken as they are: a row need not start at document 0
 
     def composed(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight):
         z, xBC, dt = zxbcdt.split([d_inner, conv_dim, nheads], dim=-1)

@@ -10,6 +10,7 @@ from torch import nn
 
 from megassm.model.lm import Mamba2LM
 from megassm.ops import BACKENDS, SSD_KERNELS
+from parallel import RowParallelLinear
 
 
 def apply_kernels(model: nn.Module, backend: str = "auto", compile: bool = False, ssd: str = "megassm") -> None:
@@ -30,9 +31,13 @@ def apply_kernels(model: nn.Module, backend: str = "auto", compile: bool = False
 
 
 def apply_activation_checkpointing(model: Mamba2LM) -> None:
-    """Each block keeps only its input and recomputes the rest in backward: less memory, one more forward."""
+    """Each block keeps only its input and recomputes the rest in backward: less memory, one more forward (but for
+    the blocks' last matmuls, which multiply with F.linear for that: RowParallelLinear.forward)."""
     for layer in model.layers:
         layer.recompute = True
+        for module in layer.modules():
+            if isinstance(module, RowParallelLinear):
+                module.builtin_matmul = True
 
 
 def apply_ssd_state_keeping(model: nn.Module) -> None:

@@ -13,7 +13,7 @@ from megassm.model.block import Block, RMSNorm
 from megassm.model.config import ModelConfig
 from megassm.model.cuda_graphs import BlockGraphs
 from megassm.model.init import uniform_fan_in
-from megassm.ops import resolve_backend
+from megassm.ops import document_ids, resolve_backend
 from megassm.ops.attention import shared_block_masks
 from megassm.ops.dtypes import upcast
 from parallel import (
@@ -89,6 +89,8 @@ class Mamba2LM(nn.Module):
         if seq_idx is not None and ctx.cp > 1:  # the previous rank's last document ids, once for all layers
             with torch.no_grad():
                 halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
+        if seq_idx is not None and ctx.cp == 1:  # as the kernels take them, once for all layers (CP ranks keep the
+            seq_idx = document_ids(seq_idx)  # global ids: their attention blocks compare them across ranks)
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
         if states is None:
             if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():

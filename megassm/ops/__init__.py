@@ -23,8 +23,8 @@ BACKENDS = ("auto", "torch", "triton")
 SSD_KERNELS = ("megassm", "mamba-ssm")  # the SSD's Triton kernels: megassm's (megassm/ops/ssd_triton.py) or mamba-ssm's
 
 __all__ = ["BACKENDS", "SSD_KERNELS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "Mamba2Layout", "add_rms_norm", "causal_conv1d",
-           "causal_conv1d_silu",
-           "conv_ssd_gated_norm", "gated_rms_norm", "maybe_compiled", "resolve_backend", "rms_norm", "ssd"]
+           "causal_conv1d_silu", "conv_ssd_gated_norm", "document_ids", "gated_rms_norm", "maybe_compiled", "resolve_backend",
+           "rms_norm", "ssd"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -48,10 +48,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
-def _kernel_seq_idx(seq_idx: Tensor | None) -> Tensor | None:
-    """Document ids as mamba-ssm's kernels take them: int32, and the first token's id 0 (the kernels
-    give initial_states to document 0)."""
-    return None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
+def document_ids(seq_idx: Tensor) -> Tensor:
+    """seq_idx as the kernels take them: int32 and contiguous, counted from each row's first token (global document
+    numbers may not fit int32; only equality matters). The model converts once per pass, so that its layers'
+    kernels convert nothing."""
+    return (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
+
+
+def _kernel_seq_idx(seq_idx: Tensor | None, initial_states: Tensor | None = None) -> Tensor | None:
+    """Document ids as the SSD kernels take them (document_ids), converted only where they are not int32 or where
+    initial_states are given: mamba-ssm's kernels give those to document 0, the first token's."""
+    if seq_idx is None or (seq_idx.dtype == torch.int32 and initial_states is None):
+        return None if seq_idx is None else seq_idx.contiguous()
+    return document_ids(seq_idx)
 
 
 def ssd(
@@ -86,8 +95,9 @@ def ssd(
         scan = ssd_triton
     else:
         scan = load_triton_kernels().mamba_chunk_scan_combined
-    return scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=_kernel_seq_idx(seq_idx),
-                dt_softplus=dt_softplus, dt_limit=tuple(dt_limit), return_final_states=return_final_states)
+    return scan(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
+                seq_idx=_kernel_seq_idx(seq_idx, initial_states), dt_softplus=dt_softplus, dt_limit=tuple(dt_limit),
+                return_final_states=return_final_states)
 
 
 def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, halo: Tensor | None = None, seq_idx: Tensor | None = None,
