@@ -1,13 +1,16 @@
 """Where a training step's GPU time goes between its kernels, on one GPU: kernels per step, GPU idle between them (by
-gap size), the most frequent kernels, and the host's time per step against the GPU's.
+gap size), the most frequent kernels, and the host's time per step against the GPU's; or, with --by-line, which Python
+lines launch a step's small kernels.
 
-    python tools/gpu_timeline.py [--case 780m:8x2048] [--steps 3] [--set train.cuda_graphs=false]
+    python tools/gpu_timeline.py [--case 780m:8x2048] [--steps 3] [--set train.cuda_graphs=false] [--by-line]
 
 Why: a step's wall time exceeds the sum of its kernels by the gaps between them, and every small kernel (a cast, a
 memset, a small reduction) costs its own run time plus one gap. The steps are built as tools/bench.py builds them
 and queued back to back as the trainer queues them; a marker kernel queued before each one delimits them on the
 device. The first profiled step is left out (the profiler may have synchronized before it): the others show the
-device's own gaps, not the host catching up.
+device's own gaps, not the host catching up. --by-line profiles one step without CUDA graphs (a graph replays its
+kernels without Python) and groups the kernels under --small-us each by name and by the innermost frames of this
+repository's code around their launch.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 GAP_BINS_US = (5, 20, 100)  # idle reported below each of these gap lengths, then above the last
 
@@ -52,6 +56,50 @@ def idle_gaps_us(events: list) -> list[float]:
     return gaps
 
 
+def launch_sites(trace_events: list[dict], max_us: float, root: str = str(ROOT), depth: int = 4) -> dict[tuple[str, str], list]:
+    """{(kernel name, where it was launched): [count, us]} of the GPU events (kernels, copies, memsets) under max_us
+    each, from a Chrome trace recorded with Python stacks. A GPU event's launch is the runtime call with its correlation
+    id; where: the `depth` innermost Python functions under `root` whose spans hold that call, on its thread, as
+    "file.py(first line): name", innermost first ("" for launches outside them, e.g. autograd's backward thread)."""
+    launches = {e["args"]["correlation"]: e for e in trace_events if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    frames: dict[int, list[dict]] = {}
+    for e in trace_events:
+        if e.get("cat") == "python_function" and e["name"].startswith(root):
+            frames.setdefault(e["tid"], []).append(e)
+    sites: dict[tuple[str, str], list] = {}
+    for e in trace_events:
+        if e.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset") or e["dur"] >= max_us:
+            continue
+        launch = launches.get(e["args"].get("correlation"))
+        around = [] if launch is None else [f for f in frames.get(launch["tid"], []) if f["ts"] <= launch["ts"] <= f["ts"] + f["dur"]]
+        around.sort(key=lambda f: -f["ts"])  # innermost (latest to start) first
+        where = " < ".join(f["name"].rsplit("/", 1)[-1] for f in around[:depth])
+        site = sites.setdefault((e["name"], where), [0, 0.0])
+        site[0] += 1
+        site[1] += e["dur"]
+    return sites
+
+
+def print_launch_sites(trainer, step: int, timer, small_us: float, top: int) -> None:
+    """One step profiled with Python stacks: its kernels under small_us each by launching line, the most frequent first."""
+    import json
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        trainer.train_step(step, timer)
+        torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    sites = launch_sites(events, small_us)
+    print(f"kernels under {small_us:g} us in one step without CUDA graphs, by launching Python line (innermost first):")
+    for (name, where), (count, us) in sorted(sites.items(), key=lambda item: -item[1][0])[:top]:
+        print(f"  {count:5d} {us:8.0f} us  {name[:60]} | {where or '(outside this repository: autograd, a library)'}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", default="780m:8x2048", help="SIZE:BATCHxSEQLEN, as tools/bench.py takes it")
@@ -60,7 +108,11 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps recorded")
     parser.add_argument("--top", type=int, default=30, help="list this many kernels, the most frequent first")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE, as tools/bench.py --set")
+    parser.add_argument("--by-line", action="store_true", help="list where the step's small kernels are launched instead")
+    parser.add_argument("--small-us", type=float, default=30.0, help="with --by-line: the kernels shorter than this")
     args = parser.parse_args()
+    if args.by_line:
+        args.set.append("train.cuda_graphs=false")
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -79,6 +131,9 @@ def main() -> int:
         timer = StepTimer(trainer.device)
         for i in range(args.warmup):
             trainer.train_step(i, timer)
+        if args.by_line:
+            print_launch_sites(trainer, args.warmup, timer, args.small_us, args.top)
+            return 0
         host_s = []
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for i in range(args.warmup, total):
