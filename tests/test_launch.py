@@ -13,7 +13,7 @@ import pytest
 
 import megassm.torchrun
 from tests.commands import ROOT
-from tests.distributed import free_port
+from tests.distributed import RDZV_ENDPOINT  # port 0: see there
 
 DEBUG = str(ROOT / "configs" / "debug.toml")  # tp 2 x cp 2: fits 4 processes
 
@@ -21,7 +21,7 @@ DEBUG = str(ROOT / "configs" / "debug.toml")  # tp 2 x cp 2: fits 4 processes
 def launch(script: str, *args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """bash launch/<script> args, with this Python's environment first on PATH."""
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    env = {**os.environ, "PATH": path, "MASTER_PORT": str(free_port()), **env}
+    env = {**os.environ, "PATH": path, "MASTER_PORT": "0", **env}  # the port of RDZV_ENDPOINT
     return subprocess.run(["bash", str(ROOT / "launch" / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -57,7 +57,7 @@ def test_a_trainer_failing_under_torchrun_ends_with_its_own_line(tmp_path):
 def test_a_killed_process_is_reported_in_one_line(tmp_path):
     (tmp_path / "die.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-m", "megassm.torchrun", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                           "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "die.py"], cwd=tmp_path, capture_output=True, text=True)
+                           "--rdzv-endpoint", RDZV_ENDPOINT, "die.py"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 128 + 9
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("megassm-torchrun: rank 0 (pid ") and lines[0].endswith("killed by signal 9 (SIGKILL)")
@@ -92,7 +92,7 @@ def stubbed_checkout(tmp_path) -> Path:
     ("launch/quickstart.sh", ["--train.steps=50"],
      ["pip install -q -e .", r"torchrun.sh --config configs/debug.toml --run.dir=runs/quickstart-\d+-\d+ --train.steps=50",
       r"python tools/plot_metrics.py runs/quickstart-.*"]),
-    ("tests/run.sh", ["-k", "ssd"], [r"pip install -q -e .\[dev\]", "python -m pytest -k ssd"]),
+    ("tests/run.sh", ["-k", "ssd"], [r"pip install -q -e .\[dev\]", "python -m pytest -n 2 -k ssd"]),
 ], ids=["quickstart", "tests"])
 def test_scripts_give_their_arguments_to_the_trainer_or_pytest_not_to_pip(stubbed_checkout, script, args, want):
     done = subprocess.run(["bash", str(stubbed_checkout / script), *args], capture_output=True, text=True, timeout=60)

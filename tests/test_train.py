@@ -18,7 +18,7 @@ from megassm.data import SampleLoader, TokenStream
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import save_transformers
-from tests.distributed import free_port
+from tests.distributed import RDZV_ENDPOINT
 
 STEPS = 4
 CONFIG = """
@@ -53,7 +53,7 @@ def trainer_command(config: Path, run_dir: Path, nproc: int, *overrides: str) ->
     if nproc == 1:
         return [sys.executable, "-m", "megassm.train", *args]
     return [sys.executable, "-m", "megassm.torchrun", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "megassm.train", *args]
+            "--rdzv-endpoint", RDZV_ENDPOINT, "-m", "megassm.train", *args]
 
 
 def run_trainer(config: Path, run_dir: Path, nproc: int, *overrides: str) -> subprocess.CompletedProcess:
@@ -202,7 +202,7 @@ def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_the_run_ends_as_if_u
     reference = train(config, tmp_path / "reference", 1, *long)
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}",
+               "--rdzv-endpoint", RDZV_ENDPOINT, "-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}",
                "--parallel.cp=2", *long]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TRAINER_ENV)
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
