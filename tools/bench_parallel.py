@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,15 +39,11 @@ LAYOUTS = [("tp2", 2, 1, False), ("tp2+sp", 2, 1, True), ("cp2", 1, 2, False), (
            ("cp4", 1, 4, False), ("tp2xcp4", 2, 4, False), ("tp8", 8, 1, False), ("cp8", 1, 8, False)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(nproc: int, module_args: list[str], timeout: int) -> subprocess.CompletedProcess:
+    # Port 0: the kernel picks the rendezvous port as torchrun binds it (as torchrun --standalone does), so that no
+    # other process (a parallel test's) can take it between its choice and its use.
     return launch([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--rdzv-backend", "c10d",
-                   "--rdzv-endpoint", f"127.0.0.1:{free_port()}", *module_args], timeout)
+                   "--rdzv-endpoint", "127.0.0.1:0", *module_args], timeout)
 
 
 def launch(command: list[str], timeout: int) -> subprocess.CompletedProcess:
