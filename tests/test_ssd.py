@@ -106,3 +106,17 @@ def test_backend_choice_on_cpu():
         ops.ssd(**inputs, chunk_size=8, backend="triton")
     with pytest.raises(ValueError, match="backend = 'cuda': choose one of auto, torch, triton"):
         ops.ssd(**inputs, chunk_size=8, backend="cuda")
+
+
+def test_document_ids_for_the_kernels():
+    """Global document numbers (past int32) become int32 ids counted from each row's first token; int32 ids reach the
+    kernels as they are, unless initial states are given (mamba-ssm's kernels give those to document 0)."""
+    big = 3 * 2**31
+    global_ids = torch.tensor([[big, big, big + 1, big + 4], [big + 7, big + 9, big + 9, big + 9]])
+    want = torch.tensor([[0, 0, 1, 4], [0, 2, 2, 2]], dtype=torch.int32)
+    assert torch.equal(ops.document_ids(global_ids), want)
+    assert torch.equal(ops._kernel_seq_idx(global_ids), want)
+    shifted = want + 5
+    assert torch.equal(ops._kernel_seq_idx(shifted), shifted)
+    assert torch.equal(ops._kernel_seq_idx(shifted, initial_states=torch.zeros(2, 1, 1, 1)), want)
+    assert ops._kernel_seq_idx(None) is None

@@ -89,8 +89,10 @@ class Mamba2LM(nn.Module):
         if seq_idx is not None and ctx.cp > 1:  # the previous rank's last document ids, once for all layers
             with torch.no_grad():
                 halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
-        if seq_idx is not None and ctx.cp == 1:  # as the kernels take them, once for all layers (CP ranks keep the
-            seq_idx = document_ids(seq_idx)  # global ids: their attention blocks compare them across ranks)
+        # The ids as the kernels take them, once for all layers; CP ranks keep the global ids, which their attention
+        # blocks compare across ranks.
+        if seq_idx is not None and ctx.cp == 1:
+            seq_idx = document_ids(seq_idx)
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
         if states is None:
             if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():

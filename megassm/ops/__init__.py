@@ -58,8 +58,10 @@ def document_ids(seq_idx: Tensor) -> Tensor:
 def _kernel_seq_idx(seq_idx: Tensor | None, initial_states: Tensor | None = None) -> Tensor | None:
     """Document ids as the SSD kernels take them (document_ids), converted only where they are not int32 or where
     initial_states are given: mamba-ssm's kernels give those to document 0, the first token's."""
-    if seq_idx is None or (seq_idx.dtype == torch.int32 and initial_states is None):
-        return None if seq_idx is None else seq_idx.contiguous()
+    if seq_idx is None:
+        return None
+    if seq_idx.dtype == torch.int32 and initial_states is None:
+        return seq_idx.contiguous()
     return document_ids(seq_idx)
 
 
