@@ -34,8 +34,10 @@ def test_small_kernels_are_grouped_by_the_innermost_repository_frames_around_the
     def kernel(name, correlation, dur, cat="kernel"):
         return {"cat": cat, "name": name, "ts": 1000 + correlation, "dur": dur, "args": {"correlation": correlation}}
 
-    trace = [frame(f"{ROOT}/megassm/model/block.py(70): forward", 0, 100), frame(f"{ROOT}/megassm/model/mixer.py(85): forward", 10, 50),
-             frame("/usr/lib/torch/nn/modules/module.py(1): _call_impl", 12, 40), frame(f"{ROOT}/megassm/model/mixer.py(123): A", 20, 5),
+    # The profiler names a file by its path relative to the sys.path entry it came from, or by its full path.
+    trace = [frame(f"{ROOT}/megassm/model/block.py(70): forward", 0, 100), frame("megassm/model/mixer.py(85): forward", 10, 50),
+             frame("torch/nn/modules/module.py(1): _call_impl", 12, 40), frame("/usr/lib/python3/functools.py(1): wrapper", 13, 30),
+             frame("megassm/model/mixer.py(123): A", 20, 5),
              launch(1, 21), launch(2, 22), launch(3, 30), launch(4, 70), launch(5, 22, tid=2), launch(6, 31),
              kernel("exp", 1, 2), kernel("neg", 2, 2), kernel("exp", 3, 3), kernel("Memset", 4, 1, "gpu_memset"), kernel("add", 5, 4),
              kernel("big matmul", 6, 500)]

@@ -56,6 +56,13 @@ def idle_gaps_us(events: list) -> list[float]:
     return gaps
 
 
+def _in_repository(frame: str, root: str) -> bool:
+    """Whether a profiler frame, "file(line): name", is in the repository at `root`. The profiler names files relative
+    to the sys.path entry they were imported from (e.g. "megassm/model/lm.py"), or by their full path."""
+    file = frame.split("(", 1)[0]
+    return file.startswith(root) if Path(file).is_absolute() else (Path(root) / file).is_file()
+
+
 def launch_sites(trace_events: list[dict], max_us: float, root: str = str(ROOT), depth: int = 4) -> dict[tuple[str, str], list]:
     """{(kernel name, where it was launched): [count, us]} of the GPU events (kernels, copies, memsets) under max_us
     each, from a Chrome trace recorded with Python stacks. A GPU event's launch is the runtime call with its correlation
@@ -64,7 +71,7 @@ def launch_sites(trace_events: list[dict], max_us: float, root: str = str(ROOT),
     launches = {e["args"]["correlation"]: e for e in trace_events if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     frames: dict[int, list[dict]] = {}
     for e in trace_events:
-        if e.get("cat") == "python_function" and e["name"].startswith(root):
+        if e.get("cat") == "python_function" and _in_repository(e["name"], root):
             frames.setdefault(e["tid"], []).append(e)
     sites: dict[tuple[str, str], list] = {}
     for e in trace_events:
