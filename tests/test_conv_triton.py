@@ -70,11 +70,11 @@ def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
     flags = dict(HAS_BIAS=options, HAS_SEQ=options, HAS_HALO=options)
     tiles = dict(BLOCK_L=conv_triton.BLOCK_L, BLOCK_D=conv_triton.BLOCK_D)
     grads = {"HAS_SEQ": flags["HAS_SEQ"], "TAPS": 4, "BLOCK_L": conv_triton.GRAD_BLOCK_L, "BLOCK_D": conv_triton.GRAD_BLOCK_D}
-    kernels = {conv_triton._forward_kernel: {**flags, **tiles}, conv_triton._grad_pre_kernel: {**flags, **tiles},
-               conv_triton._grad_input_kernel: grads}
+    kernels = {conv_triton._forward_kernel: ({**flags, **tiles}, {}), conv_triton._grad_pre_kernel: ({**flags, **tiles}, {}),
+               conv_triton._grad_input_kernel: (grads, {"num_warps": conv_triton.GRAD_WARPS})}
     pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dwb_ptr": "*fp32"}  # dpre: bf16, as in training
-    for kernel, constants in kernels.items():
-        assert compile_sm90(kernel, {**constants, "WIDTH": 4}, pointer).asm["cubin"]
+    for kernel, (constants, options) in kernels.items():
+        assert compile_sm90(kernel, {**constants, "WIDTH": 4}, pointer, options=options).asm["cubin"]
 
 
 if __name__ == "__main__":

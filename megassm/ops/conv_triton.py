@@ -23,7 +23,9 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_L, BLOCK_D = 32, 128  # a program's tile of tokens x channels
-GRAD_BLOCK_L, GRAD_BLOCK_D, GRAD_PROGRAMS = 16, 64, 2048  # dx and dw's kernel: its tiles, and about how many programs share them
+# dx and dw's kernel: its tiles, about how many programs share them, and its warps (on an H200 at 780m, 8 x 64 tiles at
+# 2 warps took 0.87x the time of 16 x 64 at 4: bench/raw/h200_run14_call1_sweep_mem.txt)
+GRAD_BLOCK_L, GRAD_BLOCK_D, GRAD_PROGRAMS, GRAD_WARPS = 8, 64, 2048, 2
 
 
 @triton.jit
@@ -223,7 +225,7 @@ def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx
     _grad_input_kernel[(programs, column_blocks)](dpre, x, weight, seq, dx, dwb, length, channels, x.stride(0), x.stride(1), seq_stride,
                                                   dx.stride(0), dx.stride(1), tiles, tiles_per_program, HAS_SEQ=seq_idx is not None,
                                                   WIDTH=width, TAPS=triton.next_power_of_2(width), BLOCK_L=GRAD_BLOCK_L,
-                                                  BLOCK_D=GRAD_BLOCK_D)
+                                                  BLOCK_D=GRAD_BLOCK_D, num_warps=GRAD_WARPS)
     sums = dwb.sum(0)  # one reduction for both
     dweight, dhalo = sums[:width * channels].view(channels, width), None
     if halo is not None:
