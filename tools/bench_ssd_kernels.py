@@ -192,9 +192,9 @@ def time_case(shape_name: str, documents: int, kernel_chunk: int, device: torch.
     row = dict(case=f"{shape_name} docs{documents} q{kernel_chunk}", shape=shape, documents=documents, kernel_chunk=kernel_chunk,
                max_diff=max(differences.values()), diffs=differences)
     row["mamba_fwd_ms"] = cuda_ms(mamba_forward)
-    row["mamba_bwd_ms"] = cuda_ms(lambda: mamba_backward(mamba_out[0]))
+    row["mamba_bwd_ms"] = cuda_ms(lambda y=mamba_out[0]: mamba_backward(y))
     row["ours_fwd_ms"] = cuda_ms(ours_forward)
-    row["ours_bwd_ms"] = cuda_ms(lambda: ours_backward(ours_out[2]))
+    row["ours_bwd_ms"] = cuda_ms(lambda saved=ours_out[2]: ours_backward(saved))
     row["ours_bwd_recompute_ms"] = cuda_ms(lambda: ours_backward(None))
     row["mamba_total_ms"] = row["mamba_fwd_ms"] + row["mamba_bwd_ms"]
     row["ours_total_ms"] = row["ours_fwd_ms"] + row["ours_bwd_ms"]
