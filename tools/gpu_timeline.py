@@ -60,7 +60,7 @@ def _in_repository(frame: str, root: str) -> bool:
     """Whether a profiler frame, "file(line): name", is in the repository at `root`. The profiler names files relative
     to the sys.path entry they were imported from (e.g. "megassm/model/lm.py"), or by their full path."""
     file = frame.split("(", 1)[0]
-    return file.startswith(root) if Path(file).is_absolute() else (Path(root) / file).is_file()
+    return Path(file).is_relative_to(root) if Path(file).is_absolute() else (Path(root) / file).is_file()
 
 
 def launch_sites(trace_events: list[dict], max_us: float, root: str = str(ROOT), depth: int = 4) -> dict[tuple[str, str], list]:

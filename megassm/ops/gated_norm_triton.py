@@ -4,7 +4,7 @@ Why: mamba-ssm's backward kernel (layernorm_gated._layer_norm_bwd) runs one prog
 after the other: a row's loads wait for the previous row's arithmetic and stores, and at 780m it moved its bytes at
 about half the H200's bandwidth (11.8 ms per step where the forward, reading and writing 3/5 as much, took 3.8).
 Here a program loads the next row before it works on the current one (a whole row of 3,072 channels per program
-leaves room for one program per SM only). The forward stays mamba-ssm's: this reads its 1/rms in that layout,
+leaves room for few programs per SM). The forward stays mamba-ssm's: this reads its 1/rms in that layout,
 (groups, rows) flattened.
 """
 
