@@ -23,6 +23,7 @@ class Case(NamedTuple):
     kernel_chunk: int
     final_in_loss: bool  # the loss reads the final states (else the backward gets no gradient for them)
     heads_per_program: int | None  # None: the heuristic's, 1 at these sizes (dB, dC as partial sums per head)
+    walk_segments: int = 1  # segments of the chunk walks (one on the CPU unless set)
 
 
 NO_LIMIT = (0.0, float("inf"))
@@ -34,6 +35,9 @@ CASES = {
     "one-document": Case(4, 1, 100, False, False, True, NO_LIMIT, True, 32, False, 4),
     # No softplus: dt + bias clamped from below (the raw dt is often negative); whole chunks (no row masks).
     "group-per-head": Case(2, 2, 96, True, False, False, (0.05, float("inf")), False, 16, True, None),
+    # The chunk walks in segments of 4, 4 and 2 chunks: a document starting where the second segment does, one inside
+    # it; initial states carried through two segments' ends, d(final states) back through two.
+    "segments": Case(4, 2, 150, True, True, True, (0.3, 1.5), False, 16, True, None, walk_segments=3),
 }
 HEADDIM, DSTATE, REFERENCE_CHUNK = 16, 32, 64
 
@@ -49,7 +53,7 @@ def _documents(batch: int, seqlen: int) -> torch.Tensor:
 
 
 def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_softplus: bool, dt_limit: tuple[float, float],
-            D_per_channel: bool, kernel_chunk: int, final_in_loss: bool, heads_per_program: int | None) -> None:
+            D_per_channel: bool, kernel_chunk: int, final_in_loss: bool, heads_per_program: int | None, walk_segments: int) -> None:
     """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; through the final
     states too where the loss reads them), with x, B, C, dt strided views of one wider tensor as the mixer has them, then
     the backward writing dx, ddt, dB, dC into strided views of one gradient buffer."""
@@ -62,6 +66,7 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
     if heads_per_program:
         for module in (ssd_triton_fwd, ssd_triton_bwd):
             module.head_slice = lambda heads_per_group, chunk_programs: heads_per_program
+    ssd_triton_fwd.walk_segments = lambda batch_heads, nchunks, device: walk_segments
     torch.manual_seed(0)
     batch = 2
     widths = [heads * HEADDIM, groups * DSTATE, groups * DSTATE, heads]
@@ -129,9 +134,16 @@ def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     dt_constants = {"HAS_BIAS": True, "SOFTPLUS": True, "Q": 64, "BLOCK_H": fwd.DT_BLOCK_HEADS}
     assert compile_sm90(fwd._dt_kernel, dt_constants, SSD_POINTERS).asm["cubin"]
-    for tuner in ssd_autotuners().values():
+    carry_constants = {"SIZE": 64 * 128, "HAS_START": True, "REVERSE": True, "BLOCK": fwd.CARRY_BLOCK}
+    assert compile_sm90(fwd._carry_kernel, carry_constants, SSD_POINTERS).asm["cubin"]
+    walks = {"_states_kernel", "_state_grads_kernel"}
+    for name, tuner in ssd_autotuners().items():
+        # The chunk walks also in segments: their ends, then the walks from the states handed over.
+        variants = [{}, {"SEGMENTED": True}, {"SEGMENTED": True, "ENDS_ONLY": True}] if name in walks else [{}]
         for config in tuner.configs:
-            assert compile_ssd_kernel(tuner, {k: v for k, v in config.all_kwargs().items() if v is not None}).asm["cubin"]
+            tuned = {k: v for k, v in config.all_kwargs().items() if v is not None}
+            for variant in variants:
+                assert compile_ssd_kernel(tuner, {**tuned, **variant}).asm["cubin"]
 
 
 def test_kernel_registers_reports_what_ptxas_and_triton_allocate(tmp_path, monkeypatch):

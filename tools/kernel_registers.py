@@ -47,10 +47,10 @@ def compile_sm90(kernel, constexprs: dict, pointer_types: dict[str, str], option
 
 SSD_POINTERS = {name: "*fp32" for name in ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs_out_ptr", "init_ptr", "final_ptr", "dfinal_ptr",
                                            "dinit_ptr", "A_ptr", "D_ptr", "bias_ptr", "part_ptr",
-                                           "slope_ptr", "slope_out_ptr")}
+                                           "slope_ptr", "slope_out_ptr", "ends_ptr", "carries_ptr", "start_ptr")}
 SSD_POINTERS["seq_ptr"] = "*i32"
 SSD_CONSTANTS = dict(P=64, N=128, BLOCK_P=64, BLOCK_N=128, HAS_SEQ=True, WHOLE=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True,
-                     SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True)
+                     SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True, SEGMENTED=False, ENDS_ONLY=False)
 
 
 def ssd_autotuners() -> dict:

@@ -17,6 +17,10 @@ Forward:
   (b) S[c+1] = [doc_out == doc_in] exp(cs_last) S[c]
                + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,   S[0] = initial states,
       sequential over chunks, parallel over (batch, head, p-tile, n-tile)         _states_kernel
+      Where there are few (batch, head) walks (one long sequence: 48 at 780m), each is split into segments
+      walked at once: S is linear in the state a segment is handed, so a first launch walks each segment
+      from zero keeping only its end E[k] and carry K[k] (the product of its chunks' carries), a small one
+      hands on S_in[k+1] = K[k] S_in[k] + E[k], and the walk then runs all segments from their S_in.
   (c) y_i = sum_{j <= i, doc_j == doc_i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
             + [doc_i == doc_in] exp(cs_i) S[c] C_i + D x_i,   parallel over chunks  _output_kernel
   S[nchunks] is the final state (fp32). (b) keeps S in fp32 registers and stores S[c] in x's dtype,
@@ -25,7 +29,7 @@ Forward:
 Backward. Let G[c] = dL/dS[c+1], the gradient of the state leaving chunk c (G[nchunks-1] = d(final
 states)). By (b) and (c), dL/dS[c] = [doc_out == doc_in] exp(cs_last) G[c] + sum_i [doc_i == doc_in]
 exp(cs_i) dy_i C_i^T = G[c-1]: a reverse walk like (b) with (dy, C, exp(cs_i)) for (x, B,
-exp(cs_last - cs_j)), ending at d(initial states)                                  _state_grads_kernel
+exp(cs_last - cs_j)), ending at d(initial states), in segments as (b)              _state_grads_kernel
 Every other gradient is local to a chunk given S[c] and G[c]. x_j, B_j, dt_j enter y through the
 intra-chunk sum and S[c+1] through its second term, C_i through both terms of y_i; the product rule
 gives dx, dB, dC and the direct part of ddt. The decays depend on cs: with the intra-chunk terms

@@ -7,12 +7,16 @@ chunk's output from its own tokens and its entering state, parallel over chunks)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 DT_BLOCK_HEADS = 16  # heads per program of _dt_kernel
+WALKS_PER_SM, MIN_SEGMENT_CHUNKS = 3, 16  # walk_segments
+CARRY_BLOCK = 1024  # state values per program of _carry_kernel
 
 
 def pow2(n: int) -> int:
@@ -57,14 +61,24 @@ def _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ: tl.constexpr, Q: tl.c
 
 
 @triton.jit
-def _state_tile(H, heads_per_group, P: tl.constexpr, N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """A chunk walk's program: its (batch, head) index bh, b (int64), h, h's group g, and its (BLOCK_P, BLOCK_N)
-    tile of a (P, N) state: the offsets within one state and which of them exist."""
+def _state_tile(H, heads_per_group, first_segment, P: tl.constexpr, N: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """A chunk walk's program (grid: (batch x heads, p-tiles, segments x n-tiles)): its segment of the chunks (from
+    first_segment), its (batch, head) index bh, b (int64), h, h's group g, and its (BLOCK_P, BLOCK_N) tile of a (P, N)
+    state: the offsets within one state and which of them exist."""
     bh = tl.program_id(0)
     b, h = (bh // H).to(tl.int64), bh % H
     p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    return bh, b, h, h // heads_per_group, p, n, p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
+    if SEGMENTED:
+        N_TILES: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
+        n_tile = tl.program_id(2) % N_TILES
+        segment = first_segment + tl.program_id(2) // N_TILES
+    else:
+        n_tile = tl.program_id(2)
+        segment = 0
+    n = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_tile = (tl.program_id(1) == 0) & (n_tile == 0)
+    return segment, first_tile, bh, b, h, h // heads_per_group, p, n, p[:, None] * N + n[None, :], (p < P)[:, None] & (n < N)[None, :]
 
 
 @triton.jit
@@ -74,6 +88,40 @@ def _start_state(ptr, bh, P: tl.constexpr, N: tl.constexpr, tile, tile_ok, PRESE
     if PRESENT:
         return tl.load(ptr + bh.to(tl.int64) * P * N + tile, mask=tile_ok, other=0.0).to(tl.float32)
     return tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+
+
+@triton.jit
+def _walk_start(start_ptr, ends_ptr, segment, segments, bh, batch_heads, P: tl.constexpr, N: tl.constexpr, tile, tile_ok,
+                HAS_START: tl.constexpr, SEGMENTED: tl.constexpr, ENDS_ONLY: tl.constexpr, REVERSE: tl.constexpr, BLOCK_P: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """A walk's starting tile, fp32: zeros for a segment's end (ENDS_ONLY); the state at start_ptr (initial states,
+    d(final states) in REVERSE) for the segment walked first; else the state _carry_kernel handed its segment."""
+    if ENDS_ONLY:
+        return tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    state = _start_state(start_ptr, bh, P, N, tile, tile_ok, HAS_START, BLOCK_P, BLOCK_N)
+    if SEGMENTED:
+        handed_from = segment + 1 if REVERSE else segment - 1
+        if (handed_from >= 0) & (handed_from < segments):
+            state = tl.load(ends_ptr + (handed_from * batch_heads + bh).to(tl.int64) * P * N + tile, mask=tile_ok, other=0.0)
+    return state
+
+
+@triton.jit
+def _segment_chunks(segment, segment_chunks, nchunks, SEGMENTED: tl.constexpr):
+    """The first chunk of a walk's segment and the one after its last."""
+    if SEGMENTED:
+        return segment * segment_chunks, tl.minimum(nchunks, (segment + 1) * segment_chunks)
+    return 0, nchunks
+
+
+@triton.jit
+def _segment_end(state, carry, ends_ptr, carries_ptr, segment, first_tile, bh, batch_heads, P: tl.constexpr, N: tl.constexpr, tile,
+                 tile_ok):
+    """A segment walked from zero: its end (what it adds to the state it hands on) and its carry (the product of its
+    chunks' carries: what it keeps of the state it was handed), fp32, for _carry_kernel."""
+    slot = segment * batch_heads + bh
+    tl.store(ends_ptr + slot.to(tl.int64) * P * N + tile, state, mask=tile_ok)
+    tl.store(carries_ptr + slot, carry, mask=first_tile)
 
 
 @triton.jit
@@ -109,28 +157,48 @@ def state_configs() -> list[triton.Config]:
     (batch, head) walks, a small one for a long sequence of few heads (enough programs: one per (batch, head, tile));
     stages > 1 prefetch the next chunks' operands while the state is updated (the one serial step is state * decay +
     dot). Two candidates only: timed alone, the autotuner preferred tiles 1.2-1.45x slower within the training step
-    (tools/tune_ssd_kernels.py on an H200, which also picked these two)."""
-    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=s) for bp, bn, s in ((64, 128, 2), (16, 64, 3))]
+    (tools/tune_ssd_kernels.py on an H200, which also picked these two). The third, the wide tile capped at 168
+    registers (three programs per SM, one wave of WALKS_PER_SM walks per SM), is the segmented walks' own
+    (segment_configs): 1.1-1.2x the others at 64K tokens (bench/raw/h200_run15_call4_walk_breakdown_64k.txt)."""
+    return [triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=4, num_stages=s, maxnreg=r)
+            for bp, bn, s, r in ((64, 128, 2, None), (16, 64, 3, None), (64, 128, 2, 168))]
 
 
-@triton.autotune(configs=state_configs(), key=["batch_heads", "P", "N", "Q"])
+def segment_configs(configs: list[triton.Config], named_args: dict, SEGMENTED: bool, **kwargs) -> list[triton.Config]:
+    """The walks' candidates for this launch (state_configs; all of them where the list was replaced, as the tests do)."""
+    return [c for c in configs if (c.maxnreg is not None) == SEGMENTED] or configs
+
+
+@triton.autotune(configs=state_configs(), key=["batch_heads", "segments", "P", "N", "Q", "ENDS_ONLY"],
+                 prune_configs_by={"early_config_prune": segment_configs})
 @triton.jit
-def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, L, nchunks, H, heads_per_group, batch_heads,
+def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, ends_ptr, carries_ptr, L, nchunks, H,
+                   heads_per_group, batch_heads, segments, segment_chunks, first_segment,
                    stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_seq_b,
                    P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   WHOLE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For one (batch, head) and a (BLOCK_P, BLOCK_N) tile of the state, chunk after chunk:
+                   WHOLE: tl.constexpr, SEGMENTED: tl.constexpr, ENDS_ONLY: tl.constexpr, BLOCK_P: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """For one (batch, head), a (BLOCK_P, BLOCK_N) tile of the state and one segment of `segment_chunks` chunks,
+    chunk after chunk:
         states[c] = S (the state entering chunk c; final states: the last one),
         S <- [doc_out == doc_in] exp(cs_last) S + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,
-    S in fp32 registers, stored in states' dtype (final states: fp32). batch_heads only keys the autotuning
-    (the best tile depends on how many (batch, head) programs there are)."""
-    bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, P, N, BLOCK_P, BLOCK_N)
-    state = _start_state(init_ptr, bh, P, N, tile, tile_ok, HAS_INIT, BLOCK_P, BLOCK_N)
+    S in fp32 registers, stored in states' dtype (final states: fp32). S starts as the initial states, or, after the
+    first segment, as _carry_kernel left it from the segments' ends (the ENDS_ONLY launch: each segment but the last
+    walked from zero, nothing stored but its end). SEGMENTED: segments > 1 (a single walk compiles without their arithmetic, which
+    costs the wide tile its third program per SM). batch_heads and segments also key the autotuning (the best tile
+    depends on how many walks there are)."""
+    segment, first_tile, bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, first_segment, P, N, SEGMENTED, BLOCK_P,
+                                                                        BLOCK_N)
+    state = _walk_start(init_ptr, ends_ptr, segment, segments, bh, batch_heads, P, N, tile, tile_ok, HAS_INIT, SEGMENTED, ENDS_ONLY,
+                        False, BLOCK_P, BLOCK_N)
+    first, stop = _segment_chunks(segment, segment_chunks, nchunks, SEGMENTED)
     x_base = x_ptr + b * stride_x_b + h * stride_x_h
     B_base = B_ptr + b * stride_B_b + g * stride_B_g
     head_time = bh.to(tl.int64) * L  # (b, h) row of dt and cs
-    for c in range(nchunks):
-        tl.store(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
+    kept = 1.0
+    for c in range(first, stop):
+        if not ENDS_ONLY:
+            tl.store(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
         start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q, WHOLE)
         cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
         cs_last = tl.load(cs_ptr + head_time + start + last)
@@ -141,8 +209,12 @@ def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, 
         Bc = tl.load(B_base + start * stride_B_l + (rows[:, None] * stride_B_l + n[None, :]), mask=valid[:, None] & (n < N)[None, :],
                      other=0.0)
         carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
+        kept *= carry
         state = state * carry + tl.dot(tl.trans((x * weight[:, None]).to(x.dtype)), Bc)
-    tl.store(final_ptr + bh.to(tl.int64) * P * N + tile, state, mask=tile_ok)
+    if ENDS_ONLY:
+        _segment_end(state, kept, ends_ptr, carries_ptr, segment, first_tile, bh, batch_heads, P, N, tile, tile_ok)
+    else:
+        tl.store(final_ptr + bh.to(tl.int64) * P * N + tile, state, mask=tile_ok & (segment == segments - 1 or not SEGMENTED))
 
 
 def _output_configs() -> list[triton.Config]:
@@ -251,20 +323,90 @@ def states_shape(batch: int, length: int, heads: int, headdim: int, dstate: int,
     return batch, triton.cdiv(length, chunk), heads, headdim, dstate
 
 
+@triton.jit
+def _carry_kernel(start_ptr, ends_ptr, carries_ptr, batch_heads, segments, SIZE: tl.constexpr, HAS_START: tl.constexpr,
+                  REVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    """For one (batch, head) and BLOCK of its state's SIZE = P x N values, the segments' ends in walk order (segments
+    0 .. S-2 forward; S-1 .. 1 in reverse): S <- carry[k] S + end[k], stored in end[k]'s place: the state handed to the
+    next segment walked. S starts as start (initial states, d(final states)) or zeros."""
+    bh = tl.program_id(0)
+    offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = offsets < SIZE
+    if HAS_START:
+        state = tl.load(start_ptr + bh.to(tl.int64) * SIZE + offsets, mask=ok, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(segments - 1):
+        k = segments - 1 - i if REVERSE else i
+        slot = ends_ptr + (k * batch_heads + bh).to(tl.int64) * SIZE + offsets
+        state = state * tl.load(carries_ptr + k * batch_heads + bh) + tl.load(slot, mask=ok, other=0.0)
+        tl.store(slot, state, mask=ok)
+
+
+class Segments(NamedTuple):
+    """How the chunk walks split each (batch, head)'s chunks: `count` segments of `chunks` chunks walked at once, each
+    handed its entering state by _carry_kernel from the ends (count, batch_heads, P, N) and carries (count, batch_heads),
+    fp32, that an ENDS_ONLY walk of the segments leaves."""
+
+    count: int
+    chunks: int
+    ends: Tensor
+    carries: Tensor
+
+
+def walk_segments(batch_heads: int, nchunks: int, device: torch.device) -> int:
+    """Into how many segments to split each walk: none where there are at least as many walks as SMs (a walk is
+    latency-bound: e.g. one 64K-token sequence of 48 heads leaves most of the GPU's bandwidth unused), else into about
+    WALKS_PER_SM walks per SM of at least MIN_SEGMENT_CHUNKS chunks. 1 on the CPU."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    if batch_heads >= sms:
+        return 1
+    return max(1, min(WALKS_PER_SM * sms // batch_heads, nchunks // MIN_SEGMENT_CHUNKS))
+
+
+def walk_plan(batch_heads: int, nchunks: int, headdim: int, dstate: int, device: torch.device) -> Segments:
+    """The segments of each walk (none of them empty) and their buffers (empty for one segment)."""
+    chunks = triton.cdiv(nchunks, walk_segments(batch_heads, nchunks, device))
+    count = triton.cdiv(nchunks, chunks)
+    slots = count if count > 1 else 0
+    return Segments(count, chunks, torch.empty(slots, batch_heads, headdim, dstate, dtype=torch.float32, device=device),
+                    torch.empty(slots, batch_heads, dtype=torch.float32, device=device))
+
+
+def carry_through(segments: Segments, start: Tensor | None, batch_heads: int, reverse: bool) -> None:
+    """The state handed to each segment from the ends and carries, in the ends' place (_carry_kernel)."""
+    size = segments.ends[0, 0].numel()  # P x N
+    grid = (batch_heads, triton.cdiv(size, CARRY_BLOCK))
+    _carry_kernel[grid](segments.ends if start is None else start, segments.ends, segments.carries, batch_heads, segments.count, SIZE=size,
+                        HAS_START=start is not None, REVERSE=reverse, BLOCK=CARRY_BLOCK)
+
+
 def chunk_states(x: Tensor, B: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, initial_states: Tensor | None,
                  chunk: int) -> tuple[Tensor, Tensor]:
-    """(states (b, nchunks, h, p, n) in x's dtype: the state entering each chunk; final states (b, h, p, n) fp32)."""
+    """(states (b, nchunks, h, p, n) in x's dtype: the state entering each chunk; final states (b, h, p, n) fp32).
+    In segments (walk_plan): their ends, the states handed from one to the next, then all segments' walks at once."""
     batch, length, heads, headdim = x.shape
     groups, dstate = B.shape[2:]
     states = torch.empty(states_shape(batch, length, heads, headdim, dstate, chunk), dtype=x.dtype, device=x.device)
     nchunks = states.shape[1]
     final = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=x.device)
-    grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
-    _states_kernel[grid](x, B, dt, cs, x if seq_idx is None else seq_idx, x if initial_states is None else initial_states, states, final,
-                         length, nchunks, heads, heads // groups, batch * heads, x.stride(0), x.stride(1), x.stride(2),
-                         B.stride(0), B.stride(1), B.stride(2), 0 if seq_idx is None else seq_idx.stride(0),
-                         P=headdim, N=dstate, Q=chunk, HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None,
-                         WHOLE=length % chunk == 0)
+    segments = walk_plan(batch * heads, nchunks, headdim, dstate, x.device)
+
+    def walk(ends_only: bool, walks: int) -> None:
+        grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), walks * triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
+        _states_kernel[grid](x, B, dt, cs, x if seq_idx is None else seq_idx, x if initial_states is None else initial_states, states,
+                             final, segments.ends, segments.carries, length, nchunks, heads, heads // groups, batch * heads, segments.count,
+                             segments.chunks, 0,
+                             x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+                             0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate, Q=chunk, HAS_INIT=initial_states is not None,
+                             HAS_SEQ=seq_idx is not None, WHOLE=length % chunk == 0, SEGMENTED=segments.count > 1, ENDS_ONLY=ends_only)
+
+    if segments.count > 1:
+        walk(True, segments.count - 1)
+        carry_through(segments, initial_states, batch * heads, reverse=False)
+    walk(False, segments.count)
     return states, final
 
 
