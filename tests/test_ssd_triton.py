@@ -161,5 +161,23 @@ def test_kernel_registers_reports_what_ptxas_and_triton_allocate(tmp_path, monke
     assert programs_per_sm(128, 4, 0) == 4 and programs_per_sm(64, 4, 100 * 1024) == 2  # 64K registers; 227 KiB
 
 
+def test_walks_split_only_where_there_are_fewer_than_the_sms(monkeypatch):
+    """walk_segments on a GPU of 132 SMs: 780m's 384 walks at 8 x 2048 and 1.3b's 256 stay whole; one 64K-token sequence's 48
+    walks become 8 segments each (3 walks per SM); too short a walk is not split. walk_plan leaves no segment empty."""
+    pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
+    from types import SimpleNamespace
+
+    from megassm.ops import ssd_triton_fwd as fwd
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(multi_processor_count=132))
+    gpu = torch.device("cuda")
+    assert [fwd.walk_segments(walks, chunks, gpu) for walks, chunks in ((384, 32), (256, 64), (48, 1024), (48, 512), (24, 256), (48, 20))] \
+        == [1, 1, 8, 8, 16, 1]
+    assert fwd.walk_segments(48, 1024, torch.device("cpu")) == 1
+    monkeypatch.setattr(fwd, "walk_segments", lambda walks, chunks, device: 4)
+    plan = fwd.walk_plan(2, 9, 16, 32, torch.device("cpu"))  # 9 chunks in 4 would leave one empty: 3 of 3
+    assert (plan.count, plan.chunks, tuple(plan.ends.shape), tuple(plan.carries.shape)) == (3, 3, (3, 2, 16, 32), (3, 2))
+
+
 if __name__ == "__main__":
     compare(*CASES[sys.argv[1]])
