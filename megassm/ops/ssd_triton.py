@@ -1,6 +1,6 @@
 """megassm's Triton SSD (the Mamba-2 state-space dual), forward and backward: megassm/ops/ssd.py's
-`ssd_chunked` in three forward and three backward kernels where mamba-ssm's Triton path launches about
-fifteen.
+`ssd_chunked` in three forward and three backward kernels (two more per chunk walk on one long sequence) where
+mamba-ssm's Triton path launches about fifteen.
 
 Why: at the 780m model the SSD took about a third of an H200 training step while running ~4x above
 the time its memory traffic needs; much of the gap is launches and intermediates (CB, dA_cumsum,

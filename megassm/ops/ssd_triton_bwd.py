@@ -1,12 +1,13 @@
 """The backward kernels of megassm's Triton SSD (the derivation: megassm/ops/ssd_triton.py).
 
 Three launches after the forward's dt kernel (and, when the forward's states were not kept, its states
-kernel): `_state_grads_kernel` walks the chunks in reverse and leaves G[c], the gradient of the state
-leaving each chunk; `_head_grads_kernel` then gives each head's dx, ddt (and partial sums of dA,
-d(dt_bias), dD) of a chunk from its tokens, its entering state and G[c], and `_group_grads_kernel` the dB
-and dC of a chunk summed over a group's heads; both parallel over chunks. The head kernel hands the group
-kernel each head's (Q, Q) W dt (bf16, as big as x at Q = headdim), which the group kernel would otherwise
-recompute (dy x^T and the decays): at 780m on an H200 the pair takes 0.870 ms per layer instead of 1.033.
+kernel; two more for a walk in segments, as in the forward): `_state_grads_kernel` walks the chunks in
+reverse and leaves G[c], the gradient of the state leaving each chunk; `_head_grads_kernel` then gives
+each head's dx, ddt (and partial sums of dA, d(dt_bias), dD) of a chunk from its tokens, its entering
+state and G[c], and `_group_grads_kernel` the dB and dC of a chunk summed over a group's heads; both
+parallel over chunks. The head kernel hands the group kernel each head's (Q, Q) W dt (bf16, as big as x
+at Q = headdim), which the group kernel would otherwise recompute (dy x^T and the decays): at 780m on an
+H200 the pair takes 0.870 ms per layer instead of 1.033.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Three launches: `_dt_kernel` (dt processing and the in-chunk cumsum of dt * A), `_states_kernel` (the
 sequential walk over chunks that leaves the state entering each chunk) and `_output_kernel` (each
-chunk's output from its own tokens and its entering state, parallel over chunks).
+chunk's output from its own tokens and its entering state, parallel over chunks). A walk split into segments
+(walk_plan: one long sequence) takes two launches more: its segments' ends and `_carry_kernel`.
 """
 
 from __future__ import annotations
