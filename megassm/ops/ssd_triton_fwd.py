@@ -166,7 +166,8 @@ def state_configs() -> list[triton.Config]:
 
 
 def segment_configs(configs: list[triton.Config], named_args: dict, SEGMENTED: bool, **kwargs) -> list[triton.Config]:
-    """The walks' candidates for this launch (state_configs; all of them where the list was replaced, as the tests do)."""
+    """The walks' candidates for this launch: the capped wide tile for a segmented walk, the other two for a whole one;
+    all of them where the list was replaced by one config (tools/tune_ssd_kernels.py pins one, the interpreter tests too)."""
     return [c for c in configs if (c.maxnreg is not None) == SEGMENTED] or configs
 
 
