@@ -136,13 +136,12 @@ def test_kernels_compile_for_the_gpu(tmp_path, monkeypatch):
     assert compile_sm90(fwd._dt_kernel, dt_constants, SSD_POINTERS).asm["cubin"]
     carry_constants = {"SIZE": 64 * 128, "HAS_START": True, "REVERSE": True, "BLOCK": fwd.CARRY_BLOCK}
     assert compile_sm90(fwd._carry_kernel, carry_constants, SSD_POINTERS).asm["cubin"]
-    walks = {"_states_kernel", "_state_grads_kernel"}
+    variants = {"_states_kernel": [{}, {"SEGMENTED": True}], "_state_grads_kernel": [{}, {"SEGMENTED": True}],
+                "_segment_ends_kernel": [{}, {"REVERSE": True}]}  # the walks also in segments, their ends in both directions
     for name, tuner in ssd_autotuners().items():
-        # The chunk walks also in segments: their ends, then the walks from the states handed over.
-        variants = [{}, {"SEGMENTED": True}, {"SEGMENTED": True, "ENDS_ONLY": True}] if name in walks else [{}]
         for config in tuner.configs:
             tuned = {k: v for k, v in config.all_kwargs().items() if v is not None}
-            for variant in variants:
+            for variant in variants.get(name, [{}]):
                 assert compile_ssd_kernel(tuner, {**tuned, **variant}).asm["cubin"]
 
 
@@ -175,8 +174,8 @@ def test_walks_split_only_where_there_are_fewer_than_the_sms(monkeypatch):
         == [1, 1, 8, 8, 16, 1]
     assert fwd.walk_segments(48, 1024, torch.device("cpu")) == 1
     monkeypatch.setattr(fwd, "walk_segments", lambda walks, chunks, device: 4)
-    plan = fwd.walk_plan(2, 9, 16, 32, torch.device("cpu"))  # 9 chunks in 4 would leave one empty: 3 of 3
-    assert (plan.count, plan.chunks, tuple(plan.ends.shape), tuple(plan.carries.shape)) == (3, 3, (3, 2, 16, 32), (3, 2))
+    plan = fwd.walk_plan(2, 9 * 16 - 5, 16, 16, 32, torch.device("cpu"))  # 9 chunks in 4 would leave one empty: 3 of 3
+    assert (plan.count, plan.chunks, plan.chunk, tuple(plan.ends.shape), tuple(plan.carries.shape)) == (3, 3, 16, (3, 2, 16, 32), (3, 2))
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def interpret_ssd_kernels() -> None:
     from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
 
     interpret_runtime_loop_bounds()
-    for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._output_kernel, ssd_triton_bwd._state_grads_kernel,
-                   ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
+    for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._segment_ends_kernel, ssd_triton_fwd._output_kernel,
+                   ssd_triton_bwd._state_grads_kernel, ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
         first = kernel.configs[0]
         kwargs = {key: 16 if key == "BLOCK_N" else value for key, value in first.kwargs.items()}
         kernel.configs = [triton.Config(kwargs, num_warps=first.num_warps, num_stages=first.num_stages)]

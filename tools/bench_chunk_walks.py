@@ -39,7 +39,7 @@ class TimedLaunches:
             start.record()
             self.kernel[grid](*args, **kwargs)
             end.record()
-            self.record.append((self.label + (" ends" if kwargs.get("ENDS_ONLY") else ""), start, end))
+            self.record.append((self.label, start, end))
         return launch
 
 
@@ -60,7 +60,8 @@ def main() -> int:
     dt, cs, _ = fwd.discretize(torch.randn(1, length, HEADS, device=cuda) - 2, -torch.rand(HEADS, device=cuda), None, True,
                                (0.0, float("inf")), CHUNK)
     record: list = []
-    kernels = {"states": (fwd, "_states_kernel"), "grads": (bwd, "_state_grads_kernel"), "carry": (fwd, "_carry_kernel")}
+    kernels = {"states": (fwd, "_states_kernel"), "grads": (bwd, "_state_grads_kernel"), "ends": (fwd, "_segment_ends_kernel"),
+               "carry": (fwd, "_carry_kernel")}
     real = {label: getattr(module, name) for label, (module, name) in kernels.items()}
     for label, (module, name) in kernels.items():
         setattr(module, name, TimedLaunches(real[label], label, record))

@@ -50,7 +50,7 @@ SSD_POINTERS = {name: "*fp32" for name in ("dt_ptr", "cs_ptr", "dt_out_ptr", "cs
                                            "slope_ptr", "slope_out_ptr", "ends_ptr", "carries_ptr", "start_ptr")}
 SSD_POINTERS["seq_ptr"] = "*i32"
 SSD_CONSTANTS = dict(P=64, N=128, BLOCK_P=64, BLOCK_N=128, HAS_SEQ=True, WHOLE=True, HAS_D=True, D_PER_CHANNEL=False, HAS_BIAS=True,
-                     SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True, SEGMENTED=False, ENDS_ONLY=False)
+                     SOFTPLUS=True, HAS_INIT=True, HAS_DFINAL=True, SEGMENTED=False, REVERSE=False)
 
 
 def ssd_autotuners() -> dict:
@@ -58,7 +58,7 @@ def ssd_autotuners() -> dict:
     from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
 
     return {name: getattr(module, name) for module, names in (
-        (ssd_triton_fwd, ("_states_kernel", "_output_kernel")),
+        (ssd_triton_fwd, ("_states_kernel", "_segment_ends_kernel", "_output_kernel")),
         (ssd_triton_bwd, ("_state_grads_kernel", "_head_grads_kernel", "_group_grads_kernel"))) for name in names}
 
 

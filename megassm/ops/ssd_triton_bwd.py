@@ -17,19 +17,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megassm.ops.ssd_triton_fwd import (_chunk_tokens, _decay, _same_document_causal, _segment_chunks, _segment_end,
-                                        _skip_weight, _state_tile, _store_tile, _tile, _walk_start, carry_through, head_slice, pow2,
-                                        segment_configs, state_configs, walk_plan)
+from megassm.ops.ssd_triton_fwd import (_chunk_rows, _chunk_tokens, _decay, _same_document_causal, _segment_chunks,
+                                        _skip_weight, _state_tile, _store_tile, _tile, _walk_start, hand_over, head_slice, pow2,
+                                        segment_configs, state_configs, walk_grid)
 
 
-@triton.autotune(configs=state_configs(), key=["batch_heads", "segments", "P", "N", "Q", "ENDS_ONLY"],
+@triton.autotune(configs=state_configs(), key=["batch_heads", "segments", "P", "N", "Q"],
                  prune_configs_by={"early_config_prune": segment_configs})
 @triton.jit
-def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, ends_ptr, carries_ptr, L, nchunks, H,
-                        heads_per_group, batch_heads, segments, segment_chunks, first_segment,
+def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, ends_ptr, L, nchunks, H,
+                        heads_per_group, batch_heads, segments, segment_chunks,
                         stride_dy_b, stride_dy_l, stride_dy_h, stride_C_b, stride_C_l, stride_C_g, stride_seq_b,
                         P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HAS_DFINAL: tl.constexpr, HAS_SEQ: tl.constexpr,
-                        SEGMENTED: tl.constexpr, ENDS_ONLY: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                        SEGMENTED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """For one (batch, head), a (BLOCK_P, BLOCK_N) tile and one segment of `segment_chunks` chunks, chunk after chunk
     from its last:
         dstates[c] = G (the gradient of the state leaving chunk c; at first d(final states)),
@@ -37,35 +37,26 @@ def _state_grads_kernel(dy_ptr, C_ptr, cs_ptr, seq_ptr, dfinal_ptr, dstates_ptr,
     and d(initial states) = G at the end of the first segment; G in fp32 registers, dstates in its dtype. G starts as
     d(final states), or, before the last segment, as _carry_kernel left it from the later segments' ends (as in
     _states_kernel)."""
-    segment, first_tile, bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, first_segment, P, N, SEGMENTED, BLOCK_P,
-                                                                        BLOCK_N)
-    grad = _walk_start(dfinal_ptr, ends_ptr, segment, segments, bh, batch_heads, P, N, tile, tile_ok, HAS_DFINAL, SEGMENTED, ENDS_ONLY,
-                       True, BLOCK_P, BLOCK_N)
+    segment, _, bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, 0, P, N, SEGMENTED, BLOCK_P, BLOCK_N)
+    grad = _walk_start(dfinal_ptr, ends_ptr, segment, segments, bh, batch_heads, P, N, tile, tile_ok, HAS_DFINAL, SEGMENTED, True,
+                       BLOCK_P, BLOCK_N)
     dy_base = dy_ptr + b * stride_dy_b + h * stride_dy_h
     C_base = C_ptr + b * stride_C_b + g * stride_C_g
     head_time = bh.to(tl.int64) * L
     first, stop = _segment_chunks(segment, segment_chunks, nchunks, SEGMENTED)
-    kept = 1.0
     for k in range(stop - first):
         c = stop - 1 - k
-        if not ENDS_ONLY:
-            tl.store(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, grad.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + tile, grad.to(dstates_ptr.dtype.element_ty), mask=tile_ok)
         # Row masks kept (WHOLE False): folding them away costs this kernel registers and, at 780m, its third program per SM.
         start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q, False)
         cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
         cs_last = tl.load(cs_ptr + head_time + start + last)
         weight = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
-        dy = tl.load(dy_base + start * stride_dy_l + (rows[:, None] * stride_dy_l + p[None, :]), mask=valid[:, None] & (p < P)[None, :],
-                     other=0.0)
-        Cc = tl.load(C_base + start * stride_C_l + (rows[:, None] * stride_C_l + n[None, :]), mask=valid[:, None] & (n < N)[None, :],
-                     other=0.0)
+        dy = _chunk_rows(dy_base, stride_dy_l, start, rows, valid, p, P)
+        Cc = _chunk_rows(C_base, stride_C_l, start, rows, valid, n, N)
         carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
-        kept *= carry
         grad = grad * carry + tl.dot(tl.trans((dy * weight[:, None]).to(dy.dtype)), Cc)
-    if ENDS_ONLY:
-        _segment_end(grad, kept, ends_ptr, carries_ptr, segment, first_tile, bh, batch_heads, P, N, tile, tile_ok)
-    else:
-        tl.store(dinit_ptr + bh.to(tl.int64) * P * N + tile, grad, mask=tile_ok & (segment == 0 or not SEGMENTED))
+    tl.store(dinit_ptr + bh.to(tl.int64) * P * N + tile, grad, mask=tile_ok & (segment == 0 or not SEGMENTED))
 
 
 @triton.jit
@@ -223,21 +214,13 @@ def state_grads(dy: Tensor, C: Tensor, cs: Tensor, seq_idx: Tensor | None, dfina
     nchunks = triton.cdiv(length, chunk)
     dstates = torch.empty(batch, nchunks, heads, headdim, dstate, dtype=dy.dtype, device=dy.device)
     dinit = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=dy.device)
-    segments = walk_plan(batch * heads, nchunks, headdim, dstate, dy.device)
-
-    def walk(ends_only: bool, first_segment: int, walks: int) -> None:
-        grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), walks * triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
-        _state_grads_kernel[grid](dy, C, cs, dy if seq_idx is None else seq_idx, dy if dfinal_states is None else dfinal_states, dstates,
-                                  dinit, segments.ends, segments.carries, length, nchunks, heads, heads // groups,
-                                  batch * heads, segments.count, segments.chunks, first_segment, dy.stride(0), dy.stride(1), dy.stride(2),
-                                  C.stride(0), C.stride(1), C.stride(2), 0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate,
-                                  Q=chunk, HAS_DFINAL=dfinal_states is not None, HAS_SEQ=seq_idx is not None,
-                                  SEGMENTED=segments.count > 1, ENDS_ONLY=ends_only)
-
-    if segments.count > 1:
-        walk(True, 1, segments.count - 1)
-        carry_through(segments, dfinal_states, batch * heads, reverse=True)
-    walk(False, 0, segments.count)
+    segments = hand_over(dy, C, cs, cs, seq_idx, dfinal_states, chunk, reverse=True)  # cs for the dt it does not read
+    grid = walk_grid(segments, batch * heads, headdim, dstate)
+    _state_grads_kernel[grid](dy, C, cs, dy if seq_idx is None else seq_idx, dy if dfinal_states is None else dfinal_states, dstates,
+                              dinit, segments.ends, length, nchunks, heads, heads // groups, batch * heads, segments.count, segments.chunks,
+                              dy.stride(0), dy.stride(1), dy.stride(2), C.stride(0), C.stride(1), C.stride(2),
+                              0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate, Q=chunk,
+                              HAS_DFINAL=dfinal_states is not None, HAS_SEQ=seq_idx is not None, SEGMENTED=segments.count > 1)
     return dstates, dinit
 
 

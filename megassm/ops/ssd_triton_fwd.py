@@ -62,6 +62,13 @@ def _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ: tl.constexpr, Q: tl.c
 
 
 @triton.jit
+def _chunk_rows(base, stride_l, start, rows, valid, cols, COLS: tl.constexpr):
+    """A chunk's (rows, cols) tile of a (token, column) operand, zero past the sequence and past COLS columns."""
+    return tl.load(base + start * stride_l + (rows[:, None] * stride_l + cols[None, :]), mask=valid[:, None] & (cols < COLS)[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def _state_tile(H, heads_per_group, first_segment, P: tl.constexpr, N: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_P: tl.constexpr,
                 BLOCK_N: tl.constexpr):
     """A chunk walk's program (grid: (batch x heads, p-tiles, segments x n-tiles)): its segment of the chunks (from
@@ -93,12 +100,9 @@ def _start_state(ptr, bh, P: tl.constexpr, N: tl.constexpr, tile, tile_ok, PRESE
 
 @triton.jit
 def _walk_start(start_ptr, ends_ptr, segment, segments, bh, batch_heads, P: tl.constexpr, N: tl.constexpr, tile, tile_ok,
-                HAS_START: tl.constexpr, SEGMENTED: tl.constexpr, ENDS_ONLY: tl.constexpr, REVERSE: tl.constexpr, BLOCK_P: tl.constexpr,
-                BLOCK_N: tl.constexpr):
-    """A walk's starting tile, fp32: zeros for a segment's end (ENDS_ONLY); the state at start_ptr (initial states,
-    d(final states) in REVERSE) for the segment walked first; else the state _carry_kernel handed its segment."""
-    if ENDS_ONLY:
-        return tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+                HAS_START: tl.constexpr, SEGMENTED: tl.constexpr, REVERSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A walk's starting tile, fp32: the state at start_ptr (initial states, d(final states) in REVERSE) for the segment
+    walked first; else the state _carry_kernel handed its segment."""
     state = _start_state(start_ptr, bh, P, N, tile, tile_ok, HAS_START, BLOCK_P, BLOCK_N)
     if SEGMENTED:
         handed_from = segment + 1 if REVERSE else segment - 1
@@ -113,16 +117,6 @@ def _segment_chunks(segment, segment_chunks, nchunks, SEGMENTED: tl.constexpr):
     if SEGMENTED:
         return segment * segment_chunks, tl.minimum(nchunks, (segment + 1) * segment_chunks)
     return 0, nchunks
-
-
-@triton.jit
-def _segment_end(state, carry, ends_ptr, carries_ptr, segment, first_tile, bh, batch_heads, P: tl.constexpr, N: tl.constexpr, tile,
-                 tile_ok):
-    """A segment walked from zero: its end (what it adds to the state it hands on) and its carry (the product of its
-    chunks' carries: what it keeps of the state it was handed), fp32, for _carry_kernel."""
-    slot = segment * batch_heads + bh
-    tl.store(ends_ptr + slot.to(tl.int64) * P * N + tile, state, mask=tile_ok)
-    tl.store(carries_ptr + slot, carry, mask=first_tile)
 
 
 @triton.jit
@@ -171,52 +165,41 @@ def segment_configs(configs: list[triton.Config], named_args: dict, SEGMENTED: b
     return [c for c in configs if (c.maxnreg is not None) == SEGMENTED] or configs
 
 
-@triton.autotune(configs=state_configs(), key=["batch_heads", "segments", "P", "N", "Q", "ENDS_ONLY"],
+@triton.autotune(configs=state_configs(), key=["batch_heads", "segments", "P", "N", "Q"],
                  prune_configs_by={"early_config_prune": segment_configs})
 @triton.jit
-def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, ends_ptr, carries_ptr, L, nchunks, H,
-                   heads_per_group, batch_heads, segments, segment_chunks, first_segment,
+def _states_kernel(x_ptr, B_ptr, dt_ptr, cs_ptr, seq_ptr, init_ptr, states_ptr, final_ptr, ends_ptr, L, nchunks, H,
+                   heads_per_group, batch_heads, segments, segment_chunks,
                    stride_x_b, stride_x_l, stride_x_h, stride_B_b, stride_B_l, stride_B_g, stride_seq_b,
                    P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr,
-                   WHOLE: tl.constexpr, SEGMENTED: tl.constexpr, ENDS_ONLY: tl.constexpr, BLOCK_P: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   WHOLE: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     """For one (batch, head), a (BLOCK_P, BLOCK_N) tile of the state and one segment of `segment_chunks` chunks,
     chunk after chunk:
         states[c] = S (the state entering chunk c; final states: the last one),
         S <- [doc_out == doc_in] exp(cs_last) S + sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,
     S in fp32 registers, stored in states' dtype (final states: fp32). S starts as the initial states, or, after the
-    first segment, as _carry_kernel left it from the segments' ends (the ENDS_ONLY launch: each segment but the last
-    walked from zero, nothing stored but its end). SEGMENTED: segments > 1 (a single walk compiles without their arithmetic, which
-    costs the wide tile its third program per SM). batch_heads and segments also key the autotuning (the best tile
-    depends on how many walks there are)."""
-    segment, first_tile, bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, first_segment, P, N, SEGMENTED, BLOCK_P,
-                                                                        BLOCK_N)
-    state = _walk_start(init_ptr, ends_ptr, segment, segments, bh, batch_heads, P, N, tile, tile_ok, HAS_INIT, SEGMENTED, ENDS_ONLY,
-                        False, BLOCK_P, BLOCK_N)
+    first segment, as _carry_kernel left it from the segments' ends (_segment_ends_kernel). SEGMENTED: segments > 1 (a
+    single walk compiles without their arithmetic, which costs the wide tile its third program per SM). batch_heads and
+    segments also key the autotuning (the best tile depends on how many walks there are)."""
+    segment, _, bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, 0, P, N, SEGMENTED, BLOCK_P, BLOCK_N)
+    state = _walk_start(init_ptr, ends_ptr, segment, segments, bh, batch_heads, P, N, tile, tile_ok, HAS_INIT, SEGMENTED, False,
+                        BLOCK_P, BLOCK_N)
     first, stop = _segment_chunks(segment, segment_chunks, nchunks, SEGMENTED)
     x_base = x_ptr + b * stride_x_b + h * stride_x_h
     B_base = B_ptr + b * stride_B_b + g * stride_B_g
     head_time = bh.to(tl.int64) * L  # (b, h) row of dt and cs
-    kept = 1.0
     for c in range(first, stop):
-        if not ENDS_ONLY:
-            tl.store(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(states_ptr + ((b * nchunks + c) * H + h) * P * N + tile, state.to(states_ptr.dtype.element_ty), mask=tile_ok)
         start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q, WHOLE)
         cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
         cs_last = tl.load(cs_ptr + head_time + start + last)
         dt = tl.load(dt_ptr + head_time + start + rows, mask=valid, other=0.0)
         weight = tl.where(valid & (doc == doc_out), tl.exp(cs_last - cs) * dt, 0.0)
-        x = tl.load(x_base + start * stride_x_l + (rows[:, None] * stride_x_l + p[None, :]), mask=valid[:, None] & (p < P)[None, :],
-                    other=0.0)
-        Bc = tl.load(B_base + start * stride_B_l + (rows[:, None] * stride_B_l + n[None, :]), mask=valid[:, None] & (n < N)[None, :],
-                     other=0.0)
+        x = _chunk_rows(x_base, stride_x_l, start, rows, valid, p, P)
+        Bc = _chunk_rows(B_base, stride_B_l, start, rows, valid, n, N)
         carry = tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
-        kept *= carry
         state = state * carry + tl.dot(tl.trans((x * weight[:, None]).to(x.dtype)), Bc)
-    if ENDS_ONLY:
-        _segment_end(state, kept, ends_ptr, carries_ptr, segment, first_tile, bh, batch_heads, P, N, tile, tile_ok)
-    else:
-        tl.store(final_ptr + bh.to(tl.int64) * P * N + tile, state, mask=tile_ok & (segment == segments - 1 or not SEGMENTED))
+    tl.store(final_ptr + bh.to(tl.int64) * P * N + tile, state, mask=tile_ok & (segment == segments - 1 or not SEGMENTED))
 
 
 def _output_configs() -> list[triton.Config]:
@@ -325,6 +308,64 @@ def states_shape(batch: int, length: int, heads: int, headdim: int, dstate: int,
     return batch, triton.cdiv(length, chunk), heads, headdim, dstate
 
 
+def ends_configs() -> list[triton.Config]:
+    """The segments' ends: the wide tile, operands of the next chunks prefetched (a matmul's K loop)."""
+    return [triton.Config({"BLOCK_P": 64, "BLOCK_N": 128}, num_warps=4, num_stages=s) for s in (3, 2)]
+
+
+@triton.autotune(configs=ends_configs(), key=["batch_heads", "segments", "P", "N", "Q", "REVERSE"])
+@triton.jit
+def _segment_ends_kernel(v_ptr, k_ptr, dt_ptr, cs_ptr, seq_ptr, ends_ptr, carries_ptr, L, nchunks, H, heads_per_group, batch_heads,
+                         segments, segment_chunks, first_segment, stride_v_b, stride_v_l, stride_v_h, stride_k_b, stride_k_l,
+                         stride_k_g, stride_seq_b, P: tl.constexpr, N: tl.constexpr, Q: tl.constexpr, HAS_SEQ: tl.constexpr,
+                         WHOLE: tl.constexpr, REVERSE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For one (batch, head), a (BLOCK_P, BLOCK_N) tile and one segment: its end E, what the segment walked from zero
+    hands on, and its carry K, the product of its chunks' carries (what it keeps of the state it is handed). Unrolled,
+    the walk from zero is a sum over the segment's chunks with the carries of the chunks walked after each as weights:
+        states (v, k = x, B):          E = sum_c K_after(c) sum_j [doc_j == doc_out] exp(cs_last - cs_j) dt_j x_j B_j^T,
+        state gradients (REVERSE; dy, C): E = sum_c K_before(c) sum_i [doc_i == doc_in] exp(cs_i) dy_i C_i^T,
+    so the chunks are taken against the walk's direction, K growing as a scalar, and E accumulates dot after dot as a
+    matmul does, never rescaled (the walk waits on each dot to rescale its state)."""
+    segment, first_tile, bh, b, h, g, p, n, tile, tile_ok = _state_tile(H, heads_per_group, first_segment, P, N, True, BLOCK_P, BLOCK_N)
+    first, stop = _segment_chunks(segment, segment_chunks, nchunks, True)
+    v_base = v_ptr + b * stride_v_b + h * stride_v_h
+    k_base = k_ptr + b * stride_k_b + g * stride_k_g
+    head_time = bh.to(tl.int64) * L
+    end = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    kept = 1.0
+    for i in range(stop - first):
+        c = first + i if REVERSE else stop - 1 - i
+        start, rows, valid, last, doc, doc_in, doc_out = _chunk_tokens(b, c, L, seq_ptr, stride_seq_b, HAS_SEQ, Q, WHOLE)
+        cs = tl.load(cs_ptr + head_time + start + rows, mask=valid, other=0.0)
+        cs_last = tl.load(cs_ptr + head_time + start + last)
+        if REVERSE:
+            weight = tl.where(valid & (doc == doc_in), tl.exp(cs), 0.0)
+        else:
+            dt = tl.load(dt_ptr + head_time + start + rows, mask=valid, other=0.0)
+            weight = tl.where(valid & (doc == doc_out), tl.exp(cs_last - cs) * dt, 0.0)
+        v = _chunk_rows(v_base, stride_v_l, start, rows, valid, p, P)
+        k = _chunk_rows(k_base, stride_k_l, start, rows, valid, n, N)
+        end = tl.dot(tl.trans((v * (weight * kept)[:, None]).to(v.dtype)), k, end)
+        kept *= tl.where(doc_out == doc_in, tl.exp(cs_last), 0.0)
+    slot = segment * batch_heads + bh
+    tl.store(ends_ptr + slot.to(tl.int64) * P * N + tile, end, mask=tile_ok)
+    tl.store(carries_ptr + slot, kept, mask=first_tile)
+
+
+def segment_ends(v: Tensor, k: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, segments: Segments, reverse: bool) -> None:
+    """Each segment's end and carry into `segments` (_segment_ends_kernel): of all segments but the one walked last."""
+    batch, length, heads, headdim = v.shape
+    groups, dstate = k.shape[2:]
+    chunk = segments.chunk
+    grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]),  # noqa: E731
+                         (segments.count - 1) * triton.cdiv(dstate, meta["BLOCK_N"]))
+    _segment_ends_kernel[grid](v, k, dt, cs, v if seq_idx is None else seq_idx, segments.ends, segments.carries, length,
+                               triton.cdiv(length, chunk), heads, heads // groups, batch * heads, segments.count, segments.chunks,
+                               1 if reverse else 0, v.stride(0), v.stride(1), v.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                               0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate, Q=chunk, HAS_SEQ=seq_idx is not None,
+                               WHOLE=length % chunk == 0, REVERSE=reverse)
+
+
 @triton.jit
 def _carry_kernel(start_ptr, ends_ptr, carries_ptr, batch_heads, segments, SIZE: tl.constexpr, HAS_START: tl.constexpr,
                   REVERSE: tl.constexpr, BLOCK: tl.constexpr):
@@ -348,10 +389,11 @@ def _carry_kernel(start_ptr, ends_ptr, carries_ptr, batch_heads, segments, SIZE:
 class Segments(NamedTuple):
     """How the chunk walks split each (batch, head)'s chunks: `count` segments of `chunks` chunks walked at once, each
     handed its entering state by _carry_kernel from the ends (count, batch_heads, P, N) and carries (count, batch_heads),
-    fp32, that an ENDS_ONLY walk of the segments leaves."""
+    fp32, that _segment_ends_kernel leaves; `chunk`: tokens per chunk."""
 
     count: int
     chunks: int
+    chunk: int
     ends: Tensor
     carries: Tensor
 
@@ -368,12 +410,13 @@ def walk_segments(batch_heads: int, nchunks: int, device: torch.device) -> int:
     return max(1, min(WALKS_PER_SM * sms // batch_heads, nchunks // MIN_SEGMENT_CHUNKS))
 
 
-def walk_plan(batch_heads: int, nchunks: int, headdim: int, dstate: int, device: torch.device) -> Segments:
-    """The segments of each walk (none of them empty) and their buffers (empty for one segment)."""
+def walk_plan(batch_heads: int, length: int, chunk: int, headdim: int, dstate: int, device: torch.device) -> Segments:
+    """The segments of each walk over the chunks of `chunk` tokens (none of them empty) and their buffers (empty for one)."""
+    nchunks = triton.cdiv(length, chunk)
     chunks = triton.cdiv(nchunks, walk_segments(batch_heads, nchunks, device))
     count = triton.cdiv(nchunks, chunks)
     slots = count if count > 1 else 0
-    return Segments(count, chunks, torch.empty(slots, batch_heads, headdim, dstate, dtype=torch.float32, device=device),
+    return Segments(count, chunks, chunk, torch.empty(slots, batch_heads, headdim, dstate, dtype=torch.float32, device=device),
                     torch.empty(slots, batch_heads, dtype=torch.float32, device=device))
 
 
@@ -385,6 +428,23 @@ def carry_through(segments: Segments, start: Tensor | None, batch_heads: int, re
                         HAS_START=start is not None, REVERSE=reverse, BLOCK=CARRY_BLOCK)
 
 
+def hand_over(v: Tensor, k: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, start: Tensor | None, chunk: int,
+              reverse: bool) -> Segments:
+    """The segments of a walk over v's chunks (walk_plan) and, where there are several, the state each is handed
+    (segment_ends, then carry_through from `start`: initial states, d(final states) in reverse)."""
+    batch, length, heads, headdim = v.shape
+    segments = walk_plan(batch * heads, length, chunk, headdim, k.shape[-1], v.device)
+    if segments.count > 1:
+        segment_ends(v, k, dt, cs, seq_idx, segments, reverse)
+        carry_through(segments, start, batch * heads, reverse)
+    return segments
+
+
+def walk_grid(segments: Segments, batch_heads: int, headdim: int, dstate: int):
+    """A walk kernel's grid: (batch x heads, p-tiles, segments x n-tiles)."""
+    return lambda meta: (batch_heads, triton.cdiv(headdim, meta["BLOCK_P"]), segments.count * triton.cdiv(dstate, meta["BLOCK_N"]))
+
+
 def chunk_states(x: Tensor, B: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, initial_states: Tensor | None,
                  chunk: int) -> tuple[Tensor, Tensor]:
     """(states (b, nchunks, h, p, n) in x's dtype: the state entering each chunk; final states (b, h, p, n) fp32).
@@ -394,21 +454,13 @@ def chunk_states(x: Tensor, B: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor |
     states = torch.empty(states_shape(batch, length, heads, headdim, dstate, chunk), dtype=x.dtype, device=x.device)
     nchunks = states.shape[1]
     final = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=x.device)
-    segments = walk_plan(batch * heads, nchunks, headdim, dstate, x.device)
-
-    def walk(ends_only: bool, walks: int) -> None:
-        grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), walks * triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
-        _states_kernel[grid](x, B, dt, cs, x if seq_idx is None else seq_idx, x if initial_states is None else initial_states, states,
-                             final, segments.ends, segments.carries, length, nchunks, heads, heads // groups, batch * heads, segments.count,
-                             segments.chunks, 0,
-                             x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
-                             0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate, Q=chunk, HAS_INIT=initial_states is not None,
-                             HAS_SEQ=seq_idx is not None, WHOLE=length % chunk == 0, SEGMENTED=segments.count > 1, ENDS_ONLY=ends_only)
-
-    if segments.count > 1:
-        walk(True, segments.count - 1)
-        carry_through(segments, initial_states, batch * heads, reverse=False)
-    walk(False, segments.count)
+    segments = hand_over(x, B, dt, cs, seq_idx, initial_states, chunk, reverse=False)
+    grid = walk_grid(segments, batch * heads, headdim, dstate)
+    _states_kernel[grid](x, B, dt, cs, x if seq_idx is None else seq_idx, x if initial_states is None else initial_states, states, final,
+                         segments.ends, length, nchunks, heads, heads // groups, batch * heads, segments.count, segments.chunks,
+                         x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
+                         0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate, Q=chunk, HAS_INIT=initial_states is not None,
+                         HAS_SEQ=seq_idx is not None, WHOLE=length % chunk == 0, SEGMENTED=segments.count > 1)
     return states, final
 
 
