@@ -14,7 +14,7 @@ CASES = {"documents": (True, True, False, 45), "one-document": (False, True, Fal
          "halo": (True, True, True, 45), "halo-one-document": (False, True, True, 45), "halo-one-token": (False, True, True, 1)}
 
 
-def compare(documents: bool, with_bias: bool, with_halo: bool, seqlen: int) -> None:
+def compare(documents: bool, with_bias: bool, with_halo: bool, seqlen: int, width: int = 4) -> None:
     """Output and the gradients of x (a strided slice, as the mixer passes it), weight, bias and the
     halo (context parallelism's previous rows), with more tokens and channels than one tile of any
     kernel, and not multiples of it."""
@@ -22,12 +22,12 @@ def compare(documents: bool, with_bias: bool, with_halo: bool, seqlen: int) -> N
     from megassm.ops.conv_triton import causal_conv1d_silu, conv1d_silu_backward
 
     torch.manual_seed(0)
-    batch, channels, width = 2, 150, 4
+    batch, channels = 2, 150
     wide = torch.randn(batch, seqlen, channels + 7)
     weight, bias = torch.randn(channels, width), torch.randn(channels) if with_bias else None
     seq_idx = torch.tensor([[0] * 10 + [1] * 3 + [2] * 32, [7] * 31 + [8] * 14]) if documents else None
     # The first sequence's halo ends inside its first document, the second's holds another document.
-    halo_seq_idx = torch.tensor([[5, 0, 0], [6, 6, 6]]) if documents else None
+    halo_seq_idx = torch.tensor([[5] + [0] * (width - 2), [6] * (width - 1)]) if documents else None
     halo_input = torch.randn(batch, width - 1, channels) if with_halo else None
     upstream = torch.randn(batch, seqlen, channels)
     results = []
@@ -67,15 +67,12 @@ def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
     from tools.kernel_registers import compile_sm90
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    flags = dict(HAS_BIAS=options, HAS_SEQ=options, HAS_HALO=options)
-    tiles = dict(BLOCK_L=conv_triton.BLOCK_L, BLOCK_D=conv_triton.BLOCK_D)
-    grads = {"HAS_SEQ": flags["HAS_SEQ"], "TAPS": 4, "BLOCK_L": conv_triton.GRAD_BLOCK_L, "BLOCK_D": conv_triton.GRAD_BLOCK_D}
-    kernels = {conv_triton._forward_kernel: ({**flags, **tiles}, {}), conv_triton._grad_pre_kernel: ({**flags, **tiles}, {}),
-               conv_triton._grad_input_kernel: (grads, {"num_warps": conv_triton.GRAD_WARPS})}
-    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dwb_ptr": "*fp32"}  # dpre: bf16, as in training
-    for kernel, (constants, options) in kernels.items():
-        assert compile_sm90(kernel, {**constants, "WIDTH": 4}, pointer, options=options).asm["cubin"]
-
+    flags = dict(HAS_BIAS=options, HAS_SEQ=options, HAS_HALO=options, WIDTH=4)
+    kernels = {conv_triton._conv_forward_kernel: conv_triton.FORWARD, conv_triton._conv_backward_kernel: conv_triton.BACKWARD}
+    pointer = {"seq_ptr": "*i32", "hseq_ptr": "*i32", "dwb_ptr": "*fp32", "head_ptr": "*fp32"}
+    for kernel, launch in kernels.items():
+        constants = {**flags, "ROWS": launch.rows, "BLOCK_D": launch.block_d}
+        assert compile_sm90(kernel, constants, pointer, options={"num_warps": launch.warps}).asm["cubin"]
 
 if __name__ == "__main__":
     from megassm.ops import conv_triton
@@ -83,7 +80,10 @@ if __name__ == "__main__":
 
     interpret_runtime_loop_bounds()
     compare(*CASES[sys.argv[1]])
-    # Several tiles per program of the dx and dw kernel, a run crossing into the next batch row, and a last program
-    # with fewer tiles than the others: 4-row tiles, 15 programs.
-    conv_triton.GRAD_BLOCK_L, conv_triton.GRAD_PROGRAMS = 4, 15
-    compare(*CASES[sys.argv[1]])
+    # Several spans per batch row of several blocks each, the last reaching past the end, and blocks of channels with a
+    # partial last one: 2-row blocks, 3 blocks of 64 channels, 24 programs aimed at (4 spans of 6 blocks per row at 45
+    # tokens); widths 2 and 5.
+    conv_triton.FORWARD = conv_triton.BACKWARD = conv_triton.Launch(block_d=64, warps=1, rows=2)
+    conv_triton.PROGRAMS = 24
+    for width in (2, 5):
+        compare(*CASES[sys.argv[1]], width=width)

@@ -44,7 +44,7 @@ FAMILIES = (
     ("SSD scan (megassm Triton)", r"^_(dt|states|carry|output|state_grads|head_grads|group_grads)_kernel$"),
     ("RMSNorms (mamba-ssm Triton)", r"_layer_norm|_rms_norm"),
     ("RMSNorms (megassm Triton)", r"^_gated_norm_backward_kernel$"),
-    ("conv1d (megassm Triton)", r"^_(forward|grad_pre|grad_input)_kernel$"),
+    ("conv1d (megassm Triton)", r"^_conv_(forward|backward)_kernel$"),
     ("cross-entropy (megassm Triton)", r"^_loss_and_grad_kernel$"),
     ("matmuls (cuBLAS)", r"gemm|cutlass|xmma|sm90|sm80|cublas|Kernel2"),
     ("compiled elementwise (inductor)", r"^triton_"),

@@ -9,7 +9,7 @@ fused path calls), when installed.
 
     python tools/bench_conv.py [--sweep]
 
---sweep also times the backward under other tiles (conv_triton's BLOCK_* constants).
+--sweep also times both under other launch parameters (conv_triton's FORWARD, BACKWARD and PROGRAMS).
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ WIDTH, DOCUMENTS = 4, 4
 # name: (batch, seqlen, conv channels = d_inner + 2 * ngroups * d_state, in_proj width)
 SHAPES = {"780m": (8, 2048, 3328, 6448), "780m-32k": (1, 32768, 3328, 6448), "130m": (8, 2048, 1792, 3352),
           "1.3b": (4, 4096, 4352, 8512)}
-SWEEP = {"BLOCK_L": (16, 32, 64), "GRAD_BLOCK_L": (16, 32), "GRAD_BLOCK_D": (32, 64, 128)}
+# Launch parameters (block_d, warps, rows) tried for both kernels, each with PROGRAMS of 2048 and 4096.
+SWEEP = [(256, 1, 8), (256, 2, 8), (128, 1, 8), (256, 1, 4), (128, 1, 4), (512, 4, 8), (256, 1, 16)]
 
 
 def conv_inputs(batch: int, seqlen: int, channels: int, width: int, device: torch.device) -> dict:
@@ -86,7 +87,7 @@ def peer_times(t: dict) -> dict | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", action="store_true", help="also time the backward under other launch parameters")
+    parser.add_argument("--sweep", action="store_true", help="also time both under other launch parameters")
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -102,17 +103,18 @@ def main() -> int:
         print(line + " | errors " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
         if not args.sweep:
             continue
-        default = {key: getattr(conv_triton, key) for key in SWEEP}
-        for values in itertools.product(*SWEEP.values()):
-            for key, value in zip(SWEEP, values):
-                setattr(conv_triton, key, value)
+        default = conv_triton.FORWARD, conv_triton.BACKWARD, conv_triton.PROGRAMS
+        for launch, programs in itertools.product(SWEEP, (2048, 4096)):
+            conv_triton.FORWARD = conv_triton.BACKWARD = conv_triton.Launch(*launch)
+            conv_triton.PROGRAMS = programs
             try:
                 worst = max(check(t).values())
-                print(f"  {dict(zip(SWEEP, values))} bwd {megassm_times(t)['backward']:.3f} ms, max error {worst:.1e}", flush=True)
+                times = megassm_times(t)
+                print(f"  {conv_triton.FORWARD}, programs {programs}: fwd {times['forward']:.3f} bwd {times['backward']:.3f} ms, "
+                      f"max error {worst:.1e}", flush=True)
             except Exception as error:  # a configuration the compiler or the GPU refuses: report it, go on
-                print(f"  {dict(zip(SWEEP, values))} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
-        for key, value in default.items():
-            setattr(conv_triton, key, value)
+                print(f"  {conv_triton.FORWARD}, programs {programs} failed: {type(error).__name__}: {str(error)[:200]}", flush=True)
+        conv_triton.FORWARD, conv_triton.BACKWARD, conv_triton.PROGRAMS = default
     return 0
 
 

@@ -2,157 +2,301 @@
 
 Why: the PyTorch version (megassm/ops/conv.py), even fused by torch.compile, took ~1.4 ms per
 780m layer (forward + backward, 8 x 2048 tokens) where reading and writing its tensors takes ~0.3 ms;
-mamba-ssm's peer pads, transposes and slices around cuDNN. Here a program owns a tile of tokens x
-channels and reads the `width` shifted rows it needs straight from the input (neighbouring tiles'
-rows come from cache), so the forward reads x once and writes y once. Document boundaries (seq_idx)
-mask taps that reach into another document, as the reference does. The backward recomputes the
-pre-activation (cheaper than storing it), writes d(pre-activation) in x's dtype (bf16 in training, as
-PyTorch's autograd of a bf16 silu keeps it; fp32 would move 1.5x the backward's bytes), and takes dx from that;
-the weight and bias gradients are summed per tile, then over tiles.
-Sums are fp32; y and dx have x's dtype. A halo (context parallelism: the previous rank's last
-width-1 rows; a decoding step's conv state) is read by the taps that reach before row 0, from its own
+mamba-ssm's peer pads, transposes and slices around cuDNN. Here a program owns BLOCK_D channels of a
+span of consecutive rows and slides down it: each row is loaded once and kept in registers for the
+width-1 rows after it, so every tap is a register. (Tiles of rows x channels loading each tap's shifted
+rows again were issue-bound at 60% of the bandwidth on an H200: four loads and conversions per value.)
+Rows are loaded ROWS at a time before any is used, so that their loads are in flight together (a store
+between two loads would hold the second back). Document boundaries (seq_idx) mask taps that reach into
+another document, as the reference does.
+The backward is one pass: at row t it recomputes the pre-activation, forms d(pre-activation) and adds
+it to the dx of the width rows whose taps read it, finishing row t-(width-1); a span reads width-1 rows
+past its end to finish its last rows. The weight and bias gradients are summed in registers over the
+span, then over spans. Sums are fp32; y and dx have x's dtype. A halo (context parallelism: the previous
+rank's last width-1 rows; a decoding step's conv state) holds the rows before row 0, read from its own
 tensor: putting it in front of x would copy x, and give back a gradient to slice, each time (three
 copies of the layer's widest activation per CP layer and step).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-BLOCK_L, BLOCK_D = 32, 128  # a program's tile of tokens x channels
-# dx and dw's kernel: its tiles, about how many programs share them, and its warps (on an H200 at 780m, 8 x 64 tiles at
-# 2 warps took 0.87x the time of 16 x 64 at 4: bench/raw/h200_run14_call1_sweep_mem.txt)
-GRAD_BLOCK_L, GRAD_BLOCK_D, GRAD_PROGRAMS, GRAD_WARPS = 8, 64, 2048, 2
+
+
+class Launch(NamedTuple):
+    """A kernel's launch parameters: its program's channels (4 or 8 per thread: 8- or 16-byte loads of bf16), warps,
+    and how many rows it loads at once."""
+
+    block_d: int
+    warps: int
+    rows: int
+
+
+# The fastest of a sweep on an H200 at 780m (bench/raw/h200_run16_call4_conv_sweep.txt): the forward at 8 values per
+# thread, the backward (more registers per value) at 4. About how many programs a launch aims at (spans of rows x
+# blocks of channels).
+FORWARD, BACKWARD = Launch(block_d=256, warps=1, rows=8), Launch(block_d=128, warps=1, rows=8)
+PROGRAMS = 2048
 
 
 @triton.jit
-def _tile(L, D, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's batch row, token rows and channels."""
-    n_blocks = tl.cdiv(L, BLOCK_L)
-    batch = tl.program_id(0) // n_blocks
-    rows = (tl.program_id(0) % n_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
+def _span(spans, blocks, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's batch row, its span's first row (spans of `blocks` x ROWS rows, `spans` per batch row), its
+    channels and which exist."""
+    batch = tl.program_id(0) // spans
+    first = (tl.program_id(0) % spans) * blocks * ROWS
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    return batch, rows, cols
+    return batch, first, cols, cols < D
 
 
 @triton.jit
-def _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows, other, row_ok, L,
-              HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
-    """Rows `other` (any shape broadcasting with `rows`) that exist, in x or, before row 0, in the halo,
-    and hold the same document as `rows` when seq_idx is given."""
-    in_x = row_ok & (other >= 0) & (other < L)
-    in_halo = row_ok & (other < 0) & (other >= 1 - WIDTH)
-    ok = in_x
-    if HAS_HALO:
-        ok = ok | in_halo
+def _row(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, row, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl, stride_sb,
+         stride_hsb, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
+    """Row `row` of x in x's dtype (the halo's before row 0; zeros where neither has it) and its document (int32)."""
+    in_x = (row >= 0) & (row < L)
+    x = tl.load(x_ptr + batch.to(tl.int64) * stride_xb + row.to(tl.int64) * stride_xl + cols, mask=in_x & col_ok, other=0.0)
+    doc = tl.zeros((), tl.int32)
     if HAS_SEQ:
-        mine = tl.load(seq_ptr + batch * stride_sb + rows, mask=row_ok, other=-1)
-        theirs = tl.load(seq_ptr + batch * stride_sb + other, mask=in_x, other=-2)
-        if HAS_HALO:
-            theirs = tl.where(in_halo, tl.load(hseq_ptr + batch * stride_hsb + other + WIDTH - 1, mask=in_halo, other=-2), theirs)
-        ok = ok & (mine == theirs)
-    return ok
+        doc = tl.load(seq_ptr + batch.to(tl.int64) * stride_sb + row, mask=in_x, other=-1)
+    if HAS_HALO:
+        in_halo = (row < 0) & (row >= 1 - WIDTH)
+        halo = tl.load(h_ptr + batch * stride_hb + (row + WIDTH - 1) * stride_hl + cols, mask=in_halo & col_ok, other=0.0)
+        x = tl.where(in_halo, halo, x)
+        if HAS_SEQ:
+            doc = tl.where(in_halo, tl.load(hseq_ptr + batch * stride_hsb + row + WIDTH - 1, mask=in_halo, other=-1), doc)
+    return x, doc
 
 
 @triton.jit
-def _load_rows(x_ptr, h_ptr, batch, source, offsets, ok, stride_xb, stride_xl, stride_hb, stride_hl,
-               HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
-    """x's rows `source` (zeros where not ok) at column `offsets`, the halo's before row 0; fp32."""
-    x_rows = x_ptr + batch * stride_xb + source * stride_xl + offsets
-    if not HAS_HALO:  # ok already excludes rows before 0
-        return tl.load(x_rows, mask=ok, other=0.0).to(tl.float32)
-    halo_rows = h_ptr + batch * stride_hb + (source + WIDTH - 1) * stride_hl + offsets
-    return (tl.load(x_rows, mask=ok & (source >= 0), other=0.0).to(tl.float32)
-            + tl.load(halo_rows, mask=ok & (source < 0), other=0.0).to(tl.float32))
+def _shift(window, newest, WIDTH: tl.constexpr):
+    """A window of the width-1 rows before t, oldest first, moved on by one row."""
+    moved = ()
+    for k in tl.static_range(1, WIDTH - 1):
+        moved = moved + (window[k],)
+    return moved + (newest,)
 
 
 @triton.jit
-def _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
-                    stride_sb, stride_hsb, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr,
-                    BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    row_ok, col_ok = rows < L, cols < D
-    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
+def _window_before(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl,
+                   stride_sb, stride_hsb, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
+    """The width-1 rows before `first` (fp32) and their documents, oldest first."""
+    xs = ()
+    docs = ()
+    for k in tl.static_range(WIDTH - 1):
+        x, doc = _row(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first - (WIDTH - 1) + k, cols, col_ok, L, stride_xb, stride_xl,
+                      stride_hb, stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH)
+        xs = xs + (x.to(tl.float32),)
+        docs = docs + (doc,)
+    return xs, docs
+
+
+@triton.jit
+def _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, base, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl, stride_sb,
+                stride_hsb, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+    """Rows base .. base+ROWS-1 of x and their documents, every load issued before any value is used."""
+    xs = ()
+    docs = ()
+    for i in tl.static_range(ROWS):
+        x, doc = _row(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, base + i, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl,
+                      stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH)
+        xs = xs + (x,)
+        docs = docs + (doc,)
+    return xs, docs
+
+
+@triton.jit
+def _load_dy(dy_rows, base, stride_dyl, col_ok, L, ROWS: tl.constexpr):
+    """Rows base .. base+ROWS-1 of dy (zeros past the end), loads issued together."""
+    dys = ()
+    for i in tl.static_range(ROWS):
+        dys = dys + (tl.load(dy_rows + (base + i).to(tl.int64) * stride_dyl, mask=col_ok & (base + i < L), other=0.0),)
+    return dys
+
+
+@triton.jit
+def _weights(w_ptr, b_ptr, cols, col_ok, HAS_BIAS: tl.constexpr, WIDTH: tl.constexpr):
+    """The taps' weights of these channels (tap k reads row t-(width-1)+k) and the bias, fp32."""
+    w = ()
     for k in tl.static_range(WIDTH):
-        source = rows - (WIDTH - 1) + k
-        ok = _tap_mask(seq_ptr, hseq_ptr, batch, stride_sb, stride_hsb, rows, source, row_ok, L, HAS_SEQ, HAS_HALO, WIDTH)
-        x = _load_rows(x_ptr, h_ptr, batch, source[:, None], cols[None, :], ok[:, None] & col_ok[None, :], stride_xb, stride_xl,
-                       stride_hb, stride_hl, HAS_HALO, WIDTH)
-        w = tl.load(w_ptr + cols * WIDTH + k, mask=col_ok, other=0.0)
-        acc += x * w.to(tl.float32)[None, :]
+        w = w + (tl.load(w_ptr + cols * WIDTH + k, mask=col_ok, other=0.0).to(tl.float32),)
+    bias = tl.zeros(cols.shape, tl.float32)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc
+        bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return w, bias
 
 
 @triton.jit
-def _forward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, y_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
-                    stride_sb, stride_hsb, stride_yb, stride_yl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
-                    WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
-    pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb,
-                          stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L, BLOCK_D)
-    y = pre * tl.sigmoid(pre)
-    mask = (rows < L)[:, None] & (cols < D)[None, :]
-    tl.store(y_ptr + batch * stride_yb + rows[:, None] * stride_yl + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+def _taps(window, docs, doc, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr):
+    """The window's rows as row t's taps read them: zero where a row holds another document than t's."""
+    taps = ()
+    for k in tl.static_range(WIDTH - 1):
+        tap = window[k]
+        if HAS_SEQ:
+            tap = tl.where(docs[k] == doc, tap, 0.0)
+        taps = taps + (tap,)
+    return taps
 
 
 @triton.jit
-def _grad_pre_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr, dpre_ptr, L, D, stride_xb, stride_xl, stride_hb, stride_hl,
-                     stride_sb, stride_hsb, stride_dyb, stride_dyl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr,
-                     WIDTH: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """d(pre-activation) of the tile, in dpre's dtype, contiguous (b, l, d)."""
-    batch, rows, cols = _tile(L, D, BLOCK_L, BLOCK_D)
-    mask = (rows < L)[:, None] & (cols < D)[None, :]
-    pre = _pre_activation(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, batch, rows, cols, L, D, stride_xb, stride_xl, stride_hb,
-                          stride_hl, stride_sb, stride_hsb, HAS_BIAS, HAS_SEQ, HAS_HALO, WIDTH, BLOCK_L, BLOCK_D)
-    dy = tl.load(dy_ptr + batch * stride_dyb + rows[:, None] * stride_dyl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _pre_activation(taps, x, w, bias, WIDTH: tl.constexpr):
+    pre = bias + w[WIDTH - 1] * x
+    for k in tl.static_range(WIDTH - 1):
+        pre += w[k] * taps[k]
+    return pre
+
+
+@triton.jit
+def _one_document(docs, row_docs, WIDTH: tl.constexpr, ROWS: tl.constexpr):
+    """Whether the window and a block of rows hold one document (no tap masked: the common case, taken without
+    masks)."""
+    doc = row_docs[0]
+    same = docs[0] == doc
+    for k in tl.static_range(1, WIDTH - 1):
+        same = same & (docs[k] == doc)
+    for i in tl.static_range(1, ROWS):
+        same = same & (row_docs[i] == doc)
+    return same
+
+
+@triton.jit
+def _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr,
+                   ROWS: tl.constexpr):
+    for i in tl.static_range(ROWS):
+        x = xs[i].to(tl.float32)
+        pre = _pre_activation(_taps(window, docs, row_docs[i], HAS_SEQ, WIDTH), x, w, bias, WIDTH)
+        row = base + i
+        tl.store(y_rows + row.to(tl.int64) * stride_yl, (pre * tl.sigmoid(pre)).to(y_rows.dtype.element_ty), mask=col_ok & (row < L))
+        window, docs = _shift(window, x, WIDTH), _shift(docs, row_docs[i], WIDTH)
+    return window, docs
+
+
+@triton.jit
+def _conv_forward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, y_ptr, L, D, spans, blocks, stride_xb, stride_xl, stride_hb,
+                         stride_hl, stride_sb, stride_hsb, stride_yb, stride_yl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr,
+                         HAS_HALO: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """y = silu(conv(x)) of a span of rows and BLOCK_D channels; each block of rows loaded while the one before is
+    computed."""
+    batch, first, cols, col_ok = _span(spans, blocks, D, ROWS, BLOCK_D)
+    end = tl.minimum(first + blocks * ROWS, L)
+    w, bias = _weights(w_ptr, b_ptr, cols, col_ok, HAS_BIAS, WIDTH)
+    window, docs = _window_before(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, L, stride_xb, stride_xl, stride_hb,
+                                  stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH)
+    y_rows = y_ptr + batch.to(tl.int64) * stride_yb + cols
+    xs, row_docs = _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, end, stride_xb, stride_xl, stride_hb,
+                               stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH, ROWS)
+    for block in range(blocks):
+        base = first + block * ROWS
+        next_xs, next_docs = _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, base + ROWS, cols, col_ok, end, stride_xb, stride_xl,
+                                         stride_hb, stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH, ROWS)
+        if HAS_SEQ:
+            if _one_document(docs, row_docs, WIDTH, ROWS):
+                window, docs = _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, False, WIDTH, ROWS)
+            else:
+                window, docs = _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, True, WIDTH, ROWS)
+        else:
+            window, docs = _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, False, WIDTH, ROWS)
+        xs, row_docs = next_xs, next_docs
+
+
+@triton.jit
+def _backward_row(row, x, doc, dy, window, docs, partials, dw, db, w, bias, first, dx_rows, stride_dxl, head_rows, D, col_ok, L,
+                  HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr, SUMS: tl.constexpr):
+    """One row t of the backward: d(pre-activation) of t; its share of dx of rows t-(width-1) .. t (partials: those
+    rows but t, oldest first), the first of which is then complete and stored when it is the span's; dw, db when t is
+    the span's (SUMS); d(pre-activation) of rows before width-1 into head_rows (the halo's gradient, HAS_HALO)."""
+    x, dy = x.to(tl.float32), dy.to(tl.float32)
+    taps = _taps(window, docs, doc, HAS_SEQ, WIDTH)
+    pre = _pre_activation(taps, x, w, bias, WIDTH)
     sig = tl.sigmoid(pre)
     dpre = dy * sig * (1 + pre * (1 - sig))  # silu'
-    tl.store(dpre_ptr + (batch * L + rows[:, None]) * D + cols[None, :], dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+    if HAS_HALO:
+        tl.store(head_rows + row * D, dpre, mask=col_ok & (row < WIDTH - 1))
+    if SUMS:
+        grown = ()
+        for k in tl.static_range(WIDTH - 1):
+            grown = grown + (dw[k] + dpre * taps[k],)
+        dw = grown + (dw[WIDTH - 1] + dpre * x,)
+        db += dpre
+    added = ()
+    for k in tl.static_range(WIDTH - 1):
+        reach = dpre
+        if HAS_SEQ:
+            reach = tl.where(docs[k] == doc, dpre, 0.0)
+        added = added + (partials[k] + w[k] * reach,)
+    done = row - (WIDTH - 1)
+    tl.store(dx_rows + done.to(tl.int64) * stride_dxl, added[0].to(dx_rows.dtype.element_ty), mask=col_ok & (done >= first) & (done < L))
+    return _shift(window, x, WIDTH), _shift(docs, doc, WIDTH), _shift(added, w[WIDTH - 1] * dpre, WIDTH), dw, db
 
 
 @triton.jit
-def _grad_input_kernel(dpre_ptr, x_ptr, w_ptr, seq_ptr, dx_ptr, dwb_ptr, L, D, stride_xb, stride_xl, stride_sb, stride_dxb,
-                       stride_dxl, tiles, tiles_per_program, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr, TAPS: tl.constexpr,
-                       BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For a run of `tiles_per_program` token tiles (all batch rows in order): dx[u] = sum over taps k of
-    w[:, k] * dpre[u + WIDTH-1 - k], where that output row is in u's document; and this program's share of
-    dw and db from the same terms (tap k of output u + WIDTH-1 - k reads input row u: dw[k] = sum_u
-    dpre[u + WIDTH-1 - k] x[u], db = sum_u dpre[u]), summed in registers and over tokens once at the end, into
-    its row of dwb (programs, (WIDTH + 1) D): dw laid out as the (D, WIDTH) weight, then db, so that their sums
-    over programs are gradients in the parameters' own layout (no copy into it). Inputs in the halo (before
-    row 0) are not x's rows: their dw terms are added by the caller.
-    TAPS: WIDTH rounded up to a power of two (the taps are one axis of a 3-d tile)."""
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < D
-    taps = tl.arange(0, TAPS)
-    tap_ok = (taps < WIDTH)[:, None] & col_ok[None, :]
-    w = tl.load(w_ptr + cols[None, :] * WIDTH + taps[:, None], mask=tap_ok, other=0.0).to(tl.float32)  # (TAPS, BLOCK_D)
-    n_blocks = tl.cdiv(L, BLOCK_L)
-    acc_w = tl.zeros((BLOCK_L, TAPS, BLOCK_D), dtype=tl.float32)
-    acc_b = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    for i in range(0, tiles_per_program):
-        tile = tl.program_id(0) * tiles_per_program + i
-        batch = tile // n_blocks
-        rows = (tile % n_blocks) * BLOCK_L + tl.arange(0, BLOCK_L)
-        row_ok = (rows < L) & (tile < tiles)
-        target = rows[:, None] + (WIDTH - 1) - taps[None, :]  # never before row 0: no halo
-        ok = _tap_mask(seq_ptr, seq_ptr, batch, stride_sb, 0, rows[:, None], target, row_ok[:, None], L, HAS_SEQ, False,
-                       WIDTH) & (taps < WIDTH)[None, :]
-        g = tl.load(dpre_ptr + (batch * L + target[:, :, None]) * D + cols[None, None, :], mask=ok[:, :, None] & col_ok[None, None, :],
-                    other=0.0).to(tl.float32)  # (BLOCK_L, TAPS, BLOCK_D)
-        mask = row_ok[:, None] & col_ok[None, :]
-        x = tl.load(x_ptr + batch * stride_xb + rows[:, None] * stride_xl + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + batch * stride_dxb + rows[:, None] * stride_dxl + cols[None, :],
-                 tl.sum(g * w[None, :, :], axis=1).to(dx_ptr.dtype.element_ty), mask=mask)
-        acc_w += g * x[:, None, :]
-        acc_b += tl.sum(tl.where((taps == WIDTH - 1)[None, :, None], g, 0.0), axis=1)  # tap WIDTH-1: dpre[u] itself
-    partial = dwb_ptr + tl.program_id(0) * (WIDTH + 1) * D
-    tl.store(partial + cols[None, :] * WIDTH + taps[:, None], tl.sum(acc_w, axis=0), mask=tap_ok)
-    tl.store(partial + WIDTH * D + cols, tl.sum(acc_b, axis=0), mask=col_ok)
+def _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first, dx_rows, stride_dxl, head_rows, D, col_ok, L,
+                    HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr, SUMS: tl.constexpr):
+    for i in tl.static_range(ROWS):
+        window, docs, partials, dw, db = _backward_row(base + i, xs[i], row_docs[i], dys[i], window, docs, partials, dw, db, w, bias, first,
+                                                       dx_rows, stride_dxl, head_rows, D, col_ok, L, HAS_SEQ, HAS_HALO, WIDTH, SUMS)
+    return window, docs, partials, dw, db
+
+
+@triton.jit
+def _conv_backward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr, dx_ptr, dwb_ptr, head_ptr, L, D, spans, blocks,
+                          stride_xb, stride_xl, stride_hb, stride_hl, stride_sb, stride_hsb, stride_dyb, stride_dyl, stride_dxb,
+                          stride_dxl, HAS_BIAS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr,
+                          ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dx of a span of rows and BLOCK_D channels, and the span's sums of dw and db into its row of dwb (programs along
+    the rows, (WIDTH + 1) D): dw laid out as the (D, WIDTH) weight, then db, so that their sums over spans are
+    gradients in the parameters' own layout (no copy into it). With d(pre-activation) p_t = dy_t silu'(pre_t):
+        dx_u = sum_k w[k] p_{u+(width-1)-k},   dw[k] = sum_t p_t x_{t-(width-1)+k},   db = sum_t p_t,
+    each term where both rows hold the same document; dw includes the halo's rows. Each block of rows is loaded
+    while the one before is computed; the block after the span finishes its last rows' dx (ROWS >= width-1)."""
+    batch, first, cols, col_ok = _span(spans, blocks, D, ROWS, BLOCK_D)
+    w, bias = _weights(w_ptr, b_ptr, cols, col_ok, HAS_BIAS, WIDTH)
+    window, docs = _window_before(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, L, stride_xb, stride_xl, stride_hb,
+                                  stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH)
+    partials = ()
+    dw = ()
+    for k in tl.static_range(WIDTH - 1):
+        partials = partials + (tl.zeros((BLOCK_D,), tl.float32),)
+    for k in tl.static_range(WIDTH):
+        dw = dw + (tl.zeros((BLOCK_D,), tl.float32),)
+    db = tl.zeros((BLOCK_D,), tl.float32)
+    dx_rows = dx_ptr + batch.to(tl.int64) * stride_dxb + cols
+    dy_rows = dy_ptr + batch.to(tl.int64) * stride_dyb + cols
+    head_rows = head_ptr + batch * (WIDTH - 1) * D + cols
+    xs, row_docs = _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl,
+                               stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH, ROWS)
+    dys = _load_dy(dy_rows, first, stride_dyl, col_ok, L, ROWS)
+    for block in range(blocks):
+        base = first + block * ROWS
+        next_xs, next_docs = _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, base + ROWS, cols, col_ok, L, stride_xb, stride_xl,
+                                         stride_hb, stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH, ROWS)
+        next_dys = _load_dy(dy_rows, base + ROWS, stride_dyl, col_ok, L, ROWS)
+        if HAS_SEQ:
+            if _one_document(docs, row_docs, WIDTH, ROWS):
+                window, docs, partials, dw, db = _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first,
+                                                                 dx_rows, stride_dxl, head_rows, D, col_ok, L, False, HAS_HALO, WIDTH,
+                                                                 ROWS, True)
+            else:
+                window, docs, partials, dw, db = _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first,
+                                                                 dx_rows, stride_dxl, head_rows, D, col_ok, L, True, HAS_HALO, WIDTH,
+                                                                 ROWS, True)
+        else:
+            window, docs, partials, dw, db = _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first,
+                                                             dx_rows, stride_dxl, head_rows, D, col_ok, L, False, HAS_HALO, WIDTH, ROWS,
+                                                             True)
+        xs, row_docs, dys = next_xs, next_docs, next_dys
+    window, docs, partials, dw, db = _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, first + blocks * ROWS,
+                                                     first, dx_rows, stride_dxl, head_rows, D, col_ok, L, HAS_SEQ, HAS_HALO, WIDTH,
+                                                     WIDTH - 1, False)
+    partial = dwb_ptr + tl.program_id(0).to(tl.int64) * (WIDTH + 1) * D
+    for k in tl.static_range(WIDTH):
+        tl.store(partial + cols * WIDTH + k, dw[k], mask=col_ok)
+    tl.store(partial + WIDTH * D + cols, db, mask=col_ok)
 
 
 def last_dim_contiguous(t: Tensor) -> Tensor:
@@ -168,6 +312,15 @@ class _Halo:
         self.ids, self.ids_stride = (x, 0) if halo_seq_idx is None else (halo_seq_idx, halo_seq_idx.stride(0))
 
 
+def spans(batch: int, length: int, channels: int, rows: int, block_d: int) -> tuple[int, int]:
+    """How a launch splits each batch row: (spans per batch row, blocks of `rows` rows per span), about PROGRAMS
+    programs in all and no span empty."""
+    blocks = triton.cdiv(length, rows)
+    per_row = max(1, min(blocks, PROGRAMS // (batch * triton.cdiv(channels, block_d))))
+    per_span = triton.cdiv(blocks, per_row)
+    return triton.cdiv(blocks, per_span), per_span
+
+
 def conv1d_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, halo: Tensor | None = None,
                         halo_seq_idx: Tensor | None = None) -> Tensor:
     """y = silu(conv(x)), contiguous, in x's dtype. x: (b, l, d) with channels contiguous (any row stride);
@@ -175,30 +328,27 @@ def conv1d_silu_forward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx:
     batch, length, channels = x.shape
     h = _Halo(x, halo, halo_seq_idx)
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
-    _forward_kernel[grid](x, h.tensor, weight, x if bias is None else bias, x if seq_idx is None else seq_idx, h.ids, y, length, channels,
-                          x.stride(0), x.stride(1), *h.strides, 0 if seq_idx is None else seq_idx.stride(0), h.ids_stride,
-                          y.stride(0), y.stride(1), HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_HALO=halo is not None,
-                          WIDTH=weight.shape[1], BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
+    per_row, blocks = spans(batch, length, channels, FORWARD.rows, FORWARD.block_d)
+    grid = (batch * per_row, triton.cdiv(channels, FORWARD.block_d))
+    _conv_forward_kernel[grid](x, h.tensor, weight, x if bias is None else bias, x if seq_idx is None else seq_idx, h.ids, y, length,
+                               channels, per_row, blocks, x.stride(0), x.stride(1), *h.strides, 0 if seq_idx is None else seq_idx.stride(0),
+                               h.ids_stride, y.stride(0), y.stride(1), HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None,
+                               HAS_HALO=halo is not None, WIDTH=weight.shape[1], ROWS=FORWARD.rows, BLOCK_D=FORWARD.block_d,
+                               num_warps=FORWARD.warps)
     return y
 
 
-def halo_gradients(dpre: Tensor, halo: Tensor, weight: Tensor, seq_idx: Tensor | None,
-                   halo_seq_idx: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(d(halo) (b, width-1, d), the halo's terms of dweight (d, width)), fp32: halo row j reaches output t <= j
-    through tap j - t (a few rows: PyTorch)."""
-    batch, length, channels = dpre.shape
-    width = weight.shape[1]
-    dhalo = dpre.new_zeros(batch, width - 1, channels, dtype=torch.float32)
-    dweight = dpre.new_zeros(channels, width, dtype=torch.float32)
-    for j in range(width - 1):
+def halo_gradient(dpre_head: Tensor, weight: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None, length: int) -> Tensor:
+    """d(halo) (b, width-1, d), fp32, from d(pre-activation) of x's first width-1 rows: halo row j reaches output
+    t <= j through tap j - t (a few rows: PyTorch)."""
+    dhalo = torch.zeros_like(dpre_head)
+    for j in range(weight.shape[1] - 1):
         for t in range(min(j + 1, length)):
-            term = dpre[:, t].float()
+            term = dpre_head[:, t]
             if seq_idx is not None:
                 term = term * (seq_idx[:, t] == halo_seq_idx[:, j])[:, None]
             dhalo[:, j] += term * weight[:, j - t].float()
-            dweight[:, j - t] += (term * halo[:, j].float()).sum(0)
-    return dhalo, dweight
+    return dhalo
 
 
 def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx: Tensor | None, dy: Tensor,
@@ -209,30 +359,22 @@ def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx
     batch, length, channels = x.shape
     width = weight.shape[1]
     h = _Halo(x, halo, halo_seq_idx)
-    grid = (batch * triton.cdiv(length, BLOCK_L), triton.cdiv(channels, BLOCK_D))
-    seq, seq_stride = (x, 0) if seq_idx is None else (seq_idx, seq_idx.stride(0))
-    dpre = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _grad_pre_kernel[grid](x, h.tensor, weight, x if bias is None else bias, seq, h.ids, dy, dpre, length, channels, x.stride(0),
-                           x.stride(1), *h.strides, seq_stride, h.ids_stride, dy.stride(0), dy.stride(1), HAS_BIAS=bias is not None,
-                           HAS_SEQ=seq_idx is not None, HAS_HALO=halo is not None, WIDTH=width, BLOCK_L=BLOCK_L, BLOCK_D=BLOCK_D)
     if dx is None:
         dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    column_blocks = triton.cdiv(channels, GRAD_BLOCK_D)
-    tiles = batch * triton.cdiv(length, GRAD_BLOCK_L)
-    tiles_per_program = triton.cdiv(tiles, max(1, GRAD_PROGRAMS // column_blocks))
-    programs = triton.cdiv(tiles, tiles_per_program)
-    dwb = torch.empty(programs, (width + 1) * channels, dtype=torch.float32, device=x.device)  # per program: dw (d, width), then db
-    _grad_input_kernel[(programs, column_blocks)](dpre, x, weight, seq, dx, dwb, length, channels, x.stride(0), x.stride(1), seq_stride,
-                                                  dx.stride(0), dx.stride(1), tiles, tiles_per_program, HAS_SEQ=seq_idx is not None,
-                                                  WIDTH=width, TAPS=triton.next_power_of_2(width), BLOCK_L=GRAD_BLOCK_L,
-                                                  BLOCK_D=GRAD_BLOCK_D, num_warps=GRAD_WARPS)
+    rows = max(BACKWARD.rows, width - 1)
+    per_row, blocks = spans(batch, length, channels, rows, BACKWARD.block_d)
+    grid = (batch * per_row, triton.cdiv(channels, BACKWARD.block_d))
+    dwb = torch.empty(grid[0], (width + 1) * channels, dtype=torch.float32, device=x.device)  # per span: dw (d, width), then db
+    dpre_head = torch.zeros(batch, width - 1, channels, dtype=torch.float32, device=x.device) if halo is not None else dwb
+    _conv_backward_kernel[grid](x, h.tensor, weight, x if bias is None else bias, x if seq_idx is None else seq_idx, h.ids, dy, dx, dwb,
+                                dpre_head, length, channels, per_row, blocks, x.stride(0), x.stride(1), *h.strides,
+                                0 if seq_idx is None else seq_idx.stride(0), h.ids_stride, dy.stride(0), dy.stride(1), dx.stride(0),
+                                dx.stride(1), HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_HALO=halo is not None,
+                                WIDTH=width, ROWS=rows, BLOCK_D=BACKWARD.block_d, num_warps=BACKWARD.warps)
     sums = dwb.sum(0)  # one reduction for both
-    dweight, dhalo = sums[:width * channels].view(channels, width), None
-    if halo is not None:
-        dhalo, halo_dweight = halo_gradients(dpre, halo, weight, seq_idx, halo_seq_idx)
-        dweight, dhalo = dweight + halo_dweight, dhalo.to(halo.dtype)
+    dhalo = None if halo is None else halo_gradient(dpre_head, weight, seq_idx, halo_seq_idx, length).to(halo.dtype)
     grad_bias = None if bias is None else sums[width * channels:].to(bias.dtype)
-    return dx, dweight.to(weight.dtype), grad_bias, dhalo
+    return dx, sums[:width * channels].view(channels, width).to(weight.dtype), grad_bias, dhalo
 
 
 class _CausalConv1dSilu(torch.autograd.Function):
