@@ -7,8 +7,9 @@ span of consecutive rows and slides down it: each row is loaded once and kept in
 width-1 rows after it, so every tap is a register. (Tiles of rows x channels loading each tap's shifted
 rows again were issue-bound at 60% of the bandwidth on an H200: four loads and conversions per value.)
 Rows are loaded ROWS at a time before any is used, so that their loads are in flight together (a store
-between two loads would hold the second back). Document boundaries (seq_idx) mask taps that reach into
-another document, as the reference does.
+between two loads would hold the second back), the next block while this one is computed. Document
+boundaries (seq_idx) mask taps that reach into another document, as the reference does; a block whose
+rows and window hold one document (nearly all of them) runs without the masks.
 The backward is one pass: at row t it recomputes the pre-activation, forms d(pre-activation) and adds
 it to the dx of the width rows whose taps read it, finishing row t-(width-1); a span reads width-1 rows
 past its end to finish its last rows. The weight and bias gradients are summed in registers over the
@@ -26,7 +27,6 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
 
 
 class Launch(NamedTuple):
@@ -145,6 +145,7 @@ def _taps(window, docs, doc, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr):
 
 @triton.jit
 def _pre_activation(taps, x, w, bias, WIDTH: tl.constexpr):
+    """conv(x) + bias of row t, fp32, from its taps before it and its own row x."""
     pre = bias + w[WIDTH - 1] * x
     for k in tl.static_range(WIDTH - 1):
         pre += w[k] * taps[k]
@@ -167,6 +168,7 @@ def _one_document(docs, row_docs, WIDTH: tl.constexpr, ROWS: tl.constexpr):
 @triton.jit
 def _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, HAS_SEQ: tl.constexpr, WIDTH: tl.constexpr,
                    ROWS: tl.constexpr):
+    """y of a block of loaded rows; the window moved on past them."""
     for i in tl.static_range(ROWS):
         x = xs[i].to(tl.float32)
         pre = _pre_activation(_taps(window, docs, row_docs[i], HAS_SEQ, WIDTH), x, w, bias, WIDTH)
@@ -237,6 +239,7 @@ def _backward_row(row, x, doc, dy, window, docs, partials, dw, db, w, bias, firs
 @triton.jit
 def _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first, dx_rows, stride_dxl, head_rows, D, col_ok, L,
                     HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr, SUMS: tl.constexpr):
+    """_backward_row over a block of loaded rows."""
     for i in tl.static_range(ROWS):
         window, docs, partials, dw, db = _backward_row(base + i, xs[i], row_docs[i], dys[i], window, docs, partials, dw, db, w, bias, first,
                                                        dx_rows, stride_dxl, head_rows, D, col_ok, L, HAS_SEQ, HAS_HALO, WIDTH, SUMS)
