@@ -3,9 +3,11 @@
 The conv as the Mamba-2 mixer runs it: x = the [x | B | C] columns of an in_proj-like (b, l, width) bf16 tensor (a
 strided view), depthwise weight (channels, 4), bias, four documents per row (seq_idx), dx written into a view of one
 gradient buffer. Accuracy: y, dx, dweight, dbias against the PyTorch reference (megassm/ops/conv.py) in float32 on
-the same rounded inputs, max|got - want| / max|want|. Speed: forward and backward, CUDA events, the median after
-warm-up (tools/bench_ssd_kernels.py's cuda_ms); the peer is causal-conv1d's channel-last path (what mamba-ssm's
-fused path calls), when installed.
+the same rounded inputs, max|got - want| / max|want|. Speed: forward and backward, the GPU time of one launch (CUDA
+events around LAUNCHES back-to-back launches after warm-up: timing each call alone would count the host's ~30 us of
+launching a kernel that runs ~100), against a Triton copy of x's bytes into a contiguous tensor (what the forward
+reads and writes: its floor); the peer is causal-conv1d's channel-last path (what mamba-ssm's fused path calls),
+when installed.
 
     python tools/bench_conv.py [--sweep]
 
@@ -20,14 +22,15 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megassm.ops import conv_triton  # noqa: E402
 from megassm.ops.conv import causal_conv1d  # noqa: E402
-from tools.bench_ssd_kernels import cuda_ms  # noqa: E402
 
-WIDTH, DOCUMENTS = 4, 4
+WIDTH, DOCUMENTS, LAUNCHES = 4, 4, 30
 # name: (batch, seqlen, conv channels = d_inner + 2 * ngroups * d_state, in_proj width)
 SHAPES = {"780m": (8, 2048, 3328, 6448), "780m-32k": (1, 32768, 3328, 6448), "130m": (8, 2048, 1792, 3352),
           "1.3b": (4, 4096, 4352, 8512)}
@@ -62,11 +65,41 @@ def check(t: dict) -> dict:
     return {name: relative_error(got, ref) for name, got, ref in zip(("y", "dx", "dweight", "dbias"), (y, dx, dw, db), (want, *grads))}
 
 
+def launch_ms(fn) -> float:
+    """Milliseconds of GPU time per launch of fn: the mean of LAUNCHES back to back, after three (compiling) calls."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(LAUNCHES):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / LAUNCHES
+
+
+@triton.jit
+def _copy_kernel(x_ptr, y_ptr, rows, D, stride_x, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
+    c = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (r < rows)[:, None] & (c < D)[None, :]
+    tl.store(y_ptr + r[:, None] * D + c[None, :], tl.load(x_ptr + r[:, None].to(tl.int64) * stride_x + c[None, :], mask=mask), mask=mask)
+
+
+def copy_ms(t: dict) -> float:
+    """A Triton copy of x (a strided view) into a contiguous tensor: the forward's bytes at the H200's copy speed."""
+    x = t["x"].flatten(0, 1)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(x.shape[0], 32), triton.cdiv(x.shape[1], 128))
+    return launch_ms(lambda: _copy_kernel[grid](x, y, x.shape[0], x.shape[1], x.stride(0), BLOCK_L=32, BLOCK_D=128))
+
+
 def megassm_times(t: dict) -> dict:
     grad = torch.empty_like(t["wide"])
     dx = grad[..., 1000:1000 + t["x"].shape[-1]]
-    forward = cuda_ms(lambda: conv_triton.conv1d_silu_forward(t["x"], t["weight"], t["bias"], t["seq_idx"]))
-    backward = cuda_ms(lambda: conv_triton.conv1d_silu_backward(t["x"], t["weight"], t["bias"], t["seq_idx"], t["dy"], dx=dx))
+    forward = launch_ms(lambda: conv_triton.conv1d_silu_forward(t["x"], t["weight"], t["bias"], t["seq_idx"]))
+    backward = launch_ms(lambda: conv_triton.conv1d_silu_backward(t["x"], t["weight"], t["bias"], t["seq_idx"], t["dy"], dx=dx))
     return dict(forward=forward, backward=backward)
 
 
@@ -80,8 +113,8 @@ def peer_times(t: dict) -> dict | None:
     x, dy = (t[k].contiguous().transpose(1, 2) for k in ("x", "dy"))
     weight, bias, seq_idx = t["weight"].contiguous(), t["bias"], t["seq_idx"]
     dx = torch.empty_like(x)
-    forward = cuda_ms(lambda: causal_conv1d_fwd_function(x, weight, bias, seq_idx, None, None, True))
-    backward = cuda_ms(lambda: causal_conv1d_bwd_function(x, weight, bias, dy, seq_idx, None, None, dx, False, True))
+    forward = launch_ms(lambda: causal_conv1d_fwd_function(x, weight, bias, seq_idx, None, None, True))
+    backward = launch_ms(lambda: causal_conv1d_bwd_function(x, weight, bias, dy, seq_idx, None, None, dx, False, True))
     return dict(forward=forward, backward=backward)
 
 
@@ -96,7 +129,7 @@ def main() -> int:
         t = conv_inputs(*SHAPES[name], device)
         errors = check(t)
         ours, peer = megassm_times(t), peer_times(t)
-        line = f"{name:9} megassm fwd {ours['forward']:.3f} bwd {ours['backward']:.3f} ms"
+        line = f"{name:9} megassm fwd {ours['forward']:.3f} bwd {ours['backward']:.3f} ms | copy of x {copy_ms(t):.3f} ms"
         if peer:
             line += (f" | causal-conv1d fwd {peer['forward']:.3f} bwd {peer['backward']:.3f} ms"
                      f" | ratio fwd+bwd {(peer['forward'] + peer['backward']) / (ours['forward'] + ours['backward']):.2f}x")
