@@ -56,14 +56,21 @@ def _span(spans, blocks, D, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _row(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, row, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl, stride_sb,
-         stride_hsb, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
-    """Row `row` of x in x's dtype (the halo's before row 0; zeros where neither has it) and its document (int32)."""
+def _x_row(x_ptr, seq_ptr, batch, row, cols, col_ok, L, stride_xb, stride_xl, stride_sb, HAS_SEQ: tl.constexpr):
+    """Row `row` of x in x's dtype (zeros where it does not exist) and its document (int32)."""
     in_x = (row >= 0) & (row < L)
     x = tl.load(x_ptr + batch.to(tl.int64) * stride_xb + row.to(tl.int64) * stride_xl + cols, mask=in_x & col_ok, other=0.0)
     doc = tl.zeros((), tl.int32)
     if HAS_SEQ:
         doc = tl.load(seq_ptr + batch.to(tl.int64) * stride_sb + row, mask=in_x, other=-1)
+    return x, doc
+
+
+@triton.jit
+def _row(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, row, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl, stride_sb,
+         stride_hsb, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr):
+    """Row `row` of x as _x_row, the halo's before row 0."""
+    x, doc = _x_row(x_ptr, seq_ptr, batch, row, cols, col_ok, L, stride_xb, stride_xl, stride_sb, HAS_SEQ)
     if HAS_HALO:
         in_halo = (row < 0) & (row >= 1 - WIDTH)
         halo = tl.load(h_ptr + batch * stride_hb + (row + WIDTH - 1) * stride_hl + cols, mask=in_halo & col_ok, other=0.0)
@@ -97,14 +104,13 @@ def _window_before(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, 
 
 
 @triton.jit
-def _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, base, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl, stride_sb,
-                stride_hsb, HAS_SEQ: tl.constexpr, HAS_HALO: tl.constexpr, WIDTH: tl.constexpr, ROWS: tl.constexpr):
-    """Rows base .. base+ROWS-1 of x and their documents, every load issued before any value is used."""
+def _load_block(x_ptr, seq_ptr, batch, base, cols, col_ok, L, stride_xb, stride_xl, stride_sb, HAS_SEQ: tl.constexpr, ROWS: tl.constexpr):
+    """Rows base .. base+ROWS-1 of x (base >= 0: none in the halo) and their documents, every load issued before any
+    value is used."""
     xs = ()
     docs = ()
     for i in tl.static_range(ROWS):
-        x, doc = _row(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, base + i, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl,
-                      stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH)
+        x, doc = _x_row(x_ptr, seq_ptr, batch, base + i, cols, col_ok, L, stride_xb, stride_xl, stride_sb, HAS_SEQ)
         xs = xs + (x,)
         docs = docs + (doc,)
     return xs, docs
@@ -190,12 +196,11 @@ def _conv_forward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, y_ptr, L
     window, docs = _window_before(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, L, stride_xb, stride_xl, stride_hb,
                                   stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH)
     y_rows = y_ptr + batch.to(tl.int64) * stride_yb + cols
-    xs, row_docs = _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, end, stride_xb, stride_xl, stride_hb,
-                               stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH, ROWS)
+    xs, row_docs = _load_block(x_ptr, seq_ptr, batch, first, cols, col_ok, end, stride_xb, stride_xl, stride_sb, HAS_SEQ, ROWS)
     for block in range(blocks):
         base = first + block * ROWS
-        next_xs, next_docs = _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, base + ROWS, cols, col_ok, end, stride_xb, stride_xl,
-                                         stride_hb, stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH, ROWS)
+        next_xs, next_docs = _load_block(x_ptr, seq_ptr, batch, base + ROWS, cols, col_ok, end, stride_xb, stride_xl, stride_sb, HAS_SEQ,
+                                         ROWS)
         if HAS_SEQ:
             if _one_document(docs, row_docs, WIDTH, ROWS):
                 window, docs = _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, False, WIDTH, ROWS)
@@ -271,13 +276,12 @@ def _conv_backward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr,
     dx_rows = dx_ptr + batch.to(tl.int64) * stride_dxb + cols
     dy_rows = dy_ptr + batch.to(tl.int64) * stride_dyb + cols
     head_rows = head_ptr + batch * (WIDTH - 1) * D + cols
-    xs, row_docs = _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, first, cols, col_ok, L, stride_xb, stride_xl, stride_hb, stride_hl,
-                               stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH, ROWS)
+    xs, row_docs = _load_block(x_ptr, seq_ptr, batch, first, cols, col_ok, L, stride_xb, stride_xl, stride_sb, HAS_SEQ, ROWS)
     dys = _load_dy(dy_rows, first, stride_dyl, col_ok, L, ROWS)
     for block in range(blocks):
         base = first + block * ROWS
-        next_xs, next_docs = _load_block(x_ptr, h_ptr, seq_ptr, hseq_ptr, batch, base + ROWS, cols, col_ok, L, stride_xb, stride_xl,
-                                         stride_hb, stride_hl, stride_sb, stride_hsb, HAS_SEQ, HAS_HALO, WIDTH, ROWS)
+        next_xs, next_docs = _load_block(x_ptr, seq_ptr, batch, base + ROWS, cols, col_ok, L, stride_xb, stride_xl, stride_sb, HAS_SEQ,
+                                         ROWS)
         next_dys = _load_dy(dy_rows, base + ROWS, stride_dyl, col_ok, L, ROWS)
         if HAS_SEQ:
             if _one_document(docs, row_docs, WIDTH, ROWS):
