@@ -41,7 +41,7 @@ RESULT_TAG = "BENCH_RESULT "
 FAMILIES = (
     ("conv1d (causal-conv1d CUDA)", r"causal_conv1d"),
     ("SSD scan (mamba-ssm Triton)", r"_chunk_cumsum|_chunk_state|_state_passing|_bmm_chunk|_chunk_scan"),
-    ("SSD scan (megassm Triton)", r"^_(dt|states|carry|output|state_grads|head_grads|group_grads)_kernel$"),
+    ("SSD scan (megassm Triton)", r"^_(dt|states|segment_ends|carry|output|state_grads|head_grads|group_grads)_kernel$"),
     ("RMSNorms (mamba-ssm Triton)", r"_layer_norm|_rms_norm"),
     ("RMSNorms (megassm Triton)", r"^_gated_norm_backward_kernel$"),
     ("conv1d (megassm Triton)", r"^_conv_(forward|backward)_kernel$"),

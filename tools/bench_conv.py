@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megassm.ops import conv_triton  # noqa: E402
 from megassm.ops.conv import causal_conv1d  # noqa: E402
+from tools.bench_ssd import launch_ms  # noqa: E402
 
 WIDTH, DOCUMENTS, LAUNCHES = 4, 4, 30
 # name: (batch, seqlen, conv channels = d_inner + 2 * ngroups * d_state, in_proj width)
@@ -65,20 +66,6 @@ def check(t: dict) -> dict:
     return {name: relative_error(got, ref) for name, got, ref in zip(("y", "dx", "dweight", "dbias"), (y, dx, dw, db), (want, *grads))}
 
 
-def launch_ms(fn) -> float:
-    """Milliseconds of GPU time per launch of fn: the mean of LAUNCHES back to back, after three (compiling) calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(LAUNCHES):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / LAUNCHES
-
-
 @triton.jit
 def _copy_kernel(x_ptr, y_ptr, rows, D, stride_x, BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)
@@ -92,14 +79,14 @@ def copy_ms(t: dict) -> float:
     x = t["x"].flatten(0, 1)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(x.shape[0], 32), triton.cdiv(x.shape[1], 128))
-    return launch_ms(lambda: _copy_kernel[grid](x, y, x.shape[0], x.shape[1], x.stride(0), BLOCK_L=32, BLOCK_D=128))
+    return launch_ms(lambda: _copy_kernel[grid](x, y, x.shape[0], x.shape[1], x.stride(0), BLOCK_L=32, BLOCK_D=128), LAUNCHES)
 
 
 def megassm_times(t: dict) -> dict:
     grad = torch.empty_like(t["wide"])
     dx = grad[..., 1000:1000 + t["x"].shape[-1]]
-    forward = launch_ms(lambda: conv_triton.conv1d_silu_forward(t["x"], t["weight"], t["bias"], t["seq_idx"]))
-    backward = launch_ms(lambda: conv_triton.conv1d_silu_backward(t["x"], t["weight"], t["bias"], t["seq_idx"], t["dy"], dx=dx))
+    forward = launch_ms(lambda: conv_triton.conv1d_silu_forward(t["x"], t["weight"], t["bias"], t["seq_idx"]), LAUNCHES)
+    backward = launch_ms(lambda: conv_triton.conv1d_silu_backward(t["x"], t["weight"], t["bias"], t["seq_idx"], t["dy"], dx=dx), LAUNCHES)
     return dict(forward=forward, backward=backward)
 
 
@@ -113,8 +100,8 @@ def peer_times(t: dict) -> dict | None:
     x, dy = (t[k].contiguous().transpose(1, 2) for k in ("x", "dy"))
     weight, bias, seq_idx = t["weight"].contiguous(), t["bias"], t["seq_idx"]
     dx = torch.empty_like(x)
-    forward = launch_ms(lambda: causal_conv1d_fwd_function(x, weight, bias, seq_idx, None, None, True))
-    backward = launch_ms(lambda: causal_conv1d_bwd_function(x, weight, bias, dy, seq_idx, None, None, dx, False, True))
+    forward = launch_ms(lambda: causal_conv1d_fwd_function(x, weight, bias, seq_idx, None, None, True), LAUNCHES)
+    backward = launch_ms(lambda: causal_conv1d_bwd_function(x, weight, bias, dy, seq_idx, None, None, dx, False, True), LAUNCHES)
     return dict(forward=forward, backward=backward)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -121,6 +122,21 @@ def check_model(device, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[
     return rows
 
 
+def launch_ms(fn: Callable[[], object], launches: int, warmup: int = 3) -> float:
+    """Milliseconds of GPU time per call of fn: CUDA events around `launches` calls back to back, after `warmup`
+    calls (compiling, autotuning). Timing each call alone would count the host's launch time of short kernels."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(launches):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / launches
+
+
 def time_ssd(shape, dtype, chunk_size, device, repeats) -> list[dict]:
     """Forward + backward milliseconds and peak memory of one SSD call, Triton vs the reference."""
     rows = []
@@ -136,14 +152,9 @@ def time_ssd(shape, dtype, chunk_size, device, repeats) -> list[dict]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            step()
-        end.record()
-        torch.cuda.synchronize()
+        ms = launch_ms(step, repeats, warmup=0)
         rows.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "backend": backend,
-                     "ms": start.elapsed_time(end) / repeats, "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30})
+                     "ms": ms, "peak_gib": (torch.cuda.max_memory_allocated() - base) / 2**30})
         s = shape
         print(f"| b{s['batch']} L{s['seqlen']} H{s['nheads']} P{s['headdim']} N{s['dstate']} G{s['ngroups']} | {rows[-1]['dtype']} | {backend} | "
               f"{rows[-1]['ms']:.2f} | {rows[-1]['peak_gib']:.2f} |", flush=True)
