@@ -3,8 +3,9 @@
 As the fused mixer runs it: y (the SSD's output) and z (a strided view of in_proj's output) in bf16, norm groups of
 d_inner / ngroups channels, mamba-ssm's forward giving the 1/rms both backwards read, dz written into a view of one
 gradient buffer. Accuracy: dx, dz, dweight of each against autograd through the float32 reference
-(megassm/ops/norm.py) on the same rounded inputs, max|got - want| / max|want|. Speed: CUDA events, the median after
-warm-up (tools/bench_ssd_kernels.py's cuda_ms), and the bandwidth that the bytes read and written imply.
+(megassm/ops/norm.py) on the same rounded inputs, max|got - want| / max|want|. Speed: GPU time per call from LAUNCHES
+back-to-back calls (tools/bench_ssd.py's launch_ms: timing each call alone would count the host's launch time of a
+~0.2 ms kernel), and the bandwidth that the bytes read and written imply.
 
     python tools/bench_norm.py [--shapes 780m 1.3b]
 """
@@ -22,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megassm.ops import gated_norm_triton  # noqa: E402
 from megassm.ops.mamba_triton import load_triton_kernels  # noqa: E402
 from megassm.ops.norm import gated_rms_norm  # noqa: E402
-from tools.bench_ssd_kernels import cuda_ms  # noqa: E402
+from tools.bench_ssd import launch_ms  # noqa: E402
 
-EPS = 1e-5
+EPS, LAUNCHES = 1e-5, 30
 # name: (tokens, d_inner, ngroups, in_proj width)
 SHAPES = {"780m": (16384, 3072, 1, 6448), "780m-64k": (65536, 3072, 1, 6448), "1.3b": (16384, 4096, 1, 8512),
           "780m-g8": (16384, 3072, 8, 6448)}
@@ -68,7 +69,7 @@ def main() -> int:
         line = f"{name:9}"
         for label, fn in (("megassm", ours), ("mamba-ssm", peer)):
             errors = [relative_error(got, w) for got, w in zip(fn(), want)]
-            ms = cuda_ms(fn)
+            ms = launch_ms(fn, LAUNCHES)
             line += f" | {label} {ms:.3f} ms ({moved / ms / 1e9:.2f} TB/s), errors dx {errors[0]:.1e} dz {errors[1]:.1e} dw {errors[2]:.1e}"
         print(line, flush=True)
     return 0
