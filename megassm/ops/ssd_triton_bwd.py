@@ -139,8 +139,8 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A
     U = in_w * tl.sum(dy.to(tl.float32) * SC, axis=1)
     x_GB = tl.sum(x.to(tl.float32) * GB, axis=1)
     V = out_w * dt * x_GB
-    # The (Q, Q) tiles indexed [j, i], so that dx's operand needs no transpose and ddt_j, the larger of the two sums
-    # over a tile's rows or columns, sums along rows (summing along columns cost 1.09x this kernel's time on an H200).
+    # The (Q, Q) tiles indexed [j, i]: dx's operand needs no transpose, and ddt_j sums along rows (as a sum along
+    # columns it cost 1.09x this kernel's time on an H200; T's sums, along columns here, cost less).
     decay = _decay_to_later(doc, cs, Q)
     dx = tl.dot((BC * decay * dt[:, None]).to(x.dtype), dy, (out_w * dt)[:, None] * GB)
     W = tl.dot(x, tl.trans(dy)) * decay  # [j, i]: W_ij
