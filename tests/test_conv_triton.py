@@ -74,6 +74,7 @@ def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
         constants = {**flags, "ROWS": launch.rows, "BLOCK_D": launch.block_d}
         assert compile_sm90(kernel, constants, pointer, options={"num_warps": launch.warps}).asm["cubin"]
 
+
 if __name__ == "__main__":
     from megassm.ops import conv_triton
     from tests.triton_interpreter import interpret_runtime_loop_bounds

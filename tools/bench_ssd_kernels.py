@@ -4,7 +4,7 @@ Accuracy: both against the PyTorch reference ssd_chunked in float64 on the same 
 (megassm: every kernel chunk) and fp32, with documents, initial states, dt clamping and the final states'
 gradient: max|got - want| / max|want| of y, the final states and every gradient, within the budget of
 the input precision (fp32: TF32 tensor-core dots) or FAIL.
-Speed: forward, backward and both (CUDA events, median of ITERATIONS after warm-up) and the peak memory
+Speed: forward, backward and both (CUDA events around ITERATIONS calls back to back, after warm-up) and the peak memory
 of a forward + backward, megassm's ssd_forward / ssd_backward against mamba-ssm's
 _mamba_chunk_scan_combined_fwd / _bwd, bf16, with x, B, C and dt strided views of one in_proj-like
 (b, l, 2hp + 2gn + h) tensor and the gradients written into views of one buffer, as the fused mixer
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools.bench_ssd,
 from megassm.ops.mamba_triton import load_triton_kernels  # noqa: E402
 from megassm.ops.ssd import ssd_chunked  # noqa: E402
 from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK, KERNEL_CHUNKS, ssd_backward, ssd_forward, ssd_triton  # noqa: E402
-from tools.bench_ssd import BUDGET  # noqa: E402
+from tools.bench_ssd import BUDGET, launch_ms  # noqa: E402
 from tools.bench_ssd import relative_error as tensor_error  # noqa: E402
 
 CHUNK_SIZE = 256
@@ -130,18 +129,8 @@ def check_accuracy(device: torch.device) -> list[dict]:
 
 
 def cuda_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds of fn over ITERATIONS, after WARMUP calls (the first of which autotunes)."""
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(ITERATIONS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Milliseconds of GPU time per call of fn, ITERATIONS back to back after WARMUP calls (the first autotunes)."""
+    return launch_ms(fn, ITERATIONS, WARMUP)
 
 
 def peak_mib(fn: Callable[[], object]) -> float:
@@ -222,7 +211,8 @@ def main() -> int:
         worst_name = max(row["errors"], key=row["errors"].get)
         print(f"{row['path']:<14} {row['dtype']:<9} {row['max_error']:>9.2e}  {worst_name:<16} {'PASS' if row['passed'] else 'FAIL'}")
 
-    print(f"\nspeed, bf16, chunk_size {CHUNK_SIZE}: milliseconds (median of {ITERATIONS}), peak MiB of a forward + backward")
+    print(f"\nspeed, bf16, chunk_size {CHUNK_SIZE}: milliseconds (mean of {ITERATIONS} back-to-back calls), "
+          "peak MiB of a forward + backward")
     header = (f"{'case':<24} {'mamba fwd':>9} {'bwd':>7} {'total':>7} | {'ours fwd':>8} {'bwd':>7} {'(recomp)':>8} {'total':>7} | "
               f"{'speedup':>7} | {'mamba MiB':>9} {'ours MiB':>8} | max diff")
     print(header)

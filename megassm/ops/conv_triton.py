@@ -201,11 +201,8 @@ def _conv_forward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, y_ptr, L
         base = first + block * ROWS
         next_xs, next_docs = _load_block(x_ptr, seq_ptr, batch, base + ROWS, cols, col_ok, end, stride_xb, stride_xl, stride_sb, HAS_SEQ,
                                          ROWS)
-        if HAS_SEQ:
-            if _one_document(docs, row_docs, WIDTH, ROWS):
-                window, docs = _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, False, WIDTH, ROWS)
-            else:
-                window, docs = _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, True, WIDTH, ROWS)
+        if HAS_SEQ and not _one_document(docs, row_docs, WIDTH, ROWS):
+            window, docs = _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, True, WIDTH, ROWS)
         else:
             window, docs = _forward_block(xs, row_docs, window, docs, w, bias, base, y_rows, stride_yl, col_ok, L, False, WIDTH, ROWS)
         xs, row_docs = next_xs, next_docs
@@ -283,15 +280,10 @@ def _conv_backward_kernel(x_ptr, h_ptr, w_ptr, b_ptr, seq_ptr, hseq_ptr, dy_ptr,
         next_xs, next_docs = _load_block(x_ptr, seq_ptr, batch, base + ROWS, cols, col_ok, L, stride_xb, stride_xl, stride_sb, HAS_SEQ,
                                          ROWS)
         next_dys = _load_dy(dy_rows, base + ROWS, stride_dyl, col_ok, L, ROWS)
-        if HAS_SEQ:
-            if _one_document(docs, row_docs, WIDTH, ROWS):
-                window, docs, partials, dw, db = _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first,
-                                                                 dx_rows, stride_dxl, head_rows, D, col_ok, L, False, HAS_HALO, WIDTH,
-                                                                 ROWS, True)
-            else:
-                window, docs, partials, dw, db = _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first,
-                                                                 dx_rows, stride_dxl, head_rows, D, col_ok, L, True, HAS_HALO, WIDTH,
-                                                                 ROWS, True)
+        if HAS_SEQ and not _one_document(docs, row_docs, WIDTH, ROWS):
+            window, docs, partials, dw, db = _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first,
+                                                             dx_rows, stride_dxl, head_rows, D, col_ok, L, True, HAS_HALO, WIDTH, ROWS,
+                                                             True)
         else:
             window, docs, partials, dw, db = _backward_block(xs, row_docs, dys, window, docs, partials, dw, db, w, bias, base, first,
                                                              dx_rows, stride_dxl, head_rows, D, col_ok, L, False, HAS_HALO, WIDTH, ROWS,

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from megassm.ops.ssd_triton_fwd import (_chunk_rows, _chunk_tokens, _segment_chunks, _skip_weight, _state_tile, _store_tile, _tile,
+from megassm.ops.ssd_triton_fwd import (_chunk_rows, _chunk_tokens, _decay, _segment_chunks, _skip_weight, _state_tile, _store_tile, _tile,
                                         _walk_start, hand_over, head_slice, pow2, segment_configs, state_configs, walk_grid)
 
 
@@ -83,7 +83,7 @@ def _decay_to_later(doc, cs, Q: tl.constexpr):
     """(Q, Q), row j, column i: exp(cs_i - cs_j) where token i is at or after token j in j's document, else 0 (the
     decay from j to i: _decay's tile, transposed)."""
     later = (tl.arange(0, Q)[None, :] >= tl.arange(0, Q)[:, None]) & (doc[None, :] == doc[:, None])
-    return tl.exp(tl.where(later, cs[None, :] - cs[:, None], -float("inf")))
+    return _decay(later, -cs)  # exp(-cs_j + cs_i) at [j, i]
 
 
 def _head_grad_configs() -> list[triton.Config]:
