@@ -113,10 +113,17 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
     for name, written, expected in zip(["dx", "dB", "dC", "ddt"], views(buffer), want[2:6], strict=True):
         torch.testing.assert_close(written.double(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(), msg=name)
     assert buffer[..., -3:].isnan().all(), "wrote outside the gradient slices"
-    # Without the forward's states: recomputed, the same gradients.
-    recomputed = ssd_backward(dy, x, dt, A, B, C, REFERENCE_CHUNK, D=D, dt_bias=dt_bias, initial_states=initial,
-                              dfinal_states=dfinal, kernel_chunk=kernel_chunk, **options)
-    torch.testing.assert_close(recomputed[0], dx, rtol=0, atol=0, msg="dx, states recomputed")
+    # Without the forward's states: recomputed, from scratch or from the state handed to each segment of their walk (as
+    # the fused mixer keeps it), the same gradients; other handed states give other gradients (they are read).
+    def recompute(handed: torch.Tensor | None) -> torch.Tensor:  # dC: it reads the states (dx does not)
+        return ssd_backward(dy, x, dt, A, B, C, REFERENCE_CHUNK, D=D, dt_bias=dt_bias, initial_states=initial, dfinal_states=dfinal,
+                            kernel_chunk=kernel_chunk, handed=handed, **options)[4]
+
+    assert (saved.handed is not None) == (walk_segments > 1)
+    for handed in (None, saved.handed):
+        torch.testing.assert_close(recompute(handed), dC, rtol=0, atol=0, msg=f"dC, states recomputed (handed: {handed is not None})")
+    if saved.handed is not None:
+        assert not torch.equal(recompute(saved.handed + 1.0), dC)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -9,7 +9,8 @@ of a forward + backward, megassm's ssd_forward / ssd_backward against mamba-ssm'
 _mamba_chunk_scan_combined_fwd / _bwd, bf16, with x, B, C and dt strided views of one in_proj-like
 (b, l, 2hp + 2gn + h) tensor and the gradients written into views of one buffer, as the fused mixer
 calls them. "bwd" of megassm uses the states its forward kept; "bwd recompute" recomputes them as
-mamba-ssm's backward does (the memory of mamba-ssm's path). "max diff" compares the two paths' results.
+mamba-ssm's backward does (the memory of mamba-ssm's path), from the state handed to each segment of
+their walk, as the mixer does. "max diff" compares the two paths' results.
 
     python tools/bench_ssd_kernels.py [--quick] [--json results.json]
 
@@ -165,8 +166,9 @@ def time_case(shape_name: str, documents: int, kernel_chunk: int, device: torch.
     def ours_forward():
         return ssd_forward(x, dt, A, B, C, CHUNK_SIZE, kernel_chunk=kernel_chunk, **common)
 
-    def ours_backward(saved):
-        return ssd_backward(dy, x, dt, A, B, C, CHUNK_SIZE, **common, saved=saved, dx=dx, ddt=ddt, dB=dB, dC=dC, kernel_chunk=kernel_chunk)
+    def ours_backward(saved, handed=None):
+        return ssd_backward(dy, x, dt, A, B, C, CHUNK_SIZE, **common, saved=saved, dx=dx, ddt=ddt, dB=dB, dC=dC, kernel_chunk=kernel_chunk,
+                            handed=handed)
 
     mamba_out = mamba_forward()
     ours_out = ours_forward()
@@ -184,7 +186,7 @@ def time_case(shape_name: str, documents: int, kernel_chunk: int, device: torch.
     row["mamba_bwd_ms"] = cuda_ms(lambda y=mamba_out[0]: mamba_backward(y))
     row["ours_fwd_ms"] = cuda_ms(ours_forward)
     row["ours_bwd_ms"] = cuda_ms(lambda saved=ours_out[2]: ours_backward(saved))
-    row["ours_bwd_recompute_ms"] = cuda_ms(lambda: ours_backward(None))
+    row["ours_bwd_recompute_ms"] = cuda_ms(lambda handed=ours_out[2].handed: ours_backward(None, handed))
     row["mamba_total_ms"] = row["mamba_fwd_ms"] + row["mamba_bwd_ms"]
     row["ours_total_ms"] = row["ours_fwd_ms"] + row["ours_bwd_ms"]
     row["speedup"] = row["mamba_total_ms"] / row["ours_total_ms"]

@@ -40,12 +40,12 @@ def _scan_forward(kernels: str, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: 
 
 def _scan_backward(kernels: str, dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, y: Tensor, chunk_size: int,
                    D: Tensor, dt_bias: Tensor, seq_idx: Tensor | None, dt_limit: tuple[float, float], saved: SSDSaved | None,
-                   dx: Tensor, ddt: Tensor, dB: Tensor, dC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                   handed: Tensor | None, dx: Tensor, ddt: Tensor, dB: Tensor, dC: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(dA, dD, d(dt_bias)); dx, ddt, dB, dC written into the given buffers. The forward's states are recomputed
-    unless `saved` holds them."""
+    (from the states `handed` to their walk's segments, where given) unless `saved` holds them."""
     options = dict(D=D, dt_bias=dt_bias, seq_idx=seq_idx, dt_softplus=True, dt_limit=dt_limit, dx=dx, ddt=ddt, dB=dB, dC=dC)
     if kernels == "megassm":
-        _, _, dA, _, _, dD, ddt_bias, _ = ssd_backward(dy, x, dt, A, B, C, chunk_size, saved=saved, **options)
+        _, _, dA, _, _, dD, ddt_bias, _ = ssd_backward(dy, x, dt, A, B, C, chunk_size, saved=saved, handed=handed, **options)
     else:
         _, _, dA, _, _, dD, _, ddt_bias, _ = load_triton_kernels().scan_backward(dy, x, dt, A, B, C, y, chunk_size, **options)
     return dA, dD, ddt_bias
@@ -65,7 +65,8 @@ class _ConvScanNorm(torch.autograd.Function):
         out, _, rstd = kernels.norm_forward(_rows(y, layout), norm_weight, None, eps, _rows(z, layout), group_size=layout.group_size,
                                             norm_before_gate=False, is_rms_norm=True)
         kept = saved if keep_ssd_states and saved is not None else None
-        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx,
+        handed = saved.handed if saved is not None and kept is None else None  # a state per walk segment: to recompute from
+        ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx, handed,
                               *(kept[:-1] if kept else ()))  # SSDSaved's tensors: all its fields but kernel_chunk, the last
         ctx.layout, ctx.chunk_size, ctx.dt_limit, ctx.ssd_kernels = layout, chunk_size, dt_limit, ssd_kernels
         ctx.kernel_chunk = kept.kernel_chunk if kept else None
@@ -74,7 +75,7 @@ class _ConvScanNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         layout = ctx.layout
-        zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx, *kept = ctx.saved_tensors
+        zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx, handed, *kept = ctx.saved_tensors
         saved = SSDSaved(*kept, ctx.kernel_chunk) if kept else None
         z, xBC, dt = layout.split_in_proj(zxbcdt)
         grad = torch.empty_like(zxbcdt)  # d(in_proj output): the kernels below each write their slice
@@ -85,7 +86,7 @@ class _ConvScanNorm(torch.autograd.Function):
                                                rstd, layout.group_size, dz=_rows(dz, layout))
         x, B, C = layout.split_conv(xBC_conv)
         dA, dD, ddt_bias = _scan_backward(ctx.ssd_kernels, dy.view_as(y), x, dt, A, B, C, y, ctx.chunk_size, D, dt_bias, seq_idx,
-                                          ctx.dt_limit, saved, dx, ddt, dB, dC)
+                                          ctx.dt_limit, saved, handed, dx, ddt, dB, dC)
         _, dconv_weight, dconv_bias, _ = conv1d_silu_backward(xBC, conv_weight, conv_bias, seq_idx, dxBC_conv, dx=dxBC)
         return grad, dconv_weight, dconv_bias, ddt_bias, dA, dD, dnorm_weight, None, None, None, None, None, None, None
 

@@ -68,12 +68,14 @@ DEFAULT_KERNEL_CHUNK = 64  # the fastest on an H200 (tools/tune_ssd_kernels.py: 
 
 class SSDSaved(NamedTuple):
     """What the forward leaves for the backward: dt processed, cs and d(dt processed)/d(dt) (b, h, l) fp32, states
-    (b, nchunks, h, p, n)."""
+    (b, nchunks, h, p, n), and the state handed to each segment of the states walk (None for one segment; a caller that
+    drops the states keeps these, a state per segment, for the backward to recompute the states from)."""
 
     dt: Tensor
     cumsum: Tensor
     dt_slope: Tensor
     states: Tensor
+    handed: Tensor | None
     kernel_chunk: int
 
 
@@ -98,11 +100,13 @@ def _contiguous(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 
 
 def _chunk_walk(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, dt_bias: Tensor | None, initial_states: Tensor | None,
-                seq_idx: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float], kernel_chunk: int) -> tuple[SSDSaved, Tensor]:
-    """dt and cs, then the states entering every chunk (what the forward leaves for the backward), and the final states."""
+                seq_idx: Tensor | None, dt_softplus: bool, dt_limit: tuple[float, float], kernel_chunk: int,
+                handed: Tensor | None = None) -> tuple[SSDSaved, Tensor]:
+    """dt and cs, then the states entering every chunk (what the forward leaves for the backward), and the final states.
+    handed: SSDSaved.handed of the forward this recomputes."""
     dt_processed, cumsum, dt_slope = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
-    states, final_states = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk)
-    return SSDSaved(dt_processed, cumsum, dt_slope, states, kernel_chunk), final_states
+    states, final_states, handed = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk, handed)
+    return SSDSaved(dt_processed, cumsum, dt_slope, states, handed, kernel_chunk), final_states
 
 
 def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
@@ -126,18 +130,18 @@ def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
                  dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
                  dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT, dfinal_states: Tensor | None = None,
                  saved: SSDSaved | None = None, dx: Tensor | None = None, ddt: Tensor | None = None, dB: Tensor | None = None,
-                 dC: Tensor | None = None, kernel_chunk: int = DEFAULT_KERNEL_CHUNK,
+                 dC: Tensor | None = None, kernel_chunk: int = DEFAULT_KERNEL_CHUNK, handed: Tensor | None = None,
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, ddt, dA, dB, dC, dD, d(dt_bias), d(initial states)) from dy = dL/dy and, when the final states
     are an output, dfinal_states. ddt is for the raw dt (before bias, softplus and clamp), as mamba-ssm's.
     dx, ddt, dB, dC are written into the given buffers (strided views welcome, last dimension contiguous).
     `saved` is ssd_forward's third result; without it the forward's states are recomputed (the memory of
-    mamba-ssm's backward, one more pass over x and B)."""
+    mamba-ssm's backward, one more pass over x and B), from `handed` (that result's .handed) where given."""
     del chunk_size
     A, D, dt_bias, initial_states, seq_idx, dfinal_states = _contiguous(A, D, dt_bias, initial_states, seq_idx, dfinal_states)
     if saved is None:
         _check(x, dt, A, B, C, kernel_chunk)
-        saved, _ = _chunk_walk(x, dt, A, B, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, kernel_chunk)
+        saved, _ = _chunk_walk(x, dt, A, B, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, kernel_chunk, handed)
     dy = dy.to(x.dtype) if dy.stride(-1) == 1 else dy.to(x.dtype).contiguous()  # the kernels' dots take one dtype
     dstates, dinitial_states = state_grads(dy, C, saved.cumsum, seq_idx, dfinal_states, x.shape[2], saved.kernel_chunk)
     grads = chunk_grads(dy, x, dt, A, B, C, saved.dt, saved.cumsum, saved.dt_slope, saved.states, dstates, D, dt_bias, seq_idx,
@@ -150,21 +154,22 @@ class _SSD(torch.autograd.Function):
     def forward(ctx, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, dt_bias: Tensor | None,
                 initial_states: Tensor | None, seq_idx: Tensor | None, chunk_size: int, dt_softplus: bool,
                 dt_limit: tuple[float, float], kernel_chunk: int) -> tuple[Tensor, Tensor]:
-        y, final_states, _ = ssd_forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
-                                         seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit, kernel_chunk=kernel_chunk)
-        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx)  # the states are recomputed in backward
+        y, final_states, saved = ssd_forward(x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states,
+                                             seq_idx=seq_idx, dt_softplus=dt_softplus, dt_limit=dt_limit, kernel_chunk=kernel_chunk)
+        # The states are recomputed in backward, from the state handed to each segment of their walk.
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, saved.handed)
         ctx.options = (chunk_size, dt_softplus, dt_limit, kernel_chunk)
         ctx.set_materialize_grads(False)  # no d(final states) when they are not used: none to read
         return y, final_states
 
     @staticmethod
     def backward(ctx, dy: Tensor | None, dfinal_states: Tensor | None):
-        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx = ctx.saved_tensors
+        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, handed = ctx.saved_tensors
         chunk_size, dt_softplus, dt_limit, kernel_chunk = ctx.options
         dy = torch.zeros_like(x) if dy is None else dy
         dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states = ssd_backward(
             dy, x, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias, initial_states=initial_states, seq_idx=seq_idx,
-            dt_softplus=dt_softplus, dt_limit=dt_limit, dfinal_states=dfinal_states, kernel_chunk=kernel_chunk)
+            dt_softplus=dt_softplus, dt_limit=dt_limit, dfinal_states=dfinal_states, kernel_chunk=kernel_chunk, handed=handed)
         return dx, ddt, dA, dB, dC, dD, ddt_bias, dinitial_states, None, None, None, None, None
 
 

@@ -413,14 +413,17 @@ def walk_segments(batch_heads: int, nchunks: int, device: torch.device) -> int:
     return max(1, min(WALKS_PER_SM * sms // batch_heads, nchunks // MIN_SEGMENT_CHUNKS))
 
 
-def walk_plan(batch_heads: int, length: int, chunk: int, headdim: int, dstate: int, device: torch.device) -> Segments:
-    """The segments of each walk over the chunks of `chunk` tokens (none of them empty) and their buffers (empty for one)."""
+def walk_plan(batch_heads: int, length: int, chunk: int, headdim: int, dstate: int, device: torch.device,
+              ends: Tensor | None = None) -> Segments:
+    """The segments of each walk over the chunks of `chunk` tokens (none of them empty) and their buffers (empty for one;
+    `ends`: the states a hand-over left, for a walk that reuses them)."""
     nchunks = triton.cdiv(length, chunk)
     chunks = triton.cdiv(nchunks, walk_segments(batch_heads, nchunks, device))
     count = triton.cdiv(nchunks, chunks)
     slots = count if count > 1 else 0
-    return Segments(count, chunks, chunk, torch.empty(slots, batch_heads, headdim, dstate, dtype=torch.float32, device=device),
-                    torch.empty(slots, batch_heads, dtype=torch.float32, device=device))
+    if ends is None:
+        ends = torch.empty(slots, batch_heads, headdim, dstate, dtype=torch.float32, device=device)
+    return Segments(count, chunks, chunk, ends, torch.empty(slots, batch_heads, dtype=torch.float32, device=device))
 
 
 def carry_through(segments: Segments, start: Tensor | None, batch_heads: int, reverse: bool) -> None:
@@ -432,12 +435,13 @@ def carry_through(segments: Segments, start: Tensor | None, batch_heads: int, re
 
 
 def hand_over(v: Tensor, k: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, start: Tensor | None, chunk: int,
-              reverse: bool) -> Segments:
+              reverse: bool, handed: Tensor | None = None) -> Segments:
     """The segments of a walk over v's chunks (walk_plan) and, where there are several, the state each is handed
-    (segment_ends, then carry_through from `start`: initial states, d(final states) in reverse)."""
+    (segment_ends, then carry_through from `start`: initial states, d(final states) in reverse). `handed`: the states
+    an earlier hand-over over the same operands left (its Segments.ends), taken as they are."""
     batch, length, heads, headdim = v.shape
-    segments = walk_plan(batch * heads, length, chunk, headdim, k.shape[-1], v.device)
-    if segments.count > 1:
+    segments = walk_plan(batch * heads, length, chunk, headdim, k.shape[-1], v.device, ends=handed)
+    if segments.count > 1 and handed is None:
         segment_ends(v, k, dt, cs, seq_idx, segments, reverse)
         carry_through(segments, start, batch * heads, reverse)
     return segments
@@ -449,22 +453,24 @@ def walk_grid(segments: Segments, batch_heads: int, headdim: int, dstate: int):
 
 
 def chunk_states(x: Tensor, B: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, initial_states: Tensor | None,
-                 chunk: int) -> tuple[Tensor, Tensor]:
-    """(states (b, nchunks, h, p, n) in x's dtype: the state entering each chunk; final states (b, h, p, n) fp32).
-    In segments (walk_plan): their ends, the states handed from one to the next, then all segments' walks at once."""
+                 chunk: int, handed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(states (b, nchunks, h, p, n) in x's dtype: the state entering each chunk; final states (b, h, p, n) fp32; the
+    state handed to each segment, None for one segment). In segments (walk_plan): their ends, the states handed from one
+    to the next, then all segments' walks at once. `handed`: what an earlier walk over the same operands returned (a
+    recomputation): its segments are walked at once, without the two launches that hand their states over."""
     batch, length, heads, headdim = x.shape
     groups, dstate = B.shape[2:]
     states = torch.empty(states_shape(batch, length, heads, headdim, dstate, chunk), dtype=x.dtype, device=x.device)
     nchunks = states.shape[1]
     final = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=x.device)
-    segments = hand_over(x, B, dt, cs, seq_idx, initial_states, chunk, reverse=False)
+    segments = hand_over(x, B, dt, cs, seq_idx, initial_states, chunk, reverse=False, handed=handed)
     grid = walk_grid(segments, batch * heads, headdim, dstate)
     _states_kernel[grid](x, B, dt, cs, x if seq_idx is None else seq_idx, x if initial_states is None else initial_states, states, final,
                          segments.ends, length, nchunks, heads, heads // groups, batch * heads, segments.count, segments.chunks,
                          x.stride(0), x.stride(1), x.stride(2), B.stride(0), B.stride(1), B.stride(2),
                          0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate, Q=chunk, HAS_INIT=initial_states is not None,
                          HAS_SEQ=seq_idx is not None, WHOLE=length % chunk == 0, SEGMENTED=segments.count > 1)
-    return states, final
+    return states, final, segments.ends if segments.count > 1 else None
 
 
 def chunk_outputs(x: Tensor, B: Tensor, C: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, states: Tensor, D: Tensor | None,
