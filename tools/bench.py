@@ -46,6 +46,7 @@ FAMILIES = (
     ("RMSNorms (megassm Triton)", r"^_gated_norm_backward_kernel$"),
     ("conv1d (megassm Triton)", r"^_conv_(forward|backward)_kernel$"),
     ("cross-entropy (megassm Triton)", r"^_loss_and_grad_kernel$"),
+    ("partial-sum reductions (megassm Triton)", r"^_column_sums_kernel$"),
     ("matmuls (cuBLAS)", r"gemm|cutlass|xmma|sm90|sm80|cublas|Kernel2"),
     ("compiled elementwise (inductor)", r"^triton_"),
     ("optimizer (fused AdamW, clipping)", r"adam|multi_tensor|foreach"),

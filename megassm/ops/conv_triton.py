@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megassm.ops.column_sums import column_sums
+
 
 class Launch(NamedTuple):
     """A kernel's launch parameters: its program's channels (4 or 8 per thread: 8- or 16-byte loads of bf16), warps,
@@ -370,7 +372,7 @@ def conv1d_silu_backward(x: Tensor, weight: Tensor, bias: Tensor | None, seq_idx
                                 0 if seq_idx is None else seq_idx.stride(0), h.ids_stride, dy.stride(0), dy.stride(1), dx.stride(0),
                                 dx.stride(1), HAS_BIAS=bias is not None, HAS_SEQ=seq_idx is not None, HAS_HALO=halo is not None,
                                 WIDTH=width, ROWS=rows, BLOCK_D=BACKWARD.block_d, num_warps=BACKWARD.warps)
-    sums = dwb.sum(0)  # one reduction for both
+    sums = column_sums(dwb)  # one reduction for both
     dhalo = None if halo is None else halo_gradient(dpre_head, weight, seq_idx, halo_seq_idx, length).to(halo.dtype)
     grad_bias = None if bias is None else sums[width * channels:].to(bias.dtype)
     return dx, sums[:width * channels].view(channels, width).to(weight.dtype), grad_bias, dhalo

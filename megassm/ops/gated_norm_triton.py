@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megassm.ops.column_sums import column_sums
+
 # Programs launched per SM (over several waves where fewer fit at once). On an H200 at 780m (rows of 3,072 channels),
 # 2 programs of 16 warps took 0.83x the time of 4 of 8 (bench/raw/h200_run14_call1_sweep_mem.txt).
 PROGRAMS_PER_SM = 2
@@ -84,4 +86,4 @@ def gated_norm_backward(dout: Tensor, x: Tensor, z: Tensor, weight: Tensor, rstd
     _gated_norm_backward_kernel[(programs, groups)](x, z, weight, rstd, dout, dx, dz, dw, rows, group_size, rows_per_program,
                                                     x.stride(0), z.stride(0), dout.stride(0), dx.stride(0), dz.stride(0),
                                                     BLOCK_N=block, num_warps=warps(block))
-    return dx, dw.sum(0).to(weight.dtype)
+    return dx, column_sums(dw, weight.dtype)

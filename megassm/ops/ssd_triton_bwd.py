@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from megassm.ops.column_sums import column_sums
 from megassm.ops.ssd_triton_fwd import (_chunk_rows, _chunk_tokens, _decay, _segment_chunks, _skip_weight, _state_tile, _store_tile, _tile,
                                         _walk_start, hand_over, head_slice, pow2, segment_configs, state_configs, walk_grid)
 
@@ -280,7 +281,7 @@ def chunk_grads(dy: Tensor, x: Tensor, dt_raw: Tensor, A: Tensor, B: Tensor, C: 
         dC = dC_target.sum(0).to(C.dtype) if dC is None else dC.copy_(dC_target.sum(0))
     else:
         dB, dC = dB_target, dC_target
-    sums = parts.sum(0)  # one reduction for the three, each row a contiguous gradient (dD's row holds garbage without D: not read)
+    sums = column_sums(parts)  # one reduction for the three, each row a contiguous gradient (dD's row holds garbage without D: not read)
     dD = None if D is None else (sums[:d_rows].T if D_per_channel else sums[0]).to(D.dtype)
     ddt_bias = None if dt_bias is None else sums[d_rows + 1].to(dt_bias.dtype)
     return dx, ddt, sums[d_rows].to(A.dtype), dB, dC, dD, ddt_bias
