@@ -56,12 +56,14 @@ class ReferenceKernels:
 
 def compare(ssd_kernels: str) -> None:
     import megassm.ops.fused_mixer as fused_mixer
+    import megassm.ops.ssd_triton_fwd as ssd_triton_fwd
     from tests.triton_interpreter import interpret_ssd_kernels
     from megassm.ops import Mamba2Layout, causal_conv1d, gated_rms_norm
     from megassm.ops.ssd import ssd_chunked
 
     fused_mixer.load_triton_kernels = ReferenceKernels
     interpret_ssd_kernels()
+    ssd_triton_fwd.walk_segments = lambda batch_heads, nchunks, device: 2  # the walks in segments, as for one long sequence
     torch.manual_seed(0)
     batch, seqlen, nheads, headdim, ngroups, dstate, width, chunk = 2, 96, 4, 8, 2, 32, 4, 32
     d_inner, conv_dim, eps, dt_limit = nheads * headdim, nheads * headdim + 2 * ngroups * dstate, 1e-5, (0.0, float("inf"))
@@ -90,7 +92,8 @@ def compare(ssd_kernels: str) -> None:
 
     upstream = torch.randn(batch, seqlen, d_inner)
     results = []
-    # megassm's SSD also with its forward's states kept for the backward (mamba-ssm's recomputes them regardless), also
+    # megassm's SSD recomputes its states from the state handed to each segment of their walk (`fused`), and also keeps
+    # its forward's states for the backward (mamba-ssm's recomputes them regardless), also
     # inside activation checkpointing as a block runs it (the states of the forward recomputed in backward are kept)
     kept = lambda *args: fused(*args, keep_ssd_states=True)  # noqa: E731
     recomputed = lambda *args: torch.utils.checkpoint.checkpoint(kept, *args, use_reentrant=False)  # noqa: E731

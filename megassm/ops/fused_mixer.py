@@ -64,8 +64,9 @@ class _ConvScanNorm(torch.autograd.Function):
         y, saved = _scan_forward(ssd_kernels, x, dt, A, B, C, chunk_size, D, dt_bias, seq_idx, dt_limit)
         out, _, rstd = kernels.norm_forward(_rows(y, layout), norm_weight, None, eps, _rows(z, layout), group_size=layout.group_size,
                                             norm_before_gate=False, is_rms_norm=True)
-        kept = saved if keep_ssd_states and saved is not None else None
-        handed = saved.handed if saved is not None and kept is None else None  # a state per walk segment: to recompute from
+        # The states, or where they are not kept the state handed to each segment of their walk: to recompute them from.
+        kept = saved._replace(handed=None) if keep_ssd_states and saved is not None else None
+        handed = saved.handed if saved is not None and kept is None else None
         ctx.save_for_backward(zxbcdt, conv_weight, conv_bias, xBC_conv, y, rstd, dt_bias, A, D, norm_weight, seq_idx, handed,
                               *(kept[:-1] if kept else ()))  # SSDSaved's tensors: all its fields but kernel_chunk, the last
         ctx.layout, ctx.chunk_size, ctx.dt_limit, ctx.ssd_kernels = layout, chunk_size, dt_limit, ssd_kernels
