@@ -95,7 +95,12 @@ def clipped_step(optimizer: torch.optim.AdamW, norm: Tensor, max_norm: float) ->
 
 
 def make_adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """AdamW fused into one kernel per step (on CUDA and CPU alike)."""
+    """AdamW fused: for CUDA parameters one Triton launch per parameter group (parallel/adamw_triton.py), else torch's
+    fused kernel. Both keep torch's fused AdamW's state and state_dict()."""
+    if any(p.is_cuda for group in param_groups for p in group["params"]):
+        from parallel.adamw_triton import TritonAdamW  # imports triton: only where it runs
+
+        return TritonAdamW(param_groups, lr=lr, betas=betas, eps=eps)
     return torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 

@@ -30,15 +30,16 @@ SM90_REGISTERS, SM90_SHARED_KIB = 65536, 227  # per SM: an H100/H200's register 
 
 def compile_sm90(kernel, constexprs: dict, pointer_types: dict[str, str], options: dict | None = None, aligned: bool = False):
     """`kernel` (a @triton.jit function) compiled for sm_90 with these constexprs; pointers are bf16 unless
-    `pointer_types` names them, other arguments i32 (fp32 for dt_min and dt_max). Needs no GPU. `aligned`: every
+    `pointer_types` names them (it may name other arguments' types too), other arguments i32 (fp32 for dt_min and
+    dt_max). Needs no GPU. `aligned`: every
     pointer and integer argument divisible by 16, as Triton specializes them at a launch where they are (at 780m's
     shapes nearly all are): wider loads and deeper pipelining, hence more shared memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    signature = {name: "constexpr" if name in constexprs else pointer_types.get(name, "*bf16") if name.endswith("_ptr") else
-                 "fp32" if name in ("dt_min", "dt_max") else "i32" for name in kernel.arg_names}
+    signature = {name: "constexpr" if name in constexprs else pointer_types[name] if name in pointer_types else
+                 "*bf16" if name.endswith("_ptr") else "fp32" if name in ("dt_min", "dt_max") else "i32" for name in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if aligned and signature[name] not in ("constexpr", "fp32")}
     source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()}, attrs=attrs)
