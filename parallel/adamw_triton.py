@@ -21,7 +21,8 @@ BLOCK = 4096  # elements per program
 
 @triton.jit
 def _pointer(row, column: tl.constexpr):
-    return tl.load(row + column).to(tl.pointer_type(tl.float32))
+    """The table's pointer in `column`, 16-byte aligned (TritonAdamW checks): loads of four values at once."""
+    return tl.multiple_of(tl.load(row + column).to(tl.pointer_type(tl.float32)), 16)
 
 
 @triton.jit
@@ -32,10 +33,11 @@ def _adamw_kernel(table_ptr, tensor_of_block_ptr, first_block_ptr, grad_scale_pt
     tensor = tl.load(tensor_of_block_ptr + tl.program_id(0))
     row = table_ptr + tensor * 6
     offsets = (tl.program_id(0) - tl.load(first_block_ptr + tensor)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offsets = tl.max_contiguous(tl.multiple_of(offsets, BLOCK), BLOCK)
     numel = tl.load(row + 5)
     if HAS_FOUND_INF:
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)  # a skipped step: no element loaded or stored
-    mask = offsets < numel
+    mask = offsets < tl.multiple_of(numel, 4)  # (TritonAdamW checks) masks constant over four values: loads of four at once
     param, grad, exp_avg, exp_avg_sq = _pointer(row, 0), _pointer(row, 1), _pointer(row, 2), _pointer(row, 3)
     step = tl.load(_pointer(row, 4))
     g = tl.load(grad + offsets, mask=mask, other=0.0)
@@ -117,6 +119,8 @@ class TritonAdamW(torch.optim.AdamW):
         if any(t.device.type not in self.KERNEL_DEVICES or t.dtype != torch.float32 or not t.is_contiguous() for t in moving):
             return None
         if len({t.device for t in moving + steps}) > 1 or any(s.dtype != torch.float32 for s in steps):
+            return None
+        if any(t.data_ptr() % 16 or t.numel() % 4 for t in moving):  # the kernel loads four values at once
             return None
         return [params, grads, exp_avgs, exp_avg_sqs, steps]
 

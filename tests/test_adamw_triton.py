@@ -10,7 +10,8 @@ from tests.triton_interpreter import run_interpreted
 
 
 def compare(device: str = "cpu") -> None:
-    """On `device` (the CPU: the interpreter; "cuda": the compiled kernel against torch's CUDA kernel). Two groups (with and without weight decay) of tensors smaller than, equal to and a little larger than a block, one
+    """On `device` (the CPU: the interpreter; "cuda": the compiled kernel against torch's CUDA kernel). Two groups (with
+    and without weight decay) of tensors smaller than, equal to and a little larger than a block, one
     parameter without a gradient; steps with gradients scaled (clipping), one skipped (found_inf), one plain; gradients
     allocated anew each step (the pointer table rebuilt) and kept (reused)."""
     from parallel.adamw_triton import BLOCK, TritonAdamW
@@ -19,7 +20,7 @@ def compare(device: str = "cpu") -> None:
     interpret_runtime_loop_bounds()
     TritonAdamW.KERNEL_DEVICES = ("cuda", "cpu")
     torch.manual_seed(0)
-    shapes = [(BLOCK + 3,), (7, 5), (1,), (BLOCK,), (3, BLOCK // 2 + 1)]
+    shapes = [(BLOCK + 4,), (7, 4), (4,), (BLOCK,), (2, BLOCK // 2 + 2)]  # sizes the kernel takes: multiples of 4
     start = [torch.randn(shape, device=device) for shape in shapes]
 
     def build(cls, **kwargs):
@@ -53,13 +54,14 @@ def compare(device: str = "cpu") -> None:
         assert 2 not in our_opt.state_dict()["state"]
     assert len(our_opt._tables) >= 2  # rebuilt for new gradients, reused for kept ones
 
-    # Where the kernel does not apply (bf16 parameters), torch's fused step runs.
-    params = [torch.nn.Parameter(torch.randn(5, dtype=torch.bfloat16, device=device))]
-    opt = TritonAdamW([{"params": params, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
-    params[0].grad = torch.ones(5, dtype=torch.bfloat16, device=device)
-    before = params[0].detach().clone()
-    opt.step()
-    assert not opt._tables and not torch.equal(params[0], before)
+    # Where the kernel does not apply (bf16 parameters, a size not a multiple of 4), torch's fused step runs.
+    for dtype, size in ((torch.bfloat16, 8), (torch.float32, 5)):
+        params = [torch.nn.Parameter(torch.randn(size, dtype=dtype, device=device))]
+        opt = TritonAdamW([{"params": params, "weight_decay": 0.0}], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+        params[0].grad = torch.ones(size, dtype=dtype, device=device)
+        before = params[0].detach().clone()
+        opt.step()
+        assert not opt._tables and not torch.equal(params[0], before)
 
 
 def test_triton_adamw_matches_torch_fused_adamw():
