@@ -21,7 +21,8 @@ Forward:
       walked at once: S is linear in the state a segment is handed, so a first launch sums each segment
       into its end E[k] (the walk from zero, unrolled: each chunk's term times the carries after it) and
       carry K[k] (the product of its chunks' carries), a small one hands on S_in[k+1] = K[k] S_in[k] + E[k],
-      and the walk then runs all segments from their S_in.
+      and the walk then runs all segments from their S_in. A backward that recomputes the states walks from the S_in
+      its forward handed on (SSDSaved.handed), without the first two launches.
   (c) y_i = sum_{j <= i, doc_j == doc_i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
             + [doc_i == doc_in] exp(cs_i) S[c] C_i + D x_i,   parallel over chunks  _output_kernel
   S[nchunks] is the final state (fp32). (b) keeps S in fp32 registers and stores S[c] in x's dtype,
