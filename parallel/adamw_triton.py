@@ -39,7 +39,7 @@ def _adamw_kernel(table_ptr, tensor_of_block_ptr, first_block_ptr, grad_scale_pt
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)  # a skipped step: no element loaded or stored
     mask = offsets < tl.multiple_of(numel, 4)  # (TritonAdamW checks) masks constant over four values: loads of four at once
     param, grad, exp_avg, exp_avg_sq = _pointer(row, 0), _pointer(row, 1), _pointer(row, 2), _pointer(row, 3)
-    step = tl.load(_pointer(row, 4))
+    step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # one value: no alignment asserted
     g = tl.load(grad + offsets, mask=mask, other=0.0)
     if HAS_SCALE:
         g = g / tl.load(grad_scale_ptr)
