@@ -75,7 +75,9 @@ def _blocks(numels: tuple[int, ...], device: torch.device) -> _Blocks:
 class TritonAdamW(torch.optim.AdamW):
     """torch's fused AdamW (state, state_dict, hyperparameters, optimizer.grad_scale and .found_inf as for
     torch.amp.GradScaler), updated by `_adamw_kernel` where every parameter and gradient is a contiguous fp32 tensor on
-    one of KERNEL_DEVICES; anything else (CPU, other dtypes, amsgrad, maximize, a closure) steps as torch's does."""
+    one of KERNEL_DEVICES; anything else (CPU, other dtypes, amsgrad, maximize, a closure) steps as torch's does. One
+    difference: the gradients stay as they were, where torch's step leaves them divided by grad_scale (a write of every
+    gradient that nothing here reads: the engines drop or zero them after the step)."""
 
     KERNEL_DEVICES = ("cuda",)  # the tests add "cpu" to run the kernel in Triton's interpreter
 

@@ -46,6 +46,8 @@ def compare(device: str = "cpu") -> None:
             opt.grad_scale, opt.found_inf = scale, skip
             opt.step()
         assert our_opt._tables, "the kernel did not run"
+        for i, (p, g) in enumerate(zip(ours, grads)):  # gradients left as they were (torch's step unscales them in place)
+            assert i == 2 or torch.equal(p.grad, g), f"step {step + 1}: gradient {i} changed"
         for i, (mine, want) in enumerate(zip(ours, theirs)):
             torch.testing.assert_close(mine.data, want.data, rtol=1e-6, atol=1e-7, msg=f"step {step + 1}, parameter {i}")
         for i, (mine, want) in enumerate(zip(our_opt.state_dict()["state"].values(), their_opt.state_dict()["state"].values())):
