@@ -83,21 +83,19 @@ class TritonAdamW(torch.optim.AdamW):
 
     def __init__(self, params, lr: float, betas: tuple[float, float], eps: float):
         super().__init__(params, lr=lr, betas=betas, eps=eps, fused=True)
-        self._tables: dict[tuple, Tensor] = {}
+        self._tables: dict[tuple, Tensor | None] = {}
         self._block_maps: dict[tuple, _Blocks] = {}
 
     @torch.no_grad()
     def step(self, closure=None):
-        groups = [self._gather(group) for group in self.param_groups]
-        if closure is not None or any(tensors is None for tensors in groups):
+        launches = [self._launch(group) for group in self.param_groups] if closure is None else [None]
+        if any(launch is None for launch in launches):
             return super().step(closure)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for group, tensors in zip(self.param_groups, groups):
-            if not tensors[0]:
+        for group, (steps, table, blocks) in zip(self.param_groups, launches):
+            if not steps:
                 continue
-            steps = tensors[4]
             torch._foreach_add_(steps, 1)
-            table, blocks = self._plan(tensors)
             beta1, beta2 = group["betas"]
             device = steps[0].device
             _adamw_kernel[(len(blocks.tensor_of_block),)](
@@ -109,33 +107,41 @@ class TritonAdamW(torch.optim.AdamW):
                 torch._foreach_sub_(steps, [found_inf.to(device)] * len(steps))
         return None
 
-    def _gather(self, group: dict) -> list[list[Tensor]] | None:
-        """[params, grads, exp_avgs, exp_avg_sqs, steps] of the group's parameters with a gradient (their state created as
-        torch creates it), or None where the kernel does not apply."""
+    def _launch(self, group: dict) -> tuple[list[Tensor], Tensor | None, _Blocks | None] | None:
+        """The group's step counts (of the parameters with a gradient, their state created as torch creates it), pointer
+        table ([param, grad, exp_avg, exp_avg_sq, step, numel] per parameter) and block map; None where the kernel does
+        not apply. Tables are kept by the tensors' addresses (gradients that are static buffers never move), and so is the
+        answer whether the kernel applies."""
         if group["amsgrad"] or group["maximize"] or group["differentiable"] or group["capturable"]:
             return None
         tensors: list[list[Tensor]] = [[], [], [], [], [], []]
         self._init_group(group, *tensors)
-        params, grads, exp_avgs, exp_avg_sqs, _, steps = tensors
-        moving = params + grads + exp_avgs + exp_avg_sqs
-        if any(t.device.type not in self.KERNEL_DEVICES or t.dtype != torch.float32 or not t.is_contiguous() for t in moving):
-            return None
-        if len({t.device for t in moving + steps}) > 1 or any(s.dtype != torch.float32 for s in steps):
-            return None
-        if any(t.data_ptr() % 16 or t.numel() % 4 for t in moving):  # the kernel loads four values at once
-            return None
-        return [params, grads, exp_avgs, exp_avg_sqs, steps]
-
-    def _plan(self, tensors: list[list[Tensor]]) -> tuple[Tensor, _Blocks]:
-        """The group's pointer table, [param, grad, exp_avg, exp_avg_sq, step, numel] per parameter (rebuilt where a
-        gradient moved: gradients that are static buffers never do), and its block map."""
-        device = tensors[0][0].device
-        numels = tuple(p.numel() for p in tensors[0])
-        if numels not in self._block_maps:
-            self._block_maps[numels] = _blocks(numels, device)
+        del tensors[4]  # max_exp_avg_sqs: none without amsgrad
+        steps = tensors[-1]
+        if not steps:
+            return steps, None, None
         addresses = tuple(t.data_ptr() for per_kind in tensors for t in per_kind)
         if addresses not in self._tables:
             if len(self._tables) >= 4:  # gradients allocated anew each step: keep a few
                 self._tables.clear()
-            self._tables[addresses] = _to_device([[t.data_ptr() for t in row] + [row[0].numel()] for row in zip(*tensors)], device)
-        return self._tables[addresses], self._block_maps[numels]
+            self._tables[addresses] = self._table(tensors)
+        table = self._tables[addresses]
+        if table is None:
+            return None
+        numels = tuple(p.numel() for p in tensors[0])
+        if numels not in self._block_maps:
+            self._block_maps[numels] = _blocks(numels, table.device)
+        return steps, table, self._block_maps[numels]
+
+    def _table(self, tensors: list[list[Tensor]]) -> Tensor | None:
+        """The pointer table of [params, grads, exp_avgs, exp_avg_sqs, steps], or None where the kernel cannot take them:
+        contiguous fp32 on one device of KERNEL_DEVICES, 16-byte aligned, sizes a multiple of 4 (it loads four values at
+        once)."""
+        moving, steps = [t for per_kind in tensors[:4] for t in per_kind], tensors[4]
+        if any(t.device.type not in self.KERNEL_DEVICES or t.dtype != torch.float32 or not t.is_contiguous() for t in moving):
+            return None
+        if len({t.device for t in moving + steps}) > 1 or any(s.dtype != torch.float32 for s in steps):
+            return None
+        if any(t.data_ptr() % 16 or t.numel() % 4 for t in moving):
+            return None
+        return _to_device([[t.data_ptr() for t in row] + [row[0].numel()] for row in zip(*tensors)], steps[0].device)

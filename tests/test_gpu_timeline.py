@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from tools.gpu_timeline import MARKER, ROOT, device_steps, idle_gaps_us, launch_sites
+from tools.gpu_timeline import MARKER, ROOT, device_steps, idle_gaps, launch_sites
 
 
 def event(name: str, start: float, end: float, device: bool = True) -> SimpleNamespace:
@@ -20,8 +20,10 @@ def test_steps_start_at_markers_and_gaps_skip_overlaps():
     profile = SimpleNamespace(events=lambda: list(reversed(events)))  # any order: the tool sorts by start
     steps = device_steps(profile)
     assert [[e.name for e in step] for step in steps] == [["a", "copy beside a", "b"], ["c"]]
-    assert idle_gaps_us(steps[0]) == [2]  # b starts 2 us after a ends; the copy overlaps a
-    assert idle_gaps_us(steps[1]) == []
+    assert idle_gaps(steps[0]) == [(2, "a", "b")]  # b starts 2 us after a ends; the copy overlaps a
+    assert idle_gaps(steps[1]) == []
+    # The gap is named after the event that ended last, not the one that started last.
+    assert idle_gaps([event("a", 10, 20), event("long copy", 12, 25), event("b", 27, 30)]) == [(2, "long copy", "b")]
 
 
 def test_small_kernels_are_grouped_by_the_innermost_repository_frames_around_their_launch():

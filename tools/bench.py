@@ -75,9 +75,9 @@ def megassm_config(case: str, data: str, steps: int, run_dir: str, overrides: li
     return load_config(None, base + [f"--{o}" for o in overrides], world_size=1)
 
 
-def kernel_profile(step, steps: int, top: int) -> tuple[dict[str, float], list, dict]:
-    """GPU time per step (ms) of each kernel family over `steps` calls of step(), the `top` kernels
-    that took the most time: [name, family, ms per step], and where the GPU sat idle (idle_gaps)."""
+def kernel_profile(step, steps: int, top: int) -> tuple[dict[str, float], list]:
+    """GPU time per step (ms) of each kernel family over `steps` calls of step(), and the `top` kernels
+    that took the most time: [name, family, ms per step]."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -87,32 +87,14 @@ def kernel_profile(step, steps: int, top: int) -> tuple[dict[str, float], list, 
         torch.cuda.synchronize()
     totals: dict[str, float] = {}
     kernels: dict[str, list] = {}
-    device_events = [event for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA]
-    for event in device_events:
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
         family = next((name for name, pattern in FAMILIES if re.search(pattern, event.name, re.IGNORECASE)), "other")
         ms = event.device_time_total / 1e3 / steps
         totals[family] = totals.get(family, 0.0) + ms
         kernels.setdefault(event.name, [event.name[:90], family, 0.0])[2] += ms
-    return totals, sorted(kernels.values(), key=lambda k: -k[2])[:top], idle_gaps(device_events, steps, top)
-
-
-def idle_gaps(events: list, steps: int, top: int) -> dict:
-    """Where the GPU had nothing to run between its first and last kernel: idle ms per step in all, and the `top`
-    pairs (kernel before, kernel after) with the most idle time between them: [before, after, ms per step, gaps per
-    step]. A gap is time covered by no kernel, copy or set on any stream."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
-    pairs: dict[tuple[str, str], list] = {}
-    idle, reach, before = 0.0, spans[0][1] if spans else 0.0, spans[0][2] if spans else ""
-    for start, end, name in spans[1:]:
-        if start > reach:
-            idle += start - reach
-            pair = pairs.setdefault((before[:60], name[:60]), [0.0, 0])
-            pair[0], pair[1] = pair[0] + start - reach, pair[1] + 1
-        if end >= reach:
-            reach, before = end, name
-    worst = sorted(pairs.items(), key=lambda item: -item[1][0])[:top]
-    return {"idle_ms": idle / 1e3 / steps, "span_ms": (reach - spans[0][0]) / 1e3 / steps if spans else 0.0,
-            "pairs": [[b, a, us / 1e3 / steps, count / steps] for (b, a), (us, count) in worst]}
+    return totals, sorted(kernels.values(), key=lambda k: -k[2])[:top]
 
 
 def synchronize() -> None:
@@ -160,9 +142,9 @@ def run_megassm(args, started: float) -> dict:
             return queued.loss_sum / queued.targets, queued.grad_norm
 
         first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
-        profile, top, gaps = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [], {})
+        profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
         val_loss = trainer.validation_loss() if trainer.val_data is not None else None  # train.eval_every > 0
-        return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "idle_gaps": gaps, "val_loss": val_loss,
+        return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "val_loss": val_loss,
                 "losses": [r[0].item() for r in results], "grad_norms": [r[1].item() for r in results], "profile": profile,
                 "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak, "tokens": cfg.data.global_batch * cfg.data.seq_len,
                 "peak_gib": peak_gib()}
@@ -227,8 +209,8 @@ def run_peer(args, started: float) -> dict:
         return loss.detach(), grad_norm
 
     first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
-    profile, top, gaps = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [], {})
-    return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "idle_gaps": gaps, "losses": [r[0].item() for r in results],
+    profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
+    return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "losses": [r[0].item() for r in results],
             "grad_norms": [r[1].item() for r in results],
             "profile": profile, "flops_per_token": model_flops_per_token(m, cfg.data.seq_len, logical_param_count(m)),
             "peak_flops": peak_flops(device, cfg.train.peak_tflops), "tokens": batch_size * cfg.data.seq_len,
@@ -296,9 +278,9 @@ def compare(args) -> None:
             rows.append([case, label, *shown.values(), ratio])
             print(" | ".join(rows[-1]) + ("" if "error" not in result else f"  ({result['error']})"), flush=True)
             if result.get("profile"):
-                profiles.append((f"{case} {label}", result["step_s"], result["profile"], result["top_kernels"], result["idle_gaps"]))
+                profiles.append((f"{case} {label}", result["step_s"], result["profile"], result["top_kernels"]))
     print("\n" + markdown(["case", "system", "tokens/s", "MFU", "peak GiB", "first step s", "vs fused peer"], rows))
-    for title, step_s, profile, top, gaps in profiles:
+    for title, step_s, profile, top in profiles:
         total = sum(profile.values())
         print(f"\nGPU time per step by kernel family, {title} (step {1e3 * step_s:.1f} ms wall, kernels {total:.1f} ms):\n")
         ordered = sorted(profile.items(), key=lambda item: -item[1])
@@ -306,10 +288,6 @@ def compare(args) -> None:
         if top:
             print(f"\nThe {len(top)} kernels taking the most time, {title}:\n")
             print(markdown(["kernel", "family", "ms / step"], [[f"`{name}`", family, f"{ms:.1f}"] for name, family, ms in top]))
-            print(f"\nGPU idle, {title}: {gaps['idle_ms']:.1f} ms per profiled step of {gaps['span_ms']:.1f} (first kernel to last); "
-                  "the kernel pairs with the most idle time between them:\n")
-            print(markdown(["kernel before", "kernel after", "idle ms / step", "gaps / step"],
-                           [[f"`{b}`", f"`{a}`", f"{ms:.2f}", f"{n:g}"] for b, a, ms, n in gaps["pairs"]]))
 
 
 def check(args) -> None:

@@ -1,6 +1,6 @@
 """Where a training step's GPU time goes between its kernels, on one GPU: kernels per step, GPU idle between them (by
-gap size), the most frequent kernels, and the host's time per step against the GPU's; or, with --by-line, which Python
-lines launch a step's small kernels.
+gap size, and by the kernels before and after), the most frequent kernels, and the host's time per step against the
+GPU's; or, with --by-line, which Python lines launch a step's small kernels.
 
     python tools/gpu_timeline.py [--case 780m:8x2048] [--steps 3] [--set train.cuda_graphs=false] [--by-line]
 
@@ -46,13 +46,15 @@ def device_steps(prof) -> list[list]:
     return steps
 
 
-def idle_gaps_us(events: list) -> list[float]:
-    """The idle time before each event that starts after every earlier one has ended (overlapping events: none)."""
-    gaps, busy_until = [], events[0].time_range.end
+def idle_gaps(events: list) -> list[tuple[float, str, str]]:
+    """(idle us, the event that ended last before it, the event after it) for each event that starts after every earlier
+    one has ended (overlapping events: no gap)."""
+    gaps, busy_until, last = [], events[0].time_range.end, events[0].name
     for event in events[1:]:
         if event.time_range.start > busy_until:
-            gaps.append(event.time_range.start - busy_until)
-        busy_until = max(busy_until, event.time_range.end)
+            gaps.append((event.time_range.start - busy_until, last, event.name))
+        if event.time_range.end >= busy_until:
+            busy_until, last = event.time_range.end, event.name
     return gaps
 
 
@@ -113,7 +115,7 @@ def main() -> int:
     parser.add_argument("--data", default="data/builtin")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the profiler starts (compilation, capture)")
     parser.add_argument("--steps", type=int, default=3, help="steps recorded")
-    parser.add_argument("--top", type=int, default=30, help="list this many kernels, the most frequent first")
+    parser.add_argument("--top", type=int, default=30, help="list this many kernels (the most frequent first) and kernel pairs around gaps")
     parser.add_argument("--set", action="append", default=[], help="config override KEY=VALUE, as tools/bench.py --set")
     parser.add_argument("--by-line", action="store_true", help="list where the step's small kernels are launched instead")
     parser.add_argument("--small-us", type=float, default=30.0, help="with --by-line: the kernels shorter than this")
@@ -151,7 +153,8 @@ def main() -> int:
             torch.cuda.synchronize()
     steps = device_steps(prof)[1:]
     events = [e for step in steps for e in step]
-    gaps = [g for step in steps for g in idle_gaps_us(step)]
+    gaps_around = [gap for step in steps for gap in idle_gaps(step)]
+    gaps = [us for us, _, _ in gaps_around]
     per_step = 1 / len(steps)
     span_us = sum(step[-1].time_range.end - step[0].time_range.start for step in steps)
     print(f"{args.case} {' '.join(args.set)}: {len(events) * per_step:.0f} kernels/step; GPU {span_us * per_step / 1e3:.1f} ms/step from "
@@ -162,6 +165,13 @@ def main() -> int:
         chosen = [g for g in gaps if low <= g < high]
         print(f"  gaps {low:g}-{high:g} us: {len(chosen) * per_step:.0f}/step, {sum(chosen) * per_step / 1e3:.2f} ms/step")
         low = high
+    pair_counts, pair_times = Counter(), Counter()
+    for us, before, after in gaps_around:
+        pair_counts[before[:60], after[:60]] += 1
+        pair_times[before[:60], after[:60]] += us
+    print("  the kernel pairs with the most idle time between them:")
+    for (before, after), us in pair_times.most_common(args.top):
+        print(f"  {pair_counts[before, after] * per_step:7.1f}/step {us * per_step / 1e3:7.2f} ms/step  {before}  ->  {after}")
     counts, times = Counter(), Counter()
     for event in events:
         counts[event.name] += 1
