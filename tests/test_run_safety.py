@@ -345,13 +345,15 @@ def test_a_cpu_run_leaves_a_core_free_unless_told(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_importing_megassm_chooses_expandable_segments_unless_the_user_did():
-    """Set at import, before anything of megassm's start-up initializes CUDA (PyTorch reads it then, once)."""
-    code = "import os, megassm; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
-    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+def test_importing_megassm_sets_cuda_memory_and_cublas_workspace_unless_the_user_did():
+    """Set at import, before anything of megassm's start-up initializes CUDA or multiplies (PyTorch reads them then, once):
+    expandable segments, no cuBLAS workspace; each left as the user set it."""
+    names = ("PYTORCH_CUDA_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE")
+    code = f"import os, megassm; print(*(os.environ.get(name) for name in {names}))"
+    env = {k: v for k, v in os.environ.items() if k not in names}
     root = Path(__file__).resolve().parents[1]
     chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
-    assert chosen.stdout.strip() == "expandable_segments:True"
-    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"
+    assert chosen.stdout.split() == ["expandable_segments:True", ":0:0", "0"]
+    env.update(PYTORCH_CUDA_ALLOC_CONF="max_split_size_mb:512", CUBLAS_WORKSPACE_CONFIG=":4096:8", CUBLASLT_WORKSPACE_SIZE="1024")
     kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
-    assert kept.stdout.strip() == "max_split_size_mb:512"
+    assert kept.stdout.split() == ["max_split_size_mb:512", ":4096:8", "1024"]
