@@ -12,20 +12,6 @@ def use_expandable_segments() -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
-
-
-def use_cublas_without_workspace() -> None:
-    """cuBLAS's matmuls without a workspace, unless the user sized one (CUBLAS_WORKSPACE_CONFIG, or
-    CUBLASLT_WORKSPACE_SIZE). Why: with one, cuBLAS 13 picks for the mixers' bf16 matmuls on an H200 kernels that
-    need part of it zeroed first, a memset before each (192 per 780m step) with the GPU idle around it, also inside a
-    CUDA graph (~1.5 ms of a 780m step); without one, kernels of the same tiles that need none: 0.4-0.8% more tokens/s
-    at 780m, 1.3b and 32K (bench/RESULTS.md, run 19). PyTorch reads both at its first matmul. (Deterministic
-    algorithms want CUBLAS_WORKSPACE_CONFIG=:4096:8: set it, and megassm leaves it.)"""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
-    os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
-
-
 use_expandable_segments()
-use_cublas_without_workspace()
 
 __version__ = "0.1.0"

@@ -202,6 +202,18 @@ def limit_cpu_threads(device: torch.device) -> None:
         torch.set_num_threads(max(1, cores - 1))
 
 
+def use_cublas_without_workspace(device: torch.device) -> None:
+    """Training on CUDA: cuBLAS's matmuls without a workspace, unless the user sized one (CUBLAS_WORKSPACE_CONFIG or
+    CUBLASLT_WORKSPACE_SIZE; PyTorch reads them at the process's first matmul, which comes later). Why: with one,
+    cuBLAS 13 runs the mixers' bf16 matmuls on an H200 as kernels that need part of it zeroed first, a memset before
+    each (192 per 780m step) with the GPU idle around it, also inside a CUDA graph (~1.5 ms of a 780m step); without
+    one, kernels of the same tiles that need none: 0.4-1.6% more tokens/s (bench/RESULTS.md, run 19). Only the
+    trainer: generation's small matmuls may want a workspace."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+        os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
+
+
 def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParallelEngine:
     """The data-parallel engine named by parallel.engine, owning the AdamW optimizer."""
     optim = cfg.optim
@@ -229,6 +241,7 @@ class Trainer:
         self.command = sys.argv[1:] if command is None else command  # the trainer's arguments, to say how to resume
         self.device = pick_device(cfg.train.device)
         limit_cpu_threads(self.device)
+        use_cublas_without_workspace(self.device)
         launched = "RANK" in os.environ  # by torchrun, also for one process
         if cfg.parallel.engine == "deepspeed" and not launched:
             raise ConfigError("parallel.engine = 'deepspeed' needs torchrun, also for one process: "

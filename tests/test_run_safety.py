@@ -345,15 +345,31 @@ def test_a_cpu_run_leaves_a_core_free_unless_told(monkeypatch):
         torch.set_num_threads(threads)
 
 
-def test_importing_megassm_sets_cuda_memory_and_cublas_workspace_unless_the_user_did():
-    """Set at import, before anything of megassm's start-up initializes CUDA or multiplies (PyTorch reads them then, once):
-    expandable segments, no cuBLAS workspace; each left as the user set it."""
-    names = ("PYTORCH_CUDA_ALLOC_CONF", "CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE")
-    code = f"import os, megassm; print(*(os.environ.get(name) for name in {names}))"
-    env = {k: v for k, v in os.environ.items() if k not in names}
+def test_importing_megassm_chooses_expandable_segments_unless_the_user_did():
+    """Set at import, before anything of megassm's start-up initializes CUDA (PyTorch reads it then, once)."""
+    code = "import os, megassm; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
     root = Path(__file__).resolve().parents[1]
     chosen = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
-    assert chosen.stdout.split() == ["expandable_segments:True", ":0:0", "0"]
-    env.update(PYTORCH_CUDA_ALLOC_CONF="max_split_size_mb:512", CUBLAS_WORKSPACE_CONFIG=":4096:8", CUBLASLT_WORKSPACE_SIZE="1024")
+    assert chosen.stdout.strip() == "expandable_segments:True"
+    env["PYTORCH_CUDA_ALLOC_CONF"] = "max_split_size_mb:512"
     kept = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=root)
-    assert kept.stdout.split() == ["max_split_size_mb:512", ":4096:8", "1024"]
+    assert kept.stdout.strip() == "max_split_size_mb:512"
+
+
+def test_training_on_cuda_takes_cublas_without_workspace_unless_the_user_sized_one(monkeypatch):
+    """The trainer's choice (set before its first matmul, where PyTorch reads it); none on the CPU, none over the user's."""
+    from megassm.train import use_cublas_without_workspace
+
+    names = ("CUBLAS_WORKSPACE_CONFIG", "CUBLASLT_WORKSPACE_SIZE")
+    for name in names:  # recorded, so that teardown removes what the function sets
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    use_cublas_without_workspace(torch.device("cpu"))
+    assert not any(name in os.environ for name in names)
+    use_cublas_without_workspace(torch.device("cuda", 0))
+    assert [os.environ[name] for name in names] == [":0:0", "0"]
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "1024")
+    use_cublas_without_workspace(torch.device("cuda", 0))
+    assert [os.environ[name] for name in names] == [":4096:8", "1024"]

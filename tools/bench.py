@@ -9,8 +9,8 @@ one autograd function, with causal-conv1d's CUDA conv; what mamba-ssm and Megatr
 with, and the reference for the ratios), "unfused" its path without causal-conv1d (nn.Conv1d).
 Each measurement is its own process (a clean peak-memory figure, an out-of-memory that ends one
 row only), all sharing one Triton cache, so the kernels autotune once per shape. Every process imports
-megassm, so the peers run with the settings megassm makes at import too (expandable CUDA memory segments,
-cuBLAS without a workspace): what megassm gains by them is not counted in the ratios. Neither loop reads
+megassm, so the peers run with its import-time setting too (expandable CUDA memory segments); what megassm's
+trainer sets for itself (cuBLAS without a workspace) they do not. Neither loop reads
 a loss or gradient norm on the host during the timed steps (they are read afterwards), as megassm's
 trainer reads them only when it logs.
 
