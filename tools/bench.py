@@ -19,7 +19,10 @@ trainer reads them only when it logs.
     python tools/bench.py --check                       # the fast path against the reference path, a few steps
 
 MFU = tokens/s x (6 x parameters + 3 x SSD forward FLOPs per token) / the GPU's bf16 peak,
-the same FLOPs for all. Peak memory is torch.cuda.max_memory_allocated over the whole run.
+the same FLOPs for all. Peak memory is torch.cuda.max_memory_allocated over the whole run. Each row also gives the
+GPU's median SM clock and board power over its timed steps (NVML, read every 50 ms from a thread: tools/gpu_clocks.py;
+the power is the board's average over about a second), since a GPU at its power limit lowers its clock; with
+--profile, the ratio of GPU time per step to the fused peer's, which counts where the peer's GPU waits on its host.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from tools.gpu_clocks import Sampler, cuda_reader  # noqa: E402
 
 DEFAULT_CASES = ["130m:8x2048", "780m:8x2048", "1.3b:4x4096"]
 RESULT_TAG = "BENCH_RESULT "
@@ -112,20 +117,30 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, float, list]:
+def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
     """(seconds from `started` (the worker's start) to the end of the first step, seconds per steady
-    step, every step's result)."""
-    results = []
-    for i in range(warmup + steps):
-        if i == warmup:
-            synchronize()
-            steady = time.perf_counter()
+    step, every step's result, the GPU's median SM clock and board power during the steady steps (empty without
+    NVML))."""
+    results, first = [], None
+
+    def run(i: int) -> None:
+        nonlocal first
         results.append(step(i))
-        if i == 0:
+        if first is None:
             synchronize()
             first = time.perf_counter() - started
+
+    for i in range(warmup):
+        run(i)
     synchronize()
-    return first, (time.perf_counter() - steady) / steps, results
+    with Sampler(cuda_reader()) as clocks:
+        steady = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            run(i)
+        synchronize()
+        seconds = (time.perf_counter() - steady) / steps
+    medians = clocks.medians()
+    return first, seconds, results, {} if medians is None else dict(zip(("sm_mhz", "power_w"), medians))
 
 
 def run_megassm(args, started: float) -> dict:
@@ -143,13 +158,13 @@ def run_megassm(args, started: float) -> dict:
             trainer.state["samples"] += cfg.data.global_batch
             return queued.loss_sum / queued.targets, queued.grad_norm
 
-        first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
+        first, seconds, results, clocks = timed_steps(step, args.warmup, args.steps, started)
         profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
         val_loss = trainer.validation_loss() if trainer.val_data is not None else None  # train.eval_every > 0
         return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "val_loss": val_loss,
                 "losses": [r[0].item() for r in results], "grad_norms": [r[1].item() for r in results], "profile": profile,
                 "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak, "tokens": cfg.data.global_batch * cfg.data.seq_len,
-                "peak_gib": peak_gib()}
+                "peak_gib": peak_gib(), **clocks}
 
 
 def import_peer():
@@ -210,13 +225,13 @@ def run_peer(args, started: float) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach(), grad_norm
 
-    first, seconds, results = timed_steps(step, args.warmup, args.steps, started)
+    first, seconds, results, clocks = timed_steps(step, args.warmup, args.steps, started)
     profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
     return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "losses": [r[0].item() for r in results],
             "grad_norms": [r[1].item() for r in results],
             "profile": profile, "flops_per_token": model_flops_per_token(m, cfg.data.seq_len, logical_param_count(m)),
             "peak_flops": peak_flops(device, cfg.train.peak_tflops), "tokens": batch_size * cfg.data.seq_len,
-            "peak_gib": peak_gib()}
+            "peak_gib": peak_gib(), **clocks}
 
 
 def worker(args) -> None:
@@ -245,14 +260,29 @@ def spawn(args, system: str, case: str, overrides: list[str]) -> dict:
 
 
 def describe(result: dict) -> dict:
-    """tokens/s, MFU and memory of one result."""
+    """tokens/s, MFU, memory, and the GPU's median SM clock and board power during the timed steps, of one result."""
     if "step_s" not in result:
         return {"tokens/s": "OOM" if result.get("oom") else "failed", "MFU": "-", "peak GiB": f"{result.get('peak_gib', 0):.1f}",
-                "first step s": "-"}
+                "first step s": "-", "SM MHz": "-", "W": "-"}
     tokens_per_s = result["tokens"] / result["step_s"]
     mfu = tokens_per_s * result["flops_per_token"] / result["peak_flops"] if result["peak_flops"] else None
     return {"tokens/s": f"{tokens_per_s:,.0f}", "MFU": f"{100 * mfu:.1f}%" if mfu else "-", "peak GiB": f"{result['peak_gib']:.1f}",
-            "first step s": f"{result['first_step_s']:.0f}"}
+            "first step s": f"{result['first_step_s']:.0f}", "SM MHz": f"{result['sm_mhz']:.0f}" if "sm_mhz" in result else "-",
+            "W": f"{result['power_w']:.0f}" if "power_w" in result else "-"}
+
+
+def ratio(reference: dict, result: dict, seconds) -> str:
+    """How many times faster `result` is than `reference` by seconds(result) (a step's wall or GPU time), or "-"."""
+    mine, theirs = seconds(result), seconds(reference)
+    return f"{theirs / mine:.2f}x" if mine and theirs else "-"
+
+
+def wall_time(result: dict) -> float | None:
+    return result.get("step_s")
+
+
+def gpu_time(result: dict) -> float | None:
+    return sum(result["profile"].values()) if result.get("profile") else None
 
 
 def require_prepared_data(path: str, tool: str) -> None:
@@ -268,20 +298,18 @@ def compare(args) -> None:
     variants = [("megassm", args.set)] + [(name, args.set + sets.split(",")) for name, sets in (v.split(":", 1) for v in args.variant)]
     peers = [(PEERS[f"peer-{p}"], f"peer-{p}", []) for p in args.peers]
     systems = peers + [(name, "megassm", sets) for name, sets in variants]  # the reference first: each row's ratio as it comes
+    ratios = {"vs fused peer": wall_time, **({"GPU time vs fused peer": gpu_time} if args.profile_steps else {})}
     rows, profiles = [], []
     for case in args.cases:
         reference = {}
         for label, system, sets in systems:
             result = spawn(args, system, case, sets)
             reference = result if system == "peer-fused" else reference
-            shown = describe(result)
-            speed = result["tokens"] / result["step_s"] if "step_s" in result else None
-            ratio = f"{reference['step_s'] / result['step_s']:.2f}x" if speed and "step_s" in reference else "-"
-            rows.append([case, label, *shown.values(), ratio])
+            rows.append([case, label, *describe(result).values(), *(ratio(reference, result, of) for of in ratios.values())])
             print(" | ".join(rows[-1]) + ("" if "error" not in result else f"  ({result['error']})"), flush=True)
             if result.get("profile"):
                 profiles.append((f"{case} {label}", result["step_s"], result["profile"], result["top_kernels"]))
-    print("\n" + markdown(["case", "system", "tokens/s", "MFU", "peak GiB", "first step s", "vs fused peer"], rows))
+    print("\n" + markdown(["case", "system", *describe({}), *ratios], rows))
     for title, step_s, profile, top in profiles:
         total = sum(profile.values())
         print(f"\nGPU time per step by kernel family, {title} (step {1e3 * step_s:.1f} ms wall, kernels {total:.1f} ms):\n")
