@@ -8,7 +8,7 @@ from tools import bench
 from tools.gpu_clocks import Sampler, nvml_reader
 
 
-def test_sampler_reads_in_a_thread_until_the_block_ends_and_gives_medians():
+def test_sampler_reads_in_a_thread_until_the_block_ends_and_gives_the_median_clock_and_highest_power():
     values = itertools.count()
     threads = set()
 
@@ -23,15 +23,14 @@ def test_sampler_reads_in_a_thread_until_the_block_ends_and_gives_medians():
     time.sleep(0.05)
     assert len(sampler.samples) == taken >= 3  # stopped with the block
     assert threads and threading.get_ident() not in threads
-    middle = sorted(s[0] for s in sampler.samples)
-    expected = (middle[(taken - 1) // 2] + middle[taken // 2]) / 2
-    assert sampler.medians() == (expected, 10 * expected)
+    clocks = sorted(s[0] for s in sampler.samples)
+    assert sampler.summary() == {"sm_mhz": (clocks[(taken - 1) // 2] + clocks[taken // 2]) / 2, "power_w": 10.0 * (taken - 1)}
 
 
 def test_sampler_without_a_reader_reads_nothing():
     with Sampler(None) as sampler:
         pass
-    assert sampler.medians() is None and sampler.samples == []
+    assert sampler.summary() == {} and sampler.samples == []
 
 
 def test_no_reader_for_a_gpu_nvml_does_not_know():

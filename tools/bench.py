@@ -20,9 +20,9 @@ trainer reads them only when it logs.
 
 MFU = tokens/s x (6 x parameters + 3 x SSD forward FLOPs per token) / the GPU's bf16 peak,
 the same FLOPs for all. Peak memory is torch.cuda.max_memory_allocated over the whole run. Each row also gives the
-GPU's median SM clock and board power over its timed steps (NVML, read every 50 ms from a thread: tools/gpu_clocks.py;
-the power is the board's average over about a second), since a GPU at its power limit lowers its clock; with
---profile, the ratio of GPU time per step to the fused peer's, which counts where the peer's GPU waits on its host.
+GPU's median SM clock and highest board power (the board's one-second average) over its timed steps (NVML, read
+every 50 ms from a thread: tools/gpu_clocks.py), since a GPU at its power limit lowers its clock; with --profile,
+the ratio of GPU time per step to the fused peer's, which counts where the peer's GPU waits on its host.
 """
 
 from __future__ import annotations
@@ -119,8 +119,8 @@ def peak_gib() -> float:
 
 def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
     """(seconds from `started` (the worker's start) to the end of the first step, seconds per steady
-    step, every step's result, the GPU's median SM clock and board power during the steady steps (empty without
-    NVML))."""
+    step, every step's result, the GPU's SM clock and board power during the steady steps (Sampler.summary: empty
+    without NVML))."""
     results, first = [], None
 
     def run(i: int) -> None:
@@ -139,8 +139,7 @@ def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, f
             run(i)
         synchronize()
         seconds = (time.perf_counter() - steady) / steps
-    medians = clocks.medians()
-    return first, seconds, results, {} if medians is None else dict(zip(("sm_mhz", "power_w"), medians))
+    return first, seconds, results, clocks.summary()
 
 
 def run_megassm(args, started: float) -> dict:
@@ -260,7 +259,7 @@ def spawn(args, system: str, case: str, overrides: list[str]) -> dict:
 
 
 def describe(result: dict) -> dict:
-    """tokens/s, MFU, memory, and the GPU's median SM clock and board power during the timed steps, of one result."""
+    """tokens/s, MFU, memory, and the GPU's SM clock and board power during the timed steps, of one result."""
     if "step_s" not in result:
         return {"tokens/s": "OOM" if result.get("oom") else "failed", "MFU": "-", "peak GiB": f"{result.get('peak_gib', 0):.1f}",
                 "first step s": "-", "SM MHz": "-", "W": "-"}

@@ -3,7 +3,6 @@
 Why: an H200 at its 700 W limit lowers its clock, and every kernel slows with it. megassm's steps hold the board at
 the limit (1,710-1,755 MHz), the peer's, whose GPU waits on its host between kernels, ran at up to 1,965 MHz in the
 same call (bench/RESULTS.md): two rows, or one kernel timed alone and inside a step, compare only with their clocks.
-The board reports its power averaged over about a second: over a run of a few steps it reads low.
 """
 
 from __future__ import annotations
@@ -46,8 +45,8 @@ def cuda_reader() -> Callable[[], tuple[float, float]] | None:
 
 
 class Sampler:
-    """Calls `read` every `interval_s` seconds in a thread while the `with` block runs; `medians()`: the median of each
-    value read, or None where nothing was read."""
+    """Calls `read` (returning (SM clock MHz, board power W)) every `interval_s` seconds in a thread while the `with`
+    block runs."""
 
     def __init__(self, read: Callable[[], tuple[float, ...]] | None, interval_s: float = 0.05):
         self.read, self.interval_s, self.samples = read, interval_s, []
@@ -70,5 +69,11 @@ class Sampler:
             if self._stop.wait(self.interval_s):
                 return
 
-    def medians(self) -> tuple[float, ...] | None:
-        return tuple(statistics.median(values) for values in zip(*self.samples)) if self.samples else None
+    def summary(self) -> dict[str, float]:
+        """{"sm_mhz": the median clock, "power_w": the highest power} of the samples ({} without any). The highest: the
+        board averages its power over about a second, so the first readings of a run still count the idle time before
+        it, the last ones the run alone."""
+        if not self.samples:
+            return {}
+        clocks, powers = zip(*self.samples)
+        return {"sm_mhz": statistics.median(clocks), "power_w": max(powers)}
