@@ -33,14 +33,29 @@ def test_sampler_without_a_reader_reads_nothing():
     assert sampler.summary() == {} and sampler.samples == []
 
 
-def test_no_reader_for_a_gpu_nvml_does_not_know():
-    assert nvml_reader("GPU-00000000-0000-0000-0000-000000000000") is None  # also where there is no NVIDIA driver
+def test_no_reader_where_there_is_no_nvidia_driver_or_no_such_gpu():
+    assert nvml_reader("GPU-00000000-0000-0000-0000-000000000000") is None
 
 
-def test_timed_steps_without_nvml_report_no_clocks():
-    calls = []
-    first, seconds, results, clocks = bench.timed_steps(lambda i: calls.append(i) or i, warmup=2, steps=3, started=time.perf_counter())
-    assert calls == results == [0, 1, 2, 3, 4] and first > 0 and seconds > 0 and clocks == {}
+def test_timed_steps_sample_the_clocks_during_the_timed_steps_only(monkeypatch):
+    calls, during = [], []
+
+    def step(i):
+        calls.append(i)
+        time.sleep(0.03)
+        return i
+
+    def read():
+        during.append(len(calls))  # steps begun when read
+        return 1500.0, 600.0 + len(during)
+
+    monkeypatch.setattr(bench, "cuda_reader", lambda: read)
+    first, seconds, results, clocks = bench.timed_steps(step, warmup=2, steps=3, started=time.perf_counter())
+    assert calls == results == [0, 1, 2, 3, 4] and first > 0 and seconds >= 0.03
+    assert during and min(during) >= 2  # no reading during the warm-up steps
+    assert clocks == {"sm_mhz": 1500.0, "power_w": 600.0 + len(during)}
+    monkeypatch.setattr(bench, "cuda_reader", lambda: None)  # no NVML: no clocks
+    assert bench.timed_steps(step, warmup=1, steps=1, started=time.perf_counter())[3] == {}
 
 
 def test_rows_show_clocks_and_both_ratios_to_the_peer():

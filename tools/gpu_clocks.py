@@ -3,6 +3,8 @@
 Why: an H200 at its 700 W limit lowers its clock, and every kernel slows with it. megassm's steps hold the board at
 the limit (1,710-1,755 MHz), the peer's, whose GPU waits on its host between kernels, ran at up to 1,965 MHz in the
 same call (bench/RESULTS.md): two rows, or one kernel timed alone and inside a step, compare only with their clocks.
+torch.cuda.clock_rate and power_draw read the same through the nvidia-ml-py package, which megassm does not install;
+the driver's library is there wherever a CUDA GPU is.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Sampler:
     """Calls `read` (returning (SM clock MHz, board power W)) every `interval_s` seconds in a thread while the `with`
     block runs."""
 
-    def __init__(self, read: Callable[[], tuple[float, ...]] | None, interval_s: float = 0.05):
+    def __init__(self, read: Callable[[], tuple[float, float]] | None, interval_s: float = 0.05):
         self.read, self.interval_s, self.samples = read, interval_s, []
         self._stop, self._thread = threading.Event(), None
 

@@ -31,9 +31,9 @@ SM90_REGISTERS, SM90_SHARED_KIB = 65536, 227  # per SM: an H100/H200's register 
 def compile_sm90(kernel, constexprs: dict, pointer_types: dict[str, str], options: dict | None = None, aligned: bool = False):
     """`kernel` (a @triton.jit function) compiled for sm_90 with these constexprs; pointers are bf16 unless
     `pointer_types` names them (it may name other arguments' types too), other arguments i32 (fp32 for dt_min and
-    dt_max). Needs no GPU. `aligned`: every
-    pointer and integer argument divisible by 16, as Triton specializes them at a launch where they are (at 780m's
-    shapes nearly all are): wider loads and deeper pipelining, hence more shared memory."""
+    dt_max). Needs no GPU. `aligned`: every pointer and integer argument divisible by 16, as Triton specializes them at
+    a launch where they are (at 780m's shapes nearly all are): wider loads and deeper pipelining, hence more shared
+    memory."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
