@@ -1,6 +1,7 @@
-"""The benchmark's clock and power sampling (tools/gpu_clocks.py) and the columns tools/bench.py builds from it."""
+"""The benchmark's clock and power readings (tools/gpu_clocks.py) and the columns tools/bench.py builds from them."""
 
 import itertools
+import math
 import threading
 import time
 
@@ -8,65 +9,84 @@ from tools import bench
 from tools.gpu_clocks import Sampler, nvml_reader
 
 
-def test_sampler_reads_in_a_thread_until_the_block_ends_and_gives_the_median_clock_and_highest_power():
-    values = itertools.count()
-    threads = set()
+def counter(joules_per_second: float, period_s: float, started: float):
+    """An energy counter as a board keeps one: moving every `period_s` seconds by the energy used since."""
+    return lambda: joules_per_second * period_s * ((time.perf_counter() - started) // period_s)
+
+
+def test_sampler_reads_in_a_thread_until_the_block_ends():
+    """The clock's median; the power from the readings at which the energy counter had moved, not from the block's ends:
+    with a counter moving every 100 ms, 1 ms before the first, 0.35 s of readings hold 3 moves (180 J: 514 W from the
+    ends) of which the first and last are 0.2 s and 120 J apart (600 W)."""
+    clocks, threads = itertools.count(1000), set()
+    energy = counter(600.0, 0.1, time.perf_counter() - 0.001)
 
     def read():
         threads.add(threading.get_ident())
-        n = next(values)
-        return float(n), 10.0 * n
+        return float(next(clocks)), energy()
 
-    with Sampler(read, interval_s=0.01) as sampler:
-        time.sleep(0.1)
+    with Sampler(read, interval_s=0.002) as sampler:
+        time.sleep(0.35)
     taken = len(sampler.samples)
     time.sleep(0.05)
-    assert len(sampler.samples) == taken >= 3  # stopped with the block
+    assert len(sampler.samples) == taken >= 20  # stopped with the block
     assert threads and threading.get_ident() not in threads
-    clocks = sorted(s[0] for s in sampler.samples)
-    assert sampler.summary() == {"sm_mhz": (clocks[(taken - 1) // 2] + clocks[taken // 2]) / 2, "power_w": 10.0 * (taken - 1)}
+    summary = sampler.summary()
+    assert summary["sm_mhz"] == 1000 + (taken - 1) / 2  # the median of 1000, 1001, ...
+    assert math.isclose(summary["power_w"], 600.0, rel_tol=0.1)
+    (t0, _, e0), (t1, _, e1) = sampler.samples[0], sampler.samples[-1]
+    assert (e1 - e0) / (t1 - t0) < 0.9 * 600.0  # what the ends alone would give
 
 
-def test_sampler_without_a_reader_reads_nothing():
+def test_sampler_without_a_reader_an_energy_counter_or_two_moves_of_it():
     with Sampler(None) as sampler:
         pass
     assert sampler.summary() == {} and sampler.samples == []
+    for energy in (lambda: math.nan, counter(600.0, 10.0, time.perf_counter() - 9.99)):  # none; moves once in the block
+        with Sampler(lambda e=energy: (1500.0, e()), interval_s=0.005) as sampler:
+            time.sleep(0.05)
+        assert sampler.summary() == {"sm_mhz": 1500.0}
 
 
 def test_no_reader_where_there_is_no_nvidia_driver_or_no_such_gpu():
     assert nvml_reader("GPU-00000000-0000-0000-0000-000000000000") is None
 
 
-def test_timed_steps_sample_the_clocks_during_the_timed_steps_only(monkeypatch):
+def test_timed_steps_measure_the_timed_steps_only(monkeypatch):
+    """No reading during the warm-up steps; the energy per step: the mean power times the seconds per step."""
     calls, during = [], []
+    energy = counter(500.0, 0.01, time.perf_counter())
 
     def step(i):
         calls.append(i)
-        time.sleep(0.03)
+        time.sleep(0.05)
         return i
 
     def read():
         during.append(len(calls))  # steps begun when read
-        return 1500.0, 600.0 + len(during)
+        return 1500.0, energy()
 
     monkeypatch.setattr(bench, "cuda_reader", lambda: read)
-    first, seconds, results, clocks = bench.timed_steps(step, warmup=2, steps=3, started=time.perf_counter())
-    assert calls == results == [0, 1, 2, 3, 4] and first > 0 and seconds >= 0.03
+    first, seconds, results, measured = bench.timed_steps(step, warmup=2, steps=3, started=time.perf_counter())
+    assert calls == results == [0, 1, 2, 3, 4] and first > 0 and seconds >= 0.05
     assert during and min(during) >= 2  # no reading during the warm-up steps
-    assert clocks == {"sm_mhz": 1500.0, "power_w": 600.0 + len(during)}
-    monkeypatch.setattr(bench, "cuda_reader", lambda: None)  # no NVML: no clocks
+    assert measured["sm_mhz"] == 1500.0 and math.isclose(measured["power_w"], 500.0, rel_tol=0.1)
+    assert measured["step_j"] == measured["power_w"] * seconds
+    monkeypatch.setattr(bench, "cuda_reader", lambda: None)  # no NVML: nothing measured
     assert bench.timed_steps(step, warmup=1, steps=1, started=time.perf_counter())[3] == {}
 
 
-def test_rows_show_clocks_and_both_ratios_to_the_peer():
+def test_rows_show_clocks_energy_and_the_ratios_to_the_peer():
     peer = {"step_s": 0.3, "tokens": 3000, "flops_per_token": 1e9, "peak_flops": 1e13, "peak_gib": 40.0, "first_step_s": 20.0,
-            "sm_mhz": 1965.0, "power_w": 589.4, "profile": {"matmuls": 150.0, "other": 50.0}}
-    mine = dict(peer, step_s=0.2, sm_mhz=1755.0, power_w=687.0, profile={"matmuls": 140.0, "other": 20.0})
+            "sm_mhz": 1965.0, "power_w": 589.4, "step_j": 176.8, "profile": {"matmuls": 150.0, "other": 50.0}}
+    mine = dict(peer, step_s=0.2, sm_mhz=1755.0, power_w=687.0, step_j=137.4, profile={"matmuls": 140.0, "other": 20.0})
     shown = bench.describe(mine)
-    assert (shown["tokens/s"], shown["MFU"], shown["SM MHz"], shown["W"]) == ("15,000", "150.0%", "1755", "687")
+    assert (shown["tokens/s"], shown["MFU"], shown["SM MHz"], shown["W"], shown["tokens/J"]) == ("15,000", "150.0%", "1755", "687", "21.8")
     assert bench.ratio(peer, mine, bench.wall_time) == "1.50x"
     assert bench.ratio(peer, mine, bench.gpu_time) == "1.25x"  # 200 ms of kernels against 160
+    assert bench.ratio(peer, mine, bench.step_energy) == "1.29x"  # 176.8 J per step against 137.4
     assert bench.ratio({}, mine, bench.wall_time) == "-" and bench.ratio(peer, dict(mine, profile={}), bench.gpu_time) == "-"
-    without = bench.describe({key: value for key, value in mine.items() if key not in ("sm_mhz", "power_w")})
-    assert (without["SM MHz"], without["W"]) == ("-", "-")
+    without = bench.describe({key: value for key, value in mine.items() if key not in ("sm_mhz", "power_w", "step_j")})
+    assert (without["SM MHz"], without["W"], without["tokens/J"]) == ("-", "-", "-")
+    assert bench.ratio(peer, {key: value for key, value in mine.items() if key != "step_j"}, bench.step_energy) == "-"
     assert list(bench.describe({"oom": True})) == list(shown)  # a failed row has the same columns

@@ -20,9 +20,11 @@ trainer reads them only when it logs.
 
 MFU = tokens/s x (6 x parameters + 3 x SSD forward FLOPs per token) / the GPU's bf16 peak,
 the same FLOPs for all. Peak memory is torch.cuda.max_memory_allocated over the whole run. Each row also gives the
-GPU's median SM clock and highest board power (the board's one-second average) over its timed steps (NVML, read
-every 50 ms from a thread: tools/gpu_clocks.py), since a GPU at its power limit lowers its clock; with --profile,
-the ratio of GPU time per step to the fused peer's, which counts where the peer's GPU waits on its host.
+GPU's median SM clock and mean power over its timed steps (NVML, read every 10 ms from a thread; the power from the
+board's energy counter: tools/gpu_clocks.py) and tokens per joule, since a GPU at its power limit lowers its
+clock: there a step takes as long as its energy allows, and the ratio of energy per step to the fused peer's is the
+ratio of speeds at equal power. With --profile, also the ratio of GPU time per step to the fused peer's, which counts
+where the peer's GPU waits on its host (at the clocks each ran).
 """
 
 from __future__ import annotations
@@ -119,8 +121,8 @@ def peak_gib() -> float:
 
 def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
     """(seconds from `started` (the worker's start) to the end of the first step, seconds per steady
-    step, every step's result, the GPU's SM clock and board power during the steady steps (Sampler.summary: empty
-    without NVML))."""
+    step, every step's result, the GPU's SM clock, mean power and energy per step ("step_j") during the steady steps
+    (empty without NVML))."""
     results, first = [], None
 
     def run(i: int) -> None:
@@ -139,7 +141,10 @@ def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, f
             run(i)
         synchronize()
         seconds = (time.perf_counter() - steady) / steps
-    return first, seconds, results, clocks.summary()
+    measured = clocks.summary()
+    if "power_w" in measured:
+        measured["step_j"] = measured["power_w"] * seconds
+    return first, seconds, results, measured
 
 
 def run_megassm(args, started: float) -> dict:
@@ -259,20 +264,23 @@ def spawn(args, system: str, case: str, overrides: list[str]) -> dict:
 
 
 def describe(result: dict) -> dict:
-    """tokens/s, MFU, memory, and the GPU's SM clock and board power during the timed steps, of one result."""
+    """tokens/s, MFU, memory, and the GPU's SM clock, mean power and tokens per joule during the timed steps, of one
+    result."""
     if "step_s" not in result:
         return {"tokens/s": "OOM" if result.get("oom") else "failed", "MFU": "-", "peak GiB": f"{result.get('peak_gib', 0):.1f}",
-                "first step s": "-", "SM MHz": "-", "W": "-"}
+                "first step s": "-", "SM MHz": "-", "W": "-", "tokens/J": "-"}
     tokens_per_s = result["tokens"] / result["step_s"]
     mfu = tokens_per_s * result["flops_per_token"] / result["peak_flops"] if result["peak_flops"] else None
     return {"tokens/s": f"{tokens_per_s:,.0f}", "MFU": f"{100 * mfu:.1f}%" if mfu else "-", "peak GiB": f"{result['peak_gib']:.1f}",
             "first step s": f"{result['first_step_s']:.0f}", "SM MHz": f"{result['sm_mhz']:.0f}" if "sm_mhz" in result else "-",
-            "W": f"{result['power_w']:.0f}" if "power_w" in result else "-"}
+            "W": f"{result['power_w']:.0f}" if "power_w" in result else "-",
+            "tokens/J": f"{result['tokens'] / result['step_j']:.1f}" if "step_j" in result else "-"}
 
 
-def ratio(reference: dict, result: dict, seconds) -> str:
-    """How many times faster `result` is than `reference` by seconds(result) (a step's wall or GPU time), or "-"."""
-    mine, theirs = seconds(result), seconds(reference)
+def ratio(reference: dict, result: dict, cost) -> str:
+    """How many times less `result` takes than `reference` by cost(result) (a step's wall or GPU time, or its energy),
+    or "-"."""
+    mine, theirs = cost(result), cost(reference)
     return f"{theirs / mine:.2f}x" if mine and theirs else "-"
 
 
@@ -282,6 +290,10 @@ def wall_time(result: dict) -> float | None:
 
 def gpu_time(result: dict) -> float | None:
     return sum(result["profile"].values()) if result.get("profile") else None
+
+
+def step_energy(result: dict) -> float | None:
+    return result.get("step_j")
 
 
 def require_prepared_data(path: str, tool: str) -> None:
@@ -297,7 +309,8 @@ def compare(args) -> None:
     variants = [("megassm", args.set)] + [(name, args.set + sets.split(",")) for name, sets in (v.split(":", 1) for v in args.variant)]
     peers = [(PEERS[f"peer-{p}"], f"peer-{p}", []) for p in args.peers]
     systems = peers + [(name, "megassm", sets) for name, sets in variants]  # the reference first: each row's ratio as it comes
-    ratios = {"vs fused peer": wall_time, **({"GPU time vs fused peer": gpu_time} if args.profile_steps else {})}
+    ratios = {"vs fused peer": wall_time, "energy vs fused peer": step_energy,
+              **({"GPU time vs fused peer": gpu_time} if args.profile_steps else {})}
     rows, profiles = [], []
     for case in args.cases:
         reference = {}

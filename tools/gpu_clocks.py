@@ -1,25 +1,33 @@
-"""The GPU's SM clock and board power while a benchmark runs: NVML (the driver's library) read from a thread.
+"""The GPU's SM clock and power while a benchmark runs: NVML (the driver's library) read from a thread.
 
 Why: an H200 at its 700 W limit lowers its clock, and every kernel slows with it. megassm's steps hold the board at
-the limit (1,710-1,755 MHz), the peer's, whose GPU waits on its host between kernels, ran at up to 1,965 MHz in the
+the limit (1,695-1,755 MHz), the peer's, whose GPU waits on its host between kernels, ran at up to 1,965 MHz in the
 same call (bench/RESULTS.md): two rows, or one kernel timed alone and inside a step, compare only with their clocks.
-torch.cuda.clock_rate and power_draw read the same through the nvidia-ml-py package, which megassm does not install;
-the driver's library is there wherever a CUDA GPU is.
+At the limit a step takes as long as its energy allows, so the energy per step compares two systems as if both ran
+at the same power. The power is read from the board's energy counter, which moves about every 100 ms (an H200):
+between the first and the last time it moved within the run, read every 10 ms, rather than from its two ends (a
+window of a few steps would be off by up to 100 ms of energy) or from the power reading (a one-second average).
+torch.cuda.clock_rate and power_draw read the clock and power through the nvidia-ml-py package, which megassm does
+not install; the driver's library is there wherever a CUDA GPU is.
 """
 
 from __future__ import annotations
 
 import ctypes
+import math
 import statistics
 import threading
+import time
 from typing import Callable
 
 NVML_CLOCK_SM = 1  # nvmlClockType_t
 
+Reader = Callable[[], tuple[float, float]]  # () -> (SM clock MHz, the board's energy in joules since the driver loaded)
 
-def nvml_reader(uuid: str) -> Callable[[], tuple[float, float]] | None:
-    """A function returning (SM clock MHz, board power W) of the GPU with this UUID ("GPU-..."), or None where NVML is
-    not there (no NVIDIA driver) or does not know the GPU."""
+
+def nvml_reader(uuid: str) -> Reader | None:
+    """A Reader of the GPU with this UUID ("GPU-..."), or None where NVML is not there (no NVIDIA driver) or does not
+    know the GPU. The energy is nan where the GPU has no energy counter (before Volta)."""
     try:
         nvml = ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
@@ -27,17 +35,17 @@ def nvml_reader(uuid: str) -> Callable[[], tuple[float, float]] | None:
     handle = ctypes.c_void_p()
     if nvml.nvmlInit_v2() != 0 or nvml.nvmlDeviceGetHandleByUUID(uuid.encode(), ctypes.byref(handle)) != 0:
         return None
-    mhz, milliwatts = ctypes.c_uint(), ctypes.c_uint()
+    mhz, millijoules = ctypes.c_uint(), ctypes.c_ulonglong()
 
     def read() -> tuple[float, float]:
         nvml.nvmlDeviceGetClockInfo(handle, NVML_CLOCK_SM, ctypes.byref(mhz))
-        nvml.nvmlDeviceGetPowerUsage(handle, ctypes.byref(milliwatts))
-        return float(mhz.value), milliwatts.value / 1e3
+        counted = nvml.nvmlDeviceGetTotalEnergyConsumption(handle, ctypes.byref(millijoules)) == 0
+        return float(mhz.value), millijoules.value / 1e3 if counted else math.nan
 
     return read
 
 
-def cuda_reader() -> Callable[[], tuple[float, float]] | None:
+def cuda_reader() -> Reader | None:
     """nvml_reader of the current CUDA device, or None (no CUDA, no NVML)."""
     import torch
 
@@ -47,11 +55,11 @@ def cuda_reader() -> Callable[[], tuple[float, float]] | None:
 
 
 class Sampler:
-    """Calls `read` (returning (SM clock MHz, board power W)) every `interval_s` seconds in a thread while the `with`
-    block runs."""
+    """Calls `read` (returning (SM clock MHz, energy J)) every `interval_s` seconds in a thread while the `with` block
+    runs."""
 
-    def __init__(self, read: Callable[[], tuple[float, float]] | None, interval_s: float = 0.05):
-        self.read, self.interval_s, self.samples = read, interval_s, []
+    def __init__(self, read: Reader | None, interval_s: float = 0.01):
+        self.read, self.interval_s, self.samples = read, interval_s, []  # samples: (seconds, MHz, J)
         self._stop, self._thread = threading.Event(), None
 
     def __enter__(self) -> Sampler:
@@ -67,15 +75,19 @@ class Sampler:
 
     def _run(self) -> None:
         while True:
-            self.samples.append(self.read())
+            self.samples.append((time.perf_counter(), *self.read()))
             if self._stop.wait(self.interval_s):
                 return
 
     def summary(self) -> dict[str, float]:
-        """{"sm_mhz": the median clock, "power_w": the highest power} of the samples ({} without any). The highest: the
-        board averages its power over about a second, so the first readings of a run still count the idle time before
-        it, the last ones the run alone."""
+        """{"sm_mhz": the median clock, "power_w": the mean power} of the samples ({} without any; no power where the
+        energy counter moved fewer than twice, or is not there). The power: the energy between the first and the last
+        reading at which the counter had moved, over the time between them."""
         if not self.samples:
             return {}
-        clocks, powers = zip(*self.samples)
-        return {"sm_mhz": statistics.median(clocks), "power_w": max(powers)}
+        result = {"sm_mhz": statistics.median(mhz for _, mhz, _ in self.samples)}
+        moved = [(t, joules) for (_, _, before), (t, _, joules) in zip(self.samples, self.samples[1:]) if joules != before]
+        if len(moved) >= 2 and all(math.isfinite(joules) for _, joules in moved):
+            (start, first), (end, last) = moved[0], moved[-1]
+            result["power_w"] = (last - first) / (end - start)
+        return result
