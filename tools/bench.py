@@ -121,8 +121,8 @@ def peak_gib() -> float:
 
 def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
     """(seconds from `started` (the worker's start) to the end of the first step, seconds per steady
-    step, every step's result, the GPU's SM clock, mean power and energy per step ("step_j") during the steady steps
-    (empty without NVML))."""
+    step, every step's result, the GPU's SM clock and mean power during the steady steps (Sampler.summary: empty
+    without NVML))."""
     results, first = [], None
 
     def run(i: int) -> None:
@@ -141,10 +141,7 @@ def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, f
             run(i)
         synchronize()
         seconds = (time.perf_counter() - steady) / steps
-    measured = clocks.summary()
-    if "power_w" in measured:
-        measured["step_j"] = measured["power_w"] * seconds
-    return first, seconds, results, measured
+    return first, seconds, results, clocks.summary()
 
 
 def run_megassm(args, started: float) -> dict:
@@ -274,7 +271,7 @@ def describe(result: dict) -> dict:
     return {"tokens/s": f"{tokens_per_s:,.0f}", "MFU": f"{100 * mfu:.1f}%" if mfu else "-", "peak GiB": f"{result['peak_gib']:.1f}",
             "first step s": f"{result['first_step_s']:.0f}", "SM MHz": f"{result['sm_mhz']:.0f}" if "sm_mhz" in result else "-",
             "W": f"{result['power_w']:.0f}" if "power_w" in result else "-",
-            "tokens/J": f"{result['tokens'] / result['step_j']:.1f}" if "step_j" in result else "-"}
+            "tokens/J": f"{result['tokens'] / step_energy(result):.1f}" if "power_w" in result else "-"}
 
 
 def ratio(reference: dict, result: dict, cost) -> str:
@@ -293,7 +290,8 @@ def gpu_time(result: dict) -> float | None:
 
 
 def step_energy(result: dict) -> float | None:
-    return result.get("step_j")
+    """Joules per step: the mean power over the timed steps times their seconds per step."""
+    return result["power_w"] * result["step_s"] if "power_w" in result and "step_s" in result else None
 
 
 def require_prepared_data(path: str, tool: str) -> None:
