@@ -1,13 +1,15 @@
 """Autograd-aware collectives. Each is the identity (and issues nothing) on a group of one rank.
 
 Every collective goes through `_issue`, which can record (name, bytes) while `record_communication()`
-is active: tests count a layer's collectives with it and measure what context parallelism sends.
+is active (tests count a layer's collectives with it and measure what context parallelism sends), and
+which hands the communication itself to a runner while `collectives_through(runner)` is active: a CUDA-graph
+capture (megassm/model/cuda_graphs.py) ends a graph there and replays the call between graphs.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,7 +22,9 @@ from parallel.context import group_rank, group_size
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
+Communication = Callable[[], object]
 _records: list[tuple[str, int]] | None = None
+_runner: Callable[[Communication], None] | None = None
 
 
 @contextlib.contextmanager
@@ -34,52 +38,58 @@ def record_communication() -> Iterator[list[tuple[str, int]]]:
         _records = outer
 
 
-def _issue(name: str, tensor: Tensor) -> None:
+@contextlib.contextmanager
+def collectives_through(runner: Callable[[Communication], None]) -> Iterator[None]:
+    """Hand each collective's communication to runner instead of running it: a call without arguments that reads
+    and writes tensors the collective has already made, so that calling it again communicates their contents then.
+    Module-wide, not per thread: autograd's backward runs in threads of its own."""
+    global _runner
+    outer, _runner = _runner, runner
+    try:
+        yield
+    finally:
+        _runner = outer
+
+
+def _issue(name: str, tensor: Tensor, communicate: Communication) -> None:
     if _records is not None:
         _records.append((name, tensor.numel() * tensor.element_size()))
+    if _runner is None:
+        communicate()
+    else:
+        _runner(communicate)
 
 
 def all_reduce(x: Tensor, group: ProcessGroup, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
     """Reduce over ranks, in place when x is contiguous (callers pass tensors nothing else holds)."""
-    _issue("all_reduce", x)
     x = x.contiguous()
-    dist.all_reduce(x, op=op, group=group)
+    _issue("all_reduce", x, lambda: dist.all_reduce(x, op=op, group=group))
     return x
 
 
 def all_gather(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
     """Concatenate every rank's x along dim, in rank order."""
-    _issue("all_gather", x)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((group_size(group) * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather(out, moved, group=group)
+    _issue("all_gather", moved, lambda: _all_gather(out, moved, group=group))
     return out.movedim(0, dim)
 
 
 def reduce_scatter(x: Tensor, group: ProcessGroup, dim: int) -> Tensor:
     """Sum over ranks, then keep this rank's piece along dim."""
-    _issue("reduce_scatter", x)
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // group_size(group), *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter(out, moved, group=group)
+    _issue("reduce_scatter", moved, lambda: _reduce_scatter(out, moved, group=group))
     return out.movedim(0, dim)
 
 
 def shift(x: Tensor, group: ProcessGroup, step: int) -> Tensor:
-    """Rank r sends x to rank r+step and returns what rank r-step sent (zeros where there is none)."""
-    _issue("send_recv", x)
-    rank, size = group_rank(group), group_size(group)
-    ranks = dist.get_process_group_ranks(group)
-    x = x.contiguous()
-    received = torch.zeros_like(x)
-    ops = []
-    if 0 <= rank + step < size:
-        ops.append(dist.P2POp(dist.isend, x, ranks[rank + step], group))
-    if 0 <= rank - step < size:
-        ops.append(dist.P2POp(dist.irecv, received, ranks[rank - step], group))
-    for request in dist.batch_isend_irecv(ops) if ops else []:
-        request.wait()
-    return received
+    """What rank r-step holds, on rank r (zeros where there is none). One all-gather of x (CP's few halo rows) rather
+    than a send and a receive: gloo moves no CUDA tensor point to point, and this way the CUDA graphs of a CP layout
+    are checked on one GPU with it (tools/check_graphs.py); its bytes still do not grow with the sequence."""
+    source = group_rank(group) - step
+    gathered = all_gather(x[None], group, 0)
+    return gathered[source] if 0 <= source < group_size(group) else torch.zeros_like(x)
 
 
 class _CopyToRegion(torch.autograd.Function):

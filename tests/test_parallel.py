@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from megassm.model import MIXERS, Mamba2LM, Mamba2Mixer, ModelConfig
 from parallel import DDPEngine, global_grad_norm, init_parallel, local_piece, param_roles, record_communication
-from parallel.collectives import all_reduce
+from parallel.collectives import all_gather, all_reduce, collectives_through, reduce_scatter, shift
 from tests.distributed import run_distributed
 
 CFG = ModelConfig.from_preset("debug", ngroups=4, chunk_size=8)  # 8 heads in 4 groups; 44 tokens = 5.5 chunks
@@ -150,12 +150,45 @@ def cp_bytes_per_layer() -> None:
             mixer(u).sum().backward()
         sent.append(records)
     short, long = sent
-    assert [name for name, _ in short] == ["send_recv", "all_gather", "reduce_scatter", "send_recv"], short
+    assert [name for name, _ in short] == ["all_gather", "all_gather", "reduce_scatter", "all_gather"], short  # halo, state; back
     assert short == long, (short, long)  # 8x the tokens, the same bytes
 
 
 def test_context_parallel_bytes_do_not_grow_with_sequence_length():
     run_distributed(cp_bytes_per_layer, 2)
+
+
+def replay_handed_collectives() -> None:
+    """Each collective hands its communication to the runner of collectives_through; called again, it communicates
+    what its tensors hold then, into the same outputs: what replaying CUDA graphs between collectives relies on
+    (megassm/model/cuda_graphs.py)."""
+    group = init_parallel(tp=2, backend="gloo").tp_group
+    rank, handed = dist.get_rank(), []
+
+    def run(communicate):
+        communicate()
+        handed.append(communicate)
+
+    x = torch.arange(8.0).reshape(4, 2) + 10 * rank
+    with collectives_through(run), record_communication() as records:
+        reduced = all_reduce(x.clone(), group)
+        gathered, scattered, shifted = all_gather(x, group, 0), reduce_scatter(x, group, 0), shift(x, group, 1)
+    assert [name for name, _ in records] == ["all_reduce", "all_gather", "reduce_scatter", "all_gather"] and len(handed) == 4
+    for scale in (1.0, 3.0):
+        if scale != 1.0:  # new contents in the tensors the collectives read, then their communication again
+            x.mul_(scale)
+            reduced.copy_(x)
+            for communicate in handed:
+                communicate()
+        ranks = [(torch.arange(8.0).reshape(4, 2) + 10 * r) * scale for r in range(2)]
+        assert torch.equal(reduced, ranks[0] + ranks[1])
+        assert torch.equal(gathered, torch.cat(ranks))
+        assert torch.equal(scattered, (ranks[0] + ranks[1])[2 * rank : 2 * rank + 2])
+        assert torch.equal(shifted, ranks[0] if rank == 1 else torch.zeros_like(x))
+
+
+def test_collectives_handed_over_communicate_again_when_called():
+    run_distributed(replay_handed_collectives, 2)
 
 
 IMPOSSIBLE_LAYOUTS = [  # (tp, cp, dp, the error) in a world of 4
