@@ -79,8 +79,9 @@ class TrainConfig:
     precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
     activation_checkpointing: bool = False  # each block keeps only its input and recomputes the rest in backward
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens per rank at a time
-    # Replay the blocks' forward and backward as CUDA graphs: "auto" (on CUDA where cuda_graph_blockers finds
-    # nothing in the way and without activation checkpointing; the start-up line says why not), true, false.
+    # Replay the blocks' forward and backward as CUDA graphs (between their collectives under TP, SP and CP): "auto" (on
+    # CUDA for micro batches of up to 32,768 tokens per rank, where cuda_graph_blockers finds nothing in the way; the
+    # start-up line says why not), true, false.
     cuda_graphs: bool | str = "auto"
     # megassm's SSD keeps its per-chunk states for the backward instead of recomputing them (one pass over x and B per
     # layer; about in_proj's output in memory): "auto" (under activation checkpointing, where only the recomputed
@@ -361,17 +362,13 @@ def validate(cfg: Config, world_size: int) -> None:
 
 def cuda_graph_blockers(cfg: Config) -> list[str]:
     """What keeps the blocks from being replayed as CUDA graphs under this config (empty: nothing).
-    A graph replays its kernels without Python: the blocks may not communicate (TP, CP) nor leave
-    the step to an engine that reorders the backward pass (DeepSpeed). Attention's flex_attention copies from
-    the CPU when it runs eager, which a capture forbids."""
-    par, blockers = cfg.parallel, []
+    A graph replays its kernels without Python: the blocks may not leave the step to an engine that reorders
+    the backward pass (DeepSpeed). Attention's flex_attention copies from the CPU when it runs eager, which a
+    capture forbids."""
+    blockers = []
     if "*" in cfg.model.layer_kinds and not cfg.kernels.compile:
         blockers.append("kernels.compile = true with attention blocks ('*')")
-    if par.tp > 1:
-        blockers.append("parallel.tp = 1")
-    if par.cp > 1:
-        blockers.append("parallel.cp = 1")
-    if par.engine != "ddp":
+    if cfg.parallel.engine != "ddp":
         blockers.append("parallel.engine = 'ddp'")
     return blockers
 

@@ -22,8 +22,9 @@ def config(*overrides: str, world_size: int = 1):
 
 @pytest.mark.parametrize("overrides, world, expected", [
     ([], 1, (True, "CUDA graphs")),
-    (["--parallel.tp=2"], 2, (False, "no CUDA graphs (they need parallel.tp = 1)")),
-    (["--parallel.cp=2", "--parallel.tp=2"], 4, (False, "no CUDA graphs (they need parallel.tp = 1 and parallel.cp = 1)")),
+    (["--parallel.tp=2"], 2, (True, "CUDA graphs")),
+    (["--parallel.tp=2", "--parallel.sequence_parallel=true"], 2, (True, "CUDA graphs")),
+    (["--parallel.cp=2", "--parallel.tp=2"], 4, (True, "CUDA graphs")),
     (["--train.activation_checkpointing=true"], 1, (True, "CUDA graphs")),
     (["--train.activation_checkpointing=true", "--data.micro_batch=1", "--data.global_batch=1",
       f"--data.seq_len={2 * GRAPHS_AUTO_MAX_TOKENS}"], 1,
@@ -31,7 +32,7 @@ def config(*overrides: str, world_size: int = 1):
     (["--data.micro_batch=1", "--data.global_batch=1", f"--data.seq_len={2 * GRAPHS_AUTO_MAX_TOKENS}"], 1,
      (False, "no CUDA graphs (65,536 tokens per micro batch launch few kernels per token; train.cuda_graphs = true adds them)")),
     (["--data.micro_batch=1", "--data.global_batch=1", f"--data.seq_len={2 * GRAPHS_AUTO_MAX_TOKENS}", "--parallel.cp=2"], 2,
-     (False, "no CUDA graphs (they need parallel.cp = 1)")),
+     (True, "CUDA graphs")),  # the tokens per rank count
     (["--train.cuda_graphs=false"], 1, (False, "no CUDA graphs")),
     (["--model.preset=debug-hybrid"], 1, (True, "CUDA graphs")),
     (["--model.preset=debug-hybrid", "--kernels.compile=false"], 1,
@@ -60,8 +61,7 @@ def test_gradients_are_zeroed_in_place_only_where_graph_buffers_are_summed(graph
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    (["--train.cuda_graphs=true", "--parallel.tp=2"], 2, "train.cuda_graphs = true needs parallel.tp = 1: switch one of them"),
-    (["--train.cuda_graphs=true", "--parallel.engine=deepspeed"], 1, "train.cuda_graphs = true needs parallel.engine = 'ddp'"),
+    (["--train.cuda_graphs=true", "--parallel.engine=deepspeed"], 1, "train.cuda_graphs = true needs parallel.engine = 'ddp': switch one of them"),
     (["--train.cuda_graphs=sometimes"], 1, "train.cuda_graphs = 'sometimes': choose true, false or \"auto\""),
 ])
 def test_graphs_that_cannot_run_are_refused(overrides, world, message):

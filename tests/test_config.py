@@ -57,7 +57,8 @@ def config_file(tmp_path: Path, prepared_data: Path):
         ({'preset = "debug"': 'preset = "mamba2-7b"'}, 4, r"model.preset = 'mamba2-7b' .* is not one of"),
         ({'preset = "debug"': 'preset = "debug"\nvocab_size = 100'}, 4,
          r"has 512 tokens, more than model.vocab_size = 100: raise model.vocab_size"),
-        ({"[data]": "[train]\ncuda_graphs = true\n[data]"}, 4, r"train.cuda_graphs = true needs parallel.tp = 1 and parallel.cp = 1: switch"),
+        ({"[data]": "[train]\ncuda_graphs = true\n[data]", "cp = 2": "cp = 2\nengine = \"deepspeed\""}, 4,
+         r"train.cuda_graphs = true needs parallel.engine = 'ddp': switch"),
         ({"[data]": "[checkpoint]\nevery = -2\n[data]"}, 4, r"checkpoint.every must be a number of steps, 0 \(only at the end\) or -1"),
         ({"[data]": "[optim]\nlr = -0.001\n[data]"}, 4, r"optim.lr must be positive, got -0.001$"),
         ({"[data]": '[kernels]\nbackend = "triton"\n[data]'}, 4,
@@ -67,7 +68,7 @@ def config_file(tmp_path: Path, prepared_data: Path):
         ({"[data]": "[train]\nloss_chunk_tokens = 0\n[data]"}, 4, r"train.loss_chunk_tokens must be at least 1, got 0$"),
     ],
     ids=["unknown-key", "unknown-section", "wrong-type", "layout-too-big", "world-not-divisible", "heads-vs-tp", "groups-vs-tp",
-         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-tp", "checkpoint-every", "negative-lr",
+         "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-deepspeed", "checkpoint-every", "negative-lr",
          "triton-on-cpu", "unknown-backend", "unknown-ssd-kernels", "loss-chunk"],
 )
 def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replace, world, message):

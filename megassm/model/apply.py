@@ -48,10 +48,8 @@ def apply_ssd_state_keeping(model: nn.Module) -> None:
 
 
 def apply_cuda_graphs(model: Mamba2LM) -> None:
-    """Replay the blocks' forward and backward as CUDA graphs, captured on the first training step on CUDA.
-    A graph replays kernels without Python, so the blocks may not communicate: tp = cp = 1."""
-    if model.ctx.tp > 1 or model.ctx.cp > 1:
-        raise ValueError("CUDA graphs of the blocks need tp = cp = 1")
+    """Replay the blocks' forward and backward as CUDA graphs (between their collectives under TP, SP and CP),
+    captured on the first training step on CUDA."""
     model.cuda_graphs = True
 
 

@@ -96,9 +96,9 @@ class Mamba2LM(nn.Module):
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
         if states is None:
             if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():
-                self.graphs = BlockGraphs(lambda h, seq_idx: self.run_blocks(h, seq_idx)[:2], self.layers, h, seq_idx)
+                self.graphs = BlockGraphs(lambda *inputs: self.run_blocks(*inputs)[:2], self.layers, h, seq_idx, halo_seq_idx)
             if self.graphs is not None and self.graphs.matches(h, seq_idx, halo_seq_idx):
-                return self.norm_f.add_forward(*self.graphs(h, seq_idx))[1], None
+                return self.norm_f.add_forward(*self.graphs(h, seq_idx, halo_seq_idx))[1], None
         h, update, states = self.run_blocks(h, seq_idx, halo_seq_idx, states)
         return self.norm_f.add_forward(h, update)[1], states
 
