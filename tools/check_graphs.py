@@ -1,0 +1,150 @@
+"""The blocks as CUDA graphs under TP, SP and CP against the same layout without graphs, on one GPU.
+
+NCCL refuses two ranks on one device, so the ranks of each layout share the GPU joined by gloo: between the
+graphs the collectives run on CUDA tensors as they would on NCCL (megassm/model/cuda_graphs.py). Each rank
+builds the model twice from one seed, as the trainer runs it (Triton kernels, compiled norms, bf16 autocast;
+the SSD's states kept where the trainer's default keeps them), one with CUDA graphs; for a few batches of one
+shape (documents packed differently in each) it compares the loss and every gradient of the graphed model with
+the eager one's, against the eager model's own difference from a second eager pass (the kernels' atomics).
+
+    python tools/check_graphs.py                                  # tp2, tp2+sp, cp2, tp2xcp2 on 4 layers of mamba2-130m
+    python tools/check_graphs.py --pattern M-M*M- --activation-checkpointing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from bench import ROOT, markdown  # tools/ is on the path when run as a script
+from bench_parallel import failure
+
+LAYOUTS = {"tp2": (2, 1, False), "tp2+sp": (2, 1, True), "cp2": (1, 2, False), "tp2xcp2": (2, 2, False)}
+
+
+def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+
+
+def worker(args) -> None:
+    """One rank: the graphed and the eager model on the same batches; rank 0 prints the largest differences."""
+    from megassm.model import (Mamba2LM, ModelConfig, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels,
+                               apply_ssd_state_keeping)
+    from parallel import init_parallel
+
+    tp, cp, sp = LAYOUTS[args.layout]
+    torch.cuda.set_device(0)
+    ctx = init_parallel(tp, cp, 1, sp, backend="gloo")
+    mlp_hidden = ModelConfig.from_preset(args.preset).mlp_hidden or 4 * ModelConfig.from_preset(args.preset).d_model
+    cfg = ModelConfig.from_preset(args.preset, n_layer=len(args.pattern), pattern=args.pattern if set(args.pattern) != {"M"} else "",
+                                  ngroups=args.ngroups, mlp_hidden=mlp_hidden)
+
+    def build(graphs: bool) -> Mamba2LM:
+        torch.manual_seed(0)
+        model = Mamba2LM(cfg, ctx).cuda()
+        apply_kernels(model, "auto", True, "megassm")
+        if args.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        if cp == 1:
+            apply_ssd_state_keeping(model)
+        if graphs:
+            apply_cuda_graphs(model)
+        return model
+
+    eager, graphed = build(graphs=False), build(graphs=True)
+
+    def loss_and_grads(model, ids, seq_idx, labels) -> list[torch.Tensor]:
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
+            loss = model(ids, seq_idx, labels).sum() / (labels != -100).sum()
+        loss.backward()
+        out = [loss.detach().clone(), *(p.grad.clone() for p in model.parameters())]
+        for p in model.parameters():
+            p.grad = None
+        return out
+
+    generator = torch.Generator().manual_seed(1)
+    rows, length = args.batch, args.seq_len
+    names = ["loss", *(name for name, _ in eager.named_parameters())]
+    worst, noise = {}, {}
+    for trial in range(args.batches):
+        ids = torch.randint(0, cfg.vocab_size, (rows, length), generator=generator)
+        labels = torch.randint(0, cfg.vocab_size, (rows, length), generator=generator)
+        starts = torch.randint(1, length, (rows, 3), generator=generator)
+        seq_idx = (torch.arange(length)[None, None] >= starts[..., None]).sum(1)
+        cols = slice(ctx.cp_rank * length // cp, (ctx.cp_rank + 1) * length // cp)
+        batch = [t[:, cols].cuda() for t in (ids, seq_idx, labels)]
+        want = loss_and_grads(eager, *batch)
+        got = loss_and_grads(graphed, *batch)
+        if trial == 0:
+            again = loss_and_grads(eager, *batch)
+            noise = {n: relative_difference(a, w) for n, a, w in zip(names, again, want)}
+        for n, g, w in zip(names, got, want):
+            worst[n] = max(worst.get(n, 0.0), relative_difference(g, w))
+    assert graphed.graphs is not None, "the graphed model never captured its blocks"
+    pieces = [len(graphed.graphs.forward_pass.graphs), len(graphed.graphs.backward_pass.graphs)]
+    results = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(results, dict(worst=worst, noise=noise, pieces=pieces))
+    if torch.distributed.get_rank() == 0:
+        print("CHECK_GRAPHS " + json.dumps(results), flush=True)
+    torch.distributed.destroy_process_group()
+
+
+def run_layout(args, layout: str) -> list[dict] | str:
+    tp, cp, _ = LAYOUTS[layout]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * cp), "--rdzv-backend", "c10d",
+               "--rdzv-endpoint", "127.0.0.1:0", __file__, "--worker", "--layout", layout, "--preset", args.preset,
+               "--pattern", args.pattern, "--ngroups", str(args.ngroups), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+               "--batches", str(args.batches), *(["--activation-checkpointing"] if args.activation_checkpointing else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("CHECK_GRAPHS ")]
+    if not lines:
+        return failure(done)
+    return json.loads(lines[-1][len("CHECK_GRAPHS "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=list(LAYOUTS), help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--preset", default="mamba2-130m")
+    parser.add_argument("--pattern", default="MMMM", help="one symbol per block: M Mamba-2, * attention, - MLP")
+    parser.add_argument("--ngroups", type=int, default=2, help="B/C groups: tp must divide them")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--tolerance", type=float, default=2e-2, help="largest relative difference of a loss or gradient")
+    parser.add_argument("--timeout", type=int, default=600)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    if not torch.cuda.is_available():
+        raise SystemExit("tools/check_graphs.py needs a CUDA GPU: CUDA graphs exist only there")
+    rows, ok = [], True
+    for layout in args.layouts:
+        result = run_layout(args, layout)
+        if isinstance(result, str):
+            rows.append([layout, "-", "-", "-", f"failed: {result[:200]}"])
+            ok = False
+            continue
+        worst = {n: max(r["worst"][n] for r in result) for n in result[0]["worst"]}
+        noise = max(max(r["noise"].values()) for r in result)
+        name, largest = max(worst.items(), key=lambda item: item[1])
+        passed = largest <= args.tolerance
+        ok &= passed
+        forward, backward = result[0]["pieces"]
+        rows.append([layout, f"{forward} / {backward}", f"{worst['loss']:.1e}", f"{largest:.1e} ({name}); eager again {noise:.1e}",
+                     "PASS" if passed else "FAIL"])
+    print(markdown(["layout", "graphs forward / backward (rank 0)", "loss", "largest gradient difference", "result"], rows))
+    raise SystemExit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
