@@ -1,13 +1,14 @@
-"""The blocks as CUDA graphs under TP, SP and CP against the same layout without graphs, on one GPU.
+"""The blocks as CUDA graphs under DP, TP, SP and CP against the same layout without graphs, on one GPU.
 
 NCCL refuses two ranks on one device, so the ranks of each layout share the GPU joined by gloo: between the
 graphs the collectives run on CUDA tensors as they would on NCCL (megassm/model/cuda_graphs.py). Each rank
 builds the model twice from one seed, as the trainer runs it (Triton kernels, compiled norms, bf16 autocast;
-the SSD's states kept where the trainer's default keeps them), one with CUDA graphs; for a few batches of one
-shape (documents packed differently in each) it compares the loss and every gradient of the graphed model with
-the eager one's, against the eager model's own difference from a second eager pass (the kernels' atomics).
+the SSD's states kept where the trainer's default keeps them; the DDP engine, which sums gradients over DP x CP),
+one with CUDA graphs; for a few batches of one shape (documents packed differently in each) it compares the loss
+and every gradient of the graphed model with the eager one's, against the eager model's own difference from a
+second eager pass. Without CUDA both models run eagerly: how the tool itself is tested (tests/test_check_graphs.py).
 
-    python tools/check_graphs.py                                  # tp2, tp2+sp, cp2, tp2xcp2 on 4 layers of mamba2-130m
+    python tools/check_graphs.py                                  # every layout on 4 layers of mamba2-130m
     python tools/check_graphs.py --pattern M-M*M- --activation-checkpointing
 """
 
@@ -24,7 +25,8 @@ import torch
 from bench import ROOT, markdown  # tools/ is on the path when run as a script
 from bench_parallel import failure
 
-LAYOUTS = {"tp2": (2, 1, False), "tp2+sp": (2, 1, True), "cp2": (1, 2, False), "tp2xcp2": (2, 2, False)}
+LAYOUTS = {"dp2": (1, 1, 2, False), "tp2": (2, 1, 1, False), "tp2+sp": (2, 1, 1, True), "cp2": (1, 2, 1, False),
+           "tp2xcp2": (2, 2, 1, False)}  # (tp, cp, dp, sequence parallelism)
 
 
 def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -35,18 +37,21 @@ def worker(args) -> None:
     """One rank: the graphed and the eager model on the same batches; rank 0 prints the largest differences."""
     from megassm.model import (Mamba2LM, ModelConfig, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels,
                                apply_ssd_state_keeping)
-    from parallel import init_parallel
+    from parallel import DDPEngine, init_parallel
 
-    tp, cp, sp = LAYOUTS[args.layout]
-    torch.cuda.set_device(0)
-    ctx = init_parallel(tp, cp, 1, sp, backend="gloo")
+    tp, cp, dp, sp = LAYOUTS[args.layout]
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    ctx = init_parallel(tp, cp, dp, sp, backend="gloo")
     mlp_hidden = ModelConfig.from_preset(args.preset).mlp_hidden or 4 * ModelConfig.from_preset(args.preset).d_model
     cfg = ModelConfig.from_preset(args.preset, n_layer=len(args.pattern), pattern=args.pattern if set(args.pattern) != {"M"} else "",
                                   ngroups=args.ngroups, mlp_hidden=mlp_hidden)
 
-    def build(graphs: bool) -> Mamba2LM:
+    def build(graphs: bool) -> tuple[Mamba2LM, DDPEngine]:
         torch.manual_seed(0)
-        model = Mamba2LM(cfg, ctx).cuda()
+        model = Mamba2LM(cfg, ctx).to(device)
         apply_kernels(model, "auto", True, "megassm")
         if args.activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -54,39 +59,42 @@ def worker(args) -> None:
             apply_ssd_state_keeping(model)
         if graphs:
             apply_cuda_graphs(model)
-        return model
+        return model, DDPEngine(model, ctx, [{"params": list(model.parameters())}], lr=0.0)
 
-    eager, graphed = build(graphs=False), build(graphs=True)
-
-    def loss_and_grads(model, ids, seq_idx, labels) -> list[torch.Tensor]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-            loss = model(ids, seq_idx, labels).sum() / (labels != -100).sum()
-        loss.backward()
+    def loss_and_grads(model: Mamba2LM, engine: DDPEngine, ids, seq_idx, labels) -> list[torch.Tensor]:
+        with engine.micro_step(is_last=True):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
+                loss = engine(ids, seq_idx, labels).sum() / (labels != -100).sum()
+            engine.backward(loss)
+        engine.finish_gradients()
         out = [loss.detach().clone(), *(p.grad.clone() for p in model.parameters())]
         for p in model.parameters():
             p.grad = None
         return out
 
+    eager, graphed = build(graphs=False), build(graphs=True)
     generator = torch.Generator().manual_seed(1)
     rows, length = args.batch, args.seq_len
-    names = ["loss", *(name for name, _ in eager.named_parameters())]
+    names = ["loss", *(name for name, _ in eager[0].named_parameters())]
     worst, noise = {}, {}
     for trial in range(args.batches):
-        ids = torch.randint(0, cfg.vocab_size, (rows, length), generator=generator)
-        labels = torch.randint(0, cfg.vocab_size, (rows, length), generator=generator)
-        starts = torch.randint(1, length, (rows, 3), generator=generator)
+        ids = torch.randint(0, cfg.vocab_size, (rows * dp, length), generator=generator)
+        labels = torch.randint(0, cfg.vocab_size, (rows * dp, length), generator=generator)
+        starts = torch.randint(1, length, (rows * dp, 3), generator=generator)
         seq_idx = (torch.arange(length)[None, None] >= starts[..., None]).sum(1)
-        cols = slice(ctx.cp_rank * length // cp, (ctx.cp_rank + 1) * length // cp)
-        batch = [t[:, cols].cuda() for t in (ids, seq_idx, labels)]
-        want = loss_and_grads(eager, *batch)
-        got = loss_and_grads(graphed, *batch)
+        mine = (slice(ctx.dp_rank * rows, (ctx.dp_rank + 1) * rows), slice(ctx.cp_rank * length // cp, (ctx.cp_rank + 1) * length // cp))
+        batch = [t[mine].to(device) for t in (ids, seq_idx, labels)]
+        want = loss_and_grads(*eager, *batch)
+        got = loss_and_grads(*graphed, *batch)
         if trial == 0:
-            again = loss_and_grads(eager, *batch)
+            again = loss_and_grads(*eager, *batch)
             noise = {n: relative_difference(a, w) for n, a, w in zip(names, again, want)}
         for n, g, w in zip(names, got, want):
             worst[n] = max(worst.get(n, 0.0), relative_difference(g, w))
-    assert graphed.graphs is not None, "the graphed model never captured its blocks"
-    pieces = [len(graphed.graphs.forward_pass.graphs), len(graphed.graphs.backward_pass.graphs)]
+    graphs = graphed[0].graphs
+    if cuda and graphs is None:
+        raise RuntimeError("the graphed model never captured its blocks")
+    pieces = None if graphs is None else [len(graphs.forward_pass.graphs), len(graphs.backward_pass.graphs)]
     results = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(results, dict(worst=worst, noise=noise, pieces=pieces))
     if torch.distributed.get_rank() == 0:
@@ -95,8 +103,8 @@ def worker(args) -> None:
 
 
 def run_layout(args, layout: str) -> list[dict] | str:
-    tp, cp, _ = LAYOUTS[layout]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * cp), "--rdzv-backend", "c10d",
+    tp, cp, dp, _ = LAYOUTS[layout]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * cp * dp), "--rdzv-backend", "c10d",
                "--rdzv-endpoint", "127.0.0.1:0", __file__, "--worker", "--layout", layout, "--preset", args.preset,
                "--pattern", args.pattern, "--ngroups", str(args.ngroups), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                "--batches", str(args.batches), *(["--activation-checkpointing"] if args.activation_checkpointing else [])]
@@ -126,7 +134,7 @@ def main() -> None:
     if args.worker:
         return worker(args)
     if not torch.cuda.is_available():
-        raise SystemExit("tools/check_graphs.py needs a CUDA GPU: CUDA graphs exist only there")
+        print("no CUDA device: both models run eagerly (CUDA graphs exist only on CUDA), which tests this tool alone")
     rows, ok = [], True
     for layout in args.layouts:
         result = run_layout(args, layout)
@@ -139,9 +147,9 @@ def main() -> None:
         name, largest = max(worst.items(), key=lambda item: item[1])
         passed = largest <= args.tolerance
         ok &= passed
-        forward, backward = result[0]["pieces"]
-        rows.append([layout, f"{forward} / {backward}", f"{worst['loss']:.1e}", f"{largest:.1e} ({name}); eager again {noise:.1e}",
-                     "PASS" if passed else "FAIL"])
+        pieces = result[0]["pieces"]
+        rows.append([layout, "-" if pieces is None else " / ".join(map(str, pieces)), f"{worst['loss']:.1e}",
+                     f"{largest:.1e} ({name}); eager again {noise:.1e}", "PASS" if passed else "FAIL"])
     print(markdown(["layout", "graphs forward / backward (rank 0)", "loss", "largest gradient difference", "result"], rows))
     raise SystemExit(0 if ok else 1)
 
