@@ -8,10 +8,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_check_graphs_runs_its_layouts():
+def check_graphs(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, str(ROOT / "tools" / "check_graphs.py"), "--preset", "debug", "--pattern", "M-", "--ngroups", "4",
-               "--seq-len", "64", "--batches", "2", "--layouts", "dp2", "tp2xcp2"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+               "--seq-len", "64", "--batches", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_check_graphs_runs_its_layouts():
+    done = check_graphs("--layouts", "dp2", "tp2xcp2")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| dp2 ", "| tp2xcp2 "))]
     assert len(rows) == 2 and all(row.endswith("| PASS |") and "| 0.0e+00 |" in row for row in rows), done.stdout
+
+
+def test_check_graphs_fails_past_its_tolerance():
+    done = check_graphs("--layouts", "tp2", "--tolerance", "-1")  # no difference passes a negative tolerance
+    assert done.returncode == 1 and any(line.startswith("| tp2 ") and line.endswith("| FAIL |") for line in done.stdout.splitlines())

@@ -15,15 +15,13 @@ second eager pass. Without CUDA both models run eagerly: how the tool itself is 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import torch
 
-from bench import ROOT, markdown  # tools/ is on the path when run as a script
-from bench_parallel import failure
+from bench import markdown  # tools/ is on the path when run as a script
+from bench_parallel import failure, torchrun
 
 LAYOUTS = {"dp2": (1, 1, 2, False), "tp2": (2, 1, 1, False), "tp2+sp": (2, 1, 1, True), "cp2": (1, 2, 1, False),
            "tp2xcp2": (2, 2, 1, False)}  # (tp, cp, dp, sequence parallelism)
@@ -45,9 +43,9 @@ def worker(args) -> None:
     if cuda:
         torch.cuda.set_device(device)
     ctx = init_parallel(tp, cp, dp, sp, backend="gloo")
-    mlp_hidden = ModelConfig.from_preset(args.preset).mlp_hidden or 4 * ModelConfig.from_preset(args.preset).d_model
-    cfg = ModelConfig.from_preset(args.preset, n_layer=len(args.pattern), pattern=args.pattern if set(args.pattern) != {"M"} else "",
-                                  ngroups=args.ngroups, mlp_hidden=mlp_hidden)
+    preset = ModelConfig.from_preset(args.preset)
+    cfg = dataclasses.replace(preset, n_layer=len(args.pattern), pattern=args.pattern if set(args.pattern) != {"M"} else "",
+                              ngroups=args.ngroups, mlp_hidden=preset.mlp_hidden or 4 * preset.d_model)
 
     def build(graphs: bool) -> tuple[Mamba2LM, DDPEngine]:
         torch.manual_seed(0)
@@ -103,13 +101,12 @@ def worker(args) -> None:
 
 
 def run_layout(args, layout: str) -> list[dict] | str:
+    """Rank 0's gathered results of one layout, or the line that says why its job failed."""
     tp, cp, dp, _ = LAYOUTS[layout]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(tp * cp * dp), "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", "127.0.0.1:0", __file__, "--worker", "--layout", layout, "--preset", args.preset,
-               "--pattern", args.pattern, "--ngroups", str(args.ngroups), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-               "--batches", str(args.batches), *(["--activation-checkpointing"] if args.activation_checkpointing else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=args.timeout)
+    done = torchrun(tp * cp * dp, [__file__, "--worker", "--layout", layout, "--preset", args.preset, "--pattern", args.pattern,
+                                   "--ngroups", str(args.ngroups), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+                                   "--batches", str(args.batches),
+                                   *(["--activation-checkpointing"] if args.activation_checkpointing else [])], args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("CHECK_GRAPHS ")]
     if not lines:
         return failure(done)
