@@ -162,9 +162,9 @@ def ssd_states_bytes(cfg: Config) -> int:
 
 def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int) -> bool:
     """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
-    bytes). Only its fused mixer (Triton backend, megassm's SSD kernels, cp = 1) can."""
+    bytes). Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
     choice = cfg.train.keep_ssd_states
-    if choice is False or backend != "triton" or cfg.kernels.ssd != "megassm" or cfg.parallel.cp > 1:
+    if choice is False or backend != "triton" or cfg.kernels.ssd != "megassm":
         return False
     if choice is True or cfg.train.activation_checkpointing:
         return True

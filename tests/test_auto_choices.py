@@ -87,7 +87,7 @@ def test_the_ssd_states_of_780m_at_8_x_2048_tokens():
     (["--model.preset=mamba2-780m", "--train.keep_ssd_states=true"], 1, H100, True),
     (["--model.preset=mamba2-780m", "--train.keep_ssd_states=false"], 1, H200, False),
     (["--model.preset=mamba2-780m", "--kernels.ssd=mamba-ssm"], 1, H200, False),  # its backward recomputes them
-    (["--model.preset=mamba2-780m", "--parallel.cp=2", "--train.keep_ssd_states=true"], 2, H200, False),  # CP: not the fused mixer
+    (["--model.preset=mamba2-780m", "--parallel.cp=2", "--train.keep_ssd_states=true"], 2, H200, True),  # CP: the fused mixer too
 ])
 def test_auto_keeps_the_ssd_states_where_memory_allows(overrides, world, memory, expected):
     assert keep_ssd_states_choice(config(*overrides, world_size=world), "triton", memory) == expected

@@ -6,7 +6,10 @@ builds the model twice from one seed, as the trainer runs it (Triton kernels, co
 the SSD's states kept where the trainer's default keeps them; the DDP engine, which sums gradients over DP x CP),
 one with CUDA graphs; for a few batches of one shape (documents packed differently in each) it compares the loss
 and every gradient of the graphed model with the eager one's, against the eager model's own difference from a
-second eager pass. Without CUDA both models run eagerly: how the tool itself is tested (tests/test_check_graphs.py).
+second eager pass. Where the weights are those of one process (tp = 1: DP and CP) it also compares the eager
+model with one process on the whole batch, the same kernels on the GPU (the layout's own, such as CP's state
+exchange inside the fused mixer, checked where NCCL would need several GPUs). Without CUDA both models run
+eagerly: how the tool itself is tested (tests/test_check_graphs.py).
 
     python tools/check_graphs.py                                  # every layout on 4 layers of mamba2-130m
     python tools/check_graphs.py --pattern M-M*M- --activation-checkpointing
@@ -35,7 +38,7 @@ def worker(args) -> None:
     """One rank: the graphed and the eager model on the same batches; rank 0 prints the largest differences."""
     from megassm.model import (Mamba2LM, ModelConfig, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels,
                                apply_ssd_state_keeping)
-    from parallel import DDPEngine, init_parallel
+    from parallel import DDPEngine, ParallelContext, init_parallel
 
     tp, cp, dp, sp = LAYOUTS[args.layout]
     cuda = torch.cuda.is_available()
@@ -47,54 +50,63 @@ def worker(args) -> None:
     cfg = dataclasses.replace(preset, n_layer=len(args.pattern), pattern=args.pattern if set(args.pattern) != {"M"} else "",
                               ngroups=args.ngroups, mlp_hidden=preset.mlp_hidden or 4 * preset.d_model)
 
-    def build(graphs: bool) -> tuple[Mamba2LM, DDPEngine]:
+    def build(graphs: bool, context: ParallelContext = ctx) -> tuple[Mamba2LM, DDPEngine]:
         torch.manual_seed(0)
-        model = Mamba2LM(cfg, ctx).to(device)
+        model = Mamba2LM(cfg, context).to(device)
         apply_kernels(model, "auto", True, "megassm")
         if args.activation_checkpointing:
             apply_activation_checkpointing(model)
-        if cp == 1:
-            apply_ssd_state_keeping(model)
+        apply_ssd_state_keeping(model)
         if graphs:
             apply_cuda_graphs(model)
-        return model, DDPEngine(model, ctx, [{"params": list(model.parameters())}], lr=0.0)
+        return model, DDPEngine(model, context, [{"params": list(model.parameters())}], lr=0.0)
 
-    def loss_and_grads(model: Mamba2LM, engine: DDPEngine, ids, seq_idx, labels) -> list[torch.Tensor]:
+    def loss_and_grads(model: Mamba2LM, engine: DDPEngine, ids, seq_idx, labels, targets: int) -> list[torch.Tensor]:
+        """The loss of these tokens over all `targets` of the global batch (summed over the ranks: the whole batch's
+        loss) and every gradient, as the trainer computes them."""
         with engine.micro_step(is_last=True):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
-                loss = engine(ids, seq_idx, labels).sum() / (labels != -100).sum()
+                loss = engine(ids, seq_idx, labels).sum() / targets
             engine.backward(loss)
         engine.finish_gradients()
+        if engine.ctx.dp_cp_group is not None:
+            torch.distributed.all_reduce(loss := loss.detach().clone(), group=engine.ctx.dp_cp_group)
         out = [loss.detach().clone(), *(p.grad.clone() for p in model.parameters())]
         for p in model.parameters():
             p.grad = None
         return out
 
     eager, graphed = build(graphs=False), build(graphs=True)
+    one_process = build(graphs=False, context=ParallelContext()) if tp == 1 else None
     generator = torch.Generator().manual_seed(1)
     rows, length = args.batch, args.seq_len
     names = ["loss", *(name for name, _ in eager[0].named_parameters())]
-    worst, noise = {}, {}
+    worst, noise, from_one = {}, {}, {}
     for trial in range(args.batches):
         ids = torch.randint(0, cfg.vocab_size, (rows * dp, length), generator=generator)
         labels = torch.randint(0, cfg.vocab_size, (rows * dp, length), generator=generator)
         starts = torch.randint(1, length, (rows * dp, 3), generator=generator)
         seq_idx = (torch.arange(length)[None, None] >= starts[..., None]).sum(1)
+        targets = int((labels != -100).sum())
         mine = (slice(ctx.dp_rank * rows, (ctx.dp_rank + 1) * rows), slice(ctx.cp_rank * length // cp, (ctx.cp_rank + 1) * length // cp))
         batch = [t[mine].to(device) for t in (ids, seq_idx, labels)]
-        want = loss_and_grads(*eager, *batch)
-        got = loss_and_grads(*graphed, *batch)
+        want = loss_and_grads(*eager, *batch, targets)
+        got = loss_and_grads(*graphed, *batch, targets)
         if trial == 0:
-            again = loss_and_grads(*eager, *batch)
+            again = loss_and_grads(*eager, *batch, targets)
             noise = {n: relative_difference(a, w) for n, a, w in zip(names, again, want)}
         for n, g, w in zip(names, got, want):
             worst[n] = max(worst.get(n, 0.0), relative_difference(g, w))
+        if one_process is not None:
+            whole = loss_and_grads(*one_process, *(t.to(device) for t in (ids, seq_idx, labels)), targets)
+            for n, e, w in zip(names, want, whole):
+                from_one[n] = max(from_one.get(n, 0.0), relative_difference(e, w))
     graphs = graphed[0].graphs
     if cuda and graphs is None:
         raise RuntimeError("the graphed model never captured its blocks")
     pieces = None if graphs is None else [len(graphs.forward_pass.graphs), len(graphs.backward_pass.graphs)]
     results = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(results, dict(worst=worst, noise=noise, pieces=pieces))
+    torch.distributed.all_gather_object(results, dict(worst=worst, noise=noise, from_one=from_one, pieces=pieces))
     if torch.distributed.get_rank() == 0:
         print("CHECK_GRAPHS " + json.dumps(results), flush=True)
     torch.distributed.destroy_process_group()
@@ -125,7 +137,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--tolerance", type=float, default=2e-2, help="largest relative difference of a loss or gradient")
+    parser.add_argument("--tolerance", type=float, default=2e-2,
+                        help="graphed vs eager: largest relative difference of a loss or gradient (to its largest entry)")
+    parser.add_argument("--one-process-tolerance", type=float, default=5e-2,
+                        help="eager vs one process, the same in bf16: dp2 alone differs by up to ~2e-2 (A_log's gradient, run 23)")
     parser.add_argument("--timeout", type=int, default=600)
     args = parser.parse_args()
     if args.worker:
@@ -142,12 +157,17 @@ def main() -> None:
         worst = {n: max(r["worst"][n] for r in result) for n in result[0]["worst"]}
         noise = max(max(r["noise"].values()) for r in result)
         name, largest = max(worst.items(), key=lambda item: item[1])
-        passed = largest <= args.tolerance
+        from_one = {n: max(r["from_one"][n] for r in result) for n in result[0]["from_one"]}
+        one_name, one_largest = max(from_one.items(), key=lambda item: item[1]) if from_one else ("-", 0.0)
+        passed = largest <= args.tolerance and one_largest <= args.one_process_tolerance
         ok &= passed
         pieces = result[0]["pieces"]
         rows.append([layout, "-" if pieces is None else " / ".join(map(str, pieces)), f"{worst['loss']:.1e}",
-                     f"{largest:.1e} ({name}); eager again {noise:.1e}", "PASS" if passed else "FAIL"])
-    print(markdown(["layout", "graphs forward / backward (rank 0)", "loss", "largest gradient difference", "result"], rows))
+                     f"{largest:.1e} ({name}); eager again {noise:.1e}",
+                     f"{from_one['loss']:.1e}; {one_largest:.1e} ({one_name})" if from_one else "- (tp shards the weights)",
+                     "PASS" if passed else "FAIL"])
+    print(markdown(["layout", "graphs forward / backward (rank 0)", "graphed vs eager: loss", "largest gradient difference",
+                    "eager vs one process: loss; largest gradient difference", "result"], rows))
     raise SystemExit(0 if ok else 1)
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.distributed import ProcessGroup
 
 from megassm.ops.dtypes import upcast
-from megassm.ops.ssd import discretize_dt
+from megassm.ops.ssd import discretize_dt, slice_documents
 from parallel import incoming_state
 
 
@@ -38,10 +38,9 @@ def slice_decays(
     # through all l tokens, and was a third of a CP step at 32K tokens (bench/RESULTS.md).
     decay = torch.exp(dA.transpose(1, 2).cumsum(-1).transpose(1, 2))
     if seq_idx is not None:
-        starts_new_document = seq_idx[:, 0] != halo_seq_idx[:, -1]
-        blocked = starts_new_document | (seq_idx[:, 0] != seq_idx[:, -1])
-        log_decay = log_decay.masked_fill(blocked[:, None], -math.inf)
-        receives = (seq_idx == seq_idx[:, :1]) & ~starts_new_document[:, None]
+        continues, passes = slice_documents(seq_idx, halo_seq_idx)
+        log_decay = log_decay.masked_fill(~passes[:, None], -math.inf)
+        receives = (seq_idx == seq_idx[:, :1]) & continues[:, None]
         decay = decay * receives[..., None]
     return log_decay, decay
 

@@ -4,8 +4,9 @@ It reads as single-device code; `ctx` makes it tensor- and context-parallel: in_
 column-parallel over its five segments and out_proj row-parallel (the layer's one collective),
 each rank owning nheads/tp heads and ngroups/tp groups with their conv channels, A_log, D, dt_bias and
 norm weights; under CP the conv takes its halo from the previous rank and the SSD adds the state
-entering the rank's slice (megassm/model/context_parallel.py). On the Triton backend without CP,
-the conv, SSD and gated norm run as one autograd step (megassm/ops/fused_mixer.py) with the same kernels.
+entering the rank's slice (megassm/model/context_parallel.py). On the Triton backend the conv, SSD and gated
+norm run as one autograd step (megassm/ops/fused_mixer.py) with the same kernels, under CP (megassm's SSD kernels)
+with the rank's communication inside.
 In generation the mixer carries a Mamba2State from call to call: the conv continues from its window,
 the SSD from its state (one token: the recurrence itself, megassm/ops/ssd.py).
 """
@@ -90,12 +91,14 @@ class Mamba2Mixer(nn.Module):
         sequences it holds, and the output comes with the state after u."""
         cfg, layout = self.cfg, self.layout
         zxbcdt = self.in_proj(u)
-        if state is None and self.ctx.cp == 1 and ops.resolve_backend(self.backend, u.device) == "triton":
-            # The same kernels as below, but one gradient buffer for zxbcdt instead of split-and-concatenate.
+        cp = self.ctx.cp
+        if state is None and (cp == 1 or self.ssd_kernels == "megassm") and ops.resolve_backend(self.backend, u.device) == "triton":
+            # The same kernels as below, but one gradient buffer for zxbcdt instead of split-and-concatenate, and under CP
+            # the incoming state walked through the chunks instead of added afterwards.
             conv_bias = None if self.conv1d.bias is None else self.conv1d.bias.fused()
             y = ops.conv_ssd_gated_norm(zxbcdt, self.conv1d.weight.fused(), conv_bias, self.dt_bias, self.A(), self.D,
                                         self.norm_weight, layout, cfg.chunk_size, cfg.dt_limit, cfg.norm_eps, seq_idx,
-                                        self.ssd_kernels, self.keep_ssd_states)
+                                        self.ssd_kernels, self.keep_ssd_states, self.ctx.cp_group if cp > 1 else None, halo_seq_idx)
             return self.out_proj(y)
         z, xBC, dt = layout.split_in_proj(zxbcdt)
         x, B, C = layout.split_conv(self.conv1d(xBC, self._halo(xBC, state), seq_idx, halo_seq_idx))

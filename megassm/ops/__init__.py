@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.distributed import ProcessGroup
 
 from megassm.ops.conv import causal_conv1d
 from megassm.ops.layout import Mamba2Layout
@@ -116,13 +117,24 @@ def causal_conv1d_silu(x: Tensor, weight: Tensor, bias: Tensor | None = None, ha
 
 def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, dt_bias: Tensor, A: Tensor, D: Tensor,
                         norm_weight: Tensor, layout: Mamba2Layout, chunk_size: int, dt_limit: tuple[float, float], eps: float,
-                        seq_idx: Tensor | None = None, ssd_kernels: str = "megassm", keep_ssd_states: bool = False) -> Tensor:
+                        seq_idx: Tensor | None = None, ssd_kernels: str = "megassm", keep_ssd_states: bool = False,
+                        cp_group: ProcessGroup | None = None, halo_seq_idx: Tensor | None = None) -> Tensor:
     """The mixer from in_proj's output to the gated norm's, fused for the Triton backend only
-    (megassm/ops/fused_mixer.py: one gradient buffer instead of split-and-concatenate)."""
-    from megassm.ops.fused_mixer import conv_ssd_gated_norm as fused  # imports triton: only where it runs
+    (megassm/ops/fused_mixer.py: one gradient buffer instead of split-and-concatenate). cp_group: zxbcdt is this
+    rank's slice of the sequences (context parallelism: megassm's SSD kernels only), halo_seq_idx the document ids
+    of the previous rank's last d_conv - 1 tokens."""
+    from megassm.ops.fused_mixer import RankSlice  # imports triton: only where it runs
+    from megassm.ops.fused_mixer import conv_ssd_gated_norm as fused
 
+    rank_slice = None
+    if cp_group is not None:
+        if seq_idx is not None:  # int32 ids for both, on one scale
+            halo_seq_idx, seq_idx = (document_ids(torch.cat([halo_seq_idx, seq_idx], dim=1))
+                                     .split([halo_seq_idx.shape[1], seq_idx.shape[1]], dim=1))
+            halo_seq_idx, seq_idx = halo_seq_idx.contiguous(), seq_idx.contiguous()
+        rank_slice = RankSlice(cp_group, halo_seq_idx)
     return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, layout, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx),
-                 ssd_kernels, keep_ssd_states)
+                 ssd_kernels, keep_ssd_states, rank_slice)
 
 
 def gated_rms_norm(x: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float, backend: str = "auto") -> Tensor:

@@ -40,6 +40,14 @@ def discretize_dt(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool, dt_limi
     return dt
 
 
+def slice_documents(seq_idx: Tensor, halo_seq_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Context parallelism's two facts about a rank's slice of each row, (b,) bool each: whether its first token continues
+    the document of the previous rank's last token (halo_seq_idx[:, -1]), so that the state entering the slice reaches
+    it; and whether that document also runs through the whole slice, so that the state passes on to the next rank."""
+    continues = seq_idx[:, 0] == halo_seq_idx[:, -1]
+    return continues, continues & (seq_idx[:, 0] == seq_idx[:, -1])
+
+
 def _masked_exp(log_decay: Tensor, keep: Tensor) -> Tensor:
     """exp(log_decay) where keep, exactly 0 elsewhere (masking before exp keeps gradients finite)."""
     return torch.exp(log_decay.masked_fill(~keep, -math.inf))

@@ -54,14 +54,14 @@ and token indices are int64; offsets within a chunk's tile are int32 (Q x a row 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from megassm.ops.ssd import NO_DT_LIMIT
 from megassm.ops.ssd_triton_bwd import chunk_grads, state_grads
-from megassm.ops.ssd_triton_fwd import chunk_outputs, chunk_states, discretize
+from megassm.ops.ssd_triton_fwd import chunk_outputs, chunk_states, discretize, walk_ends, walk_from
 
 KERNEL_CHUNKS = (64, 128)  # internal chunk lengths tools/bench_ssd_kernels.py compares (any power of two >= 16 works)
 DEFAULT_KERNEL_CHUNK = 64  # the fastest on an H200 (tools/tune_ssd_kernels.py: 32 and 128 are 1.3x and 1.7x slower)
@@ -127,27 +127,62 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
     return y, final_states, saved
 
 
+def ssd_forward_continued(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, continue_from: Callable[[Tensor, Tensor], Tensor],
+                          D: Tensor | None = None, dt_bias: Tensor | None = None, seq_idx: Tensor | None = None,
+                          dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT,
+                          kernel_chunk: int = DEFAULT_KERNEL_CHUNK) -> tuple[Tensor, Tensor, SSDSaved]:
+    """ssd_forward with initial states that depend on the final states from a zero start: (y, the initial states,
+    what ssd_backward needs). continue_from(final states from zero (b, h, p, n) fp32, dt processed (b, h, l) fp32) gives
+    them: under context parallelism, the state entering a rank's slice from every earlier rank's final state.
+    The final states from zero come from the walk's segment ends (walk_ends), which then hand the walk from the
+    initial states its segments' states: no second walk."""
+    _check(x, dt, A, B, C, kernel_chunk)
+    A, D, dt_bias, seq_idx = _contiguous(A, D, dt_bias, seq_idx)
+    dt_processed, cumsum, dt_slope = discretize(dt, A, dt_bias, dt_softplus, dt_limit, kernel_chunk)
+    ends = walk_ends(x, B, dt_processed, cumsum, seq_idx, kernel_chunk, reverse=False)
+    final_from_zero, _ = walk_from(ends, None, reverse=False)
+    states_shape = (x.shape[0], x.shape[2], x.shape[3], B.shape[3])  # (b, h, p, n)
+    initial_states = continue_from(final_from_zero.view(states_shape), dt_processed).contiguous()
+    _, handed = walk_from(ends, initial_states, reverse=False)
+    states, _, handed = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk, handed)
+    saved = SSDSaved(dt_processed, cumsum, dt_slope, states, handed, kernel_chunk)
+    return chunk_outputs(x, B, C, dt_processed, cumsum, seq_idx, states, D, kernel_chunk), initial_states, saved
+
+
 def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int, D: Tensor | None = None,
                  dt_bias: Tensor | None = None, initial_states: Tensor | None = None, seq_idx: Tensor | None = None,
                  dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT, dfinal_states: Tensor | None = None,
                  saved: SSDSaved | None = None, dx: Tensor | None = None, ddt: Tensor | None = None, dB: Tensor | None = None,
                  dC: Tensor | None = None, kernel_chunk: int = DEFAULT_KERNEL_CHUNK, handed: Tensor | None = None,
+                 dfinal_from: Callable[[Tensor], Tensor] | None = None,
                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, ddt, dA, dB, dC, dD, d(dt_bias), d(initial states)) from dy = dL/dy and, when the final states
     are an output, dfinal_states. ddt is for the raw dt (before bias, softplus and clamp), as mamba-ssm's.
     dx, ddt, dB, dC are written into the given buffers (strided views welcome, last dimension contiguous).
     `saved` is ssd_forward's third result; without it the forward's states are recomputed (the memory of
-    mamba-ssm's backward, one more pass over x and B), from `handed` (that result's .handed) where given."""
+    mamba-ssm's backward, one more pass over x and B), from `handed` (that result's .handed) where given.
+
+    The backward of ssd_forward_continued: dfinal_from(dL/d(initial states) through y) gives dL/d(final states from
+    zero) (context parallelism: from the later ranks); the gradients are then those of y and of the final states
+    from the initial ones, with that d(final states). The two differ only by exp(a) h, a the total log-decay and h
+    the initial states, whose gradient for a, exp(a) <h, d(final)>, is what the exchange gives a (h_{r+1} =
+    S_r + exp(a_r) h_r, parallel/context_parallel.py); d(initial states) is then not returned."""
     del chunk_size
     A, D, dt_bias, initial_states, seq_idx, dfinal_states = _contiguous(A, D, dt_bias, initial_states, seq_idx, dfinal_states)
     if saved is None:
         _check(x, dt, A, B, C, kernel_chunk)
         saved, _ = _chunk_walk(x, dt, A, B, dt_bias, initial_states, seq_idx, dt_softplus, dt_limit, kernel_chunk, handed)
     dy = dy.to(x.dtype) if dy.stride(-1) == 1 else dy.to(x.dtype).contiguous()  # the kernels' dots take one dtype
-    dstates, dinitial_states = state_grads(dy, C, saved.cumsum, seq_idx, dfinal_states, x.shape[2], saved.kernel_chunk)
+    handed_grads = None
+    if dfinal_from is not None:  # d(initial states) from dy alone by the reverse walk's segment ends, as the forward's final states
+        ends = walk_ends(dy, C, saved.cumsum, saved.cumsum, seq_idx, saved.kernel_chunk, reverse=True)
+        dinitial_states, _ = walk_from(ends, None, reverse=True)
+        dfinal_states = dfinal_from(dinitial_states.view(x.shape[0], x.shape[2], x.shape[3], C.shape[3])).contiguous()
+        _, handed_grads = walk_from(ends, dfinal_states, reverse=True)
+    dstates, dinitial_states = state_grads(dy, C, saved.cumsum, seq_idx, dfinal_states, x.shape[2], saved.kernel_chunk, handed_grads)
     grads = chunk_grads(dy, x, dt, A, B, C, saved.dt, saved.cumsum, saved.dt_slope, saved.states, dstates, D, dt_bias, seq_idx,
                         saved.kernel_chunk, dx, ddt, dB, dC)
-    return (*grads, None if initial_states is None else dinitial_states.to(initial_states.dtype))
+    return (*grads, None if initial_states is None or dfinal_from is not None else dinitial_states.to(initial_states.dtype))
 
 
 class _SSD(torch.autograd.Function):

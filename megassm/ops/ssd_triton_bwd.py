@@ -217,15 +217,16 @@ def _group_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, seq_ptr, st
 
 
 def state_grads(dy: Tensor, C: Tensor, cs: Tensor, seq_idx: Tensor | None, dfinal_states: Tensor | None, heads: int,
-                chunk: int) -> tuple[Tensor, Tensor]:
+                chunk: int, handed: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(dstates (b, nchunks, h, p, n) in dy's dtype: the gradient of the state leaving each chunk;
-    d(initial states) (b, h, p, n) fp32). In segments as chunk_states, walked from the last."""
+    d(initial states) (b, h, p, n) fp32). In segments as chunk_states, walked from the last; `handed`: the state each
+    segment is handed, where already known (walk_from)."""
     batch, length, _, headdim = dy.shape
     groups, dstate = C.shape[2:]
     nchunks = triton.cdiv(length, chunk)
     dstates = torch.empty(batch, nchunks, heads, headdim, dstate, dtype=dy.dtype, device=dy.device)
     dinit = torch.empty(batch, heads, headdim, dstate, dtype=torch.float32, device=dy.device)
-    segments = hand_over(dy, C, cs, cs, seq_idx, dfinal_states, chunk, reverse=True)  # cs for the dt it does not read
+    segments = hand_over(dy, C, cs, cs, seq_idx, dfinal_states, chunk, reverse=True, handed=handed)  # cs for the dt it does not read
     grid = walk_grid(segments, batch * heads, headdim, dstate)
     _state_grads_kernel[grid](dy, C, cs, dy if seq_idx is None else seq_idx, dy if dfinal_states is None else dfinal_states, dstates,
                               dinit, segments.ends, length, nchunks, heads, heads // groups, batch * heads, segments.count, segments.chunks,

@@ -355,26 +355,30 @@ def _segment_ends_kernel(v_ptr, k_ptr, dt_ptr, cs_ptr, seq_ptr, ends_ptr, carrie
     tl.store(carries_ptr + slot, kept, mask=first_tile)
 
 
-def segment_ends(v: Tensor, k: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, segments: Segments, reverse: bool) -> None:
-    """Each segment's end and carry into `segments` (_segment_ends_kernel): of all segments but the one walked last."""
+def segment_ends(v: Tensor, k: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, segments: Segments, reverse: bool,
+                 every: bool = False) -> None:
+    """Each segment's end and carry into `segments` (_segment_ends_kernel): of all segments but the one walked last, or
+    `every` one."""
     batch, length, heads, headdim = v.shape
     groups, dstate = k.shape[2:]
     chunk = segments.chunk
-    grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]),  # noqa: E731
-                         (segments.count - 1) * triton.cdiv(dstate, meta["BLOCK_N"]))
+    count = segments.count if every else segments.count - 1
+    grid = lambda meta: (batch * heads, triton.cdiv(headdim, meta["BLOCK_P"]), count * triton.cdiv(dstate, meta["BLOCK_N"]))  # noqa: E731
     _segment_ends_kernel[grid](v, k, dt, cs, v if seq_idx is None else seq_idx, segments.ends, segments.carries, length,
                                triton.cdiv(length, chunk), heads, heads // groups, batch * heads, segments.count, segments.chunks,
-                               1 if reverse else 0, v.stride(0), v.stride(1), v.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                               1 if reverse and not every else 0, v.stride(0), v.stride(1), v.stride(2), k.stride(0), k.stride(1),
+                               k.stride(2),
                                0 if seq_idx is None else seq_idx.stride(0), P=headdim, N=dstate, Q=chunk, HAS_SEQ=seq_idx is not None,
                                WHOLE=length % chunk == 0, REVERSE=reverse)
 
 
 @triton.jit
-def _carry_kernel(start_ptr, ends_ptr, carries_ptr, batch_heads, segments, SIZE: tl.constexpr, HAS_START: tl.constexpr,
+def _carry_kernel(start_ptr, ends_ptr, carries_ptr, out_ptr, batch_heads, segments, steps, SIZE: tl.constexpr, HAS_START: tl.constexpr,
                   REVERSE: tl.constexpr, BLOCK: tl.constexpr):
-    """For one (batch, head) and BLOCK of its state's SIZE = P x N values, the segments' ends in walk order (segments
-    0 .. S-2 forward; S-1 .. 1 in reverse): S <- carry[k] S + end[k], stored in end[k]'s place: the state handed to the
-    next segment walked. S starts as start (initial states, d(final states)) or zeros."""
+    """For one (batch, head) and BLOCK of its state's SIZE = P x N values, the first `steps` segments' ends in walk order
+    (segments 0, 1, .. forward; S-1, S-2, .. in reverse): S <- carry[k] S + end[k], stored in out[k] (out may be ends):
+    the state handed to the next segment walked, or after the last, the whole walk's. S starts as start (initial
+    states, d(final states)) or zeros."""
     bh = tl.program_id(0)
     offsets = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = offsets < SIZE
@@ -382,11 +386,11 @@ def _carry_kernel(start_ptr, ends_ptr, carries_ptr, batch_heads, segments, SIZE:
         state = tl.load(start_ptr + bh.to(tl.int64) * SIZE + offsets, mask=ok, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(segments - 1):
+    for i in range(steps):
         k = segments - 1 - i if REVERSE else i
-        slot = ends_ptr + (k * batch_heads + bh).to(tl.int64) * SIZE + offsets
-        state = state * tl.load(carries_ptr + k * batch_heads + bh) + tl.load(slot, mask=ok, other=0.0)
-        tl.store(slot, state, mask=ok)
+        slot = (k * batch_heads + bh).to(tl.int64) * SIZE + offsets
+        state = state * tl.load(carries_ptr + k * batch_heads + bh) + tl.load(ends_ptr + slot, mask=ok, other=0.0)
+        tl.store(out_ptr + slot, state, mask=ok)
 
 
 class Segments(NamedTuple):
@@ -426,12 +430,38 @@ def walk_plan(batch_heads: int, length: int, chunk: int, headdim: int, dstate: i
     return Segments(count, chunks, chunk, ends, torch.empty(slots, batch_heads, dtype=torch.float32, device=device))
 
 
-def carry_through(segments: Segments, start: Tensor | None, batch_heads: int, reverse: bool) -> None:
-    """The state handed to each segment from the ends and carries, in the ends' place (_carry_kernel)."""
+def carry_through(segments: Segments, start: Tensor | None, batch_heads: int, reverse: bool, out: Tensor | None = None,
+                  through_last: bool = False) -> None:
+    """The state handed to each segment from the ends and carries, in the ends' place or into `out` (_carry_kernel);
+    through_last: also the state the whole walk leaves, in the last segment's slot (the first's in reverse)."""
     size = segments.ends[0, 0].numel()  # P x N
     grid = (batch_heads, triton.cdiv(size, CARRY_BLOCK))
-    _carry_kernel[grid](segments.ends if start is None else start, segments.ends, segments.carries, batch_heads, segments.count, SIZE=size,
-                        HAS_START=start is not None, REVERSE=reverse, BLOCK=CARRY_BLOCK)
+    _carry_kernel[grid](segments.ends if start is None else start, segments.ends, segments.carries, segments.ends if out is None else out,
+                        batch_heads, segments.count, segments.count - (0 if through_last else 1), SIZE=size, HAS_START=start is not None,
+                        REVERSE=reverse, BLOCK=CARRY_BLOCK)
+
+
+def walk_ends(v: Tensor, k: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, chunk: int, reverse: bool) -> Segments:
+    """The segments of a walk over v's chunks (walk_plan; one where it makes one) with every segment's end and carry,
+    from which carry_through hands each segment its state from any start, and gives the state the whole walk leaves
+    without walking it: the walks' end from zero is a sum of dots (_segment_ends_kernel), writes no states."""
+    batch, length, heads, headdim = v.shape
+    plan = walk_plan(batch * heads, length, chunk, headdim, k.shape[-1], v.device)
+    if plan.count == 1:
+        plan = plan._replace(ends=torch.empty(1, batch * heads, headdim, k.shape[-1], dtype=torch.float32, device=v.device),
+                             carries=torch.empty(1, batch * heads, dtype=torch.float32, device=v.device))
+    segment_ends(v, k, dt, cs, seq_idx, plan, reverse, every=True)
+    return plan
+
+
+def walk_from(ends: Segments, start: Tensor | None, reverse: bool) -> tuple[Tensor, Tensor | None]:
+    """From walk_ends' segments: the state the walk from `start` (None: zero) leaves, fp32 (b x h, p, n), and the state
+    it hands each segment (None for one segment), as chunk_states and state_grads take them."""
+    batch_heads = ends.carries.shape[1]
+    through = torch.empty_like(ends.ends)
+    carry_through(ends, start, batch_heads, reverse, out=through, through_last=True)
+    left = through[0 if reverse else ends.count - 1]
+    return left, through if ends.count > 1 else None
 
 
 def hand_over(v: Tensor, k: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | None, start: Tensor | None, chunk: int,
