@@ -6,10 +6,10 @@ builds the model twice from one seed, as the trainer runs it (Triton kernels, co
 the SSD's states kept where the trainer's default keeps them; the DDP engine, which sums gradients over DP x CP),
 one with CUDA graphs; for a few batches of one shape (documents packed differently in each) it compares the loss
 and every gradient of the graphed model with the eager one's, against the eager model's own difference from a
-second eager pass. Where the weights are those of one process (tp = 1: DP and CP) it also compares the eager
-model with one process on the whole batch, the same kernels on the GPU (the layout's own, such as CP's state
-exchange inside the fused mixer, checked where NCCL would need several GPUs). Without CUDA both models run
-eagerly: how the tool itself is tested (tests/test_check_graphs.py).
+second eager pass. It also compares the eager model with one process on the whole batch (each gradient with this
+rank's piece of one process's), the same kernels: what the layout's own code computes, such as CP's state exchange
+inside the fused mixer, checked where NCCL would need several GPUs. Without CUDA both models run eagerly: how the
+tool itself is tested (tests/test_check_graphs.py).
 
     python tools/check_graphs.py                                  # every layout on 4 layers of mamba2-130m
     python tools/check_graphs.py --pattern M-M*M- --activation-checkpointing
@@ -38,7 +38,7 @@ def worker(args) -> None:
     """One rank: the graphed and the eager model on the same batches; rank 0 prints the largest differences."""
     from megassm.model import (Mamba2LM, ModelConfig, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels,
                                apply_ssd_state_keeping)
-    from parallel import DDPEngine, ParallelContext, init_parallel
+    from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 
     tp, cp, dp, sp = LAYOUTS[args.layout]
     cuda = torch.cuda.is_available()
@@ -77,7 +77,9 @@ def worker(args) -> None:
         return out
 
     eager, graphed = build(graphs=False), build(graphs=True)
-    one_process = build(graphs=False, context=ParallelContext()) if tp == 1 else None
+    one_process = build(graphs=False, context=ParallelContext())
+    roles = param_roles(eager[0])
+    mine_of = lambda name, full: full if name == "loss" else local_piece(full, roles[name], ctx.tp_group)  # noqa: E731
     generator = torch.Generator().manual_seed(1)
     rows, length = args.batch, args.seq_len
     names = ["loss", *(name for name, _ in eager[0].named_parameters())]
@@ -97,10 +99,9 @@ def worker(args) -> None:
             noise = {n: relative_difference(a, w) for n, a, w in zip(names, again, want)}
         for n, g, w in zip(names, got, want):
             worst[n] = max(worst.get(n, 0.0), relative_difference(g, w))
-        if one_process is not None:
-            whole = loss_and_grads(*one_process, *(t.to(device) for t in (ids, seq_idx, labels)), targets)
-            for n, e, w in zip(names, want, whole):
-                from_one[n] = max(from_one.get(n, 0.0), relative_difference(e, w))
+        whole = loss_and_grads(*one_process, *(t.to(device) for t in (ids, seq_idx, labels)), targets)
+        for n, e, w in zip(names, want, whole):
+            from_one[n] = max(from_one.get(n, 0.0), relative_difference(e, mine_of(n, w)))
     graphs = graphed[0].graphs
     if cuda and graphs is None:
         raise RuntimeError("the graphed model never captured its blocks")
@@ -158,13 +159,13 @@ def main() -> None:
         noise = max(max(r["noise"].values()) for r in result)
         name, largest = max(worst.items(), key=lambda item: item[1])
         from_one = {n: max(r["from_one"][n] for r in result) for n in result[0]["from_one"]}
-        one_name, one_largest = max(from_one.items(), key=lambda item: item[1]) if from_one else ("-", 0.0)
+        one_name, one_largest = max(from_one.items(), key=lambda item: item[1])
         passed = largest <= args.tolerance and one_largest <= args.one_process_tolerance
         ok &= passed
         pieces = result[0]["pieces"]
         rows.append([layout, "-" if pieces is None else " / ".join(map(str, pieces)), f"{worst['loss']:.1e}",
                      f"{largest:.1e} ({name}); eager again {noise:.1e}",
-                     f"{from_one['loss']:.1e}; {one_largest:.1e} ({one_name})" if from_one else "- (tp shards the weights)",
+                     f"{from_one['loss']:.1e}; {one_largest:.1e} ({one_name})",
                      "PASS" if passed else "FAIL"])
     print(markdown(["layout", "graphs forward / backward (rank 0)", "graphed vs eager: loss", "largest gradient difference",
                     "eager vs one process: loss; largest gradient difference", "result"], rows))
