@@ -128,10 +128,8 @@ def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor |
 
     rank_slice = None
     if cp_group is not None:
-        if seq_idx is not None:  # int32 ids for both, on one scale
-            halo_seq_idx, seq_idx = (document_ids(torch.cat([halo_seq_idx, seq_idx], dim=1))
-                                     .split([halo_seq_idx.shape[1], seq_idx.shape[1]], dim=1))
-            halo_seq_idx, seq_idx = halo_seq_idx.contiguous(), seq_idx.contiguous()
+        if seq_idx is not None:  # int32 ids for both, on seq_idx's scale (only equality matters)
+            halo_seq_idx, seq_idx = (halo_seq_idx - seq_idx[:, :1]).to(torch.int32), document_ids(seq_idx)
         rank_slice = RankSlice(cp_group, halo_seq_idx)
     return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, layout, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx),
                  ssd_kernels, keep_ssd_states, rank_slice)

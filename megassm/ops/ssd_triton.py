@@ -143,7 +143,7 @@ def ssd_forward_continued(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor
     final_from_zero, _ = walk_from(ends, None, reverse=False)
     states_shape = (x.shape[0], x.shape[2], x.shape[3], B.shape[3])  # (b, h, p, n)
     initial_states = continue_from(final_from_zero.view(states_shape), dt_processed).contiguous()
-    _, handed = walk_from(ends, initial_states, reverse=False)
+    handed = walk_from(ends, initial_states, reverse=False)[1] if ends.count > 1 else None
     states, _, handed = chunk_states(x, B, dt_processed, cumsum, seq_idx, initial_states, kernel_chunk, handed)
     saved = SSDSaved(dt_processed, cumsum, dt_slope, states, handed, kernel_chunk)
     return chunk_outputs(x, B, C, dt_processed, cumsum, seq_idx, states, D, kernel_chunk), initial_states, saved
@@ -178,7 +178,7 @@ def ssd_backward(dy: Tensor, x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Ten
         ends = walk_ends(dy, C, saved.cumsum, saved.cumsum, seq_idx, saved.kernel_chunk, reverse=True)
         dinitial_states, _ = walk_from(ends, None, reverse=True)
         dfinal_states = dfinal_from(dinitial_states.view(x.shape[0], x.shape[2], x.shape[3], C.shape[3])).contiguous()
-        _, handed_grads = walk_from(ends, dfinal_states, reverse=True)
+        handed_grads = walk_from(ends, dfinal_states, reverse=True)[1] if ends.count > 1 else None
     dstates, dinitial_states = state_grads(dy, C, saved.cumsum, seq_idx, dfinal_states, x.shape[2], saved.kernel_chunk, handed_grads)
     grads = chunk_grads(dy, x, dt, A, B, C, saved.dt, saved.cumsum, saved.dt_slope, saved.states, dstates, D, dt_bias, seq_idx,
                         saved.kernel_chunk, dx, ddt, dB, dC)
