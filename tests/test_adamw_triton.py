@@ -15,9 +15,9 @@ def compare(device: str = "cpu") -> None:
     parameter without a gradient; steps with gradients scaled (clipping), one skipped (found_inf), one plain; gradients
     allocated anew each step (the pointer table rebuilt) and kept (reused)."""
     from parallel.adamw_triton import BLOCK, TritonAdamW
-    from tests.triton_interpreter import interpret_runtime_loop_bounds
+    from tests.triton_interpreter import patch_interpreter
 
-    interpret_runtime_loop_bounds()
+    patch_interpreter()
     TritonAdamW.KERNEL_DEVICES = ("cuda", "cpu")
     torch.manual_seed(0)
     shapes = [(BLOCK + 4,), (7, 4), (4,), (BLOCK,), (2, BLOCK // 2 + 2)]  # sizes the kernel takes: multiples of 4

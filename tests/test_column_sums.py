@@ -11,9 +11,9 @@ def compare() -> None:
     """Rows and columns that are not multiples of the blocks (the last block of each masked), a partial sum per program
     shaped (rows, a, b) as the SSD's, the result in fp32 and cast to bf16; other partial sums refused by name."""
     from megassm.ops.column_sums import BLOCK_COLUMNS, BLOCK_ROWS, column_sums
-    from tests.triton_interpreter import interpret_runtime_loop_bounds
+    from tests.triton_interpreter import patch_interpreter
 
-    interpret_runtime_loop_bounds()
+    patch_interpreter()
     torch.manual_seed(0)
     partial = torch.randn(2 * BLOCK_ROWS + 5, 3, BLOCK_COLUMNS // 2 + 7)
     want = partial.double().sum(0)

@@ -77,9 +77,9 @@ def test_kernels_compile_for_the_gpu(options, tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     from megassm.ops import conv_triton
-    from tests.triton_interpreter import interpret_runtime_loop_bounds
+    from tests.triton_interpreter import patch_interpreter
 
-    interpret_runtime_loop_bounds()
+    patch_interpreter()
     compare(*CASES[sys.argv[1]])
     # Several spans per batch row of several blocks each, the last reaching past the end, and blocks of channels with a
     # partial last one: 2-row blocks, 3 blocks of 64 channels, 24 programs aimed at (4 spans of 6 blocks per row at 45

@@ -11,9 +11,9 @@ def compare() -> None:
     """A vocabulary of 4,500 (three loop steps of 2,048, the last one partial), three chunks of 16 tokens (the last
     of 8), ignored targets; the loss, and the gradients of its mean w.r.t. the hidden states and the weight."""
     from parallel import ParallelContext, vocab_parallel_linear_cross_entropy
-    from tests.triton_interpreter import interpret_runtime_loop_bounds
+    from tests.triton_interpreter import patch_interpreter
 
-    interpret_runtime_loop_bounds()
+    patch_interpreter()
     torch.manual_seed(0)
     vocab, width = 4500, 24
     h, weight = torch.randn(2, 20, width) * 2, torch.randn(vocab, width)

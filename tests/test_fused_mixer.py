@@ -124,12 +124,12 @@ def compare(ssd_kernels: str) -> None:
         return fused_mixer.conv_ssd_gated_norm(*args, problem.layout, problem.chunk, problem.dt_limit, problem.eps, seq_idx, ssd_kernels,
                                                keep_ssd_states)
 
-    # megassm's SSD recomputes its states from the state handed to each segment of their walk (`fused`), and also keeps
-    # its forward's states for the backward (mamba-ssm's recomputes them regardless), also
-    # inside activation checkpointing as a block runs it (the states of the forward recomputed in backward are kept)
+    # megassm's SSD recomputes its states from the state handed to each segment of their walk (`fused`), or keeps its
+    # forward's states for the backward (mamba-ssm's recomputes them regardless): here inside activation checkpointing
+    # as a block runs it, which keeps those of the forward recomputed in the backward
     kept = lambda *args: fused(*args, keep_ssd_states=True)  # noqa: E731
-    recomputed = lambda *args: torch.utils.checkpoint.checkpoint(kept, *args, use_reentrant=False)  # noqa: E731
-    variants = (fused,) + (kept, recomputed) * (ssd_kernels == "megassm")
+    kept_in_checkpoint = lambda *args: torch.utils.checkpoint.checkpoint(kept, *args, use_reentrant=False)  # noqa: E731
+    variants = (fused,) + (kept_in_checkpoint,) * (ssd_kernels == "megassm")
     want = problem.output_and_grads(problem.composed)
     for fn in variants:
         assert_close_to(problem.output_and_grads(fn), want, ("out", *(f"d{n}" for n in problem.params)))

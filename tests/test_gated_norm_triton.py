@@ -12,9 +12,9 @@ def compare() -> None:
     two groups of 24 channels (tiles of 32, masked), 37 rows over 8 programs (the last one short)."""
     from megassm.ops.gated_norm_triton import gated_norm_backward
     from megassm.ops.norm import gated_rms_norm
-    from tests.triton_interpreter import interpret_runtime_loop_bounds
+    from tests.triton_interpreter import patch_interpreter
 
-    interpret_runtime_loop_bounds()
+    patch_interpreter()
     torch.manual_seed(0)
     rows, group, groups, eps = 37, 24, 2, 1e-5
     width = group * groups
