@@ -153,7 +153,7 @@ def compare_context_parallel(cp: int, keep_ssd_states: bool, segments: int) -> N
     problem = Problem(2, 80 * cp, [[170], [80, 130, 160]])
     want = problem.output_and_grads(problem.composed)
     cols = slice(rank * 80, (rank + 1) * 80)
-    seq_idx = problem.seq_idx[:, cols].long() + 1000  # as the model passes them under CP: global ids
+    seq_idx = problem.seq_idx[:, cols].long() + 1000  # global ids, int64: ops converts them
     halo_seq_idx = send_to_next_rank(seq_idx[:, -3:], group)
     mine = {name: (t[:, cols] if name == "zxbcdt" else t).detach().clone().requires_grad_() for name, t in problem.params.items()}
 

@@ -109,14 +109,23 @@ def test_backend_choice_on_cpu():
 
 
 def test_document_ids_for_the_kernels():
-    """Global document numbers (past int32) become int32 ids counted from each row's first token; int32 ids reach the
-    kernels as they are, unless initial states are given (mamba-ssm's kernels give those to document 0)."""
+    """Global document numbers (past int32, one row across 2^31) become int32 ids equal where they were, and a row's slice
+    (a CP rank's) becomes the slice of the row's ids; int32 ids reach the kernels as they are, counted from the row's
+    first token where initial states are given (mamba-ssm's kernels give those to document 0)."""
     big = 3 * 2**31
-    global_ids = torch.tensor([[big, big, big + 1, big + 4], [big + 7, big + 9, big + 9, big + 9]])
-    want = torch.tensor([[0, 0, 1, 4], [0, 2, 2, 2]], dtype=torch.int32)
-    assert torch.equal(ops.document_ids(global_ids), want)
-    assert torch.equal(ops._kernel_seq_idx(global_ids), want)
-    shifted = want + 5
+    global_ids = torch.tensor([[big, big, big + 1, big + 4], [big - 2, big - 1, big - 1, big]])
+
+    def same_document(ids: torch.Tensor) -> torch.Tensor:
+        return ids[:, :, None] == ids[:, None, :]
+
+    ids = ops.document_ids(global_ids)
+    assert ids.dtype == torch.int32 and (ids >= 0).all()
+    assert torch.equal(same_document(ids), same_document(global_ids))
+    assert torch.equal(ops.document_ids(global_ids[:, 2:]), ids[:, 2:])
+    assert torch.equal(ops._kernel_seq_idx(global_ids), ids)
+    counted = torch.tensor([[0, 0, 1, 4], [0, 1, 1, 2]], dtype=torch.int32)
+    shifted = counted + 5
     assert torch.equal(ops._kernel_seq_idx(shifted), shifted)
-    assert torch.equal(ops._kernel_seq_idx(shifted, initial_states=torch.zeros(2, 1, 1, 1)), want)
+    assert torch.equal(ops._kernel_seq_idx(shifted, initial_states=torch.zeros(2, 1, 1, 1)), counted)
+    assert torch.equal(ops._kernel_seq_idx(global_ids, initial_states=torch.zeros(2, 1, 1, 1)), counted)
     assert ops._kernel_seq_idx(None) is None

@@ -86,13 +86,11 @@ class Mamba2LM(nn.Module):
         if ctx.cp > 1 and input_ids.shape[1] < self.cfg.d_conv - 1:
             raise ValueError(f"each CP rank needs at least model.d_conv - 1 = {self.cfg.d_conv - 1} tokens, got {input_ids.shape[1]}")
         halo_seq_idx = None
-        if seq_idx is not None and ctx.cp > 1:  # the previous rank's last document ids, once for all layers
-            with torch.no_grad():
-                halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
-        # The ids as the kernels take them, once for all layers; CP ranks keep the global ids, which their attention
-        # blocks compare across ranks.
-        if seq_idx is not None and ctx.cp == 1:
+        if seq_idx is not None:  # the ids as the kernels take them, and the previous CP rank's last ones, once for all layers
             seq_idx = document_ids(seq_idx)
+            if ctx.cp > 1:
+                with torch.no_grad():
+                    halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
         if states is None:
             if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():

@@ -50,20 +50,21 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def document_ids(seq_idx: Tensor) -> Tensor:
-    """seq_idx as the kernels take them: int32 and contiguous, counted from each row's first token (global document
-    numbers may not fit int32; only equality matters). The model converts once per pass, so that its layers'
-    kernels convert nothing."""
-    return (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
+    """seq_idx as the kernels take them: int32 and contiguous, the ids' low 31 bits. Only equality matters, which those
+    keep within any row of fewer than 2^31 documents (global document numbers may not fit int32), and every CP rank
+    converts its slice of a row alike (attention compares ids across ranks). The model converts once per pass, so that
+    its layers' kernels convert nothing."""
+    return (seq_idx & (2**31 - 1)).to(torch.int32).contiguous()
 
 
 def _kernel_seq_idx(seq_idx: Tensor | None, initial_states: Tensor | None = None) -> Tensor | None:
-    """Document ids as the SSD kernels take them (document_ids), converted only where they are not int32 or where
-    initial_states are given: mamba-ssm's kernels give those to document 0, the first token's."""
+    """Document ids as the SSD kernels take them: int32 ids as they are, others by document_ids; counted from each row's
+    first token where initial_states are given: mamba-ssm's kernels give those to document 0."""
     if seq_idx is None:
         return None
-    if seq_idx.dtype == torch.int32 and initial_states is None:
-        return seq_idx.contiguous()
-    return document_ids(seq_idx)
+    if initial_states is not None:
+        seq_idx = seq_idx - seq_idx[:, :1]
+    return seq_idx.contiguous() if seq_idx.dtype == torch.int32 else document_ids(seq_idx)
 
 
 def ssd(
@@ -126,11 +127,7 @@ def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor |
     from megassm.ops.fused_mixer import RankSlice  # imports triton: only where it runs
     from megassm.ops.fused_mixer import conv_ssd_gated_norm as fused
 
-    rank_slice = None
-    if cp_group is not None:
-        if seq_idx is not None:  # int32 ids for both, on seq_idx's scale (only equality matters)
-            halo_seq_idx, seq_idx = (halo_seq_idx - seq_idx[:, :1]).to(torch.int32), document_ids(seq_idx)
-        rank_slice = RankSlice(cp_group, halo_seq_idx)
+    rank_slice = None if cp_group is None else RankSlice(cp_group, _kernel_seq_idx(halo_seq_idx))
     return fused(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, layout, chunk_size, dt_limit, eps, _kernel_seq_idx(seq_idx),
                  ssd_kernels, keep_ssd_states, rank_slice)
 
