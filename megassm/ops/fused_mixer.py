@@ -158,11 +158,11 @@ def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor |
                         seq_idx: Tensor | None = None, ssd_kernels: str = "megassm", keep_ssd_states: bool = False,
                         rank_slice: RankSlice | None = None) -> Tensor:
     """norm(ssd(silu(conv(xBC))) * silu(z)) of in_proj's output zxbcdt (b, l, layout.in_proj_width), as
-    the mixer composes it: (b, l, d_inner), zxbcdt's dtype. seq_idx: int32 document ids starting at 0.
+    the mixer composes it: (b, l, d_inner), zxbcdt's dtype. seq_idx: int32 document ids (megassm.ops.document_ids).
     The norm groups are the B/C groups (layout.group_size channels each); the SSD runs `ssd_kernels`.
     keep_ssd_states: megassm's SSD keeps its per-chunk states (about in_proj's output in size) for the backward
     instead of recomputing them. rank_slice: zxbcdt is this rank's slice of the sequences (context parallelism,
-    megassm's SSD kernels; its halo_seq_idx int32 ids on seq_idx's scale)."""
+    megassm's SSD kernels; its halo_seq_idx int32 ids converted as seq_idx)."""
     if rank_slice is not None and ssd_kernels != "megassm":
         raise ValueError("context parallelism in the fused mixer needs megassm's SSD kernels")
     return _ConvScanNorm.apply(zxbcdt, conv_weight, conv_bias, dt_bias, A, D, norm_weight, seq_idx, layout, chunk_size,
