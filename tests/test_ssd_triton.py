@@ -124,6 +124,7 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
         assert torch.equal(walk(None), saved.states)
         assert not torch.equal(walk(saved.handed + 1.0), saved.states)
 
+
 @pytest.mark.parametrize("case", CASES)
 def test_triton_ssd_matches_the_reference(case):
     run_interpreted(__file__, case)
