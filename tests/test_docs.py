@@ -9,7 +9,7 @@ import pytest
 from megassm.config import SECTIONS
 from tests.commands import ROOT
 
-USER_DOCS = ["README.md", "docs/architecture.md", "bench/ssd.md", "bench/context_parallel.md", "bench/trainer_gpu.md"]
+USER_DOCS = ["README.md", "docs/architecture.md", "bench/RESULTS.md", "bench/ssd.md", "bench/context_parallel.md", "bench/trainer_gpu.md"]
 REPO_PATH = re.compile(r"(?<![\w/.])((?:megassm|parallel|tools|launch|configs|tests|bench|docs)/[\w./*-]*[\w*])")
 PLACEHOLDER = re.compile(r"(^|/|_)[A-Z]+\b")  # configs/X.toml, checkpoints/step_N
 
