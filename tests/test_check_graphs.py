@@ -29,3 +29,10 @@ def test_check_graphs_runs_its_layouts():
 def test_check_graphs_fails_past_its_tolerance():
     done = check_graphs("--layouts", "tp2", "--tolerance", "-1")  # no difference passes a negative tolerance
     assert done.returncode == 1 and any(line.startswith("| tp2 ") and line.endswith("| FAIL |") for line in done.stdout.splitlines())
+
+
+def test_check_graphs_refuses_a_layout_it_cannot_run_before_starting_any():
+    done = check_graphs("--layouts", "cp2", "cp2xtp2")
+    assert done.returncode == 2 and "'cp2xtp2' is not a layout: sizes in the order tp, cp, dp" in done.stderr, done.stderr
+    done = check_graphs("--backend", "nccl", "--layouts", "tp2xcp2")
+    assert done.returncode == 2 and "layout tp2xcp2 needs 4, this machine has 0" in done.stderr, done.stderr

@@ -1,7 +1,8 @@
-"""The blocks as CUDA graphs under DP, TP, SP and CP against the same layout without graphs, on one GPU.
+"""The blocks as CUDA graphs under DP, TP, SP and CP against the same layout without graphs.
 
-NCCL refuses two ranks on one device, so the ranks of each layout share the GPU joined by gloo: between the
-graphs the collectives run on CUDA tensors as they would on NCCL (megassm/model/cuda_graphs.py). Each rank
+NCCL refuses two ranks on one device, so by default the ranks of each layout share one GPU joined by gloo: between
+the graphs the collectives run on CUDA tensors as they would on NCCL (megassm/model/cuda_graphs.py). With
+`--backend nccl` each rank takes its own GPU (`LOCAL_RANK`) and NCCL joins them, as in the trainer. Each rank
 builds the model twice from one seed, as the trainer runs it (Triton kernels, compiled norms, bf16 autocast;
 the SSD's states kept where the trainer's default keeps them; the DDP engine, which sums gradients over DP x CP),
 one with CUDA graphs; for a few batches of one shape (documents packed differently in each) it compares the loss
@@ -11,8 +12,9 @@ rank's piece of one process's), the same kernels: what the layout's own code com
 inside the fused mixer, checked where NCCL would need several GPUs. Without CUDA both models run eagerly: how the
 tool itself is tested (tests/test_check_graphs.py).
 
-    python tools/check_graphs.py                                  # every layout on 4 layers of mamba2-130m
+    python tools/check_graphs.py                                  # the five default layouts on 4 layers of mamba2-130m
     python tools/check_graphs.py --pattern M-M*M- --activation-checkpointing
+    python tools/check_graphs.py --backend nccl --layouts cp4 tp2xcp2 tp4+sp tp2xcp2xdp2   # one GPU per rank
 """
 
 from __future__ import annotations
@@ -20,14 +22,32 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 
 import torch
 
 from bench import markdown  # tools/ is on the path when run as a script
 from bench_parallel import failure, torchrun
 
-LAYOUTS = {"dp2": (1, 1, 2, False), "tp2": (2, 1, 1, False), "tp2+sp": (2, 1, 1, True), "cp2": (1, 2, 1, False),
-           "tp2xcp2": (2, 2, 1, False)}  # (tp, cp, dp, sequence parallelism)
+DEFAULT_LAYOUTS = ["dp2", "tp2", "tp2+sp", "cp2", "tp2xcp2"]
+_DIMENSIONS = ("tp", "cp", "dp")
+
+
+def layout(name: str) -> tuple[int, int, int, bool]:
+    """(tp, cp, dp, sequence parallelism) of a layout's name: its sizes in the order tp, cp, dp, joined by x, each
+    left out where 1, then +sp: dp2, tp2+sp, cp4, tp2xcp2xdp2."""
+    sizes, parts = dict.fromkeys(_DIMENSIONS, 1), re.findall(r"(tp|cp|dp)([1-9]\d*)", name)
+    sp = name.endswith("+sp")
+    order = [_DIMENSIONS.index(dimension) for dimension, _ in parts]
+    if "x".join(d + n for d, n in parts) + "+sp" * sp != name or order != sorted(set(order)):
+        raise argparse.ArgumentTypeError(f"{name!r} is not a layout: sizes in the order tp, cp, dp joined by x, then +sp "
+                                         "(dp2, tp2+sp, cp4, tp2xcp2xdp2)")
+    sizes.update((dimension, int(size)) for dimension, size in parts)
+    tp, cp, dp = sizes.values()
+    if tp * cp * dp < 2 or (sp and tp < 2):
+        raise argparse.ArgumentTypeError(f"layout {name!r}: needs at least two ranks, and +sp needs tp > 1")
+    return tp, cp, dp, sp
 
 
 def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -40,12 +60,12 @@ def worker(args) -> None:
                                apply_ssd_state_keeping)
     from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 
-    tp, cp, dp, sp = LAYOUTS[args.layout]
+    tp, cp, dp, sp = layout(args.layout)
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if args.backend == "nccl" else 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    ctx = init_parallel(tp, cp, dp, sp, backend="gloo")
+    ctx = init_parallel(tp, cp, dp, sp, backend=args.backend)
     preset = ModelConfig.from_preset(args.preset)
     cfg = dataclasses.replace(preset, n_layer=len(args.pattern), pattern=args.pattern if set(args.pattern) != {"M"} else "",
                               ngroups=args.ngroups, mlp_hidden=preset.mlp_hidden or 4 * preset.d_model)
@@ -113,10 +133,11 @@ def worker(args) -> None:
     torch.distributed.destroy_process_group()
 
 
-def run_layout(args, layout: str) -> list[dict] | str:
+def run_layout(args, name: str) -> list[dict] | str:
     """Rank 0's gathered results of one layout, or the line that says why its job failed."""
-    tp, cp, dp, _ = LAYOUTS[layout]
-    done = torchrun(tp * cp * dp, [__file__, "--worker", "--layout", layout, "--preset", args.preset, "--pattern", args.pattern,
+    tp, cp, dp, _ = layout(name)
+    done = torchrun(tp * cp * dp, [__file__, "--worker", "--layout", name, "--backend", args.backend, "--preset", args.preset,
+                                   "--pattern", args.pattern,
                                    "--ngroups", str(args.ngroups), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
                                    "--batches", str(args.batches),
                                    *(["--activation-checkpointing"] if args.activation_checkpointing else [])], args.timeout)
@@ -129,8 +150,11 @@ def run_layout(args, layout: str) -> list[dict] | str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--layout", choices=list(LAYOUTS), help=argparse.SUPPRESS)
-    parser.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument("--layout", help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", nargs="+", default=DEFAULT_LAYOUTS,
+                        help="sizes in the order tp, cp, dp joined by x, then +sp: dp2, tp2+sp, cp4, tp2xcp2xdp2")
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
+                        help="gloo: the ranks share one GPU; nccl: one GPU per rank, as the trainer runs")
     parser.add_argument("--preset", default="mamba2-130m")
     parser.add_argument("--pattern", default="MMMM", help="one symbol per block: M Mamba-2, * attention, - MLP")
     parser.add_argument("--ngroups", type=int, default=2, help="B/C groups: tp must divide them")
@@ -146,25 +170,33 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    for name in args.layouts:
+        try:
+            tp, cp, dp, _ = layout(name)
+        except argparse.ArgumentTypeError as error:
+            parser.error(str(error))
+        if args.backend == "nccl" and tp * cp * dp > torch.cuda.device_count():
+            parser.error(f"--backend nccl runs each rank on its own GPU: layout {name} needs {tp * cp * dp}, "
+                         f"this machine has {torch.cuda.device_count()}")
     if not torch.cuda.is_available():
         print("no CUDA device: both models run eagerly (CUDA graphs exist only on CUDA), which tests this tool alone")
     rows, ok = [], True
-    for layout in args.layouts:
-        result = run_layout(args, layout)
+    for name in args.layouts:
+        result = run_layout(args, name)
         if isinstance(result, str):
-            rows.append([layout, "-", "-", "-", f"failed: {result[:200]}"])
+            rows.append([name, "-", "-", "-", f"failed: {result[:200]}"])
             ok = False
             continue
         worst = {n: max(r["worst"][n] for r in result) for n in result[0]["worst"]}
         noise = max(max(r["noise"].values()) for r in result)
-        name, largest = max(worst.items(), key=lambda item: item[1])
+        worst_name, largest = max(worst.items(), key=lambda item: item[1])
         from_one = {n: max(r["from_one"][n] for r in result) for n in result[0]["from_one"]}
         one_name, one_largest = max(from_one.items(), key=lambda item: item[1])
         passed = largest <= args.tolerance and one_largest <= args.one_process_tolerance
         ok &= passed
         pieces = result[0]["pieces"]
-        rows.append([layout, "-" if pieces is None else " / ".join(map(str, pieces)), f"{worst['loss']:.1e}",
-                     f"{largest:.1e} ({name}); eager again {noise:.1e}",
+        rows.append([name, "-" if pieces is None else " / ".join(map(str, pieces)), f"{worst['loss']:.1e}",
+                     f"{largest:.1e} ({worst_name}); eager again {noise:.1e}",
                      f"{from_one['loss']:.1e}; {one_largest:.1e} ({one_name})",
                      "PASS" if passed else "FAIL"])
     print(markdown(["layout", "graphs forward / backward (rank 0)", "graphed vs eager: loss", "largest gradient difference",

@@ -71,8 +71,9 @@ class _Pieces:
         self.steps.append(self.graphs[-1].replay)
 
     def _between(self, communicate: Communication) -> None:
+        """A collective at capture: not run now (the captured kernels have not run, its tensors hold nothing yet), but
+        between this graph and the next at every replay."""
         self._end()
-        communicate()
         self.steps.append(communicate)
         self._begin()
 
