@@ -11,14 +11,17 @@ traceback and a table per rank) is left out, and the exit code is the process's 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
+from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import determine_local_world_size, parse_args, parse_min_max_nnodes, run
 
 from megassm.config import ConfigError, check_command_line
 
 TRAINER = "megassm.train"
+SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 # Logs each failed or stopped process again (after the process's own message): left out.
 PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"
 
@@ -42,8 +45,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megassm-train: error: {error}", file=sys.stderr)
             return 2
     logging.getLogger(PROCESS_LOGGER).setLevel(logging.CRITICAL)
+    # Each rendezvous round's workers get a store of their own (hosted by rank 0), not the agents' shared one: in that
+    # one, workers restarted after a failure would meet the dead workers' keys (megassm's workers refuse it when
+    # several nodes may restart: parallel/context.py).
+    os.environ.setdefault(SHARED_STORE_OFF, "1")
+    # On SIGTERM torchrun passes it on and kills its workers after this many seconds (its default: 30): time to end
+    # the step in progress and save its checkpoint (megassm/stopping.py).
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
     try:
         run(args)
+    except SignalException as signalled:  # torchrun stopped (SIGTERM, SIGINT), its workers after it: they said where
+        return 128 + signalled.sigval
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         if failure.exitcode > 0:

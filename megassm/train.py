@@ -248,7 +248,10 @@ class Trainer:
                               "NPROC_PER_NODE=1 bash launch/torchrun.sh --config ...")
         if launched:
             backend = "nccl" if self.device.type == "cuda" else "gloo"
-            self.ctx = init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.sequence_parallel, backend)
+            try:
+                self.ctx = init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.sequence_parallel, backend)
+            except ValueError as error:  # how the job was launched (the layout itself was checked with the config)
+                raise ConfigError(str(error)) from None
         else:
             self.ctx = ParallelContext()
         self.is_writer = int(os.environ.get("RANK", 0)) == 0

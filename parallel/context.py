@@ -71,15 +71,20 @@ def mesh_ranks(world_size: int, tp: int, cp: int) -> dict[str, list[list[int]]]:
 
 
 def _join_job(backend: str) -> None:
-    """init_process_group from torchrun's environment, in a namespace of its own per restart.
+    """init_process_group from torchrun's environment.
 
-    After torchrun --max-restarts restarts the workers they reach the same agent-hosted TCPStore as
-    the attempt before, without a per-attempt prefix: the new process groups would find the dead
-    workers' addresses under the same keys and hang or fail to connect. TORCHELASTIC_RESTART_COUNT
-    tells the attempts apart."""
+    Where torchrun's agents share their rendezvous store with the workers (its default), workers restarted after a
+    failure reach the store of the attempt before and would find the dead workers' addresses under the same keys:
+    each attempt joins under a prefix of its own, TORCHELASTIC_RESTART_COUNT. That count names the same attempt on
+    every rank only on one node (a node restarted for another node's failure does not count it), so several nodes
+    that may restart need a store per attempt (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as megassm.torchrun sets)."""
     store, rank, world = next(dist.rendezvous("env://"))
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"megassm/attempt_{attempt}", store), rank=rank, world_size=world)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+            raise ValueError("torchrun --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
+                             "environment of every node's torchrun (launch/torchrun.sh and python -m megassm.torchrun set it)")
+        store = dist.PrefixStore(f"megassm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
 def init_parallel(tp: int = 1, cp: int = 1, dp: int = -1, sequence_parallel: bool = False, backend: str | None = None) -> ParallelContext:

@@ -300,12 +300,15 @@ def test_a_preemption_saves_a_checkpoint_and_the_printed_command_ends_the_run(co
 
 
 def test_a_preempted_torchrun_job_saves_on_every_rank_and_says_so_once(config, tmp_path):
-    """SIGTERM to torchrun, which passes it to its workers: both finish the same step and save it together;
-    rank 0 alone prints the line; the checkpoint resumes in one process."""
+    """SIGTERM to torchrun and to its workers, as Slurm sends it to every process of a job step (each worker then has
+    it twice: torchrun passes its own on): both finish the same step and save it together; rank 0 alone prints the
+    line; torchrun exits as a process stopped by SIGTERM; the checkpoint resumes in one process."""
     run_dir = tmp_path / "run"
     job = start(config, run_dir, 2, "--parallel.cp=2", "--train.steps=16", "--checkpoint.every=0")
-    job.send_signal(signal.SIGTERM)
+    for process in [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]:
+        process.send_signal(signal.SIGTERM)
     _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     step = steps_logged(run_dir)[-1]
     assert stderr.count("megassm-train:") == 1, stderr[-3000:]
     assert (f"megassm-train: stopped by SIGTERM after step {step} of 16, saved as {run_dir}/checkpoints/step_{step}; resume with: "
@@ -315,11 +318,12 @@ def test_a_preempted_torchrun_job_saves_on_every_rank_and_says_so_once(config, t
     assert [r["step"] for r in records] == list(range(1, 17))
 
 
-def test_a_second_signal_stops_at_once():
-    def wait_for_handlers():
-        for _ in range(100):  # Python runs a signal's handler between bytecodes of the main thread
-            time.sleep(0.001)
+def wait_for_handlers():
+    for _ in range(100):  # Python runs a signal's handler between bytecodes of the main thread
+        time.sleep(0.001)
 
+
+def test_a_second_ctrl_c_stops_at_once():
     previous = signal.getsignal(signal.SIGINT)
     with pytest.raises(Stopped, match="stopped at once by 2") as stop:
         with StopSignals(lambda signum: f"stopped at once by {signum}") as signals:
@@ -329,6 +333,19 @@ def test_a_second_signal_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             wait_for_handlers()
     assert stop.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_repeated_sigterm_still_lets_the_run_save():
+    """One stop of a scheduler brings SIGTERM more than once (to every process, and from torchrun): the run still ends
+    its step and saves; Ctrl-C after it stops at once."""
+    with StopSignals(lambda signum: f"stopped at once by {signum}") as signals:
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for_handlers()
+        assert signals.requested(torch.device("cpu")) == signal.SIGTERM
+        with pytest.raises(Stopped, match="stopped at once by 2"):
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for_handlers()
 
 
 def test_a_cpu_run_leaves_a_core_free_unless_told(monkeypatch):

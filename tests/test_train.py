@@ -18,7 +18,7 @@ from megassm.data import SampleLoader, TokenStream
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import save_transformers
-from tests.distributed import RDZV_ENDPOINT
+from tests.distributed import RDZV_ENDPOINT, reserved_port
 
 STEPS = 4
 CONFIG = """
@@ -194,29 +194,45 @@ def test_a_deepspeed_run_matches_one_process_and_its_checkpoint_resumes_under_dd
     assert_same_run(train(config, run_dir, 1), [r for r in one_process if r["step"] > 2])
 
 
-def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(config, tmp_path):
-    """SIGKILL one of two ranks after step 5 of 12; torchrun (--max-restarts 1) restarts both, they
-    resume from the step-4 checkpoint (the lock of their run is theirs), drop the log's records after
-    step 4, and every step's record equals the uninterrupted run's."""
+def killed_mid_run_and_restarted(config: Path, tmp_path: Path, agents: list[list[str]]) -> None:
+    """Start the torchrun agents (one command each, the trainer's arguments appended), SIGKILL the last agent's worker
+    after step 5 of 12; torchrun (--max-restarts 1) restarts every worker, they resume from the step-4 checkpoint (the
+    lock of their run is theirs), drop the log's records after step 4, and every step's record equals the
+    uninterrupted run's."""
     long = ["--train.steps=12", "--train.eval_every=4"]
     reference = train(config, tmp_path / "reference", 1, *long)
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1", "--rdzv-backend", "c10d",
-               "--rdzv-endpoint", RDZV_ENDPOINT, "-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}",
-               "--parallel.cp=2", *long]
-    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TRAINER_ENV)
+    trainer = ["-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}", "--parallel.cp=2", *long]
+    jobs = [subprocess.Popen([*agent, *trainer], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TRAINER_ENV)
+            for agent in agents]
     metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-3000:]
+        assert all(job.poll() is None for job in jobs) and time.monotonic() < deadline, [job.communicate()[0][-3000:] for job in jobs]
         time.sleep(0.02)
-    workers = [p for p in psutil.Process(job.pid).children(recursive=True) if "megassm.train" in " ".join(p.cmdline())]
+    workers = [p for p in psutil.Process(jobs[-1].pid).children(recursive=True) if "megassm.train" in " ".join(p.cmdline())]
     workers[-1].send_signal(signal.SIGKILL)
-    output = job.communicate(timeout=300)[0]
-    assert job.returncode == 0, output[-3000:]
+    outputs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), [output[-3000:] for output in outputs]
+    output = "".join(outputs)
     assert "resumed from" in output and "step_4" in output and "no longer running" not in output, output[-3000:]
     steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines())]
     assert steps == list(range(1, 13))
     assert_same_run(read_metrics(run_dir), reference)
+
+
+def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_the_run_ends_as_if_uninterrupted(config, tmp_path):
+    """Plain torchrun on one node: its agent's store shared with the workers, each attempt under a prefix of its own."""
+    killed_mid_run_and_restarted(config, tmp_path, [[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                                     "--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", RDZV_ENDPOINT]])
+
+
+def test_a_rank_killed_on_one_of_two_nodes_is_restarted_on_both(config, tmp_path):
+    """Two torchrun agents as on two nodes (megassm.torchrun, as launch/torchrun.sh runs it): the failed node counts a
+    restart, the other does not (torchrun restarts it for the new membership), and both attempts still meet."""
+    with reserved_port() as port:
+        node = [sys.executable, "-m", "megassm.torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
+        killed_mid_run_and_restarted(config, tmp_path, [node, node])
 
 
 def test_bf16_autocast_stays_close_to_fp32(config, one_process, tmp_path):
