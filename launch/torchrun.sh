@@ -4,19 +4,27 @@
 # The config is checked for the world size (NNODES x NPROC_PER_NODE) before any process starts, and a
 # failure ends with the trainer's one line (python -m megassm.torchrun: torchrun without its traceback).
 # Environment (defaults for one node):
-#   NPROC_PER_NODE  processes per node (default: the GPUs seen by nvidia-smi, else 1)
-#   NNODES, NODE_RANK               number of nodes and this node's index (1, 0)
-#   MASTER_ADDR, MASTER_PORT        the rendezvous host (node 0) and port (127.0.0.1, 29500)
+#   NPROC_PER_NODE  processes per node (default: the GPUs in CUDA_VISIBLE_DEVICES, else those nvidia-smi lists, else 1)
+#   NNODES                          number of nodes (1); the rendezvous numbers them itself
+#   MASTER_ADDR, MASTER_PORT        the rendezvous host, one of the nodes, and port (127.0.0.1, 29500);
+#                                   needed with NNODES > 1
 #   RDZV_ID                         a job id shared by all nodes (megassm)
 #   MAX_RESTARTS                    restart all processes this often after a failure (0); the
 #                                   trainer resumes from the newest complete checkpoint
 # Several nodes write one run: run.dir must be on a filesystem all of them see at the same path.
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun's own default, without its four-line warning about it
-gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+if [ "${NNODES:-1}" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  echo "launch/torchrun.sh: NNODES=${NNODES} needs MASTER_ADDR, the host name of one of the nodes, set alike on every node" >&2
+  exit 2
+fi
+if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
+  gpus=$(tr ',' '\n' <<< "${CUDA_VISIBLE_DEVICES}" | grep -c .)
+else
+  gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
+fi
 exec python -m megassm.torchrun \
   --nnodes "${NNODES:-1}" \
-  --node-rank "${NODE_RANK:-0}" \
   --nproc-per-node "${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}" \
   --rdzv-backend c10d \
   --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \

@@ -2,9 +2,10 @@
 may replace.
 
 `run.lock` is held with flock by the run's first process for as long as it lives (the kernel lets go when it
-dies, however it dies) and says who holds it: host, process, its torchrun launcher, start time, command. A lock
-file that nobody holds is stale once its processes are gone and is taken over with a warning; one written on
-another host cannot be checked from here, so it is left to the user to delete.
+dies, however it dies) and says who holds it: host, process, its torchrun launcher, Slurm job, start time, command.
+A lock file that nobody holds is stale once its processes are gone and is taken over with a warning; one written on
+another host cannot be checked from here, so it is left to the user to delete, unless it is this Slurm job's own
+(restarted or requeued after a node failed, its first process may now run on another node).
 
 The checkpoints of run.dir that a run neither resumes from nor continues are another history: a run from
 scratch, from a checkpoint elsewhere, or from an older checkpoint of the folder stops rather than mixing with
@@ -53,18 +54,21 @@ def _alive(pid: int) -> bool:
 
 @dataclass
 class Owner:
-    """Who holds a run folder: the process, and the torchrun agent that started it (which restarts it after a failure)."""
+    """Who holds a run folder: the process, the torchrun agent that started it (which restarts it after a failure),
+    and the Slurm job it belongs to (which keeps its id when requeued)."""
 
     host: str
     pid: int
     launcher_pid: int | None
     started: str
     command: str
+    slurm_job: str | None = None
 
     @classmethod
     def this_process(cls) -> "Owner":
         return cls(socket.gethostname(), os.getpid(), os.getppid() if launched_by_torchrun() else None,
-                   time.strftime("%Y-%m-%d %H:%M:%S"), shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]]))
+                   time.strftime("%Y-%m-%d %H:%M:%S"), shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]]),
+                   os.environ.get("SLURM_JOB_ID"))
 
     def alive(self) -> bool:
         """Whether a process of that run still lives (on another host: unknown, so yes)."""
@@ -73,8 +77,9 @@ class Owner:
         return any(_alive(pid) for pid in (self.pid, self.launcher_pid) if pid is not None)
 
     def restarts(self, previous: "Owner") -> bool:
-        """Whether this process is `previous`'s run started again by the same torchrun agent."""
-        return self.launcher_pid is not None and (self.host, self.launcher_pid) == (previous.host, previous.launcher_pid)
+        """Whether this process is `previous`'s run started again: by the same torchrun agent, or in the same Slurm job."""
+        same_launcher = self.launcher_pid is not None and (self.host, self.launcher_pid) == (previous.host, previous.launcher_pid)
+        return same_launcher or (self.slurm_job is not None and self.slurm_job == previous.slurm_job)
 
     def __str__(self) -> str:
         launcher = f", launched by pid {self.launcher_pid}" if self.launcher_pid is not None else ""

@@ -45,6 +45,16 @@ def test_torchrun_sh_stops_a_bad_layout_with_one_line(tmp_path):
     assert done.stderr.splitlines() == ["megassm-train: error: parallel.tp * parallel.cp = 6 does not divide the world size 4"], done.stderr
 
 
+def test_torchrun_sh_counts_the_gpus_it_is_given_and_needs_a_rendezvous_host_for_several_nodes(tmp_path):
+    """CUDA_VISIBLE_DEVICES (a node shared by several jobs) rather than every GPU nvidia-smi lists; NNODES > 1 without
+    MASTER_ADDR would have each node meet itself."""
+    done = launch("torchrun.sh", "--config", DEBUG, "--parallel.tp=3", cwd=tmp_path, CUDA_VISIBLE_DEVICES="4,5,6,7")
+    assert done.stderr.splitlines() == ["megassm-train: error: parallel.tp * parallel.cp = 6 does not divide the world size 4"], done.stderr
+    done = launch("torchrun.sh", "--config", DEBUG, cwd=tmp_path, NNODES="2", MASTER_ADDR="")
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        "launch/torchrun.sh: NNODES=2 needs MASTER_ADDR, the host name of one of the nodes, set alike on every node"], done.stderr
+
+
 def test_a_trainer_failing_under_torchrun_ends_with_its_own_line(tmp_path):
     """The config fits, the data folder is missing: every rank stops; one line, the trainer's exit code."""
     done = launch("torchrun.sh", "--config", DEBUG, "--parallel.tp=1", f"--data.path={tmp_path / 'none'}", cwd=tmp_path,

@@ -243,6 +243,24 @@ def test_without_flock_the_lock_follows_its_owners_processes(tmp_path, monkeypat
     assert not lock.exists()
 
 
+def test_a_lock_left_on_another_node_is_taken_over_by_the_same_slurm_job_only(tmp_path, monkeypatch):
+    """After a node failed, a requeued or restarted job's first process may run on another node: the lock its earlier
+    process left there (unheld: its host is gone) is this job's own; another job's, from a host not checkable from
+    here, stops the run."""
+    lock = tmp_path / "run.lock"
+    elsewhere = {**asdict(Owner.this_process()), "host": "node-that-failed", "pid": 1, "launcher_pid": 2, "slurm_job": "4242"}
+    lock.write_text(json.dumps(elsewhere))
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    with pytest.raises(RunDirError, match="in use by another run .pid 1 on node-that-failed, launched by pid 2,"):
+        RunLock(tmp_path, print).__enter__()
+    assert json.loads(lock.read_text()) == elsewhere
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    said = []
+    with RunLock(tmp_path, said.append):
+        assert json.loads(lock.read_text())["host"] == socket.gethostname()
+    assert said == [] and not lock.exists()
+
+
 def test_workers_die_with_a_killed_torchrun(config, tmp_path):
     """torchrun starts each worker in its own session: kill -9 of torchrun alone must still end them."""
     job = start(config, tmp_path / "run", 2, "--parallel.cp=2", "--train.steps=100000", "--checkpoint.every=-1")
