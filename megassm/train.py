@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -66,6 +66,9 @@ from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
 
 
+T = TypeVar("T")
+
+
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. the loss diverged); the message says what to try."""
 
@@ -93,6 +96,24 @@ def out_of_memory_advice(cfg: Config, step: int, keep_ssd_states: bool, cuda_gra
 def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
     """Sum over the ranks that hold different tokens (DP x CP)."""
     return x if group_size(ctx.dp_cp_group) == 1 else all_reduce(x, ctx.dp_cp_group)
+
+
+def decided_by_rank_0(decide: Callable[[], T]) -> T:
+    """decide() on rank 0, and its result, or the UserError it raised, on every rank: so that all ranks resume from one
+    checkpoint even where another node's view of a shared filesystem lags behind (NFS caches directory listings)."""
+    if not dist.is_initialized():
+        return decide()
+    decision: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            decision = [(decide(), None)]
+        except UserError as error:
+            decision = [(None, error)]
+    dist.broadcast_object_list(decision, src=0)
+    result, error = decision[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def open_data(cfg: Config) -> TokenStream:
@@ -258,8 +279,8 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         self.vocabulary = tokenizer_vocabulary(stream.tokenizer_path, stream.meta.vocab_size)
-        checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
-        replaced = checkpoints_to_replace(self.run_dir, cfg.checkpoint)
+        checkpoints, replaced = decided_by_rank_0(lambda: (resume_candidates(self.run_dir, cfg.checkpoint.resume),
+                                                           checkpoints_to_replace(self.run_dir, cfg.checkpoint)))
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
         device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0

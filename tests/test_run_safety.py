@@ -31,8 +31,9 @@ from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.run_dir import Owner, RunDirError, RunLock
 from megassm.stopping import StopSignals, Stopped
-from megassm.train import limit_cpu_threads
+from megassm.train import decided_by_rank_0, limit_cpu_threads
 from parallel import ParallelContext
+from tests.distributed import run_distributed
 from tests.test_convert import engine_for
 from tests.test_train import TRAINER_ENV, assert_same_run, config, run_trainer, train, trainer_command  # noqa: F401 (config: a fixture)
 
@@ -408,3 +409,25 @@ def test_training_on_cuda_takes_cublas_without_workspace_unless_the_user_sized_o
     monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "1024")
     use_cublas_without_workspace(torch.device("cuda", 0))
     assert [os.environ[name] for name in names] == [":4096:8", "1024"]
+
+
+def check_rank_0_decides() -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert decided_by_rank_0(lambda: [f"step_{8 - 4 * rank}"]) == ["step_8"]  # rank 1 sees an older listing
+
+    def refuse() -> list:
+        if rank == 0:
+            raise IncompatibleCheckpoint("refused by rank 0")
+        return []
+
+    with pytest.raises(IncompatibleCheckpoint, match="refused by rank 0"):
+        decided_by_rank_0(refuse)
+
+
+def test_the_checkpoint_to_resume_is_rank_0s_choice_on_every_rank():
+    """Every rank resumes from the checkpoint rank 0 lists (a node's view of a shared filesystem can lag behind), and
+    rank 0's refusal stops every rank with its message."""
+    run_distributed(check_rank_0_decides, 2)
