@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 import pickle
 import re
 import shutil
@@ -174,8 +176,28 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataPa
     if vocabulary is not None:
         (temporary / VOCABULARY_FILE).write_text(json.dumps(vocabulary, indent=1))
     (temporary / TRAINER_FILE).write_text(json.dumps(trainer_state, indent=1))  # last: marks it complete
+    # On disk before it is named complete, and named so before the run rotates older checkpoints away (DCP syncs its
+    # own files): after a crash of the node the newest complete checkpoint is whole.
+    for path in (temporary / CONFIG_FILE, temporary / VOCABULARY_FILE, temporary / TRAINER_FILE, temporary):
+        _sync(path)
     temporary.rename(final)
+    _sync(final.parent)
     return final
+
+
+def _sync(path: Path) -> None:
+    """fsync a file or folder, where it exists and its file system can."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):  # a folder on some network and FUSE file systems
+            raise
+    finally:
+        os.close(fd)
 
 
 def resume_candidates(run_dir: Path, resume: str) -> list[Path]:

@@ -127,6 +127,21 @@ def test_a_checkpoint_with_other_tensor_shapes_is_incompatible_not_damaged(tmp_p
         load_checkpoint(path, wanted, engine_for(wanted), ParallelContext())
 
 
+def test_a_checkpoint_is_on_disk_before_it_is_named_complete(tmp_path, monkeypatch):
+    """Its small files and its folder are synced before the rename that completes it, the folder holding it after:
+    a node's crash cannot leave a complete checkpoint whose trainer.json never reached the disk (DCP syncs its own)."""
+    events, fsync, rename = [], os.fsync, Path.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    monkeypatch.setattr(Path, "rename", lambda self, target: (events.append(f"rename {self.name}"), rename(self, target))[1])
+    model = Mamba2LM(ModelConfig.from_preset("debug"))
+    save_checkpoint(tmp_path, Config(model=model.cfg), model, engine_for(model), ParallelContext(),
+                    {"step": 1, "samples": 8, "skipped_steps": 0}, vocabulary={"a": 0})
+    temporary, checkpoints = tmp_path / "checkpoints" / ".step_1.tmp", tmp_path / "checkpoints"
+    ours = events[events.index(str(temporary / "config.toml")):]
+    assert ours == [str(temporary / name) for name in ("config.toml", "vocabulary.json", "trainer.json")] + [
+        str(temporary), "rename .step_1.tmp", str(checkpoints)], events
+
+
 @pytest.mark.parametrize("resume, phrases", [
     ("none", ["holds the checkpoints of another run (step_2, step_4) and checkpoint.resume = 'none' starts a new run",
               "checkpoint.overwrite = true"]),
