@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import math
 import os
 import shlex
@@ -40,7 +41,7 @@ from megassm.checkpoint import (
     tokenizer_vocabulary,
 )
 from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
-from megassm.data import SampleLoader, TokenStream, rank_samples
+from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.errors import UserError
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
@@ -125,9 +126,29 @@ def open_data(cfg: Config) -> TokenStream:
     if not stream.tokenizer_path.exists():
         raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {cfg.data.path}/meta.json is missing: "
                           "re-run tools/prepare_data.py")
-    if cfg.data.verify and int(os.environ.get("RANK", 0)) == 0:
-        stream.verify()  # rank 0 alone reads everything: if it fails, torchrun stops the others
     return stream
+
+
+def verify_data(stream: TokenStream) -> None:
+    """The data folder's files against their sha256, those not verified since they last changed (rank 0's list), each
+    rank reading its share; a mismatch found by any rank stops every rank with its line."""
+    if not dist.is_initialized():
+        return stream.verify()
+    files, rank, world = decided_by_rank_0(stream.unverified), dist.get_rank(), dist.get_world_size()
+    try:
+        found = (stream.check(files[rank::world]), None)
+    except DataError as error:
+        found = ({}, error)
+    # Over gloo, whose timeout the reading of a large corpus does not reach (NCCL's collectives time out after 10 minutes).
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, found, group=group)
+    dist.destroy_process_group(group)
+    errors = [error for _, error in everyone if error is not None]
+    if errors:
+        raise errors[0]
+    if rank == 0:
+        stream.record_verified({name: stamp for stamps, _ in everyone for name, stamp in stamps.items()})
 
 
 def check_kernel_addressing(cfg: Config, backend: str) -> None:
@@ -275,6 +296,8 @@ class Trainer:
                 raise ConfigError(str(error)) from None
         else:
             self.ctx = ParallelContext()
+        if cfg.data.verify:
+            verify_data(stream)
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)

@@ -18,6 +18,7 @@ from megassm.data.prepare import load_documents, prepare
 from megassm.data.shards import ShardWriter
 from megassm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, is_hub_name
 from tests.commands import run_tool
+from tests.distributed import run_distributed
 
 SHARD_TOKENS = 97  # tiny, so that documents and samples cross shard edges
 VAL_FRACTION = 0.05
@@ -400,3 +401,35 @@ def test_verify_reads_a_file_again_only_when_it_changed(copy, monkeypatch):
     with pytest.raises(DataError, match="tokens_00002.bin.*sha256"):
         TokenStream(copy).verify()
     assert hashed == ["tokens_00002.bin"]
+
+
+def check_shared_verification(folder: Path, damaged: str | None) -> None:
+    import torch.distributed as dist
+
+    import megassm.data.shards as shards
+    from megassm.train import verify_data
+
+    dist.init_process_group("gloo")
+    hashed, real_sha256 = [], shards.file_sha256
+    shards.file_sha256 = lambda path: hashed.append(path.name) or real_sha256(path)
+    stream = TokenStream(folder)
+    files = stream.unverified()
+    if damaged is None:
+        verify_data(stream)
+        assert hashed == files[dist.get_rank()::2]  # each file read once, by one rank
+        dist.barrier()
+        assert TokenStream(folder).unverified() == []  # both ranks' files recorded
+    else:
+        with pytest.raises(DataError, match=f"{folder / damaged}.*sha256"):
+            verify_data(stream)
+
+
+def test_ranks_share_the_verification_and_all_stop_on_a_file_one_of_them_found_damaged(copy, tmp_path):
+    (copy / "verified.json").unlink(missing_ok=True)
+    files = TokenStream(copy).unverified()
+    assert len(files) > 2
+    run_distributed(check_shared_verification, 2, copy, None)
+    damaged = Path(shutil.copytree(copy, tmp_path / "damaged"))
+    (damaged / "verified.json").unlink()
+    flip_byte(damaged / files[1])  # rank 1's to read
+    run_distributed(check_shared_verification, 2, damaged, files[1])

@@ -14,6 +14,7 @@ The last `val_tokens` tokens of the stream are the validation documents; the res
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -231,29 +232,50 @@ class TokenStream:
         return np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
 
     def verify(self) -> None:
-        """Check every shard and the document index against meta.json's sha256.
+        """Check every shard and the document index against meta.json's sha256 (those not verified since they last
+        changed), and record what matched."""
+        self.record_verified(self.check(self.unverified()))
+
+    def unverified(self) -> list[str]:
+        """The files (shards, document index) not verified since they last changed.
 
         Reading a large corpus takes long, and a run verifies at every start and restart: a file whose
         size and modification time are those recorded in verified.json when it last matched is not
         read again (rsync's quick check: a change that keeps both, such as silent bit rot, goes unseen
         after the first verification; delete verified.json to read everything again)."""
-        stamp_path = self.path / VERIFIED_FILE
         try:
-            stamps = json.loads(stamp_path.read_text())
+            stamps = json.loads((self.path / VERIFIED_FILE).read_text())
         except (OSError, ValueError):
             stamps = {}
-        files = [(shard.file, shard.sha256) for shard in self.meta.shards] + [(DOC_STARTS_FILE, self.meta.doc_starts_sha256)]
-        for name, expected in files:
-            stat = (self.path / name).stat()
-            stamp = [stat.st_size, stat.st_mtime_ns, expected]
-            if stamps.get(name) == stamp:
-                continue
-            if file_sha256(self.path / name) != expected:
+        return [name for name in self._expected_sha256 if stamps.get(name) != self._stamp(name)]
+
+    def check(self, names: list[str]) -> dict[str, list]:
+        """Read these files against meta.json's sha256: DataError naming the first that differs, else their stamps
+        (size, modification time, sha256) for record_verified."""
+        stamps = {name: self._stamp(name) for name in names}  # before reading: a write meanwhile leaves it unverified
+        for name in names:
+            if file_sha256(self.path / name) != self._expected_sha256[name]:
                 raise DataError(f"{self.path / name}: contents differ from meta.json's sha256 (corrupt or replaced); {REPAIR}")
-            stamps[name] = stamp
+        return stamps
+
+    def record_verified(self, stamps: dict[str, list]) -> None:
+        """Add the stamps of files that matched to verified.json (where the folder can be written)."""
+        stamp_path = self.path / VERIFIED_FILE
+        try:
+            recorded = json.loads(stamp_path.read_text())
+        except (OSError, ValueError):
+            recorded = {}
         try:
             partial = stamp_path.with_name(f"{VERIFIED_FILE}.{os.getpid()}.tmp")
-            partial.write_text(json.dumps(stamps, indent=1))
+            partial.write_text(json.dumps({**recorded, **stamps}, indent=1))
             os.replace(partial, stamp_path)
         except OSError:
             pass  # a read-only folder: verified again next time
+
+    @functools.cached_property
+    def _expected_sha256(self) -> dict[str, str]:
+        return {**{shard.file: shard.sha256 for shard in self.meta.shards}, DOC_STARTS_FILE: self.meta.doc_starts_sha256}
+
+    def _stamp(self, name: str) -> list:
+        stat = (self.path / name).stat()
+        return [stat.st_size, stat.st_mtime_ns, self._expected_sha256[name]]
