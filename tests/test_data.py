@@ -4,6 +4,8 @@ shards (decoded back), the sample order, DP / CP slicing, seq_idx, bad folders a
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples, train_sentencepiece, write_builtin_corpus
 from megassm.data.loader import permute
 from megassm.data.prepare import load_documents, prepare
-from megassm.data.shards import ShardWriter
+from megassm.data.shards import Meta, ShardWriter, token_dtype
 from megassm.data.tokenizer import HFTokenizer, SentencePieceTokenizer, is_hub_name
 from tests.commands import run_tool
 from tests.distributed import run_distributed
@@ -433,3 +435,26 @@ def test_ranks_share_the_verification_and_all_stop_on_a_file_one_of_them_found_d
     (damaged / "verified.json").unlink()
     flip_byte(damaged / files[1])  # rank 1's to read
     run_distributed(check_shared_verification, 2, damaged, files[1])
+
+
+def test_a_vocabulary_of_2_to_the_16_tokens_is_stored_in_uint16_and_older_uint32_folders_still_open():
+    assert [token_dtype(n).name for n in (2**16, 2**16 + 1)] == ["uint16", "uint32"]
+    fields = dict(vocab_size=2**16, eos_id=0, shards=[{"file": "tokens_00000.bin", "tokens": 1, "sha256": ""}], total_tokens=1,
+                  num_documents=1, val_tokens=0, doc_starts_sha256="")
+    assert Meta(dtype="uint32", **fields)._problem() == ""
+    assert "does not suit vocab_size 65537" in Meta(dtype="uint16", **{**fields, "vocab_size": 2**16 + 1})._problem()
+
+
+@pytest.mark.parametrize("limit, opens", [("-Sn 64", True), ("-n 64", False)], ids=["soft-limit-raised", "hard-limit-refused"])
+def test_a_folder_of_more_shards_than_the_open_files_limit(prepared, limit, opens):
+    """Each shard's memory map holds its file open: past the soft limit of open files it is raised, past the hard one
+    the folder is refused in one line that says what to change."""
+    shards = len(TokenStream(prepared).meta.shards)
+    assert shards > 64
+    code = f"from megassm.data import TokenStream; print(len(TokenStream({str(prepared)!r})._maps))"
+    done = subprocess.run(["bash", "-c", f'ulimit {limit} && exec "$0" -c "$1"', sys.executable, code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    if opens:
+        assert done.returncode == 0 and done.stdout.split() == [str(shards)], done.stderr[-2000:]
+    else:
+        assert f"{prepared} has {shards} shards, each held open while training, and this process may open 64 files at most" in done.stderr

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -43,8 +44,22 @@ class DataError(UserError, ValueError):
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits, else uint32; little-endian on disk whatever the machine."""
-    return np.dtype("<u2" if vocab_size <= 65535 else "<u4")
+    """uint16 when every id (up to vocab_size - 1) fits, else uint32; little-endian on disk whatever the machine."""
+    return np.dtype("<u2" if vocab_size <= 2**16 else "<u4")
+
+
+def _allow_open_files(shards: int, folder: Path) -> None:
+    """Raise this process's soft limit of open files (often 1024) toward its hard limit where the shards need it: each
+    shard's memory map holds its file open; DataError where even the hard limit is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = shards + 256  # and what the rest of the process opens
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        raise DataError(f"{folder} has {shards} shards, each held open while training, and this process may open "
+                        f"{hard} files at most (ulimit -Hn): raise that limit, or prepare the data again with a larger "
+                        "--shard-tokens")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else hard, hard))
 
 
 def shard_name(index: int) -> str:
@@ -118,8 +133,8 @@ class Meta:
         """What makes this description unusable, or "" when nothing does."""
         if self.version != FORMAT_VERSION:
             return f"format version {self.version}, this megassm reads version {FORMAT_VERSION}"
-        if self.dtype != token_dtype(self.vocab_size).name:
-            return f"dtype {self.dtype!r} does not suit vocab_size {self.vocab_size}"
+        if self.dtype not in ("uint16", "uint32") or np.dtype(self.dtype).itemsize < token_dtype(self.vocab_size).itemsize:
+            return f"dtype {self.dtype!r} does not suit vocab_size {self.vocab_size}"  # uint32 for 2^16 tokens: an older preparation
         if not 0 <= self.eos_id < self.vocab_size:
             return f"eos_id {self.eos_id} is outside the vocabulary of {self.vocab_size}"
         if self.total_tokens != sum(s.tokens for s in self.shards) or not 0 <= self.val_tokens < self.total_tokens:
@@ -179,7 +194,8 @@ class TokenStream:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.meta = Meta.read(self.path)
-        self.dtype = token_dtype(self.meta.vocab_size)
+        self.dtype = np.dtype(self.meta.dtype).newbyteorder("<")
+        _allow_open_files(len(self.meta.shards), self.path)
         self._maps = [self._open_shard(shard) for shard in self.meta.shards]
         self._offsets = np.cumsum([0] + [shard.tokens for shard in self.meta.shards])
         self.doc_starts = self._open_doc_starts()
