@@ -458,3 +458,16 @@ def test_a_folder_of_more_shards_than_the_open_files_limit(prepared, limit, open
         assert done.returncode == 0 and done.stdout.split() == [str(shards)], done.stderr[-2000:]
     else:
         assert f"{prepared} has {shards} shards, each held open while training, and this process may open 64 files at most" in done.stderr
+
+
+def test_a_preparation_keeps_datasets_copies_in_its_folder_and_deletes_them(sp_dir, tmp_path, monkeypatch):
+    """datasets copies the documents and their tokens (twice the corpus): not into the home folder's cache, but into
+    the preparation's own folder, deleted once the shards are written."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "home_cache")
+    out = prepare([write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)], sp_dir, tmp_path / "out", num_proc=2, shard_tokens=SHARD_TOKENS)
+    assert not list((tmp_path / "home_cache").rglob("*.arrow"))
+    assert {p.name for p in out.iterdir()} == {"meta.json", "doc_starts.npy", "tokenizer", *(s.file for s in TokenStream(out).meta.shards)}
+    assert np.array_equal(TokenStream(out).doc_starts, TokenStream(prepare([write_jsonl(tmp_path / "again.jsonl", DOCUMENTS)], sp_dir,
+                          tmp_path / "cached", cache_dir=tmp_path / "cache", shard_tokens=SHARD_TOKENS)).doc_starts)

@@ -25,14 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--input", nargs="+", required=True, help="files, folders or globs of documents, or a hub dataset name")
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder, .model file or hub name")
     parser.add_argument("--out", required=True, help="the data folder to create")
-    parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="tokenizing processes (default: all cores)")
+    parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="reading and tokenizing processes (default: all cores)")
     parser.add_argument("--shard-tokens", type=int, default=2**28, help="tokens per shard file at most (default: 2^28)")
     parser.add_argument("--val-fraction", type=float, default=0.005, help="fraction of documents held out for validation")
     parser.add_argument("--text-key", default="text", help="the text field of JSON / parquet records (default: text)")
     parser.add_argument("--sample-by", choices=("line", "paragraph", "document"), default="line",
                         help=".txt inputs: a document per line, per blank-line-separated paragraph, or per file")
     parser.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
-    parser.add_argument("--cache-dir", help="datasets' cache (default: ~/.cache/huggingface/datasets)")
+    parser.add_argument("--cache-dir", help="datasets' copies of the documents and tokens, about twice the corpus (default: in "
+                                            "--out while it is prepared, deleted at the end)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier preparation in --out (a folder holding other files is refused)")
     args = parser.parse_args(argv)

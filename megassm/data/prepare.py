@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from megassm.data.diagnose import first_problem, root_cause
 from megassm.data.shards import (
+    CACHE_DIR,
     DOC_STARTS_FILE,
     TOKENIZER_DIR,
     DataError,
@@ -69,18 +70,19 @@ def load_documents(
     split: str = "train",
     sample_by: str = "line",
     cache_dir: str | Path | None = None,
+    num_proc: int = 1,
 ) -> datasets.Dataset:
-    """The documents as a Dataset with one column, "text", in input order.
+    """The documents as a Dataset with one column, "text", in input order, read by `num_proc` processes.
 
     `inputs`: local files, folders or globs, all of one kind (.txt: a document per line, or per
     paragraph / file with sample_by="paragraph" | "document"; .json/.jsonl: one object per line with
     a `text_key` field; .parquet: a `text_key` column), or one Hugging Face hub dataset name."""
     inputs = _input_list(inputs)
     matches = {pattern: _local_files(pattern) for pattern in inputs}
-    cache = None if cache_dir is None else str(cache_dir)
+    cache, workers = None if cache_dir is None else str(cache_dir), num_proc if num_proc > 1 else None
     files, builder = [], None  # local files and their datasets builder; none for a hub dataset
     if len(inputs) == 1 and not Path(inputs[0]).exists() and is_hub_name(inputs[0]):
-        documents = datasets.load_dataset(inputs[0], split=split, cache_dir=cache)
+        documents = datasets.load_dataset(inputs[0], split=split, cache_dir=cache, num_proc=workers)
     else:
         missing = [pattern for pattern, files in matches.items() if not files]
         if missing:
@@ -92,7 +94,7 @@ def load_documents(
         if len(set(builders.values())) > 1:
             raise DataError(f"inputs mix {' and '.join(sorted(set(builders.values())))} files; prepare one kind at a time")
         files, builder = list(builders), next(iter(builders.values()))
-        documents = _load_local(files, builder, text_key, sample_by, cache)
+        documents = _load_local(files, builder, text_key, sample_by, cache, workers)
     if text_key not in documents.column_names:
         raise DataError(f"inputs {' '.join(inputs)} have no {text_key!r} field (they have {', '.join(documents.column_names)}): "
                         "name the text field with --text-key")
@@ -105,13 +107,15 @@ def load_documents(
     return documents if text_key == "text" else documents.rename_column(text_key, "text")
 
 
-def _load_local(files: list[Path], builder: str, text_key: str, sample_by: str, cache: str | None) -> datasets.Dataset:
+def _load_local(files: list[Path], builder: str, text_key: str, sample_by: str, cache: str | None,
+                workers: int | None) -> datasets.Dataset:
     """The files through datasets' `builder`; a file datasets cannot read is a DataError naming it (and the line)."""
     options = {"sample_by": sample_by} if builder == "text" else {}
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its log of a bad record would repeat the line below, less clearly
     try:
-        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=cache, **options)
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", cache_dir=cache, num_proc=workers,
+                                     **options)
     except Exception as error:  # noqa: BLE001 -- datasets wraps a bad record in errors of its own, naming no file
         problem = first_problem(files, builder, text_key)
         if problem is None:
@@ -223,8 +227,10 @@ def prepare(
     overwrite: bool = False,
 ) -> Path:
     """Tokenize `inputs` (see load_documents) with `tokenizer` (see load_tokenizer) into the data
-    folder `out`, tokenizing in `num_proc` processes; returns out. The last `val_fraction` of the
-    documents become the validation split. `overwrite`: replace an earlier preparation in `out`."""
+    folder `out`, reading and tokenizing in `num_proc` processes; returns out. The last `val_fraction` of the
+    documents become the validation split. `overwrite`: replace an earlier preparation in `out`.
+    datasets' copies of the documents and tokens (as large as the corpus, twice) go to `cache_dir`, or where none is
+    given into the preparation's own folder, deleted when it is done."""
     out, inputs = Path(out), _input_list(inputs)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists: choose another output folder or pass --overwrite")
@@ -233,11 +239,11 @@ def prepare(
     partial = out.with_name(out.name + ".partial")
     _check_replaceable(out, partial, [*inputs, str(tokenizer)])
     tok = load_tokenizer(tokenizer)
-    documents = load_documents(inputs, text_key, split, sample_by, cache_dir)
     if partial.exists():  # left by an interrupted run
         _remove_preparation(partial)
     partial.mkdir(parents=True)
     try:
+        documents = load_documents(inputs, text_key, split, sample_by, cache_dir or partial / CACHE_DIR, num_proc)
         tok.save(partial / TOKENIZER_DIR)
         tokens = _tokenize(documents, partial / TOKENIZER_DIR, num_proc)
         lengths = tokens.data.column("length").to_numpy()
@@ -252,6 +258,7 @@ def prepare(
             num_documents=len(lengths), val_tokens=int(lengths[first_val:].sum()), doc_starts_sha256=file_sha256(partial / DOC_STARTS_FILE),
             source={"inputs": inputs, "text_key": text_key, "tokenizer": str(tokenizer)},
         ).write(partial)
+        shutil.rmtree(partial / CACHE_DIR, ignore_errors=True)
         if out.exists():
             _remove_preparation(out)
         partial.rename(out)

@@ -33,6 +33,7 @@ META_FILE = "meta.json"
 DOC_STARTS_FILE = "doc_starts.npy"
 VERIFIED_FILE = "verified.json"
 TOKENIZER_DIR = "tokenizer"
+CACHE_DIR = "datasets_cache"  # datasets' copies of the documents and tokens while a preparation runs
 SPLITS = ("train", "val")
 REPAIR = "re-create the folder with python tools/prepare_data.py"
 SHARD_FILE = re.compile(r"tokens_\d{5,}\.bin")
@@ -69,7 +70,7 @@ def shard_name(index: int) -> str:
 def written_by_preparation(name: str) -> bool:
     """Whether a data folder's entry is one that a preparation (or TokenStream.verify) writes: what an
     --overwrite may delete."""
-    own = {META_FILE, DOC_STARTS_FILE, VERIFIED_FILE, TOKENIZER_DIR}
+    own = {META_FILE, DOC_STARTS_FILE, VERIFIED_FILE, TOKENIZER_DIR, CACHE_DIR}
     return name in own or bool(SHARD_FILE.fullmatch(name) or VERIFIED_PARTIAL.fullmatch(name))
 
 
