@@ -107,8 +107,8 @@ def test_hf_tokenizer_through_load_tokenizer(workdir):
     tok = load_tokenizer(folder)
     assert isinstance(tok, HFTokenizer) and tok.eos_id == 0
     assert tok.vocab_size == Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size() > 256
-    for text in TRICKY + DOCUMENTS[:20]:
-        ids = tok.encode(text)
+    for text in [*TRICKY, *DOCUMENTS[:20], "a document that writes <|endoftext|>, the EOS token's text"]:
+        ids = tok.encode(text)  # a special token's text in a document is text, not the token: no EOS inside a document
         assert tok.decode(ids) == text and tok.eos_id not in ids and max(ids, default=0) < tok.vocab_size
 
 

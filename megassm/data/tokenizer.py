@@ -87,7 +87,10 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if not texts:  # transformers fails on an empty batch
             return []
-        return self._tok(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        # A special token's text inside a document ("<|endoftext|>" in code about tokenizers) is text: only the
+        # preparation puts EOS between documents.
+        return self._tok(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False,
+                         verbose=False)["input_ids"]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], clean_up_tokenization_spaces=False)
