@@ -42,6 +42,7 @@ from megassm.checkpoint import (
 )
 from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
+from megassm.data.shards import VERIFIED_FILE
 from megassm.errors import UserError
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
@@ -129,11 +130,19 @@ def open_data(cfg: Config) -> TokenStream:
     return stream
 
 
-def verify_data(stream: TokenStream) -> None:
+def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
     """The data folder's files against their sha256, those not verified since they last changed (rank 0's list), each
     rank reading its share; a mismatch found by any rank stops every rank with its line."""
     if not dist.is_initialized():
-        return stream.verify()
+        recorded = stream.verify()
+    else:
+        recorded = _verify_shared(stream)
+    if not recorded:
+        say(f"warning: cannot write {stream.path / VERIFIED_FILE}: every start reads the whole data folder again to "
+            "verify it; once it has passed, data.verify = false skips that")
+
+
+def _verify_shared(stream: TokenStream) -> bool:
     files, rank, world = decided_by_rank_0(stream.unverified), dist.get_rank(), dist.get_world_size()
     try:
         found = (stream.check(files[rank::world]), None)
@@ -147,8 +156,7 @@ def verify_data(stream: TokenStream) -> None:
     errors = [error for _, error in everyone if error is not None]
     if errors:
         raise errors[0]
-    if rank == 0:
-        stream.record_verified({name: stamp for stamps, _ in everyone for name, stamp in stamps.items()})
+    return rank != 0 or stream.record_verified({name: stamp for stamps, _ in everyone for name, stamp in stamps.items()})
 
 
 def check_kernel_addressing(cfg: Config, backend: str) -> None:
@@ -296,9 +304,9 @@ class Trainer:
                 raise ConfigError(str(error)) from None
         else:
             self.ctx = ParallelContext()
-        if cfg.data.verify:
-            verify_data(stream)
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
+        if cfg.data.verify:
+            verify_data(stream, self.say)
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         self.vocabulary = tokenizer_vocabulary(stream.tokenizer_path, stream.meta.vocab_size)

@@ -3,6 +3,7 @@ shards (decoded back), the sample order, DP / CP slicing, seq_idx, bad folders a
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -417,13 +418,13 @@ def check_shared_verification(folder: Path, damaged: str | None) -> None:
     stream = TokenStream(folder)
     files = stream.unverified()
     if damaged is None:
-        verify_data(stream)
+        verify_data(stream, print)
         assert hashed == files[dist.get_rank()::2]  # each file read once, by one rank
         dist.barrier()
         assert TokenStream(folder).unverified() == []  # both ranks' files recorded
     else:
         with pytest.raises(DataError, match=f"{folder / damaged}.*sha256"):
-            verify_data(stream)
+            verify_data(stream, print)
 
 
 def test_ranks_share_the_verification_and_all_stop_on_a_file_one_of_them_found_damaged(copy, tmp_path):
@@ -471,3 +472,18 @@ def test_a_preparation_keeps_datasets_copies_in_its_folder_and_deletes_them(sp_d
     assert {p.name for p in out.iterdir()} == {"meta.json", "doc_starts.npy", "tokenizer", *(s.file for s in TokenStream(out).meta.shards)}
     assert np.array_equal(TokenStream(out).doc_starts, TokenStream(prepare([write_jsonl(tmp_path / "again.jsonl", DOCUMENTS)], sp_dir,
                           tmp_path / "cached", cache_dir=tmp_path / "cache", shard_tokens=SHARD_TOKENS)).doc_starts)
+
+
+def test_a_data_folder_that_cannot_record_its_verification_says_so(copy, monkeypatch):
+    from megassm.train import verify_data
+
+    (copy / "verified.json").unlink(missing_ok=True)
+    def read_only(*args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    said = []
+    verify_data(TokenStream(copy), said.append)
+    assert said == [f"warning: cannot write {copy}/verified.json: every start reads the whole data folder again to verify it; "
+                    "once it has passed, data.verify = false skips that"]
+    assert TokenStream(copy).unverified()  # nothing recorded

@@ -248,10 +248,10 @@ class TokenStream:
             start, length, shard = start + take, length - take, shard + 1
         return np.concatenate(pieces) if pieces else np.empty(0, self.dtype)
 
-    def verify(self) -> None:
+    def verify(self) -> bool:
         """Check every shard and the document index against meta.json's sha256 (those not verified since they last
-        changed), and record what matched."""
-        self.record_verified(self.check(self.unverified()))
+        changed), and record what matched; False where that record cannot be written (read again next time)."""
+        return self.record_verified(self.check(self.unverified()))
 
     def unverified(self) -> list[str]:
         """The files (shards, document index) not verified since they last changed.
@@ -275,8 +275,8 @@ class TokenStream:
                 raise DataError(f"{self.path / name}: contents differ from meta.json's sha256 (corrupt or replaced); {REPAIR}")
         return stamps
 
-    def record_verified(self, stamps: dict[str, list]) -> None:
-        """Add the stamps of files that matched to verified.json (where the folder can be written)."""
+    def record_verified(self, stamps: dict[str, list]) -> bool:
+        """Add the stamps of files that matched to verified.json; False where the folder cannot be written."""
         stamp_path = self.path / VERIFIED_FILE
         try:
             recorded = json.loads(stamp_path.read_text())
@@ -287,7 +287,8 @@ class TokenStream:
             partial.write_text(json.dumps({**recorded, **stamps}, indent=1))
             os.replace(partial, stamp_path)
         except OSError:
-            pass  # a read-only folder: verified again next time
+            return False
+        return True
 
     @functools.cached_property
     def _expected_sha256(self) -> dict[str, str]:
