@@ -73,6 +73,16 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step}"
 
 
+def unfinished_save(final: Path) -> Path:
+    """Where a checkpoint is written before it is renamed to `final`, complete."""
+    return final.with_name(f".{final.name}.tmp")
+
+
+def unfinished_saves(run_dir: Path) -> list[Path]:
+    """The folders of saves that never finished (the run stopped while saving), left in run.dir/checkpoints."""
+    return sorted(p for p in (Path(run_dir) / "checkpoints").glob(".step_*.tmp") if p.is_dir())
+
+
 def checkpoint_step(path: Path) -> int:
     return int(STEP_DIR.fullmatch(Path(path).name)[1])
 
@@ -159,7 +169,7 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataPa
     `vocabulary` (tokenizer_vocabulary) when given. Returns the folder on the writing rank. An existing folder
     of that name is never replaced: CheckpointError."""
     final = checkpoint_dir(run_dir, trainer_state["step"])
-    temporary = final.with_name(f".{final.name}.tmp")
+    temporary = unfinished_save(final)
     if final.exists():
         raise CheckpointError(f"cannot save step {trainer_state['step']}: {final} exists; move it away and resume")
     if _is_writer():

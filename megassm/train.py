@@ -34,6 +34,7 @@ from megassm.checkpoint import (
     check_compatible,
     checkpoint_dir,
     checkpoint_step,
+    unfinished_saves,
     load_checkpoint,
     resume_candidates,
     save_checkpoint,
@@ -367,12 +368,16 @@ class Trainer:
                                   "above): resume from a good copy with checkpoint.resume = PATH, or start a new run in another run.dir")
 
     def take_over(self, replaced: list[Path]) -> None:
-        """Delete run.dir's checkpoints outside this run's history (checkpoint.overwrite = true), then make sure no other
-        folder stands where this run will save: it replaces none."""
+        """Delete run.dir's checkpoints outside this run's history (checkpoint.overwrite = true) and the folders of saves
+        that never finished (as large as a checkpoint), then make sure no other folder stands where this run will save:
+        it replaces none."""
         if replaced and self.is_writer:
             for path in replaced:
                 shutil.rmtree(path)
             self.say(f"checkpoint.overwrite = true: deleted {', '.join(p.name for p in replaced)} of another history from {self.run_dir}")
+        for path in unfinished_saves(self.run_dir) if self.is_writer else []:
+            shutil.rmtree(path)
+            self.say(f"deleted {path}: a save that never finished")
         start = self.state["step"]
         for path in step_folders(self.run_dir):
             if path not in replaced and start < checkpoint_step(path) and self.saves_at(checkpoint_step(path)):

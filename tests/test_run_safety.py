@@ -127,6 +127,15 @@ def test_a_checkpoint_with_other_tensor_shapes_is_incompatible_not_damaged(tmp_p
         load_checkpoint(path, wanted, engine_for(wanted), ParallelContext())
 
 
+def test_a_save_that_never_finished_is_deleted_when_the_run_goes_on(config, old_run):
+    unfinished = old_run / "checkpoints" / ".step_5.tmp"  # the run stopped while saving step 5 (a preemption)
+    unfinished.mkdir()
+    (unfinished / "__0_0.distcp").write_bytes(b"half a checkpoint")
+    result = run_trainer(config, old_run, 1, "--train.steps=5", "--checkpoint.every=-1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"deleted {unfinished}: a save that never finished" in result.stdout and not unfinished.exists()
+
+
 def test_a_checkpoint_is_on_disk_before_it_is_named_complete(tmp_path, monkeypatch):
     """Its small files and its folder are synced before the rename that completes it, the folder holding it after:
     a node's crash cannot leave a complete checkpoint whose trainer.json never reached the disk (DCP syncs its own)."""
