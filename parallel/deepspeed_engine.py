@@ -107,6 +107,7 @@ class DeepSpeedEngine:
         # DeepSpeed drops empty groups from the optimizer; the rest map one to one onto its flat partitions.
         self.groups = [list(group["params"]) for group in param_groups if group["params"]]
         self.params = [p for group in self.groups for p in group]  # in the order of state_dict()'s indices, as DDPEngine's
+        self.dp_cp_group = ctx.dp_cp_group
         self.optimizer = make_adamw(param_groups, lr, betas, eps)
         for p, role in zip(self.params, roles_of(model, self.params)):
             p.tensor_model_parallel = role.tp_dim is not None  # DeepSpeed's own mark, from the declared role
@@ -168,16 +169,20 @@ class DeepSpeedEngine:
             yield params, flat, flat_state
 
     def state_dict(self) -> dict:
-        """AdamW's state in torch's own format: per parameter (this TP rank's piece), gathered over
-        DP x CP (a collective: every rank calls it), so a checkpoint is the same as the DDP engine's and
-        loads at any DP size. Gathered tensors go to the CPU one by one: together they are the GPU memory ZeRO saves."""
+        """AdamW's state in torch's own format: per parameter (this TP rank's piece), gathered over DP x CP (a
+        collective: every rank calls it) to one rank of DP x CP, the parameter's owner (dealt out in turn), on the
+        CPU: no rank holds more than its share, the memory ZeRO saves. A checkpoint, which merges the ranks' entries,
+        is the same as the DDP engine's and loads at any DP size."""
         state, groups, indices = {}, [], itertools.count()
+        owners, mine = group_size(self.dp_cp_group), group_rank(self.dp_cp_group)
         for group, (params, flat, flat_state) in zip(self.optimizer.param_groups, self._partition_states()):
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [next(indices) for _ in params]})
             for index, p in zip(groups[-1]["params"], params):
                 if flat_state:
-                    state[index] = {key: safe_get_full_optimizer_state(p, key).cpu() if value.shape == flat.shape else value.clone()
-                                    for key, value in flat_state.items()}
+                    entry = {key: safe_get_full_optimizer_state(p, key) if value.shape == flat.shape else value.clone()
+                             for key, value in flat_state.items()}
+                    if index % owners == mine:
+                        state[index] = {key: value.cpu() for key, value in entry.items()}
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state: dict) -> None:

@@ -14,6 +14,7 @@ pytest.importorskip("deepspeed")
 
 from megassm.model import Mamba2LM, ModelConfig  # noqa: E402
 from parallel import ParallelContext, ParamRole, init_parallel, local_piece, param_roles, roles_of  # noqa: E402
+from parallel.context import group_rank, group_size  # noqa: E402
 from parallel.collectives import all_gather, all_reduce  # noqa: E402
 from parallel.deepspeed_engine import DeepSpeedEngine  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
@@ -142,9 +143,12 @@ def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, res
         check(f"{layout}: {name}", full_weight(p, roles[name], ctx), weights[name])
     got = engine.state_dict()
     assert got["param_groups"] == state["param_groups"], layout
-    for i, entry in local_state(state, roles_of(model, engine.params), ctx)["state"].items():
+    owners, mine = group_size(ctx.dp_cp_group), group_rank(ctx.dp_cp_group)
+    wanted = local_state(state, roles_of(model, engine.params), ctx)["state"]
+    assert set(got["state"]) == {i for i in wanted if i % owners == mine}, f"{layout}: each parameter's state on its owner alone"
+    for i, entry in got["state"].items():
         for key, value in entry.items():
-            check(f"{layout}: AdamW {key} of parameter {i}", got["state"][i][key], value)
+            check(f"{layout}: AdamW {key} of parameter {i}", value, wanted[i][key])
     check_callers_autocast(engine, model, layout)
     if not resume:
         return
