@@ -100,10 +100,11 @@ def detect_format(path: str | Path) -> str:
     raise PretrainedError(f"{path} is none of: {'; '.join(DESCRIPTIONS.values())}")
 
 
-def load_pretrained(path: str | Path, expect: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, Tensor]]:
-    """The model in `path` (any of the three formats) as its ModelConfig and logical megassm state dict (float32,
-    on CPU). With `expect`, the model must also fit that config's shapes and RoPE (PretrainedError naming the fields
-    that differ), as when the trainer loads it into the model its [model] table builds."""
+def load_pretrained(path: str | Path, expect: ModelConfig | None = None,
+                    dtype: torch.dtype | None = torch.float32) -> tuple[ModelConfig, dict[str, Tensor]]:
+    """The model in `path` (any of the three formats) as its ModelConfig and logical megassm state dict (in `dtype`,
+    or as stored where None; on CPU). With `expect`, the model must also fit that config's shapes and RoPE
+    (PretrainedError naming the fields that differ), as when the trainer loads it into the model its [model] table builds."""
     path = Path(path)
     fmt = detect_format(path)
     cfg, state = _READERS[fmt](path)
@@ -111,7 +112,7 @@ def load_pretrained(path: str | Path, expect: ModelConfig | None = None) -> tupl
         differ = [f"{f.name} {getattr(cfg, f.name)} (configured: {getattr(expect, f.name)})"
                   for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expect, f.name)]
         raise PretrainedError(f"{path} does not fit the configured model; it has {', '.join(differ)}")
-    return cfg, {name: tensor.float() for name, tensor in state.items()}
+    return cfg, state if dtype is None else {name: tensor.to(dtype) for name, tensor in state.items()}
 
 
 def checkpoint_folder(path: str | Path) -> Path:
