@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
+import json
 import math
 import os
 import shlex
@@ -129,6 +131,14 @@ def open_data(cfg: Config) -> TokenStream:
         raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {cfg.data.path}/meta.json is missing: "
                           "re-run tools/prepare_data.py")
     return stream
+
+
+def sample_order(stream: TokenStream, cfg: Config) -> str:
+    """What the order of the samples depends on (the data's contents, data.seq_len, run.seed), as a digest a checkpoint
+    keeps: a run resumed from it goes on with the samples it has not seen where the digest is the same."""
+    meta = stream.meta
+    what = [[shard.sha256 for shard in meta.shards], meta.doc_starts_sha256, meta.val_tokens, cfg.data.seq_len, cfg.run.seed]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
 def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
@@ -329,7 +339,8 @@ class Trainer:
         loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
         self.train_data = SampleLoader(split="train", **loader)
         self.val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
-        self.state = {"step": 0, "samples": 0, "skipped_steps": 0}
+        self.order = sample_order(stream, cfg)
+        self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
         self.history: list[Path] = []  # this run's checkpoints in run.dir, oldest first: the only ones rotation deletes
         self.resume(checkpoints)
@@ -362,6 +373,10 @@ class Trainer:
             if in_run_dir(path, self.run_dir):
                 self.history.append(path)
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
+            if self.state.get("sample_order", self.order) != self.order:
+                self.say(f"warning: the data, data.seq_len or run.seed differ from those {path} was trained with: the run goes on "
+                         f"from sample {self.state['samples']} of another order, some samples it saw may come again")
+            self.state["sample_order"] = self.order
             return
         if checkpoints:
             raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {self.run_dir / 'checkpoints'} can be read (warnings "

@@ -127,6 +127,18 @@ def test_a_checkpoint_with_other_tensor_shapes_is_incompatible_not_damaged(tmp_p
         load_checkpoint(path, wanted, engine_for(wanted), ParallelContext())
 
 
+def test_a_run_resumed_on_another_sample_order_says_so(config, old_run):
+    """The samples consumed count from the checkpoint indexes the order of the samples; where the data, seq_len or
+    seed changed, that is another order: the run goes on, with a warning. Resumed as trained: no warning."""
+    warning = "warning: the data, data.seq_len or run.seed differ from those"
+    same = run_trainer(config, old_run, 1, "--train.steps=5", "--checkpoint.every=-1")
+    assert same.returncode == 0 and "resumed from" in same.stdout and warning not in same.stdout, same.stdout[-3000:]
+    other = run_trainer(config, old_run, 1, "--train.steps=5", "--checkpoint.every=-1", "--run.seed=7")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert (f"{warning} {old_run}/checkpoints/step_4 was trained with: the run goes on from sample 32 of another order, some "
+            "samples it saw may come again") in other.stdout
+
+
 def test_a_save_that_never_finished_is_deleted_when_the_run_goes_on(config, old_run):
     unfinished = old_run / "checkpoints" / ".step_5.tmp"  # the run stopped while saving step 5 (a preemption)
     unfinished.mkdir()
