@@ -487,3 +487,17 @@ def test_a_data_folder_that_cannot_record_its_verification_says_so(copy, monkeyp
     assert said == [f"warning: cannot write {copy}/verified.json: every start reads the whole data folder again to verify it; "
                     "once it has passed, data.verify = false skips that"]
     assert TokenStream(copy).unverified()  # nothing recorded
+
+
+def test_a_tokenizer_trains_on_a_sample_of_a_large_corpus():
+    """Documents at random, in order, about twice the lines sentencepiece samples: not the whole corpus read."""
+    import datasets
+
+    from megassm.data.prepare import sample_documents
+
+    texts = [f"document {i}\nits second line" for i in range(10_000)]
+    documents = datasets.Dataset.from_dict({"text": texts})
+    sample = sample_documents(documents, lines=300)["text"]
+    assert len(sample) == 300 and sample == sorted(set(sample), key=texts.index) and set(sample) <= set(texts)
+    assert sample != texts[:300]  # chosen at random, not the first ones
+    assert sample_documents(documents, lines=10_000)["text"] == texts  # as many lines as it holds: all of it

@@ -9,11 +9,12 @@ The folder written holds tokenizer.model; give it to prepare_data.py --tokenizer
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from megassm.data import load_tokenizer, train_sentencepiece
-from megassm.data.prepare import iter_texts, load_documents
+from megassm.data.prepare import iter_texts, load_documents, sample_documents
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,11 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write tokenizer.model into")
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     parser.add_argument("--text-key", default="text", help="the text field of JSON / parquet records (default: text)")
-    parser.add_argument("--max-sentences", type=int, default=10_000_000, help="train on at most this many lines, sampled")
+    parser.add_argument("--max-sentences", type=int, default=10_000_000,
+                        help="train on at most this many lines, sampled from documents chosen at random")
     args = parser.parse_args(argv)
     started = time.time()
     try:
-        documents = load_documents(args.input, args.text_key)
+        documents = sample_documents(load_documents(args.input, args.text_key, num_proc=os.cpu_count()), args.max_sentences)
         out = train_sentencepiece(iter_texts(documents), args.vocab_size, args.out, args.model_type, args.max_sentences)
     except (OSError, ValueError) as error:  # missing inputs, no text field, too small a corpus for the vocabulary
         sys.exit(f"error: {error}")
