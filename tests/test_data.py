@@ -67,9 +67,17 @@ def stream(prepared) -> TokenStream:
     return TokenStream(prepared)
 
 
+def written_order(texts: list[str], val_fraction: float = VAL_FRACTION) -> tuple[list[str], int]:
+    """The non-empty documents as a preparation writes them, and how many of them (the last) are the validation split:
+    in order but every k-th, spread evenly from the first to the last, which follow."""
+    texts = [t for t in texts if t]
+    val = set(np.linspace(0, len(texts) - 1, round(len(texts) * val_fraction)).round().astype(int).tolist())
+    return [t for i, t in enumerate(texts) if i not in val] + [texts[i] for i in sorted(val)], len(val)
+
+
 def reference_stream(tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """The packed stream and document starts computed naively: [eos] + encode(doc), non-empty docs in order."""
-    pieces = [[tokenizer.eos_id] + tokenizer.encode(t) for t in texts if t]
+    """The packed stream and document starts computed naively: [eos] + encode(doc), the documents in written order."""
+    pieces = [[tokenizer.eos_id] + tokenizer.encode(t) for t in written_order(texts)[0]]
     return np.array([i for p in pieces for i in p]), np.cumsum([0] + [len(p) for p in pieces[:-1]])
 
 
@@ -150,10 +158,9 @@ def test_packed_stream_matches_documents(prepared, stream, sp_dir):
     assert (meta.dtype, meta.vocab_size, meta.eos_id, meta.num_documents) == ("uint16", 300, 2, len(starts))
     assert len(meta.shards) == math.ceil(len(tokens) / SHARD_TOKENS)
     assert all(s.tokens == SHARD_TOKENS for s in meta.shards[:-1])
-    n_val = round(len(starts) * VAL_FRACTION)
-    assert meta.val_tokens == len(tokens) - starts[-n_val]
+    texts, n_val = written_order(DOCUMENTS)
+    assert 1 < n_val < len(texts) // 10 and meta.val_tokens == len(tokens) - starts[-n_val]
     copy = load_tokenizer(stream.tokenizer_path)  # the folder's own tokenizer decodes it
-    texts = [t for t in DOCUMENTS if t]
     ends = list(starts[1:]) + [len(tokens)]
     assert [copy.decode(stream.read(s + 1, e - s - 1)) for s, e in zip(starts, ends, strict=True)] == texts
     stream.verify()
@@ -172,7 +179,8 @@ def test_reads_across_shard_edges(stream):
 
 def test_hf_tokenizer_prepares_the_same_way(workdir):
     tok_dir = make_hf_tokenizer(workdir / "hf-prep")
-    out = prepare([write_jsonl(workdir / "hf.jsonl", DOCUMENTS)], tok_dir, workdir / "hf-prepared", cache_dir=workdir / "cache")
+    out = prepare([write_jsonl(workdir / "hf.jsonl", DOCUMENTS)], tok_dir, workdir / "hf-prepared", cache_dir=workdir / "cache",
+                  val_fraction=VAL_FRACTION)
     tokens, starts = reference_stream(load_tokenizer(tok_dir), DOCUMENTS)
     stream = TokenStream(out)
     assert np.array_equal(stream.read(0, len(stream)), tokens) and np.array_equal(stream.doc_starts, starts)
@@ -183,7 +191,7 @@ def test_retrained_tokenizer_is_not_served_from_the_tokenization_cache(tmp_path)
     inputs, tok_dir, cache = [write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)], tmp_path / "tok", tmp_path / "cache"
     for vocab_size in (320, 300):  # same paths, same cache: only the tokenizer's content differs
         train_sentencepiece(DOCUMENTS, vocab_size, tok_dir)
-        stream = TokenStream(prepare(inputs, tok_dir, tmp_path / "out", cache_dir=cache, overwrite=True))
+        stream = TokenStream(prepare(inputs, tok_dir, tmp_path / "out", cache_dir=cache, overwrite=True, val_fraction=VAL_FRACTION))
         assert np.array_equal(stream.read(0, len(stream)), reference_stream(load_tokenizer(tok_dir), DOCUMENTS)[0])
         assert stream.meta.vocab_size == vocab_size
 

@@ -99,7 +99,7 @@ def previous(tmp_path, prepared_data) -> Path:
 def test_overwrite_replaces_a_previous_preparation_and_nothing_else(previous):
     kept = {name: file_hashes(previous / name) for name in ("corpus", "tok")}
     write_jsonl(previous / "corpus" / "docs.jsonl", records(TEXTS[::-1] * 2))
-    prepare([previous / "corpus"], previous / "tok", previous / "out", cache_dir=previous / "cache", overwrite=True)
+    prepare([previous / "corpus"], previous / "tok", previous / "out", cache_dir=previous / "cache", overwrite=True, val_fraction=0)
     stream = TokenStream(previous / "out")
     tokenizer = load_tokenizer(previous / "tok")
     want = [token for text in TEXTS[::-1] * 2 for token in [tokenizer.eos_id, *tokenizer.encode(text)]]

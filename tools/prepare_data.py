@@ -5,8 +5,8 @@
 --input: local .txt (a document per line, see --sample-by), .jsonl / .json (a "text" field per
 line, see --text-key) or .parquet files, folders or globs, all of one kind; or one Hugging Face hub
 dataset name. --tokenizer: a folder made by tools/train_tokenizer.py, a sentencepiece .model file,
-a Hugging Face tokenizer folder or hub name. The last --val-fraction of the documents become the
-validation split. Point the trainer's data.path at --out.
+a Hugging Face tokenizer folder or hub name. --val-fraction of the documents, spread evenly
+over them, become the validation split. Point the trainer's data.path at --out.
 """
 
 from __future__ import annotations

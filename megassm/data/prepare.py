@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import glob
 import hashlib
+import itertools
 import math
 import shutil
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Iterator, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from megassm.data.diagnose import first_problem, root_cause
@@ -176,21 +178,29 @@ def _tokenize(documents: datasets.Dataset, tokenizer_dir: Path, num_proc: int) -
     return documents.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc if num_proc > 1 else None, desc="tokenizing")
 
 
-def _write_shards(tokens: datasets.Dataset, folder: Path, dtype: np.dtype, shard_tokens: int, total: int) -> list[Shard]:
-    with ShardWriter(folder, dtype, shard_tokens) as writer:
-        with tqdm(total=total, unit="tok", unit_scale=True, desc="writing shards") as bar:
-            for table in tokens.with_format("arrow").iter(batch_size=1000):
-                stream = table.column("ids").combine_chunks().flatten().to_numpy()
-                writer.write(stream)
-                bar.update(len(stream))
+def _write_shards(tokens: datasets.Dataset, folder: Path, dtype: np.dtype, shard_tokens: int, total: int,
+                  held_out: np.ndarray) -> list[Shard]:
+    """The documents in their order but those `held_out`, then those (the validation split, at the stream's end)."""
+    kept = np.ones(len(tokens), dtype=bool)
+    kept[held_out] = False
+    batch = 1000
+    with ShardWriter(folder, dtype, shard_tokens) as writer, tqdm(total=total, unit="tok", unit_scale=True, desc="writing shards") as bar:
+        tables = (table.filter(pa.array(kept[i * batch:(i + 1) * batch]))
+                  for i, table in enumerate(tokens.with_format("arrow").iter(batch_size=batch)))
+        for table in itertools.chain(tables, tokens.select(held_out).with_format("arrow").iter(batch_size=batch)):
+            stream = table.column("ids").combine_chunks().flatten().to_numpy()
+            writer.write(stream)
+            bar.update(len(stream))
     return writer.shards
 
 
-def _validation_documents(num_documents: int, val_fraction: float) -> int:
-    """The last val_fraction of the documents, at least one when there are two or more (none if 0)."""
+def _validation_documents(num_documents: int, val_fraction: float) -> np.ndarray:
+    """val_fraction of the documents, spread evenly over them (inputs often come grouped by source), at least one when
+    there are two or more (none if 0)."""
     if val_fraction <= 0 or num_documents < 2:
-        return 0
-    return min(num_documents - 1, max(1, round(num_documents * val_fraction)))
+        return np.zeros(0, dtype=np.int64)
+    count = min(num_documents - 1, max(1, round(num_documents * val_fraction)))
+    return np.linspace(0, num_documents - 1, count).round().astype(np.int64)
 
 
 def _check_replaceable(out: Path, partial: Path, inputs: list[str]) -> None:
@@ -239,8 +249,8 @@ def prepare(
     overwrite: bool = False,
 ) -> Path:
     """Tokenize `inputs` (see load_documents) with `tokenizer` (see load_tokenizer) into the data
-    folder `out`, reading and tokenizing in `num_proc` processes; returns out. The last `val_fraction` of the
-    documents become the validation split. `overwrite`: replace an earlier preparation in `out`.
+    folder `out`, reading and tokenizing in `num_proc` processes; returns out. `val_fraction` of the documents, spread
+    evenly over them, become the validation split, written after the others. `overwrite`: replace an earlier preparation in `out`.
     datasets' copies of the documents and tokens (as large as the corpus, twice) go to `cache_dir`, or where none is
     given into the preparation's own folder, deleted when it is done."""
     out, inputs = Path(out), _input_list(inputs)
@@ -262,12 +272,13 @@ def prepare(
         if len(lengths) == 0:
             raise DataError(f"inputs {' '.join(inputs)} hold no non-empty documents")
         dtype, total = token_dtype(tok.vocab_size), int(lengths.sum())
-        shards = _write_shards(tokens, partial, dtype, shard_tokens, total)
-        np.save(partial / DOC_STARTS_FILE, np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64))
-        first_val = len(lengths) - _validation_documents(len(lengths), val_fraction)
+        held_out = _validation_documents(len(lengths), val_fraction)
+        shards = _write_shards(tokens, partial, dtype, shard_tokens, total, held_out)
+        written = np.concatenate([np.delete(lengths, held_out), lengths[held_out]])
+        np.save(partial / DOC_STARTS_FILE, np.concatenate([[0], np.cumsum(written[:-1])]).astype(np.int64))
         Meta(
             vocab_size=tok.vocab_size, eos_id=tok.eos_id, dtype=dtype.name, shards=shards, total_tokens=total,
-            num_documents=len(lengths), val_tokens=int(lengths[first_val:].sum()), doc_starts_sha256=file_sha256(partial / DOC_STARTS_FILE),
+            num_documents=len(lengths), val_tokens=int(lengths[held_out].sum()), doc_starts_sha256=file_sha256(partial / DOC_STARTS_FILE),
             source={"inputs": inputs, "text_key": text_key, "tokenizer": str(tokenizer)},
         ).write(partial)
         shutil.rmtree(partial / CACHE_DIR, ignore_errors=True)
