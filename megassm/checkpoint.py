@@ -44,6 +44,7 @@ from megassm.data.shards import file_sha256
 from megassm.errors import UserError
 from megassm.model import ModelConfig
 from parallel import ParallelContext, param_roles
+from parallel.context import group_rank, group_size
 from parallel.data_parallel import DataParallelEngine
 
 STEP_DIR = re.compile(r"step_(\d+)")
@@ -271,9 +272,38 @@ def _reading(path: Path) -> Iterator[None]:
         raise DamagedCheckpoint(f"cannot read {path} ({type(error).__name__})") from error
 
 
-def _load(target: dict, path: Path) -> None:
+def _load(target: dict, path: Path, group: dist.ProcessGroup | None = None) -> None:
+    """DCP's load of `target`, collective over `group` (every rank where None)."""
     with _single_process_quiet(), _reading(path):
-        dcp.load(target, checkpoint_id=path, no_dist=not _distributed())
+        dcp.load(target, checkpoint_id=path, process_group=group, no_dist=not _distributed())
+
+
+def _load_once(target: dict, path: Path, ctx: ParallelContext, device: torch.device) -> None:
+    """Load `target` on the first rank of DP x CP alone (with its TP group), then broadcast it to the others, which
+    hold the same pieces: the checkpoint is read once per TP rank, not once per GPU (64 GPUs of DP would read it 64
+    times from a shared filesystem). A damaged checkpoint stops every rank alike."""
+    if group_size(ctx.dp_cp_group) == 1:
+        return _load(target, path, ctx.tp_group)
+    reads = group_rank(ctx.dp_cp_group) == 0
+    outcome: list = [None]
+    if reads:
+        try:
+            _load(target, path, ctx.tp_group)
+        except DamagedCheckpoint as error:
+            outcome = [str(error)]
+        outcome = [(outcome[0], target["optimizer"]["param_groups"])]
+    source = dist.get_global_rank(ctx.dp_cp_group, 0)
+    dist.broadcast_object_list(outcome, src=source, group=ctx.dp_cp_group, device=device)
+    damaged, target["optimizer"]["param_groups"] = outcome[0]
+    if damaged is not None:
+        raise DamagedCheckpoint(damaged)
+    tensors = [_Layout.local(t) for t in (*target["model"].values(), *(v for state in target["optimizer"]["state"].values()
+                                                                         for v in state.values()))]
+    for tensor in tensors:  # in the same order on every rank: the model's parameters, then the saved state's keys
+        moved = tensor.to(device)
+        dist.broadcast(moved, src=source, group=ctx.dp_cp_group)
+        if moved is not tensor:
+            tensor.copy_(moved)
 
 
 def _saved_tensors(path: Path) -> dict:
@@ -306,7 +336,7 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
                                  else torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in keys.items()}
     target = {"model": {name: layout.logical(torch.empty_like(p), name) for name, p in params.items()},
               "optimizer": {**EMPTY_OPTIMIZER, "state": optimizer_state}}
-    _load(target, path)
+    _load_once(target, path, ctx, next(iter(params.values())).device)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(layout.local(target["model"][name]))

@@ -467,3 +467,37 @@ def test_the_checkpoint_to_resume_is_rank_0s_choice_on_every_rank():
     """Every rank resumes from the checkpoint rank 0 lists (a node's view of a shared filesystem can lag behind), and
     rank 0's refusal stops every rank with its message."""
     run_distributed(check_rank_0_decides, 2)
+
+
+def check_read_once(path: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from parallel import DDPEngine, init_parallel
+
+    ctx = init_parallel(dp=2, backend="gloo")
+    rank = torch.distributed.get_rank()
+    torch.manual_seed(rank + 1)  # each rank's weights differ from the checkpoint's until loaded
+    model = Mamba2LM(ModelConfig.from_preset("debug"), ctx)
+    engine = DDPEngine(model, ctx, [{"params": list(model.parameters())}], lr=0.0)
+    loads, real_load = [], dcp.load
+    dcp.load = lambda *args, **kwargs: loads.append(1) or real_load(*args, **kwargs)
+    assert load_checkpoint(path, model, engine, ctx)["step"] == 3
+    assert len(loads) == (1 if rank == 0 else 0)  # the checkpoint read by the first rank of DP alone
+    torch.manual_seed(0)
+    saved = Mamba2LM(ModelConfig.from_preset("debug"))
+    for (name, got), want in zip(model.named_parameters(), saved.parameters(), strict=True):
+        assert torch.equal(got, want), name
+    state = engine.state_dict()["state"]
+    assert state and all(torch.equal(entry["exp_avg"], torch.full_like(entry["exp_avg"], 0.5)) for entry in state.values())
+
+
+def test_a_checkpoint_is_read_once_per_tp_rank_and_broadcast_over_data_parallelism(tmp_path):
+    """Every DP rank holds the same weights and optimizer state: the first reads them, the others receive them."""
+    torch.manual_seed(0)
+    model = Mamba2LM(ModelConfig.from_preset("debug"))
+    engine = engine_for(model)
+    engine.optimizer.state.update({p: {"step": torch.tensor(3.0), "exp_avg": torch.full_like(p, 0.5), "exp_avg_sq": torch.ones_like(p)}
+                                   for p in model.parameters()})
+    path = save_checkpoint(tmp_path, Config(model=model.cfg), model, engine, ParallelContext(),
+                           {"step": 3, "samples": 24, "skipped_steps": 0})
+    run_distributed(check_read_once, 2, path)
