@@ -36,12 +36,12 @@ from megassm.checkpoint import (
     check_compatible,
     checkpoint_dir,
     checkpoint_step,
-    unfinished_saves,
     load_checkpoint,
     resume_candidates,
     save_checkpoint,
     step_folders,
     tokenizer_vocabulary,
+    unfinished_saves,
 )
 from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
@@ -154,6 +154,7 @@ def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
 
 
 def _verify_shared(stream: TokenStream) -> bool:
+    """verify_data over the ranks; whether rank 0 could record what matched."""
     files, rank, world = decided_by_rank_0(stream.unverified), dist.get_rank(), dist.get_world_size()
     try:
         found = (stream.check(files[rank::world]), None)
@@ -339,8 +340,8 @@ class Trainer:
         loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
         self.train_data = SampleLoader(split="train", **loader)
         self.val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
-        self.order = sample_order(stream, cfg)
-        self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.order}
+        self.sample_order = sample_order(stream, cfg)
+        self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.sample_order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
         self.history: list[Path] = []  # this run's checkpoints in run.dir, oldest first: the only ones rotation deletes
         self.resume(checkpoints)
@@ -373,10 +374,10 @@ class Trainer:
             if in_run_dir(path, self.run_dir):
                 self.history.append(path)
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
-            if self.state.get("sample_order", self.order) != self.order:
+            if self.state.get("sample_order", self.sample_order) != self.sample_order:
                 self.say(f"warning: the data, data.seq_len or run.seed differ from those {path} was trained with: the run goes on "
                          f"from sample {self.state['samples']} of another order, some samples it saw may come again")
-            self.state["sample_order"] = self.order
+            self.state["sample_order"] = self.sample_order
             return
         if checkpoints:
             raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {self.run_dir / 'checkpoints'} can be read (warnings "
