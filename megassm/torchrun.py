@@ -45,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megassm-train: error: {error}", file=sys.stderr)
             return 2
     logging.getLogger(PROCESS_LOGGER).setLevel(logging.CRITICAL)
-    # Each rendezvous round's workers get a store of their own (hosted by rank 0), not the agents' shared one: in that
-    # one, workers restarted after a failure would meet the dead workers' keys (megassm's workers refuse it when
-    # several nodes may restart: parallel/context.py).
-    os.environ.setdefault(SHARED_STORE_OFF, "1")
+    if parse_min_max_nnodes(args.nnodes)[1] > 1 and args.max_restarts > 0:
+        # Several nodes that may restart: each rendezvous round's workers get a store of their own (hosted by rank 0
+        # on a port found free), not the agents' shared one, where restarted workers would meet the dead workers' keys
+        # under names they cannot tell apart across nodes (parallel/context.py).
+        os.environ.setdefault(SHARED_STORE_OFF, "1")
     # On SIGTERM torchrun passes it on and kills its workers after this many seconds (its default: 30): time to end
     # the step in progress and save its checkpoint (megassm/stopping.py).
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")

@@ -340,6 +340,10 @@ class Trainer:
         loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
         self.train_data = SampleLoader(split="train", **loader)
         self.val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
+        if self.val_data is not None and cfg.train.eval_samples > self.val_data.num_windows:
+            self.say(f"warning: train.eval_samples = {cfg.train.eval_samples}, but the validation split holds "
+                     f"{self.val_data.num_windows} samples of data.seq_len tokens: some count more than once; lower "
+                     "train.eval_samples or prepare the data with a larger --val-fraction")
         self.sample_order = sample_order(stream, cfg)
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.sample_order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)

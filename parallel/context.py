@@ -77,7 +77,9 @@ def _join_job(backend: str) -> None:
     failure reach the store of the attempt before and would find the dead workers' addresses under the same keys:
     each attempt joins under a prefix of its own, TORCHELASTIC_RESTART_COUNT. That count names the same attempt on
     every rank only on one node (a node restarted for another node's failure does not count it), so several nodes
-    that may restart need a store per attempt (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as megassm.torchrun sets)."""
+    that may restart need a store per attempt (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as megassm.torchrun sets for
+    them; on one node the shared store is kept: a store per attempt listens on a port found free, which another
+    process may take meanwhile)."""
     store, rank, world = next(dist.rendezvous("env://"))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from megassm.checkpoint import IncompatibleCheckpoint, load_checkpoint, save_checkpoint
-from megassm.config import Config
-from megassm.data import train_sentencepiece
+from megassm.config import Config, load_config
+from megassm.data import SampleLoader, TokenStream, train_sentencepiece
 from megassm.data.corpus import builtin_documents, write_builtin_corpus
 from megassm.data.prepare import prepare
 from megassm.metrics import read_metrics
@@ -137,6 +137,15 @@ def test_a_run_resumed_on_another_sample_order_says_so(config, old_run):
     assert other.returncode == 0, other.stderr[-3000:]
     assert (f"{warning} {old_run}/checkpoints/step_4 was trained with: the run goes on from sample 32 of another order, some "
             "samples it saw may come again") in other.stdout
+
+
+def test_a_validation_larger_than_the_validation_split_says_so(config, tmp_path):
+    windows = SampleLoader(TokenStream(load_config(config).data.path), seq_len=88, seed=0, split="val").num_windows
+    result = run_trainer(config, tmp_path / "run", 1, "--train.steps=2", "--checkpoint.every=-1",
+                         f"--train.eval_samples={2 * windows + 2}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"warning: train.eval_samples = {2 * windows + 2}, but the validation split holds {windows} samples of data.seq_len "
+            "tokens: some count more than once") in result.stdout
 
 
 def test_a_save_that_never_finished_is_deleted_when_the_run_goes_on(config, old_run):
