@@ -160,11 +160,10 @@ def _verify_shared(stream: TokenStream) -> bool:
         found = (stream.check(files[rank::world]), None)
     except DataError as error:
         found = ({}, error)
-    # Over gloo, whose timeout the reading of a large corpus does not reach (NCCL's collectives time out after 10 minutes).
-    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+    # Over gloo, with a timeout the reading of a large corpus does not reach (NCCL's collectives time out after 10 minutes).
+    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
     everyone: list = [None] * world
     dist.all_gather_object(everyone, found, group=group)
-    dist.destroy_process_group(group)
     errors = [error for _, error in everyone if error is not None]
     if errors:
         raise errors[0]
