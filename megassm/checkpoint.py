@@ -29,7 +29,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -44,9 +44,10 @@ from megassm.data.shards import file_sha256
 from megassm.errors import UserError
 from megassm.model import ModelConfig
 from parallel import ParallelContext, param_roles
-from parallel.context import group_rank, group_size
+from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
 
+T = TypeVar("T")
 STEP_DIR = re.compile(r"step_(\d+)")
 TRAINER_FILE, CONFIG_FILE, VOCABULARY_FILE, METADATA_FILE = "trainer.json", "config.toml", "vocabulary.json", ".metadata"
 MODEL_FILE = "model.toml"  # a converted checkpoint's model; a trained one has the run's config.toml
@@ -278,25 +279,38 @@ def _load(target: dict, path: Path, group: dist.ProcessGroup | None = None) -> N
         dcp.load(target, checkpoint_id=path, process_group=group, no_dist=not _distributed())
 
 
+def decided_by_first(decide: Callable[[], T], group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> T:
+    """decide() on the first rank of `group` (every rank where None), and its result, or the UserError it raised, on
+    every rank of it: so that all ranks act on one view, as where another node's view of a shared filesystem lags
+    behind (NFS caches directory listings)."""
+    if not _distributed():
+        return decide()
+    decision: list = [None]
+    if dist.get_rank(group) == 0:
+        try:
+            decision = [(decide(), None)]
+        except UserError as error:
+            decision = [(None, error)]
+    dist.broadcast_object_list(decision, src=dist.get_global_rank(group, 0) if group else 0, group=group, device=device)
+    result, error = decision[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def _load_once(target: dict, path: Path, ctx: ParallelContext, device: torch.device) -> None:
     """Load `target` on the first rank of DP x CP alone (with its TP group), then broadcast it to the others, which
     hold the same pieces: the checkpoint is read once per TP rank, not once per GPU (64 GPUs of DP would read it 64
     times from a shared filesystem). A damaged checkpoint stops every rank alike."""
     if group_size(ctx.dp_cp_group) == 1:
         return _load(target, path, ctx.tp_group)
-    reads = group_rank(ctx.dp_cp_group) == 0
-    outcome: list = [None]
-    if reads:
-        try:
-            _load(target, path, ctx.tp_group)
-        except DamagedCheckpoint as error:
-            outcome = [str(error)]
-        outcome = [(outcome[0], target["optimizer"]["param_groups"])]
+
+    def read() -> str:
+        _load(target, path, ctx.tp_group)
+        return target["optimizer"]["param_groups"]
+
+    target["optimizer"]["param_groups"] = decided_by_first(read, ctx.dp_cp_group, device)
     source = dist.get_global_rank(ctx.dp_cp_group, 0)
-    dist.broadcast_object_list(outcome, src=source, group=ctx.dp_cp_group, device=device)
-    damaged, target["optimizer"]["param_groups"] = outcome[0]
-    if damaged is not None:
-        raise DamagedCheckpoint(damaged)
     tensors = [_Layout.local(t) for t in (*target["model"].values(), *(v for state in target["optimizer"]["state"].values()
                                                                          for v in state.values()))]
     for tensor in tensors:  # in the same order on every rank: the model's parameters, then the saved state's keys

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, TypeVar
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ from megassm.checkpoint import (
     check_compatible,
     checkpoint_dir,
     checkpoint_step,
+    decided_by_first,
     load_checkpoint,
     resume_candidates,
     save_checkpoint,
@@ -71,9 +72,6 @@ from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
 
 
-T = TypeVar("T")
-
-
 class TrainingError(UserError, RuntimeError):
     """The run cannot go on (e.g. the loss diverged); the message says what to try."""
 
@@ -101,24 +99,6 @@ def out_of_memory_advice(cfg: Config, step: int, keep_ssd_states: bool, cuda_gra
 def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
     """Sum over the ranks that hold different tokens (DP x CP)."""
     return x if group_size(ctx.dp_cp_group) == 1 else all_reduce(x, ctx.dp_cp_group)
-
-
-def decided_by_rank_0(decide: Callable[[], T]) -> T:
-    """decide() on rank 0, and its result, or the UserError it raised, on every rank: so that all ranks resume from one
-    checkpoint even where another node's view of a shared filesystem lags behind (NFS caches directory listings)."""
-    if not dist.is_initialized():
-        return decide()
-    decision: list = [None]
-    if dist.get_rank() == 0:
-        try:
-            decision = [(decide(), None)]
-        except UserError as error:
-            decision = [(None, error)]
-    dist.broadcast_object_list(decision, src=0)
-    result, error = decision[0]
-    if error is not None:
-        raise error
-    return result
 
 
 def open_data(cfg: Config) -> TokenStream:
@@ -155,7 +135,7 @@ def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
 
 def _verify_shared(stream: TokenStream) -> bool:
     """verify_data over the ranks; whether rank 0 could record what matched."""
-    files, rank, world = decided_by_rank_0(stream.unverified), dist.get_rank(), dist.get_world_size()
+    files, rank, world = decided_by_first(stream.unverified), dist.get_rank(), dist.get_world_size()
     try:
         found = (stream.check(files[rank::world]), None)
     except DataError as error:
@@ -321,7 +301,7 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         self.vocabulary = tokenizer_vocabulary(stream.tokenizer_path, stream.meta.vocab_size)
-        checkpoints, replaced = decided_by_rank_0(lambda: (resume_candidates(self.run_dir, cfg.checkpoint.resume),
+        checkpoints, replaced = decided_by_first(lambda: (resume_candidates(self.run_dir, cfg.checkpoint.resume),
                                                            checkpoints_to_replace(self.run_dir, cfg.checkpoint)))
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.backend = resolve_backend(cfg.kernels.backend, self.device)

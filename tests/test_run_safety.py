@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 
-from megassm.checkpoint import IncompatibleCheckpoint, load_checkpoint, save_checkpoint
+from megassm.checkpoint import IncompatibleCheckpoint, decided_by_first, load_checkpoint, save_checkpoint
 from megassm.config import Config, load_config
 from megassm.data import SampleLoader, TokenStream, train_sentencepiece
 from megassm.data.corpus import builtin_documents, write_builtin_corpus
@@ -31,7 +31,7 @@ from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.run_dir import Owner, RunDirError, RunLock
 from megassm.stopping import StopSignals, Stopped
-from megassm.train import decided_by_rank_0, limit_cpu_threads
+from megassm.train import limit_cpu_threads
 from parallel import ParallelContext
 from tests.distributed import run_distributed
 from tests.test_convert import engine_for
@@ -461,7 +461,7 @@ def check_rank_0_decides() -> None:
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    assert decided_by_rank_0(lambda: [f"step_{8 - 4 * rank}"]) == ["step_8"]  # rank 1 sees an older listing
+    assert decided_by_first(lambda: [f"step_{8 - 4 * rank}"]) == ["step_8"]  # rank 1 sees an older listing
 
     def refuse() -> list:
         if rank == 0:
@@ -469,7 +469,7 @@ def check_rank_0_decides() -> None:
         return []
 
     with pytest.raises(IncompatibleCheckpoint, match="refused by rank 0"):
-        decided_by_rank_0(refuse)
+        decided_by_first(refuse)
 
 
 def test_the_checkpoint_to_resume_is_rank_0s_choice_on_every_rank():
