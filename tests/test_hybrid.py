@@ -116,6 +116,29 @@ def layouts_and_collectives() -> None:
             count_mixer_collectives(sequence_parallel, HYBRID, kind)
 
 
+def test_blocks_in_groups_as_in_one_pass():
+    """CUDA graphs run the blocks in groups of layers, each group from the previous one's (h, update)
+    (megassm/model/cuda_graphs.py): the same outputs and gradients as one pass over all blocks."""
+    torch.manual_seed(0)
+    model = nontrivial(Mamba2LM(HYBRID).double())
+    h = torch.randn(2, 44, HYBRID.d_model, dtype=torch.float64, requires_grad=True)
+    seq_idx = torch.tensor([[0] * 20 + [1] * 24, [0] * 44])
+    weights = [torch.randn_like(h) for _ in range(2)]
+    wrt = [h, *model.layers.parameters()]
+
+    def outputs_and_grads(groups: list[slice]) -> list[torch.Tensor]:
+        out, update = h, None
+        for layers in groups:
+            out, update, _ = model.run_blocks(out, seq_idx, update=update, layers=layers)
+        loss = sum((o * w).sum() for o, w in zip((out, update), weights))
+        return [out, update, *torch.autograd.grad(loss, wrt)]
+
+    want = outputs_and_grads([slice(None)])
+    got = outputs_and_grads([slice(0, 3), slice(3, 4), slice(4, None)])  # across an MLP, attention and Mamba-2 block
+    for name, g, w in zip(["h", "update", "d h", *(n for n, _ in model.layers.named_parameters())], got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
 def test_hybrid_layouts_match_one_process():
     run_distributed(layouts_and_collectives, 4)
 

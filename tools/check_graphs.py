@@ -58,6 +58,7 @@ def worker(args) -> None:
     """One rank: the graphed and the eager model on the same batches; rank 0 prints the largest differences."""
     from megassm.model import (Mamba2LM, ModelConfig, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels,
                                apply_ssd_state_keeping)
+    from megassm.train import cuda_graph_groups
     from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 
     tp, cp, dp, sp = layout(args.layout)
@@ -78,14 +79,14 @@ def worker(args) -> None:
             apply_activation_checkpointing(model)
         apply_ssd_state_keeping(model)
         if graphs:
-            apply_cuda_graphs(model)
+            apply_cuda_graphs(model, cuda_graph_groups(context))  # as the trainer: several groups under DDP
         return model, DDPEngine(model, context, [{"params": list(model.parameters())}], lr=0.0)
 
     def loss_and_grads(model: Mamba2LM, engine: DDPEngine, ids, seq_idx, labels, targets: int) -> list[torch.Tensor]:
         """The loss of these tokens over all `targets` of the global batch (summed over the ranks: the whole batch's
         loss) and every gradient, as the trainer computes them."""
         with engine.micro_step(is_last=True):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16", cache_enabled=False):
                 loss = engine(ids, seq_idx, labels).sum() / targets
             engine.backward(loss)
         engine.finish_gradients()
@@ -125,7 +126,7 @@ def worker(args) -> None:
     graphs = graphed[0].graphs
     if cuda and graphs is None:
         raise RuntimeError("the graphed model never captured its blocks")
-    pieces = None if graphs is None else [len(graphs.forward_pass.graphs), len(graphs.backward_pass.graphs)]
+    pieces = None if graphs is None else graphs.pieces
     results = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(results, dict(worst=worst, noise=noise, from_one=from_one, pieces=pieces))
     if torch.distributed.get_rank() == 0:
@@ -139,7 +140,7 @@ def run_layout(args, name: str) -> list[dict] | str:
     done = torchrun(tp * cp * dp, [__file__, "--worker", "--layout", name, "--backend", args.backend, "--preset", args.preset,
                                    "--pattern", args.pattern,
                                    "--ngroups", str(args.ngroups), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-                                   "--batches", str(args.batches),
+                                   "--batches", str(args.batches), "--precision", args.precision,
                                    *(["--activation-checkpointing"] if args.activation_checkpointing else [])], args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("CHECK_GRAPHS ")]
     if not lines:
@@ -162,6 +163,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                        help="the trainer's bf16 autocast, or fp32 throughout: eager vs one process then differs by roundings alone")
     parser.add_argument("--tolerance", type=float, default=2e-2,
                         help="graphed vs eager: largest relative difference of a loss or gradient (to its largest entry)")
     parser.add_argument("--one-process-tolerance", type=float, default=5e-2,

@@ -47,10 +47,13 @@ def apply_ssd_state_keeping(model: nn.Module) -> None:
             module.keep_ssd_states = True
 
 
-def apply_cuda_graphs(model: Mamba2LM) -> None:
+def apply_cuda_graphs(model: Mamba2LM, groups: int = 1) -> None:
     """Replay the blocks' forward and backward as CUDA graphs (between their collectives under TP, SP and CP),
-    captured on the first training step on CUDA."""
-    model.cuda_graphs = True
+    captured on the first training step on CUDA, in `groups` groups of consecutive blocks: a group's parameters get
+    their gradients when its backward is done, for DDP to sum while the earlier groups' backward runs."""
+    if groups < 1:
+        raise ValueError(f"CUDA graphs need at least one group of blocks, got {groups}")
+    model.cuda_graphs, model.cuda_graph_groups = True, groups
 
 
 def apply_loss_chunking(model: Mamba2LM, tokens: int) -> None:

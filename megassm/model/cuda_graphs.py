@@ -3,9 +3,11 @@
 Why: a Mamba-2 block launches a few hundred small kernels (mamba-ssm's SSD alone is ~30 Triton
 launches through Python autotuner wrappers). At 130M parameters and 8 x 2048 tokens the GPU work of
 a training step is ~90 ms while issuing it from Python takes ~240 ms: the GPU waits on the CPU. One
-graph replays the forward kernels of every block with one launch, another their backward. (Graphs of the
-whole stack rather than one per block: no copies of activations into and out of per-block graphs; the
-price is that gradients appear only when the whole backward is done.)
+graph replays the forward kernels of a group of blocks with one launch, another their backward. A group
+reads the previous group's outputs where that group's graph wrote them: nothing is copied between groups.
+Its parameters' gradients appear when its backward is done, so the trainer takes one group for all blocks
+where nothing waits for gradients, and several under DDP, whose sums over the ranks then run during the
+earlier groups' backward instead of after the whole backward.
 
 Under TP, SP and CP the blocks communicate, and a collective is not captured: each pass is captured as
 graphs that end where a collective is issued (parallel/collectives.py hands the communication here), and
@@ -36,7 +38,7 @@ from torch import Tensor, nn
 from parallel.collectives import Communication, collectives_through
 from parallel.graph_stream import on_graph_stream
 
-Blocks = Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]]
+Blocks = Callable[[Tensor, Tensor | None, Tensor, Tensor | None, slice], tuple[Tensor, Tensor]]
 WARMUP_PASSES = 3  # as torch.cuda.make_graphed_callables: lazy initialisation (Triton's compilation, autotuning) before capture
 
 
@@ -79,61 +81,88 @@ class _Pieces:
 
 
 class _Replay(torch.autograd.Function):
+    """One group of blocks: its forward graphs replayed, and in backward its backward graphs."""
+
     @staticmethod
-    def forward(ctx, graphs: BlockGraphs, *inputs: Tensor | None) -> tuple[Tensor, ...]:
-        ctx.graphs = graphs
-        for static, given in zip(graphs.inputs, inputs):  # (h, seq_idx, halo_seq_idx); the parameters follow, for autograd
-            if static is not None and static.data_ptr() != given.data_ptr():
-                static.copy_(given)
-        graphs.forward_pass.replay()
-        return tuple(out.detach() for out in graphs.outputs)
+    def forward(ctx, graphs: BlockGraphs, group: int, h: Tensor, update: Tensor | None, seq_idx: Tensor,
+                halo_seq_idx: Tensor | None, *params: Tensor) -> tuple[Tensor, ...]:
+        ctx.graphs, ctx.group = graphs, group
+        # The first group reads the ids too; a later group's h and update are the earlier group's outputs, in place.
+        given = (h, update, seq_idx, halo_seq_idx) if group == 0 else (h, update)
+        for static, tensor in zip((*graphs.inputs[group], *graphs.ids), given):
+            if static is not None and static.data_ptr() != tensor.data_ptr():
+                static.copy_(tensor)
+        graphs.forward_passes[group].replay()
+        return tuple(out.detach() for out in graphs.inputs[group + 1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        graphs = ctx.graphs
-        for static, grad in zip(graphs.grad_outputs, grads):
+        graphs, group = ctx.graphs, ctx.group
+        for static, grad in zip(graphs.grad_inputs[group + 1], grads):
             if static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
-        graphs.backward_pass.replay()
-        grad_h = None if graphs.grad_h is None else graphs.grad_h.detach()
+        graphs.backward_passes[group].replay()
+        grad_inputs = (None if grad is None else grad.detach() for grad in graphs.grad_inputs[group])
         # Detached, the buffers can become .grad without a copy (autograd adopts a gradient nothing else references).
-        return None, grad_h, None, None, *(grad.detach() for grad in graphs.grad_params)
+        return None, None, *grad_inputs, None, None, *(grad.detach() for grad in graphs.grad_params[group])
 
 
 class BlockGraphs:
-    """CUDA graphs of `run(h, seq_idx, halo_seq_idx)`, the blocks in order, for inputs shaped like these
-    (halo_seq_idx: the previous CP rank's last document ids, or None)."""
+    """CUDA graphs of the blocks in `groups` consecutive groups of layers, `run(h, update, seq_idx, halo_seq_idx,
+    layers)` for each, for inputs shaped like these (update: the previous block's output not yet added to h, None
+    before the first block; halo_seq_idx: the previous CP rank's last document ids, or None). Each group is one
+    autograd node, so its parameters' gradients appear when its backward is done: DDP sums them over the ranks while
+    the earlier groups' backward runs. A group's graphs read the earlier group's outputs and write the later group's
+    gradients where they are: nothing is copied between groups."""
 
-    def __init__(self, run: Blocks, blocks: nn.ModuleList, h: Tensor, seq_idx: Tensor, halo_seq_idx: Tensor | None):
+    def __init__(self, run: Blocks, blocks: nn.ModuleList, groups: int, h: Tensor, seq_idx: Tensor, halo_seq_idx: Tensor | None):
         device = h.device.type
         if torch.is_autocast_enabled(device) and torch.is_autocast_cache_enabled():
             raise RuntimeError("CUDA graphs of the blocks need torch.autocast(..., cache_enabled=False)")
         self.meta = self._meta(h, seq_idx, halo_seq_idx)
-        self.params = tuple(p for p in blocks.parameters() if p.requires_grad)
-        for p in self.params:
-            if p.grad is None:
+        groups = min(groups, len(blocks))
+        layers = [slice(i * len(blocks) // groups, (i + 1) * len(blocks) // groups) for i in range(groups)]
+        self.params = [tuple(p for p in blocks[group].parameters() if p.requires_grad) for group in layers]
+        for p in blocks.parameters():
+            if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        self.inputs = (h.detach().clone().requires_grad_(h.requires_grad), seq_idx.clone(),
-                       None if halo_seq_idx is None else halo_seq_idx.clone())
-        wrt = (self.inputs[0], *self.params) if h.requires_grad else self.params
+        self.ids = (seq_idx.clone(), None if halo_seq_idx is None else halo_seq_idx.clone())
+        # inputs[g]: group g's (h, update), the tensors its graphs read; inputs[g + 1] its outputs. grad_inputs alike.
+        self.inputs: list[tuple[Tensor, Tensor | None]] = [(h.detach().clone().requires_grad_(h.requires_grad), None)]
         pool = torch.cuda.graph_pool_handle()
-        self.forward_pass, self.backward_pass = _Pieces(pool), _Pieces(pool)
+        self.forward_passes = [_Pieces(pool) for _ in layers]
+        self.backward_passes = [_Pieces(pool) for _ in layers]
         with on_graph_stream(h.device):
             for _ in range(WARMUP_PASSES):
-                outputs = run(*self.inputs)
-                torch.autograd.grad(outputs, wrt, [torch.zeros_like(out) for out in outputs])
+                outputs = run(*self.inputs[0], *self.ids, slice(None))
+                torch.autograd.grad(outputs, self._wrt(self.inputs[0], sum(self.params, ())), [torch.zeros_like(out) for out in outputs])
             del outputs
             torch.cuda.synchronize()
             gc.collect()
             torch.cuda.empty_cache()
-            with self.forward_pass.capture():
-                self.outputs = run(*self.inputs)
-            self.grad_outputs = tuple(torch.empty_like(out) for out in self.outputs)
-            with self.backward_pass.capture():
-                grads = torch.autograd.grad(self.outputs, wrt, self.grad_outputs)
-        self.grad_h = grads[0] if h.requires_grad else None
-        self.grad_params = grads[1:] if h.requires_grad else grads
+            outputs = []
+            for group, forward_pass in zip(layers, self.forward_passes):
+                with forward_pass.capture():
+                    outputs.append(run(*self.inputs[-1], *self.ids, group))
+                self.inputs.append(tuple(out.detach().requires_grad_() for out in outputs[-1]))
+            self.grad_inputs: list[tuple[Tensor | None, ...]] = [tuple(torch.empty_like(out) for out in outputs[-1])]
+            self.grad_params: list[tuple[Tensor, ...]] = []
+            for group in reversed(range(len(layers))):  # in the order autograd runs them
+                wrt = self._wrt(self.inputs[group], self.params[group])
+                with self.backward_passes[group].capture():
+                    grads = iter(torch.autograd.grad(outputs[group], wrt, self.grad_inputs[0]))
+                self.grad_inputs.insert(0, tuple(None if t is None or not t.requires_grad else next(grads) for t in self.inputs[group]))
+                self.grad_params.insert(0, tuple(grads))
+
+    @staticmethod
+    def _wrt(inputs: tuple[Tensor, Tensor | None], params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        return (*(t for t in inputs if t is not None and t.requires_grad), *params)
+
+    @property
+    def pieces(self) -> tuple[int, int]:
+        """How many graphs a forward and a backward replay (a group's pieces, split by collectives, over all groups)."""
+        return (sum(len(p.graphs) for p in self.forward_passes), sum(len(p.graphs) for p in self.backward_passes))
 
     @staticmethod
     def _meta(h: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None) -> tuple:
@@ -146,4 +175,7 @@ class BlockGraphs:
 
     def __call__(self, h: Tensor, seq_idx: Tensor, halo_seq_idx: Tensor | None) -> tuple[Tensor, Tensor]:
         """(residual stream, last block's output not yet added), as the blocks return them."""
-        return _Replay.apply(self, h, seq_idx, halo_seq_idx, *self.params)
+        update = None
+        for group, params in enumerate(self.params):
+            h, update = _Replay.apply(self, group, h, update, seq_idx, halo_seq_idx, *params)
+        return h, update

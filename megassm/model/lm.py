@@ -32,6 +32,7 @@ class Mamba2LM(nn.Module):
     torch_compile = False  # torch.compile the loss's chunk steps on CUDA
     backend = "auto"  # the loss's kernels: "auto" (Triton on CUDA: parallel/cross_entropy_triton.py), "torch" or "triton"
     cuda_graphs = False  # replay the blocks as CUDA graphs (megassm/model/cuda_graphs.py), captured on the first training step
+    cuda_graph_groups = 1  # in this many groups of consecutive blocks, each one autograd node
     loss_chunk_tokens = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens at a time
 
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
@@ -94,18 +95,21 @@ class Mamba2LM(nn.Module):
         h = upcast(self.embedding(input_ids))  # the residual stream is fp32
         if states is None:
             if self.cuda_graphs and self.graphs is None and h.is_cuda and seq_idx is not None and torch.is_grad_enabled():
-                self.graphs = BlockGraphs(lambda *inputs: self.run_blocks(*inputs)[:2], self.layers, h, seq_idx, halo_seq_idx)
+                run = lambda h, update, seq, halo, layers: self.run_blocks(h, seq, halo, update=update, layers=layers)[:2]  # noqa: E731
+                self.graphs = BlockGraphs(run, self.layers, self.cuda_graph_groups, h, seq_idx, halo_seq_idx)
             if self.graphs is not None and self.graphs.matches(h, seq_idx, halo_seq_idx):
                 return self.norm_f.add_forward(*self.graphs(h, seq_idx, halo_seq_idx))[1], None
         h, update, states = self.run_blocks(h, seq_idx, halo_seq_idx, states)
         return self.norm_f.add_forward(h, update)[1], states
 
-    def run_blocks(self, h: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None = None,
-                   states: list[Any] | None = None) -> tuple[Tensor, Tensor, list[Any] | None]:
-        """The blocks in order: (residual stream, last block's output not yet added to it, and given states, the states after)."""
-        update, after = None, []
+    def run_blocks(self, h: Tensor, seq_idx: Tensor | None, halo_seq_idx: Tensor | None = None, states: list[Any] | None = None,
+                   update: Tensor | None = None, layers: slice = slice(None)) -> tuple[Tensor, Tensor, list[Any] | None]:
+        """The blocks `layers` in order, from the residual stream h and the previous block's output not yet added to it
+        (None before the first block): (residual stream, last block's output not yet added to it, and given states,
+        the states after)."""
+        after = []
         with shared_block_masks():  # the attention blocks build one block mask for the pass
-            for i, layer in enumerate(self.layers):
+            for i, layer in zip(range(len(self.layers))[layers], self.layers[layers]):
                 h, update, state = layer(h, update, seq_idx, halo_seq_idx, None if states is None else states[i])
                 after.append(state)
         return h, update, None if states is None else after
