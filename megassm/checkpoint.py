@@ -29,7 +29,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Callable, Iterator, TypeVar
+from typing import Callable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,6 +52,10 @@ STEP_DIR = re.compile(r"step_(\d+)")
 TRAINER_FILE, CONFIG_FILE, VOCABULARY_FILE, METADATA_FILE = "trainer.json", "config.toml", "vocabulary.json", ".metadata"
 MODEL_FILE = "model.toml"  # a converted checkpoint's model; a trained one has the run's config.toml
 EMPTY_OPTIMIZER = {"state": {}, "param_groups": "[]"}
+# Resuming reads the optimizer state a batch of parameters at a time, at most this many bytes of this rank's pieces
+# (or one parameter's), so that an engine placing each parameter's state (ZeRO: a slice of it) holds one batch beside
+# it, not a second copy of the whole: an 8B model's AdamW state is 64 GB.
+OPTIMIZER_READ_BYTES = 1 << 30
 # The [model] keys that make another model: they change the parameters or the function computed. chunk_size,
 # the kernels and the initialisation may change between runs of one model.
 ARCHITECTURE_KEYS = ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "expand", "ngroups", "d_conv", "tie_embeddings",
@@ -299,20 +303,24 @@ def decided_by_first(decide: Callable[[], T], group: dist.ProcessGroup | None = 
 
 
 def _load_once(target: dict, path: Path, ctx: ParallelContext, device: torch.device) -> None:
-    """Load `target` on the first rank of DP x CP alone (with its TP group), then broadcast it to the others, which
-    hold the same pieces: the checkpoint is read once per TP rank, not once per GPU (64 GPUs of DP would read it 64
-    times from a shared filesystem). A damaged checkpoint stops every rank alike."""
+    """Load `target` (model tensors, optimizer state, param_groups: any of them) on the first rank of DP x CP alone
+    (with its TP group), then broadcast it to the others, which hold the same pieces: the checkpoint is read once per
+    TP rank, not once per GPU (64 GPUs of DP would read it 64 times from a shared filesystem). A damaged checkpoint
+    stops every rank alike."""
     if group_size(ctx.dp_cp_group) == 1:
         return _load(target, path, ctx.tp_group)
+    optimizer = target.setdefault("optimizer", {})
 
-    def read() -> str:
+    def read() -> str | None:
         _load(target, path, ctx.tp_group)
-        return target["optimizer"]["param_groups"]
+        return optimizer.get("param_groups")
 
-    target["optimizer"]["param_groups"] = decided_by_first(read, ctx.dp_cp_group, device)
+    param_groups = decided_by_first(read, ctx.dp_cp_group, device)
+    if param_groups is not None:
+        optimizer["param_groups"] = param_groups
     source = dist.get_global_rank(ctx.dp_cp_group, 0)
-    tensors = [_Layout.local(t) for t in (*target["model"].values(), *(v for state in target["optimizer"]["state"].values()
-                                                                         for v in state.values()))]
+    tensors = [_Layout.local(t) for t in (*target.get("model", {}).values(), *(v for state in optimizer.get("state", {}).values()
+                                                                                for v in state.values()))]
     for tensor in tensors:  # in the same order on every rank: the model's parameters, then the saved state's keys
         moved = tensor.to(device)
         dist.broadcast(moved, src=source, group=ctx.dp_cp_group)
@@ -342,25 +350,73 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
         if theirs != ours:
             raise IncompatibleCheckpoint(f"{path}: tensor {name} is {theirs} there, {ours} in this model: it was written for "
                                          "another model config")
-    optimizer_state = {}
-    for name, p in params.items():
-        prefix = f"optimizer.state.{name}."
-        keys = {k.removeprefix(prefix): meta for k, meta in saved.items() if k.startswith(prefix)}
-        optimizer_state[name] = {key: layout.logical(torch.empty_like(p), name) if tuple(meta.size) == tuple(saved[f"model.{name}"].size)
-                                 else torch.empty(tuple(meta.size), dtype=meta.properties.dtype) for key, meta in keys.items()}
     target = {"model": {name: layout.logical(torch.empty_like(p), name) for name, p in params.items()},
-              "optimizer": {**EMPTY_OPTIMIZER, "state": optimizer_state}}
-    _load_once(target, path, ctx, next(iter(params.values())).device)
+              "optimizer": {"param_groups": EMPTY_OPTIMIZER["param_groups"]}}
+    device = next(iter(params.values())).device
+    _load_once(target, path, ctx, device)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(layout.local(target["model"][name]))
-    index = {name: i for i, name in enumerate(_param_names(model, engine))}
-    state = {index[name]: {k: layout.local(v) for k, v in values.items()} for name, values in optimizer_state.items() if values}
+    names = _param_names(model, engine)
+    index = {name: i for i, name in enumerate(names)}
     groups = [{**group, "params": [index[name] for name in group["params"]]} for group in json.loads(target["optimizer"]["param_groups"])]
     if groups:
+        state = _SavedOptimizerState(lambda batch: _load_once({"optimizer": {"state": batch}}, path, ctx, device), saved,
+                                     [(name, params[name]) for name in names], layout)
         engine.load_state_dict({"state": state, "param_groups": groups})
     with _reading(path / TRAINER_FILE):
         return json.loads((path / TRAINER_FILE).read_text())
+
+
+class _SavedOptimizerState(Mapping):
+    """A checkpoint's optimizer state by the engine's parameter index, this rank's pieces, read when first asked for a
+    batch of parameters at a time (OPTIMIZER_READ_BYTES), the previous batch let go first. `read` loads a batch
+    ({name: {key: tensor}}) collectively: every rank asks for the same indices in the same order."""
+
+    def __init__(self, read: Callable[[dict], None], saved: dict, params: list[tuple[str, nn.Parameter]], layout: _Layout):
+        self.read, self.params, self.layout = read, params, layout
+        self.entries: dict[int, dict] = {}  # index: {key: (element-wise, DCP's metadata)}
+        for index, (name, _) in enumerate(params):
+            prefix = f"optimizer.state.{name}."
+            self.entries[index] = {k.removeprefix(prefix): (tuple(meta.size) == tuple(saved[f"model.{name}"].size), meta)
+                                   for k, meta in saved.items() if k.startswith(prefix)}
+            if not self.entries[index]:
+                del self.entries[index]
+        self.batches, size = [[]], 0
+        for index, entry in self.entries.items():
+            nbytes = sum(self.params[index][1].nbytes for elementwise, _ in entry.values() if elementwise)
+            if self.batches[-1] and size + nbytes > OPTIMIZER_READ_BYTES:
+                self.batches.append([])
+                size = 0
+            self.batches[-1].append(index)
+            size += nbytes
+        self.batch_of = {index: b for b, batch in enumerate(self.batches) for index in batch}
+        self.loaded: dict[int, dict[str, Tensor]] = {}
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        if index not in self.loaded:
+            self.loaded = {}
+            self.loaded = self._read(self.batches[self.batch_of[index]])
+        return self.loaded[index]
+
+    def _read(self, batch: list[int]) -> dict[int, dict[str, Tensor]]:
+        target = {}
+        for index in batch:
+            name, p = self.params[index]
+            target[name] = {key: self.layout.logical(torch.empty_like(p), name) if elementwise
+                            else torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                            for key, (elementwise, meta) in self.entries[index].items()}
+        self.read(target)
+        return {index: {k: self.layout.local(v) for k, v in target[self.params[index][0]].items()} for index in batch}
+
+    def __contains__(self, index: object) -> bool:
+        return index in self.entries
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
 
 def read_model_state(path: Path) -> dict[str, Tensor]:

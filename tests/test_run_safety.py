@@ -491,13 +491,49 @@ def check_read_once(path: Path) -> None:
     loads, real_load = [], dcp.load
     dcp.load = lambda *args, **kwargs: loads.append(1) or real_load(*args, **kwargs)
     assert load_checkpoint(path, model, engine, ctx)["step"] == 3
-    assert len(loads) == (1 if rank == 0 else 0)  # the checkpoint read by the first rank of DP alone
+    assert len(loads) == (2 if rank == 0 else 0)  # read by the first rank of DP alone: the model, then the optimizer state
     torch.manual_seed(0)
     saved = Mamba2LM(ModelConfig.from_preset("debug"))
     for (name, got), want in zip(model.named_parameters(), saved.parameters(), strict=True):
         assert torch.equal(got, want), name
     state = engine.state_dict()["state"]
     assert state and all(torch.equal(entry["exp_avg"], torch.full_like(entry["exp_avg"], 0.5)) for entry in state.values())
+
+
+def test_the_optimizer_state_is_read_a_batch_of_parameters_at_a_time(tmp_path, monkeypatch):
+    """Resuming reads the optimizer state in batches of at most OPTIMIZER_READ_BYTES of this rank's pieces (ZeRO places
+    a slice of each parameter's state: a whole copy beside it would not fit for a large model), and each parameter
+    gets the state it had when saved."""
+    import torch.distributed.checkpoint as dcp
+
+    from megassm import checkpoint
+
+    torch.manual_seed(0)
+    model = Mamba2LM(ModelConfig.from_preset("debug"))
+    engine = engine_for(model)
+    saved = {p: {"step": torch.tensor(3.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)} for p in model.parameters()}
+    engine.optimizer.state.update(saved)
+    path = save_checkpoint(tmp_path, Config(model=model.cfg), model, engine, ParallelContext(),
+                           {"step": 3, "samples": 24, "skipped_steps": 0})
+    limit = 3 * max(p.nbytes for p in model.parameters())  # room for one parameter's two moments, never for all
+    monkeypatch.setattr(checkpoint, "OPTIMIZER_READ_BYTES", limit)
+    batches, real_load = [], dcp.load
+
+    def load(state_dict, **kwargs):
+        if "model" not in state_dict:
+            batches.append(sum(v.nbytes for entry in state_dict["optimizer"]["state"].values() for k, v in entry.items() if k != "step"))
+        return real_load(state_dict, **kwargs)
+
+    monkeypatch.setattr(dcp, "load", load)
+    torch.manual_seed(1)
+    resumed = Mamba2LM(ModelConfig.from_preset("debug"))
+    resumed_engine = engine_for(resumed)
+    load_checkpoint(path, resumed, resumed_engine, ParallelContext())
+    assert len(batches) > 2 and max(batches) <= limit, batches
+    assert sum(batches) == sum(2 * p.nbytes for p in model.parameters())  # each parameter's state read once
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters(), strict=True):
+        for key, value in saved[p].items():
+            assert torch.equal(resumed_engine.optimizer.state[q][key], value), f"{name} {key}"
 
 
 def test_a_checkpoint_is_read_once_per_tp_rank_and_broadcast_over_data_parallelism(tmp_path):
