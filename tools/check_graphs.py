@@ -164,11 +164,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="the trainer's bf16 autocast, or fp32 throughout: eager vs one process then differs by roundings alone")
+                        help="the trainer's bf16 autocast, or fp32 throughout (TF32 matmuls): the tighter check of a layout against one process")
     parser.add_argument("--tolerance", type=float, default=2e-2,
                         help="graphed vs eager: largest relative difference of a loss or gradient (to its largest entry)")
-    parser.add_argument("--one-process-tolerance", type=float, default=5e-2,
-                        help="eager vs one process, the same in bf16: dp2 alone differs by up to ~2e-2 (A_log's gradient, run 23)")
+    parser.add_argument("--one-process-tolerance", type=float, default=None,
+                        help="eager vs one process (default 1e-1 in bf16, 5e-3 in fp32: on an H200 a split computation's bf16 roundings "
+                             "reach 1.8e-2 under dp2, 6.0e-2 under TP (dt_bias's gradient); in fp32 3.6e-4, run 26)")
     parser.add_argument("--timeout", type=int, default=600)
     args = parser.parse_args()
     if args.worker:
@@ -181,6 +182,7 @@ def main() -> None:
         if args.backend == "nccl" and tp * cp * dp > torch.cuda.device_count():
             parser.error(f"--backend nccl runs each rank on its own GPU: layout {name} needs {tp * cp * dp}, "
                          f"this machine has {torch.cuda.device_count()}")
+    one_process_tolerance = args.one_process_tolerance or {"bf16": 1e-1, "fp32": 5e-3}[args.precision]
     if not torch.cuda.is_available():
         print("no CUDA device: both models run eagerly (CUDA graphs exist only on CUDA), which tests this tool alone")
     rows, ok = [], True
@@ -195,7 +197,7 @@ def main() -> None:
         worst_name, largest = max(worst.items(), key=lambda item: item[1])
         from_one = {n: max(r["from_one"][n] for r in result) for n in result[0]["from_one"]}
         one_name, one_largest = max(from_one.items(), key=lambda item: item[1])
-        passed = largest <= args.tolerance and one_largest <= args.one_process_tolerance
+        passed = largest <= args.tolerance and one_largest <= one_process_tolerance
         ok &= passed
         pieces = result[0]["pieces"]
         rows.append([name, "-" if pieces is None else " / ".join(map(str, pieces)), f"{worst['loss']:.1e}",
