@@ -10,7 +10,8 @@
 #                                   needed with NNODES > 1
 #   RDZV_ID                         a job id shared by all nodes (megassm)
 #   MAX_RESTARTS                    restart all processes this often after a failure (0); the
-#                                   trainer resumes from the newest complete checkpoint
+#                                   trainer resumes from the newest complete checkpoint (not
+#                                   after a config, data or checkpoint mistake: exit code 2)
 # Several nodes write one run: run.dir must be on a filesystem all of them see at the same path.
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun's own default, without its four-line warning about it

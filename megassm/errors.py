@@ -4,3 +4,8 @@
 class UserError(Exception):
     """A mistake in the config, data, checkpoints or command line, or a run that cannot go on; the message
     names the key, file or constraint and says what to do."""
+
+
+# The exit code of an entry point stopped by a UserError that only the user can fix (a config, data or checkpoint
+# mistake): torchrun does not restart processes that all stopped with it (megassm/torchrun.py).
+USER_ERROR_EXIT = 2

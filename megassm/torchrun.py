@@ -5,7 +5,9 @@
 Before any process starts, the trainer's config is checked against the world size about to start
 (nnodes x nproc_per_node), so a layout that does not fit stops with the trainer's one line. A trainer
 process that fails has printed why itself (rank 0, one line): torchrun's report of the failure (its
-traceback and a table per rank) is left out, and the exit code is the process's own.
+traceback and a table per rank) is left out, and the exit code is the process's own. Processes that all
+stopped at a mistake the user must fix (a data or checkpoint error found after the start) are not restarted
+by --max-restarts: they would stop at it again, after a start's time, as often as restarts remain.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import logging
 import os
 import sys
 
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import determine_local_world_size, parse_args, parse_min_max_nnodes, run
 
 from megassm.config import ConfigError, check_command_line
+from megassm.errors import USER_ERROR_EXIT
 
 TRAINER = "megassm.train"
 SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
@@ -32,6 +37,23 @@ def world_size(nnodes: str, nproc_per_node: str) -> int | None:
     return max_nodes * determine_local_world_size(nproc_per_node) if min_nodes == max_nodes else None
 
 
+def restart_only_after_faults() -> None:
+    """torchrun's agent restarts failed workers while restarts remain; where every failed worker stopped at a user
+    error (USER_ERROR_EXIT) it is told that none remain. (No public hook: the agent's monitor is wrapped.)"""
+    monitor = LocalElasticAgent._monitor_workers
+    if getattr(monitor, "restart_only_after_faults", False):
+        return
+
+    def monitor_workers(agent: LocalElasticAgent, worker_group: WorkerGroup) -> RunResult:
+        result = monitor(agent, worker_group)
+        if result.is_failed() and result.failures and all(f.exitcode == USER_ERROR_EXIT for f in result.failures.values()):
+            agent._remaining_restarts = 0
+        return result
+
+    monitor_workers.restart_only_after_faults = True
+    LocalElasticAgent._monitor_workers = monitor_workers
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.module and args.training_script == TRAINER:
@@ -43,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             check_command_line(args.training_script_args, world_size(args.nnodes, args.nproc_per_node))
         except ConfigError as error:
             print(f"megassm-train: error: {error}", file=sys.stderr)
-            return 2
+            return USER_ERROR_EXIT
+        restart_only_after_faults()
     logging.getLogger(PROCESS_LOGGER).setLevel(logging.CRITICAL)
     if parse_min_max_nnodes(args.nnodes)[1] > 1 and args.max_restarts > 0:
         # Several nodes that may restart: each rendezvous round's workers get a store of their own (hosted by rank 0

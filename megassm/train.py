@@ -47,7 +47,7 @@ from megassm.checkpoint import (
 from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.data.shards import VERIFIED_FILE
-from megassm.errors import UserError
+from megassm.errors import USER_ERROR_EXIT, UserError
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
     MetricsLogger,
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megassm-train: error: {error}", file=sys.stderr)
         elif isinstance(error, OutOfMemory):  # this rank's own: the others may have had memory to spare
             print(f"megassm-train: error on rank {rank}: {error}", file=sys.stderr)
-        return 2 if not isinstance(error, TrainingError) else 1
+        return USER_ERROR_EXIT if not isinstance(error, TrainingError) else 1  # a run that cannot go on may, after a restart
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -56,9 +56,10 @@ def test_torchrun_sh_counts_the_gpus_it_is_given_and_needs_a_rendezvous_host_for
 
 
 def test_a_trainer_failing_under_torchrun_ends_with_its_own_line(tmp_path):
-    """The config fits, the data folder is missing: every rank stops; one line, the trainer's exit code."""
+    """The config fits, the data folder is missing: every rank stops; one line, the trainer's exit code; restarts
+    allowed, none is made (it would stop at the same mistake)."""
     done = launch("torchrun.sh", "--config", DEBUG, "--parallel.tp=1", f"--data.path={tmp_path / 'none'}", cwd=tmp_path,
-                  NPROC_PER_NODE="2")
+                  NPROC_PER_NODE="2", MAX_RESTARTS="2")
     assert done.returncode == 2
     assert done.stderr.splitlines() == [f"megassm-train: error: {tmp_path / 'none'}: no such data folder; make one with "
                                         f"python tools/prepare_data.py --out {tmp_path / 'none'} ..."], done.stderr
