@@ -23,13 +23,15 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
 import shutil
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -52,9 +54,9 @@ STEP_DIR = re.compile(r"step_(\d+)")
 TRAINER_FILE, CONFIG_FILE, VOCABULARY_FILE, METADATA_FILE = "trainer.json", "config.toml", "vocabulary.json", ".metadata"
 MODEL_FILE = "model.toml"  # a converted checkpoint's model; a trained one has the run's config.toml
 EMPTY_OPTIMIZER = {"state": {}, "param_groups": "[]"}
-# Resuming reads the optimizer state a batch of parameters at a time, at most this many bytes of this rank's pieces
-# (or one parameter's), so that an engine placing each parameter's state (ZeRO: a slice of it) holds one batch beside
-# it, not a second copy of the whole: an 8B model's AdamW state is 64 GB.
+# Resuming reads the optimizer state a batch of parameters at a time, at most this many bytes of their logical tensors
+# (or one parameter's; a TP rank holds its share), so that an engine placing each parameter's state (ZeRO: a slice of
+# it) holds one batch beside it, not a second copy of the whole: an 8B model's AdamW state is 64 GB.
 OPTIMIZER_READ_BYTES = 1 << 30
 # The [model] keys that make another model: they change the parameters or the function computed. chunk_size,
 # the kernels and the initialisation may change between runs of one model.
@@ -356,7 +358,7 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
     _load_once(target, path, ctx, device)
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(layout.local(target["model"][name]))
+            p.copy_(layout.local(target["model"].pop(name)))  # each copy let go before the optimizer state is read
     names = _param_names(model, engine)
     index = {name: i for i, name in enumerate(names)}
     groups = [{**group, "params": [index[name] for name in group["params"]]} for group in json.loads(target["optimizer"]["param_groups"])]
@@ -370,8 +372,10 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
 
 class _SavedOptimizerState(Mapping):
     """A checkpoint's optimizer state by the engine's parameter index, this rank's pieces, read when first asked for a
-    batch of parameters at a time (OPTIMIZER_READ_BYTES), the previous batch let go first. `read` loads a batch
-    ({name: {key: tensor}}) collectively: every rank asks for the same indices in the same order."""
+    batch of parameters at a time (OPTIMIZER_READ_BYTES of their logical tensors, so alike on every rank), the previous
+    batch let go first. `read` loads a batch ({name: {key: tensor}}) collectively: every rank asks for the same indices
+    in the same order. (DeepSpeed's engine asks for each parameter group's first entry first: a batch or two is read
+    twice.)"""
 
     def __init__(self, read: Callable[[dict], None], saved: dict, params: list[tuple[str, nn.Parameter]], layout: _Layout):
         self.read, self.params, self.layout = read, params, layout
@@ -384,7 +388,7 @@ class _SavedOptimizerState(Mapping):
                 del self.entries[index]
         self.batches, size = [[]], 0
         for index, entry in self.entries.items():
-            nbytes = sum(self.params[index][1].nbytes for elementwise, _ in entry.values() if elementwise)
+            nbytes = sum(math.prod(meta.size) * meta.properties.dtype.itemsize for elementwise, meta in entry.values() if elementwise)
             if self.batches[-1] and size + nbytes > OPTIMIZER_READ_BYTES:
                 self.batches.append([])
                 size = 0
@@ -395,8 +399,9 @@ class _SavedOptimizerState(Mapping):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if index not in self.loaded:
+            batch = self.batches[self.batch_of[index]]
             self.loaded = {}
-            self.loaded = self._read(self.batches[self.batch_of[index]])
+            self.loaded = self._read(batch)
         return self.loaded[index]
 
     def _read(self, batch: list[int]) -> dict[int, dict[str, Tensor]]:

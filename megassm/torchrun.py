@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup
@@ -38,15 +39,17 @@ def world_size(nnodes: str, nproc_per_node: str) -> int | None:
 
 
 def restart_only_after_faults() -> None:
-    """torchrun's agent restarts failed workers while restarts remain; where every failed worker stopped at a user
-    error (USER_ERROR_EXIT) it is told that none remain. (No public hook: the agent's monitor is wrapped.)"""
+    """torchrun's agent restarts failed workers while restarts remain; where a worker stopped at a user error
+    (USER_ERROR_EXIT) and every other failed one is one the agent then stopped (SIGTERM, or SIGKILL after its
+    grace period), it is told that none remain. (No public hook: the agent's monitor is wrapped.)"""
     monitor = LocalElasticAgent._monitor_workers
     if getattr(monitor, "restart_only_after_faults", False):
         return
 
     def monitor_workers(agent: LocalElasticAgent, worker_group: WorkerGroup) -> RunResult:
         result = monitor(agent, worker_group)
-        if result.is_failed() and result.failures and all(f.exitcode == USER_ERROR_EXIT for f in result.failures.values()):
+        codes = {failure.exitcode for failure in result.failures.values()} if result.is_failed() else set()
+        if USER_ERROR_EXIT in codes and codes <= {USER_ERROR_EXIT, -signal.SIGTERM, -signal.SIGKILL}:
             agent._remaining_restarts = 0
         return result
 

@@ -213,8 +213,9 @@ def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int) -> boo
 
 
 # Under DDP the blocks' CUDA graphs come in this many groups of layers, so that DDP sums each group's gradients over
-# the ranks while the earlier groups' backward runs; the last group's sum (an eighth of the gradients) is left after
-# the backward, not all of it (~3 GB at 780m). Between groups nothing is copied (megassm/model/cuda_graphs.py).
+# the ranks while the earlier groups' backward runs: left after the backward are the first group's sums and the
+# embedding's (at 780m ~22% of the gradients), not all of them (~3 GB). Between groups nothing is copied
+# (megassm/model/cuda_graphs.py).
 CUDA_GRAPH_GROUPS_UNDER_DDP = 8
 
 
