@@ -5,15 +5,17 @@ the graphs the collectives run on CUDA tensors as they would on NCCL (megassm/mo
 `--backend nccl` each rank takes its own GPU (`LOCAL_RANK`) and NCCL joins them, as in the trainer. Each rank
 builds the model twice from one seed, as the trainer runs it (Triton kernels, compiled norms, bf16 autocast;
 the SSD's states kept where the trainer's default keeps them; the DDP engine, which sums gradients over DP x CP),
-one with CUDA graphs; for a few batches of one shape (documents packed differently in each) it compares the loss
-and every gradient of the graphed model with the eager one's, against the eager model's own difference from a
-second eager pass. It also compares the eager model with one process on the whole batch (each gradient with this
-rank's piece of one process's), the same kernels: what the layout's own code computes, such as CP's state exchange
-inside the fused mixer, checked where NCCL would need several GPUs. Without CUDA both models run eagerly: how the
-tool itself is tested (tests/test_check_graphs.py).
+one with CUDA graphs; for a few batches of one shape (documents packed differently in each; in --micro-batches
+micro batches, their gradients summed as the trainer sums them; a pass without gradients after each, as validation
+between steps) it compares the loss and every gradient of the graphed model with the eager one's, against the eager
+model's own difference from a second eager pass. It also compares the eager model with one process on the whole
+batch (each gradient with this rank's piece of one process's), the same kernels: what the layout's own code
+computes, such as CP's state exchange inside the fused mixer, checked where NCCL would need several GPUs. Without
+CUDA both models run eagerly: how the tool itself is tested (tests/test_check_graphs.py).
 
     python tools/check_graphs.py                                  # the five default layouts on 4 layers of mamba2-130m
     python tools/check_graphs.py --pattern M-M*M- --activation-checkpointing
+    python tools/check_graphs.py --layouts dp2 tp2xdp2+sp --micro-batches 2
     python tools/check_graphs.py --backend nccl --layouts cp4 tp2xcp2 tp4+sp tp2xcp2xdp2   # one GPU per rank
 """
 
@@ -62,6 +64,7 @@ def worker(args) -> None:
     from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 
     tp, cp, dp, sp = layout(args.layout)
+    micro = args.micro_batches
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) if args.backend == "nccl" else 0) if cuda else torch.device("cpu")
     if cuda:
@@ -80,21 +83,32 @@ def worker(args) -> None:
         apply_ssd_state_keeping(model)
         if graphs:
             apply_cuda_graphs(model, cuda_graph_groups(context))  # as the trainer: several groups under DDP
-        return model, DDPEngine(model, context, [{"params": list(model.parameters())}], lr=0.0)
+        # As the trainer: with several micro batches a graph's gradient buffers are added into .grad, zeroed in place.
+        return model, DDPEngine(model, context, [{"params": list(model.parameters())}], lr=0.0, zero_in_place=graphs and micro > 1)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16", cache_enabled=False)
 
     def loss_and_grads(model: Mamba2LM, engine: DDPEngine, ids, seq_idx, labels, targets: int) -> list[torch.Tensor]:
         """The loss of these tokens over all `targets` of the global batch (summed over the ranks: the whole batch's
-        loss) and every gradient, as the trainer computes them."""
-        with engine.micro_step(is_last=True):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16", cache_enabled=False):
-                loss = engine(ids, seq_idx, labels).sum() / targets
-            engine.backward(loss)
+        loss) and every gradient, as the trainer computes them, in --micro-batches micro batches; then a validation
+        pass of the first micro batch (no gradients), as between the trainer's steps."""
+        pieces = list(zip(*(t.chunk(micro) for t in (ids, seq_idx, labels))))
+        loss = torch.zeros((), device=device)
+        for i, piece in enumerate(pieces):
+            with engine.micro_step(is_last=i == micro - 1):
+                with autocast():
+                    piece_loss = engine(*piece).sum() / targets
+                engine.backward(piece_loss)
+            loss += piece_loss.detach()
         engine.finish_gradients()
         if engine.ctx.dp_cp_group is not None:
-            torch.distributed.all_reduce(loss := loss.detach().clone(), group=engine.ctx.dp_cp_group)
-        out = [loss.detach().clone(), *(p.grad.clone() for p in model.parameters())]
+            torch.distributed.all_reduce(loss, group=engine.ctx.dp_cp_group)
+        out = [loss, *(p.grad.clone() for p in model.parameters())]
         for p in model.parameters():
-            p.grad = None
+            p.grad = None if micro == 1 else p.grad.zero_()
+        with torch.no_grad(), autocast():
+            model(*pieces[0])
         return out
 
     eager, graphed = build(graphs=False), build(graphs=True)
@@ -138,9 +152,9 @@ def run_layout(args, name: str) -> list[dict] | str:
     """Rank 0's gathered results of one layout, or the line that says why its job failed."""
     tp, cp, dp, _ = layout(name)
     done = torchrun(tp * cp * dp, [__file__, "--worker", "--layout", name, "--backend", args.backend, "--preset", args.preset,
-                                   "--pattern", args.pattern,
-                                   "--ngroups", str(args.ngroups), "--batch", str(args.batch), "--seq-len", str(args.seq_len),
-                                   "--batches", str(args.batches), "--precision", args.precision,
+                                   "--pattern", args.pattern, "--ngroups", str(args.ngroups), "--batch", str(args.batch),
+                                   "--seq-len", str(args.seq_len), "--batches", str(args.batches),
+                                   "--micro-batches", str(args.micro_batches), "--precision", args.precision,
                                    *(["--activation-checkpointing"] if args.activation_checkpointing else [])], args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("CHECK_GRAPHS ")]
     if not lines:
@@ -162,9 +176,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batches", type=int, default=3)
+    parser.add_argument("--micro-batches", type=int, default=1, help="per batch, each rank's rows in this many micro batches")
     parser.add_argument("--activation-checkpointing", action="store_true")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                        help="the trainer's bf16 autocast, or fp32 throughout (TF32 matmuls): the tighter check of a layout against one process")
+                        help="the trainer's bf16 autocast, or fp32 throughout (TF32 matmuls): the tighter check against one process")
     parser.add_argument("--tolerance", type=float, default=2e-2,
                         help="graphed vs eager: largest relative difference of a loss or gradient (to its largest entry)")
     parser.add_argument("--one-process-tolerance", type=float, default=None,
@@ -174,6 +189,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    if args.batch % args.micro_batches:
+        parser.error(f"--micro-batches {args.micro_batches} must divide --batch {args.batch}")
     for name in args.layouts:
         try:
             tp, cp, dp, _ = layout(name)
