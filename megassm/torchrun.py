@@ -5,9 +5,9 @@
 Before any process starts, the trainer's config is checked against the world size about to start
 (nnodes x nproc_per_node), so a layout that does not fit stops with the trainer's one line. A trainer
 process that fails has printed why itself (rank 0, one line): torchrun's report of the failure (its
-traceback and a table per rank) is left out, and the exit code is the process's own. Processes that all
-stopped at a mistake the user must fix (a data or checkpoint error found after the start) are not restarted
-by --max-restarts: they would stop at it again, after a start's time, as often as restarts remain.
+traceback and a table per rank) is left out, and the exit code is the process's own. A run stopped by a
+mistake the user must fix (a data or checkpoint error found after the start) is not restarted by
+--max-restarts: it would stop at it again, after a start's time, as often as restarts remain.
 """
 
 from __future__ import annotations
