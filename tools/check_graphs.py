@@ -199,7 +199,9 @@ def main() -> None:
         if args.backend == "nccl" and tp * cp * dp > torch.cuda.device_count():
             parser.error(f"--backend nccl runs each rank on its own GPU: layout {name} needs {tp * cp * dp}, "
                          f"this machine has {torch.cuda.device_count()}")
-    one_process_tolerance = args.one_process_tolerance or {"bf16": 1e-1, "fp32": 5e-3}[args.precision]
+    one_process_tolerance = args.one_process_tolerance
+    if one_process_tolerance is None:
+        one_process_tolerance = {"bf16": 1e-1, "fp32": 5e-3}[args.precision]
     if not torch.cuda.is_available():
         print("no CUDA device: both models run eagerly (CUDA graphs exist only on CUDA), which tests this tool alone")
     rows, ok = [], True
