@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import shlex
 import shutil
 import signal
@@ -121,6 +122,9 @@ def sample_order(stream: TokenStream, cfg: Config) -> str:
     return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
 
 
+DATA_VERIFY_TIMEOUT = datetime.timedelta(hours=6)  # the ranks' wait for each other's share of the data verification
+
+
 def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
     """The data folder's files against their sha256, those not verified since they last changed (rank 0's list), each
     rank reading its share; a mismatch found by any rank stops every rank with its line."""
@@ -140,14 +144,22 @@ def _verify_shared(stream: TokenStream) -> bool:
         found = (stream.check(files[rank::world]), None)
     except DataError as error:
         found = ({}, error)
-    # Over gloo, with a timeout the reading of a large corpus does not reach (NCCL's collectives time out after 10 minutes).
-    group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, found, group=group)
+    everyone = _exchanged_through_store("megassm/verify_data", found)
     errors = [error for _, error in everyone if error is not None]
     if errors:
         raise errors[0]
     return rank != 0 or stream.record_verified({name: stamp for stamps, _ in everyone for name, stamp in stamps.items()})
+
+
+def _exchanged_through_store(key: str, mine: object) -> list:
+    """Every rank's `mine`, through the job's store rather than a collective: a rank that read its share of a large
+    corpus first waits up to DATA_VERIFY_TIMEOUT, not a collective's timeout (NCCL's: 10 minutes), over the connection
+    every rank made to the rendezvous (a gloo group between nodes needs host names that resolve to a reachable address)."""
+    store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
+    store.set(f"{key}/{dist.get_rank()}", pickle.dumps(mine))
+    keys = [f"{key}/{rank}" for rank in range(world)]
+    store.wait(keys, DATA_VERIFY_TIMEOUT)
+    return [pickle.loads(store.get(k)) for k in keys]
 
 
 def check_kernel_addressing(cfg: Config, backend: str) -> None:
