@@ -42,9 +42,9 @@ def restart_only_after_faults() -> None:
     """torchrun's agent restarts failed workers while restarts remain; where a worker stopped at a user error
     (USER_ERROR_EXIT) and every other failed one is one the agent then stopped (SIGTERM, or SIGKILL after its
     grace period), it is told that none remain. (No public hook: the agent's monitor is wrapped.)"""
-    monitor = LocalElasticAgent._monitor_workers
-    if getattr(monitor, "restart_only_after_faults", False):
-        return
+    monitor = getattr(LocalElasticAgent, "_monitor_workers", None)
+    if monitor is None or getattr(monitor, "restart_only_after_faults", False):
+        return  # a torch whose agent has no such method restarts as it does
 
     def monitor_workers(agent: LocalElasticAgent, worker_group: WorkerGroup) -> RunResult:
         result = monitor(agent, worker_group)
