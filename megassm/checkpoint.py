@@ -379,13 +379,13 @@ class _SavedOptimizerState(Mapping):
 
     def __init__(self, read: Callable[[dict], None], saved: dict, params: list[tuple[str, nn.Parameter]], layout: _Layout):
         self.read, self.params, self.layout = read, params, layout
-        self.entries: dict[int, dict] = {}  # index: {key: (element-wise, DCP's metadata)}
+        self.entries: dict[int, dict] = {}  # index: {key: (element-wise, DCP's metadata)}, parameters with a state alone
         for index, (name, _) in enumerate(params):
             prefix = f"optimizer.state.{name}."
-            self.entries[index] = {k.removeprefix(prefix): (tuple(meta.size) == tuple(saved[f"model.{name}"].size), meta)
-                                   for k, meta in saved.items() if k.startswith(prefix)}
-            if not self.entries[index]:
-                del self.entries[index]
+            entry = {k.removeprefix(prefix): (tuple(meta.size) == tuple(saved[f"model.{name}"].size), meta)
+                     for k, meta in saved.items() if k.startswith(prefix)}
+            if entry:
+                self.entries[index] = entry
         self.batches, size = [[]], 0
         for index, entry in self.entries.items():
             nbytes = sum(math.prod(meta.size) * meta.properties.dtype.itemsize for elementwise, meta in entry.values() if elementwise)
@@ -400,7 +400,7 @@ class _SavedOptimizerState(Mapping):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if index not in self.loaded:
             batch = self.batches[self.batch_of[index]]
-            self.loaded = {}
+            self.loaded = {}  # the previous batch let go before the next is allocated
             self.loaded = self._read(batch)
         return self.loaded[index]
 

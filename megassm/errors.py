@@ -7,5 +7,5 @@ class UserError(Exception):
 
 
 # The exit code of an entry point stopped by a UserError that only the user can fix (a config, data or checkpoint
-# mistake): torchrun does not restart processes that all stopped with it (megassm/torchrun.py).
+# mistake): torchrun does not restart a run stopped by it (megassm/torchrun.py).
 USER_ERROR_EXIT = 2

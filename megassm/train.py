@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megassm-train: error: {error}", file=sys.stderr)
         elif isinstance(error, OutOfMemory):  # this rank's own: the others may have had memory to spare
             print(f"megassm-train: error on rank {rank}: {error}", file=sys.stderr)
-        return USER_ERROR_EXIT if not isinstance(error, TrainingError) else 1  # a run that cannot go on may, after a restart
+        return USER_ERROR_EXIT if not isinstance(error, TrainingError) else 1  # 1: restarted, where it may not recur
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -503,7 +503,7 @@ def check_read_once(path: Path) -> None:
 
 
 def test_the_optimizer_state_is_read_a_batch_of_parameters_at_a_time(tmp_path, monkeypatch):
-    """Resuming reads the optimizer state in batches of at most OPTIMIZER_READ_BYTES of this rank's pieces (ZeRO places
+    """Resuming reads the optimizer state in batches of at most OPTIMIZER_READ_BYTES of logical tensors (ZeRO places
     a slice of each parameter's state: a whole copy beside it would not fit for a large model), and each parameter
     gets the state it had when saved."""
     import torch.distributed.checkpoint as dcp
