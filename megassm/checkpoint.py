@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -41,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from megassm.checkpoint_writer import BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, read_model_config, section_toml, write_config
 from megassm.data.shards import file_sha256
 from megassm.errors import UserError
@@ -171,11 +173,13 @@ def _state_to_save(model: nn.Module, engine: DataParallelEngine, layout: _Layout
             "optimizer": {"state": state, "param_groups": json.dumps(groups)}}  # a string: DCP would flatten a list
 
 
-def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext,
-                    trainer_state: dict, vocabulary: dict | None = None) -> Path | None:
-    """Write checkpoints/step_{trainer_state['step']} (collective: every rank calls it), with the tokenizer's
-    `vocabulary` (tokenizer_vocabulary) when given. Returns the folder on the writing rank. An existing folder
-    of that name is never replaced: CheckpointError."""
+def start_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext,
+                     trainer_state: dict, vocabulary: dict | None = None, copies: HostCopies | None = None) -> BackgroundWrite:
+    """Begin checkpoints/step_{trainer_state['step']} (collective: every rank calls it), with the tokenizer's
+    `vocabulary` (tokenizer_vocabulary) when given: on return this rank's part of the state is copied to host memory
+    (`copies`, kept between checkpoints) and written in the background; `wait()` on the result until it is on disk.
+    On the writing rank the write then completes the checkpoint, and its `result` is the folder. An existing folder of
+    that name is never replaced: CheckpointError."""
     final = checkpoint_dir(run_dir, trainer_state["step"])
     temporary = unfinished_save(final)
     if final.exists():
@@ -184,12 +188,22 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataPa
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
     _barrier()
-    layout = _Layout(ctx, model)
+    complete = functools.partial(_complete, temporary, final, cfg, vocabulary, dict(trainer_state)) if _is_writer() else None
     with _single_process_quiet():
-        dcp.save(_state_to_save(model, engine, layout), checkpoint_id=temporary, no_dist=not _distributed())
+        return BackgroundWrite(_state_to_save(model, engine, _Layout(ctx, model)), temporary, copies or HostCopies(), complete)
+
+
+def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext,
+                    trainer_state: dict, vocabulary: dict | None = None) -> Path | None:
+    """start_checkpoint, waited for on every rank. Returns the folder on the writing rank."""
+    write = start_checkpoint(run_dir, cfg, model, engine, ctx, trainer_state, vocabulary)
+    write.wait()
     _barrier()
-    if not _is_writer():
-        return None
+    return write.result
+
+
+def _complete(temporary: Path, final: Path, cfg: Config, vocabulary: dict | None, trainer_state: dict) -> Path:
+    """The writing rank's end of a checkpoint, once DCP's files are written: the small files, then the rename."""
     write_config(cfg, temporary / CONFIG_FILE)
     if vocabulary is not None:
         (temporary / VOCABULARY_FILE).write_text(json.dumps(vocabulary, indent=1))

@@ -107,6 +107,10 @@ class KernelsConfig:
 class CheckpointConfig:
     every: int = 1000  # 0: only at the end; -1: never (benchmarks)
     keep: int = 3
+    # Write checkpoints while training goes on: each rank copies its part of the state to host memory (page-locked,
+    # kept for the next checkpoint: about its share of the weights and AdamW state), then writes it in a thread.
+    # false: training waits for the files and needs no host copy.
+    async_save: bool = True
     resume: str = "auto"  # "auto" (newest complete checkpoint of run.dir) | "none" | a checkpoint path
     # Let a run that starts from scratch ("none") or from an older checkpoint (a path) replace the checkpoints
     # of run.dir that are not in its history (deleted at start-up) and their metrics; without it, such a run stops.

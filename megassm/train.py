@@ -18,7 +18,6 @@ import hashlib
 import json
 import math
 import os
-import pickle
 import shlex
 import shutil
 import signal
@@ -31,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megassm import job_store
 from megassm.checkpoint import (
     CheckpointError,
     DamagedCheckpoint,
@@ -40,11 +40,12 @@ from megassm.checkpoint import (
     decided_by_first,
     load_checkpoint,
     resume_candidates,
-    save_checkpoint,
+    start_checkpoint,
     step_folders,
     tokenizer_vocabulary,
     unfinished_saves,
 )
+from megassm.checkpoint_writer import BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.data.shards import VERIFIED_FILE
@@ -144,22 +145,11 @@ def _verify_shared(stream: TokenStream) -> bool:
         found = (stream.check(files[rank::world]), None)
     except DataError as error:
         found = ({}, error)
-    everyone = _exchanged_through_store("megassm/verify_data", found)
+    everyone = job_store.exchanged("megassm/verify_data", found, DATA_VERIFY_TIMEOUT)
     errors = [error for _, error in everyone if error is not None]
     if errors:
         raise errors[0]
     return rank != 0 or stream.record_verified({name: stamp for stamps, _ in everyone for name, stamp in stamps.items()})
-
-
-def _exchanged_through_store(key: str, mine: object) -> list:
-    """Every rank's `mine`, through the job's store rather than a collective: a rank that read its share of a large
-    corpus first waits up to DATA_VERIFY_TIMEOUT, not a collective's timeout (NCCL's: 10 minutes), over the connection
-    every rank made to the rendezvous (a gloo group between nodes needs host names that resolve to a reachable address)."""
-    store, world = dist.distributed_c10d._get_default_store(), dist.get_world_size()
-    store.set(f"{key}/{dist.get_rank()}", pickle.dumps(mine))
-    keys = [f"{key}/{rank}" for rank in range(world)]
-    store.wait(keys, DATA_VERIFY_TIMEOUT)
-    return [pickle.loads(store.get(k)) for k in keys]
 
 
 def check_kernel_addressing(cfg: Config, backend: str) -> None:
@@ -351,6 +341,9 @@ class Trainer:
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.sample_order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
         self.history: list[Path] = []  # this run's checkpoints in run.dir, oldest first: the only ones rotation deletes
+        self.saving: BackgroundWrite | None = None  # the checkpoint being written, of step self.saving_step
+        self.saving_step = 0
+        self.host_copies = HostCopies()  # where each checkpoint's state is copied before it is written
         self.resume(checkpoints)
         self.take_over(replaced)
         n_params = logical_param_count(cfg.model)
@@ -496,10 +489,27 @@ class Trainer:
         return (loss_sum / count).item()
 
     def save(self) -> None:
-        """A checkpoint of this step; the run's own checkpoints beyond the newest checkpoint.keep are deleted."""
-        save_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state, self.vocabulary)
-        self.history.append(checkpoint_dir(self.run_dir, self.state["step"]))
-        self.say(f"saved checkpoint {self.history[-1]}")
+        """A checkpoint of this step, written in the background (checkpoint.async_save) once the previous one is done."""
+        self.finish_saving()
+        self.saving = start_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state, self.vocabulary,
+                                       self.host_copies)
+        self.saving_step = self.state["step"]
+        if not self.cfg.checkpoint.async_save:
+            self.finish_saving()
+
+    def finish_saving(self, wait: bool = True) -> None:
+        """The checkpoint being written, once written (at once unless `wait`): named in the history and the log, and
+        the run's checkpoints beyond the newest checkpoint.keep deleted. A failed write stops the run."""
+        if self.saving is None or not (wait or self.saving.done()):
+            return
+        saving, self.saving, path = self.saving, None, checkpoint_dir(self.run_dir, self.saving_step)
+        try:
+            saving.wait()
+        except Exception as error:
+            raise CheckpointError(f"checkpoint {path} could not be written ({error}); the run stops rather than train on "
+                                  f"without checkpoints: free space or fix {self.run_dir}, then resume") from None
+        self.history.append(path)
+        self.say(f"saved checkpoint {path}")
         old, self.history = self.history[: -self.cfg.checkpoint.keep], self.history[-self.cfg.checkpoint.keep :]
         if self.is_writer:
             for path in old:
@@ -536,6 +546,7 @@ class Trainer:
                 unread, done = queued, queued.done
                 self.state["step"], self.state["samples"] = done, self.state["samples"] + cfg.data.global_batch
                 self.logger.progress(done)
+                self.finish_saving(wait=False)
                 logs = done % cfg.train.log_every == 0 or done == cfg.train.steps
                 validates = self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
                 signum = signals.requested(self.device) if done < cfg.train.steps else None
@@ -561,8 +572,17 @@ class Trainer:
                 if signum:
                     if cfg.checkpoint.every >= 0 and not self.saves_at(done):
                         self.save()
+                    self.saved_everywhere()
                     raise Stopped(signum, self.stop_message(signum))
+            self.saved_everywhere()
         self.logger.close()
+
+    def saved_everywhere(self) -> None:
+        """Wait for the checkpoint being written, on every rank: none leaves before it is complete (the launcher
+        stops the others when one process ends)."""
+        self.finish_saving()
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def main(argv: list[str] | None = None) -> int:

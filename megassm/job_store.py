@@ -1,0 +1,59 @@
+"""Small values exchanged through the job's store (the rendezvous connection every rank already has), not a collective.
+
+Collectives of the default group time out after NCCL's 10 minutes and may not run from a second thread beside the
+training's; a gloo group beside NCCL needs host names that resolve to an address the other nodes reach. The store
+has neither limit. Values are polled for rather than waited on: a store wait holds the store's connection for its
+whole length, which every other use of the store in the process would queue behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import time
+
+import torch.distributed as dist
+
+POLL_SECONDS = 0.2
+
+
+def post(key: str, value: object) -> None:
+    """This rank's value under `key`."""
+    dist.distributed_c10d._get_default_store().set(f"{key}/{dist.get_rank()}", pickle.dumps(value))
+
+
+def _keys(key: str) -> list[str]:
+    return [f"{key}/{rank}" for rank in range(dist.get_world_size())]
+
+
+def collect(key: str, timeout: datetime.timedelta) -> list:
+    """Every rank's value under `key`, in rank order, once all have posted one; TimeoutError after `timeout`."""
+    store = dist.distributed_c10d._get_default_store()
+    keys = _keys(key)
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            missing = [rank for rank, k in enumerate(keys) if not store.check([k])]
+            raise TimeoutError(f"ranks {missing} did not report {key!r} within {timeout}")
+        time.sleep(POLL_SECONDS)
+    return [pickle.loads(store.get(k)) for k in keys]
+
+
+def forget(key: str) -> None:
+    """Delete every rank's value under `key` (the store keeps what a long run posts otherwise)."""
+    store = dist.distributed_c10d._get_default_store()
+    for k in _keys(key):
+        store.delete_key(k)
+
+
+def exchanged(key: str, mine: object, timeout: datetime.timedelta) -> list:
+    """Every rank's `mine`, in rank order. Rank 0 returns last, once every rank has read them: outside torchrun (whose
+    agent holds the store) the store lives in rank 0's process."""
+    post(key, mine)
+    values = collect(key, timeout)
+    post(f"{key}/read", True)
+    if dist.get_rank() == 0:
+        collect(f"{key}/read", timeout)
+        forget(key)
+        forget(f"{key}/read")
+    return values

@@ -1,0 +1,161 @@
+"""Checkpoints written while training goes on (megassm/checkpoint_writer.py): what is written is the state when the save
+began, each rank copies only the items it writes, and a failed write on any rank stops the run with one line."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint import FileSystemWriter
+
+from megassm.checkpoint import is_complete, load_checkpoint, start_checkpoint
+from megassm.checkpoint_writer import HostCopies
+from megassm.config import Config
+from megassm.model import Mamba2LM, ModelConfig
+from parallel import ParallelContext
+from tests.distributed import run_distributed
+from tests.test_convert import engine_for
+from tests.test_run_safety import steps_logged
+from tests.test_train import config  # noqa: F401 (a fixture)
+
+TRAINER_STATE = {"step": 3, "samples": 24, "skipped_steps": 0}
+
+
+def with_optimizer_state(model: Mamba2LM, engine) -> None:
+    engine.optimizer.state.update({p: {"step": torch.tensor(3.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+                                   for p in model.parameters()})
+
+
+def held_writes(monkeypatch) -> threading.Event:
+    """FileSystemWriter.write_data waits until the returned event is set (at most 60 s)."""
+    release, write_data = threading.Event(), FileSystemWriter.write_data
+
+    def held(self, plan, planner):
+        assert release.wait(60), "the write was never released"
+        return write_data(self, plan, planner)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", held)
+    return release
+
+
+def test_a_checkpoint_holds_the_state_when_its_save_began(tmp_path, monkeypatch):
+    """The start returns before anything is written; weights and AdamW state changed after it (the next steps) do not
+    reach the files, which hold the copies taken at the start."""
+    torch.manual_seed(0)
+    model = Mamba2LM(ModelConfig.from_preset("debug"))
+    engine = engine_for(model)
+    with_optimizer_state(model, engine)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    moments = {name: engine.optimizer.state[p]["exp_avg"].clone() for name, p in model.named_parameters()}
+    release = held_writes(monkeypatch)
+    write = start_checkpoint(tmp_path, Config(model=model.cfg), model, engine, ParallelContext(), TRAINER_STATE)
+    assert not write.done()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+            engine.optimizer.state[p]["exp_avg"].mul_(-1)
+    release.set()
+    write.wait()
+    assert write.result == tmp_path / "checkpoints" / "step_3" and is_complete(write.result)
+
+    torch.manual_seed(1)
+    resumed = Mamba2LM(ModelConfig.from_preset("debug"))
+    resumed_engine = engine_for(resumed)
+    assert load_checkpoint(write.result, resumed, resumed_engine, ParallelContext())["step"] == 3
+    for name, p in resumed.named_parameters():
+        assert torch.equal(p, weights[name]), name
+        assert torch.equal(resumed_engine.optimizer.state[p]["exp_avg"], moments[name]), name
+
+
+def test_a_failed_write_leaves_no_complete_checkpoint_and_says_why(tmp_path, monkeypatch):
+    def full(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    model = Mamba2LM(ModelConfig.from_preset("debug"))
+    write = start_checkpoint(tmp_path, Config(model=model.cfg), model, engine_for(model), ParallelContext(), TRAINER_STATE)
+    with pytest.raises(OSError, match="rank 0: OSError: .*No space left on device"):
+        write.wait()
+    assert not (tmp_path / "checkpoints" / "step_3").exists()
+
+
+def check_shares(run_dir: Path, failing_rank: int | None) -> None:
+    """dp2: every item replicated over DP is copied and written by one rank only; the checkpoint equals the state at
+    its start. With `failing_rank`, that rank's write fails: the coordinator reports it, naming the rank."""
+    from parallel import DDPEngine, init_parallel
+
+    ctx = init_parallel(dp=2, backend="gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = Mamba2LM(ModelConfig.from_preset("debug"), ctx)
+    engine = DDPEngine(model, ctx, [{"params": list(model.parameters())}], lr=0.0)
+    with_optimizer_state(model, engine)  # the same on both ranks (one seed)
+    copied, copy, write_data = {}, HostCopies.copy, FileSystemWriter.write_data
+    HostCopies.copy = lambda self, index, tensor: copied.setdefault(index.fqn, copy(self, index, tensor))
+
+    def failing(self, plan, planner):
+        if rank == failing_rank:
+            raise OSError(5, "Input/output error")
+        return write_data(self, plan, planner)
+
+    FileSystemWriter.write_data = failing
+    write = start_checkpoint(run_dir, Config(model=model.cfg), model, engine, ctx, TRAINER_STATE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    if failing_rank is not None:
+        if rank == 0:
+            with pytest.raises(OSError, match=f"rank {failing_rank}: OSError: .*Input/output error"):
+                write.wait()
+        else:
+            write.wait()  # a rank's own failure is reported by the coordinator, once every rank reported
+        return
+    write.wait()
+    everyone = [None, None]
+    dist.all_gather_object(everyone, set(copied))
+    assert not everyone[0] & everyone[1]  # each tensor copied to host memory by one rank
+    assert everyone[0] and everyone[1]  # both ranks share the work
+    weights = {fqn for fqn in everyone[0] | everyone[1] if fqn.startswith("model.")}
+    assert weights == {f"model.{name}" for name, _ in model.named_parameters()}
+    assert (write.result == run_dir / "checkpoints" / "step_3") if rank == 0 else write.result is None
+
+
+def test_over_data_parallel_ranks_each_item_is_copied_and_written_once(tmp_path):
+    run_distributed(check_shares, 2, tmp_path, None)
+    torch.manual_seed(0)  # the state the ranks had at the start of the save
+    model = Mamba2LM(ModelConfig.from_preset("debug"))
+    engine = engine_for(model)
+    with_optimizer_state(model, engine)
+    fresh = Mamba2LM(ModelConfig.from_preset("debug"))
+    fresh_engine = engine_for(fresh)
+    load_checkpoint(tmp_path / "checkpoints" / "step_3", fresh, fresh_engine, ParallelContext())
+    for (name, got), want in zip(fresh.named_parameters(), model.parameters(), strict=True):
+        assert torch.equal(got, want), name
+        assert torch.equal(fresh_engine.optimizer.state[got]["exp_avg_sq"], engine.optimizer.state[want]["exp_avg_sq"]), name
+
+
+def test_a_write_that_fails_on_another_rank_is_reported_by_the_coordinator(tmp_path):
+    run_distributed(check_shares, 2, tmp_path, 1)
+    assert not (tmp_path / "checkpoints" / "step_3").exists()
+
+
+def test_the_trainer_stops_with_one_line_when_a_checkpoint_cannot_be_written(config, tmp_path, monkeypatch, capsys):
+    """A write that fails while training goes on stops the run at a later step with one line naming the checkpoint
+    and the cause, exit code 2 (not restarted); nothing incomplete is named a checkpoint."""
+    from megassm.train import main
+
+    def full(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", full)
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(config), f"--run.dir={run_dir}", "--train.steps=6", "--checkpoint.every=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"megassm-train: error: checkpoint {run_dir}/checkpoints/step_2 could not be written (rank 0: OSError: [Errno 28] "
+                   "No space left on device); the run stops rather than train on without checkpoints: free space or fix "
+                   f"{run_dir}, then resume"], err
+    assert not list((run_dir / "checkpoints").glob("step_*"))
+    assert steps_logged(run_dir)[-1] < 6
