@@ -33,23 +33,21 @@ WRITE_TIMEOUT = datetime.timedelta(hours=6)
 
 
 class HostCopies:
-    """Where a rank's items are copied to before they are written: for CUDA tensors, page-locked buffers kept from one
-    checkpoint to the next (a rank writes the same items each time; allocating them is slow), else new copies."""
+    """Where a rank's items are copied to before they are written: buffers kept from one checkpoint to the next (a rank
+    writes the same items each time; allocating them is slow), page-locked for CUDA tensors."""
 
     def __init__(self):
-        self._pinned: dict[MetadataIndex, Tensor] = {}
+        self._buffers: dict[MetadataIndex, Tensor] = {}
 
     def copy(self, index: MetadataIndex, tensor: Tensor) -> Tensor:
-        if not tensor.is_cuda:
-            return tensor.detach().clone()
-        buffer = self._pinned.get(index)
+        buffer = self._buffers.get(index)
         if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = self._pinned[index] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        return buffer.copy_(tensor, non_blocking=True)
+            buffer = self._buffers[index] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+        return buffer.copy_(tensor, non_blocking=tensor.is_cuda)
 
     def keep_only(self, indices: set[MetadataIndex]) -> None:
         """Let go of the buffers of items this rank no longer writes."""
-        self._pinned = {index: buffer for index, buffer in self._pinned.items() if index in indices}
+        self._buffers = {index: buffer for index, buffer in self._buffers.items() if index in indices}
 
 
 class _CopiedPlanner(DefaultSavePlanner):
