@@ -176,10 +176,11 @@ def _state_to_save(model: nn.Module, engine: DataParallelEngine, layout: _Layout
 def start_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext,
                      trainer_state: dict, vocabulary: dict | None = None, copies: HostCopies | None = None) -> BackgroundWrite:
     """Begin checkpoints/step_{trainer_state['step']} (collective: every rank calls it), with the tokenizer's
-    `vocabulary` (tokenizer_vocabulary) when given: on return this rank's part of the state is copied to host memory
-    (`copies`, kept between checkpoints) and written in the background; `wait()` on the result until it is on disk.
-    On the writing rank the write then completes the checkpoint, and its `result` is the folder. An existing folder of
-    that name is never replaced: CheckpointError."""
+    `vocabulary` (tokenizer_vocabulary) when given, written in the background: with `copies` (kept between
+    checkpoints) this rank's part of the state is copied to host memory before the return, and training may go on;
+    without, it is read where it is: wait() on the result before changing it. On the writing rank the write then
+    completes the checkpoint, and the result's `result` is the folder. An existing folder of that name is never
+    replaced: CheckpointError."""
     final = checkpoint_dir(run_dir, trainer_state["step"])
     temporary = unfinished_save(final)
     if final.exists():
@@ -190,12 +191,12 @@ def start_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataP
     _barrier()
     complete = functools.partial(_complete, temporary, final, cfg, vocabulary, dict(trainer_state)) if _is_writer() else None
     with _single_process_quiet():
-        return BackgroundWrite(_state_to_save(model, engine, _Layout(ctx, model)), temporary, copies or HostCopies(), complete)
+        return BackgroundWrite(_state_to_save(model, engine, _Layout(ctx, model)), temporary, copies, complete)
 
 
 def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataParallelEngine, ctx: ParallelContext,
                     trainer_state: dict, vocabulary: dict | None = None) -> Path | None:
-    """start_checkpoint, waited for on every rank. Returns the folder on the writing rank."""
+    """start_checkpoint from the live state, waited for on every rank. Returns the folder on the writing rank."""
     write = start_checkpoint(run_dir, cfg, model, engine, ctx, trainer_state, vocabulary)
     write.wait()
     _barrier()

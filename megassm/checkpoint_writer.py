@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Callable
@@ -32,22 +33,40 @@ from megassm import job_store
 WRITE_TIMEOUT = datetime.timedelta(hours=6)
 
 
+# Host copies are carved out of buffers of this size: page-locked memory comes from torch's caching host allocator in
+# sizes rounded up to a power of two, so one buffer per tensor could take up to twice the copies' size.
+SLAB_BYTES = 1 << 30
+ALIGNMENT = 64
+
+
 class HostCopies:
-    """Where a rank's items are copied to before they are written: buffers kept from one checkpoint to the next (a rank
-    writes the same items each time; allocating them is slow), page-locked for CUDA tensors."""
+    """Where a rank's items are copied to before they are written: slabs of host memory, page-locked for CUDA
+    tensors, kept from one checkpoint to the next (a rank writes the same items each time; allocating them is slow)."""
 
     def __init__(self):
-        self._buffers: dict[MetadataIndex, Tensor] = {}
+        self._layout: list | None = None
+        self._views: dict[MetadataIndex, Tensor] = {}
 
-    def copy(self, index: MetadataIndex, tensor: Tensor) -> Tensor:
-        buffer = self._buffers.get(index)
-        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
-            buffer = self._buffers[index] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-        return buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+    def copied(self, tensors: dict[MetadataIndex, Tensor]) -> dict[MetadataIndex, Tensor]:
+        """A host copy of each tensor (copies from the GPU are queued on the current stream: synchronize before use)."""
+        layout = [(index, t.shape, t.dtype, t.is_cuda) for index, t in tensors.items()]
+        if layout != self._layout:
+            self._layout, self._views = layout, self._carved(tensors)
+        return {index: self._views[index].copy_(t, non_blocking=t.is_cuda) for index, t in tensors.items()}
 
-    def keep_only(self, indices: set[MetadataIndex]) -> None:
-        """Let go of the buffers of items this rank no longer writes."""
-        self._buffers = {index: buffer for index, buffer in self._buffers.items() if index in indices}
+    @staticmethod
+    def _carved(tensors: dict[MetadataIndex, Tensor]) -> dict[MetadataIndex, Tensor]:
+        """A view for each tensor into slabs of at most SLAB_BYTES (a larger tensor gets a buffer of its own)."""
+        sizes = {index: -(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT for index, t in tensors.items()}
+        pinned = any(t.is_cuda for t in tensors.values())
+        views, slab, used, left = {}, None, 0, sum(sizes.values())
+        for index, t in tensors.items():
+            if slab is None or used + sizes[index] > slab.numel():
+                slab, used = torch.empty(max(min(left, SLAB_BYTES), sizes[index]), dtype=torch.uint8, pin_memory=pinned), 0
+            nbytes = t.numel() * t.element_size()
+            views[index] = slab[used:used + nbytes].view(t.dtype).view(t.shape)
+            used, left = used + sizes[index], left - sizes[index]
+        return views
 
 
 class _CopiedPlanner(DefaultSavePlanner):
@@ -56,33 +75,36 @@ class _CopiedPlanner(DefaultSavePlanner):
     def copy_items(self, plan: SavePlan, copies: HostCopies) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's updates, on whichever stream, are done
-        self._copies = {item.index: self._copied(item, copies) for item in plan.items}
-        copies.keep_only(set(self._copies))
+        resolved = {item.index: super(_CopiedPlanner, self).resolve_data(item) for item in plan.items}
+        self._copies = {**resolved, **copies.copied({index: d for index, d in resolved.items() if isinstance(d, Tensor)})}
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the copies are, before training changes the state again
-
-    def _copied(self, item: WriteItem, copies: HostCopies):
-        data = super().resolve_data(item)
-        return copies.copy(item.index, data) if isinstance(data, Tensor) else data
+        self.state_dict, self.mappings = {}, {}  # the live state (ZeRO: this rank's gathered share) is let go now
 
     def resolve_data(self, write_item: WriteItem):
         return self._copies[write_item.index]
 
 
 class BackgroundWrite:
-    """One checkpoint of `state_dict` into the folder `path`: plans and copies this rank's items when constructed
-    (every rank constructs it: collectives), then writes them in a thread. On the coordinator (rank 0) the thread
-    then waits for every rank's writes, writes DCP's metadata and calls `on_complete`."""
+    """One checkpoint of `state_dict` into the folder `path`, written by a thread; planned when constructed (every rank
+    constructs it: collectives). With `copies`, this rank's items are copied to host memory first, and training may
+    change the state as soon as the constructor returns; without, the thread reads the live state: wait before
+    changing it. On the coordinator (rank 0) the thread then waits for every rank's writes, writes DCP's metadata and
+    calls `on_complete`."""
 
-    def __init__(self, state_dict: dict, path: Path, copies: HostCopies, on_complete: Callable[[], object] | None = None):
+    def __init__(self, state_dict: dict, path: Path, copies: HostCopies | None, on_complete: Callable[[], object] | None = None):
         self.path, self._on_complete = path, on_complete
         self._distributed = dist.is_initialized()
         self._rank = dist.get_rank() if self._distributed else 0
-        self._storage = FileSystemWriter(path)
-        self._planner = _CopiedPlanner()
+        self._device = torch.cuda.current_device() if torch.cuda.is_available() else None  # the thread's, for the live state
+        # No copying ahead: it synchronizes a CUDA stream every 10 MB, from the thread, while training queues work.
+        self._storage = FileSystemWriter(path, per_thread_copy_ahead=0)
+        self._planner = DefaultSavePlanner() if copies is None else _CopiedPlanner()
         self._plan, self._metadata, self._key = self._planned(state_dict)
-        self._planner.copy_items(self._plan, copies)
+        if copies is not None:
+            self._planner.copy_items(self._plan, copies)
         self.result = None
+        self.started = time.monotonic()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write, name=f"checkpoint {path}", daemon=True)
         self._thread.start()
@@ -112,6 +134,8 @@ class BackgroundWrite:
         return self._planner.finish_plan(plan), metadata, key
 
     def _write(self) -> None:
+        if self._device is not None:
+            torch.cuda.set_device(self._device)
         try:
             written, error = self._storage.write_data(self._plan, self._planner).wait(), None
         except Exception as failure:  # reported to the coordinator, which then leaves the checkpoint incomplete
@@ -122,7 +146,7 @@ class BackgroundWrite:
                 return
             errors = [e for _, e in everyone if e is not None]
             if errors:
-                raise OSError("; ".join(errors))
+                raise OSError(errors[0] + (f" (and {len(errors) - 1} other ranks)" if len(errors) > 1 else ""))
             self._storage.finish(self._metadata, [results for results, _ in everyone])
             if self._on_complete is not None:
                 self.result = self._on_complete()

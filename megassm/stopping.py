@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from megassm.errors import UserError
 from megassm.host_scalar import HostScalar
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -40,6 +41,14 @@ class Stopped(Exception):
         return 128 + self.signum  # what a shell reports for a process ended by that signal
 
 
+# The stop flag a rank with a failure adds to its signal's number (signal numbers are below it).
+FAILED = 256
+
+
+class FailedElsewhere(UserError):
+    """Another rank stops the run with a failure of its own, which it reports."""
+
+
 class StopSignals:
     """While active (a context manager, in the main thread): the first SIGINT or SIGTERM is recorded for
     `requested`; a SIGINT after it raises Stopped with immediate_stop(signum)'s message, wherever the run is."""
@@ -56,16 +65,23 @@ class StopSignals:
         elif signum == signal.SIGINT:
             raise Stopped(signum, self.immediate_stop(signum))
 
-    def requested(self, device: torch.device) -> int | None:
-        """The signal any rank received, on every rank, else None. Distributed, a collective over all ranks, called
-        once per step: the flags reduced at the previous call, so that reading them waits only for the work queued
-        before that call (all ranks stop after the same step, the one after the signal's)."""
+    def requested(self, device: torch.device, failure: UserError | None = None) -> int | None:
+        """The signal any rank received, on every rank, else None; with a `failure` on some rank (a mistake found
+        while training goes on: a checkpoint that could not be written), every rank raises it instead (this rank's own
+        where it has one, else FailedElsewhere). Distributed, a collective over all ranks, called once per step: the
+        flags reduced at the previous call, so that reading them waits only for the work queued before that call (all
+        ranks stop after the same step, the one after the signal's or the failure's)."""
         if not dist.is_initialized():
+            if failure is not None:
+                raise failure
             return self.received
-        received = torch.tensor(self.received or 0, device=device)
-        dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        previous, self._reduced = self._reduced, HostScalar(received)
-        return None if previous is None else int(previous.item()) or None
+        flags = torch.tensor((FAILED if failure is not None else 0) + (self.received or 0), device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        previous, self._reduced = self._reduced, HostScalar(flags)
+        reduced = 0 if previous is None else int(previous.item())
+        if reduced >= FAILED:
+            raise failure or FailedElsewhere("stopped with an error another rank reports")
+        return reduced or None
 
     def __enter__(self) -> "StopSignals":
         self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}

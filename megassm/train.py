@@ -343,6 +343,7 @@ class Trainer:
         self.history: list[Path] = []  # this run's checkpoints in run.dir, oldest first: the only ones rotation deletes
         self.saving: BackgroundWrite | None = None  # the checkpoint being written, of step self.saving_step
         self.saving_step = 0
+        self.save_failure: CheckpointError | None = None  # a checkpoint that could not be written stops the run
         self.host_copies = HostCopies()  # where each checkpoint's state is copied before it is written
         self.resume(checkpoints)
         self.take_over(replaced)
@@ -489,31 +490,44 @@ class Trainer:
         return (loss_sum / count).item()
 
     def save(self) -> None:
-        """A checkpoint of this step, written in the background (checkpoint.async_save) once the previous one is done."""
-        self.finish_saving()
-        self.saving = start_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state, self.vocabulary,
-                                       self.host_copies)
+        """A checkpoint of this step, once the previous one is complete; written while training goes on
+        (checkpoint.async_save), else waited for."""
+        self.saved_everywhere()
+        copies = self.host_copies if self.cfg.checkpoint.async_save else None
+        self.saving = start_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state, self.vocabulary, copies)
         self.saving_step = self.state["step"]
-        if not self.cfg.checkpoint.async_save:
+        if copies is None:
             self.finish_saving()
 
     def finish_saving(self, wait: bool = True) -> None:
-        """The checkpoint being written, once written (at once unless `wait`): named in the history and the log, and
-        the run's checkpoints beyond the newest checkpoint.keep deleted. A failed write stops the run."""
+        """This rank's part of the checkpoint being written, once over (at once unless `wait`): the checkpoint named in
+        the history and the log, and the run's checkpoints beyond the newest checkpoint.keep deleted; or its failure
+        (rank 0 learns of every rank's) kept in save_failure, to stop every rank."""
         if self.saving is None or not (wait or self.saving.done()):
             return
         saving, self.saving, path = self.saving, None, checkpoint_dir(self.run_dir, self.saving_step)
         try:
             saving.wait()
         except Exception as error:
-            raise CheckpointError(f"checkpoint {path} could not be written ({error}); the run stops rather than train on "
-                                  f"without checkpoints: free space or fix {self.run_dir}, then resume") from None
+            self.save_failure = CheckpointError(f"checkpoint {path} could not be written ({error}); the run stops rather than train "
+                                                f"on without checkpoints: free space or fix {self.run_dir}, then resume")
+            return
         self.history.append(path)
-        self.say(f"saved checkpoint {path}")
+        self.say(f"saved checkpoint {path} (written in {time.monotonic() - saving.started:.0f} s)")
         old, self.history = self.history[: -self.cfg.checkpoint.keep], self.history[-self.cfg.checkpoint.keep :]
         if self.is_writer:
             for path in old:
                 shutil.rmtree(path)
+
+    def saved_everywhere(self) -> None:
+        """Wait for the checkpoint being written, on every rank: none goes on (or leaves: the launcher stops the others
+        when one process ends) before it is complete, and a failure stops every rank."""
+        self.finish_saving()
+        decided_by_first(self.raise_save_failure)
+
+    def raise_save_failure(self) -> None:
+        if self.save_failure is not None:
+            raise self.save_failure
 
     def open_log(self) -> MetricsLogger:
         """The run's config.toml and its log, which keeps the records of the history this run continues."""
@@ -549,7 +563,7 @@ class Trainer:
                 self.finish_saving(wait=False)
                 logs = done % cfg.train.log_every == 0 or done == cfg.train.steps
                 validates = self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
-                signum = signals.requested(self.device) if done < cfg.train.steps else None
+                signum = signals.requested(self.device, self.save_failure) if done < cfg.train.steps else None
                 if not (logs or validates or self.saves_at(done) or signum):
                     continue
                 grad_norm, unread = self.read_norm(queued), None
@@ -576,14 +590,6 @@ class Trainer:
                     raise Stopped(signum, self.stop_message(signum))
             self.saved_everywhere()
         self.logger.close()
-
-    def saved_everywhere(self) -> None:
-        """Wait for the checkpoint being written, on every rank: none leaves before it is complete (the launcher
-        stops the others when one process ends)."""
-        self.finish_saving()
-        if dist.is_initialized():
-            dist.barrier()
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megassm-train", description=__doc__.split("\n\n")[0],

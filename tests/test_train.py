@@ -196,17 +196,17 @@ def test_a_deepspeed_run_matches_one_process_and_its_checkpoint_resumes_under_dd
 
 def killed_mid_run_and_restarted(config: Path, tmp_path: Path, agents: list[list[str]]) -> None:
     """Start the torchrun agents (one command each, the trainer's arguments appended), SIGKILL the last agent's worker
-    after step 5 of 12; torchrun (--max-restarts 1) restarts every worker, they resume from the step-4 checkpoint (the
-    lock of their run is theirs), drop the log's records after step 4, and every step's record equals the
-    uninterrupted run's."""
+    after step 5 of 12 (its step-4 checkpoint complete); torchrun (--max-restarts 1) restarts every worker, they resume
+    from the step-4 checkpoint (the lock of their run is theirs), drop the log's records after step 4, and every step's
+    record equals the uninterrupted run's."""
     long = ["--train.steps=12", "--train.eval_every=4"]
     reference = train(config, tmp_path / "reference", 1, *long)
     run_dir = tmp_path / "run"
     trainer = ["-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}", "--parallel.cp=2", *long]
     jobs = [subprocess.Popen([*agent, *trainer], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TRAINER_ENV)
             for agent in agents]
-    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
-    while not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+    metrics, step_4, deadline = run_dir / "metrics.jsonl", run_dir / "checkpoints" / "step_4", time.monotonic() + 300
+    while not (metrics.exists() and '"step": 5,' in metrics.read_text() and step_4.exists()):
         assert all(job.poll() is None for job in jobs) and time.monotonic() < deadline, [job.communicate()[0][-3000:] for job in jobs]
         time.sleep(0.02)
     workers = [p for p in psutil.Process(jobs[-1].pid).children(recursive=True) if "megassm.train" in " ".join(p.cmdline())]
@@ -214,7 +214,7 @@ def killed_mid_run_and_restarted(config: Path, tmp_path: Path, agents: list[list
     outputs = [job.communicate(timeout=300)[0] for job in jobs]
     assert all(job.returncode == 0 for job in jobs), [output[-3000:] for output in outputs]
     output = "".join(outputs)
-    assert "resumed from" in output and "step_4" in output and "no longer running" not in output, output[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step_4 " in output and "no longer running" not in output, output[-3000:]
     steps = [r["step"] for r in map(json.loads, metrics.read_text().splitlines())]
     assert steps == list(range(1, 13))
     assert_same_run(read_metrics(run_dir), reference)
