@@ -3,7 +3,10 @@ began, each rank copies only the items it writes, and a failed write on any rank
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +22,7 @@ from parallel import ParallelContext
 from tests.distributed import run_distributed
 from tests.test_convert import engine_for
 from tests.test_run_safety import steps_logged
-from tests.test_train import config  # noqa: F401 (a fixture)
+from tests.test_train import TRAINER_ENV, config, trainer_command  # noqa: F401 (config: a fixture)
 
 TRAINER_STATE = {"step": 3, "samples": 24, "skipped_steps": 0}
 
@@ -206,3 +209,35 @@ def test_host_copies_share_slabs_and_are_reused_while_the_items_stay_the_same(mo
     assert len(storages) == 3  # [t0 t1 t2] [t3 alone] [t4 t5]: 448 + 448 + 128 bytes fill a slab
     again = copies.copied({i: t * 2 for i, t in tensors.items()})
     assert all(again[i].data_ptr() == first[i].data_ptr() and torch.equal(again[i], t * 2) for i, t in tensors.items())
+
+
+FAILING_RANK_1 = """\
+import os
+if os.environ.get("RANK") == "1":  # a worker of the test's job (the launcher has no RANK)
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    def full(self, plan, planner):
+        raise OSError(28, "No space left on device")
+
+    FileSystemWriter.write_data = full
+"""
+
+
+def test_under_torchrun_a_write_failing_on_another_rank_stops_the_job_with_one_line(config, tmp_path):
+    """Rank 1 cannot write its part of a checkpoint (Python's sitecustomize breaks its writer): every rank stops after the
+    same step, rank 0 prints the one line naming the rank and the cause, exit code 2, no traceback, no wait for the
+    launcher's timeouts."""
+    inject = tmp_path / "inject"
+    inject.mkdir()
+    (inject / "sitecustomize.py").write_text(FAILING_RANK_1)
+    env = {**TRAINER_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), TRAINER_ENV.get("PYTHONPATH")]))}
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = subprocess.run(trainer_command(config, run_dir, 2, "--train.steps=9", "--checkpoint.every=3"), capture_output=True,
+                            text=True, env=env, timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert lines == [f"megassm-train: error: checkpoint {run_dir}/checkpoints/step_3 could not be written (rank 1: OSError: [Errno 28] "
+                     "No space left on device); the run stops rather than train on without checkpoints: free space or fix "
+                     f"{run_dir}, then resume"], result.stderr[-3000:]
+    assert not list((run_dir / "checkpoints").glob("step_*")) and time.monotonic() - started < 120
