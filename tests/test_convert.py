@@ -281,3 +281,25 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, capsys):
     assert exited.value.code == f"error: checkpoint {damaged} is damaged: {damaged / '__0_0.distcp'} is missing; use an earlier one " \
                                 "(checkpoints/step_N), or the run folder for its newest complete one"
     assert not (tmp_path / "not-written").exists()
+
+
+def test_an_export_casts_the_read_state_in_place(prepared_data, tmp_path, monkeypatch):
+    """to-hf --dtype bf16 lets each read fp32 tensor go as it is cast: the export never holds both copies of the model
+    (an 8B model's fp32 weights alone are 32 GB)."""
+    import weakref
+
+    trained_checkpoint(tmp_path / "run", perturbed_model(ModelConfig.from_preset("debug")), prepared_data)
+    read, load = [], tool.load_pretrained
+
+    def loading(path):
+        cfg, state = load(path)
+        read.extend(weakref.ref(t) for t in state.values())
+        return cfg, state
+
+    def saving(cfg, state, out, dtype, *args):
+        assert all(t.dtype == torch.bfloat16 for t in state.values()) and all(ref() is None for ref in read)
+
+    monkeypatch.setattr(tool, "load_pretrained", loading)
+    monkeypatch.setattr(tool, "save_transformers", saving)
+    tool.main(["to-hf", str(tmp_path / "run"), str(tmp_path / "hf"), "--dtype", "bf16"])
+    assert read

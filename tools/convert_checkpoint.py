@@ -95,6 +95,9 @@ def convert(args: argparse.Namespace) -> str:
     source = checkpoint_folder(args.source) if found == MEGASSM else args.source
     cfg, state = load_pretrained(source)
     shape = f"d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.vocab_size}"
+    if args.command in ("to-hf", "to-mamba-ssm"):
+        for name in state:  # cast a tensor at a time, each read copy let go as it goes: an 8B model's is 32 GB
+            state[name] = state[name].to(DTYPES[args.dtype])
     if args.command == "to-hf":
         model_type = args.format or default_hf_format(cfg)
         HF_FORMATS[model_type].config_dict(cfg)  # a model the format cannot hold fails here, before anything is written
