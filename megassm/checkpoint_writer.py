@@ -106,6 +106,7 @@ class BackgroundWrite:
         self.result = None
         self.started = time.monotonic()
         self._error: BaseException | None = None
+        self._abandoned = threading.Event()
         self._thread = threading.Thread(target=self._write, name=f"checkpoint {path}", daemon=True)
         self._thread.start()
 
@@ -160,13 +161,20 @@ class BackgroundWrite:
         job_store.post(self._key, (written, error))
         if self._rank != 0:
             return None
-        everyone = job_store.collect(self._key, WRITE_TIMEOUT)
+        everyone = job_store.collect(self._key, WRITE_TIMEOUT, self._abandoned)
         job_store.forget(self._key)
         return everyone
 
     def done(self) -> bool:
         """Whether this rank's part is over (on the coordinator: the whole checkpoint, or its failure on any rank)."""
         return not self._thread.is_alive()
+
+    def abandon(self, wait: datetime.timedelta) -> None:
+        """On the way out after an error: stop waiting for the other ranks' writes, and give this rank's up to `wait` to
+        end (the thread is a daemon: one still inside torch's writer when the interpreter exits can abort the process,
+        an exit code the launcher would take for a fault)."""
+        self._abandoned.set()
+        self._thread.join(wait.total_seconds())
 
     def wait(self) -> None:
         """Until this rank's part is over; raises what stopped it (on the coordinator: a failure on any rank)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import threading
 import time
 
 import torch.distributed as dist
@@ -26,15 +27,16 @@ def _keys(key: str) -> list[str]:
     return [f"{key}/{rank}" for rank in range(dist.get_world_size())]
 
 
-def collect(key: str, timeout: datetime.timedelta) -> list:
-    """Every rank's value under `key`, in rank order, once all have posted one; TimeoutError after `timeout`."""
+def collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | None = None) -> list:
+    """Every rank's value under `key`, in rank order, once all have posted one; TimeoutError after `timeout`, or once
+    `abandoned` is set."""
     store = dist.distributed_c10d._get_default_store()
     keys = _keys(key)
     deadline = time.monotonic() + timeout.total_seconds()
     while not store.check(keys):
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or (abandoned is not None and abandoned.is_set()):
             missing = [rank for rank, k in enumerate(keys) if not store.check([k])]
-            raise TimeoutError(f"ranks {missing} did not report {key!r} within {timeout}")
+            raise TimeoutError(f"ranks {missing} did not report {key!r}")
         time.sleep(POLL_SECONDS)
     return [pickle.loads(store.get(k)) for k in keys]
 

@@ -124,6 +124,8 @@ def sample_order(stream: TokenStream, cfg: Config) -> str:
 
 
 DATA_VERIFY_TIMEOUT = datetime.timedelta(hours=6)  # the ranks' wait for each other's share of the data verification
+# How long a process ending on an error waits for the checkpoint write in flight.
+ABANDONED_WRITE_WAIT = datetime.timedelta(minutes=2)
 
 
 def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
@@ -525,6 +527,12 @@ class Trainer:
         self.finish_saving()
         decided_by_first(self.raise_save_failure)
 
+    def abandon_saving(self) -> None:
+        """After an error: the checkpoint being written, incomplete unless it needs nothing more from other ranks,
+        given a bounded time to end before the process does."""
+        if self.saving is not None:
+            self.saving.abandon(ABANDONED_WRITE_WAIT)
+
     def raise_save_failure(self) -> None:
         if self.save_failure is not None:
             raise self.save_failure
@@ -610,7 +618,10 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.say(f"nothing to do: the run is at step {first_step} and train.steps = {cfg.train.steps} "
                             "(raise train.steps to train further)")
                 return 0
-            trainer.run()
+            try:
+                trainer.run()
+            finally:  # before the run's lock is let go
+                trainer.abandon_saving()
     except Stopped as stop:
         if not quiet:
             print(f"megassm-train: {stop}", file=sys.stderr)

@@ -241,3 +241,27 @@ def test_under_torchrun_a_write_failing_on_another_rank_stops_the_job_with_one_l
                      "No space left on device); the run stops rather than train on without checkpoints: free space or fix "
                      f"{run_dir}, then resume"], result.stderr[-3000:]
     assert not list((run_dir / "checkpoints").glob("step_*")) and time.monotonic() - started < 120
+
+
+def test_a_run_ending_on_an_error_gives_the_checkpoint_being_written_time_to_end(config, tmp_path, monkeypatch):
+    """A step failing while a checkpoint is written (here: out of memory at step 3, the step-2 checkpoint's write
+    slow): the process does not end in the middle of the write, and the checkpoint, which needs nothing from another
+    rank, completes."""
+    import megassm.train as train
+
+    write_data, train_step = FileSystemWriter.write_data, train.Trainer.train_step
+
+    def slow(self, plan, planner):
+        time.sleep(1.5)
+        return write_data(self, plan, planner)
+
+    def failing(self, step, timer):
+        if step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return train_step(self, step, timer)
+
+    monkeypatch.setattr(FileSystemWriter, "write_data", slow)
+    monkeypatch.setattr(train.Trainer, "train_step", failing)
+    run_dir = tmp_path / "run"
+    assert train.main(["--config", str(config), f"--run.dir={run_dir}", "--train.steps=4", "--checkpoint.every=2"]) == 1
+    assert is_complete(run_dir / "checkpoints" / "step_2")
