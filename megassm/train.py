@@ -515,7 +515,7 @@ class Trainer:
                                                 f"on without checkpoints: free space or fix {self.run_dir}, then resume")
             return
         self.history.append(path)
-        self.say(f"saved checkpoint {path} (written in {time.monotonic() - saving.started:.0f} s)")
+        self.say(f"saved checkpoint {path} (written in {time.monotonic() - saving.started:.1f} s)")
         old, self.history = self.history[: -self.cfg.checkpoint.keep], self.history[-self.cfg.checkpoint.keep :]
         if self.is_writer:
             for path in old:
