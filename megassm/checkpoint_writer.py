@@ -3,7 +3,8 @@
 The first half runs while training waits: DCP's plans (a collective), which give each item replicated over DP x CP
 to one rank, then a copy of this rank's items in host memory. The second half runs in a thread: the rank writes its
 items from that copy, posts what it wrote to the job's store (megassm/job_store.py), and on the coordinator the
-thread collects every rank's results, writes DCP's metadata and completes the checkpoint (`on_complete`).
+thread collects every rank's results, writes DCP's metadata and completes the checkpoint (`on_complete`); every
+rank's thread ends with the outcome, posted by the coordinator.
 
 torch's own dcp.async_save copies every rank's whole state to the host, each DDP replica's included (an 8B model's
 weights and AdamW state: 128 GB per rank), and runs its collectives from its thread, which needs a process group
@@ -14,6 +15,7 @@ thread needs no collective.
 from __future__ import annotations
 
 import datetime
+import signal
 import threading
 import time
 import uuid
@@ -64,7 +66,8 @@ class HostCopies:
             if slab is None or used + sizes[index] > slab.numel():
                 slab, used = torch.empty(max(min(left, SLAB_BYTES), sizes[index]), dtype=torch.uint8, pin_memory=pinned), 0
             nbytes = t.numel() * t.element_size()
-            views[index] = slab[used:used + nbytes].view(t.dtype).view(t.shape)
+            # A storage of its own over the slab's bytes: DCP's writer clones a tensor whose storage is larger.
+            views[index] = torch.empty(0, dtype=t.dtype).set_(slab.untyped_storage()[used:used + nbytes], 0, t.shape)
             used, left = used + sizes[index], left - sizes[index]
         return views
 
@@ -90,7 +93,7 @@ class BackgroundWrite:
     constructs it: collectives). With `copies`, this rank's items are copied to host memory first, and training may
     change the state as soon as the constructor returns; without, the thread reads the live state: wait before
     changing it. On the coordinator (rank 0) the thread then waits for every rank's writes, writes DCP's metadata and
-    calls `on_complete`."""
+    calls `on_complete`; on every rank it ends once the coordinator has posted the outcome."""
 
     def __init__(self, state_dict: dict, path: Path, copies: HostCopies | None, on_complete: Callable[[], object] | None = None):
         self.path, self._on_complete = path, on_complete
@@ -135,49 +138,68 @@ class BackgroundWrite:
         return self._planner.finish_plan(plan), metadata, key
 
     def _write(self) -> None:
-        if self._device is not None:
-            torch.cuda.set_device(self._device)
         try:
+            if self._device is not None:
+                torch.cuda.set_device(self._device)
             written, error = self._storage.write_data(self._plan, self._planner).wait(), None
-        except Exception as failure:  # reported to the coordinator, which then leaves the checkpoint incomplete
+        except BaseException as failure:  # reported to the coordinator, which then leaves the checkpoint incomplete
             written, error = [], f"rank {self._rank}: {type(failure).__name__}: {failure}"
         try:
-            everyone = self._reported(written, error)
-            if everyone is None:
-                return
-            errors = [e for _, e in everyone if e is not None]
-            if errors:
-                raise OSError(errors[0] + (f" (and {len(errors) - 1} other ranks)" if len(errors) > 1 else ""))
-            self._storage.finish(self._metadata, [results for results, _ in everyone])
-            if self._on_complete is not None:
-                self.result = self._on_complete()
+            self._completed(written, error)
         except BaseException as failure:
             self._error = failure
 
-    def _reported(self, written: list, error: str | None) -> list | None:
-        """Every rank's (write results, error) on the coordinator; None elsewhere, once this rank's are posted."""
+    def _completed(self, written: list, error: str | None) -> None:
+        """The checkpoint completed by the coordinator from every rank's (write results, error), or its failure raised,
+        on every rank: a rank's part is over once the whole checkpoint is. The outcome comes through the job's store,
+        which has no collective's timeout: another rank's write may take longer than NCCL's 10 minutes to end."""
         if not self._distributed:
-            return [(written, error)]
+            return self._complete([(written, error)])
         job_store.post(self._key, (written, error))
-        if self._rank != 0:
-            return None
-        everyone = job_store.collect(self._key, WRITE_TIMEOUT, self._abandoned)
-        job_store.forget(self._key)
-        return everyone
+        failure = None
+        if self._rank == 0:
+            everyone = job_store.collect(self._key, WRITE_TIMEOUT, self._abandoned)
+            job_store.forget(self._key)
+            try:
+                self._complete(everyone)
+            except Exception as raised:
+                failure = raised
+        outcome = job_store.exchanged(f"{self._key}/outcome", failure and str(failure), WRITE_TIMEOUT, self._abandoned)[0]
+        if failure is not None:
+            raise failure
+        if outcome is not None:
+            raise OSError(outcome)
+
+    def _complete(self, everyone: list[tuple[list, str | None]]) -> None:
+        """On the coordinator: DCP's metadata from every rank's write results, then `on_complete`; or the first rank's
+        error raised."""
+        errors = [e for _, e in everyone if e is not None]
+        if errors:
+            raise OSError(errors[0] + (f" (and {len(errors) - 1} other ranks)" if len(errors) > 1 else ""))
+        self._storage.finish(self._metadata, [results for results, _ in everyone])
+        if self._on_complete is not None:
+            self.result = self._on_complete()
 
     def done(self) -> bool:
-        """Whether this rank's part is over (on the coordinator: the whole checkpoint, or its failure on any rank)."""
+        """Whether the checkpoint is complete, or has failed on some rank."""
         return not self._thread.is_alive()
 
     def abandon(self, wait: datetime.timedelta) -> None:
-        """On the way out after an error: stop waiting for the other ranks' writes, and give this rank's up to `wait` to
+        """On the way out after an error: stop waiting for the other ranks, and give this rank's write up to `wait` to
         end (the thread is a daemon: one still inside torch's writer when the interpreter exits can abort the process,
-        an exit code the launcher would take for a fault)."""
+        an exit code the launcher would take for a fault). The launcher's SIGTERM, sent once another rank has ended,
+        is ignored meanwhile; a Ctrl-C ends the wait."""
         self._abandoned.set()
-        self._thread.join(wait.total_seconds())
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            self._thread.join(wait.total_seconds())
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def wait(self) -> None:
-        """Until this rank's part is over; raises what stopped it (on the coordinator: a failure on any rank)."""
+        """Until the checkpoint is complete; raises what stopped it on any rank."""
         self._thread.join()
         if self._error is not None:
             raise self._error

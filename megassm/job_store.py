@@ -15,6 +15,8 @@ import time
 
 import torch.distributed as dist
 
+# Polls start quick and slow down to one per POLL_SECONDS: a short wait ends soon, a long one loads the store little.
+FIRST_PAUSE_SECONDS = 0.001
 POLL_SECONDS = 0.2
 
 
@@ -32,12 +34,13 @@ def collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | 
     `abandoned` is set."""
     store = dist.distributed_c10d._get_default_store()
     keys = _keys(key)
-    deadline = time.monotonic() + timeout.total_seconds()
+    deadline, pause = time.monotonic() + timeout.total_seconds(), FIRST_PAUSE_SECONDS
     while not store.check(keys):
         if time.monotonic() > deadline or (abandoned is not None and abandoned.is_set()):
             missing = [rank for rank, k in enumerate(keys) if not store.check([k])]
             raise TimeoutError(f"ranks {missing} did not report {key!r}")
-        time.sleep(POLL_SECONDS)
+        time.sleep(pause)
+        pause = min(2 * pause, POLL_SECONDS)
     return [pickle.loads(store.get(k)) for k in keys]
 
 
@@ -48,14 +51,14 @@ def forget(key: str) -> None:
         store.delete_key(k)
 
 
-def exchanged(key: str, mine: object, timeout: datetime.timedelta) -> list:
+def exchanged(key: str, mine: object, timeout: datetime.timedelta, abandoned: threading.Event | None = None) -> list:
     """Every rank's `mine`, in rank order. Rank 0 returns last, once every rank has read them: outside torchrun (whose
     agent holds the store) the store lives in rank 0's process."""
     post(key, mine)
-    values = collect(key, timeout)
+    values = collect(key, timeout, abandoned)
     post(f"{key}/read", True)
     if dist.get_rank() == 0:
-        collect(f"{key}/read", timeout)
+        collect(f"{key}/read", timeout, abandoned)
         forget(key)
         forget(f"{key}/read")
     return values

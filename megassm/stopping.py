@@ -75,7 +75,8 @@ class StopSignals:
             if failure is not None:
                 raise failure
             return self.received
-        flags = torch.tensor((FAILED if failure is not None else 0) + (self.received or 0), device=device)
+        # Filled on the device: a tensor copied from the host would wait for the step just queued.
+        flags = torch.full((), (FAILED if failure is not None else 0) + (self.received or 0), dtype=torch.int64, device=device)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         previous, self._reduced = self._reduced, HostScalar(flags)
         reduced = 0 if previous is None else int(previous.item())

@@ -502,9 +502,9 @@ class Trainer:
             self.finish_saving()
 
     def finish_saving(self, wait: bool = True) -> None:
-        """This rank's part of the checkpoint being written, once over (at once unless `wait`): the checkpoint named in
+        """The checkpoint being written, once over (at once unless `wait`): the checkpoint named in
         the history and the log, and the run's checkpoints beyond the newest checkpoint.keep deleted; or its failure
-        (rank 0 learns of every rank's) kept in save_failure, to stop every rank."""
+        (every rank learns of any rank's) kept in save_failure, to stop every rank."""
         if self.saving is None or not (wait or self.saving.done()):
             return
         saving, self.saving, path = self.saving, None, checkpoint_dir(self.run_dir, self.saving_step)
@@ -522,20 +522,17 @@ class Trainer:
                 shutil.rmtree(path)
 
     def saved_everywhere(self) -> None:
-        """Wait for the checkpoint being written, on every rank: none goes on (or leaves: the launcher stops the others
-        when one process ends) before it is complete, and a failure stops every rank."""
+        """Wait for the checkpoint being written: no rank goes on (or leaves: the launcher stops the others when one
+        process ends) before it is complete, and a failure (known to every rank) stops every rank."""
         self.finish_saving()
-        decided_by_first(self.raise_save_failure)
+        if self.save_failure is not None:
+            raise self.save_failure
 
     def abandon_saving(self) -> None:
         """After an error: the checkpoint being written, incomplete unless it needs nothing more from other ranks,
         given a bounded time to end before the process does."""
         if self.saving is not None:
             self.saving.abandon(ABANDONED_WRITE_WAIT)
-
-    def raise_save_failure(self) -> None:
-        if self.save_failure is not None:
-            raise self.save_failure
 
     def open_log(self) -> MetricsLogger:
         """The run's config.toml and its log, which keeps the records of the history this run continues."""
@@ -605,41 +602,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="a TOML config (see configs/); the defaults when omitted")
     args, overrides = parser.parse_known_args(argv)
     rank = int(os.environ.get("RANK", 0))
+    trainer = None
     quiet = rank != 0  # one error line per job, not one per rank
     if launched_by_torchrun():
         die_with_launcher()
-    try:
-        cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-        stream = open_data(cfg)
-        with RunLock(cfg.run.dir, say=print) if rank == 0 else contextlib.nullcontext():
+    with contextlib.ExitStack() as held:  # the run's lock, let go after any checkpoint write in flight has ended
+        try:
+            cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+            stream = open_data(cfg)
+            if rank == 0:
+                held.enter_context(RunLock(cfg.run.dir, say=print))
             trainer = Trainer(cfg, stream, command=argv)
             started, first_step = time.perf_counter(), trainer.state["step"]
             if first_step >= cfg.train.steps:
                 trainer.say(f"nothing to do: the run is at step {first_step} and train.steps = {cfg.train.steps} "
                             "(raise train.steps to train further)")
                 return 0
-            try:
-                trainer.run()
-            finally:  # before the run's lock is let go
+            trainer.run()
+        except Stopped as stop:
+            if not quiet:
+                print(f"megassm-train: {stop}", file=sys.stderr)
+            return stop.exit_code
+        except KeyboardInterrupt:
+            if not quiet:
+                print("megassm-train: stopped by SIGINT while starting, before the first step; run the same command to start again",
+                      file=sys.stderr)
+            return 128 + signal.SIGINT
+        except UserError as error:
+            if not quiet:
+                print(f"megassm-train: error: {error}", file=sys.stderr)
+            elif isinstance(error, OutOfMemory):  # this rank's own: the others may have had memory to spare
+                print(f"megassm-train: error on rank {rank}: {error}", file=sys.stderr)
+            return USER_ERROR_EXIT if not isinstance(error, TrainingError) else 1  # 1: restarted, where it may not recur
+        finally:  # after the error's line is printed
+            if trainer is not None:
                 trainer.abandon_saving()
-    except Stopped as stop:
-        if not quiet:
-            print(f"megassm-train: {stop}", file=sys.stderr)
-        return stop.exit_code
-    except KeyboardInterrupt:
-        if not quiet:
-            print("megassm-train: stopped by SIGINT while starting, before the first step; run the same command to start again",
-                  file=sys.stderr)
-        return 128 + signal.SIGINT
-    except UserError as error:
-        if not quiet:
-            print(f"megassm-train: error: {error}", file=sys.stderr)
-        elif isinstance(error, OutOfMemory):  # this rank's own: the others may have had memory to spare
-            print(f"megassm-train: error on rank {rank}: {error}", file=sys.stderr)
-        return USER_ERROR_EXIT if not isinstance(error, TrainingError) else 1  # 1: restarted, where it may not recur
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
     trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; "
                 f"metrics in {trainer.run_dir / 'metrics.jsonl'}, "
                 f"checkpoints in {trainer.run_dir / 'checkpoints'}")

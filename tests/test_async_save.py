@@ -3,6 +3,7 @@ began, each rank copies only the items it writes, and a failed write on any rank
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import threading
@@ -87,7 +88,7 @@ def test_a_failed_write_leaves_no_complete_checkpoint_and_says_why(tmp_path, mon
 
 def check_shares(run_dir: Path, failing_rank: int | None) -> None:
     """dp2: every item replicated over DP is copied and written by one rank only; the checkpoint equals the state at
-    its start. With `failing_rank`, that rank's write fails: the coordinator reports it, naming the rank."""
+    its start. With `failing_rank`, that rank's write fails: every rank learns it from the coordinator, naming the rank."""
     from parallel import DDPEngine, init_parallel
 
     ctx = init_parallel(dp=2, backend="gloo")
@@ -110,11 +111,8 @@ def check_shares(run_dir: Path, failing_rank: int | None) -> None:
         for p in model.parameters():
             p.zero_()
     if failing_rank is not None:
-        if rank == 0:
-            with pytest.raises(OSError, match=f"rank {failing_rank}: OSError: .*Input/output error"):
-                write.wait()
-        else:
-            write.wait()  # a rank's own failure is reported by the coordinator, once every rank reported
+        with pytest.raises(OSError, match=f"rank {failing_rank}: OSError: .*Input/output error"):
+            write.wait()  # on every rank: the coordinator's outcome
         return
     write.wait()
     everyone = [None, None]
@@ -143,6 +141,33 @@ def test_over_data_parallel_ranks_each_item_is_copied_and_written_once(tmp_path)
 def test_a_write_that_fails_on_another_rank_is_reported_by_the_coordinator(tmp_path):
     run_distributed(check_shares, 2, tmp_path, 1)
     assert not (tmp_path / "checkpoints" / "step_3").exists()
+
+
+def check_every_rank_waits_for_the_coordinator(run_dir: Path) -> None:
+    from parallel import DDPEngine, init_parallel
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=3))  # a collective's timeout, shorter than the write
+    ctx = init_parallel(dp=2)
+    model = Mamba2LM(ModelConfig.from_preset("debug"), ctx)
+    engine = DDPEngine(model, ctx, [{"params": list(model.parameters())}], lr=0.0)
+    write_data = FileSystemWriter.write_data
+
+    def slow_on_rank_0(self, plan, planner):
+        if dist.get_rank() == 0:
+            time.sleep(6)
+        return write_data(self, plan, planner)
+
+    FileSystemWriter.write_data = slow_on_rank_0
+    write = start_checkpoint(run_dir, Config(model=model.cfg), model, engine, ctx, TRAINER_STATE, copies=HostCopies())
+    write.wait()
+    assert is_complete(run_dir / "checkpoints" / "step_3")
+    dist.barrier()  # within the timeout: rank 1 waited for the checkpoint through the store, not in a collective
+
+
+def test_a_rank_waits_for_the_whole_checkpoint_past_a_collectives_timeout(tmp_path):
+    """Rank 0's write takes longer than a collective may wait: rank 1's wait ends once the checkpoint is complete, and
+    the ranks meet again within the timeout."""
+    run_distributed(check_every_rank_waits_for_the_coordinator, 2, tmp_path)
 
 
 def test_the_trainer_stops_with_one_line_when_a_checkpoint_cannot_be_written(config, tmp_path, monkeypatch, capsys):
@@ -194,7 +219,8 @@ def test_a_failure_on_one_rank_stops_every_rank_after_the_same_step():
 
 def test_host_copies_share_slabs_and_are_reused_while_the_items_stay_the_same(monkeypatch):
     """Copies are carved out of slabs of SLAB_BYTES (a tensor larger than one gets its own buffer), none overlapping
-    another, each equal to its tensor; the next checkpoint of the same items reuses them."""
+    another, each equal to its tensor and with a storage of its own size (DCP's writer clones a tensor whose storage is
+    larger); the next checkpoint of the same items reuses them."""
     from megassm import checkpoint_writer
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -202,11 +228,12 @@ def test_host_copies_share_slabs_and_are_reused_while_the_items_stay_the_same(mo
     tensors = {MetadataIndex(f"t{i}"): torch.randn(n) for i, n in enumerate((100, 100, 30, 600, 7, 50))}  # fp32: 600 > 1024 bytes
     copies = HostCopies()
     first = copies.copied(tensors)
+    assert all(torch.equal(first[i], t) and first[i].untyped_storage().nbytes() == t.nbytes for i, t in tensors.items())
+    start = [c.data_ptr() for c in first.values()]
+    # [t0 t1 t2] fill a slab (448 + 448 + 128 bytes, each rounded up to 64), t3 has its own, [t4 t5] share the last
+    assert (start[1] - start[0], start[2] - start[0], start[5] - start[4]) == (448, 896, 64)
     spans = sorted((c.data_ptr(), c.data_ptr() + c.nbytes) for c in first.values())
     assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))  # no overlap
-    assert all(torch.equal(first[i], t) for i, t in tensors.items())
-    storages = {c.untyped_storage().data_ptr() for c in first.values()}
-    assert len(storages) == 3  # [t0 t1 t2] [t3 alone] [t4 t5]: 448 + 448 + 128 bytes fill a slab
     again = copies.copied({i: t * 2 for i, t in tensors.items()})
     assert all(again[i].data_ptr() == first[i].data_ptr() and torch.equal(again[i], t * 2) for i, t in tensors.items())
 
@@ -225,19 +252,20 @@ if os.environ.get("RANK") == "1":  # a worker of the test's job (the launcher ha
 
 def test_under_torchrun_a_write_failing_on_another_rank_stops_the_job_with_one_line(config, tmp_path):
     """Rank 1 cannot write its part of a checkpoint (Python's sitecustomize breaks its writer): every rank stops after the
-    same step, rank 0 prints the one line naming the rank and the cause, exit code 2, no traceback, no wait for the
-    launcher's timeouts."""
+    same step, long before the next checkpoint, rank 0 prints the one line naming the rank and the cause, exit code 2, no
+    traceback, no wait for the launcher's timeouts."""
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(FAILING_RANK_1)
     env = {**TRAINER_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(inject), TRAINER_ENV.get("PYTHONPATH")]))}
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    result = subprocess.run(trainer_command(config, run_dir, 2, "--train.steps=9", "--checkpoint.every=3"), capture_output=True,
+    result = subprocess.run(trainer_command(config, run_dir, 2, "--train.steps=30", "--checkpoint.every=6"), capture_output=True,
                             text=True, env=env, timeout=600)
     assert result.returncode == 2, result.stderr[-3000:]
+    assert steps_logged(run_dir)[-1] < 12  # stopped by the step's stop flags, not by the next checkpoint's start
     lines = [line for line in result.stderr.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert lines == [f"megassm-train: error: checkpoint {run_dir}/checkpoints/step_3 could not be written (rank 1: OSError: [Errno 28] "
+    assert lines == [f"megassm-train: error: checkpoint {run_dir}/checkpoints/step_6 could not be written (rank 1: OSError: [Errno 28] "
                      "No space left on device); the run stops rather than train on without checkpoints: free space or fix "
                      f"{run_dir}, then resume"], result.stderr[-3000:]
     assert not list((run_dir / "checkpoints").glob("step_*")) and time.monotonic() - started < 120
