@@ -178,7 +178,8 @@ def start_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataP
     """Begin checkpoints/step_{trainer_state['step']} (collective: every rank calls it), with the tokenizer's
     `vocabulary` (tokenizer_vocabulary) when given, written in the background: with `copies` (kept between
     checkpoints) this rank's part of the state is copied to host memory before the return, and training may go on;
-    without, it is read where it is: wait() on the result before changing it. On the writing rank the write then
+    without, or where the result's `copied` is false (some rank's host memory lacked room), it is read where it is: wait() on the
+    result before changing it. On the writing rank the write then
     completes the checkpoint, and the result's `result` is the folder. An existing folder of that name is never
     replaced: CheckpointError."""
     final = checkpoint_dir(run_dir, trainer_state["step"])

@@ -14,8 +14,10 @@ thread needs no collective.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -29,7 +31,7 @@ from torch.distributed.checkpoint import DefaultSavePlanner, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem
 
-from megassm import job_store
+from megassm import host_memory, job_store
 
 # How long the coordinator's thread waits for the other ranks to report their writes.
 WRITE_TIMEOUT = datetime.timedelta(hours=6)
@@ -40,6 +42,10 @@ WRITE_TIMEOUT = datetime.timedelta(hours=6)
 SLAB_BYTES = 1 << 30
 ALIGNMENT = 64
 
+# New host copies take at most this share of the host memory left to each process (megassm/host_memory.py, shared by
+# the node's processes); where any rank's would take more, every rank writes from the live state while training waits.
+HOST_MEMORY_SHARE = 0.5
+
 
 class HostCopies:
     """Where a rank's items are copied to before they are written: slabs of host memory, page-locked for CUDA
@@ -49,51 +55,99 @@ class HostCopies:
         self._layout: list | None = None
         self._views: dict[MetadataIndex, Tensor] = {}
 
+    def new_bytes(self, tensors: dict[MetadataIndex, Tensor]) -> int:
+        """The host memory that copies of `tensors` would newly take: none where the last copies fit them."""
+        if _layout(tensors) == self._layout:
+            return 0
+        slabs, _ = _slabs([_aligned(t) for t in tensors.values()])
+        return sum(_allocated(size, _pinned(tensors)) for size in slabs)
+
     def copied(self, tensors: dict[MetadataIndex, Tensor]) -> dict[MetadataIndex, Tensor]:
         """A host copy of each tensor (copies from the GPU are queued on the current stream: synchronize before use)."""
-        layout = [(index, t.shape, t.dtype, t.is_cuda) for index, t in tensors.items()]
+        layout = _layout(tensors)
         if layout != self._layout:
+            self.release()
             self._layout, self._views = layout, self._carved(tensors)
         return {index: self._views[index].copy_(t, non_blocking=t.is_cuda) for index, t in tensors.items()}
 
+    def release(self) -> None:
+        """The copies let go, page-locked memory back to the system."""
+        pinned = any(is_cuda for *_, is_cuda in self._layout or [])
+        self._layout, self._views = None, {}
+        if pinned:
+            torch.accelerator.empty_host_cache()
+
     @staticmethod
     def _carved(tensors: dict[MetadataIndex, Tensor]) -> dict[MetadataIndex, Tensor]:
-        """A view for each tensor into slabs of at most SLAB_BYTES (a larger tensor gets a buffer of its own)."""
-        sizes = {index: -(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT for index, t in tensors.items()}
-        pinned = any(t.is_cuda for t in tensors.values())
-        views, slab, used, left = {}, None, 0, sum(sizes.values())
-        for index, t in tensors.items():
-            if slab is None or used + sizes[index] > slab.numel():
-                slab, used = torch.empty(max(min(left, SLAB_BYTES), sizes[index]), dtype=torch.uint8, pin_memory=pinned), 0
-            nbytes = t.numel() * t.element_size()
-            # A storage of its own over the slab's bytes: DCP's writer clones a tensor whose storage is larger.
-            views[index] = torch.empty(0, dtype=t.dtype).set_(slab.untyped_storage()[used:used + nbytes], 0, t.shape)
-            used, left = used + sizes[index], left - sizes[index]
-        return views
+        """A tensor for each of `tensors` in slabs of host memory, each with a storage of its own over the slab's
+        bytes: DCP's writer clones a tensor whose storage is larger."""
+        sizes, pinned = [_aligned(t) for t in tensors.values()], _pinned(tensors)
+        slab_sizes, places = _slabs(sizes)
+        slabs = [torch.empty(size, dtype=torch.uint8, pin_memory=pinned).untyped_storage() for size in slab_sizes]
+        return {index: torch.empty(0, dtype=t.dtype).set_(slabs[slab][offset:offset + t.numel() * t.element_size()], 0, t.shape)
+                for (index, t), (slab, offset) in zip(tensors.items(), places)}
+
+
+def _layout(tensors: dict[MetadataIndex, Tensor]) -> list:
+    return [(index, t.shape, t.dtype, t.is_cuda) for index, t in tensors.items()]
+
+
+def _pinned(tensors: dict[MetadataIndex, Tensor]) -> bool:
+    """Whether copies of `tensors` are page-locked: where they come from the GPU."""
+    return any(t.is_cuda for t in tensors.values())
+
+
+def _aligned(t: Tensor) -> int:
+    return -(-t.numel() * t.element_size() // ALIGNMENT) * ALIGNMENT
+
+
+def _allocated(size: int, pinned: bool) -> int:
+    """The bytes a buffer of `size` takes: torch's pinned allocator rounds it up to a power of two."""
+    return 1 << (size - 1).bit_length() if pinned else size
+
+
+def _slabs(sizes: list[int]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Slabs of at most SLAB_BYTES (an item larger than that gets one of its own) for items of `sizes`, in order: the
+    slabs' sizes, and each item's (slab, offset)."""
+    slabs, places, used, left = [], [], 0, sum(sizes)
+    for size in sizes:
+        if not slabs or used + size > slabs[-1]:
+            slabs.append(max(min(left, SLAB_BYTES), size))
+            used = 0
+        places.append((len(slabs) - 1, used))
+        used, left = used + size, left - size
+    return slabs, places
 
 
 class _CopiedPlanner(DefaultSavePlanner):
-    """DCP's default planner, its items resolved from the host copies `copy_items` took, not from the live state."""
+    """DCP's default planner, its items resolved once, from host copies where copy_items took them."""
 
-    def copy_items(self, plan: SavePlan, copies: HostCopies) -> None:
+    def resolve_items(self, plan: SavePlan) -> dict[MetadataIndex, Tensor]:
+        """This rank's tensors to write, from the live state (where the writer reads them unless they are copied)."""
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's updates, on whichever stream, are done
-        resolved = {item.index: super(_CopiedPlanner, self).resolve_data(item) for item in plan.items}
-        self._copies = {**resolved, **copies.copied({index: d for index, d in resolved.items() if isinstance(d, Tensor)})}
+        self._items = {item.index: super(_CopiedPlanner, self).resolve_data(item) for item in plan.items}
+        return {index: item for index, item in self._items.items() if isinstance(item, Tensor)}
+
+    def copy_items(self, tensors: dict[MetadataIndex, Tensor], copies: HostCopies) -> None:
+        self._items.update(copies.copied(tensors))
         if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the copies are, before training changes the state again
+            # The copies are done before training changes the state again (nor does the pinned allocator track the
+            # streams that use slices of its buffers).
+            torch.cuda.synchronize()
         self.state_dict, self.mappings = {}, {}  # the live state (ZeRO: this rank's gathered share) is let go now
 
     def resolve_data(self, write_item: WriteItem):
-        return self._copies[write_item.index]
+        return self._items[write_item.index]
 
 
 class BackgroundWrite:
     """One checkpoint of `state_dict` into the folder `path`, written by a thread; planned when constructed (every rank
-    constructs it: collectives). With `copies`, this rank's items are copied to host memory first, and training may
-    change the state as soon as the constructor returns; without, the thread reads the live state: wait before
-    changing it. On the coordinator (rank 0) the thread then waits for every rank's writes, writes DCP's metadata and
-    calls `on_complete`; on every rank it ends once the coordinator has posted the outcome."""
+    constructs it: collectives). With `copies`, this rank's items are copied to host memory first (`copied`), and
+    training may change the state as soon as the constructor returns; without, or where some rank's host memory
+    lacks room for its copies (`short_of_host_memory`), the thread reads the live state: wait before changing it. On
+    the coordinator (rank 0) the thread then waits for every rank's writes, writes DCP's metadata and calls
+    `on_complete`; on every rank it ends once the coordinator has posted the outcome."""
 
     def __init__(self, state_dict: dict, path: Path, copies: HostCopies | None, on_complete: Callable[[], object] | None = None):
         self.path, self._on_complete = path, on_complete
@@ -103,9 +157,18 @@ class BackgroundWrite:
         # No copying ahead: it synchronizes a CUDA stream every 10 MB, from the thread, while training queues work.
         self._storage = FileSystemWriter(path, per_thread_copy_ahead=0)
         self._planner = DefaultSavePlanner() if copies is None else _CopiedPlanner()
+        # Measured before planning, a collective: before any rank makes this checkpoint's copies.
+        available = host_memory.available() if copies is not None else None
         self._plan, self._metadata, self._key = self._planned(state_dict)
+        self.copied, self.short_of_host_memory = False, None
         if copies is not None:
-            self._planner.copy_items(self._plan, copies)
+            tensors = self._planner.resolve_items(self._plan)
+            self.short_of_host_memory = self._shortest_of_host_memory(copies.new_bytes(tensors), available)
+            if self.short_of_host_memory is None:
+                self._planner.copy_items(tensors, copies)
+                self.copied = True
+            else:
+                copies.release()
         self.result = None
         self.started = time.monotonic()
         self._error: BaseException | None = None
@@ -137,6 +200,21 @@ class BackgroundWrite:
             plan, key = outgoing[0]
         return self._planner.finish_plan(plan), metadata, key
 
+    def _shortest_of_host_memory(self, needed: int, available: int | None) -> tuple[int, int] | None:
+        """(bytes needed, bytes left to the process) of the rank whose new copies would take the largest share of the
+        host memory left to it, where some rank's take more than HOST_MEMORY_SHARE; None where every rank has room.
+        The same on every rank (a collective): where one waits for the checkpoint, all do, rather than wait for it
+        in the next collective. A node's memory is shared by its processes of the job."""
+        mine = (socket.gethostname(), needed, available)
+        everyone = [mine]
+        if self._distributed:
+            everyone = [None] * dist.get_world_size()
+            dist.all_gather_object(everyone, mine)
+        processes = collections.Counter(host for host, _, _ in everyone)
+        shares = [(needed, available // processes[host]) for host, needed, available in everyone if available is not None]
+        short = [(needed, share) for needed, share in shares if needed > HOST_MEMORY_SHARE * share]
+        return max(short, key=lambda pair: pair[0] / max(pair[1], 1)) if short else None
+
     def _write(self) -> None:
         try:
             if self._device is not None:
@@ -158,13 +236,13 @@ class BackgroundWrite:
         job_store.post(self._key, (written, error))
         failure = None
         if self._rank == 0:
-            everyone = job_store.collect(self._key, WRITE_TIMEOUT, self._abandoned)
-            job_store.forget(self._key)
             try:
+                everyone = job_store.collect(self._key, WRITE_TIMEOUT, self._abandoned)
+                job_store.forget(self._key)
                 self._complete(everyone)
-            except Exception as raised:
+            except Exception as raised:  # a rank that never reported included: the others learn it too
                 failure = raised
-        outcome = job_store.exchanged(f"{self._key}/outcome", failure and str(failure), WRITE_TIMEOUT, self._abandoned)[0]
+        outcome = job_store.from_first(f"{self._key}/outcome", failure and str(failure), WRITE_TIMEOUT, self._abandoned)
         if failure is not None:
             raise failure
         if outcome is not None:

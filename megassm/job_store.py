@@ -12,6 +12,7 @@ import datetime
 import pickle
 import threading
 import time
+from typing import Sequence
 
 import torch.distributed as dist
 
@@ -25,29 +26,31 @@ def post(key: str, value: object) -> None:
     dist.distributed_c10d._get_default_store().set(f"{key}/{dist.get_rank()}", pickle.dumps(value))
 
 
-def _keys(key: str) -> list[str]:
-    return [f"{key}/{rank}" for rank in range(dist.get_world_size())]
+def _keys(key: str, ranks: Sequence[int] | None) -> list[str]:
+    return [f"{key}/{rank}" for rank in (range(dist.get_world_size()) if ranks is None else ranks)]
 
 
-def collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | None = None) -> list:
-    """Every rank's value under `key`, in rank order, once all have posted one; TimeoutError after `timeout`, or once
-    `abandoned` is set."""
+def collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | None = None,
+            ranks: Sequence[int] | None = None) -> list:
+    """The values of `ranks` (every rank where None) under `key`, in their order, once all have posted one;
+    TimeoutError after `timeout`, or once `abandoned` is set."""
     store = dist.distributed_c10d._get_default_store()
-    keys = _keys(key)
+    keys = _keys(key, ranks)
     deadline, pause = time.monotonic() + timeout.total_seconds(), FIRST_PAUSE_SECONDS
     while not store.check(keys):
         if time.monotonic() > deadline or (abandoned is not None and abandoned.is_set()):
-            missing = [rank for rank, k in enumerate(keys) if not store.check([k])]
-            raise TimeoutError(f"ranks {missing} did not report {key!r}")
+            missing = [k.rsplit("/", 1)[1] for k in keys if not store.check([k])]
+            raise TimeoutError(f"ranks {', '.join(missing)} did not report {key!r}")
         time.sleep(pause)
         pause = min(2 * pause, POLL_SECONDS)
     return [pickle.loads(store.get(k)) for k in keys]
 
 
-def forget(key: str) -> None:
-    """Delete every rank's value under `key` (the store keeps what a long run posts otherwise)."""
+def forget(key: str, ranks: Sequence[int] | None = None) -> None:
+    """Delete the values of `ranks` (every rank's where None) under `key` (the store keeps what a long run posts
+    otherwise)."""
     store = dist.distributed_c10d._get_default_store()
-    for k in _keys(key):
+    for k in _keys(key, ranks):
         store.delete_key(k)
 
 
@@ -62,3 +65,18 @@ def exchanged(key: str, mine: object, timeout: datetime.timedelta, abandoned: th
         forget(key)
         forget(f"{key}/read")
     return values
+
+
+def from_first(key: str, value: object, timeout: datetime.timedelta, abandoned: threading.Event | None = None) -> object:
+    """Rank 0's `value` on every rank (the others' are not used; each polls one key). Rank 0 returns last, once every
+    rank has read it."""
+    others = range(1, dist.get_world_size())
+    if dist.get_rank() != 0:
+        value = collect(key, timeout, abandoned, ranks=[0])[0]
+        post(f"{key}/read", True)
+        return value
+    post(key, value)
+    collect(f"{key}/read", timeout, abandoned, ranks=others)
+    forget(key, ranks=[0])
+    forget(f"{key}/read", ranks=others)
+    return value

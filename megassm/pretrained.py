@@ -248,7 +248,10 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
     """Every tensor of the folder's first weight format found (WEIGHT_FILES), single file or sharded."""
     for name in WEIGHT_FILES:
         index = path / f"{name}.index.json"
-        files = sorted(set(_read_json(index).get("weight_map", {}).values())) if index.is_file() else [name] if (path / name).is_file() else []
+        if index.is_file():
+            files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        else:
+            files = [name] if (path / name).is_file() else []
         if files:
             return {key: tensor for file in files for key, tensor in _read_weight_file(path / file).items()}
     raise PretrainedError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index of them)")

@@ -45,7 +45,7 @@ from megassm.checkpoint import (
     tokenizer_vocabulary,
     unfinished_saves,
 )
-from megassm.checkpoint_writer import BackgroundWrite, HostCopies
+from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.data.shards import VERIFIED_FILE
@@ -347,6 +347,7 @@ class Trainer:
         self.saving_step = 0
         self.save_failure: CheckpointError | None = None  # a checkpoint that could not be written stops the run
         self.host_copies = HostCopies()  # where each checkpoint's state is copied before it is written
+        self.said_short_of_host_memory = False
         self.resume(checkpoints)
         self.take_over(replaced)
         n_params = logical_param_count(cfg.model)
@@ -498,7 +499,13 @@ class Trainer:
         copies = self.host_copies if self.cfg.checkpoint.async_save else None
         self.saving = start_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state, self.vocabulary, copies)
         self.saving_step = self.state["step"]
-        if copies is None:
+        if not self.saving.copied:
+            if self.saving.short_of_host_memory is not None and not self.said_short_of_host_memory:
+                needed, left = self.saving.short_of_host_memory
+                self.say(f"warning: a checkpoint's host copy would take {needed / 2**30:.1f} GiB of host memory on a process "
+                         f"with {left / 2**30:.1f} GiB left to it (copies may take {HOST_MEMORY_SHARE:.0%}): training waits "
+                         "while checkpoints are written, as with checkpoint.async_save = false")
+                self.said_short_of_host_memory = True
             self.finish_saving()
 
     def finish_saving(self, wait: bool = True) -> None:

@@ -23,6 +23,7 @@ from parallel import ParallelContext
 from tests.distributed import run_distributed
 from tests.test_convert import engine_for
 from tests.test_run_safety import steps_logged
+from megassm.train import Trainer
 from tests.test_train import TRAINER_ENV, config, trainer_command  # noqa: F401 (config: a fixture)
 
 TRAINER_STATE = {"step": 3, "samples": 24, "skipped_steps": 0}
@@ -198,6 +199,64 @@ def test_without_async_save_no_host_copy_is_made(config, tmp_path, monkeypatch):
     assert main(["--config", str(config), f"--run.dir={run_dir}", "--train.steps=2", "--checkpoint.every=1",
                  "--checkpoint.async_save=false"]) == 0
     assert [p.name for p in sorted((run_dir / "checkpoints").glob("step_*"))] == ["step_1", "step_2"]
+
+
+def test_where_host_memory_lacks_room_checkpoints_are_written_while_training_waits(config, tmp_path, monkeypatch, capsys):
+    """A host copy larger than half the host memory left to the process is not made: each checkpoint is written from
+    the live state, complete before training goes on, and the run says so once."""
+    from megassm import host_memory
+    from megassm.train import main
+
+    monkeypatch.setattr(host_memory, "available", lambda: 64 << 10)  # the debug model's copies take ~0.4 MiB
+    monkeypatch.setattr(HostCopies, "_carved", lambda tensors: pytest.fail("host copies made"))
+    save, waited = Trainer.save, []
+    monkeypatch.setattr(Trainer, "save", lambda self: save(self) or waited.append(self.saving is None))  # none in flight
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(config), f"--run.dir={run_dir}", "--train.steps=3", "--checkpoint.every=1"]) == 0
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "would take 0.0 GiB of host memory on a process with 0.0 GiB left" in warnings[0], warnings
+    assert [p.name for p in sorted((run_dir / "checkpoints").glob("step_*"))] == ["step_1", "step_2", "step_3"]
+    assert waited == [True, True, True]
+
+
+def check_one_rank_short_of_host_memory(run_dir: Path) -> None:
+    from megassm import host_memory
+    from parallel import DDPEngine, init_parallel
+
+    ctx = init_parallel(dp=2, backend="gloo")
+    host_memory.available = lambda: (64 << 10) if dist.get_rank() == 1 else (1 << 40)
+    HostCopies._carved = lambda tensors: pytest.fail("host copies made")
+    model = Mamba2LM(ModelConfig.from_preset("debug"), ctx)
+    engine = DDPEngine(model, ctx, [{"params": list(model.parameters())}], lr=0.0)
+    store = dist.distributed_c10d._get_default_store()
+    keys = store.num_keys()
+    write = start_checkpoint(run_dir, Config(model=model.cfg), model, engine, ctx, TRAINER_STATE, copies=HostCopies())
+    needed, left = write.short_of_host_memory  # rank 1's, on both ranks
+    assert not write.copied and left == (64 << 10) // 2 and needed > left / 2  # the node's memory shared by its 2 processes
+    write.wait()
+    assert is_complete(run_dir / "checkpoints" / "step_3")
+    if dist.get_rank() == 0:  # returns last: every key of the write deleted
+        assert store.num_keys() == keys
+
+
+def test_where_one_rank_lacks_host_memory_every_rank_waits_for_the_checkpoint(tmp_path):
+    """Rank 1's node has no room for its copies: neither rank copies (the other would otherwise train on into a
+    collective that waits for rank 1's write), both know why, and the write leaves nothing in the job's store."""
+    run_distributed(check_one_rank_short_of_host_memory, 2, tmp_path)
+
+
+def test_host_copies_count_the_memory_they_would_newly_take():
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    from megassm.checkpoint_writer import _allocated
+
+    tensors = {MetadataIndex("a"): torch.randn(100), MetadataIndex("b"): torch.randn(30)}  # 448 + 128 bytes, aligned
+    copies = HostCopies()
+    assert copies.new_bytes(tensors) == 576
+    copies.copied(tensors)
+    assert copies.new_bytes({i: t + 1 for i, t in tensors.items()}) == 0  # the same layout: the copies are reused
+    assert copies.new_bytes({**tensors, MetadataIndex("c"): torch.randn(1)}) == 640
+    assert (_allocated(576, pinned=True), _allocated(1024, pinned=True), _allocated(576, pinned=False)) == (1024, 1024, 576)
 
 
 def check_failure_stops_every_rank() -> None:
