@@ -233,20 +233,7 @@ class BackgroundWrite:
         which has no collective's timeout: another rank's write may take longer than NCCL's 10 minutes to end."""
         if not self._distributed:
             return self._complete([(written, error)])
-        job_store.post(self._key, (written, error))
-        failure = None
-        if self._rank == 0:
-            try:
-                everyone = job_store.collect(self._key, WRITE_TIMEOUT, self._abandoned)
-                job_store.forget(self._key)
-                self._complete(everyone)
-            except Exception as raised:  # a rank that never reported included: the others learn it too
-                failure = raised
-        outcome = job_store.from_first(f"{self._key}/outcome", failure and str(failure), WRITE_TIMEOUT, self._abandoned)
-        if failure is not None:
-            raise failure
-        if outcome is not None:
-            raise OSError(outcome)
+        job_store.decided(self._key, (written, error), self._complete, WRITE_TIMEOUT, self._abandoned)
 
     def _complete(self, everyone: list[tuple[list, str | None]]) -> None:
         """On the coordinator: DCP's metadata from every rank's write results, then `on_complete`; or the first rank's

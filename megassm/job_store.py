@@ -12,7 +12,7 @@ import datetime
 import pickle
 import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch.distributed as dist
 
@@ -20,8 +20,10 @@ import torch.distributed as dist
 FIRST_PAUSE_SECONDS = 0.001
 POLL_SECONDS = 0.2
 
+T = TypeVar("T")
 
-def post(key: str, value: object) -> None:
+
+def _post(key: str, value: object) -> None:
     """This rank's value under `key`."""
     dist.distributed_c10d._get_default_store().set(f"{key}/{dist.get_rank()}", pickle.dumps(value))
 
@@ -30,7 +32,7 @@ def _keys(key: str, ranks: Sequence[int] | None) -> list[str]:
     return [f"{key}/{rank}" for rank in (range(dist.get_world_size()) if ranks is None else ranks)]
 
 
-def collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | None = None,
+def _collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | None = None,
             ranks: Sequence[int] | None = None) -> list:
     """The values of `ranks` (every rank where None) under `key`, in their order, once all have posted one;
     TimeoutError after `timeout`, or once `abandoned` is set."""
@@ -46,7 +48,7 @@ def collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | 
     return [pickle.loads(store.get(k)) for k in keys]
 
 
-def forget(key: str, ranks: Sequence[int] | None = None) -> None:
+def _forget(key: str, ranks: Sequence[int] | None = None) -> None:
     """Delete the values of `ranks` (every rank's where None) under `key` (the store keeps what a long run posts
     otherwise)."""
     store = dist.distributed_c10d._get_default_store()
@@ -54,29 +56,36 @@ def forget(key: str, ranks: Sequence[int] | None = None) -> None:
         store.delete_key(k)
 
 
-def exchanged(key: str, mine: object, timeout: datetime.timedelta, abandoned: threading.Event | None = None) -> list:
-    """Every rank's `mine`, in rank order. Rank 0 returns last, once every rank has read them: outside torchrun (whose
-    agent holds the store) the store lives in rank 0's process."""
-    post(key, mine)
-    values = collect(key, timeout, abandoned)
-    post(f"{key}/read", True)
+def decided(key: str, mine: object, decide: Callable[[list], T], timeout: datetime.timedelta,
+            abandoned: threading.Event | None = None) -> T:
+    """decide(every rank's `mine`, in rank order) on rank 0, its result on every rank, or the exception that collecting
+    them or deciding raised on rank 0 raised on every rank. Rank 0 polls the others' keys, each other rank one key
+    (not every rank every key: thousands of ranks poll one store). Rank 0 returns last, once every rank has read the
+    result: outside torchrun (whose agent holds the store) the store lives in rank 0's process."""
+    _post(key, mine)
+    outcome = None
     if dist.get_rank() == 0:
-        collect(f"{key}/read", timeout, abandoned)
-        forget(key)
-        forget(f"{key}/read")
-    return values
+        try:
+            values = _collect(key, timeout, abandoned)
+            _forget(key)
+            outcome = (decide(values), None)
+        except Exception as error:  # a rank that never posted included: the others learn it too
+            outcome = (None, error)
+    result, error = _from_first(f"{key}/decided", outcome, timeout, abandoned)
+    if error is not None:
+        raise error
+    return result
 
 
-def from_first(key: str, value: object, timeout: datetime.timedelta, abandoned: threading.Event | None = None) -> object:
-    """Rank 0's `value` on every rank (the others' are not used; each polls one key). Rank 0 returns last, once every
-    rank has read it."""
+def _from_first(key: str, value: object, timeout: datetime.timedelta, abandoned: threading.Event | None) -> object:
+    """Rank 0's `value` on every rank (the others' are not used)."""
     others = range(1, dist.get_world_size())
     if dist.get_rank() != 0:
-        value = collect(key, timeout, abandoned, ranks=[0])[0]
-        post(f"{key}/read", True)
+        value = _collect(key, timeout, abandoned, ranks=[0])[0]
+        _post(f"{key}/read", True)
         return value
-    post(key, value)
-    collect(f"{key}/read", timeout, abandoned, ranks=others)
-    forget(key, ranks=[0])
-    forget(f"{key}/read", ranks=others)
+    _post(key, value)
+    _collect(f"{key}/read", timeout, abandoned, ranks=others)
+    _forget(key, ranks=[0])
+    _forget(f"{key}/read", ranks=others)
     return value

@@ -67,7 +67,7 @@ from megassm.ops import TRITON_MAX_ELEMENTS, resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import load_pretrained
 from megassm.run_dir import RunLock, checkpoints_to_replace, in_run_dir, launched_by_torchrun
-from megassm.stopping import StopSignals, Stopped, die_with_launcher
+from megassm.stopping import FailedElsewhere, StopSignals, Stopped, die_with_launcher
 from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
 from parallel.context import group_size
@@ -147,11 +147,16 @@ def _verify_shared(stream: TokenStream) -> bool:
         found = (stream.check(files[rank::world]), None)
     except DataError as error:
         found = ({}, error)
-    everyone = job_store.exchanged("megassm/verify_data", found, DATA_VERIFY_TIMEOUT)
-    errors = [error for _, error in everyone if error is not None]
-    if errors:
-        raise errors[0]
-    return rank != 0 or stream.record_verified({name: stamp for stamps, _ in everyone for name, stamp in stamps.items()})
+    matched = {}
+
+    def first_error(everyone: list) -> None:
+        errors = [error for _, error in everyone if error is not None]
+        if errors:
+            raise errors[0]
+        matched.update((name, stamp) for stamps, _ in everyone for name, stamp in stamps.items())
+
+    job_store.decided("megassm/verify_data", found, first_error, DATA_VERIFY_TIMEOUT)
+    return rank != 0 or stream.record_verified(matched)
 
 
 def check_kernel_addressing(cfg: Config, backend: str) -> None:
@@ -535,6 +540,15 @@ class Trainer:
         if self.save_failure is not None:
             raise self.save_failure
 
+    def stop_requested(self, signals: StopSignals) -> int | None:
+        """The signal any rank received, or a checkpoint's failure raised on every rank after the same step: with the
+        line that names it where this rank's write had not yet ended when another rank learnt of it."""
+        try:
+            return signals.requested(self.device, self.save_failure)
+        except FailedElsewhere:
+            self.saved_everywhere()
+            raise
+
     def abandon_saving(self) -> None:
         """After an error: the checkpoint being written, incomplete unless it needs nothing more from other ranks,
         given a bounded time to end before the process does."""
@@ -575,7 +589,7 @@ class Trainer:
                 self.finish_saving(wait=False)
                 logs = done % cfg.train.log_every == 0 or done == cfg.train.steps
                 validates = self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
-                signum = signals.requested(self.device, self.save_failure) if done < cfg.train.steps else None
+                signum = self.stop_requested(signals) if done < cfg.train.steps else None
                 if not (logs or validates or self.saves_at(done) or signum):
                     continue
                 grad_norm, unread = self.read_norm(queued), None

@@ -306,13 +306,25 @@ if os.environ.get("RANK") == "1":  # a worker of the test's job (the launcher ha
         raise OSError(28, "No space left on device")
 
     FileSystemWriter.write_data = full
+if os.environ.get("RANK") == "0":  # rank 0's write ends last: it waits a second longer for the others to read the outcome
+    import time
+    from megassm import job_store
+
+    collect = job_store._collect
+
+    def slow_reads(key, *args, **kwargs):
+        if key.endswith("/read"):
+            time.sleep(1)
+        return collect(key, *args, **kwargs)
+
+    job_store._collect = slow_reads
 """
 
 
 def test_under_torchrun_a_write_failing_on_another_rank_stops_the_job_with_one_line(config, tmp_path):
     """Rank 1 cannot write its part of a checkpoint (Python's sitecustomize breaks its writer): every rank stops after the
-    same step, long before the next checkpoint, rank 0 prints the one line naming the rank and the cause, exit code 2, no
-    traceback, no wait for the launcher's timeouts."""
+    same step, long before the next checkpoint, rank 0 prints the one line naming the rank and the cause (also where
+    rank 1 learns of the failure first), exit code 2, no traceback, no wait for the launcher's timeouts."""
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(FAILING_RANK_1)
