@@ -189,6 +189,23 @@ def test_hf_tokenizer_prepares_the_same_way(workdir):
     assert isinstance(load_tokenizer(stream.tokenizer_path), HFTokenizer)
 
 
+@pytest.mark.parametrize("eos_id, dtype", [(5000, "uint16"), (70000, "uint32")])
+def test_an_hf_tokenizer_whose_ids_leave_gaps_is_counted_to_its_largest_id(tmp_path, eos_id, dtype):
+    """len() of a transformers tokenizer counts its entries: ids past it would overflow the shards' dtype or be
+    taken as outside the vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "b": 2, "</s>": eos_id}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token="</s>", unk_token="<unk>").save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok").vocab_size == eos_id + 1
+    stream = TokenStream(prepare([write_jsonl(tmp_path / "ab.jsonl", ["a b a"] * 10)], tmp_path / "tok", tmp_path / "out",
+                                 cache_dir=tmp_path / "cache", val_fraction=0.0))
+    assert (stream.meta.vocab_size, stream.meta.dtype) == (eos_id + 1, dtype)
+    assert stream.read(0, 8).tolist() == [eos_id, 1, 2, 1, eos_id, 1, 2, 1]
+
+
 def test_retrained_tokenizer_is_not_served_from_the_tokenization_cache(tmp_path):
     inputs, tok_dir, cache = [write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)], tmp_path / "tok", tmp_path / "cache"
     for vocab_size in (320, 300):  # same paths, same cache: only the tokenizer's content differs
@@ -232,6 +249,40 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, sp_dir, monkeypatch):
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
         prepare(inputs, sp_dir, tmp_path / "out", cache_dir=tmp_path / "cache")
+
+
+def test_an_overwritten_preparation_stays_whole_until_the_new_one_is_in_place(tmp_path, sp_dir, monkeypatch):
+    """Interrupted as the new folder takes its place, the old one is still whole (renamed aside); the next run
+    replaces it and leaves nothing else behind."""
+    inputs, out = [write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)], tmp_path / "out"
+    old = TokenStream(prepare(inputs, sp_dir, out, cache_dir=tmp_path / "cache", val_fraction=0.0))
+    rename = Path.rename
+
+    def interrupted(self, target):
+        if self.name == "out.partial":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(inputs, sp_dir, out, cache_dir=tmp_path / "cache", overwrite=True)
+    aside = TokenStream(tmp_path / "out.replaced")
+    aside.verify()
+    assert aside.meta == old.meta
+    monkeypatch.undo()
+    new = TokenStream(prepare(inputs, sp_dir, out, cache_dir=tmp_path / "cache", overwrite=True))
+    assert new.meta.val_tokens > 0 and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "docs.jsonl", "out"]
+
+
+def test_documents_without_text_do_not_stop_the_tokenizer_training(tmp_path):
+    import datasets
+
+    from megassm.data.prepare import sample_documents
+
+    documents = datasets.Dataset.from_dict({"text": [None, *DOCUMENTS]})  # a JSON record with "text": null
+    sample = sample_documents(documents, lines=10_000)["text"]
+    train_sentencepiece(sample, 300, tmp_path / "tok")
+    assert load_tokenizer(tmp_path / "tok").vocab_size == 300
 
 
 # ---------------------------------------------------------------------------------------------- bad folders

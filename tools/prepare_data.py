@@ -32,8 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-by", choices=("line", "paragraph", "document"), default="line",
                         help=".txt inputs: a document per line, per blank-line-separated paragraph, or per file")
     parser.add_argument("--split", default="train", help="split of a hub dataset (default: train)")
-    parser.add_argument("--cache-dir", help="datasets' copies of the documents and tokens, about twice the corpus (default: in "
-                                            "--out while it is prepared, deleted at the end)")
+    parser.add_argument("--cache-dir", help="datasets' copies of the documents and tokens, about twice the corpus, kept: a rerun "
+                                            "after an interruption reuses them (default: in --out while it is prepared, deleted "
+                                            "at the end)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier preparation in --out (a folder holding other files is refused)")
     args = parser.parse_args(argv)
@@ -42,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
         out = prepare(args.input, args.tokenizer, args.out, text_key=args.text_key, num_proc=args.num_proc, shard_tokens=args.shard_tokens,
                       val_fraction=args.val_fraction, split=args.split, sample_by=args.sample_by, cache_dir=args.cache_dir,
                       overwrite=args.overwrite)
+        meta = TokenStream(out).meta
     except (OSError, ValueError) as error:  # missing inputs or tokenizer, bad records, DataError
         sys.exit(f"error: {error}")
-    meta = TokenStream(out).meta
     print(f"{out}: {meta.num_documents} documents, {meta.total_tokens} tokens ({meta.val_tokens} for validation) "
           f"in {len(meta.shards)} shard(s) of {meta.dtype}, vocabulary {meta.vocab_size}, in {time.time() - started:.1f} s")
 

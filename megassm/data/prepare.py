@@ -1,10 +1,11 @@
 """Documents -> a prepared data folder (format in megassm.data.shards).
 
 `datasets` reads the documents (local text / JSON lines / parquet files, or a hub dataset) and
-tokenizes them in parallel; tokenized results are cached by `datasets`, so re-running an interrupted
-preparation skips the finished tokenization. Everything is written into `<out>.partial` and renamed
-to `<out>` when complete: a folder named `<out>` is always a whole one. Overwriting deletes only what
-a preparation writes: a folder that holds anything else, or an input, is refused.
+tokenizes them in parallel; with a cache folder of its own (--cache-dir), kept after the preparation, re-running an
+interrupted preparation skips the tokenization `datasets` finished and cached there. Everything is written into
+`<out>.partial` and renamed to `<out>` when complete: a folder named `<out>` is always a whole one, and one it
+replaces is renamed away first, deleted once the new one is in place. Overwriting deletes only what a preparation
+writes: a folder that holds anything else, or an input, is refused.
 """
 
 from __future__ import annotations
@@ -138,7 +139,7 @@ def sample_documents(documents: datasets.Dataset, lines: int, seed: int = 0) -> 
     """Documents chosen at random, in their order, holding about twice `lines` lines (as many per document as the first
     thousand hold): enough for a tokenizer trained on `lines` sampled lines, without reading a large corpus whole."""
     head = documents.select(range(min(len(documents), 1000)))["text"]
-    per_document = max(1.0, sum(text.count("\n") + 1 for text in head) / max(1, len(head)))
+    per_document = max(1.0, sum(text.count("\n") + 1 for text in head if text) / max(1, len(head)))
     wanted = math.ceil(2 * lines / per_document)
     if wanted >= len(documents):
         return documents
@@ -203,10 +204,10 @@ def _validation_documents(num_documents: int, val_fraction: float) -> np.ndarray
     return np.linspace(0, num_documents - 1, count).round().astype(np.int64)
 
 
-def _check_replaceable(out: Path, partial: Path, inputs: list[str]) -> None:
-    """DataError unless replacing `out` and `partial` loses nothing: they hold only what a preparation writes,
-    and no input (documents or tokenizer) is one of them or lies inside them."""
-    existing = [folder for folder in (out, partial) if folder.exists()]
+def _check_replaceable(out: Path, partial: Path, replaced: Path, inputs: list[str]) -> None:
+    """DataError unless replacing `out`, `partial` and `replaced` loses nothing: they hold only what a preparation
+    writes, and no input (documents or tokenizer) is one of them or lies inside them."""
+    existing = [folder for folder in (out, partial, replaced) if folder.exists()]
     if not existing:
         return
     for folder in existing:
@@ -258,11 +259,12 @@ def prepare(
         raise FileExistsError(f"{out} exists: choose another output folder or pass --overwrite")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    partial = out.with_name(out.name + ".partial")
-    _check_replaceable(out, partial, [*inputs, str(tokenizer)])
+    partial, replaced = out.with_name(out.name + ".partial"), out.with_name(out.name + ".replaced")
+    _check_replaceable(out, partial, replaced, [*inputs, str(tokenizer)])
     tok = load_tokenizer(tokenizer)
-    if partial.exists():  # left by an interrupted run
-        _remove_preparation(partial)
+    for left in (partial, replaced):  # by an interrupted run
+        if left.exists():
+            _remove_preparation(left)
     partial.mkdir(parents=True)
     try:
         documents = load_documents(inputs, text_key, split, sample_by, cache_dir or partial / CACHE_DIR, num_proc)
@@ -282,10 +284,12 @@ def prepare(
             source={"inputs": inputs, "text_key": text_key, "tokenizer": str(tokenizer)},
         ).write(partial)
         shutil.rmtree(partial / CACHE_DIR, ignore_errors=True)
-        if out.exists():
-            _remove_preparation(out)
-        partial.rename(out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    if out.exists():  # renamed away, not deleted, until the new folder is in place
+        out.rename(replaced)
+    partial.rename(out)
+    if replaced.exists():
+        _remove_preparation(replaced)
     return out

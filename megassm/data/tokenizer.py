@@ -79,10 +79,11 @@ class HFTokenizer(Tokenizer):
             self._tok = AutoTokenizer.from_pretrained(str(name_or_path))
         except ValueError as error:  # a malformed tokenizer.json or tokenizer_config.json (JSONDecodeError among them)
             raise ValueError(f"tokenizer {name_or_path}: transformers cannot read it ({str(error).splitlines()[0]})") from None
-        self.vocab_size = len(self._tok)  # added tokens included
         self.eos_id = self._tok.eos_token_id
         if self.eos_id is None:
             raise ValueError(f"tokenizer {name_or_path} has no EOS token: set eos_token in its tokenizer_config.json")
+        # The largest id + 1 (added tokens included): ids may leave gaps, which len() does not count.
+        self.vocab_size = max(len(self._tok), max(self._tok.get_vocab().values(), default=-1) + 1, self.eos_id + 1)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         if not texts:  # transformers fails on an empty batch
@@ -141,7 +142,7 @@ def train_sentencepiece(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # sentencepiece trains on sentences: the non-blank lines of every document (newlines are byte pieces).
-    lines = (line for text in texts for line in text.split("\n") if line.strip())
+    lines = (line for text in texts if text for line in text.split("\n") if line.strip())
     try:
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=lines, model_prefix=str(out_dir / "tokenizer"),
