@@ -333,6 +333,9 @@ def validate(cfg: Config, world_size: int) -> None:
     if data.global_batch % (data.micro_batch * par.dp):
         raise ConfigError(f"data.global_batch = {data.global_batch} must be a multiple of data.micro_batch * parallel.dp = "
                           f"{data.micro_batch} * {par.dp}")
+    if train.eval_every and train.eval_samples < 1:
+        raise ConfigError(f"train.eval_samples = {train.eval_samples}: validation every train.eval_every = {train.eval_every} "
+                          "steps needs samples; set train.eval_every = 0 to validate never")
     if train.eval_every and train.eval_samples % (data.micro_batch * par.dp):
         raise ConfigError(f"train.eval_samples = {train.eval_samples} must be a multiple of data.micro_batch * parallel.dp = "
                           f"{data.micro_batch} * {par.dp}")

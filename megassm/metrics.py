@@ -85,9 +85,11 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def model_flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
-    """Training (forward + backward) FLOPs per token: 6 x n_params + 3 x the SSD's and attention's forward FLOPs.
-    n_params is the logical whole-model count (logical_param_count), not one rank's shard."""
-    return 6 * n_params + 3 * (ssd_flops_per_token(cfg, seq_len) + attention_flops_per_token(cfg, seq_len))
+    """Training (forward + backward) FLOPs per token: 6 x the parameters of matmuls + 3 x the SSD's and attention's
+    forward FLOPs. n_params is the logical whole-model count (logical_param_count), not one rank's shard; an untied
+    input embedding is a lookup, not a matmul."""
+    matmul_params = n_params - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+    return 6 * matmul_params + 3 * (ssd_flops_per_token(cfg, seq_len) + attention_flops_per_token(cfg, seq_len))
 
 
 # Dense bf16 tensor-core peaks, FLOP/s; the first entry whose substrings all occur in the name wins.
@@ -131,13 +133,28 @@ class Lap(NamedTuple):
 
 
 class StepTimer:
-    """Wall time of each logging interval and the part of it spent waiting for data. On CUDA, lap()
+    """Wall time of each logging interval spent training, and the part of it spent waiting for data. On CUDA, lap()
     synchronizes first, so queued kernels are counted in the interval that launched them."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self._start = time.perf_counter()
-        self._data_s = 0.0
+        self._data_s = self._excluded_s = 0.0
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Around work that is not training (validation, checkpoints): its time is left out of the interval."""
+        self._synchronize()  # the training queued before is the interval's
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self._excluded_s += time.perf_counter() - start
 
     @contextmanager
     def data_wait(self) -> Iterator[None]:
@@ -150,12 +167,11 @@ class StepTimer:
 
     def lap(self) -> Lap:
         """The interval since the previous lap (or construction), and start the next one."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self._synchronize()
         now = time.perf_counter()
-        elapsed = now - self._start
+        elapsed = now - self._start - self._excluded_s
         lap = Lap(elapsed, self._data_s / elapsed if elapsed > 0 else 0.0)
-        self._start, self._data_s = now, 0.0
+        self._start, self._data_s, self._excluded_s = now, 0.0, 0.0
         return lap
 
 

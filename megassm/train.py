@@ -21,6 +21,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import Tensor
 
 from megassm import job_store
 from megassm.checkpoint import (
+    CONFIG_FILE,
     CheckpointError,
     DamagedCheckpoint,
     check_compatible,
@@ -383,6 +385,7 @@ class Trainer:
             if in_run_dir(path, self.run_dir):
                 self.history.append(path)
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
+            self.warn_of_another_schedule(path)
             if self.state.get("sample_order", self.sample_order) != self.sample_order:
                 self.say(f"warning: the data, data.seq_len or run.seed differ from those {path} was trained with: the run goes on "
                          f"from sample {self.state['samples']} of another order, some samples it saw may come again")
@@ -391,6 +394,23 @@ class Trainer:
         if checkpoints:
             raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {self.run_dir / 'checkpoints'} can be read (warnings "
                                   "above): resume from a good copy with checkpoint.resume = PATH, or start a new run in another run.dir")
+
+    def warn_of_another_schedule(self, path: Path) -> None:
+        """The learning rate is a function of the step, train.steps and [optim]'s rates: resumed with others than the
+        checkpoint's run, it jumps; say by how much."""
+        try:
+            theirs = load_config(path / CONFIG_FILE, world_size=None)
+        except ConfigError:  # a checkpoint that does not say: nothing to compare
+            return
+        ours = self.cfg
+        values = {"train.steps": lambda c: c.train.steps, "optim.warmup_steps": lambda c: c.optim.warmup_steps,
+                  "optim.lr": lambda c: c.optim.lr, "optim.min_lr": lambda c: c.optim.min_lr}
+        changed = [f"{key} {value(theirs)} -> {value(ours)}" for key, value in values.items() if value(theirs) != value(ours)]
+        if changed:
+            step = self.state["step"]
+            self.say(f"warning: the learning-rate schedule differs from the one {path} was trained with ({', '.join(changed)}): "
+                     f"step {step + 1} runs at {learning_rate(step, ours.optim, ours.train.steps):.2e} where that run's "
+                     f"would have run at {learning_rate(step, theirs.optim, theirs.train.steps):.2e}")
 
     def take_over(self, replaced: list[Path]) -> None:
         """Delete run.dir's checkpoints outside this run's history (checkpoint.overwrite = true) and the folders of saves
@@ -571,11 +591,12 @@ class Trainer:
         """Train to train.steps; on SIGINT or SIGTERM save a checkpoint after the step in progress and raise Stopped.
         A step's gradient norm is read once the next step is queued, or at once where the step logs, validates, saves
         or stops the run."""
-        cfg, timer = self.cfg, StepTimer(self.device)
+        cfg = self.cfg
         self.logger = self.open_log()
+        timer = StepTimer(self.device)
         tokens_per_step, logged_step = cfg.data.global_batch * cfg.data.seq_len, self.state["step"]
         unread = None
-        with StopSignals(self.stop_message) as signals:
+        with StopSignals(self.stop_message) as signals, self.logger:  # the logger closed also on a stop or an error
             for step in range(self.state["step"], cfg.train.steps):
                 try:
                     queued = self.train_step(step, timer)
@@ -604,18 +625,19 @@ class Trainer:
                                "skipped_steps": self.state["skipped_steps"]}
                     logged_step = done
                 if validates:
-                    metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
+                    with timer.excluded():
+                        metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
                 if metrics:
                     self.logger.log(metrics)
                 if self.saves_at(done):
-                    self.save()
+                    with timer.excluded():
+                        self.save()
                 if signum:
                     if cfg.checkpoint.every >= 0 and not self.saves_at(done):
                         self.save()
                     self.saved_everywhere()
                     raise Stopped(signum, self.stop_message(signum))
             self.saved_everywhere()
-        self.logger.close()
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megassm-train", description=__doc__.split("\n\n")[0],
@@ -624,7 +646,6 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     rank = int(os.environ.get("RANK", 0))
     trainer = None
-    quiet = rank != 0  # one error line per job, not one per rank
     if launched_by_torchrun():
         die_with_launcher()
     with contextlib.ExitStack() as held:  # the run's lock, let go after any checkpoint write in flight has ended
@@ -641,19 +662,21 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             trainer.run()
         except Stopped as stop:
-            if not quiet:
+            if rank == 0:
                 print(f"megassm-train: {stop}", file=sys.stderr)
             return stop.exit_code
         except KeyboardInterrupt:
-            if not quiet:
+            if rank == 0:
                 print("megassm-train: stopped by SIGINT while starting, before the first step; run the same command to start again",
                       file=sys.stderr)
             return 128 + signal.SIGINT
-        except UserError as error:
-            if not quiet:
+        except UserError as error:  # one line per job, from rank 0, where every rank meets the same
+            if rank == 0:
                 print(f"megassm-train: error: {error}", file=sys.stderr)
-            elif isinstance(error, OutOfMemory):  # this rank's own: the others may have had memory to spare
-                print(f"megassm-train: error on rank {rank}: {error}", file=sys.stderr)
+            elif isinstance(error, OutOfMemory) or (not dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) == 0):
+                # This rank's own (out of memory), or one met before the ranks joined, maybe on this node alone (its
+                # copy of data.path): a line per node.
+                print(f"megassm-train: error on rank {rank} ({socket.gethostname()}): {error}", file=sys.stderr)
             return USER_ERROR_EXIT if not isinstance(error, TrainingError) else 1  # 1: restarted, where it may not recur
         finally:  # after the error's line is printed
             if trainer is not None:

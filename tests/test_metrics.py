@@ -120,6 +120,14 @@ def test_model_flops_per_token_and_throughput():
     assert throughput(100, 1.0, 1, fpt, None)["mfu"] is None
 
 
+def test_an_untied_input_embedding_is_a_lookup_not_a_matmul():
+    """Tied or not, a token's matmuls are the same (the LM head's among them): MFU does not count the lookup."""
+    tied = ModelConfig.from_preset("mamba2-130m")
+    untied = dataclasses.replace(tied, tie_embeddings=False)
+    assert logical_param_count(untied) == logical_param_count(tied) + tied.vocab_size * tied.d_model
+    assert model_flops_per_token(untied, 2048, logical_param_count(untied)) == model_flops_per_token(tied, 2048, logical_param_count(tied))
+
+
 def test_peak_flops(monkeypatch):
     assert peak_flops(torch.device("cpu")) is None
     assert peak_flops(torch.device("cpu"), 500) == 500e12

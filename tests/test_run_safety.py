@@ -139,6 +139,36 @@ def test_a_run_resumed_on_another_sample_order_says_so(config, old_run):
             "samples it saw may come again") in other.stdout
 
 
+def test_a_run_resumed_on_another_learning_rate_schedule_says_by_how_much(config, old_run):
+    """The rate is a function of the step and train.steps (the cosine's length): raising train.steps to train further
+    makes it jump, which the run says."""
+    from megassm.optim import learning_rate
+
+    optim = load_config(config, world_size=None).optim
+    other = run_trainer(config, old_run, 1, "--train.steps=8", "--checkpoint.every=-1")
+    assert other.returncode == 0, other.stderr[-3000:]
+    assert (f"warning: the learning-rate schedule differs from the one {old_run}/checkpoints/step_4 was trained with (train.steps "
+            f"4 -> 8): step 5 runs at {learning_rate(4, optim, 8):.2e} where that run's would have run at "
+            f"{learning_rate(4, optim, 4):.2e}") in other.stdout, other.stdout[-3000:]
+
+
+def test_a_mistake_met_before_the_ranks_join_is_said_by_the_node_that_met_it(config, tmp_path):
+    """A rank other than 0 that stops before the process group exists (its node's copy of data.path missing) says so
+    itself, its node's first process only (rank 0 may never learn of it)."""
+    missing = tmp_path / "missing"
+    for local_rank, said in (("0", True), ("1", False)):
+        env = {**TRAINER_ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": local_rank}
+        result = subprocess.run([sys.executable, "-m", "megassm.train", "--config", str(config), f"--run.dir={tmp_path / 'run'}",
+                                 f"--data.path={missing}"], capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = result.stderr.strip().splitlines()
+        if said:
+            assert len(lines) == 1 and lines[0].startswith(f"megassm-train: error on rank 1 ({socket.gethostname()}): ") \
+                and str(missing) in lines[0], lines
+        else:
+            assert lines == []
+
+
 def test_a_validation_larger_than_the_validation_split_says_so(config, tmp_path):
     windows = SampleLoader(TokenStream(load_config(config).data.path), seq_len=88, seed=0, split="val").num_windows
     result = run_trainer(config, tmp_path / "run", 1, "--train.steps=2", "--checkpoint.every=-1",

@@ -235,6 +235,38 @@ def test_a_rank_killed_on_one_of_two_nodes_is_restarted_on_both(config, tmp_path
         killed_mid_run_and_restarted(config, tmp_path, [node, node])
 
 
+def test_throughput_leaves_out_validation_and_checkpoints(config, tmp_path, monkeypatch):
+    """tokens/s and MFU are the training's: a validation or a checkpoint (here each slowed by a second) does not count
+    in the next interval."""
+    from megassm.train import Trainer, main
+
+    validation_loss, save = Trainer.validation_loss, Trainer.save
+    monkeypatch.setattr(Trainer, "validation_loss", lambda self: time.sleep(1) or validation_loss(self))
+    monkeypatch.setattr(Trainer, "save", lambda self: time.sleep(1) or save(self))
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(config), f"--run.dir={run_dir}", "--train.steps=6", "--train.log_every=2", "--train.eval_every=2",
+                 "--checkpoint.every=2"]) == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    seconds = [2 * 8 * 88 / r["tokens_per_s"] for r in records if r["step"] > 2]  # 2 steps of 8 x 88 tokens a line
+    assert len(seconds) == 2 and max(seconds) < 0.9, seconds
+
+
+def test_a_run_ending_on_an_error_closes_its_log(config, tmp_path, monkeypatch):
+    """The progress bar, metrics.jsonl and wandb's run are closed also where the run stops on an error."""
+    from megassm.data import DataError
+    from megassm.metrics import MetricsLogger
+    from megassm.train import Trainer, main
+
+    def shard_gone(self):
+        raise DataError("a shard went away")
+
+    closed, close = [], MetricsLogger.close
+    monkeypatch.setattr(MetricsLogger, "close", lambda self: closed.append(self) or close(self))
+    monkeypatch.setattr(Trainer, "validation_loss", shard_gone)
+    assert main(["--config", str(config), f"--run.dir={tmp_path / 'run'}", "--train.steps=4", "--checkpoint.every=-1"]) == 2
+    assert len(closed) == 1
+
+
 def test_bf16_autocast_stays_close_to_fp32(config, one_process, tmp_path):
     assert_same_run(train(config, tmp_path / "run", 1, "--train.precision=bf16", "--train.eval_every=0"),
                     [{k: v for k, v in r.items() if k != "val_loss"} for r in one_process], rel=2e-2)
