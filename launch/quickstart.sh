@@ -15,12 +15,12 @@ if [ ! -f data/builtin/meta.json ]; then
 fi
 
 run_dir="runs/quickstart-$(date +%Y%m%d-%H%M%S)"
-NPROC_PER_NODE=4 MASTER_PORT="${MASTER_PORT:-29517}" OMP_NUM_THREADS=1 \
+NPROC_PER_NODE=4 OMP_NUM_THREADS=1 \
   bash launch/torchrun.sh --config configs/debug.toml --run.dir="$run_dir" "$@"
 python tools/plot_metrics.py "$run_dir" --out "$run_dir/metrics.png"
 
 echo
 echo "metrics:     $run_dir/metrics.jsonl"
-echo "checkpoint:  $(ls -d "$run_dir"/checkpoints/step_* | tail -n 1)"
+echo "checkpoint:  $(ls -d "$run_dir"/checkpoints/step_* | sort -V | tail -n 1)"
 echo "plot:        $run_dir/metrics.png"
 echo "config:      $run_dir/config.toml"

@@ -6,8 +6,9 @@
 # Environment (defaults for one node):
 #   NPROC_PER_NODE  processes per node (default: the GPUs in CUDA_VISIBLE_DEVICES, else those nvidia-smi lists, else 1)
 #   NNODES                          number of nodes (1); the rendezvous numbers them itself
-#   MASTER_ADDR, MASTER_PORT        the rendezvous host, one of the nodes, and port (127.0.0.1, 29500);
-#                                   needed with NNODES > 1
+#   MASTER_ADDR, MASTER_PORT        the rendezvous host, one of the nodes, and port (29500); needed with
+#                                   NNODES > 1. One node: 127.0.0.1 and a port the kernel picks as torchrun
+#                                   binds it (as torchrun --standalone does): runs on one host never meet
 #   RDZV_ID                         a job id shared by all nodes (megassm)
 #   MAX_RESTARTS                    restart all processes this often after a failure (0); the
 #                                   trainer resumes from the newest complete checkpoint (not
@@ -28,7 +29,7 @@ exec python -m megassm.torchrun \
   --nnodes "${NNODES:-1}" \
   --nproc-per-node "${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}" \
   --rdzv-backend c10d \
-  --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
+  --rdzv-endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-$(( ${NNODES:-1} > 1 ? 29500 : 0 ))}" \
   --rdzv-id "${RDZV_ID:-megassm}" \
   --max-restarts "${MAX_RESTARTS:-0}" \
   -m megassm.train "$@"

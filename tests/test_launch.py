@@ -101,12 +101,57 @@ def stubbed_checkout(tmp_path) -> Path:
 
 @pytest.mark.parametrize("script, args, want", [
     ("launch/quickstart.sh", ["--train.steps=50"],
-     ["pip install -q -e .", r"torchrun.sh --config configs/debug.toml --run.dir=runs/quickstart-\d+-\d+ --train.steps=50",
+     ["python -m pip install -q -e .", r"torchrun.sh --config configs/debug.toml --run.dir=runs/quickstart-\d+-\d+ --train.steps=50",
       r"python tools/plot_metrics.py runs/quickstart-.*"]),
-    ("tests/run.sh", ["-k", "ssd"], [r"pip install -q -e .\[dev\]", "python -m pytest -n 2 -k ssd"]),
+    ("tests/run.sh", ["-k", "ssd"], [r"python -m pip install -q -e .\[dev\]", "python -m pytest -n 2 -k ssd"]),
 ], ids=["quickstart", "tests"])
 def test_scripts_give_their_arguments_to_the_trainer_or_pytest_not_to_pip(stubbed_checkout, script, args, want):
     done = subprocess.run(["bash", str(stubbed_checkout / script), *args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    calls = [call for call in (stubbed_checkout / "calls").read_text().splitlines() if call != "python -c import torch"]
+    calls = [call for call in (stubbed_checkout / "calls").read_text().splitlines()
+             if call not in ("python -c import torch", "python -m pip --version")]
     assert len(calls) == len(want) and all(re.fullmatch(pattern, call) for pattern, call in zip(want, calls)), calls
+
+
+def test_a_venv_without_pip_is_made_again(stubbed_checkout):
+    """python3 -m venv that failed half-way leaves a .venv whose pip is another interpreter's: it is not trusted."""
+    venv = stubbed_checkout / ".venv" / "bin"
+    (venv / "python").write_text('#!/bin/sh\n[ "$*" = "-m pip --version" ] && exit 1\nexit 0\n')
+    tools = stubbed_checkout / "tools"
+    tools.mkdir()
+    (tools / "python3").write_text(f'#!/bin/sh\necho "python3 $*" >> "{stubbed_checkout}/calls"\nrm -rf .venv\n'
+                                   f'cp -r "{stubbed_checkout}/good" .venv\n')
+    (tools / "python3").chmod(0o755)
+    good = stubbed_checkout / "good" / "bin"
+    good.mkdir(parents=True)
+    (good / "activate").write_text(f'PATH="{stubbed_checkout}/.venv/bin:$PATH"\n')
+    (good / "python").write_text(f'#!/bin/sh\necho "python $*" >> "{stubbed_checkout}/calls"\n')
+    (good / "python").chmod(0o755)
+    done = subprocess.run(["bash", "tests/run.sh"], cwd=stubbed_checkout, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stderr
+    assert (stubbed_checkout / "calls").read_text().splitlines()[:2] == ["python3 -m venv .venv", "python -c import torch"]
+
+
+def recorded_launch(tmp_path: Path, script: str, **env: str) -> str:
+    """The command line launch/<script> runs, with python and Slurm's srun and scontrol replaced by recorders."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in {"python": 'echo "python $*"', "srun": 'echo "srun MASTER_PORT=$MASTER_PORT $*"', "scontrol": "echo node7"}.items():
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    done = subprocess.run(["bash", str(ROOT / "launch" / script), "--config", DEBUG], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", **env})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_runs_on_one_host_never_share_a_rendezvous(tmp_path):
+    """One node: a port the kernel picks (two runs on a fixed port would join each other's launcher); several nodes
+    meet at MASTER_ADDR's; Slurm jobs at a port of their own, from the job id."""
+    env = {"MASTER_ADDR": "", "MASTER_PORT": "", "NNODES": "1", "CUDA_VISIBLE_DEVICES": "0"}
+    assert "--rdzv-endpoint 127.0.0.1:0 " in recorded_launch(tmp_path, "torchrun.sh", **env)
+    assert "--rdzv-endpoint node0:29500 " in recorded_launch(tmp_path, "torchrun.sh", **{**env, "NNODES": "2", "MASTER_ADDR": "node0"})
+    slurm = {"SLURM_JOB_ID": "123456", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[7-8]", "SLURM_SUBMIT_DIR": str(ROOT),
+             "SLURM_CPUS_PER_TASK": "8", "MASTER_PORT": ""}
+    assert recorded_launch(tmp_path, "slurm.sbatch", **slurm).startswith(f"srun MASTER_PORT={10000 + 123456 % 20000} ")
