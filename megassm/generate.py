@@ -15,8 +15,10 @@ from torch import Tensor
 from megassm.model import Mamba2LM
 
 
-def check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    """Raise ValueError naming the first setting that cannot sample."""
+def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int = 0) -> None:
+    """Raise ValueError naming the first setting that cannot generate."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
     if top_k < 0:
@@ -79,9 +81,7 @@ def generate(
     A row that samples eos_id is finished: eos_id fills the rest of it, and generation stops early
     once every row is. vocab_size: sample only ids below it (a tokenizer smaller than the model's
     padded vocabulary). Memory stays constant however many tokens are generated."""
-    check_sampling(temperature, top_k, top_p)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens = [prompt_ids]
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     logits, states = prefill(model, prompt_ids)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from megassm.errors import UserError
-from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, checkpoints_in, read_model_state
+from megassm.checkpoint import ARCHITECTURE_KEYS, CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, checkpoints_in, read_model_state
 from megassm.checkpoint_files import first_damaged_file
 from megassm.config import ConfigError, load_config
 from megassm.config import read_model_config as read_model_config_file
@@ -103,14 +103,14 @@ def detect_format(path: str | Path) -> str:
 def load_pretrained(path: str | Path, expect: ModelConfig | None = None,
                     dtype: torch.dtype | None = torch.float32) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The model in `path` (any of the three formats) as its ModelConfig and logical megassm state dict (in `dtype`,
-    or as stored where None; on CPU). With `expect`, the model must also fit that config's shapes and RoPE
+    or as stored where None; on CPU). With `expect`, the model must also fit that config's shapes and computation
     (PretrainedError naming the fields that differ), as when the trainer loads it into the model its [model] table builds."""
     path = Path(path)
     fmt = detect_format(path)
     cfg, state = _READERS[fmt](path)
-    if expect is not None and (_shapes(expect), _rotary(expect)) != (_shapes(cfg), _rotary(cfg)):
-        differ = [f"{f.name} {getattr(cfg, f.name)} (configured: {getattr(expect, f.name)})"
-                  for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expect, f.name)]
+    if expect is not None and (_shapes(expect), _computation(expect)) != (_shapes(cfg), _computation(cfg)):
+        theirs, ours = _computation(cfg), _computation(expect)
+        differ = [f"{key} {theirs[key]} (configured: {ours[key]})" for key in theirs if theirs[key] != ours[key]]
         raise PretrainedError(f"{path} does not fit the configured model; it has {', '.join(differ)}")
     return cfg, state if dtype is None else {name: tensor.to(dtype) for name, tensor in state.items()}
 
@@ -224,12 +224,16 @@ def _read_mamba_ssm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
 
 def _published_config(path: Path, read: Callable[[], ModelConfig]) -> ModelConfig:
     """A published folder's ModelConfig, read by `read`; PretrainedError naming config.json if megassm cannot represent it."""
+    from huggingface_hub.errors import StrictDataclassError  # transformers' config classes validate with it
+
     try:
         return read()
     except KeyError as error:
         raise PretrainedError(f"{path / 'config.json'} lacks {error}") from None
     except ValueError as error:
         raise PretrainedError(f"{path / 'config.json'}: {error}") from None
+    except (TypeError, StrictDataclassError) as error:  # a field of the wrong type, values that contradict each other
+        raise PretrainedError(f"{path / 'config.json'}: {str(error).strip().splitlines()[-1]}") from None
 
 
 def _published_tensors(path: Path, cfg: ModelConfig, to_theirs: Callable, tied_head_optional: bool) -> dict[str, Tensor]:
@@ -284,9 +288,18 @@ def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {name: tensor.shape for name, tensor in _meta_state(cfg).items()}
 
 
-def _rotary(cfg: ModelConfig) -> tuple[float, int] | None:
-    """RoPE as the attention blocks apply it (theta, channels rotated), None without: the shapes do not tell it."""
-    return (cfg.rope_theta, cfg.rope_dim) if "*" in cfg.layer_kinds and cfg.rope_dim else None
+def _computation(cfg: ModelConfig) -> dict[str, object]:
+    """What the model computes, beyond its tensors' shapes (ngroups and d_state of one product, eps, dt limits, RoPE):
+    the architecture's keys that apply (attention's and the MLP's only with such blocks, RoPE's only with it), the
+    pattern as its layer kinds. Initialisation-only keys aside."""
+    kinds, applies = cfg.layer_kinds, set(ARCHITECTURE_KEYS)
+    if "*" not in kinds:
+        applies -= {"attn_heads", "attn_kv_heads", "attn_head_dim", "rope", "rope_theta", "rope_fraction"}
+    elif not cfg.rope:
+        applies -= {"rope_theta", "rope_fraction"}
+    if "-" not in kinds:
+        applies -= {"mlp_hidden", "mlp_activation"}
+    return {key: kinds if key == "pattern" else getattr(cfg, key) for key in ARCHITECTURE_KEYS if key in applies}
 
 
 def _check_tensors(got: dict[str, Tensor], want: dict[str, torch.Size], where: Path, optional: set[str] = frozenset()) -> None:

@@ -181,6 +181,16 @@ def test_unreadable_folders_fail_with_their_name(tmp_path):
     save_transformers(cfg, Mamba2LM(cfg).state_dict(), hf)
     with pytest.raises(PretrainedError, match=f"{hf} does not fit the configured model; it has d_model 32 \\(configured: 64\\)"):
         load_pretrained(hf, expect=ModelConfig.from_preset("debug-g1", d_model=64))
+    # The same tensors' shapes, another computation: B and C split into other groups, another eps
+    same_shapes = ModelConfig.from_preset("debug-g1", ngroups=2 * cfg.ngroups, d_state=cfg.d_state // 2, norm_eps=1e-3)
+    with pytest.raises(PretrainedError, match=f"it has d_state {cfg.d_state} \\(configured: {cfg.d_state // 2}\\), ngroups "
+                                              f"{cfg.ngroups} \\(configured: {2 * cfg.ngroups}\\), norm_eps {cfg.norm_eps} "):
+        load_pretrained(hf, expect=same_shapes)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "hidden_size": "32"}))  # transformers' validation refuses it
+    with pytest.raises(PretrainedError, match=f"{hf / 'config.json'}: .*hidden_size"):
+        load_pretrained(hf)
+    (hf / "config.json").write_text(json.dumps(config))
     weights = load_file(hf / "model.safetensors")
     weights["backbone.layers.1.mixer.D"] = weights["backbone.layers.1.mixer.D"][:-1]
     torch.save(weights, hf / "pytorch_model.bin")
@@ -229,12 +239,17 @@ def test_tokenizer_export_without_conversion(tmp_path, prepared_data, monkeypatc
     backend.pre_tokenizer = pre_tokenizers.ByteLevel()
     backend.train_from_iterator(["import os\nprint(os.getcwd())"] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path / "hf-tok")
-    ids, note = tool.export_tokenizer(tmp_path / "hf-tok", tmp_path / "out")
+    ids, note = tool.export_tokenizer(tmp_path / "hf-tok", tmp_path / "out", 300)
     assert ids == {"bos_token_id": None, "eos_token_id": 1, "pad_token_id": None} and "saved as it is" in note
     assert AutoTokenizer.from_pretrained(tmp_path / "out")("print(os)")["input_ids"] == backend.encode("print(os)").ids
 
+    tokens = load_tokenizer(tmp_path / "hf-tok").vocab_size
+    with pytest.raises(ValueError, match=f"has {tokens} tokens, the model only {tokens - 1}: give the tokenizer the model was trained"):
+        tool.export_tokenizer(tmp_path / "hf-tok", tmp_path / "too-small", tokens - 1)
+    assert not (tmp_path / "too-small").exists()
+
     monkeypatch.setattr(tool, "converted_sentencepiece", lambda tokenizer: None)
-    ids, note = tool.export_tokenizer(prepared_data / "tokenizer", tmp_path / "copied")
+    ids, note = tool.export_tokenizer(prepared_data / "tokenizer", tmp_path / "copied", 512)
     assert ids == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None} and "copied it as tokenizer.model" in note
     assert [p.name for p in (tmp_path / "copied").iterdir()] == ["tokenizer.model"]
 

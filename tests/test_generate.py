@@ -221,6 +221,7 @@ def test_command_line_names_what_is_missing(tmp_path, prepared_data):
          f"generate: tokenizer {tmp_path / 'missing.model'}: no such file or folder; make one with python tools/train_tokenizer.py "
          "--input CORPUS --vocab-size N --out DIR"),
         ([str(tmp_path / "converted"), *given, "--top-p", "0"], "generate: top_p must be in (0, 1] (1: off), got 0.0"),
+        ([str(tmp_path / "converted"), *given, "--max-new-tokens", "-1"], "generate: max_new_tokens must be 0 or more, got -1"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as stopped:

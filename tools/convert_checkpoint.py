@@ -101,7 +101,7 @@ def convert(args: argparse.Namespace) -> str:
     if args.command == "to-hf":
         model_type = args.format or default_hf_format(cfg)
         HF_FORMATS[model_type].config_dict(cfg)  # a model the format cannot hold fails here, before anything is written
-        token_ids, tokenizer_note = export_tokenizer(args.tokenizer or tokenizer_to_export(source), args.out)
+        token_ids, tokenizer_note = export_tokenizer(args.tokenizer or tokenizer_to_export(source), args.out, cfg.vocab_size)
         save_transformers(cfg, state, args.out, DTYPES[args.dtype], token_ids, model_type)
         return f"wrote {args.out}: transformers {HF_FORMATS[model_type].architecture} ({shape}, {args.dtype}); {tokenizer_note}"
     if args.command == "to-mamba-ssm":
@@ -122,10 +122,13 @@ def tokenizer_to_export(checkpoint: Path) -> Path:
         raise FileNotFoundError(f"{error}; give the tokenizer to export with --tokenizer") from None
 
 
-def export_tokenizer(source: Path, out: Path) -> tuple[dict[str, int | None], str]:
-    """Write the tokenizer at `source` into `out` for transformers; returns its special token ids (for config.json)
-    and a note saying what was done."""
+def export_tokenizer(source: Path, out: Path, vocab_size: int) -> tuple[dict[str, int | None], str]:
+    """Write the tokenizer at `source` into `out` for transformers, if it fits the model's `vocab_size`; returns its
+    special token ids (for config.json) and a note saying what was done."""
     tokenizer = load_tokenizer(source)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer {source} has {tokenizer.vocab_size} tokens, the model only {vocab_size}: give the "
+                         "tokenizer the model was trained with (--tokenizer)")
     if not isinstance(tokenizer, SentencePieceTokenizer):
         from transformers import AutoTokenizer
 

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("generate: --device cuda, but torch sees no CUDA device: use --device cpu")
     try:
-        check_sampling(args.temperature, args.top_k, args.top_p)
+        check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
         folder = model_folder(args.model)
         tokenizer = tokenizer_for(folder, args.tokenizer)
         model = load_model(folder, device, DTYPES[args.dtype])
