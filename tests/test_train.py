@@ -106,8 +106,8 @@ def test_checkpoint_every_minus_one_writes_none(config, tmp_path):
 
 
 TP2_CP2 = ["--parallel.tp=2", "--parallel.cp=2"]
-# Four processes each; tp2 x cp2 with activation checkpointing is the run below that crashes, DeepSpeed's layouts
-# run where checkpoints move between engines.
+# Four processes each; tp2 x cp2 with sequence parallelism and activation checkpointing is the run below that
+# crashes, DeepSpeed's layouts run where checkpoints move between engines.
 LAYOUTS = {
     "dp2-cp2": ["--parallel.cp=2"],
     "dp2-tp2-sequence-parallel": ["--parallel.tp=2", "--parallel.sequence_parallel=true"],
@@ -121,12 +121,12 @@ def test_torchrun_layout_matches_one_process(layout, config, one_process, tmp_pa
 
 @pytest.fixture(scope="module")
 def tp2_cp2_run(config, tmp_path_factory) -> tuple[Path, list[dict]]:
-    """A tp=2 x cp=2 run with activation checkpointing under torchrun: its folder and metrics."""
+    """A tp=2 x cp=2 run with sequence parallelism and activation checkpointing under torchrun: its folder and metrics."""
     run_dir = tmp_path_factory.mktemp("tp2-cp2") / "run"
-    return run_dir, train(config, run_dir, 4, *TP2_CP2, "--train.activation_checkpointing=true")
+    return run_dir, train(config, run_dir, 4, *TP2_CP2, "--parallel.sequence_parallel=true", "--train.activation_checkpointing=true")
 
 
-def test_torchrun_tp2_cp2_with_activation_checkpointing_matches_one_process(tp2_cp2_run, one_process):
+def test_torchrun_tp2_cp2_with_sequence_parallelism_and_activation_checkpointing_matches_one_process(tp2_cp2_run, one_process):
     assert_same_run(tp2_cp2_run[1], one_process)
 
 
