@@ -5,7 +5,8 @@ may replace.
 dies, however it dies) and says who holds it: host, process, its torchrun launcher, Slurm job, start time, command.
 A lock file that nobody holds is stale once its processes are gone and is taken over with a warning; one written on
 another host cannot be checked from here, so it is left to the user to delete, unless it is this Slurm job's own
-(restarted or requeued after a node failed, its first process may now run on another node).
+(restarted or requeued after a node failed, its first process may now run on another node; still locked, as NFS may
+keep a dead node's lock a while, where Slurm has requeued the job since).
 
 The checkpoints of run.dir that a run neither resumes from nor continues are another history: a run from
 scratch, from a checkpoint elsewhere, or from an older checkpoint of the folder stops rather than mixing with
@@ -63,12 +64,13 @@ class Owner:
     started: str
     command: str
     slurm_job: str | None = None
+    slurm_restart: int = 0  # SLURM_RESTART_COUNT: how often Slurm requeued the job
 
     @classmethod
     def this_process(cls) -> "Owner":
         return cls(socket.gethostname(), os.getpid(), os.getppid() if launched_by_torchrun() else None,
                    time.strftime("%Y-%m-%d %H:%M:%S"), shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]]),
-                   os.environ.get("SLURM_JOB_ID"))
+                   os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0))
 
     def alive(self) -> bool:
         """Whether a process of that run still lives (on another host: unknown, so yes)."""
@@ -80,6 +82,10 @@ class Owner:
         """Whether this process is `previous`'s run started again: by the same torchrun agent, or in the same Slurm job."""
         same_launcher = self.launcher_pid is not None and (self.host, self.launcher_pid) == (previous.host, previous.launcher_pid)
         return same_launcher or (self.slurm_job is not None and self.slurm_job == previous.slurm_job)
+
+    def requeued_from(self, previous: "Owner") -> bool:
+        """Whether this process belongs to `previous`'s Slurm job requeued since: every process of that run is gone."""
+        return self.slurm_job is not None and self.slurm_job == previous.slurm_job and self.slurm_restart > previous.slurm_restart
 
     def __str__(self) -> str:
         launcher = f", launched by pid {self.launcher_pid}" if self.launcher_pid is not None else ""
@@ -110,6 +116,12 @@ class RunLock:
         except BlockingIOError:
             holder = _read_owner(fd)
             os.close(fd)
+            if holder is not None and holder.host != socket.gethostname() and Owner.this_process().requeued_from(holder):
+                # NFS may keep a dead node's lock for a while: this job's own, from before Slurm requeued it.
+                self.say(f"warning: {self.path} is still locked for this Slurm job's run before its requeue ({holder}); "
+                         "this run takes it over")
+                self.path.unlink(missing_ok=True)
+                return False
             raise RunDirError(f"run.dir = {self.run_dir} is in use by another run ({holder or 'unknown'}): wait for it to end, "
                               "stop it, or choose another run.dir") from None
         except OSError as error:

@@ -337,6 +337,30 @@ def test_a_lock_left_on_another_node_is_taken_over_by_the_same_slurm_job_only(tm
     assert said == [] and not lock.exists()
 
 
+def test_a_lock_still_held_for_this_slurm_jobs_run_before_its_requeue_is_taken_over(tmp_path, monkeypatch):
+    """NFS may keep a dead node's flock a while: held for this Slurm job before Slurm requeued it, the lock is taken
+    over; held for the same job not requeued since (maybe alive), or for another job, the run stops."""
+    lock = tmp_path / "run.lock"
+    before = {**asdict(Owner.this_process()), "host": "node-that-failed", "pid": 1, "launcher_pid": 2, "slurm_job": "4242",
+              "slurm_restart": 0}
+    lock.write_text(json.dumps(before))
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the file server still holds it for the dead node
+    try:
+        for job, restart in (("4242", "0"), ("4243", "1")):
+            monkeypatch.setenv("SLURM_JOB_ID", job)
+            monkeypatch.setenv("SLURM_RESTART_COUNT", restart)
+            with pytest.raises(RunDirError, match="in use by another run .pid 1 on node-that-failed"):
+                RunLock(tmp_path, print).__enter__()
+        monkeypatch.setenv("SLURM_JOB_ID", "4242")
+        said = []
+        with RunLock(tmp_path, said.append):
+            assert json.loads(lock.read_text())["host"] == socket.gethostname()
+        assert len(said) == 1 and "still locked for this Slurm job's run before its requeue" in said[0] and not lock.exists()
+    finally:
+        os.close(held)
+
+
 def test_workers_die_with_a_killed_torchrun(config, tmp_path):
     """torchrun starts each worker in its own session: kill -9 of torchrun alone must still end them."""
     job = start(config, tmp_path / "run", 2, "--parallel.cp=2", "--train.steps=100000", "--checkpoint.every=-1")
