@@ -39,6 +39,7 @@ from megassm.checkpoint import (
     check_compatible,
     checkpoint_dir,
     checkpoint_step,
+    checkpoints_in,
     decided_by_first,
     load_checkpoint,
     resume_candidates,
@@ -349,7 +350,7 @@ class Trainer:
         self.sample_order = sample_order(stream, cfg)
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.sample_order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
-        self.history: list[Path] = []  # this run's checkpoints in run.dir, oldest first: the only ones rotation deletes
+        self.history: list[Path] = []  # the checkpoints of run.dir's history, oldest first: the only ones rotation deletes
         self.saving: BackgroundWrite | None = None  # the checkpoint being written, of step self.saving_step
         self.saving_step = 0
         self.save_failure: CheckpointError | None = None  # a checkpoint that could not be written stops the run
@@ -382,8 +383,8 @@ class Trainer:
                     raise
                 self.say(f"warning: skipping damaged checkpoint {path}: {error}")
                 continue
-            if in_run_dir(path, self.run_dir):
-                self.history.append(path)
+            if in_run_dir(path, self.run_dir):  # rotation goes on over the folder's history, up to this checkpoint
+                self.history = [p for p in checkpoints_in(self.run_dir) if checkpoint_step(p) <= checkpoint_step(path)]
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
             self.warn_of_another_schedule(path)
             if self.state.get("sample_order", self.sample_order) != self.sample_order:
