@@ -67,6 +67,20 @@ ARCHITECTURE_KEYS = ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "
                      "rope_theta", "rope_fraction", "mlp_hidden", "mlp_activation")
 
 
+def architecture(cfg: ModelConfig) -> dict[str, object]:
+    """What makes `cfg` another model than one with different values: the ARCHITECTURE_KEYS that apply (attention's
+    and the MLP's only with such blocks, RoPE's only with it), the pattern as its layer kinds (an empty pattern is
+    every block Mamba-2)."""
+    kinds, applies = cfg.layer_kinds, set(ARCHITECTURE_KEYS)
+    if "*" not in kinds:
+        applies -= {"attn_heads", "attn_kv_heads", "attn_head_dim", "rope", "rope_theta", "rope_fraction"}
+    elif not cfg.rope:
+        applies -= {"rope_theta", "rope_fraction"}
+    if "-" not in kinds:
+        applies -= {"mlp_hidden", "mlp_activation"}
+    return {key: kinds if key == "pattern" else getattr(cfg, key) for key in ARCHITECTURE_KEYS if key in applies}
+
+
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint, or run.dir's checkpoints, that this run cannot use as configured; the message says what would do."""
 
@@ -178,10 +192,9 @@ def start_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataP
     """Begin checkpoints/step_{trainer_state['step']} (collective: every rank calls it), with the tokenizer's
     `vocabulary` (tokenizer_vocabulary) when given, written in the background: with `copies` (kept between
     checkpoints) this rank's part of the state is copied to host memory before the return, and training may go on;
-    without, or where the result's `copied` is false (some rank's host memory lacked room), it is read where it is: wait() on the
-    result before changing it. On the writing rank the write then
-    completes the checkpoint, and the result's `result` is the folder. An existing folder of that name is never
-    replaced: CheckpointError."""
+    without, or where the result's `copied` is false (some rank's host memory lacked room), it is read where it is:
+    wait() on the result before changing it. On the writing rank the write then completes the checkpoint, and the
+    result's `result` is the folder. An existing folder of that name is never replaced: CheckpointError."""
     final = checkpoint_dir(run_dir, trainer_state["step"])
     temporary = unfinished_save(final)
     if final.exists():
@@ -249,7 +262,7 @@ def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
 
 
 def check_compatible(path: Path, model: ModelConfig, vocabulary: dict | None) -> None:
-    """IncompatibleCheckpoint unless the checkpoint holds `model`'s architecture (ARCHITECTURE_KEYS) and, where both
+    """IncompatibleCheckpoint unless the checkpoint holds `model`'s architecture (`architecture`) and, where both
     are known, comes from the same tokenizer; DamagedCheckpoint when it does not say which model it holds."""
     described = next((path / name for name in (CONFIG_FILE, MODEL_FILE) if (path / name).is_file()), None)
     if described is None:
@@ -259,10 +272,11 @@ def check_compatible(path: Path, model: ModelConfig, vocabulary: dict | None) ->
     except ConfigError as error:
         raise DamagedCheckpoint(f"cannot read {described}: {error}") from None
     new_run = "start a new run in another run.dir"
-    for key in ARCHITECTURE_KEYS:
-        if getattr(saved, key) != getattr(model, key):
-            raise IncompatibleCheckpoint(f"{path} holds another model: model.{key} = {getattr(saved, key)!r} there, "
-                                         f"{getattr(model, key)!r} in this config; {new_run} to train this one, or resume with that value")
+    theirs, ours = architecture(saved), architecture(model)
+    for key, value in ours.items():  # where the layer kinds or RoPE differ, "pattern" or "rope" comes first
+        if theirs.get(key) != value:
+            raise IncompatibleCheckpoint(f"{path} holds another model: model.{key} = {theirs.get(key)!r} there, "
+                                         f"{value!r} in this config; {new_run} to train this one, or resume with that value")
     if vocabulary is None or not (path / VOCABULARY_FILE).is_file():
         return
     with _reading(path / VOCABULARY_FILE):

@@ -33,7 +33,7 @@ def _keys(key: str, ranks: Sequence[int] | None) -> list[str]:
 
 
 def _collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | None = None,
-            ranks: Sequence[int] | None = None) -> list:
+             ranks: Sequence[int] | None = None) -> list:
     """The values of `ranks` (every rank where None) under `key`, in their order, once all have posted one;
     TimeoutError after `timeout`, or once `abandoned` is set."""
     store = dist.distributed_c10d._get_default_store()

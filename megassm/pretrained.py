@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from megassm.errors import UserError
-from megassm.checkpoint import ARCHITECTURE_KEYS, CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, checkpoints_in, read_model_state
+from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, architecture, checkpoints_in, read_model_state
 from megassm.checkpoint_files import first_damaged_file
 from megassm.config import ConfigError, load_config
 from megassm.config import read_model_config as read_model_config_file
@@ -103,13 +103,13 @@ def detect_format(path: str | Path) -> str:
 def load_pretrained(path: str | Path, expect: ModelConfig | None = None,
                     dtype: torch.dtype | None = torch.float32) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The model in `path` (any of the three formats) as its ModelConfig and logical megassm state dict (in `dtype`,
-    or as stored where None; on CPU). With `expect`, the model must also fit that config's shapes and computation
-    (PretrainedError naming the fields that differ), as when the trainer loads it into the model its [model] table builds."""
+    or as stored where None; on CPU). With `expect`, the model must also be that config's (its shapes and `architecture`:
+    PretrainedError naming the fields that differ), as when the trainer loads it into the model its [model] table builds."""
     path = Path(path)
     fmt = detect_format(path)
     cfg, state = _READERS[fmt](path)
-    if expect is not None and (_shapes(expect), _computation(expect)) != (_shapes(cfg), _computation(cfg)):
-        theirs, ours = _computation(cfg), _computation(expect)
+    if expect is not None and (_shapes(expect), architecture(expect)) != (_shapes(cfg), architecture(cfg)):
+        theirs, ours = architecture(cfg), architecture(expect)
         differ = [f"{key} {theirs[key]} (configured: {ours[key]})" for key in theirs if theirs[key] != ours[key]]
         raise PretrainedError(f"{path} does not fit the configured model; it has {', '.join(differ)}")
     return cfg, state if dtype is None else {name: tensor.to(dtype) for name, tensor in state.items()}
@@ -286,20 +286,6 @@ def _meta_state(cfg: ModelConfig) -> dict[str, Tensor]:
 
 def _shapes(cfg: ModelConfig) -> dict[str, torch.Size]:
     return {name: tensor.shape for name, tensor in _meta_state(cfg).items()}
-
-
-def _computation(cfg: ModelConfig) -> dict[str, object]:
-    """What the model computes, beyond its tensors' shapes (ngroups and d_state of one product, eps, dt limits, RoPE):
-    the architecture's keys that apply (attention's and the MLP's only with such blocks, RoPE's only with it), the
-    pattern as its layer kinds. Initialisation-only keys aside."""
-    kinds, applies = cfg.layer_kinds, set(ARCHITECTURE_KEYS)
-    if "*" not in kinds:
-        applies -= {"attn_heads", "attn_kv_heads", "attn_head_dim", "rope", "rope_theta", "rope_fraction"}
-    elif not cfg.rope:
-        applies -= {"rope_theta", "rope_fraction"}
-    if "-" not in kinds:
-        applies -= {"mlp_hidden", "mlp_activation"}
-    return {key: kinds if key == "pattern" else getattr(cfg, key) for key in ARCHITECTURE_KEYS if key in applies}
 
 
 def _check_tensors(got: dict[str, Tensor], want: dict[str, torch.Size], where: Path, optional: set[str] = frozenset()) -> None:

@@ -404,9 +404,9 @@ class Trainer:
         except ConfigError:  # a checkpoint that does not say: nothing to compare
             return
         ours = self.cfg
-        values = {"train.steps": lambda c: c.train.steps, "optim.warmup_steps": lambda c: c.optim.warmup_steps,
-                  "optim.lr": lambda c: c.optim.lr, "optim.min_lr": lambda c: c.optim.min_lr}
-        changed = [f"{key} {value(theirs)} -> {value(ours)}" for key, value in values.items() if value(theirs) != value(ours)]
+        keys = [("train", "steps"), ("optim", "warmup_steps"), ("optim", "lr"), ("optim", "min_lr")]
+        changed = [f"{section}.{key} {getattr(getattr(theirs, section), key)} -> {getattr(getattr(ours, section), key)}"
+                   for section, key in keys if getattr(getattr(theirs, section), key) != getattr(getattr(ours, section), key)]
         if changed:
             step = self.state["step"]
             self.say(f"warning: the learning-rate schedule differs from the one {path} was trained with ({', '.join(changed)}): "
@@ -639,6 +639,7 @@ class Trainer:
                     self.saved_everywhere()
                     raise Stopped(signum, self.stop_message(signum))
             self.saved_everywhere()
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="megassm-train", description=__doc__.split("\n\n")[0],
