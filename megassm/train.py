@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -250,6 +251,21 @@ def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_s
     return model
 
 
+def schedule_change(theirs: Config, ours: Config, step: int, checkpoint: Path) -> str | None:
+    """How resuming from `checkpoint`, written after `step` by a run configured as `theirs`, on `ours` changes the
+    learning rate's schedule; None where it does not."""
+    keys = [("train", "steps"), ("optim", "warmup_steps"), ("optim", "lr"), ("optim", "min_lr")]
+    changed = [f"{section}.{key} {getattr(getattr(theirs, section), key)} -> {getattr(getattr(ours, section), key)}"
+               for section, key in keys if getattr(getattr(theirs, section), key) != getattr(getattr(ours, section), key)]
+    if not changed:
+        return None
+    now, before = learning_rate(step, ours.optim, ours.train.steps), learning_rate(step, theirs.optim, theirs.train.steps)
+    differs = f"the learning-rate schedule differs from the one {checkpoint} was trained with ({', '.join(changed)})"
+    if math.isclose(now, before, rel_tol=1e-6):
+        return f"{differs}: step {step + 1} runs at {now:.2e} as it would have, and the rate follows this run's schedule from there"
+    return f"warning: {differs}: step {step + 1} runs at {now:.2e} where that run's would have run at {before:.2e}"
+
+
 def pick_device(choice: str) -> torch.device:
     if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
@@ -277,6 +293,13 @@ def use_cublas_without_workspace(device: torch.device) -> None:
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":0:0")
         os.environ.setdefault("CUBLASLT_WORKSPACE_SIZE", "0")
+
+
+def quiet_cublas_context_warning() -> None:
+    """autograd's CUDA thread runs its first matmul before that thread has a current CUDA context; cuBLAS then uses
+    the device's primary context, as the rest of the process does, and torch warns of it in every run (a UserWarning
+    with a line of parallel/linear.py that the user can do nothing about)."""
+    warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
 
 
 def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParallelEngine:
@@ -307,6 +330,7 @@ class Trainer:
         self.device = pick_device(cfg.train.device)
         limit_cpu_threads(self.device)
         use_cublas_without_workspace(self.device)
+        quiet_cublas_context_warning()
         launched = "RANK" in os.environ  # by torchrun, also for one process
         if cfg.parallel.engine == "deepspeed" and not launched:
             raise ConfigError("parallel.engine = 'deepspeed' needs torchrun, also for one process: "
@@ -386,7 +410,7 @@ class Trainer:
             if in_run_dir(path, self.run_dir):  # rotation goes on over the folder's history, up to this checkpoint
                 self.history = [p for p in checkpoints_in(self.run_dir) if checkpoint_step(p) <= checkpoint_step(path)]
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
-            self.warn_of_another_schedule(path)
+            self.say_schedule_change(path)
             if self.state.get("sample_order", self.sample_order) != self.sample_order:
                 self.say(f"warning: the data, data.seq_len or run.seed differ from those {path} was trained with: the run goes on "
                          f"from sample {self.state['samples']} of another order, some samples it saw may come again")
@@ -396,22 +420,15 @@ class Trainer:
             raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {self.run_dir / 'checkpoints'} can be read (warnings "
                                   "above): resume from a good copy with checkpoint.resume = PATH, or start a new run in another run.dir")
 
-    def warn_of_another_schedule(self, path: Path) -> None:
+    def say_schedule_change(self, path: Path) -> None:
         """The learning rate is a function of the step, train.steps and [optim]'s rates: resumed with others than the
-        checkpoint's run, it jumps; say by how much."""
+        checkpoint's run, it follows another schedule from here, and may jump; say so, and by how much."""
         try:
             theirs = load_config(path / CONFIG_FILE, world_size=None)
         except ConfigError:  # a checkpoint that does not say: nothing to compare
             return
-        ours = self.cfg
-        keys = [("train", "steps"), ("optim", "warmup_steps"), ("optim", "lr"), ("optim", "min_lr")]
-        changed = [f"{section}.{key} {getattr(getattr(theirs, section), key)} -> {getattr(getattr(ours, section), key)}"
-                   for section, key in keys if getattr(getattr(theirs, section), key) != getattr(getattr(ours, section), key)]
-        if changed:
-            step = self.state["step"]
-            self.say(f"warning: the learning-rate schedule differs from the one {path} was trained with ({', '.join(changed)}): "
-                     f"step {step + 1} runs at {learning_rate(step, ours.optim, ours.train.steps):.2e} where that run's "
-                     f"would have run at {learning_rate(step, theirs.optim, theirs.train.steps):.2e}")
+        if change := schedule_change(theirs, self.cfg, self.state["step"], path):
+            self.say(change)
 
     def take_over(self, replaced: list[Path]) -> None:
         """Delete run.dir's checkpoints outside this run's history (checkpoint.overwrite = true) and the folders of saves

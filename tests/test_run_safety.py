@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import psutil
@@ -29,9 +29,10 @@ from megassm.data.corpus import builtin_documents, write_builtin_corpus
 from megassm.data.prepare import prepare
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
+from megassm.optim import learning_rate
 from megassm.run_dir import Owner, RunDirError, RunLock
 from megassm.stopping import StopSignals, Stopped
-from megassm.train import limit_cpu_threads
+from megassm.train import limit_cpu_threads, schedule_change
 from parallel import ParallelContext
 from tests.distributed import run_distributed
 from tests.test_convert import engine_for
@@ -142,14 +143,26 @@ def test_a_run_resumed_on_another_sample_order_says_so(config, old_run):
 def test_a_run_resumed_on_another_learning_rate_schedule_says_by_how_much(config, old_run):
     """The rate is a function of the step and train.steps (the cosine's length): raising train.steps to train further
     makes it jump, which the run says."""
-    from megassm.optim import learning_rate
-
     optim = load_config(config, world_size=None).optim
     other = run_trainer(config, old_run, 1, "--train.steps=8", "--checkpoint.every=-1")
     assert other.returncode == 0, other.stderr[-3000:]
     assert (f"warning: the learning-rate schedule differs from the one {old_run}/checkpoints/step_4 was trained with (train.steps "
             f"4 -> 8): step 5 runs at {learning_rate(4, optim, 8):.2e} where that run's would have run at "
             f"{learning_rate(4, optim, 4):.2e}") in other.stdout, other.stdout[-3000:]
+
+
+def test_a_schedule_changed_where_the_rate_goes_on_as_before_is_said_without_a_warning():
+    """train.steps raised during the warm-up (the cosine not yet begun): the rate goes on without a jump, which the
+    line says instead of warning of one; the same schedule says nothing."""
+    theirs = Config()
+    theirs.train = replace(theirs.train, steps=60)
+    ours = Config()
+    ours.train = replace(ours.train, steps=90)
+    assert theirs.optim.warmup_steps > 61
+    assert schedule_change(theirs, theirs, 60, Path("step_60")) is None
+    assert schedule_change(theirs, ours, 60, Path("step_60")) == (
+        "the learning-rate schedule differs from the one step_60 was trained with (train.steps 60 -> 90): step 61 runs at "
+        f"{learning_rate(60, ours.optim, 90):.2e} as it would have, and the rate follows this run's schedule from there")
 
 
 def test_a_mistake_met_before_the_ranks_join_is_said_by_the_node_that_met_it(config, tmp_path):
