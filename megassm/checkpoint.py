@@ -257,7 +257,8 @@ def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
         return checkpoints_in(run_dir)[::-1]
     path = Path(resume)
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {TRAINER_FILE} or {METADATA_FILE} there)")
+        raise CheckpointError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {TRAINER_FILE} or {METADATA_FILE} there); "
+                              "checkpoint.resume takes \"auto\", \"none\" or a checkpoint's folder")
     return [path]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -160,12 +161,7 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
     where = "the defaults"
     if path is not None:
         where = str(path)
-        try:
-            raw = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist (see configs/ for examples)") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path} is not valid TOML: {error}") from None
+        raw = read_toml(path)
     if overrides:
         where = f"{where} with the command-line overrides"
     for override in overrides:
@@ -180,11 +176,29 @@ def load_config(path: str | Path | None, overrides: list[str] = (), world_size: 
     return cfg
 
 
+def read_toml(path: str | Path) -> dict:
+    """The tables of a TOML file, or ConfigError naming the file and what is wrong with it."""
+    if not str(path):
+        raise ConfigError("the config file's name is empty (an unset variable?): give --config FILE (see configs/ for examples)")
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist (see configs/ for examples)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: give a .toml file (see configs/ for examples)") from None
+    except OSError as error:
+        raise ConfigError(f"config file {path} cannot be read: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text, as TOML must be") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+
+
 def make_paths_absolute(cfg: Config) -> None:
     """The folders a run reads and writes, relative to the working directory, made absolute: the run's
     config.toml then names the same folders wherever a tool reads it (export, generation, resuming)."""
     ckpt = cfg.checkpoint
-    cfg.run.dir = os.path.abspath(cfg.run.dir)
+    cfg.run.dir = os.path.abspath(cfg.run.dir) if cfg.run.dir else ""
     cfg.data.path = os.path.abspath(cfg.data.path) if cfg.data.path else ""
     ckpt.init_from = os.path.abspath(ckpt.init_from) if ckpt.init_from else ""
     if ckpt.resume not in ("auto", "none"):
@@ -248,7 +262,7 @@ def build_config(raw: dict, where: str) -> Config:
 def build_model_config(table: dict, where: str) -> ModelConfig:
     """[model]: a preset, optionally with some of its keys changed, or every shape key given."""
     preset = table.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ConfigError(f"model.preset = {preset!r} in {where} is not one of: {', '.join(PRESETS)}")
     values = typed_fields(ModelConfig, "model", table, where)
     base = PRESETS[preset] if preset is not None else ModelConfig()
@@ -290,7 +304,10 @@ def coerce(value: object, hint: object, key: str, where: str) -> object:
             if len(value) == len(kinds):
                 return tuple(coerce(v, k, key, where) for v, k in zip(value, kinds))
     wanted = " or ".join(TYPE_NAMES.get(o, "a list of two numbers") for o in options)
-    raise ConfigError(f"{key} = {value!r} in {where} must be {wanted}")
+    quoting = ""
+    if str in options and "command-line" in where:
+        quoting = f" (on the command line, quote it as a TOML string: --{key}='\"{value}\"')"
+    raise ConfigError(f"{key} = {value!r} in {where} must be {wanted}{quoting}")
 
 
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "omitted"}
@@ -353,18 +370,49 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"train.keep_ssd_states = {train.keep_ssd_states!r}: choose true, false or \"auto\"")
     if train.cuda_graphs is True and cuda_graph_blockers(cfg):
         raise ConfigError(f"train.cuda_graphs = true needs {' and '.join(cuda_graph_blockers(cfg))}: switch one of them, or use \"auto\"")
+    if par.engine == "ddp" and par.zero_stage != 1:
+        raise ConfigError(f"parallel.zero_stage = {par.zero_stage} applies to parallel.engine = 'deepspeed' only; this run's "
+                          "engine is 'ddp': set parallel.engine = 'deepspeed' for ZeRO, or leave zero_stage out")
     if par.engine == "deepspeed" and par.zero_stage not in (1, 2):
         raise ConfigError(f"parallel.zero_stage = {par.zero_stage}: megassm supports ZeRO stages 1 and 2 "
                           "(its TP layers shard parameters themselves, which stage 3 would repeat)")
-    if optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {optim.lr}")
-    if not 0 <= optim.min_lr <= optim.lr:
-        raise ConfigError(f"optim.min_lr = {optim.min_lr} must be between 0 and optim.lr = {optim.lr}")
-    if optim.grad_clip < 0:
-        raise ConfigError(f"optim.grad_clip must be 0 (off) or positive, got {optim.grad_clip}")
+    validate_optim(optim)
+    if train.peak_tflops is not None and not 0 < train.peak_tflops < math.inf:
+        raise ConfigError(f"train.peak_tflops must be the device's bf16 peak in TFLOP/s, a positive number (omit it where megassm "
+                          f"knows the device), got {train.peak_tflops}")
+    if not -(2**63) <= cfg.run.seed < 2**64:
+        raise ConfigError(f"run.seed must be within [-2^63, 2^64), got {cfg.run.seed}")
+    if not cfg.run.dir:
+        raise ConfigError("run.dir is empty (an unset variable?): name the run's folder, e.g. --run.dir=runs/my-run")
     if not data.path:
         raise ConfigError("data.path is empty: point it at a folder made by tools/prepare_data.py "
                           "(bash launch/quickstart.sh makes one from the built-in corpus)")
+    if bad := set(WANDB_PROJECT_FORBIDDEN) & set(cfg.logging.wandb_project):
+        raise ConfigError(f"logging.wandb_project = {cfg.logging.wandb_project!r}: a W&B project name cannot hold "
+                          f"{' '.join(sorted(bad))}; give the entity (team) in WANDB_ENTITY")
+    if par.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel.engine = 'deepspeed' needs DeepSpeed, which is not installed: pip install 'megassm[deepspeed]'")
+
+
+# Characters W&B refuses in a project's name.
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+
+
+def validate_optim(optim: OptimConfig) -> None:
+    """[optim]'s values, each within what AdamW and the schedule can use (NaN fails every test)."""
+    if not 0 < optim.lr < math.inf:
+        raise ConfigError(f"optim.lr must be a positive number, got {optim.lr}")
+    if not 0 <= optim.min_lr <= optim.lr:
+        raise ConfigError(f"optim.min_lr = {optim.min_lr} must be between 0 and optim.lr = {optim.lr}")
+    if not 0 <= optim.grad_clip <= math.inf:
+        raise ConfigError(f"optim.grad_clip must be 0 (off) or positive, got {optim.grad_clip}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(optim, key) < 1:
+            raise ConfigError(f"optim.{key} must be at least 0 and below 1, got {getattr(optim, key)}")
+    if not 0 < optim.eps < math.inf:
+        raise ConfigError(f"optim.eps must be a positive number, got {optim.eps}")
+    if not 0 <= optim.weight_decay < math.inf:
+        raise ConfigError(f"optim.weight_decay must be 0 or positive, got {optim.weight_decay}")
 
 
 def cuda_graph_blockers(cfg: Config) -> list[str]:
@@ -402,10 +450,7 @@ def section_toml(name: str, values: dict) -> str:
 def read_model_config(path: Path) -> ModelConfig:
     """The [model] table of a TOML file (a run's config.toml, a converted checkpoint's model.toml); the runtime
     keys that files written before MOVED_KEYS still hold there are not architecture and are left out."""
-    try:
-        raw = tomllib.loads(Path(path).read_text())
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    raw = read_toml(path)
     table = dict(raw.get("model", {}))
     for key in [key for section, key in MOVED_KEYS if section == "model"]:
         table.pop(key, None)

@@ -27,6 +27,7 @@ from megassm.model.config import ModelConfig
 from megassm.model.mlp import SEGMENTS as MLP_SEGMENTS
 
 GIB = 2**30
+METRICS_FILE = "metrics.jsonl"  # in run.dir: one JSON record per logged step
 
 
 def logical_param_count(cfg: ModelConfig) -> int:
@@ -234,7 +235,7 @@ class MetricsLogger:
         self._bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, leave=False, disable=not sys.stdout.isatty())
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # a resumed run appends
+        self._file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # a resumed run appends
         if wandb:
             self._wandb = _start_wandb(run_dir, wandb_project, run_name, config)
 
@@ -272,11 +273,20 @@ class MetricsLogger:
         self.close()
 
 
+def holds_records(run_dir: Path) -> bool:
+    """Whether run_dir/metrics.jsonl logs any step."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return any(_record_step(line) != math.inf for line in f)
+
+
 def drop_records_after(run_dir: Path, step: int) -> int:
     """Keep the records of run_dir/metrics.jsonl up to `step`, the step a run starts from: later ones belong to a
     history it does not continue (or it is about to log them again). Returns how many lines were dropped, lines
     that are not records (a write cut short) included."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return 0
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -300,7 +310,7 @@ def _record_step(line: str) -> float:
 def read_metrics(run_dir: Path) -> list[dict]:
     """The records of run_dir/metrics.jsonl by step; where a resumed run logged a step again, the last
     record wins. Raises ValueError with one line naming the file when it is missing, empty or not JSON lines."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
     by_step = {}

@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from megassm.checkpoint import CheckpointError, checkpoint_step, checkpoints_in, step_folders
-from megassm.config import CheckpointConfig
+from megassm.checkpoint import CONFIG_FILE, CheckpointError, checkpoint_step, checkpoints_in, step_folders
+from megassm.config import CheckpointConfig, Config, ConfigError, load_config
 from megassm.errors import UserError
+from megassm.metrics import METRICS_FILE, holds_records
 
 LOCK_FILE = "run.lock"
 NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # what flock raises where a file system has none
@@ -185,3 +186,28 @@ def checkpoints_to_replace(run_dir: Path, ckpt: CheckpointConfig) -> list[Path]:
     started = "= 'none' starts a new run" if ckpt.resume == "none" else f"= {ckpt.resume} continues another run"
     raise CheckpointError(f"run.dir = {run_dir} holds the checkpoints of another run ({names}) and checkpoint.resume {started}: "
                           f"continue that run with checkpoint.resume = 'auto', {ways}")
+
+
+def check_log_not_replaced(run_dir: Path, cfg: Config, checkpoints: list[Path]) -> None:
+    """CheckpointError where this run, which continues none of run.dir's checkpoints (`checkpoints`: those it resumes
+    from), would take over the log of another run: run.dir's metrics.jsonl logs steps and its config.toml is not this
+    run's (a run without checkpoints, e.g. a benchmark with checkpoint.every = -1). The same run started again before
+    its first checkpoint goes on; checkpoint.overwrite = true replaces the log."""
+    if cfg.checkpoint.overwrite or any(in_run_dir(p, run_dir) for p in checkpoints) or not holds_records(run_dir):
+        return
+    try:
+        theirs = _flat(load_config(run_dir / CONFIG_FILE, world_size=None).to_dict())
+        ours = _flat(cfg.to_dict())
+        differ = [f"{key} {theirs.get(key)} -> {ours.get(key)}" for key in sorted(set(theirs) | set(ours))
+                  if theirs.get(key) != ours.get(key)]
+    except ConfigError as error:
+        differ = [f"its {CONFIG_FILE} cannot be read: {error}"]
+    if differ:
+        raise CheckpointError(f"run.dir = {run_dir} holds the log of another run ({METRICS_FILE}; {', '.join(differ[:4])}"
+                              f"{', ...' if len(differ) > 4 else ''}) and no checkpoint of it to continue from: choose another "
+                              "run.dir, or set checkpoint.overwrite = true to replace that log")
+
+
+def _flat(sections: dict) -> dict:
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+

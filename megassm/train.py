@@ -69,8 +69,8 @@ from megassm.model import (Mamba2LM, apply_activation_checkpointing, apply_cuda_
                            apply_ssd_state_keeping)
 from megassm.ops import TRITON_MAX_ELEMENTS, resolve_backend
 from megassm.optim import learning_rate, param_groups
-from megassm.pretrained import load_pretrained
-from megassm.run_dir import RunLock, checkpoints_to_replace, in_run_dir, launched_by_torchrun
+from megassm.pretrained import detect_format, load_pretrained
+from megassm.run_dir import RunLock, check_log_not_replaced, checkpoints_to_replace, in_run_dir, launched_by_torchrun
 from megassm.stopping import FailedElsewhere, StopSignals, Stopped, die_with_launcher
 from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
@@ -251,12 +251,16 @@ def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_s
     return model
 
 
+def changed_keys(theirs: Config, ours: Config, keys: list[tuple[str, str]]) -> list[str]:
+    """"section.key old -> new" for each of `keys` whose value differs."""
+    return [f"{section}.{key} {getattr(getattr(theirs, section), key)} -> {getattr(getattr(ours, section), key)}"
+            for section, key in keys if getattr(getattr(theirs, section), key) != getattr(getattr(ours, section), key)]
+
+
 def schedule_change(theirs: Config, ours: Config, step: int, checkpoint: Path) -> str | None:
     """How resuming from `checkpoint`, written after `step` by a run configured as `theirs`, on `ours` changes the
     learning rate's schedule; None where it does not."""
-    keys = [("train", "steps"), ("optim", "warmup_steps"), ("optim", "lr"), ("optim", "min_lr")]
-    changed = [f"{section}.{key} {getattr(getattr(theirs, section), key)} -> {getattr(getattr(ours, section), key)}"
-               for section, key in keys if getattr(getattr(theirs, section), key) != getattr(getattr(ours, section), key)]
+    changed = changed_keys(theirs, ours, [("train", "steps"), ("optim", "warmup_steps"), ("optim", "lr"), ("optim", "min_lr")])
     if not changed:
         return None
     now, before = learning_rate(step, ours.optim, ours.train.steps), learning_rate(step, theirs.optim, theirs.train.steps)
@@ -264,6 +268,16 @@ def schedule_change(theirs: Config, ours: Config, step: int, checkpoint: Path) -
     if math.isclose(now, before, rel_tol=1e-6):
         return f"{differs}: step {step + 1} runs at {now:.2e} as it would have, and the rate follows this run's schedule from there"
     return f"warning: {differs}: step {step + 1} runs at {now:.2e} where that run's would have run at {before:.2e}"
+
+
+def adamw_change(theirs: Config, ours: Config, step: int, checkpoint: Path) -> str | None:
+    """AdamW's settings of `ours` that differ from those of `theirs`, the run that wrote `checkpoint` after `step`
+    (the configured ones apply: the checkpoint gives the moments); None where none does."""
+    changed = changed_keys(theirs, ours, [("optim", "weight_decay"), ("optim", "beta1"), ("optim", "beta2"), ("optim", "eps")])
+    if changed:
+        return (f"AdamW's settings differ from those {checkpoint} was trained with ({', '.join(changed)}): this run's apply from "
+                f"step {step + 1} on")
+    return None
 
 
 def pick_device(choice: str) -> torch.device:
@@ -344,13 +358,12 @@ class Trainer:
         else:
             self.ctx = ParallelContext()
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
-        if cfg.data.verify:
-            verify_data(stream, self.say)
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         self.vocabulary = tokenizer_vocabulary(stream.tokenizer_path, stream.meta.vocab_size)
-        checkpoints, replaced = decided_by_first(lambda: (resume_candidates(self.run_dir, cfg.checkpoint.resume),
-                                                           checkpoints_to_replace(self.run_dir, cfg.checkpoint)))
+        checkpoints, replaced = decided_by_first(self.starting_point)
+        if cfg.data.verify:  # after the checks of run.dir and the checkpoints: hashing a large corpus takes a while
+            verify_data(stream, self.say)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
         device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
@@ -391,6 +404,17 @@ class Trainer:
                  f"{cfg.train.precision} | {self.kernels_note} | {self.graphs_note} | engine {cfg.parallel.engine} | "
                  f"run dir {self.run_dir}")
 
+    def starting_point(self) -> tuple[list[Path], list[Path]]:
+        """The checkpoints to resume from, in order, and those of run.dir this run replaces (collectively decided by
+        rank 0); a mistake in either, in checkpoint.init_from's folder or about run.dir's log raised first."""
+        cfg = self.cfg
+        checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
+        replaced = checkpoints_to_replace(self.run_dir, cfg.checkpoint)
+        check_log_not_replaced(self.run_dir, cfg, checkpoints)
+        if not checkpoints and cfg.checkpoint.init_from:
+            detect_format(cfg.checkpoint.init_from)
+        return checkpoints, replaced
+
     def say(self, line: str) -> None:
         if self.is_writer:
             print(line, flush=True)
@@ -410,7 +434,7 @@ class Trainer:
             if in_run_dir(path, self.run_dir):  # rotation goes on over the folder's history, up to this checkpoint
                 self.history = [p for p in checkpoints_in(self.run_dir) if checkpoint_step(p) <= checkpoint_step(path)]
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
-            self.say_schedule_change(path)
+            self.say_optimizer_changes(path)
             if self.state.get("sample_order", self.sample_order) != self.sample_order:
                 self.say(f"warning: the data, data.seq_len or run.seed differ from those {path} was trained with: the run goes on "
                          f"from sample {self.state['samples']} of another order, some samples it saw may come again")
@@ -420,15 +444,16 @@ class Trainer:
             raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {self.run_dir / 'checkpoints'} can be read (warnings "
                                   "above): resume from a good copy with checkpoint.resume = PATH, or start a new run in another run.dir")
 
-    def say_schedule_change(self, path: Path) -> None:
-        """The learning rate is a function of the step, train.steps and [optim]'s rates: resumed with others than the
-        checkpoint's run, it follows another schedule from here, and may jump; say so, and by how much."""
+    def say_optimizer_changes(self, path: Path) -> None:
+        """[optim] and train.steps as configured apply to a resumed run: where they differ from the checkpoint's run,
+        say so (the learning rate, a function of the step, train.steps and the rates, may jump: by how much)."""
         try:
             theirs = load_config(path / CONFIG_FILE, world_size=None)
         except ConfigError:  # a checkpoint that does not say: nothing to compare
             return
-        if change := schedule_change(theirs, self.cfg, self.state["step"], path):
-            self.say(change)
+        for change in (schedule_change, adamw_change):
+            if line := change(theirs, self.cfg, self.state["step"], path):
+                self.say(line)
 
     def take_over(self, replaced: list[Path]) -> None:
         """Delete run.dir's checkpoints outside this run's history (checkpoint.overwrite = true) and the folders of saves

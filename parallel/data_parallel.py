@@ -106,10 +106,12 @@ def make_adamw(param_groups: list[dict], lr: float, betas: tuple[float, float], 
 
 
 def load_adamw_state(optimizer: torch.optim.AdamW, state: dict) -> None:
-    """A state_dict() into `optimizer`, which keeps its fused kernel (torch would take the saved groups' choice)."""
+    """A state_dict()'s moments and step counts into `optimizer`, whose groups keep their hyperparameters (the
+    configured weight decay, betas, eps) and kernel: torch would take the saved groups', ignoring a resumed run's."""
+    configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
-    for group in optimizer.param_groups:
-        group.update(fused=True, foreach=None)
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)
 
 
 def _sum_hook(group, bucket):  # unannotated: DDP rejects the string annotations of `from __future__`

@@ -93,6 +93,18 @@ def _sum_over_tp_hook(group: ProcessGroup) -> Callable[[Tensor], Tensor]:
     return lambda grad: all_reduce(grad.clone(), group)
 
 
+def deal_by_size(sizes: list[int], owners: int) -> list[int]:
+    """An owner in range(owners) for each item of `sizes`, in turn to the owner with the least so far: no owner ends
+    more than the largest item above another (dealt in turn, the first owner of a model keeps its embedding and as
+    many items as the rest)."""
+    kept, dealt = [0] * owners, []
+    for size in sizes:
+        owner = kept.index(min(kept))
+        kept[owner] += size
+        dealt.append(owner)
+    return dealt
+
+
 class DeepSpeedEngine:
     """DeepSpeed ZeRO stage 1 or 2 over the DP x CP group, our AdamW inside."""
 
@@ -169,20 +181,22 @@ class DeepSpeedEngine:
             yield params, flat, flat_state
 
     def state_dict(self) -> dict:
-        """AdamW's state in torch's own format: per parameter (this TP rank's piece), gathered over DP x CP (a
-        collective: every rank calls it) to one rank of DP x CP, the parameter's owner (dealt out in turn), on the
-        CPU: no rank holds more than its share, the memory ZeRO saves. A checkpoint, which merges the ranks' entries,
-        is the same as the DDP engine's and loads at any DP size."""
+        """AdamW's state in torch's own format: per parameter (this TP rank's piece), assembled over DP x CP (a
+        collective: every rank calls it; DeepSpeed's get_full_hp_param all-reduces each whole tensor, one at a time)
+        and kept by one rank of DP x CP, the parameter's owner: the owners are dealt the parameters by size, so that
+        each keeps about its share of the state. A checkpoint, which merges the ranks' entries, is the same as the DDP
+        engine's and loads at any DP size."""
         state, groups, indices = {}, [], itertools.count()
-        owners, mine = group_size(self.dp_cp_group), group_rank(self.dp_cp_group)
+        owners = deal_by_size([p.numel() for p in self.params], group_size(self.dp_cp_group))
+        mine = group_rank(self.dp_cp_group)
         for group, (params, flat, flat_state) in zip(self.optimizer.param_groups, self._partition_states()):
             groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": [next(indices) for _ in params]})
             for index, p in zip(groups[-1]["params"], params):
                 if flat_state:
                     entry = {key: safe_get_full_optimizer_state(p, key) if value.shape == flat.shape else value.clone()
                              for key, value in flat_state.items()}
-                    if index % owners == mine:
-                        state[index] = {key: value.cpu() for key, value in entry.items()}
+                    if owners[index] == mine:
+                        state[index] = entry
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state: dict) -> None:

@@ -60,7 +60,7 @@ def config_file(tmp_path: Path, prepared_data: Path):
         ({"[data]": "[train]\ncuda_graphs = true\n[data]", "cp = 2": "cp = 2\nengine = \"deepspeed\""}, 4,
          r"train.cuda_graphs = true needs parallel.engine = 'ddp': switch"),
         ({"[data]": "[checkpoint]\nevery = -2\n[data]"}, 4, r"checkpoint.every must be a number of steps, 0 \(only at the end\) or -1"),
-        ({"[data]": "[optim]\nlr = -0.001\n[data]"}, 4, r"optim.lr must be positive, got -0.001$"),
+        ({"[data]": "[optim]\nlr = -0.001\n[data]"}, 4, r"optim.lr must be a positive number, got -0.001$"),
         ({"[data]": '[kernels]\nbackend = "triton"\n[data]'}, 4,
          r"kernels.backend = 'triton' needs CUDA tensors, these are on cpu: use 'auto' or 'torch'$"),
         ({"[data]": '[kernels]\nbackend = "cuda"\n[data]'}, 4, r"kernels.backend = 'cuda': choose one of auto, torch, triton$"),
@@ -79,6 +79,65 @@ def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replac
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("megassm-train: error: "), err
     assert re.search(message, err[0]), err[0]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--parallel.zero_stage=2", r"parallel.zero_stage = 2 applies to parallel.engine = 'deepspeed' only; this run's engine is 'ddp'"),
+        ("--run.dir=", r"run.dir is empty \(an unset variable\?\): name the run's folder"),
+        ("--optim.beta1=1.5", r"optim.beta1 must be at least 0 and below 1, got 1.5$"),
+        ("--optim.beta2=-0.1", r"optim.beta2 must be at least 0 and below 1, got -0.1$"),
+        ("--optim.eps=-1", r"optim.eps must be a positive number, got -1.0$"),
+        ("--optim.weight_decay=-1", r"optim.weight_decay must be 0 or positive, got -1.0$"),
+        ("--optim.grad_clip=nan", r"optim.grad_clip must be 0 \(off\) or positive, got nan$"),
+        ("--optim.lr=inf", r"optim.lr must be a positive number, got inf$"),
+        ("--train.peak_tflops=0", r"train.peak_tflops must be the device's bf16 peak in TFLOP/s, a positive number"),
+        ("--run.seed=18446744073709551616", r"run.seed must be within \[-2\^63, 2\^64\), got 18446744073709551616$"),
+        ("--model.dt_min=-0.1", r"model.dt_min = -0.1 and model.dt_max = 0.1 must satisfy 0 < dt_min <= dt_max"),
+        ("--model.dt_max=0.0001", r"model.dt_min = 0.001 and model.dt_max = 0.0001 must satisfy 0 < dt_min <= dt_max"),
+        ("--model.dt_limit=[0.5, 0.1]", r"model.dt_limit = \(0.5, 0.1\) must satisfy 0 <= low < high"),
+        ("--model.norm_eps=-1", r"model.norm_eps must be a positive number, got -1.0"),
+        ("--model.init_std=-1", r"model.init_std must be 0 or positive, got -1.0"),
+        ("--model.preset=[1]", r"model.preset = \[1\] .* is not one of: "),
+        ("--logging.wandb_project=team/proj", r"logging.wandb_project = 'team/proj': a W&B project name cannot hold /; give the entity"),
+        ("--run.name=2024-05-01", r"run.name = datetime.date\(2024, 5, 1\) .* must be a string \(on the command line, quote it as a "
+         r"TOML string: --run.name='\"2024-05-01\"'\)$"),
+        ("--checkpoint.resume=None",
+         r"not a complete checkpoint .*; checkpoint.resume takes \"auto\", \"none\" or a checkpoint's folder$"),
+    ],
+)
+def test_values_no_run_can_use_fail_with_one_line(config_file, monkeypatch, capsys, override, message):
+    """Out-of-range or malformed values, each refused before a model is built (AdamW, the dt initialisation, torch's
+    seed and W&B would otherwise fail later with a traceback, or train on NaN)."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--config", str(config_file()), override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("megassm-train: error: "), err
+    assert re.search(message, err[0]), err[0]
+
+
+def test_deepspeed_not_installed_is_said_before_anything_starts(config_file, monkeypatch, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "deepspeed" else find_spec(name, *args))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--config", str(config_file()), "--parallel.engine=deepspeed"]) == 2
+    assert capsys.readouterr().err.strip() == ("megassm-train: error: parallel.engine = 'deepspeed' needs DeepSpeed, which is not "
+                                               "installed: pip install 'megassm[deepspeed]'")
+
+
+@pytest.mark.parametrize("kind", ["folder", "empty name", "not utf-8"])
+def test_a_config_file_that_cannot_be_read_is_named(tmp_path, monkeypatch, capsys, kind):
+    path = {"folder": tmp_path, "empty name": "", "not utf-8": tmp_path / "latin1.toml"}[kind]
+    (tmp_path / "latin1.toml").write_bytes(b"\xff[run]\n")
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "megassm-train: error: " + {
+        "folder": f"config file {tmp_path} is a folder: give a .toml file (see configs/ for examples)",
+        "empty name": "the config file's name is empty (an unset variable?): give --config FILE (see configs/ for examples)",
+        "not utf-8": f"config file {path} is not UTF-8 text, as TOML must be"}[kind]
 
 
 def test_missing_files_are_named(config_file, prepared_data, tmp_path, monkeypatch, capsys):

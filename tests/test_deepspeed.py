@@ -14,9 +14,9 @@ pytest.importorskip("deepspeed")
 
 from megassm.model import Mamba2LM, ModelConfig  # noqa: E402
 from parallel import ParallelContext, ParamRole, init_parallel, local_piece, param_roles, roles_of  # noqa: E402
-from parallel.context import group_rank, group_size  # noqa: E402
+from parallel.context import group_size  # noqa: E402
 from parallel.collectives import all_gather, all_reduce  # noqa: E402
-from parallel.deepspeed_engine import DeepSpeedEngine  # noqa: E402
+from parallel.deepspeed_engine import DeepSpeedEngine, deal_by_size  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from tests.test_parallel import relative_error  # noqa: E402
 
@@ -143,9 +143,13 @@ def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, res
         check(f"{layout}: {name}", full_weight(p, roles[name], ctx), weights[name])
     got = engine.state_dict()
     assert got["param_groups"] == state["param_groups"], layout
-    owners, mine = group_size(ctx.dp_cp_group), group_rank(ctx.dp_cp_group)
     wanted = local_state(state, roles_of(model, engine.params), ctx)["state"]
-    assert set(got["state"]) == {i for i in wanted if i % owners == mine}, f"{layout}: each parameter's state on its owner alone"
+    kept = [None] * group_size(ctx.dp_cp_group)  # each owner's parameters and the elements of their state
+    dist.all_gather_object(kept, {i: sum(v.numel() for v in entry.values() if v.dim()) for i, entry in got["state"].items()},
+                           group=ctx.dp_cp_group)
+    assert sorted(i for owned in kept for i in owned) == sorted(wanted), f"{layout}: each parameter's state on one owner"
+    totals, largest = [sum(owned.values()) for owned in kept], max(n for owned in kept for n in owned.values())
+    assert max(totals) - min(totals) <= largest, f"{layout}: owners keep {totals} elements, more than a parameter apart"
     for i, entry in got["state"].items():
         for key, value in entry.items():
             check(f"{layout}: AdamW {key} of parameter {i}", value, wanted[i][key])
@@ -190,3 +194,12 @@ def test_zero_matches_one_process(world_size, layouts):
 def test_stage_3_is_refused():
     with pytest.raises(ValueError, match="Stage 3 would shard parameters that tensor parallelism already holds"):
         DeepSpeedEngine(nn.Linear(2, 2), ParallelContext(), [], 1e-3, zero_stage=3)
+
+
+def test_optimizer_state_owners_are_dealt_parameters_by_size():
+    """An embedding first, then many small tensors: each owner keeps about its share of the state."""
+    sizes = [10] + [1] * 10
+    owners = deal_by_size(sizes, 2)
+    assert [sum(s for s, o in zip(sizes, owners) if o == owner) for owner in range(2)] == [10, 10]
+    assert deal_by_size([3, 3, 3, 3], 4) == [0, 1, 2, 3]
+

@@ -66,3 +66,33 @@ def test_a_non_finite_gradient_leaves_weights_and_adamw_state_as_they_were(bad):
         for key, value in entry.items():
             assert torch.equal(value, state["state"][index][key]), (index, key)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_loaded_state_keeps_the_configured_hyperparameters():
+    """A resumed run's weight decay, betas and eps are its config's (torch's load_state_dict would take the saved
+    groups'); the moments and step counts are the checkpoint's, and the next step is AdamW's with the new settings."""
+    model = model_with_grads(1.0)
+    saved = DDPEngine(model, ParallelContext(), groups(model), lr=0.0, betas=(0.9, 0.95), eps=1e-8)
+    saved.step(1e-2, 0.0)
+    state = copy.deepcopy(saved.optimizer.state_dict())
+
+    resumed_model, reference = copy.deepcopy(model), copy.deepcopy(model)
+    changed = [{**group, "weight_decay": 0.0} for group in groups(resumed_model)]
+    resumed = DDPEngine(resumed_model, ParallelContext(), changed, lr=0.0, betas=(0.8, 0.5), eps=1e-3)
+    resumed.load_state_dict(copy.deepcopy(state))  # torch's load keeps the given tensors: one copy each
+    assert [(g["weight_decay"], g["betas"], g["eps"]) for g in resumed.optimizer.param_groups] == [(0.0, (0.8, 0.5), 1e-3)] * 2
+    for p, q in zip(resumed_model.parameters(), model.parameters()):
+        torch.testing.assert_close(resumed.optimizer.state[p]["exp_avg"], saved.optimizer.state[q]["exp_avg"], rtol=0, atol=0)
+
+    optimizer = torch.optim.AdamW([{**g, "weight_decay": 0.0} for g in groups(reference)], lr=0.0, betas=(0.8, 0.5), eps=1e-3,
+                                  foreach=False)
+    optimizer.load_state_dict(copy.deepcopy(state))
+    for group in optimizer.param_groups:
+        group.update(lr=1e-2, weight_decay=0.0, betas=(0.8, 0.5), eps=1e-3)
+    for p, q in zip(resumed_model.parameters(), reference.parameters()):
+        p.grad = torch.ones_like(p)
+        q.grad = torch.ones_like(q)
+    resumed.step(1e-2, 0.0)
+    optimizer.step()
+    for p, q in zip(resumed_model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)

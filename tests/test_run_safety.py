@@ -27,12 +27,13 @@ from megassm.config import Config, load_config
 from megassm.data import SampleLoader, TokenStream, train_sentencepiece
 from megassm.data.corpus import builtin_documents, write_builtin_corpus
 from megassm.data.prepare import prepare
+from megassm.data.shards import VERIFIED_FILE
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.optim import learning_rate
 from megassm.run_dir import Owner, RunDirError, RunLock
 from megassm.stopping import StopSignals, Stopped
-from megassm.train import limit_cpu_threads, schedule_change
+from megassm.train import adamw_change, limit_cpu_threads, schedule_change
 from parallel import ParallelContext
 from tests.distributed import run_distributed
 from tests.test_convert import engine_for
@@ -128,6 +129,33 @@ def test_a_checkpoint_with_other_tensor_shapes_is_incompatible_not_damaged(tmp_p
         load_checkpoint(path, wanted, engine_for(wanted), ParallelContext())
 
 
+def test_the_log_of_a_run_without_checkpoints_is_not_taken_over_by_another(config, tmp_path):
+    """A run with checkpoint.every = -1 leaves only its log and config: another run started in its folder stops,
+    naming what differs, and touches nothing; the same run started again (a restart before its first checkpoint)
+    and a run with checkpoint.overwrite = true go on."""
+    run_dir, once = tmp_path / "run", ["--train.steps=2", "--checkpoint.every=-1"]
+    assert run_trainer(config, run_dir, 1, *once).returncode == 0
+    logged = steps_logged(run_dir)
+    assert_refused_and_untouched(config, run_dir, [*once, "--optim.lr=1e-3"],
+                                 "holds the log of another run (metrics.jsonl; optim.lr 0.003 -> 0.001)",
+                                 "choose another run.dir, or set checkpoint.overwrite = true to replace that log")
+    assert run_trainer(config, run_dir, 1, *once).returncode == 0
+    assert steps_logged(run_dir) == logged
+    replaced = run_trainer(config, run_dir, 1, *once, "--optim.lr=1e-3", "--checkpoint.overwrite=true")
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert load_config(run_dir / "config.toml", world_size=None).optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("mistake", ["--checkpoint.resume=/nonexistent/step_3", "--checkpoint.init_from=/nonexistent"])
+def test_checkpoint_mistakes_are_said_before_the_data_is_hashed(config, prepared_data, tmp_path, mistake):
+    """Hashing a large corpus's shards takes a while (once per copy of the data): a mistake in the checkpoints to start
+    from is said first."""
+    data = Path(shutil.copytree(prepared_data, tmp_path / "data"))
+    (data / VERIFIED_FILE).unlink(missing_ok=True)
+    refused(run_trainer(config, tmp_path / "run", 1, f"--data.path={data}", mistake), "/nonexistent")
+    assert not (data / VERIFIED_FILE).exists()
+
+
 def test_a_run_resumed_on_another_sample_order_says_so(config, old_run):
     """The samples consumed count from the checkpoint indexes the order of the samples; where the data, seq_len or
     seed changed, that is another order: the run goes on, with a warning. Resumed as trained: no warning."""
@@ -163,6 +191,15 @@ def test_a_schedule_changed_where_the_rate_goes_on_as_before_is_said_without_a_w
     assert schedule_change(theirs, ours, 60, Path("step_60")) == (
         "the learning-rate schedule differs from the one step_60 was trained with (train.steps 60 -> 90): step 61 runs at "
         f"{learning_rate(60, ours.optim, 90):.2e} as it would have, and the rate follows this run's schedule from there")
+
+
+def test_adamw_settings_changed_on_resume_are_said_and_apply():
+    theirs, ours = Config(), Config()
+    ours.optim = replace(ours.optim, weight_decay=0.0, beta2=0.99)
+    assert adamw_change(theirs, theirs, 60, Path("step_60")) is None
+    assert adamw_change(theirs, ours, 60, Path("step_60")) == (
+        "AdamW's settings differ from those step_60 was trained with (optim.weight_decay 0.1 -> 0.0, optim.beta2 0.95 -> 0.99): "
+        "this run's apply from step 61 on")
 
 
 def test_a_mistake_met_before_the_ranks_join_is_said_by_the_node_that_met_it(config, tmp_path):
@@ -306,7 +343,7 @@ def test_a_second_run_in_a_live_runs_folder_stops_and_a_dead_runs_lock_is_taken_
     first.kill()
     first.communicate()
     assert steps_logged(run_dir) == list(range(1, len(steps_logged(run_dir)) + 1))  # the second run wrote nothing
-    result = run_trainer(config, run_dir, 1, "--train.steps=1")
+    result = run_trainer(config, run_dir, 1, "--train.steps=1", "--checkpoint.overwrite=true")  # another config: its log replaced
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"warning: {run_dir}/run.lock was left by a run that is no longer running (pid {first.pid} on" in result.stdout
     assert not (run_dir / "run.lock").exists() and steps_logged(run_dir) == [1]

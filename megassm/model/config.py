@@ -84,6 +84,10 @@ class ModelConfig:
         """Raise ValueError naming the first key whose value cannot make a model; the keys of a kind of block
         (Mamba-2, attention, MLP) only where the pattern has one."""
         self._check_positive("d_model", "n_layer", "vocab_size")
+        if not 0 < self.norm_eps < math.inf:
+            raise ValueError(f"model.norm_eps must be a positive number, got {self.norm_eps}")
+        if not 0 <= self.init_std < math.inf:
+            raise ValueError(f"model.init_std must be 0 or positive, got {self.init_std}")
         self._validate_pattern()
         for kind, check in (("M", self._validate_mamba), ("*", self._validate_attention), ("-", self._validate_mlp)):
             if kind in self.layer_kinds:
@@ -104,6 +108,12 @@ class ModelConfig:
             raise ValueError(f"model.d_conv must be at least 2, got {self.d_conv}")
         if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"model.A_init_range = {self.A_init_range} must satisfy 0 < low <= high")
+        if not 0 < self.dt_min <= self.dt_max < math.inf:
+            raise ValueError(f"model.dt_min = {self.dt_min} and model.dt_max = {self.dt_max} must satisfy 0 < dt_min <= dt_max")
+        if not 0 < self.dt_init_floor < math.inf:
+            raise ValueError(f"model.dt_init_floor must be a positive number, got {self.dt_init_floor}")
+        if not 0 <= self.dt_limit[0] < self.dt_limit[1]:
+            raise ValueError(f"model.dt_limit = {self.dt_limit} must satisfy 0 <= low < high (inf: no upper limit)")
 
     def _validate_pattern(self) -> None:
         if not self.pattern:
