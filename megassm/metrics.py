@@ -13,6 +13,7 @@ import json
 import math
 import os
 import resource
+import secrets
 import sys
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from megassm.model.mlp import SEGMENTS as MLP_SEGMENTS
 
 GIB = 2**30
 METRICS_FILE = "metrics.jsonl"  # in run.dir: one JSON record per logged step
+WANDB_ID_FILE = "wandb_id"  # in run.dir: the W&B run its log's history goes on in
 
 
 def logical_param_count(cfg: ModelConfig) -> int:
@@ -209,15 +211,23 @@ def _json_safe(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _start_wandb(run_dir: Path, project: str, run_name: str, config: dict):
-    """A wandb run; offline into run_dir/wandb when no API key and no WANDB_MODE are set."""
+def _start_wandb(run_dir: Path, project: str, run_name: str, config: dict, continues: bool):
+    """A wandb run; offline into run_dir/wandb when no API key and no WANDB_MODE are set. A run that `continues` the
+    history of run_dir's log (resumed from one of its checkpoints) goes on in the W&B run of that history, whose id
+    run_dir keeps (WANDB_ID_FILE); W&B drops the steps it already has, which a resume from an older checkpoint logs
+    again. A run from scratch, or from a checkpoint elsewhere, starts a W&B run of its own."""
     import wandb
 
+    id_file = run_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if continues and id_file.is_file() else ""
+    if not run_id:
+        run_id = secrets.token_hex(4)  # W&B ids are lowercase letters and digits
+        id_file.write_text(run_id + "\n")
     mode = None
     if "WANDB_API_KEY" not in os.environ and "WANDB_MODE" not in os.environ:
         mode = "offline"
         print(f"wandb: no WANDB_API_KEY or WANDB_MODE set, logging offline into {run_dir / 'wandb'} (upload with `wandb sync`)", flush=True)
-    return wandb.init(project=project, name=run_name, config=config, dir=run_dir, mode=mode)
+    return wandb.init(project=project, name=run_name, config=config, dir=run_dir, mode=mode, id=run_id, resume="allow")
 
 
 class MetricsLogger:
@@ -226,7 +236,7 @@ class MetricsLogger:
     prints one console line, and goes to wandb when enabled."""
 
     def __init__(self, run_dir: Path, is_writer: bool, wandb: bool, wandb_project: str, run_name: str,
-                 config: dict, total_steps: int | None = None):
+                 config: dict, total_steps: int | None = None, continues: bool = False):
         self.is_writer, self.total_steps = is_writer, total_steps
         self._file = self._wandb = self._bar = None
         if not is_writer:
@@ -237,7 +247,7 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self._file = open(run_dir / METRICS_FILE, "a", encoding="utf-8")  # a resumed run appends
         if wandb:
-            self._wandb = _start_wandb(run_dir, wandb_project, run_name, config)
+            self._wandb = _start_wandb(run_dir, wandb_project, run_name, config, continues)
 
     def log(self, metrics: dict) -> None:
         """metrics must hold `step`; values are numbers (or None)."""

@@ -628,7 +628,7 @@ class Trainer:
                 self.say(f"dropped {dropped} lines after step {step} from {self.run_dir / 'metrics.jsonl'}: "
                          "this run logs its own history from there")
         return MetricsLogger(self.run_dir, self.is_writer, cfg.logging.wandb, cfg.logging.wandb_project, cfg.run.name or self.run_dir.name,
-                             cfg.to_dict(), total_steps=cfg.train.steps)
+                             cfg.to_dict(), total_steps=cfg.train.steps, continues=bool(self.history))
 
     def run(self) -> None:
         """Train to train.steps; on SIGINT or SIGTERM save a checkpoint after the step in progress and raise Stopped.

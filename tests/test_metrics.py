@@ -196,6 +196,27 @@ def test_wandb_logs_offline_without_a_key(tmp_path, monkeypatch, capsys):
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
 
+def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path, monkeypatch):
+    """Resumed from the folder's checkpoint (continues): the W&B run of the history, by the id run.dir keeps; from
+    scratch: a W&B run of its own."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # offline
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def logged_in(continues: bool) -> str:
+        with MetricsLogger(tmp_path, True, True, "megassm-test", "run", {}, continues=continues) as logger:
+            logger.log(METRICS)
+        return (tmp_path / "wandb_id").read_text().strip()
+
+    first = logged_in(False)
+    assert logged_in(True) == first
+    fresh = logged_in(False)
+    assert fresh != first
+    runs = sorted(run.name.split("-")[3] for run in (tmp_path / "wandb").glob("offline-run-*"))  # offline-run-TIME-ID[-N]
+    assert runs == sorted([first, first, fresh])
+
+
 def write_run(run_dir: Path, steps: int, speed: float, start_loss: float = 6.5) -> Path:
     with MetricsLogger(run_dir, True, False, "p", run_dir.name, {}) as logger:
         for step in range(1, steps + 1):
