@@ -13,5 +13,3 @@ def use_expandable_segments() -> None:
 
 
 use_expandable_segments()
-
-__version__ = "0.1.0"

@@ -81,12 +81,13 @@ class TrainConfig:
     activation_checkpointing: bool = False  # each block keeps only its input and recomputes the rest in backward
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens per rank at a time
     # Replay the blocks' forward and backward as CUDA graphs (between their collectives under TP, SP and CP): "auto" (on
-    # CUDA for micro batches of up to 32,768 tokens per rank, where cuda_graph_blockers finds nothing in the way; the
-    # start-up line says why not), true, false.
+    # CUDA for micro batches of up to auto_choices.GRAPHS_AUTO_MAX_TOKENS per rank, where cuda_graph_blockers finds
+    # nothing in the way; the start-up line says why not), true, false.
     cuda_graphs: bool | str = "auto"
     # megassm's SSD keeps its per-chunk states for the backward instead of recomputing them (one pass over x and B per
     # layer; about in_proj's output in memory): "auto" (under activation checkpointing, where only the recomputed
-    # layer holds them, or when all layers' states take at most a fifth of the GPU's memory), true, false.
+    # layer holds them, or when all layers' states take at most auto_choices.KEEP_SSD_STATES_AUTO_SHARE of the GPU's
+    # memory), true, false.
     keep_ssd_states: bool | str = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation
@@ -138,6 +139,11 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def micro_batch_tokens(self) -> int:
+        """The tokens of one micro batch on one rank (its part of the sequences under CP)."""
+        return self.data.micro_batch * self.data.seq_len // self.parallel.cp
 
     @property
     def accumulation_steps(self) -> int:

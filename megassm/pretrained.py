@@ -46,6 +46,7 @@ from megassm.hf_tensors import BACKBONE_LAYOUT, BAMBA_LAYOUT, Layout, from_trans
 from megassm.model import Mamba2LM, ModelConfig
 
 MEGASSM, TRANSFORMERS, MAMBA_SSM = "megassm", "transformers", "mamba-ssm"
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the tools' --dtype, spelled as train.precision
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # each possibly sharded, with a NAME.index.json
 DESCRIPTIONS = {
     MEGASSM: f"a megassm checkpoint ({TRAINER_FILE} and DCP files) or run folder (checkpoints/step_N/)",

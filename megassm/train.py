@@ -50,12 +50,15 @@ from megassm.checkpoint import (
     unfinished_saves,
 )
 from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCopies
-from megassm.config import Config, ConfigError, cuda_graph_blockers, load_config, write_config
+from megassm.config import Config, ConfigError, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
-from megassm.data.shards import VERIFIED_FILE
+from megassm.data.shards import META_FILE, VERIFIED_FILE
+from megassm.auto_choices import (check_kernel_addressing, cuda_graph_groups, cuda_graphs_choice, keep_ssd_states_choice,
+                                   out_of_memory_advice)
 from megassm.errors import USER_ERROR_EXIT, UserError
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
+    METRICS_FILE,
     MetricsLogger,
     StepTimer,
     drop_records_after,
@@ -67,12 +70,12 @@ from megassm.metrics import (
 )
 from megassm.model import (Mamba2LM, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels, apply_loss_chunking,
                            apply_ssd_state_keeping)
-from megassm.ops import TRITON_MAX_ELEMENTS, resolve_backend
+from megassm.ops import resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import detect_format, load_pretrained
 from megassm.run_dir import RunLock, check_log_not_replaced, checkpoints_to_replace, in_run_dir, launched_by_torchrun
 from megassm.stopping import FailedElsewhere, StopSignals, Stopped, die_with_launcher
-from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
+from parallel import IGNORE_INDEX, DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
 from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
@@ -84,22 +87,6 @@ class TrainingError(UserError, RuntimeError):
 
 class OutOfMemory(TrainingError):
     """A training step ran out of GPU memory on this rank (said by the rank it happened on, not only rank 0)."""
-
-
-def out_of_memory_advice(cfg: Config, step: int, keep_ssd_states: bool, cuda_graphs: bool) -> str:
-    """What to change when training step `step` (0-based) ran out of memory: the cheapest levers first."""
-    tokens = cfg.data.micro_batch * cfg.data.seq_len // cfg.parallel.cp
-    levers = []
-    if cfg.data.micro_batch > 1:
-        levers.append(f"lower data.micro_batch (now {cfg.data.micro_batch}; gradient accumulation keeps data.global_batch)")
-    if keep_ssd_states:
-        levers.append(f"set train.keep_ssd_states = false (the SSD's states take {ssd_states_bytes(cfg) / 2**30:.1f} GiB)")
-    if cuda_graphs:
-        levers.append("set train.cuda_graphs = false (their memory pool)")
-    if not cfg.train.activation_checkpointing:
-        levers.append("set train.activation_checkpointing = true")
-    levers.append("spread the sequence or the model over more GPUs (parallel.cp, parallel.tp)")
-    return f"the GPU ran out of memory in step {step + 1} ({tokens:,} tokens per micro batch and rank): " + "; or ".join(levers)
 
 
 def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
@@ -114,7 +101,7 @@ def open_data(cfg: Config) -> TokenStream:
         raise ConfigError(f"the tokenizer of data.path = {cfg.data.path} has {stream.meta.vocab_size} tokens, more than "
                           f"model.vocab_size = {cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
     if not stream.tokenizer_path.exists():
-        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {cfg.data.path}/meta.json is missing: "
+        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {Path(cfg.data.path) / META_FILE} is missing: "
                           "re-run tools/prepare_data.py")
     return stream
 
@@ -161,80 +148,6 @@ def _verify_shared(stream: TokenStream) -> bool:
 
     job_store.decided("megassm/verify_data", found, first_error, DATA_VERIFY_TIMEOUT)
     return rank != 0 or stream.record_verified(matched)
-
-
-def check_kernel_addressing(cfg: Config, backend: str) -> None:
-    """The Triton kernels address a tensor with 32-bit offsets: a micro batch whose in_proj output (the
-    mixer's widest tensor) has 2^31 elements or more would make them read and write out of bounds."""
-    tokens = cfg.data.micro_batch * cfg.data.seq_len // cfg.parallel.cp
-    width = cfg.model.in_proj_width // cfg.parallel.tp
-    if backend == "triton" and tokens * width >= TRITON_MAX_ELEMENTS:
-        fits = (TRITON_MAX_ELEMENTS - 1) // width
-        raise ConfigError(f"data.micro_batch * data.seq_len / parallel.cp = {tokens:,} tokens per micro batch and rank, times in_proj's "
-                          f"{width:,} channels per rank, exceed the 2^31 elements the Triton kernels can address: at most {fits:,} tokens "
-                          "fit; lower data.micro_batch or data.seq_len, or raise parallel.cp")
-
-
-# "auto" graphs micro batches of up to this many tokens per rank: a 780m step of 8 x 2048 tokens spends 30%
-# of its time launching kernels without graphs, one of 65,536 tokens none, and its graphs' memory pool, which
-# the rest of the step cannot use, runs an H200 out of memory where the same step without graphs fits.
-GRAPHS_AUTO_MAX_TOKENS = 32768
-
-
-def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
-    """Whether the blocks run as CUDA graphs, and the start-up line's words for it. "auto" takes them
-    where they are correct and save launch time, with activation checkpointing too: on an H200 its 780m step of
-    8 x 2048 tokens ran 1.34x as fast with them, in no more memory (bench/RESULTS.md)."""
-    choice, blockers = cfg.train.cuda_graphs, cuda_graph_blockers(cfg)
-    if device.type != "cuda" or choice is False:
-        return False, "no CUDA graphs"
-    if blockers:  # only "auto" gets here: validation refuses true
-        return False, f"no CUDA graphs (they need {' and '.join(blockers)})"
-    tokens = cfg.data.micro_batch * cfg.data.seq_len // cfg.parallel.cp
-    if choice == "auto" and tokens > GRAPHS_AUTO_MAX_TOKENS:
-        return False, f"no CUDA graphs ({tokens:,} tokens per micro batch launch few kernels per token; train.cuda_graphs = true adds them)"
-    return True, "CUDA graphs"
-
-
-# "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory. On an H200
-# (bench/RESULTS.md): 780m at 8 x 2048 tokens keeps 9.7 GB, 2% faster; at 1 x 32,768 19.3 GB (90 GiB peak), 5% faster;
-# at 1 x 65,536 the 39 GB would not fit next to the rest (134 GiB without them).
-KEEP_SSD_STATES_AUTO_SHARE = 0.2
-
-
-def ssd_states_bytes(cfg: Config) -> int:
-    """What megassm's SSD states take when every Mamba-2 layer keeps them: their shape per layer and rank, in the
-    compute dtype, at its kernels' chunk."""
-    from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK  # imports triton: only where the Triton backend runs
-    from megassm.ops.ssd_triton_fwd import states_shape
-
-    layout = cfg.model.mamba_layout(cfg.parallel.tp)
-    shape = states_shape(cfg.data.micro_batch, cfg.data.seq_len // cfg.parallel.cp, layout.nheads, layout.headdim, layout.d_state,
-                         DEFAULT_KERNEL_CHUNK)
-    return cfg.model.layer_kinds.count("M") * math.prod(shape) * (2 if cfg.train.precision == "bf16" else 4)
-
-
-def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int) -> bool:
-    """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
-    bytes). Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
-    choice = cfg.train.keep_ssd_states
-    if choice is False or backend != "triton" or cfg.kernels.ssd != "megassm":
-        return False
-    if choice is True or cfg.train.activation_checkpointing:
-        return True
-    return ssd_states_bytes(cfg) <= KEEP_SSD_STATES_AUTO_SHARE * device_memory
-
-
-# Under DDP the blocks' CUDA graphs come in this many groups of layers, so that DDP sums each group's gradients over
-# the ranks while the earlier groups' backward runs: left after the backward are the first group's sums and the
-# embedding's (at 780m ~22% of the gradients), not all of them (~3 GB). Between groups nothing is copied
-# (megassm/model/cuda_graphs.py).
-CUDA_GRAPH_GROUPS_UNDER_DDP = 8
-
-
-def cuda_graph_groups(ctx: ParallelContext) -> int:
-    """How many groups of layers the blocks' CUDA graphs come in: several where DDP sums gradients over ranks."""
-    return CUDA_GRAPH_GROUPS_UNDER_DDP if group_size(ctx.dp_cp_group) > 1 else 1
 
 
 def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_states: bool) -> Mamba2LM:
@@ -521,7 +434,7 @@ class Trainer:
         """One optimizer step, queued on the device (nothing here waits for it)."""
         with timer.data_wait():
             batches = self.micro_batches()
-        targets = global_sum(sum((b.labels != -100).sum() for b in batches).float(), self.ctx)
+        targets = global_sum(sum((b.labels != IGNORE_INDEX).sum() for b in batches).float(), self.ctx)
         loss_sum = torch.zeros((), device=self.device)
         for m, batch in enumerate(batches):
             with self.engine.micro_step(is_last=m == len(batches) - 1):
@@ -556,7 +469,7 @@ class Trainer:
                                         data.micro_batch).to(self.device)
             with self.autocast():
                 losses = self.model(batch.input_ids, batch.seq_idx, batch.labels)
-            total += torch.stack([losses.sum(), (batch.labels != -100).sum().float()])
+            total += torch.stack([losses.sum(), (batch.labels != IGNORE_INDEX).sum().float()])
         loss_sum, count = global_sum(total, self.ctx)
         return (loss_sum / count).item()
 
@@ -623,9 +536,9 @@ class Trainer:
         cfg, step = self.cfg, self.state["step"]
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_config(cfg, self.run_dir / "config.toml")
+            write_config(cfg, self.run_dir / CONFIG_FILE)
             if dropped := drop_records_after(self.run_dir, step):
-                self.say(f"dropped {dropped} lines after step {step} from {self.run_dir / 'metrics.jsonl'}: "
+                self.say(f"dropped {dropped} lines after step {step} from {self.run_dir / METRICS_FILE}: "
                          "this run logs its own history from there")
         return MetricsLogger(self.run_dir, self.is_writer, cfg.logging.wandb, cfg.logging.wandb_project, cfg.run.name or self.run_dir.name,
                              cfg.to_dict(), total_steps=cfg.train.steps, continues=bool(self.history))
@@ -728,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
     trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; "
-                f"metrics in {trainer.run_dir / 'metrics.jsonl'}, "
+                f"metrics in {trainer.run_dir / METRICS_FILE}, "
                 f"checkpoints in {trainer.run_dir / 'checkpoints'}")
     return 0
 

@@ -1,7 +1,7 @@
 """Model-agnostic distributed layer: the process-group mesh, autograd-aware collectives, tensor-,
 sequence-, context- and data-parallel primitives. Imports nothing from megassm."""
 
-from parallel.chunked_loss import LOSS_CHUNK_TOKENS, vocab_parallel_linear_cross_entropy
+from parallel.chunked_loss import IGNORE_INDEX, LOSS_CHUNK_TOKENS, vocab_parallel_linear_cross_entropy
 from parallel.collectives import record_communication, send_to_next_rank
 from parallel.context import ParallelContext, init_parallel
 from parallel.context_parallel import incoming_state
@@ -23,6 +23,7 @@ __all__ = [
     "declare_roles",
     "param_roles",
     "roles_of",
+    "IGNORE_INDEX",
     "LOSS_CHUNK_TOKENS",
     "ColumnParallelLinear",
     "DDPEngine",

@@ -16,6 +16,7 @@ from parallel.tensor_parallel import layer_input
 
 # Tokens per chunk of the fused LM head + loss: 4096 tokens' fp32 logits at a 50k vocabulary are 0.8 GB.
 LOSS_CHUNK_TOKENS = 4096
+IGNORE_INDEX = -100  # a target counted nowhere (torch's convention)
 
 
 def _chunk_stats(logits: Tensor, local_target: Tensor, reduce_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
@@ -139,8 +140,8 @@ def _loss_and_unit_gradients(tokens: Tensor, w: Tensor, local_target: Tensor, hi
 
 
 def vocab_parallel_linear_cross_entropy(
-    h: Tensor, weight: Tensor, target: Tensor, ctx: ParallelContext, chunk_tokens: int = LOSS_CHUNK_TOKENS, ignore_index: int = -100,
-    compile: bool = False, triton: bool = False,
+    h: Tensor, weight: Tensor, target: Tensor, ctx: ParallelContext, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+    ignore_index: int = IGNORE_INDEX, compile: bool = False, triton: bool = False,
 ) -> Tensor:
     """Per-token cross-entropy (b, l) of the logits h @ weight.T (vocab-split `weight`), 0 where
     target == ignore_index, computed from vocabulary-split logits without gathering them (max,

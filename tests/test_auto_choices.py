@@ -7,8 +7,9 @@ import torch
 
 from megassm.config import ConfigError, load_config
 from megassm.model import Mamba2LM
-from megassm.train import (GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice, keep_ssd_states_choice, make_engine, out_of_memory_advice,
-                           ssd_states_bytes)
+from megassm.auto_choices import (GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice, keep_ssd_states_choice, out_of_memory_advice,
+                                   ssd_states_bytes)
+from megassm.train import make_engine
 from parallel import ParallelContext
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")

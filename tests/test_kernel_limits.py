@@ -5,7 +5,7 @@ import re
 import pytest
 
 from megassm.config import ConfigError, load_config
-from megassm.train import check_kernel_addressing
+from megassm.auto_choices import check_kernel_addressing
 
 
 def config(seq_len: int, micro_batch: int = 1, cp: int = 1, tp: int = 1):

@@ -193,6 +193,7 @@ def run_peer(args, started: float) -> dict:
 
     from megassm.data import SampleLoader, TokenStream, rank_samples
     from megassm.metrics import logical_param_count, model_flops_per_token, peak_flops
+    from parallel import IGNORE_INDEX
 
     MambaConfig, MambaLMHeadModel = import_peer()
     fused = args.worker == "peer-fused"
@@ -219,7 +220,7 @@ def run_peer(args, started: float) -> dict:
         batch = loader.batch(rank_samples(i * batch_size, 0, 0, 1, batch_size, batch_size), batch_size).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = model(batch.input_ids).logits
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.labels.view(-1), ignore_index=-100)
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.labels.view(-1), ignore_index=IGNORE_INDEX)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -295,7 +296,9 @@ def step_energy(result: dict) -> float | None:
 
 
 def require_prepared_data(path: str, tool: str) -> None:
-    if not (ROOT / path / "meta.json").exists():
+    from megassm.data.shards import META_FILE
+
+    if not (ROOT / path / META_FILE).exists():
         raise SystemExit(f"{tool}: no prepared data at {path}: run bash launch/quickstart.sh once, or tools/prepare_data.py")
 
 

@@ -8,7 +8,7 @@ when the save began, which is what a background write has to guarantee (its copi
 The background mode runs twice: the second reuses the first's page-locked host memory, as every later checkpoint of a
 run does.
 
-    python tools/bench_checkpoint.py --preset 780m --dir /tmp/bench_checkpoint
+    python tools/bench_checkpoint.py --preset mamba2-780m --dir /tmp/bench_checkpoint
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from megassm.checkpoint import load_checkpoint, start_checkpoint  # noqa: E402
 from megassm.checkpoint_writer import HostCopies  # noqa: E402
 from megassm.config import Config  # noqa: E402
 from megassm.model import Mamba2LM, ModelConfig  # noqa: E402
+from megassm.model.config import PRESETS  # noqa: E402
 from parallel import ParallelContext  # noqa: E402
 from parallel.data_parallel import DDPEngine  # noqa: E402
 
@@ -75,7 +76,7 @@ def differing(path: Path, cfg: Config, want: dict[str, torch.Tensor]) -> list[st
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="780m")
+    parser.add_argument("--preset", default="mamba2-780m", choices=PRESETS)
     parser.add_argument("--dir", type=Path, required=True, help="a scratch folder, deleted first")
     args = parser.parse_args()
 

@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sentencepiece
-import torch
 
 from megassm.checkpoint import save_model_checkpoint
 from megassm.data import DataError, load_tokenizer
@@ -43,6 +42,7 @@ from megassm.pretrained import (
     MAMBA_SSM,
     MEGASSM,
     TRANSFORMERS,
+    WEIGHT_DTYPES,
     checkpoint_folder,
     default_hf_format,
     detect_format,
@@ -55,7 +55,6 @@ from megassm.pretrained import (
 if TYPE_CHECKING:  # transformers is imported only where it is used: --help and the other commands stay quick
     from transformers import PreTrainedTokenizerFast
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMMANDS = {"to-hf": MEGASSM, "to-mamba-ssm": MEGASSM, "from-hf": TRANSFORMERS, "from-mamba-ssm": MAMBA_SSM}  # -> input format
 # Texts on which a sentencepiece model converted to an HF tokenizer must give the very same ids: runs of
 # spaces, tabs, newlines, code, digits, and characters that only byte fallback can encode.
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         command.add_argument("source", type=Path, help=DESCRIPTIONS[fmt])
         command.add_argument("out", type=Path, help="the folder to write (new or empty)")
         if name.startswith("to-"):
-            command.add_argument("--dtype", choices=DTYPES, default="fp32", help="the weights' precision (default: fp32)")
+            command.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="the weights' precision (default: fp32)")
         if name == "to-hf":
             command.add_argument("--tokenizer", type=Path, help="the tokenizer to export (default: the run's, from config.toml data.path)")
             command.add_argument("--format", choices=HF_FORMATS, help="the transformers model_type to write (default: mamba2 for a "
@@ -97,15 +96,15 @@ def convert(args: argparse.Namespace) -> str:
     shape = f"d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.vocab_size}"
     if args.command in ("to-hf", "to-mamba-ssm"):
         for name in state:  # cast a tensor at a time, each read copy let go as it goes: an 8B model's is 32 GB
-            state[name] = state[name].to(DTYPES[args.dtype])
+            state[name] = state[name].to(WEIGHT_DTYPES[args.dtype])
     if args.command == "to-hf":
         model_type = args.format or default_hf_format(cfg)
         HF_FORMATS[model_type].config_dict(cfg)  # a model the format cannot hold fails here, before anything is written
         token_ids, tokenizer_note = export_tokenizer(args.tokenizer or tokenizer_to_export(source), args.out, cfg.vocab_size)
-        save_transformers(cfg, state, args.out, DTYPES[args.dtype], token_ids, model_type)
+        save_transformers(cfg, state, args.out, WEIGHT_DTYPES[args.dtype], token_ids, model_type)
         return f"wrote {args.out}: transformers {HF_FORMATS[model_type].architecture} ({shape}, {args.dtype}); {tokenizer_note}"
     if args.command == "to-mamba-ssm":
-        save_mamba_ssm(cfg, state, args.out, DTYPES[args.dtype])
+        save_mamba_ssm(cfg, state, args.out, WEIGHT_DTYPES[args.dtype])
         return f"wrote {args.out}: mamba-ssm MambaLMHeadModel ({shape}, {args.dtype}); no tokenizer: mamba-ssm loads none"
     save_model_checkpoint(cfg, state, args.out)
     has_tokenizer = any((args.source / name).is_file() for name in (*HF_FILES, SENTENCEPIECE_FILE))

@@ -21,9 +21,8 @@ import torch
 from megassm.data import Tokenizer, load_tokenizer
 from megassm.generate import check_sampling, generate
 from megassm.model import Mamba2LM, apply_kernels
-from megassm.pretrained import MEGASSM, checkpoint_folder, detect_format, load_pretrained, run_tokenizer
+from megassm.pretrained import MEGASSM, WEIGHT_DTYPES, checkpoint_folder, detect_format, load_pretrained, run_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> Mamba2LM:
@@ -64,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely tokens holding this probability (1: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the weights' precision (the SSM state stays fp32)")
+    parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="the weights' precision (the SSM state stays fp32)")
     parser.add_argument("--tokenizer", help="a tokenizer folder, .model file or hub name (default: see above)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
         folder = model_folder(args.model)
         tokenizer = tokenizer_for(folder, args.tokenizer)
-        model = load_model(folder, device, DTYPES[args.dtype])
+        model = load_model(folder, device, WEIGHT_DTYPES[args.dtype])
     except (OSError, ValueError) as error:  # missing or unreadable files (PretrainedError is a ValueError)
         sys.exit(f"generate: {error}")
     if tokenizer.vocab_size > model.cfg.vocab_size:

@@ -1,5 +1,6 @@
 """The mixer's numerical kernels, each with a pure-PyTorch reference and, on CUDA, Triton kernels
-(mamba-ssm's SSD and gated RMSNorm, megassm's conv1d). `backend`: "torch" (the reference, anywhere),
+(megassm's SSD, conv1d and gated RMSNorm backward; mamba-ssm's gated RMSNorm forward, and its SSD with
+kernels.ssd = "mamba-ssm"). `backend`: "torch" (the reference, anywhere),
 "triton" (CUDA + mamba-ssm, or an error), or "auto" (the reference on CPU, Triton on CUDA: an error
 there when the kernels do not load, rather than a silent fall back to a path many times slower).
 The plain-PyTorch pieces with no Triton kernel of their own (RMSNorm, the loss's softmax, and the

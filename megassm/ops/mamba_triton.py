@@ -30,8 +30,9 @@ from megassm.ops import autotune_cache
 class TritonKernels(NamedTuple):
     mamba_chunk_scan_combined: Callable
     rmsnorm_fn: Callable
-    # The forward and backward halves of both, for megassm/ops/fused_mixer.py: they take the buffers
-    # to write gradients into, so one mixer's gradients can land in one tensor.
+    # The halves of both: the scan's and the norm's forward for megassm/ops/fused_mixer.py (the scan's backward too,
+    # with kernels.ssd = "mamba-ssm"), taking the buffers to write gradients into, so one mixer's gradients land in
+    # one tensor; the norm's backward as tools/bench_norm.py's peer.
     scan_forward: Callable
     scan_backward: Callable
     norm_forward: Callable

@@ -1,0 +1,104 @@
+"""What the trainer decides for itself from the config and the device, and the limits it checks before building
+anything: CUDA graphs ("auto"), keeping the SSD's states ("auto"), the graphs' groups of layers under DDP, the Triton
+kernels' 32-bit addressing, and what to change after running out of GPU memory."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from megassm.config import Config, ConfigError, cuda_graph_blockers
+from megassm.ops import TRITON_MAX_ELEMENTS
+from parallel import ParallelContext
+from parallel.context import group_size
+
+
+def out_of_memory_advice(cfg: Config, step: int, keep_ssd_states: bool, cuda_graphs: bool) -> str:
+    """What to change when training step `step` (0-based) ran out of memory: the cheapest levers first."""
+    tokens = cfg.micro_batch_tokens
+    levers = []
+    if cfg.data.micro_batch > 1:
+        levers.append(f"lower data.micro_batch (now {cfg.data.micro_batch}; gradient accumulation keeps data.global_batch)")
+    if keep_ssd_states:
+        levers.append(f"set train.keep_ssd_states = false (the SSD's states take {ssd_states_bytes(cfg) / 2**30:.1f} GiB)")
+    if cuda_graphs:
+        levers.append("set train.cuda_graphs = false (their memory pool)")
+    if not cfg.train.activation_checkpointing:
+        levers.append("set train.activation_checkpointing = true")
+    levers.append("spread the sequence or the model over more GPUs (parallel.cp, parallel.tp)")
+    return f"the GPU ran out of memory in step {step + 1} ({tokens:,} tokens per micro batch and rank): " + "; or ".join(levers)
+
+
+def check_kernel_addressing(cfg: Config, backend: str) -> None:
+    """The Triton kernels address a tensor with 32-bit offsets: a micro batch whose in_proj output (the
+    mixer's widest tensor) has 2^31 elements or more would make them read and write out of bounds."""
+    tokens = cfg.micro_batch_tokens
+    width = cfg.model.in_proj_width // cfg.parallel.tp
+    if backend == "triton" and tokens * width >= TRITON_MAX_ELEMENTS:
+        fits = (TRITON_MAX_ELEMENTS - 1) // width
+        raise ConfigError(f"data.micro_batch * data.seq_len / parallel.cp = {tokens:,} tokens per micro batch and rank, times in_proj's "
+                          f"{width:,} channels per rank, exceed the 2^31 elements the Triton kernels can address: at most {fits:,} tokens "
+                          "fit; lower data.micro_batch or data.seq_len, or raise parallel.cp")
+
+
+# "auto" graphs micro batches of up to this many tokens per rank: a 780m step of 8 x 2048 tokens spends 30%
+# of its time launching kernels without graphs, one of 65,536 tokens none, and its graphs' memory pool, which
+# the rest of the step cannot use, runs an H200 out of memory where the same step without graphs fits.
+GRAPHS_AUTO_MAX_TOKENS = 32768
+
+
+def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
+    """Whether the blocks run as CUDA graphs, and the start-up line's words for it. "auto" takes them
+    where they are correct and save launch time, with activation checkpointing too: on an H200 its 780m step of
+    8 x 2048 tokens ran 1.34x as fast with them, in no more memory (bench/RESULTS.md)."""
+    choice, blockers = cfg.train.cuda_graphs, cuda_graph_blockers(cfg)
+    if device.type != "cuda" or choice is False:
+        return False, "no CUDA graphs"
+    if blockers:  # only "auto" gets here: validation refuses true
+        return False, f"no CUDA graphs (they need {' and '.join(blockers)})"
+    tokens = cfg.micro_batch_tokens
+    if choice == "auto" and tokens > GRAPHS_AUTO_MAX_TOKENS:
+        return False, f"no CUDA graphs ({tokens:,} tokens per micro batch launch few kernels per token; train.cuda_graphs = true adds them)"
+    return True, "CUDA graphs"
+
+
+# "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory. On an H200
+# (bench/RESULTS.md): 780m at 8 x 2048 tokens keeps 9.7 GB, 2% faster; at 1 x 32,768 19.3 GB (90 GiB peak), 5% faster;
+# at 1 x 65,536 the 39 GB would not fit next to the rest (134 GiB without them).
+KEEP_SSD_STATES_AUTO_SHARE = 0.2
+
+
+def ssd_states_bytes(cfg: Config) -> int:
+    """What megassm's SSD states take when every Mamba-2 layer keeps them: their shape per layer and rank, in the
+    compute dtype, at its kernels' chunk."""
+    from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK  # imports triton: only where the Triton backend runs
+    from megassm.ops.ssd_triton_fwd import states_shape
+
+    layout = cfg.model.mamba_layout(cfg.parallel.tp)
+    shape = states_shape(cfg.data.micro_batch, cfg.data.seq_len // cfg.parallel.cp, layout.nheads, layout.headdim, layout.d_state,
+                         DEFAULT_KERNEL_CHUNK)
+    return cfg.model.layer_kinds.count("M") * math.prod(shape) * (2 if cfg.train.precision == "bf16" else 4)
+
+
+def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int) -> bool:
+    """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
+    bytes). Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
+    choice = cfg.train.keep_ssd_states
+    if choice is False or backend != "triton" or cfg.kernels.ssd != "megassm":
+        return False
+    if choice is True or cfg.train.activation_checkpointing:
+        return True
+    return ssd_states_bytes(cfg) <= KEEP_SSD_STATES_AUTO_SHARE * device_memory
+
+
+# Under DDP the blocks' CUDA graphs come in this many groups of layers, so that DDP sums each group's gradients over
+# the ranks while the earlier groups' backward runs: left after the backward are the first group's sums and the
+# embedding's (at 780m ~22% of the gradients), not all of them (~3 GB). Between groups nothing is copied
+# (megassm/model/cuda_graphs.py).
+CUDA_GRAPH_GROUPS_UNDER_DDP = 8
+
+
+def cuda_graph_groups(ctx: ParallelContext) -> int:
+    """How many groups of layers the blocks' CUDA graphs come in: several where DDP sums gradients over ranks."""
+    return CUDA_GRAPH_GROUPS_UNDER_DDP if group_size(ctx.dp_cp_group) > 1 else 1
