@@ -23,7 +23,7 @@ from megassm.errors import UserError
 from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, architecture, checkpoints_in, read_model_state
 from megassm.checkpoint_files import first_damaged_file
 from megassm.config import ConfigError, load_config
-from megassm.config import read_model_config as read_model_config_file
+from megassm.config import read_model_config
 from megassm.data import Meta
 from megassm.data.shards import META_FILE
 from megassm.hf import (
@@ -147,12 +147,12 @@ def run_tokenizer(checkpoint: Path) -> Path:
     return data / Meta.read(data).tokenizer
 
 
-def read_model_config(checkpoint: Path) -> ModelConfig:
+def checkpoint_model_config(checkpoint: Path) -> ModelConfig:
     """The model of a checkpoint: its run's config.toml, or a converted one's model.toml."""
     for name in (CONFIG_FILE, MODEL_FILE):
         if (checkpoint / name).is_file():
             try:
-                return read_model_config_file(checkpoint / name)
+                return read_model_config(checkpoint / name)
             except ConfigError as error:
                 raise PretrainedError(str(error)) from None
     raise PretrainedError(f"{checkpoint}: no {CONFIG_FILE} nor {MODEL_FILE} to say which model it holds")
@@ -196,7 +196,7 @@ def _cast(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
 
 def _read_megassm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     checkpoint = checkpoint_folder(path)
-    cfg = read_model_config(checkpoint)
+    cfg = checkpoint_model_config(checkpoint)
     try:
         state = read_model_state(checkpoint)
     except DamagedCheckpoint as error:

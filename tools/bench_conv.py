@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megassm.ops import conv_triton  # noqa: E402
 from megassm.ops.conv import causal_conv1d  # noqa: E402
-from tools.bench_ssd import launch_ms  # noqa: E402
+from tools.bench_ssd import launch_ms, relative_error  # noqa: E402
 
 WIDTH, DOCUMENTS, LAUNCHES = 4, 4, 30
 # name: (batch, seqlen, conv channels = d_inner + 2 * ngroups * d_state, in_proj width)
@@ -49,11 +49,6 @@ def conv_inputs(batch: int, seqlen: int, channels: int, width: int, device: torc
     seq_idx = (torch.arange(seqlen, device=device) * DOCUMENTS // seqlen).to(torch.int32).expand(batch, -1).contiguous()
     dy = torch.randn(batch, seqlen, channels, device=device, generator=generator).to(torch.bfloat16)
     return dict(wide=wide, x=x, weight=weight, bias=bias, seq_idx=seq_idx, dy=dy)
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().float(), want.detach().float()
-    return float((got - want).abs().max() / want.abs().max())
 
 
 def check(t: dict) -> dict:

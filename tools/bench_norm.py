@@ -23,17 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megassm.ops import gated_norm_triton  # noqa: E402
 from megassm.ops.mamba_triton import load_triton_kernels  # noqa: E402
 from megassm.ops.norm import gated_rms_norm  # noqa: E402
-from tools.bench_ssd import launch_ms  # noqa: E402
+from tools.bench_ssd import launch_ms, relative_error  # noqa: E402
 
 EPS, LAUNCHES = 1e-5, 30
 # name: (tokens, d_inner, ngroups, in_proj width)
 SHAPES = {"780m": (16384, 3072, 1, 6448), "780m-64k": (65536, 3072, 1, 6448), "1.3b": (16384, 4096, 1, 8512),
           "780m-g8": (16384, 3072, 8, 6448)}
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().float(), want.detach().float()
-    return float((got - want).abs().max() / want.abs().max())
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ import sys
 import time
 
 from megassm.data import TokenStream
-from megassm.data.prepare import prepare
+from megassm.data.prepare import SHARD_TOKENS, VAL_FRACTION, prepare
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder, .model file or hub name")
     parser.add_argument("--out", required=True, help="the data folder to create")
     parser.add_argument("--num-proc", type=int, default=os.cpu_count(), help="reading and tokenizing processes (default: all cores)")
-    parser.add_argument("--shard-tokens", type=int, default=2**28, help="tokens per shard file at most (default: 2^28)")
-    parser.add_argument("--val-fraction", type=float, default=0.005, help="fraction of documents held out for validation")
+    parser.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS, help="tokens per shard file at most (default: 2^28)")
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION,
+                        help=f"fraction of documents held out for validation (default: {VAL_FRACTION})")
     parser.add_argument("--text-key", default="text", help="the text field of JSON / parquet records (default: text)")
     parser.add_argument("--sample-by", choices=("line", "paragraph", "document"), default="line",
                         help=".txt inputs: a document per line, per blank-line-separated paragraph, or per file")

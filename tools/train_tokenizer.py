@@ -14,6 +14,7 @@ import sys
 import time
 
 from megassm.data import load_tokenizer, train_sentencepiece
+from megassm.data.tokenizer import MAX_SENTENCES
 from megassm.data.prepare import iter_texts, load_documents, sample_documents
 
 
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to write tokenizer.model into")
     parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
     parser.add_argument("--text-key", default="text", help="the text field of JSON / parquet records (default: text)")
-    parser.add_argument("--max-sentences", type=int, default=10_000_000,
+    parser.add_argument("--max-sentences", type=int, default=MAX_SENTENCES,
                         help="train on at most this many lines, sampled from documents chosen at random")
     args = parser.parse_args(argv)
     started = time.time()

@@ -44,6 +44,8 @@ BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", 
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst")  # read through by datasets
 GLOB_CHARS = "*?["
 TEXT_FEATURES = (datasets.Value("string"), datasets.Value("large_string"))
+SHARD_TOKENS = 2**28  # tokens per shard file at most
+VAL_FRACTION = 0.005  # the share of documents held out for validation
 
 
 def _builder(file: Path) -> str | None:
@@ -242,8 +244,8 @@ def prepare(
     *,
     text_key: str = "text",
     num_proc: int = 1,
-    shard_tokens: int = 2**28,
-    val_fraction: float = 0.005,
+    shard_tokens: int = SHARD_TOKENS,
+    val_fraction: float = VAL_FRACTION,
     split: str = "train",
     sample_by: str = "line",
     cache_dir: str | Path | None = None,

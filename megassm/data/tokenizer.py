@@ -17,6 +17,7 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 LOCAL_SUFFIXES = {".model", ".txt", ".json", ".jsonl", ".parquet", ".gz", ".bz2", ".xz", ".zst"}
+MAX_SENTENCES = 10_000_000  # lines a sentencepiece tokenizer trains on at most
 
 
 def is_hub_name(name: str | Path) -> bool:
@@ -130,7 +131,7 @@ def train_sentencepiece(
     vocab_size: int,
     out_dir: str | Path,
     model_type: str = "bpe",
-    max_sentences: int = 10_000_000,
+    max_sentences: int = MAX_SENTENCES,
     num_threads: int | None = None,
 ) -> Path:
     """Train a sentencepiece model on documents and write `out_dir/tokenizer.model`; returns out_dir.
