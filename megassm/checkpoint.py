@@ -60,11 +60,11 @@ EMPTY_OPTIMIZER = {"state": {}, "param_groups": "[]"}
 # (or one parameter's; a TP rank holds its share), so that an engine placing each parameter's state (ZeRO: a slice of
 # it) holds one batch beside it, not a second copy of the whole: an 8B model's AdamW state is 64 GB.
 OPTIMIZER_READ_BYTES = 1 << 30
-# The [model] keys that make another model: they change the parameters or the function computed. chunk_size,
-# the kernels and the initialisation may change between runs of one model.
-ARCHITECTURE_KEYS = ("d_model", "n_layer", "vocab_size", "d_state", "headdim", "expand", "ngroups", "d_conv", "tie_embeddings",
-                     "norm_eps", "conv_bias", "proj_bias", "dt_limit", "pattern", "attn_heads", "attn_kv_heads", "attn_head_dim", "rope",
-                     "rope_theta", "rope_fraction", "mlp_hidden", "mlp_activation")
+# The [model] keys that may change between runs of one model: chunk_size (how the scan is computed) and the
+# initialisation. Every other key makes another model (its parameters or the function computed): a key added to
+# ModelConfig counts as architecture unless named here.
+NOT_ARCHITECTURE_KEYS = ("chunk_size", "dt_min", "dt_max", "dt_init_floor", "A_init_range", "init_std")
+ARCHITECTURE_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in NOT_ARCHITECTURE_KEYS)
 
 
 def architecture(cfg: ModelConfig) -> dict[str, object]:
