@@ -34,7 +34,8 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p:
     fewest most likely ids holding top_p of the probability (1: all)."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # at most 0: a tiny temperature cannot overflow
     if top_k:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -80,7 +81,9 @@ def generate(
 
     A row that samples eos_id is finished: eos_id fills the rest of it, and generation stops early
     once every row is. vocab_size: sample only ids below it (a tokenizer smaller than the model's
-    padded vocabulary). Memory stays constant however many tokens are generated."""
+    padded vocabulary). Each row is one document (no document ids: an eos_id inside a prompt does not reset the
+    states as training's document starts did). Mamba-2 blocks' memory stays constant however many tokens are
+    generated; attention blocks' key/value caches grow with them."""
     check_sampling(temperature, top_k, top_p, max_new_tokens)
     tokens = [prompt_ids]
     finished = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)

@@ -29,6 +29,12 @@ _SHARED = {"d_model": "hidden_size", "vocab_size": "vocab_size", "tie_embeddings
 _NO_BIASES = {"attention_bias": False, "mlp_bias": False}
 
 
+def _cache(cfg: ModelConfig) -> dict:
+    """transformers' NemotronH and Bamba caches (5.25) need an attention layer: without one, model(ids) and generate()
+    raise in get_mask_sizes. Such a folder says use_cache = false: each step then runs over the whole text."""
+    return {} if "*" in cfg.layer_kinds else {"use_cache": False}
+
+
 def _fit_problem(cfg: ModelConfig, model_type: str) -> str | None:
     """Why transformers' `model_type` cannot hold cfg's model, naming the keys to change; None if it can."""
     kinds = cfg.layer_kinds
@@ -54,7 +60,8 @@ def nemotron_h_config_dict(cfg: ModelConfig) -> dict:
             "layers_block_type": [_NEMOTRON_H_BLOCKS[kind] for kind in cfg.layer_kinds], "mamba_num_heads": cfg.nheads,
             "expand": cfg.expand, "mamba_proj_bias": cfg.proj_bias, "mamba_hidden_act": "silu", "mlp_hidden_act": "relu2",
             "time_step_min": cfg.dt_min, "time_step_max": cfg.dt_max, "time_step_floor": cfg.dt_init_floor,
-            "time_step_limit": list(cfg.dt_limit), "layer_norm_epsilon": cfg.norm_eps, "residual_in_fp32": True, **_NO_BIASES}
+            "time_step_limit": list(cfg.dt_limit), "layer_norm_epsilon": cfg.norm_eps, "residual_in_fp32": True, **_NO_BIASES,
+            **_cache(cfg)}
 
 
 def model_config_from_nemotron_h(hf: dict) -> ModelConfig:
@@ -84,7 +91,7 @@ def bamba_config_dict(cfg: ModelConfig) -> dict:
             "num_hidden_layers": cfg.n_layer // 2, "attn_layer_indices": [i // 2 for i, kind in enumerate(cfg.layer_kinds) if kind == "*"],
             "mamba_n_heads": cfg.nheads, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps, "time_step_limit": list(cfg.dt_limit),
             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta, "partial_rotary_factor": cfg.rope_fraction},
-            **_NO_BIASES}
+            **_NO_BIASES, **_cache(cfg)}
 
 
 def model_config_from_bamba(hf: dict) -> ModelConfig:
@@ -107,6 +114,8 @@ def _require_fit(cfg: ModelConfig, model_type: str) -> None:
     if problem is not None:
         other = BAMBA if model_type == NEMOTRON_H else NEMOTRON_H
         hint = f"export to {other} instead (it fits)" if _fit_problem(cfg, other) is None else f"{other} does not fit either"
+        if not cfg.layer_kinds.strip("M"):
+            hint = "export a model of Mamba-2 blocks only to mamba2"
         raise ValueError(f"transformers' {model_type} cannot hold this model: {problem}; {hint}")
 
 

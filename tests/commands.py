@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_BAR = re.compile(r"(.*\r)?[^\r]*\[[^\]]*/s\]")  # tqdm's bar as it was left: "desc: ... [00:01, 12.3 examples/s]"
@@ -31,3 +34,13 @@ def load_tool(script: str) -> ModuleType:
 def error_lines(stderr: str) -> list[str]:
     """The lines of stderr but the progress bars a tool draws while it works."""
     return [line for line in stderr.splitlines() if line.strip() and not PROGRESS_BAR.fullmatch(line)]
+
+
+def user_error(capsys, main: Callable[[list[str]], object], args: list[str]) -> str:
+    """A tool's main(args) stopped on a user's mistake: exit status 2 and one line on stderr, returned."""
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1, (exited.value.code, err)
+    return err.rstrip("\n")
+

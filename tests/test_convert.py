@@ -4,6 +4,7 @@ match mamba-ssm's layout as its source builds it; the command line and its error
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,7 @@ from megassm.data import load_tokenizer
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import PretrainedError, load_pretrained, save_mamba_ssm, save_transformers
 from parallel import DDPEngine, ParallelContext
-from tests.commands import load_tool, run_tool
+from tests.commands import load_tool, run_tool, user_error
 from tests.test_model import relative_error
 
 
@@ -67,8 +68,10 @@ def test_exported_checkpoint_runs_in_transformers(cfg, prepared_data, tmp_path):
     sentencepiece = load_tokenizer(prepared_data / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = "def main():\n    print('hello')  # 42\n"
-    assert tokenizer(text, add_special_tokens=False)["input_ids"] == sentencepiece.encode(text)
-    assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (1, sentencepiece.eos_id, None)
+    eos = sentencepiece.eos_id
+    assert tokenizer(text)["input_ids"] == [eos, *sentencepiece.encode(text)]  # as training saw each document
+    assert tokenizer("print('</s>')")["input_ids"] == [eos, *sentencepiece.encode("print('</s>')")]  # a name read as text
+    assert (hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id) == (eos, eos, None)
     if cfg.ngroups == 1:
         generated = pipeline("text-generation", model=str(out), tokenizer=str(out))("import os", max_new_tokens=8, do_sample=False)
         assert generated[0]["generated_text"].startswith("import os") and len(generated[0]["generated_text"]) > len("import os")
@@ -77,6 +80,12 @@ def test_exported_checkpoint_runs_in_transformers(cfg, prepared_data, tmp_path):
             for _ in range(8):
                 greedy = torch.cat([greedy, model(greedy)[:, -1:].argmax(-1)], dim=1)
         assert torch.equal(hf.generate(greedy[:, :-8], max_new_tokens=8, do_sample=False), greedy)
+        prompt = tokenizer("import os", return_tensors="pt")["input_ids"]  # the eos first, as tools/generate.py does
+        megassm_greedy = prompt
+        with torch.no_grad():
+            for _ in range(8):
+                megassm_greedy = torch.cat([megassm_greedy, model(megassm_greedy)[:, -1:].argmax(-1)], dim=1)
+        assert torch.equal(hf.generate(prompt, max_new_tokens=8, do_sample=False), megassm_greedy)
     _, state = load_pretrained(checkpoint)  # what the trainer wrote reads back whole
     assert all(torch.equal(state[name], tensor) for name, tensor in model.state_dict().items())
 
@@ -96,6 +105,15 @@ def test_round_trip_is_bit_exact(cfg, save, tmp_path):
     assert state_back.keys() == state.keys()
     for name in state:
         assert torch.equal(state_back[name], state[name]), name
+
+
+@pytest.mark.parametrize("dt_limit", [(0.0, math.inf), (0.0, 0.5)])
+def test_an_export_says_what_transformers_generation_leaves_out(dt_limit, prepared_data, tmp_path, capsys):
+    cfg = ModelConfig.from_preset("debug-g1", vocab_size=512, dt_limit=dt_limit)
+    trained_checkpoint(tmp_path / "run", perturbed_model(cfg), prepared_data)
+    tool.main(["to-hf", str(tmp_path / "run"), str(tmp_path / "hf")])
+    note = "note: transformers' cached generation leaves out time_step_limit = [0.0, 0.5] (its full forward applies it)"
+    assert (note in capsys.readouterr().out) == (dt_limit != (0.0, math.inf))
 
 
 def test_bf16_export_is_bf16(tmp_path):
@@ -150,7 +168,7 @@ def test_mamba_ssm_export_has_its_names_shapes_and_config(tmp_path):
     assert torch.equal(weights["lm_head.weight"], weights["backbone.embedding.weight"]) and config["tie_embeddings"]
 
 
-def test_published_mamba_ssm_folder_loads_into_the_right_segments(tmp_path):
+def test_published_mamba_ssm_folder_loads_into_the_right_segments(tmp_path, capsys):
     """A folder in the published style: unpadded vocab_size, only non-default ssm_cfg keys, tensors by the reference."""
     config = {"d_model": 32, "d_intermediate": 0, "n_layer": 2, "vocab_size": 250, "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8},
               "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
@@ -220,14 +238,12 @@ def test_command_line(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "ours", model, engine_for(model), ParallelContext())["step"] == 0
     assert torch.equal(model.layers[1].mixer.in_proj.weight["dt"], state["layers.1.mixer.in_proj.weight.dt"])
 
-    with pytest.raises(SystemExit) as exited:
-        tool.main(["to-hf", str(tmp_path / "published"), str(tmp_path / "hf")])
-    assert exited.value.code == f"error: {tmp_path / 'published'} is a mamba-ssm folder (config.json with d_model, n_layer, ssm_cfg), " \
-                                "not a megassm checkpoint (trainer.json and DCP files) or run folder (checkpoints/step_N/): use from-mamba-ssm"
+    assert user_error(capsys, tool.main, ["to-hf", str(tmp_path / "published"), str(tmp_path / "hf")]) == \
+        f"error: {tmp_path / 'published'} is a mamba-ssm folder (config.json with d_model, n_layer, ssm_cfg), " \
+        "not a megassm checkpoint (trainer.json and DCP files) or run folder (checkpoints/step_N/): use from-mamba-ssm"
     (tmp_path / "neither").mkdir()
-    with pytest.raises(SystemExit) as exited:
-        tool.main(["from-hf", str(tmp_path / "neither"), str(tmp_path / "out")])
-    assert str(exited.value.code).startswith(f"error: {tmp_path / 'neither'} is none of") and "\n" not in exited.value.code
+    assert user_error(capsys, tool.main, ["from-hf", str(tmp_path / "neither"), str(tmp_path / "out")]).startswith(
+        f"error: {tmp_path / 'neither'} is none of")
     assert not (tmp_path / "out").exists()
 
 
@@ -240,8 +256,8 @@ def test_tokenizer_export_without_conversion(tmp_path, prepared_data, monkeypatc
     backend.train_from_iterator(["import os\nprint(os.getcwd())"] * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"]))
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>").save_pretrained(tmp_path / "hf-tok")
     ids, note = tool.export_tokenizer(tmp_path / "hf-tok", tmp_path / "out", 300)
-    assert ids == {"bos_token_id": None, "eos_token_id": 1, "pad_token_id": None} and "saved as it is" in note
-    assert AutoTokenizer.from_pretrained(tmp_path / "out")("print(os)")["input_ids"] == backend.encode("print(os)").ids
+    assert ids == {"bos_token_id": 1, "eos_token_id": 1, "pad_token_id": None} and "each text preceded by <eos> as in training" in note
+    assert AutoTokenizer.from_pretrained(tmp_path / "out")("print(os)")["input_ids"] == [1, *backend.encode("print(os)").ids]
 
     tokens = load_tokenizer(tmp_path / "hf-tok").vocab_size
     with pytest.raises(ValueError, match=f"has {tokens} tokens, the model only {tokens - 1}: give the tokenizer the model was trained"):
@@ -250,7 +266,7 @@ def test_tokenizer_export_without_conversion(tmp_path, prepared_data, monkeypatc
 
     monkeypatch.setattr(tool, "converted_sentencepiece", lambda tokenizer: None)
     ids, note = tool.export_tokenizer(prepared_data / "tokenizer", tmp_path / "copied", 512)
-    assert ids == {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None} and "copied it as tokenizer.model" in note
+    assert ids == {"bos_token_id": 2, "eos_token_id": 2, "pad_token_id": None} and "copied it as tokenizer.model" in note
     assert [p.name for p in (tmp_path / "copied").iterdir()] == ["tokenizer.model"]
 
 
@@ -267,16 +283,15 @@ def test_export_from_another_folder_finds_the_runs_tokenizer(prepared_data, tmp_
         load_tokenizer(prepared_data / "tokenizer").encode(text)
 
 
-def test_an_export_whose_tokenizer_is_not_found_fails_before_writing(prepared_data, tmp_path, monkeypatch):
+def test_an_export_whose_tokenizer_is_not_found_fails_before_writing(prepared_data, tmp_path, monkeypatch, capsys):
     model = perturbed_model(ModelConfig.from_preset("debug-g1", vocab_size=512))
     trained_checkpoint(tmp_path / "run", model, Path(prepared_data.name))  # a relative data.path, as a config not made absolute holds
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exited:
-        tool.main(["to-hf", "run", "hf"])
     config = Path("run", "checkpoints", "step_7", "config.toml")
-    assert exited.value.code == f"error: the run's data.path = {prepared_data.name} (in {config}) is not a prepared data folder here, " \
-                                "relative to the folder the run was started from, so its tokenizer cannot be found; " \
-                                "give the tokenizer to export with --tokenizer"
+    assert user_error(capsys, tool.main, ["to-hf", "run", "hf"]) == \
+        f"error: the run's data.path = {prepared_data.name} (in {config}) is not a prepared data folder here, " \
+        "relative to the folder the run was started from, so its tokenizer cannot be found; " \
+        "give the tokenizer to export with --tokenizer"
     assert not (tmp_path / "hf").exists()
 
 
@@ -291,10 +306,9 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, capsys):
     assert capsys.readouterr().err == f"warning: skipping damaged checkpoint {damaged}: {damaged / '__0_0.distcp'} is missing\n"
     exported = load_pretrained(tmp_path / "exported")[1]
     assert all(torch.equal(exported[name], tensor) for name, tensor in older.state_dict().items())
-    with pytest.raises(SystemExit) as exited:
-        tool.main(["to-mamba-ssm", str(damaged), str(tmp_path / "not-written")])
-    assert exited.value.code == f"error: checkpoint {damaged} is damaged: {damaged / '__0_0.distcp'} is missing; use an earlier one " \
-                                "(checkpoints/step_N), or the run folder for its newest complete one"
+    assert user_error(capsys, tool.main, ["to-mamba-ssm", str(damaged), str(tmp_path / "not-written")]) == \
+        f"error: checkpoint {damaged} is damaged: {damaged / '__0_0.distcp'} is missing; use an earlier one " \
+        "(checkpoints/step_N), or the run folder for its newest complete one"
     assert not (tmp_path / "not-written").exists()
 
 

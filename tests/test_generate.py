@@ -157,6 +157,7 @@ def test_sampling_keeps_to_its_settings():
     assert torch.allclose(counts, probs, atol=0.03)
     again = [sample_next(logits, 0.7, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     assert torch.equal(*again)
+    assert torch.equal(sample_next(logits, 1e-39, generator=draw), torch.full((4000,), 5))  # logits / T past fp32's range
     with pytest.raises(ValueError, match="top_p"):
         generate(Mamba2LM(CONFIGS[1]), torch.zeros(1, 2, dtype=torch.long), 3, top_p=0)
 
@@ -208,7 +209,7 @@ def test_command_line_continues_a_prompt(tmp_path, prepared_data, capsys):
     assert capsys.readouterr().out == done.stdout  # the seed fixes the sample
 
 
-def test_command_line_names_what_is_missing(tmp_path, prepared_data):
+def test_command_line_names_what_is_missing(tmp_path, prepared_data, capsys):
     tool = load_tool("generate.py")
     model = Mamba2LM(CONFIGS[1])
     save_model_checkpoint(model.cfg, model.state_dict(), tmp_path / "converted")  # model.toml, no run config
@@ -222,11 +223,14 @@ def test_command_line_names_what_is_missing(tmp_path, prepared_data):
          "--input CORPUS --vocab-size N --out DIR"),
         ([str(tmp_path / "converted"), *given, "--top-p", "0"], "generate: top_p must be in (0, 1] (1: off), got 0.0"),
         ([str(tmp_path / "converted"), *given, "--max-new-tokens", "-1"], "generate: max_new_tokens must be 0 or more, got -1"),
+        ([str(tmp_path / "converted"), *given, "--device", "foo"], "generate: --device foo: give cpu, cuda or cuda:N"),
+        ([str(tmp_path / "converted"), *given, "--device", "meta"], "generate: --device meta: give cpu, cuda or cuda:N"),
+        ([str(tmp_path / "converted"), *given, "--seed", str(2**64)], f"generate: --seed must be within [-2^63, 2^64), got {2**64}"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as stopped:
             tool.main(args)
-        assert stopped.value.code == message
+        assert (stopped.value.code, capsys.readouterr().err) == (2, message + "\n")  # a user's mistake, as the trainer's
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, prepared_data, capsys):
@@ -247,5 +251,6 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, prepared_dat
     assert err.splitlines()[0] == f"warning: skipping damaged checkpoint {damaged}: {cut}"
     with pytest.raises(SystemExit) as stopped:
         tool.main([str(damaged), *greedy])
-    assert stopped.value.code == f"generate: checkpoint {damaged} is damaged: {cut}; use an earlier one (checkpoints/step_N), " \
-                                 "or the run folder for its newest complete one"
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == f"generate: checkpoint {damaged} is damaged: {cut}; use an earlier one (checkpoints/step_N), " \
+                                      "or the run folder for its newest complete one\n"

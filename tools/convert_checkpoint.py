@@ -26,6 +26,8 @@ folder usually holds it; the state-spaces models use EleutherAI/gpt-neox-20b's).
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -36,6 +38,7 @@ import sentencepiece
 from megassm.checkpoint import save_model_checkpoint
 from megassm.data import DataError, load_tokenizer
 from megassm.data.tokenizer import HF_FILES, SENTENCEPIECE_FILE, SentencePieceTokenizer
+from megassm.errors import USER_ERROR_EXIT
 from megassm.pretrained import (
     DESCRIPTIONS,
     HF_FORMATS,
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(convert(args))
     except (OSError, ValueError) as error:  # PretrainedError, ConfigError, DataError and unwritable folders among them
-        sys.exit(f"error: {error}")
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def convert(args: argparse.Namespace) -> str:
@@ -102,7 +106,11 @@ def convert(args: argparse.Namespace) -> str:
         HF_FORMATS[model_type].config_dict(cfg)  # a model the format cannot hold fails here, before anything is written
         token_ids, tokenizer_note = export_tokenizer(args.tokenizer or tokenizer_to_export(source), args.out, cfg.vocab_size)
         save_transformers(cfg, state, args.out, WEIGHT_DTYPES[args.dtype], token_ids, model_type)
-        return f"wrote {args.out}: transformers {HF_FORMATS[model_type].architecture} ({shape}, {args.dtype}); {tokenizer_note}"
+        limit = ""
+        if tuple(cfg.dt_limit) != (0.0, math.inf):  # transformers 5.25's step of one token has no clamp
+            limit = (f"; note: transformers' cached generation leaves out time_step_limit = {list(cfg.dt_limit)} (its full "
+                     "forward applies it)")
+        return f"wrote {args.out}: transformers {HF_FORMATS[model_type].architecture} ({shape}, {args.dtype}); {tokenizer_note}{limit}"
     if args.command == "to-mamba-ssm":
         save_mamba_ssm(cfg, state, args.out, WEIGHT_DTYPES[args.dtype])
         return f"wrote {args.out}: mamba-ssm MambaLMHeadModel ({shape}, {args.dtype}); no tokenizer: mamba-ssm loads none"
@@ -132,18 +140,36 @@ def export_tokenizer(source: Path, out: Path, vocab_size: int) -> tuple[dict[str
         from transformers import AutoTokenizer
 
         hf = AutoTokenizer.from_pretrained(str(source))  # a folder or a hub name
-        note = f"tokenizer: {source}, saved as it is"
+        note = f"tokenizer: {source}"
     else:
         hf = converted_sentencepiece(tokenizer)
         note = f"tokenizer: {tokenizer.model_file} converted to tokenizer.json (the same ids)"
         if hf is None:
             tokenizer.save(out)
             processor = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer.model_file))
-            return ({"bos_token_id": _id(processor.bos_id()), "eos_token_id": tokenizer.eos_id, "pad_token_id": _id(processor.pad_id())},
+            return ({"bos_token_id": tokenizer.eos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": _id(processor.pad_id())},
                     f"tokenizer: transformers cannot reproduce {tokenizer.model_file}'s ids, copied it as tokenizer.model "
-                    "(load it with sentencepiece)")
-    hf.save_pretrained(out)
+                    f"(load it with sentencepiece, and put id {tokenizer.eos_id} before each prompt, as training did)")
+    note += save_as_trained(hf, out, tokenizer.eos_id)
     return {"bos_token_id": hf.bos_token_id, "eos_token_id": hf.eos_token_id, "pad_token_id": hf.pad_token_id}, note
+
+
+def save_as_trained(hf: PreTrainedTokenizerFast, out: Path, eos_id: int) -> str:
+    """Save `hf` into `out` to tokenize as the trainer did: each text preceded by the end-of-text token (training puts
+    it before every document; here it is also the BOS), and special tokens' names in a text read as text. Returns
+    the note's end."""
+    eos = hf.convert_ids_to_tokens(eos_id)
+    backend = getattr(hf, "backend_tokenizer", None)  # a slow tokenizer has none
+    if backend is not None:
+        from tokenizers.processors import TemplateProcessing
+
+        backend.post_processor = TemplateProcessing(single=f"{eos} $A", pair=f"{eos} $A {eos} $B", special_tokens=[(eos, eos_id)])
+        hf.bos_token = hf.eos_token = eos
+    hf.save_pretrained(out)
+    settings = out / "tokenizer_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "split_special_tokens": True}, indent=2))
+    return f", each text preceded by {eos} as in training" if backend is not None else \
+        f" (a slow tokenizer: put {eos} before each prompt, as training did)"
 
 
 def converted_sentencepiece(tokenizer: SentencePieceTokenizer) -> PreTrainedTokenizerFast | None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import NoReturn
 from pathlib import Path
 
 import torch
 
 from megassm.data import Tokenizer, load_tokenizer
+from megassm.errors import USER_ERROR_EXIT
 from megassm.generate import check_sampling, generate
 from megassm.model import Mamba2LM, apply_kernels
 from megassm.pretrained import MEGASSM, WEIGHT_DTYPES, checkpoint_folder, detect_format, load_pretrained, run_tokenizer
@@ -53,6 +55,12 @@ def tokenizer_for(path: Path, given: str | None) -> Tokenizer:
         raise FileNotFoundError(f"{error}; or give the model's tokenizer with --tokenizer") from None
 
 
+def stop(message: str) -> NoReturn:
+    """A user's mistake: one line, exit status 2 (as the trainer's)."""
+    print(f"generate: {message}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, metavar="MODEL")
@@ -66,19 +74,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="the weights' precision (the SSM state stays fp32)")
     parser.add_argument("--tokenizer", help="a tokenizer folder, .model file or hub name (default: see above)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        stop(f"--device {args.device}: give cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        stop(f"--device {args.device}: give cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("generate: --device cuda, but torch sees no CUDA device: use --device cpu")
+        stop("--device cuda, but torch sees no CUDA device: use --device cpu")
+    if not -(2**63) <= args.seed < 2**64:
+        stop(f"--seed must be within [-2^63, 2^64), got {args.seed}")
     try:
         check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
         folder = model_folder(args.model)
         tokenizer = tokenizer_for(folder, args.tokenizer)
         model = load_model(folder, device, WEIGHT_DTYPES[args.dtype])
     except (OSError, ValueError) as error:  # missing or unreadable files (PretrainedError is a ValueError)
-        sys.exit(f"generate: {error}")
+        stop(str(error))
     if tokenizer.vocab_size > model.cfg.vocab_size:
-        sys.exit(f"generate: the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.cfg.vocab_size}: "
-                 "give the tokenizer the model was trained with (--tokenizer)")
+        stop(f"the tokenizer has {tokenizer.vocab_size} tokens, the model only {model.cfg.vocab_size}: "
+             "give the tokenizer the model was trained with (--tokenizer)")
     prompt = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(args.prompt)]], device=device)
     started = time.time()
     ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tokenizer.eos_id,
