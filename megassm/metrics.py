@@ -1,10 +1,12 @@
 """Training metrics: model FLOPs and MFU, memory, step timing, and the run's log (metrics.jsonl,
 console, optionally Weights & Biases).
 
-MFU counts model FLOPs as mamba-ssm's and Megatron's benchmarks do: tokens/s x (6 x params + 3 x (SSD +
-attention) forward FLOPs per token) / peak. The 6 x params term covers every matmul with a weight (forward 2,
-backward 4 FLOPs per parameter and token); the SSD scan and attention's scores have no weights, so their forward
-FLOPs are counted from the algorithm and tripled.
+MFU counts model FLOPs: tokens/s x (6 x params + 3 x (SSD + attention) forward FLOPs per token) / peak. The 6 x
+params term covers every matmul with a weight (forward 2, backward 4 FLOPs per parameter and token), as Megatron-LM's
+and mamba-ssm's benchmarks count it; the SSD scan and attention's scores have no weights, so their forward FLOPs are
+counted from the algorithm and tripled: attention's causal half as Megatron-LM does, the SSD's chunked algorithm
+(Megatron-LM's 7 x d_inner x d_state per token is 0.1-1.1% more of a preset's total, so its MFU reads that much
+higher for the same speed).
 """
 
 from __future__ import annotations
@@ -95,14 +97,19 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> floa
     return 6 * matmul_params + 3 * (ssd_flops_per_token(cfg, seq_len) + attention_flops_per_token(cfg, seq_len))
 
 
-# Dense bf16 tensor-core peaks, FLOP/s; the first entry whose substrings all occur in the name wins.
+# Dense bf16 tensor-core peaks, FLOP/s; the first entry whose words all occur in the device's name wins (words, so
+# that a GB200 is not taken for a B200 nor a GH200 for an H200).
 PEAK_BF16 = (
     (("H100", "PCIE"), 756e12),
+    (("H100", "NVL"), 835e12),
     (("H100",), 989e12),  # SXM (HBM3)
+    (("H200", "NVL"), 835e12),
     (("H200",), 989e12),
+    (("GH200",), 989e12),
     (("A100",), 312e12),
     (("L40S",), 362e12),
     (("B200",), 2250e12),
+    (("GB200",), 2500e12),
 )
 
 
@@ -113,8 +120,8 @@ def peak_flops(device: torch.device, override_tflops: float | None = None) -> fl
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device).upper()
-    return next((peak for parts, peak in PEAK_BF16 if all(p in name for p in parts)), None)
+    words = set(torch.cuda.get_device_name(device).upper().replace("-", " ").split())
+    return next((peak for parts, peak in PEAK_BF16 if words.issuperset(parts)), None)
 
 
 def memory_gib(device: torch.device) -> float:

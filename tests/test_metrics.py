@@ -133,7 +133,8 @@ def test_peak_flops(monkeypatch):
     assert peak_flops(torch.device("cpu"), 500) == 500e12
     for name, want in [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA B200", 2250e12),
-                       ("NVIDIA GeForce RTX 3090", None)]:
+                       ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GB200", 2500e12),
+                       ("NVIDIA GH200 480GB", 989e12), ("NVIDIA GeForce RTX 3090", None)]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_flops(torch.device("cuda", 0)) == want, name
 
