@@ -93,8 +93,13 @@ class IncompatibleCheckpoint(CheckpointError):
     """A checkpoint of another model or tokenizer than the run's; the message names the key or tensor that differs."""
 
 
+def checkpoints_folder(run_dir: Path) -> Path:
+    """Where a run keeps its checkpoints, one step_N folder each."""
+    return Path(run_dir) / "checkpoints"
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step}"
+    return checkpoints_folder(run_dir) / f"step_{step}"
 
 
 def unfinished_save(final: Path) -> Path:
@@ -104,7 +109,7 @@ def unfinished_save(final: Path) -> Path:
 
 def unfinished_saves(run_dir: Path) -> list[Path]:
     """The folders of saves that never finished (the run stopped while saving), left in run.dir/checkpoints."""
-    return sorted(p for p in (Path(run_dir) / "checkpoints").glob(".step_*.tmp") if p.is_dir())
+    return sorted(p for p in checkpoints_folder(run_dir).glob(".step_*.tmp") if p.is_dir())
 
 
 def checkpoint_step(path: Path) -> int:
@@ -113,8 +118,7 @@ def checkpoint_step(path: Path) -> int:
 
 def step_folders(run_dir: Path) -> list[Path]:
     """Every checkpoints/step_N folder of a run, complete or not, oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    return sorted((p for p in folder.glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()), key=checkpoint_step)
+    return sorted((p for p in checkpoints_folder(run_dir).glob("step_*") if STEP_DIR.fullmatch(p.name) and p.is_dir()), key=checkpoint_step)
 
 
 def is_complete(path: Path) -> bool:

@@ -40,6 +40,7 @@ from megassm.checkpoint import (
     check_compatible,
     checkpoint_dir,
     checkpoint_step,
+    checkpoints_folder,
     checkpoints_in,
     decided_by_first,
     load_checkpoint,
@@ -354,7 +355,7 @@ class Trainer:
             self.state["sample_order"] = self.sample_order
             return
         if checkpoints:
-            raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {self.run_dir / 'checkpoints'} can be read (warnings "
+            raise CheckpointError(f"none of the {len(checkpoints)} checkpoints in {checkpoints_folder(self.run_dir)} can be read (warnings "
                                   "above): resume from a good copy with checkpoint.resume = PATH, or start a new run in another run.dir")
 
     def say_optimizer_changes(self, path: Path) -> None:
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                 dist.destroy_process_group()
     trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; "
                 f"metrics in {trainer.run_dir / METRICS_FILE}, "
-                f"checkpoints in {trainer.run_dir / 'checkpoints'}")
+                f"checkpoints in {checkpoints_folder(trainer.run_dir)}")
     return 0
 
 
