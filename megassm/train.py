@@ -33,6 +33,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megassm import job_store
+from megassm.auto_choices import (check_kernel_addressing, cuda_graph_groups, cuda_graphs_choice, keep_ssd_states_choice,
+                                   out_of_memory_advice)
 from megassm.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -54,8 +56,6 @@ from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCo
 from megassm.config import Config, ConfigError, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
 from megassm.data.shards import META_FILE, VERIFIED_FILE
-from megassm.auto_choices import (check_kernel_addressing, cuda_graph_groups, cuda_graphs_choice, keep_ssd_states_choice,
-                                   out_of_memory_advice)
 from megassm.errors import USER_ERROR_EXIT, UserError
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
