@@ -29,12 +29,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megassm.ops import conv_triton  # noqa: E402
 from megassm.ops.conv import causal_conv1d  # noqa: E402
-from tools.bench_ssd import launch_ms, relative_error  # noqa: E402
+from tools.bench_ssd import launch_ms, preset_layout, relative_error  # noqa: E402
 
 WIDTH, DOCUMENTS, LAUNCHES = 4, 4, 30
-# name: (batch, seqlen, conv channels = d_inner + 2 * ngroups * d_state, in_proj width)
-SHAPES = {"780m": (8, 2048, 3328, 6448), "780m-32k": (1, 32768, 3328, 6448), "130m": (8, 2048, 1792, 3352),
-          "1.3b": (4, 4096, 4352, 8512)}
+
+
+def conv_shape(preset: str, batch: int, seqlen: int) -> tuple[int, int, int, int]:
+    """(batch, seqlen, conv channels: x, B and C, in_proj's width) of one Mamba-2 layer of a preset."""
+    layout = preset_layout(preset)
+    return batch, seqlen, sum(layout.conv_segments.values()), layout.in_proj_width
+
+
+SHAPES = {"780m": conv_shape("mamba2-780m", 8, 2048), "780m-32k": conv_shape("mamba2-780m", 1, 32768),
+          "130m": conv_shape("mamba2-130m", 8, 2048), "1.3b": conv_shape("mamba2-1.3b", 4, 4096)}
 # Launch parameters (block_d, warps, rows) tried for both kernels, each with PROGRAMS of 2048 and 4096.
 SWEEP = [(256, 1, 8), (256, 2, 8), (128, 1, 8), (256, 1, 4), (128, 1, 4), (512, 4, 8), (256, 1, 16)]
 

@@ -23,12 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from megassm.ops import gated_norm_triton  # noqa: E402
 from megassm.ops.mamba_triton import load_triton_kernels  # noqa: E402
 from megassm.ops.norm import gated_rms_norm  # noqa: E402
-from tools.bench_ssd import launch_ms, relative_error  # noqa: E402
+from tools.bench_ssd import launch_ms, preset_layout, relative_error  # noqa: E402
 
 EPS, LAUNCHES = 1e-5, 30
-# name: (tokens, d_inner, ngroups, in_proj width)
-SHAPES = {"780m": (16384, 3072, 1, 6448), "780m-64k": (65536, 3072, 1, 6448), "1.3b": (16384, 4096, 1, 8512),
-          "780m-g8": (16384, 3072, 8, 6448)}
+
+
+def norm_shape(preset: str, tokens: int, **overrides: int) -> tuple[int, int, int, int]:
+    """(tokens, d_inner, ngroups, in_proj's width) of one Mamba-2 layer of a preset."""
+    layout = preset_layout(preset, **overrides)
+    return tokens, layout.d_inner, layout.ngroups, layout.in_proj_width
+
+
+SHAPES = {"780m": norm_shape("mamba2-780m", 16384), "780m-64k": norm_shape("mamba2-780m", 65536), "1.3b": norm_shape("mamba2-1.3b", 16384),
+          "780m-g8": norm_shape("mamba2-780m", 16384, ngroups=8)}
 
 
 def main() -> int:

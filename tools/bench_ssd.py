@@ -12,6 +12,7 @@ Speed: forward + backward time and peak memory of both, same inputs, same proces
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -20,13 +21,26 @@ import torch
 
 from megassm import ops
 from megassm.model import Mamba2LM, ModelConfig, apply_kernels
+from megassm.ops.layout import Mamba2Layout
 from megassm.ops.ssd import ssd_chunked
 
-# The 130m model's layer at batch 8 x 2048 tokens, and one long sequence with 8 groups.
+
+def preset_layout(preset: str, **overrides: int) -> Mamba2Layout:
+    """The channels of one Mamba-2 layer of a megassm preset (model.preset), e.g. with ngroups overridden."""
+    return dataclasses.replace(ModelConfig.from_preset(preset).mamba_layout(), **overrides)
+
+
+def layer_shape(preset: str, batch: int, seqlen: int, **overrides: int) -> dict[str, int]:
+    """The SSD operands' shape in one Mamba-2 layer of a preset (preset_layout)."""
+    layout = preset_layout(preset, **overrides)
+    return dict(batch=batch, seqlen=seqlen, nheads=layout.nheads, headdim=layout.headdim, ngroups=layout.ngroups, dstate=layout.d_state)
+
+
+# The 130m model's layer at batch 8 x 2048 tokens, and one long 780m sequence with 8 groups.
 TIMED = [
-    (dict(batch=8, seqlen=2048, nheads=24, headdim=64, ngroups=1, dstate=128), torch.bfloat16),
-    (dict(batch=8, seqlen=2048, nheads=24, headdim=64, ngroups=1, dstate=128), torch.float32),
-    (dict(batch=1, seqlen=32768, nheads=48, headdim=64, ngroups=8, dstate=128), torch.bfloat16),
+    (layer_shape("mamba2-130m", 8, 2048), torch.bfloat16),
+    (layer_shape("mamba2-130m", 8, 2048), torch.float32),
+    (layer_shape("mamba2-780m", 1, 32768, ngroups=8), torch.bfloat16),
 ]
 BUDGET = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 INPUTS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_states")

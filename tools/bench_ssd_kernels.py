@@ -33,17 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools.bench_ssd,
 from megassm.ops.mamba_triton import load_triton_kernels  # noqa: E402
 from megassm.ops.ssd import ssd_chunked  # noqa: E402
 from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK, KERNEL_CHUNKS, ssd_backward, ssd_forward, ssd_triton  # noqa: E402
-from tools.bench_ssd import BUDGET, launch_ms  # noqa: E402
+from tools.bench_ssd import BUDGET, launch_ms, layer_shape  # noqa: E402
 from tools.bench_ssd import relative_error as tensor_error  # noqa: E402
 
 CHUNK_SIZE = 256
 WARMUP, ITERATIONS = 3, 20
 SHAPES = {
-    "780m": dict(batch=8, seqlen=2048, nheads=48, headdim=64, ngroups=1, dstate=128),
-    "780m-32k": dict(batch=1, seqlen=32768, nheads=48, headdim=64, ngroups=1, dstate=128),
-    "130m": dict(batch=8, seqlen=2048, nheads=24, headdim=64, ngroups=1, dstate=128),
-    "1.3b": dict(batch=4, seqlen=4096, nheads=64, headdim=64, ngroups=1, dstate=128),
-    "32k-g8": dict(batch=1, seqlen=32768, nheads=48, headdim=64, ngroups=8, dstate=128),
+    "780m": layer_shape("mamba2-780m", 8, 2048),
+    "780m-32k": layer_shape("mamba2-780m", 1, 32768),
+    "130m": layer_shape("mamba2-130m", 8, 2048),
+    "1.3b": layer_shape("mamba2-1.3b", 4, 4096),
+    "32k-g8": layer_shape("mamba2-780m", 1, 32768, ngroups=8),
 }
 # (shape, documents per row, megassm's kernel chunk)
 TIMED = [("780m", 1, DEFAULT_KERNEL_CHUNK), ("780m", 4, DEFAULT_KERNEL_CHUNK), ("780m-32k", 1, DEFAULT_KERNEL_CHUNK),

@@ -61,6 +61,7 @@ from megassm.ops import ssd_triton_bwd as bwd  # noqa: E402
 from megassm.ops import ssd_triton_fwd as fwd  # noqa: E402
 from megassm.ops.ssd import NO_DT_LIMIT  # noqa: E402
 from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK, ssd_backward, ssd_forward  # noqa: E402
+from tools.bench_ssd import layer_shape  # noqa: E402
 from tools.bench_ssd_kernels import document_ids, mixer_tensors, relative_error  # noqa: E402
 
 CUDA = not ARGS.cpu_check
@@ -68,8 +69,7 @@ CHUNK_SIZE = 256  # the model's (unused by the kernels)
 DOCUMENTS = 4
 LAYERS = 48  # 780m: per-step estimates
 if CUDA:
-    SHAPES = {"780m": dict(batch=8, seqlen=2048, nheads=48, headdim=64, ngroups=1, dstate=128),
-              "32k": dict(batch=1, seqlen=32768, nheads=48, headdim=64, ngroups=1, dstate=128)}
+    SHAPES = {"780m": layer_shape("mamba2-780m", 8, 2048), "32k": layer_shape("mamba2-780m", 1, 32768)}
 else:
     SHAPES = {"tiny": dict(batch=1, seqlen=128, nheads=4, headdim=16, ngroups=1, dstate=16),
               "tiny-long": dict(batch=1, seqlen=256, nheads=4, headdim=16, ngroups=1, dstate=16)}
