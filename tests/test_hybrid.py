@@ -103,14 +103,17 @@ def test_block_mask_built_once_per_scope(monkeypatch):
     assert len(built) == 4
 
 
-HYBRID_LAYOUTS = [(4, 1, 1, False), (2, 2, 1, False), (2, 1, 2, True), (1, 2, 2, False)]  # tp, cp, dp, sequence_parallel
+# (model, tp, cp, dp, sequence_parallel); cp4: slices of 11 tokens, not whole chunks of 8
+HYBRID_LAYOUTS = [(HYBRID, 4, 1, 1, False), (HYBRID, 2, 2, 1, False), (HYBRID, 2, 1, 2, True), (HYBRID, 1, 2, 2, False),
+                  (HYBRID, 1, 4, 1, False), (dataclasses.replace(HYBRID, attn_kv_heads=1), 2, 2, 1, True)]
 
 
 def layouts_and_collectives() -> None:
-    """In one group of 4 processes: tp4 (key/value heads replicated), tp2 x cp2, dp2 x tp2 with SP, dp2 x cp2 against one process;
-    the attention and MLP mixers' collectives. (tests/test_train.py resumes a hybrid's checkpoint on another layout.)"""
+    """In one group of 4 processes: tp4 (key/value heads replicated), tp2 x cp2, dp2 x tp2 with SP, dp2 x cp2, cp4, tp2 x cp2
+    with SP and one key/value head (replicated) against one process; the attention and MLP mixers' collectives.
+    (tests/test_train.py resumes a hybrid's checkpoint on another layout.)"""
     for layout in HYBRID_LAYOUTS:
-        check_layout(HYBRID, *layout, torch.float32)
+        check_layout(*layout, torch.float32)
     for kind in "*-":
         for sequence_parallel in (False, True):
             count_mixer_collectives(sequence_parallel, HYBRID, kind)
