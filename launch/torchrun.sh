@@ -13,6 +13,8 @@
 #   MAX_RESTARTS                    restart all processes this often after a failure (0); the
 #                                   trainer resumes from the newest complete checkpoint (not
 #                                   after a config, data or checkpoint mistake: exit code 2)
+#   PYTHON                          the interpreter megassm is installed in (default: python on PATH, else
+#                                   this checkout's .venv, as launch/setup.sh makes it)
 # Several nodes write one run: run.dir must be on a filesystem all of them see at the same path.
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun's own default, without its four-line warning about it
@@ -25,7 +27,14 @@ if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then
 else
   gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
 fi
-exec python -m megassm.torchrun \
+checkout="$(cd "$(dirname "$0")/.." && pwd)"
+python="${PYTHON:-$(command -v python || echo "${checkout}/.venv/bin/python")}"
+if ! "${python}" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('megassm') is None)" 2>/dev/null; then
+  echo "launch/torchrun.sh: ${python} has no megassm: activate the environment it is installed in (source .venv/bin/activate" \
+       "after launch/quickstart.sh or launch/setup.sh) or set PYTHON=/path/to/its/python" >&2
+  exit 2
+fi
+exec "${python}" -m megassm.torchrun \
   --nnodes "${NNODES:-1}" \
   --nproc-per-node "${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}" \
   --rdzv-backend c10d \

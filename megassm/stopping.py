@@ -2,8 +2,9 @@
 
 The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, torchrun passing either on) asks the run to stop
 after the step in progress: every rank learns of it at the end of that step, so all of them save the same
-checkpoint before they exit. A second SIGINT (Ctrl-C again) stops the process at once; a second SIGTERM does not,
-as one stop brings several: Slurm signals every process of the job step, and torchrun passes its own on.
+checkpoint before they exit. A second SIGINT (Ctrl-C again) stops the process at once, and so does a SIGTERM after a
+SIGINT (torchrun passes a second Ctrl-C on as SIGTERM); a second SIGTERM alone does not, as one stop brings several:
+Slurm signals every process of the job step, and torchrun passes its own on.
 
 torchrun starts each worker in a session of its own, so a `kill -9` of torchrun (or of its process group) would
 leave the workers training and writing into run.dir; here they die with it.
@@ -51,7 +52,8 @@ class FailedElsewhere(UserError):
 
 class StopSignals:
     """While active (a context manager, in the main thread): the first SIGINT or SIGTERM is recorded for
-    `requested`; a SIGINT after it raises Stopped with immediate_stop(signum)'s message, wherever the run is."""
+    `requested`; a SIGINT after it, or a SIGTERM after a SIGINT, raises Stopped with immediate_stop(signum)'s message,
+    wherever the run is."""
 
     def __init__(self, immediate_stop: Callable[[int], str]):
         self.immediate_stop = immediate_stop
@@ -62,7 +64,7 @@ class StopSignals:
     def _handle(self, signum: int, frame) -> None:
         if self.received is None:
             self.received = signum
-        elif signum == signal.SIGINT:
+        elif signal.SIGINT in (signum, self.received):
             raise Stopped(signum, self.immediate_stop(signum))
 
     def requested(self, device: torch.device, failure: UserError | None = None) -> int | None:

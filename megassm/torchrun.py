@@ -7,7 +7,8 @@ Before any process starts, the trainer's config is checked against the world siz
 process that fails has printed why itself (rank 0, one line): torchrun's report of the failure (its
 traceback and a table per rank) is left out, and the exit code is the process's own. A run stopped by a
 mistake the user must fix (a data or checkpoint error found after the start) is not restarted by
---max-restarts: it would stop at it again, after a start's time, as often as restarts remain.
+--max-restarts: it would stop at it again, after a start's time, as often as restarts remain; nor is one stopped by a
+signal to its workers (they saved a checkpoint and exited, as asked).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from torch.distributed.run import determine_local_world_size, parse_args, parse_
 
 from megassm.config import ConfigError, check_command_line
 from megassm.errors import USER_ERROR_EXIT
+from megassm.stopping import STOP_SIGNALS
 
 TRAINER = "megassm.train"
 SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
-# Logs each failed or stopped process again (after the process's own message): left out.
-PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"
+PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"  # torchrun's reports of its worker processes
 
 
 def world_size(nnodes: str, nproc_per_node: str) -> int | None:
@@ -38,10 +39,15 @@ def world_size(nnodes: str, nproc_per_node: str) -> int | None:
     return max_nodes * determine_local_world_size(nproc_per_node) if min_nodes == max_nodes else None
 
 
+# A worker's exit codes that end the run rather than restart it: a mistake the user must fix, and a stop asked for by a
+# signal to the workers alone (Ctrl-C in one node's terminal, a pod's eviction), after which the run saved and exited.
+DELIBERATE_EXITS = {USER_ERROR_EXIT, *(128 + signum for signum in STOP_SIGNALS)}
+
+
 def restart_only_after_faults() -> None:
-    """torchrun's agent restarts failed workers while restarts remain; where a worker stopped at a user error
-    (USER_ERROR_EXIT) and every other failed one is one the agent then stopped (SIGTERM, or SIGKILL after its
-    grace period), it is told that none remain. (No public hook: the agent's monitor is wrapped.)"""
+    """torchrun's agent restarts failed workers while restarts remain; where a worker stopped deliberately
+    (DELIBERATE_EXITS) and every other failed one did too or is one the agent then stopped (SIGTERM, or SIGKILL after
+    its grace period), it is told that none remain. (No public hook: the agent's monitor is wrapped.)"""
     monitor = getattr(LocalElasticAgent, "_monitor_workers", None)
     if monitor is None or getattr(monitor, "restart_only_after_faults", False):
         return  # a torch whose agent has no such method restarts as it does
@@ -49,12 +55,24 @@ def restart_only_after_faults() -> None:
     def monitor_workers(agent: LocalElasticAgent, worker_group: WorkerGroup) -> RunResult:
         result = monitor(agent, worker_group)
         codes = {failure.exitcode for failure in result.failures.values()} if result.is_failed() else set()
-        if USER_ERROR_EXIT in codes and codes <= {USER_ERROR_EXIT, -signal.SIGTERM, -signal.SIGKILL}:
+        if codes & DELIBERATE_EXITS and codes <= DELIBERATE_EXITS | {-signal.SIGTERM, -signal.SIGKILL}:
             agent._remaining_restarts = 0
         return result
 
     monitor_workers.restart_only_after_faults = True
     LocalElasticAgent._monitor_workers = monitor_workers
+
+
+class ProcessReports(logging.Filter):
+    """torchrun's reports of each failed or stopped process repeat what the trainer printed: left out. One is kept in
+    mind: a worker that did not stop within the grace period after a signal and was killed (its save may be missing)."""
+
+    killed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith("Unable to shutdown process"):
+            ProcessReports.killed = True
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megassm-train: error: {error}", file=sys.stderr)
             return USER_ERROR_EXIT
         restart_only_after_faults()
-    logging.getLogger(PROCESS_LOGGER).setLevel(logging.CRITICAL)
+    logging.getLogger(PROCESS_LOGGER).addFilter(ProcessReports())
     if parse_min_max_nnodes(args.nnodes)[1] > 1 and args.max_restarts > 0:
         # Several nodes that may restart: each rendezvous round's workers get a store of their own (hosted by rank 0
         # on a port found free), not the agents' shared one, where restarted workers would meet the dead workers' keys
@@ -82,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except SignalException as signalled:  # torchrun stopped (SIGTERM, SIGINT), its workers after it: they said where
+        if ProcessReports.killed:
+            print(f"megassm-torchrun: a worker did not stop within {os.environ['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} s of "
+                  f"{signal.Signals(signalled.sigval).name} and was killed: this stop's checkpoint may be missing (the run resumes "
+                  "from its newest complete one); TORCH_ELASTIC_SHUTDOWN_TIMEOUT sets the wait", file=sys.stderr)
+            return 128 + signal.SIGKILL
         return 128 + signalled.sigval
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()

@@ -55,6 +55,17 @@ def test_torchrun_sh_counts_the_gpus_it_is_given_and_needs_a_rendezvous_host_for
         "launch/torchrun.sh: NNODES=2 needs MASTER_ADDR, the host name of one of the nodes, set alike on every node"], done.stderr
 
 
+def test_torchrun_sh_names_the_python_it_needs(tmp_path):
+    """An interpreter without megassm (a shell where its environment is not active) stops with one line saying what to do."""
+    bare = tmp_path / "python"
+    bare.write_text("#!/bin/sh\nexit 1\n")  # finds no megassm
+    bare.chmod(0o755)
+    done = launch("torchrun.sh", "--config", DEBUG, cwd=tmp_path, PYTHON=bare)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"launch/torchrun.sh: {bare} has no megassm: activate the environment it is installed in (source .venv/bin/activate after "
+        "launch/quickstart.sh or launch/setup.sh) or set PYTHON=/path/to/its/python"], done.stderr
+
+
 def test_a_trainer_failing_under_torchrun_ends_with_its_own_line(tmp_path):
     """The config fits, the data folder is missing: every rank stops; one line, the trainer's exit code; restarts
     allowed, none is made (it would stop at the same mistake)."""

@@ -325,10 +325,12 @@ def test_metrics_after_a_resume_describe_one_history(config, finished, old_run):
     assert_same_run(read_metrics(old_run), finished[1])
 
 
-def start(config: Path, run_dir: Path, nproc: int, *overrides: str) -> subprocess.Popen:
-    """A long run in the background, returned once it has logged two steps."""
-    job = subprocess.Popen(trainer_command(config, run_dir, nproc, "--train.eval_every=0", *overrides), stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True, env=TRAINER_ENV)
+def start(config: Path, run_dir: Path, nproc: int, *overrides: str, restarts: int = 0, env: dict | None = None) -> subprocess.Popen:
+    """A long run in the background (under torchrun with `restarts` if nproc > 1), returned once it has logged two steps."""
+    command = trainer_command(config, run_dir, nproc, "--train.eval_every=0", *overrides)
+    if restarts:
+        command[3:3] = ["--max-restarts", str(restarts)]  # after python -m megassm.torchrun
+    job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**TRAINER_ENV, **(env or {})})
     deadline = time.monotonic() + 120
     while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().count("\n") >= 2):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
@@ -487,6 +489,32 @@ def test_a_preempted_torchrun_job_saves_on_every_rank_and_says_so_once(config, t
     assert [r["step"] for r in records] == list(range(1, 17))
 
 
+def workers(job: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(job.pid).children(recursive=True) if "megassm.train" in " ".join(p.cmdline())]
+
+
+def test_workers_stopped_by_a_signal_are_not_restarted(config, tmp_path):
+    """SIGTERM to the workers alone (a pod evicted, Ctrl-C in one node's terminal): they save and exit as asked, and
+    torchrun, with restarts left, ends the run there rather than starting it again from that checkpoint."""
+    run_dir = tmp_path / "run"
+    job = start(config, run_dir, 2, "--parallel.cp=2", "--train.steps=100000", "--checkpoint.every=0", restarts=1)
+    for worker in workers(job):
+        worker.send_signal(signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "resumed from" not in stdout and len(checkpoint_names(run_dir)) == 1, stdout[-3000:]
+
+
+def test_workers_killed_after_the_grace_period_are_reported(config, tmp_path):
+    """torchrun kills the workers that have not stopped within TORCH_ELASTIC_SHUTDOWN_TIMEOUT of its SIGTERM (here 0 s):
+    one line says so and that this stop's checkpoint may be missing; the exit status is a killed process's."""
+    job = start(config, tmp_path / "run", 2, "--parallel.cp=2", "--train.steps=100000", env={"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "0"})
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGKILL, stderr[-3000:]
+    assert "megassm-torchrun: a worker did not stop within 0 s of SIGTERM and was killed: this stop's checkpoint may be missing" in stderr
+
+
 def wait_for_handlers():
     for _ in range(100):  # Python runs a signal's handler between bytecodes of the main thread
         time.sleep(0.001)
@@ -502,6 +530,17 @@ def test_a_second_ctrl_c_stops_at_once():
             os.kill(os.getpid(), signal.SIGINT)
             wait_for_handlers()
     assert stop.value.exit_code == 130 and signal.getsignal(signal.SIGINT) is previous
+
+
+def test_a_sigterm_after_ctrl_c_stops_at_once():
+    """torchrun passes a second Ctrl-C on to its workers as SIGTERM."""
+    with pytest.raises(Stopped, match="stopped at once by 15") as stop:
+        with StopSignals(lambda signum: f"stopped at once by {signum}"):
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for_handlers()
+            os.kill(os.getpid(), signal.SIGTERM)
+            wait_for_handlers()
+    assert stop.value.exit_code == 143
 
 
 def test_a_repeated_sigterm_still_lets_the_run_save():
