@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from megassm.checkpoint import CONFIG_FILE, CheckpointError, checkpoint_step, checkpoints_in, step_folders
+from megassm.checkpoint import CONFIG_FILE, TRAINER_FILE, CheckpointError, checkpoint_step, checkpoints_in, step_folders
 from megassm.config import CheckpointConfig, Config, ConfigError, load_config
 from megassm.errors import UserError
 from megassm.metrics import METRICS_FILE, holds_records
@@ -42,6 +42,27 @@ class RunDirError(UserError, RuntimeError):
 
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def this_launch() -> str | None:
+    """What a restarted process of this launch shares with the one before it: the Slurm job step (kept when Slurm
+    requeues the job), else the torchrun agent (host and process) that restarts its workers; None when started by hand."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm job {os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
+    return f"torchrun {socket.gethostname()}:{os.getppid()}" if launched_by_torchrun() else None
+
+
+def own_newest_checkpoint(run_dir: Path, launch: list[str]) -> Path | None:
+    """run.dir's newest complete checkpoint where this launch wrote it (`launch`: this_launch() of every rank, as a
+    checkpoint's trainer state records them): this process is that run restarted by torchrun or requeued by Slurm."""
+    found = checkpoints_in(run_dir)
+    if not found or not launch:
+        return None
+    try:
+        written_by = json.loads((found[-1] / TRAINER_FILE).read_text()).get("launch", [])
+    except (OSError, ValueError):
+        return None  # unreadable: resuming from it says so
+    return found[-1] if set(written_by) & set(launch) else None
 
 
 def _alive(pid: int) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -74,7 +75,8 @@ from megassm.model import (Mamba2LM, apply_activation_checkpointing, apply_cuda_
 from megassm.ops import resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import detect_format, load_pretrained
-from megassm.run_dir import RunLock, check_log_not_replaced, checkpoints_to_replace, in_run_dir, launched_by_torchrun
+from megassm.run_dir import (RunLock, check_log_not_replaced, checkpoints_to_replace, in_run_dir, launched_by_torchrun,
+                             own_newest_checkpoint, this_launch)
 from megassm.stopping import FailedElsewhere, StopSignals, Stopped, die_with_launcher
 from parallel import IGNORE_INDEX, DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
@@ -275,7 +277,8 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         self.vocabulary = tokenizer_vocabulary(stream.tokenizer_path, stream.meta.vocab_size)
-        checkpoints, replaced = decided_by_first(self.starting_point)
+        self.launch = launches()
+        checkpoints, replaced, self.resume_from = decided_by_first(self.starting_point)
         if cfg.data.verify:  # after the checks of run.dir and the checkpoints: hashing a large corpus takes a while
             verify_data(stream, self.say)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
@@ -308,6 +311,7 @@ class Trainer:
         self.host_copies = HostCopies()  # where each checkpoint's state is copied before it is written
         self.said_short_of_host_memory = False
         self.resume(checkpoints)
+        self.state["launch"] = self.launch  # in each checkpoint: a restart of this launch resumes from it (own_newest_checkpoint)
         self.take_over(replaced)
         n_params = logical_param_count(cfg.model)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len, n_params)
@@ -318,16 +322,22 @@ class Trainer:
                  f"{cfg.train.precision} | {self.kernels_note} | {self.graphs_note} | engine {cfg.parallel.engine} | "
                  f"run dir {self.run_dir}")
 
-    def starting_point(self) -> tuple[list[Path], list[Path]]:
-        """The checkpoints to resume from, in order, and those of run.dir this run replaces (collectively decided by
-        rank 0); a mistake in either, in checkpoint.init_from's folder or about run.dir's log raised first."""
-        cfg = self.cfg
-        checkpoints = resume_candidates(self.run_dir, cfg.checkpoint.resume)
-        replaced = checkpoints_to_replace(self.run_dir, cfg.checkpoint)
+    def starting_point(self) -> tuple[list[Path], list[Path], str]:
+        """The checkpoints to resume from, in order, those of run.dir this run replaces, and checkpoint.resume as it
+        applies (collectively decided by rank 0); a mistake in either, in checkpoint.init_from's folder or about run.dir's
+        log raised first. A run restarted by torchrun or requeued by Slurm goes on from its own newest checkpoint,
+        whatever checkpoint.resume says (its command line is the first start's)."""
+        cfg, checkpoint = self.cfg, self.cfg.checkpoint
+        if checkpoint.resume != "auto" and (own := own_newest_checkpoint(self.run_dir, self.launch)):
+            self.say(f"{own} was written by this launch (restarted or requeued): going on from there, not as "
+                     f"checkpoint.resume = {checkpoint.resume!r} says")
+            checkpoint = dataclasses.replace(checkpoint, resume="auto")
+        checkpoints = resume_candidates(self.run_dir, checkpoint.resume)
+        replaced = checkpoints_to_replace(self.run_dir, checkpoint)
         check_log_not_replaced(self.run_dir, cfg, checkpoints)
         if not checkpoints and cfg.checkpoint.init_from:
             detect_format(cfg.checkpoint.init_from)
-        return checkpoints, replaced
+        return checkpoints, replaced, checkpoint.resume
 
     def say(self, line: str) -> None:
         if self.is_writer:
@@ -341,7 +351,7 @@ class Trainer:
                 check_compatible(path, self.cfg.model, self.vocabulary)
                 self.state = load_checkpoint(path, self.model, self.engine, self.ctx)
             except DamagedCheckpoint as error:
-                if self.cfg.checkpoint.resume != "auto":
+                if self.resume_from != "auto":
                     raise
                 self.say(f"warning: skipping damaged checkpoint {path}: {error}")
                 continue
@@ -595,6 +605,16 @@ class Trainer:
                     self.saved_everywhere()
                     raise Stopped(signum, self.stop_message(signum))
             self.saved_everywhere()
+
+
+def launches() -> list[str]:
+    """this_launch() of every rank (a collective): a torchrun agent per node, or the Slurm job step."""
+    mine = this_launch()
+    everyone = [mine]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+    return sorted({launch for launch in everyone if launch})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -261,6 +261,25 @@ def test_a_run_outside_the_history_of_the_folder_stops(resume, phrases, config, 
     assert_refused_and_untouched(config, old_run, [f"--checkpoint.resume={resume.format(run=old_run)}"], *phrases)
 
 
+def test_a_requeued_slurm_job_goes_on_from_its_own_checkpoint_whatever_resume_says(config, tmp_path):
+    """Slurm requeues a job with its first command line (here checkpoint.resume = 'none', which would refuse the folder's
+    checkpoints): the job's own newest checkpoint is resumed; another job with that command line stops as any run from
+    scratch in that folder does."""
+    run_dir = tmp_path / "run"
+
+    def job(slurm_job: str, steps: int) -> subprocess.CompletedProcess:
+        command = trainer_command(config, run_dir, 1, "--checkpoint.resume=none", f"--train.steps={steps}", "--train.eval_every=0")
+        return subprocess.run(command, capture_output=True, text=True, env={**TRAINER_ENV, "SLURM_JOB_ID": slurm_job, "SLURM_STEP_ID": "0"},
+                              timeout=300)
+
+    assert job("41", 2).returncode == 0
+    requeued = job("41", 4)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert f"{run_dir}/checkpoints/step_2 was written by this launch (restarted or requeued): going on from there" in requeued.stdout
+    assert f"resumed from {run_dir}/checkpoints/step_2" in requeued.stdout and steps_logged(run_dir) == [1, 2, 3, 4]
+    refused(job("42", 6), "holds the checkpoints of another run (step_2, step_4) and checkpoint.resume = 'none' starts a new run")
+
+
 def test_overwrite_replaces_the_other_history_and_its_metrics(config, old_run):
     result = run_trainer(config, old_run, 1, "--checkpoint.resume=none", "--checkpoint.overwrite=true", "--train.steps=1",
                          "--checkpoint.every=1")

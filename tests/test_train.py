@@ -197,12 +197,14 @@ def test_a_deepspeed_run_matches_one_process_and_its_checkpoint_resumes_under_dd
 def killed_mid_run_and_restarted(config: Path, tmp_path: Path, agents: list[list[str]]) -> None:
     """Start the torchrun agents (one command each, the trainer's arguments appended), SIGKILL the last agent's worker
     after step 5 of 12 (its step-4 checkpoint complete); torchrun (--max-restarts 1) restarts every worker, they resume
-    from the step-4 checkpoint (the lock of their run is theirs), drop the log's records after step 4, and every step's
-    record equals the uninterrupted run's."""
+    from the step-4 checkpoint (the lock of their run is theirs, and the checkpoint their launch's, though the command line
+    says checkpoint.resume = 'none'), drop the log's records after step 4, and every step's record equals the uninterrupted
+    run's."""
     long = ["--train.steps=12", "--train.eval_every=4"]
     reference = train(config, tmp_path / "reference", 1, *long)
     run_dir = tmp_path / "run"
-    trainer = ["-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}", "--parallel.cp=2", *long]
+    trainer = ["-m", "megassm.train", "--config", str(config), f"--run.dir={run_dir}", "--parallel.cp=2", *long,
+               "--checkpoint.resume=none"]  # the restart goes on from its own checkpoint all the same
     jobs = [subprocess.Popen([*agent, *trainer], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=TRAINER_ENV)
             for agent in agents]
     metrics, step_4, deadline = run_dir / "metrics.jsonl", run_dir / "checkpoints" / "step_4", time.monotonic() + 300
