@@ -148,7 +148,7 @@ def recorded_launch(tmp_path: Path, script: str, **env: str) -> str:
     """The command line launch/<script> runs, with python and Slurm's srun and scontrol replaced by recorders."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, body in {"python": 'echo "python $*"', "srun": 'echo "srun MASTER_PORT=$MASTER_PORT $*"', "scontrol": "echo node7"}.items():
+    for name, body in {"python": 'echo "python $*"', "srun": 'echo "srun MASTER_PORT=$MASTER_PORT NPROC_PER_NODE=$NPROC_PER_NODE $*"', "scontrol": "echo node7"}.items():
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
     done = subprocess.run(["bash", str(ROOT / "launch" / script), "--config", DEBUG], cwd=ROOT, capture_output=True, text=True,
@@ -166,3 +166,13 @@ def test_runs_on_one_host_never_share_a_rendezvous(tmp_path):
     slurm = {"SLURM_JOB_ID": "123456", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[7-8]", "SLURM_SUBMIT_DIR": str(ROOT),
              "SLURM_CPUS_PER_TASK": "8", "MASTER_PORT": ""}
     assert recorded_launch(tmp_path, "slurm.sbatch", **slurm).startswith(f"srun MASTER_PORT={10000 + 123456 % 20000} ")
+
+
+def test_slurm_sbatch_takes_the_gpus_and_cpus_slurm_gives(tmp_path):
+    """--gpus-per-node (with a type or without) sets the processes per node; with --gres the GPUs Slurm makes visible
+    count (torchrun.sh), not a guess; without --cpus-per-task srun gets no such option (set -u would stop the script)."""
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "node[7-8]", "SLURM_SUBMIT_DIR": str(ROOT), "MASTER_PORT": ""}
+    given = recorded_launch(tmp_path, "slurm.sbatch", **slurm, SLURM_GPUS_PER_NODE="h100:4", SLURM_CPUS_PER_TASK="16")
+    assert " NPROC_PER_NODE=4 --kill-on-bad-exit=1 --cpus-per-task=16 bash launch/torchrun.sh" in given, given
+    gres = recorded_launch(tmp_path, "slurm.sbatch", **slurm, SLURM_GPUS_PER_NODE="", SLURM_CPUS_PER_TASK="", NPROC_PER_NODE="")
+    assert " NPROC_PER_NODE= --kill-on-bad-exit=1 bash launch/torchrun.sh" in gres, gres
