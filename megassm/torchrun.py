@@ -22,6 +22,7 @@ from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, parse_min_max_nnodes, run
 
 from megassm.config import ConfigError, check_command_line
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                   "from its newest complete one); TORCH_ELASTIC_SHUTDOWN_TIMEOUT sets the wait", file=sys.stderr)
             return 128 + signal.SIGKILL
         return 128 + signalled.sigval
+    except RendezvousError as error:  # the node hosting the rendezvous is gone (it says why, or its node failed)
+        print(f"megassm-torchrun: lost the rendezvous at {args.rdzv_endpoint} ({type(error).__name__}): the node hosting it "
+              "stopped; its output says why", file=sys.stderr)
+        return 1
     except ChildFailedError as error:
         rank, failure = error.get_first_failure()
         if failure.exitcode > 0:

@@ -237,6 +237,30 @@ def test_a_rank_killed_on_one_of_two_nodes_is_restarted_on_both(config, tmp_path
         killed_mid_run_and_restarted(config, tmp_path, [node, node])
 
 
+def test_a_node_that_loses_the_rendezvous_host_ends_with_one_line(config, tmp_path):
+    """Two torchrun agents as on two nodes; the one hosting the rendezvous dies (its node failed): the other's worker
+    fails with it (its own traceback), and its agent, trying to restart, finds no rendezvous: one line naming it, exit 1,
+    not the agent's traceback."""
+    with reserved_port() as port:
+        node = [sys.executable, "-m", "megassm.torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost", "-m", "megassm.train",
+                "--config", str(config), f"--run.dir={tmp_path / 'run'}", "--parallel.cp=2", "--train.steps=100000", "--checkpoint.every=-1"]
+        host = subprocess.Popen(node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=TRAINER_ENV)
+        time.sleep(1)  # the first agent binds the rendezvous port: it hosts the store
+        other = subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TRAINER_ENV)
+        metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+            assert host.poll() is None and other.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        host.kill()  # its worker dies with it (PR_SET_PDEATHSIG)
+        host.wait()
+        _, stderr = other.communicate(timeout=300)
+    assert other.returncode == 1, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("megassm-torchrun:")]
+    assert lines and lines[-1].startswith(f"megassm-torchrun: lost the rendezvous at 127.0.0.1:{port} ("), stderr[-3000:]
+    assert "in next_rendezvous" not in stderr, stderr[-3000:]
+
+
 def test_throughput_leaves_out_validation_and_checkpoints(config, tmp_path, monkeypatch):
     """tokens/s and MFU are the training's: a validation or a checkpoint (here each slowed by a second) does not count
     in the next interval."""
