@@ -1,10 +1,11 @@
-"""How a run stops other than at its last step: on SIGINT or SIGTERM, and with its launcher.
+"""How a run stops other than at its last step: on SIGINT, SIGTERM or SIGHUP, and with its launcher.
 
-The first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption, torchrun passing either on) asks the run to stop
-after the step in progress: every rank learns of it at the end of that step, so all of them save the same
-checkpoint before they exit. A second SIGINT (Ctrl-C again) stops the process at once, and so does a SIGTERM after a
-SIGINT (torchrun passes a second Ctrl-C on as SIGTERM); a second SIGTERM alone does not, as one stop brings several:
-Slurm signals every process of the job step, and torchrun passes its own on.
+The first SIGINT (Ctrl-C), SIGTERM (a scheduler's preemption, torchrun passing any of them on) or SIGHUP (the terminal
+closed: an ssh session dropped; not where it is ignored, as under nohup) asks the run to stop after the step in
+progress: every rank learns of it at the end of that step, so all of them save the same checkpoint before they exit.
+A second SIGINT (Ctrl-C again) stops the process at once, and so does a SIGTERM after a SIGINT (torchrun passes a
+second Ctrl-C on as SIGTERM); a second SIGTERM alone does not, as one stop brings several: Slurm signals every process
+of the job step, and torchrun passes its own on.
 
 torchrun starts each worker in a session of its own, so a `kill -9` of torchrun (or of its process group) would
 leave the workers training and writing into run.dir; here they die with it.
@@ -27,7 +28,7 @@ from megassm.errors import UserError
 from megassm.host_scalar import HostScalar
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(Exception):
@@ -51,7 +52,7 @@ class FailedElsewhere(UserError):
 
 
 class StopSignals:
-    """While active (a context manager, in the main thread): the first SIGINT or SIGTERM is recorded for
+    """While active (a context manager, in the main thread): the first of STOP_SIGNALS is recorded for
     `requested`; a SIGINT after it, or a SIGTERM after a SIGINT, raises Stopped with immediate_stop(signum)'s message,
     wherever the run is."""
 
@@ -87,7 +88,8 @@ class StopSignals:
         return reduced or None
 
     def __enter__(self) -> "StopSignals":
-        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS}
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_SIGNALS
+                          if not (signum == signal.SIGHUP and signal.getsignal(signum) == signal.SIG_IGN)}  # nohup's stays
         return self
 
     def __exit__(self, *exc) -> None:

@@ -555,8 +555,8 @@ class Trainer:
                              cfg.to_dict(), total_steps=cfg.train.steps, continues=bool(self.history))
 
     def run(self) -> None:
-        """Train to train.steps; on SIGINT or SIGTERM save a checkpoint after the step in progress and raise Stopped.
-        A step's gradient norm is read once the next step is queued, or at once where the step logs, validates, saves
+        """Train to train.steps; on a stop signal (SIGINT, SIGTERM, SIGHUP) save a checkpoint after the step in progress
+        and raise Stopped. A step's gradient norm is read once the next step is queued, or at once where the step logs, validates, saves
         or stops the run."""
         cfg = self.cfg
         self.logger = self.open_log()

@@ -480,6 +480,19 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(config, tmp_path):
     stopped_by(signal.SIGINT, config, tmp_path / "run")
 
 
+def test_a_closed_terminal_saves_a_checkpoint(config, tmp_path):
+    stopped_by(signal.SIGHUP, config, tmp_path / "run")
+
+
+def test_nohup_keeps_ignoring_sighup():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with StopSignals(lambda signum: ""):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 def test_a_preemption_saves_a_checkpoint_and_the_printed_command_ends_the_run(config, tmp_path):
     run_dir = tmp_path / "run"
     command = shlex.split(stopped_by(signal.SIGTERM, config, run_dir))
