@@ -1,0 +1,61 @@
+"""What AdamW decays (mamba-ssm's recipe), the learning-rate schedule, and when skipped steps stop a run: each against
+values written out by hand, not against the code's own rule."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from megassm.config import OptimConfig
+from megassm.model import Mamba2LM, ModelConfig
+from megassm.optim import learning_rate, param_groups
+from megassm.train import Trainer, TrainingError
+from parallel import DDPEngine, ParallelContext
+
+# mamba-ssm's recipe: no weight decay on A_log, D, dt_bias, norm weights and biases; the rest (matrices, the conv's
+# weights, the embedding) decays.
+NOT_DECAYED = ("mixer.A_log", "mixer.D", "mixer.dt_bias", "mixer.norm_weight", "norm.weight", "norm_f.weight", "mixer.conv1d.bias.x",
+               "mixer.conv1d.bias.B", "mixer.conv1d.bias.C")
+
+
+def test_adamw_decays_matrices_and_the_embedding_only():
+    """Zero gradients: AdamW's update is nil and only the decay acts, p <- p (1 - lr wd), on the parameters that decay."""
+    model = Mamba2LM(ModelConfig.from_preset("debug-hybrid"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    DDPEngine(model, ParallelContext(), param_groups(model, 0.1), lr=0.0).step(1e-2, 0.0)
+    for name, p in model.named_parameters():
+        kept = name.split(".", 2)[-1] in NOT_DECAYED or name == "norm_f.weight"
+        torch.testing.assert_close(p.detach(), before[name] if kept else before[name] * (1 - 1e-2 * 0.1), rtol=1e-6, atol=0, msg=name)
+
+
+def test_the_schedule_warms_up_linearly_then_falls_as_a_half_cosine_to_min_lr():
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    total = 111  # the cosine spans steps 10 .. 110
+    assert learning_rate(0, cfg, total) == pytest.approx(1e-4)
+    assert learning_rate(4, cfg, total) == pytest.approx(5e-4)
+    assert learning_rate(9, cfg, total) == pytest.approx(1e-3)
+    assert learning_rate(10, cfg, total) == pytest.approx(1e-3)
+    assert learning_rate(60, cfg, total) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert learning_rate(35, cfg, total) == pytest.approx(1e-5 + (1e-3 - 1e-5) * (1 + math.cos(math.pi / 4)) / 2)
+    assert learning_rate(110, cfg, total) == pytest.approx(1e-5)
+    assert learning_rate(500, cfg, total) == pytest.approx(1e-5)  # train.steps raised on resume: past the end, min_lr
+
+
+def read_norms(norms: list[float], max_skipped_steps: int) -> SimpleNamespace:
+    """Trainer.read_norm over steps with these gradient norms; the trainer's counters after them."""
+    trainer = SimpleNamespace(consecutive_skips=0, state={"skipped_steps": 0},
+                              cfg=SimpleNamespace(train=SimpleNamespace(max_skipped_steps=max_skipped_steps)))
+    for done, norm in enumerate(norms, 1):
+        Trainer.read_norm(trainer, SimpleNamespace(grad_norm=torch.tensor(norm), done=done))
+    return trainer
+
+
+def test_only_skipped_steps_in_a_row_stop_a_run():
+    """Isolated overflows are skipped and counted, however many; max_skipped_steps of them in a row stop the run."""
+    trainer = read_norms([math.inf, 1.0, math.nan, 1.0, math.inf, 2.0, math.inf], max_skipped_steps=2)
+    assert trainer.state["skipped_steps"] == 4 and trainer.consecutive_skips == 1
+    with pytest.raises(TrainingError, match="2 consecutive steps had a non-finite loss or gradient \\(the last: step 3\\)"):
+        read_norms([1.0, math.inf, math.inf], max_skipped_steps=2)
