@@ -556,8 +556,8 @@ class Trainer:
 
     def run(self) -> None:
         """Train to train.steps; on a stop signal (SIGINT, SIGTERM, SIGHUP) save a checkpoint after the step in progress
-        and raise Stopped. A step's gradient norm is read once the next step is queued, or at once where the step logs, validates, saves
-        or stops the run."""
+        and raise Stopped. A step's gradient norm is read once the next step is queued, or at once where the step logs,
+        validates, saves or stops the run."""
         cfg = self.cfg
         self.logger = self.open_log()
         timer = StepTimer(self.device)

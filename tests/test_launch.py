@@ -148,7 +148,9 @@ def recorded_launch(tmp_path: Path, script: str, **env: str) -> str:
     """The command line launch/<script> runs, with python and Slurm's srun and scontrol replaced by recorders."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, body in {"python": 'echo "python $*"', "srun": 'echo "srun MASTER_PORT=$MASTER_PORT NPROC_PER_NODE=$NPROC_PER_NODE $*"', "scontrol": "echo node7"}.items():
+    stubs = {"python": 'echo "python $*"', "srun": 'echo "srun MASTER_PORT=$MASTER_PORT NPROC_PER_NODE=$NPROC_PER_NODE $*"',
+             "scontrol": "echo node7"}
+    for name, body in stubs.items():
         (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
         (bin_dir / name).chmod(0o755)
     done = subprocess.run(["bash", str(ROOT / "launch" / script), "--config", DEBUG], cwd=ROOT, capture_output=True, text=True,

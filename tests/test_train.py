@@ -244,7 +244,8 @@ def test_a_node_that_loses_the_rendezvous_host_ends_with_one_line(config, tmp_pa
     with reserved_port() as port:
         node = [sys.executable, "-m", "megassm.torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "1",
                 "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "lost", "-m", "megassm.train",
-                "--config", str(config), f"--run.dir={tmp_path / 'run'}", "--parallel.cp=2", "--train.steps=100000", "--checkpoint.every=-1"]
+                "--config", str(config), f"--run.dir={tmp_path / 'run'}", "--parallel.cp=2", "--train.steps=100000",
+                "--checkpoint.every=-1"]
         host = subprocess.Popen(node, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=TRAINER_ENV)
         time.sleep(1)  # the first agent binds the rendezvous port: it hosts the store
         other = subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TRAINER_ENV)
