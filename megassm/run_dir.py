@@ -44,16 +44,8 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def this_launch() -> str | None:
-    """What a restarted process of this launch shares with the one before it: the Slurm job step (kept when Slurm
-    requeues the job), else the torchrun agent (host and process) that restarts its workers; None when started by hand."""
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm job {os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
-    return f"torchrun {socket.gethostname()}:{os.getppid()}" if launched_by_torchrun() else None
-
-
 def own_newest_checkpoint(run_dir: Path, launch: list[str]) -> Path | None:
-    """run.dir's newest complete checkpoint where this launch wrote it (`launch`: this_launch() of every rank, as a
+    """run.dir's newest complete checkpoint where this launch wrote it (`launch`: Owner.launch of every rank, as a
     checkpoint's trainer state records them): this process is that run restarted by torchrun or requeued by Slurm."""
     found = checkpoints_in(run_dir)
     if not found or not launch:
@@ -100,10 +92,17 @@ class Owner:
             return True
         return any(_alive(pid) for pid in (self.pid, self.launcher_pid) if pid is not None)
 
+    @property
+    def launch(self) -> str | None:
+        """What a restarted process of this run shares with the one before it: the Slurm job (kept when Slurm requeues
+        it), else the torchrun agent (host and process) that restarts its workers; None when started by hand."""
+        if self.slurm_job is not None:
+            return f"slurm job {self.slurm_job}"
+        return f"torchrun {self.host}:{self.launcher_pid}" if self.launcher_pid is not None else None
+
     def restarts(self, previous: "Owner") -> bool:
         """Whether this process is `previous`'s run started again: by the same torchrun agent, or in the same Slurm job."""
-        same_launcher = self.launcher_pid is not None and (self.host, self.launcher_pid) == (previous.host, previous.launcher_pid)
-        return same_launcher or (self.slurm_job is not None and self.slurm_job == previous.slurm_job)
+        return self.launch is not None and self.launch == previous.launch
 
     def requeued_from(self, previous: "Owner") -> bool:
         """Whether this process belongs to `previous`'s Slurm job requeued since: every process of that run is gone."""

@@ -75,8 +75,8 @@ from megassm.model import (Mamba2LM, apply_activation_checkpointing, apply_cuda_
 from megassm.ops import resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import detect_format, load_pretrained
-from megassm.run_dir import (RunLock, check_log_not_replaced, checkpoints_to_replace, in_run_dir, launched_by_torchrun,
-                             own_newest_checkpoint, this_launch)
+from megassm.run_dir import (Owner, RunLock, check_log_not_replaced, checkpoints_to_replace, in_run_dir, launched_by_torchrun,
+                             own_newest_checkpoint)
 from megassm.stopping import FailedElsewhere, StopSignals, Stopped, die_with_launcher
 from parallel import IGNORE_INDEX, DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
@@ -608,8 +608,8 @@ class Trainer:
 
 
 def launches() -> list[str]:
-    """this_launch() of every rank (a collective): a torchrun agent per node, or the Slurm job step."""
-    mine = this_launch()
+    """Owner.launch of every rank (a collective): a torchrun agent per node, or the Slurm job."""
+    mine = Owner.this_process().launch
     everyone = [mine]
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
