@@ -320,11 +320,22 @@ TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: 
 
 
 def validate(cfg: Config, world_size: int) -> None:
-    """Everything checkable before any model or data is touched."""
+    """Everything checkable before any model or data is touched: each value within its range, the parallel layout
+    against the world size and the shapes, the named choices, the optimizer, the run's paths and names."""
+    validate_counts(cfg)
+    validate_layout(cfg, world_size)
+    validate_choices(cfg)
+    validate_optim(cfg.optim)
+    validate_run(cfg)
+
+
+def validate_counts(cfg: Config) -> None:
+    """Counts of steps, tokens and samples, each within the range it can take."""
     par, data, optim, train, ckpt = cfg.parallel, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
     positive = {"parallel.tp": par.tp, "parallel.cp": par.cp, "data.seq_len": data.seq_len, "data.micro_batch": data.micro_batch,
                 "data.global_batch": data.global_batch, "train.steps": train.steps, "train.log_every": train.log_every,
-                "checkpoint.keep": ckpt.keep, "train.max_skipped_steps": train.max_skipped_steps}
+                "checkpoint.keep": ckpt.keep, "train.max_skipped_steps": train.max_skipped_steps,
+                "train.loss_chunk_tokens": train.loss_chunk_tokens}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
@@ -334,6 +345,17 @@ def validate(cfg: Config, world_size: int) -> None:
             raise ConfigError(f"{key} must be 0 or more, got {value}")
     if ckpt.every < -1:
         raise ConfigError(f"checkpoint.every must be a number of steps, 0 (only at the end) or -1 (never), got {ckpt.every}")
+    if train.eval_every and train.eval_samples < 1:
+        raise ConfigError(f"train.eval_samples = {train.eval_samples}: validation every train.eval_every = {train.eval_every} "
+                          "steps needs samples; set train.eval_every = 0 to validate never")
+    if train.peak_tflops is not None and not 0 < train.peak_tflops < math.inf:
+        raise ConfigError(f"train.peak_tflops must be the device's bf16 peak in TFLOP/s, a positive number (omit it where megassm "
+                          f"knows the device), got {train.peak_tflops}")
+
+
+def validate_layout(cfg: Config, world_size: int) -> None:
+    """tp x cp x dp against the world size (parallel.dp = -1 resolved here), and the shapes each dimension splits."""
+    par, data, train = cfg.parallel, cfg.data, cfg.train
     if par.dp == -1:
         if world_size % (par.tp * par.cp):
             raise ConfigError(f"parallel.tp * parallel.cp = {par.tp * par.cp} does not divide the world size {world_size}")
@@ -356,24 +378,23 @@ def validate(cfg: Config, world_size: int) -> None:
     if data.global_batch % (data.micro_batch * par.dp):
         raise ConfigError(f"data.global_batch = {data.global_batch} must be a multiple of data.micro_batch * parallel.dp = "
                           f"{data.micro_batch} * {par.dp}")
-    if train.eval_every and train.eval_samples < 1:
-        raise ConfigError(f"train.eval_samples = {train.eval_samples}: validation every train.eval_every = {train.eval_every} "
-                          "steps needs samples; set train.eval_every = 0 to validate never")
     if train.eval_every and train.eval_samples % (data.micro_batch * par.dp):
         raise ConfigError(f"train.eval_samples = {train.eval_samples} must be a multiple of data.micro_batch * parallel.dp = "
                           f"{data.micro_batch} * {par.dp}")
-    if train.loss_chunk_tokens < 1:
-        raise ConfigError(f"train.loss_chunk_tokens must be at least 1, got {train.loss_chunk_tokens}")
+
+
+def validate_choices(cfg: Config) -> None:
+    """The keys that name one of a few choices, and the choices that exclude each other."""
+    par, train = cfg.parallel, cfg.train
     choices = {"parallel.engine": (par.engine, ("ddp", "deepspeed")), "train.precision": (train.precision, ("bf16", "fp32")),
                "train.device": (train.device, ("auto", "cuda", "cpu")), "kernels.backend": (cfg.kernels.backend, BACKENDS),
                "kernels.ssd": (cfg.kernels.ssd, SSD_KERNELS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")
-    if train.cuda_graphs not in (True, False, "auto"):
-        raise ConfigError(f"train.cuda_graphs = {train.cuda_graphs!r}: choose true, false or \"auto\"")
-    if train.keep_ssd_states not in (True, False, "auto"):
-        raise ConfigError(f"train.keep_ssd_states = {train.keep_ssd_states!r}: choose true, false or \"auto\"")
+    for key in ("cuda_graphs", "keep_ssd_states"):
+        if getattr(train, key) not in (True, False, "auto"):
+            raise ConfigError(f"train.{key} = {getattr(train, key)!r}: choose true, false or \"auto\"")
     if train.cuda_graphs is True and cuda_graph_blockers(cfg):
         raise ConfigError(f"train.cuda_graphs = true needs {' and '.join(cuda_graph_blockers(cfg))}: switch one of them, or use \"auto\"")
     if par.engine == "ddp" and par.zero_stage != 1:
@@ -382,22 +403,22 @@ def validate(cfg: Config, world_size: int) -> None:
     if par.engine == "deepspeed" and par.zero_stage not in (1, 2):
         raise ConfigError(f"parallel.zero_stage = {par.zero_stage}: megassm supports ZeRO stages 1 and 2 "
                           "(its TP layers shard parameters themselves, which stage 3 would repeat)")
-    validate_optim(optim)
-    if train.peak_tflops is not None and not 0 < train.peak_tflops < math.inf:
-        raise ConfigError(f"train.peak_tflops must be the device's bf16 peak in TFLOP/s, a positive number (omit it where megassm "
-                          f"knows the device), got {train.peak_tflops}")
+    if par.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("parallel.engine = 'deepspeed' needs DeepSpeed, which is not installed: pip install 'megassm[deepspeed]'")
+
+
+def validate_run(cfg: Config) -> None:
+    """The run's seed, folders and names."""
     if not -(2**63) <= cfg.run.seed < 2**64:
         raise ConfigError(f"run.seed must be within [-2^63, 2^64), got {cfg.run.seed}")
     if not cfg.run.dir:
         raise ConfigError("run.dir is empty (an unset variable?): name the run's folder, e.g. --run.dir=runs/my-run")
-    if not data.path:
+    if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a folder made by tools/prepare_data.py "
                           "(bash launch/quickstart.sh makes one from the built-in corpus)")
     if bad := set(WANDB_PROJECT_FORBIDDEN) & set(cfg.logging.wandb_project):
         raise ConfigError(f"logging.wandb_project = {cfg.logging.wandb_project!r}: a W&B project name cannot hold "
                           f"{' '.join(sorted(bad))}; give the entity (team) in WANDB_ENTITY")
-    if par.engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError("parallel.engine = 'deepspeed' needs DeepSpeed, which is not installed: pip install 'megassm[deepspeed]'")
 
 
 # Characters W&B refuses in a project's name.

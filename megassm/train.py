@@ -232,6 +232,22 @@ def quiet_cublas_context_warning() -> None:
     warnings.filterwarnings("ignore", message="Attempting to run cuBLAS, but there was no current CUDA context")
 
 
+def join_processes(cfg: Config, device: torch.device) -> ParallelContext:
+    """This process's place in the layout: the process groups of tp x cp x dp under torchrun (NCCL on CUDA, gloo on
+    CPU), a single process otherwise. DeepSpeed's engine needs torchrun's environment even for one process."""
+    launched = "RANK" in os.environ  # by torchrun, also for one process
+    if cfg.parallel.engine == "deepspeed" and not launched:
+        raise ConfigError("parallel.engine = 'deepspeed' needs torchrun, also for one process: "
+                          "NPROC_PER_NODE=1 bash launch/torchrun.sh --config ...")
+    if not launched:
+        return ParallelContext()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        return init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.sequence_parallel, backend)
+    except ValueError as error:  # how the job was launched (the layout itself was checked with the config)
+        raise ConfigError(str(error)) from None
+
+
 def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParallelEngine:
     """The data-parallel engine named by parallel.engine, owning the AdamW optimizer."""
     optim = cfg.optim
@@ -254,6 +270,10 @@ class QueuedStep(NamedTuple):
 
 
 class Trainer:
+    """One training run of a Config: its processes joined, model, engine, data and checkpoints set up by the constructor
+    (every user mistake said before the first step), then run() trains, validates, logs and saves until train.steps
+    or a stop."""
+
     def __init__(self, cfg: Config, stream: TokenStream, command: list[str] | None = None):
         self.cfg = cfg
         self.command = sys.argv[1:] if command is None else command  # the trainer's arguments, to say how to resume
@@ -261,18 +281,7 @@ class Trainer:
         limit_cpu_threads(self.device)
         use_cublas_without_workspace(self.device)
         quiet_cublas_context_warning()
-        launched = "RANK" in os.environ  # by torchrun, also for one process
-        if cfg.parallel.engine == "deepspeed" and not launched:
-            raise ConfigError("parallel.engine = 'deepspeed' needs torchrun, also for one process: "
-                              "NPROC_PER_NODE=1 bash launch/torchrun.sh --config ...")
-        if launched:
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            try:
-                self.ctx = init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.sequence_parallel, backend)
-            except ValueError as error:  # how the job was launched (the layout itself was checked with the config)
-                raise ConfigError(str(error)) from None
-        else:
-            self.ctx = ParallelContext()
+        self.ctx = join_processes(cfg, self.device)
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
@@ -282,25 +291,11 @@ class Trainer:
         if cfg.data.verify:  # after the checks of run.dir and the checkpoints: hashing a large corpus takes a while
             verify_data(stream, self.say)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
-        self.backend = resolve_backend(cfg.kernels.backend, self.device)
-        device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
-        keep_states = keep_ssd_states_choice(cfg, self.backend, device_memory)
-        self.kernels_note = (f"triton kernels (SSD: {cfg.kernels.ssd}{', states kept' if keep_states else ''})" if self.backend == "triton"
-                             else f"{self.backend} kernels")
-        check_kernel_addressing(cfg, self.backend)
-        graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
-        self.model = build_model(cfg, self.ctx, graphs, keep_states).to(self.device)
-        self.memory_levers = {"keep_ssd_states": keep_states, "cuda_graphs": graphs}
+        self.model = self.model_for_device()
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
-        loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
-        self.train_data = SampleLoader(split="train", **loader)
-        self.val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
-        if self.val_data is not None and cfg.train.eval_samples > self.val_data.num_windows:
-            self.say(f"warning: train.eval_samples = {cfg.train.eval_samples}, but the validation split holds "
-                     f"{self.val_data.num_windows} samples of data.seq_len tokens: some count more than once; lower "
-                     "train.eval_samples or prepare the data with a larger --val-fraction")
+        self.train_data, self.val_data = self.open_loaders(stream)
         self.sample_order = sample_order(stream, cfg)
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.sample_order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
@@ -316,11 +311,43 @@ class Trainer:
         n_params = logical_param_count(cfg.model)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len, n_params)
         self.peak = peak_flops(self.device, cfg.train.peak_tflops)
+        self.say(self.start_line(n_params))
+
+    def model_for_device(self) -> Mamba2LM:
+        """The model on this device with the trainer's choices for it: the kernels, whether the SSD's states are kept
+        for the backward and whether the blocks run as CUDA graphs (each said in the start line; the memory levers
+        named again if the GPU runs out of memory)."""
+        cfg = self.cfg
+        self.backend = resolve_backend(cfg.kernels.backend, self.device)
+        device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        keep_states = keep_ssd_states_choice(cfg, self.backend, device_memory)
+        self.kernels_note = (f"triton kernels (SSD: {cfg.kernels.ssd}{', states kept' if keep_states else ''})" if self.backend == "triton"
+                             else f"{self.backend} kernels")
+        check_kernel_addressing(cfg, self.backend)
+        graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
+        self.memory_levers = {"keep_ssd_states": keep_states, "cuda_graphs": graphs}
+        return build_model(cfg, self.ctx, graphs, keep_states).to(self.device)
+
+    def open_loaders(self, stream: TokenStream) -> tuple[SampleLoader, SampleLoader | None]:
+        """The training samples and, where the run validates, the validation samples, each rank's piece of them."""
+        cfg = self.cfg
+        loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
+        train_data = SampleLoader(split="train", **loader)
+        val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
+        if val_data is not None and cfg.train.eval_samples > val_data.num_windows:
+            self.say(f"warning: train.eval_samples = {cfg.train.eval_samples}, but the validation split holds "
+                     f"{val_data.num_windows} samples of data.seq_len tokens: some count more than once; lower "
+                     "train.eval_samples or prepare the data with a larger --val-fraction")
+        return train_data, val_data
+
+    def start_line(self, n_params: int) -> str:
+        """The run as started: size, layout, batch, precision and the trainer's choices."""
+        cfg = self.cfg
         device = f"cpu ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else self.device.type
-        self.say(f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {device} | "
-                 f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
-                 f"{cfg.train.precision} | {self.kernels_note} | {self.graphs_note} | engine {cfg.parallel.engine} | "
-                 f"run dir {self.run_dir}")
+        return (f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {device} | "
+                f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
+                f"{cfg.train.precision} | {self.kernels_note} | {self.graphs_note} | engine {cfg.parallel.engine} | "
+                f"run dir {self.run_dir}")
 
     def starting_point(self) -> tuple[list[Path], list[Path], str]:
         """The checkpoints to resume from, in order, those of run.dir this run replaces, and checkpoint.resume as it
