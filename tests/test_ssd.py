@@ -118,10 +118,10 @@ def test_document_ids_for_the_kernels():
     def same_document(ids: torch.Tensor) -> torch.Tensor:
         return ids[:, :, None] == ids[:, None, :]
 
-    ids = ops.document_ids(global_ids)
+    ids = ops.int32_document_ids(global_ids)
     assert ids.dtype == torch.int32 and (ids >= 0).all()
     assert torch.equal(same_document(ids), same_document(global_ids))
-    assert torch.equal(ops.document_ids(global_ids[:, 2:]), ids[:, 2:])
+    assert torch.equal(ops.int32_document_ids(global_ids[:, 2:]), ids[:, 2:])
     assert torch.equal(ops._kernel_seq_idx(global_ids), ids)
     counted = torch.tensor([[0, 0, 1, 4], [0, 1, 1, 2]], dtype=torch.int32)
     shifted = counted + 5

@@ -56,7 +56,7 @@ ACCURACY_DT_LIMIT = (0.01, 0.3)
 RESULTS = ("y", "final_states", "dx", "ddt", "dA", "dB", "dC", "dD", "ddt_bias", "dinitial_states")
 
 
-def document_ids(batch: int, seqlen: int, boundaries: list[int], device: torch.device) -> torch.Tensor | None:
+def ids_with_boundaries(batch: int, seqlen: int, boundaries: list[int], device: torch.device) -> torch.Tensor | None:
     """int32 ids starting at 0, a new document at each boundary, the same in every row (None without any)."""
     if not boundaries:
         return None
@@ -101,7 +101,7 @@ def check_accuracy(device: torch.device) -> list[dict]:
         initial = torch.randn(shape["batch"], shape["nheads"], shape["headdim"], shape["dstate"], device=device, generator=generator)
         dy = torch.randn(*views(wide)[0].shape, device=device, generator=generator)
         dfinal = torch.randn_like(initial)
-        seq_idx = document_ids(shape["batch"], shape["seqlen"], list(ACCURACY_BOUNDARIES), device)
+        seq_idx = ids_with_boundaries(shape["batch"], shape["seqlen"], list(ACCURACY_BOUNDARIES), device)
         options = dict(seq_idx=seq_idx, dt_softplus=True, dt_limit=ACCURACY_DT_LIMIT, return_final_states=True)
 
         def run(scan: Callable, precision: torch.dtype) -> dict:
@@ -150,7 +150,7 @@ def time_case(shape_name: str, documents: int, kernel_chunk: int, device: torch.
     wide, views, params = mixer_tensors(**shape, dtype=torch.bfloat16, device=device)
     x, B, C, dt = views(wide)
     seqlen = shape["seqlen"]
-    seq_idx = document_ids(shape["batch"], seqlen, [seqlen * k // documents + 17 * k for k in range(1, documents)], device)
+    seq_idx = ids_with_boundaries(shape["batch"], seqlen, [seqlen * k // documents + 17 * k for k in range(1, documents)], device)
     dy = torch.randn_like(x)
     grad = torch.empty_like(wide)  # the gradient buffer the kernels write their slices of
     dx, dB, dC, ddt = views(grad)

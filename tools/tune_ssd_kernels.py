@@ -62,7 +62,7 @@ from megassm.ops import ssd_triton_fwd as fwd  # noqa: E402
 from megassm.ops.ssd import NO_DT_LIMIT  # noqa: E402
 from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK, ssd_backward, ssd_forward  # noqa: E402
 from tools.bench_ssd import layer_shape  # noqa: E402
-from tools.bench_ssd_kernels import document_ids, mixer_tensors, relative_error  # noqa: E402
+from tools.bench_ssd_kernels import ids_with_boundaries, mixer_tensors, relative_error  # noqa: E402
 
 CUDA = not ARGS.cpu_check
 CHUNK_SIZE = 256  # the model's (unused by the kernels)
@@ -246,7 +246,7 @@ class Case:
         self.x, self.B, self.C, self.dt = views(wide)
         self.A, self.D, self.dt_bias = params["A"], params["D"], params["dt_bias"]
         seqlen = shape["seqlen"]
-        self.seq_idx = document_ids(shape["batch"], seqlen, [seqlen * k // DOCUMENTS + 17 * k for k in range(1, DOCUMENTS)], device)
+        self.seq_idx = ids_with_boundaries(shape["batch"], seqlen, [seqlen * k // DOCUMENTS + 17 * k for k in range(1, DOCUMENTS)], device)
         self.dy = torch.randn_like(self.x)
         self.grad = torch.zeros_like(wide)
         self.dx, self.dB, self.dC, self.ddt = views(self.grad)

@@ -51,7 +51,7 @@ def permute(index: np.ndarray, n: int, seed: int, epoch: np.ndarray) -> np.ndarr
     return x.astype(np.int64)
 
 
-def document_ids(doc_starts: np.ndarray, start: int, length: int) -> np.ndarray:
+def document_numbers(doc_starts: np.ndarray, start: int, length: int) -> np.ndarray:
     """The global document number of each stream position in [start, start + length)."""
     first = int(np.searchsorted(doc_starts, start, side="right")) - 1
     inside = doc_starts[first + 1 : int(np.searchsorted(doc_starts, start + length, side="left"))]
@@ -122,5 +122,5 @@ class SampleLoader:
         """Samples first_sample .. first_sample + count - 1, this CP rank's columns."""
         starts = self.window_starts(first_sample, count) + self.first_column
         tokens = np.stack([self.stream.read(int(s), self.columns + 1) for s in starts]).astype(np.int64)
-        seq_idx = np.stack([document_ids(self.stream.doc_starts, int(s), self.columns) for s in starts])
+        seq_idx = np.stack([document_numbers(self.stream.doc_starts, int(s), self.columns) for s in starts])
         return Batch(torch.from_numpy(tokens[:, :-1].copy()), torch.from_numpy(tokens[:, 1:].copy()), torch.from_numpy(seq_idx))

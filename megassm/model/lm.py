@@ -13,7 +13,7 @@ from megassm.model.block import Block, RMSNorm
 from megassm.model.config import ModelConfig
 from megassm.model.cuda_graphs import BlockGraphs
 from megassm.model.init import uniform_fan_in
-from megassm.ops import document_ids, resolve_backend
+from megassm.ops import int32_document_ids, resolve_backend
 from megassm.ops.attention import shared_block_masks
 from megassm.ops.dtypes import upcast
 from parallel import (
@@ -88,7 +88,7 @@ class Mamba2LM(nn.Module):
             raise ValueError(f"each CP rank needs at least model.d_conv - 1 = {self.cfg.d_conv - 1} tokens, got {input_ids.shape[1]}")
         halo_seq_idx = None
         if seq_idx is not None:  # the ids as the kernels take them, and the previous CP rank's last ones, once for all layers
-            seq_idx = document_ids(seq_idx)
+            seq_idx = int32_document_ids(seq_idx)
             if ctx.cp > 1:
                 with torch.no_grad():
                     halo_seq_idx = send_to_next_rank(seq_idx[:, seq_idx.shape[1] - (self.cfg.d_conv - 1) :], ctx.cp_group)

@@ -25,7 +25,7 @@ BACKENDS = ("auto", "torch", "triton")
 SSD_KERNELS = ("megassm", "mamba-ssm")  # the SSD's Triton kernels: megassm's (megassm/ops/ssd_triton.py) or mamba-ssm's
 
 __all__ = ["BACKENDS", "SSD_KERNELS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "Mamba2Layout", "add_rms_norm", "causal_conv1d",
-           "causal_conv1d_silu", "conv_ssd_gated_norm", "document_ids", "gated_rms_norm", "maybe_compiled", "resolve_backend",
+           "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm", "int32_document_ids", "maybe_compiled", "resolve_backend",
            "rms_norm", "ssd"]
 
 
@@ -50,7 +50,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton"
 
 
-def document_ids(seq_idx: Tensor) -> Tensor:
+def int32_document_ids(seq_idx: Tensor) -> Tensor:
     """seq_idx as the kernels take them: int32 and contiguous, the ids' low 31 bits. Only equality matters, which those
     keep within any row of fewer than 2^31 documents (global document numbers may not fit int32), and every CP rank
     converts its slice of a row alike (attention compares ids across ranks). The model converts once per pass, so that
@@ -59,13 +59,13 @@ def document_ids(seq_idx: Tensor) -> Tensor:
 
 
 def _kernel_seq_idx(seq_idx: Tensor | None, initial_states: Tensor | None = None) -> Tensor | None:
-    """Document ids as the SSD kernels take them: int32 ids as they are, others by document_ids; counted from each row's
+    """Document ids as the SSD kernels take them: int32 ids as they are, others by int32_document_ids; counted from each row's
     first token where initial_states are given: mamba-ssm's kernels give those to document 0."""
     if seq_idx is None:
         return None
     if initial_states is not None:
         seq_idx = seq_idx - seq_idx[:, :1]
-    return seq_idx.contiguous() if seq_idx.dtype == torch.int32 else document_ids(seq_idx)
+    return seq_idx.contiguous() if seq_idx.dtype == torch.int32 else int32_document_ids(seq_idx)
 
 
 def ssd(

@@ -158,7 +158,7 @@ def conv_ssd_gated_norm(zxbcdt: Tensor, conv_weight: Tensor, conv_bias: Tensor |
                         seq_idx: Tensor | None = None, ssd_kernels: str = "megassm", keep_ssd_states: bool = False,
                         rank_slice: RankSlice | None = None) -> Tensor:
     """norm(ssd(silu(conv(xBC))) * silu(z)) of in_proj's output zxbcdt (b, l, layout.in_proj_width), as
-    the mixer composes it: (b, l, d_inner), zxbcdt's dtype. seq_idx: int32 document ids (megassm.ops.document_ids).
+    the mixer composes it: (b, l, d_inner), zxbcdt's dtype. seq_idx: int32 document ids (megassm.ops.int32_document_ids).
     The norm groups are the B/C groups (layout.group_size channels each); the SSD runs `ssd_kernels`.
     keep_ssd_states: megassm's SSD keeps its per-chunk states (about in_proj's output in size) for the backward
     instead of recomputing them. rank_slice: zxbcdt is this rank's slice of the sequences (context parallelism,

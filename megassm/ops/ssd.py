@@ -9,7 +9,7 @@ y_t = state_t C_t + D_h * x_t. The chunked form computes it with matmuls only:
 One more token continuing a state (generation) is the recurrence itself (`ssd_step`): no chunk to pad.
 
 Documents. `seq_idx` (batch, seqlen) holds a document id per token, a document's tokens in a row (only
-equality is read: megassm.ops.document_ids wraps large ids); nothing crosses a change of id.
+equality is read: megassm.ops.int32_document_ids wraps large ids); nothing crosses a change of id.
 `initial_states` belong to the document of the first token, and the final state is that of the last
 token's document. This is the convention of mamba-ssm's Triton kernels once `seq_idx` starts at 0
 (ssd() in this package shifts it so where initial_states are given), which lets context parallelism

@@ -116,7 +116,7 @@ def ssd_forward(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_si
                 kernel_chunk: int = DEFAULT_KERNEL_CHUNK) -> tuple[Tensor, Tensor, SSDSaved]:
     """(y (b, l, h, p) contiguous in x's dtype, final states (b, h, p, n) fp32, what ssd_backward needs).
     Shapes and semantics of ssd_chunked; seq_idx: document ids (int32, e.g. as
-    megassm.ops.document_ids gives them). x, dt, B, C may be strided views
+    megassm.ops.int32_document_ids gives them). x, dt, B, C may be strided views
     (last dimension contiguous): they are read in place. `chunk_size` is the model's, kept for the
     signature: the kernels chunk by `kernel_chunk`, which gives the same result."""
     del chunk_size
@@ -214,7 +214,7 @@ def ssd_triton(x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_siz
                dt_softplus: bool = False, dt_limit: tuple[float, float] = NO_DT_LIMIT, return_final_states: bool = False,
                kernel_chunk: int = DEFAULT_KERNEL_CHUNK) -> Tensor | tuple[Tensor, Tensor]:
     """mamba_chunk_scan_combined's semantics (shapes and documents: megassm.ops.ssd.ssd_chunked; seq_idx
-    int32 ids, as megassm.ops.document_ids gives), differentiable, also through the final
+    int32 ids, as megassm.ops.int32_document_ids gives), differentiable, also through the final
     states. The per-chunk states (twice x's size at kernel chunk 64 and d_state 128) are recomputed in backward,
     as the fused mixer does: one more pass over x and B, and the memory of mamba-ssm's path."""
     y, final_states = _SSD.apply(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, tuple(dt_limit),
