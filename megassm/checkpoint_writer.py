@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import datetime
+import io
 import signal
 import socket
 import threading
@@ -137,7 +138,7 @@ class _CopiedPlanner(DefaultSavePlanner):
             torch.cuda.synchronize()
         self.state_dict, self.mappings = {}, {}  # the live state (ZeRO: this rank's gathered share) is let go now
 
-    def resolve_data(self, write_item: WriteItem):
+    def resolve_data(self, write_item: WriteItem) -> Tensor | io.BytesIO:
         return self._items[write_item.index]
 
 

@@ -9,7 +9,7 @@ and moment in blocks of BLOCK elements. The math, the state (`step`, `exp_avg`, 
 from __future__ import annotations
 
 import itertools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -87,7 +87,7 @@ class TritonAdamW(torch.optim.AdamW):
         self._block_maps: dict[tuple, _Blocks] = {}
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         launches = [self._launch(group) for group in self.param_groups] if closure is None else [None]
         if any(launch is None for launch in launches):
             return super().step(closure)

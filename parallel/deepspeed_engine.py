@@ -83,7 +83,7 @@ class _CallersAutocast(nn.Module):
         self.model = model
         self.autocast: ContextManager = contextlib.nullcontext()
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, **kwargs) -> Tensor:
         with self.autocast:
             return self.model(*args, **kwargs)
 

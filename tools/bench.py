@@ -39,11 +39,15 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools.gpu_clocks import Sampler, cuda_reader  # noqa: E402
+
+if TYPE_CHECKING:  # megassm (and torch) are imported only where they are used
+    from megassm.config import Config
 
 DEFAULT_CASES = ["130m:8x2048", "780m:8x2048", "1.3b:4x4096"]
 RESULT_TAG = "BENCH_RESULT "
@@ -74,7 +78,7 @@ def parse_case(case: str) -> tuple[str, int, int]:
     return match[1], int(match[2]), int(match[3])
 
 
-def megassm_config(case: str, data: str, steps: int, run_dir: str, overrides: list[str]):
+def megassm_config(case: str, data: str, steps: int, run_dir: str, overrides: list[str]) -> Config:
     from megassm.config import load_config
     from megassm.model import PRESETS
 
@@ -85,7 +89,7 @@ def megassm_config(case: str, data: str, steps: int, run_dir: str, overrides: li
     return load_config(None, base + [f"--{o}" for o in overrides], world_size=1)
 
 
-def kernel_profile(step, steps: int, top: int) -> tuple[dict[str, float], list]:
+def kernel_profile(step: Callable[[], object], steps: int, top: int) -> tuple[dict[str, float], list]:
     """GPU time per step (ms) of each kernel family over `steps` calls of step(), and the `top` kernels
     that took the most time: [name, family, ms per step]."""
     import torch
@@ -120,7 +124,7 @@ def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
 
 
-def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
+def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
     """(seconds from `started` (the worker's start) to the end of the first step, seconds per steady
     step, every step's result, the GPU's SM clock and mean power during the steady steps (Sampler.summary: empty
     without NVML))."""
@@ -145,7 +149,7 @@ def timed_steps(step, warmup: int, steps: int, started: float) -> tuple[float, f
     return first, seconds, results, clocks.summary()
 
 
-def run_megassm(args, started: float) -> dict:
+def run_megassm(args: argparse.Namespace, started: float) -> dict:
     from megassm.metrics import StepTimer
     from megassm.train import Trainer, open_data
 
@@ -169,7 +173,7 @@ def run_megassm(args, started: float) -> dict:
                 "peak_gib": peak_gib(), **clocks}
 
 
-def import_peer():
+def import_peer() -> tuple[type, type]:
     """mamba-ssm's MambaLMHeadModel where mamba-ssm was installed without its CUDA extensions: the
     package is loaded bare (megassm.ops.mamba_triton) and Mamba-1's `selective_scan_cuda`, imported
     at module level but unused by Mamba2 layers, is an empty stand-in."""
@@ -188,7 +192,7 @@ def import_peer():
 PEERS = {"peer-fused": "mamba-ssm fused (reference)", "peer-unfused": "mamba-ssm unfused"}
 
 
-def run_peer(args, started: float) -> dict:
+def run_peer(args: argparse.Namespace, started: float) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -237,7 +241,7 @@ def run_peer(args, started: float) -> dict:
             "peak_gib": peak_gib(), **clocks}
 
 
-def worker(args) -> None:
+def worker(args: argparse.Namespace) -> None:
     started = time.perf_counter()
     import torch
 
@@ -248,7 +252,7 @@ def worker(args) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
-def spawn(args, system: str, case: str, overrides: list[str]) -> dict:
+def spawn(args: argparse.Namespace, system: str, case: str, overrides: list[str]) -> dict:
     """One measurement in its own process; its last BENCH_RESULT line, or the reason there is none."""
     command = [sys.executable, __file__, "--worker", system, "--case", case, "--data", args.data, "--warmup", str(args.warmup),
                "--steps", str(args.steps), "--profile", str(args.profile_steps), "--top", str(args.top)] + [f"--set={o}" for o in overrides]
@@ -276,7 +280,7 @@ def describe(result: dict) -> dict:
             "tokens/J": f"{result['tokens'] / step_energy(result):.1f}" if "power_w" in result else "-"}
 
 
-def ratio(reference: dict, result: dict, cost) -> str:
+def ratio(reference: dict, result: dict, cost: Callable[[dict], float | None]) -> str:
     """How many times less `result` takes than `reference` by cost(result) (a step's wall or GPU time, or its energy),
     or "-"."""
     mine, theirs = cost(result), cost(reference)
@@ -307,7 +311,7 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def compare(args) -> None:
+def compare(args: argparse.Namespace) -> None:
     variants = [("megassm", args.set)] + [(name, args.set + sets.split(",")) for name, sets in (v.split(":", 1) for v in args.variant)]
     peers = [(PEERS[f"peer-{p}"], f"peer-{p}", []) for p in args.peers]
     systems = peers + [(name, "megassm", sets) for name, sets in variants]  # the reference first: each row's ratio as it comes
@@ -334,7 +338,7 @@ def compare(args) -> None:
             print(markdown(["kernel", "family", "ms / step"], [[f"`{name}`", family, f"{ms:.1f}"] for name, family, ms in top]))
 
 
-def check(args) -> None:
+def check(args: argparse.Namespace) -> None:
     """A few steps of the fast path (Triton SSD and norms, compiled elementwise, CUDA graphs) against
     the reference path (megassm's PyTorch SSD, conv and norms, eager) from the same weights and
     batches, two micro batches per step: the losses and gradient norms must agree to bf16 noise."""

@@ -34,7 +34,7 @@ class TimedLaunches:
         self.kernel, self.label, self.record = kernel, label, record
 
     def __getitem__(self, grid):
-        def launch(*args, **kwargs):
+        def launch(*args, **kwargs) -> None:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             self.kernel[grid](*args, **kwargs)

@@ -12,6 +12,7 @@ float64 PyTorch reference: CP must be as accurate as no CP (error at most 2x, or
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 from bench_ssd import make_ssd_inputs, relative_error  # tools/ is on the path when run as a script
@@ -24,7 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias")
 
 
-def make_inputs(shape: dict, row_boundaries: list[tuple[int, ...]], device: torch.device):
+def make_inputs(shape: dict, row_boundaries: list[tuple[int, ...]], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """bench_ssd's inputs without initial states (each CP rank starts from zero), and per-row documents."""
     inputs, _ = make_ssd_inputs(**shape, boundaries=(), device=device, dt_shift=-3.0, A_range=(0.5, 4.5))
     del inputs["initial_states"]
@@ -35,17 +36,19 @@ def make_inputs(shape: dict, row_boundaries: list[tuple[int, ...]], device: torc
     return inputs, seq_idx
 
 
-def leaves(inputs, dtype):
+def leaves(inputs: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {n: t.to(dtype if n in ("x", "B", "C") or dtype == torch.float64 else torch.float32).requires_grad_(True) for n, t in inputs.items()}
 
 
-def unsplit(inputs, seq_idx, chunk_size, backend, dtype):
+def unsplit(inputs: dict[str, torch.Tensor], seq_idx: torch.Tensor, chunk_size: int, backend: str,
+            dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     p = leaves(inputs, dtype)
     y = ops.ssd(p["x"], p["dt"], p["A"], p["B"], p["C"], chunk_size, D=p["D"], dt_bias=p["dt_bias"], seq_idx=seq_idx, backend=backend)
     return y, p
 
 
-def context_parallel(inputs, seq_idx, chunk_size, cp, dtype):
+def context_parallel(inputs: dict[str, torch.Tensor], seq_idx: torch.Tensor, chunk_size: int, cp: int,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every rank's local Triton SSD + the incoming-state correction, concatenated."""
     p = leaves(inputs, dtype)
     seqlen = p["x"].shape[1]
@@ -79,7 +82,7 @@ def main() -> int:
         g = torch.Generator(device=device).manual_seed(1)
         dy = torch.randn(inputs["x"].shape, device=device, dtype=torch.float64, generator=g)
 
-        def run(fn, *args):
+        def run(fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]], *args) -> dict[str, torch.Tensor]:
             y, p = fn(*args)
             grads = torch.autograd.grad((y * dy.to(y.dtype)).sum(), [p[n] for n in NAMES])
             return {"y": y, **{f"d{n}": gr for n, gr in zip(NAMES, grads)}}

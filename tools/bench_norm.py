@@ -58,11 +58,11 @@ def main() -> int:
         grad = torch.empty_like(wide)
         dz = grad[:, :width]
 
-        def ours():
+        def ours() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             dx, dw = gated_norm_triton.gated_norm_backward(dout, y, z, weight, rstd, group, dz=dz)
             return dx, dz, dw
 
-        def peer():
+        def peer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             dx, dw, _, dz_ = kernels.norm_backward(dout, y, weight, None, EPS, None, rstd, z, group_size=group, norm_before_gate=False,
                                                    is_rms_norm=True, dz=dz)
             return dx, dz_, dw

@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 from bench import ROOT, markdown, require_prepared_data, synchronize  # tools/ is on the path when run as a script
@@ -67,7 +68,7 @@ def failure(done: subprocess.CompletedProcess) -> str:
     return (from_ranks or errors or lines or [f"exit status {done.returncode}"])[-1]
 
 
-def train(args, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | None = None,
+def train(args: argparse.Namespace, run_dir: Path, tp: int, cp: int, sp: bool = False, nproc: int | None = None,
           extra: tuple[str, ...] = ()) -> list[dict] | str:
     """The trainer's metrics.jsonl records of one run, or the last line of its error."""
     from megassm.metrics import read_metrics
@@ -93,7 +94,7 @@ def largest_difference(got: list[dict], want: list[dict], key: str, steps: range
     return max(abs(got_by[s] - want_by[s]) / abs(want_by[s]) for s in steps)
 
 
-def check(args) -> bool:
+def check(args: argparse.Namespace) -> bool:
     """Each layout against one GPU: the loss and gradient norm of every step."""
     with tempfile.TemporaryDirectory() as tmp:
         reference = train(args, Path(tmp, "one"), 1, 1)
@@ -113,7 +114,7 @@ def check(args) -> bool:
     return passed
 
 
-def count_worker(args) -> None:
+def count_worker(args: argparse.Namespace) -> None:
     """Under torchrun: the collectives of one layer, forward and backward, as the difference between
     a model of 2 layers and one of 1 (the embedding and the loss cancel out)."""
     from megassm.model import Mamba2LM, ModelConfig
@@ -157,10 +158,10 @@ def join_fake_job(world_size: int) -> None:
         setattr(parallel.collectives, name, zeroing_output(getattr(parallel.collectives, name)))
 
 
-def zeroing_output(collective):
+def zeroing_output(collective: Callable[..., object]) -> Callable[..., object]:
     """The collective, its output zeroed first: garbage there (NaN, say) would make every step non-finite,
     and the trainer skips the update of such a step, so its time would not be a training step's."""
-    def call(out, *args, **kwargs):
+    def call(out: torch.Tensor, *args, **kwargs) -> object:
         out.zero_()
         return collective(out, *args, **kwargs)
 
@@ -175,7 +176,7 @@ def rank_worker(world_size: int, trainer_args: list[str]) -> int:
     return train_main(trainer_args)
 
 
-def profile_rank(args) -> None:
+def profile_rank(args: argparse.Namespace) -> None:
     """One rank of tp x cp alone (fake process group): time per forward + backward of --layers layers
     (activation checkpointing, bf16 autocast, --seq-len tokens on this rank in two documents) and the
     device time by op and kernel, to find what a layout adds to one GPU's work."""
@@ -212,7 +213,7 @@ def profile_rank(args) -> None:
     print(prof.key_averages().table(sort_by=f"self_{device.type}_time_total", row_limit=30, max_name_column_width=70))
 
 
-def collectives(args) -> bool:
+def collectives(args: argparse.Namespace) -> bool:
     """Per layer and direction: TP collectives (one all-reduce each way; all-gather + reduce-scatter
     under SP) and CP bytes (equal at every sequence length)."""
     cases = [("tp2", 2, 1, False, args.lengths[:1]), ("tp2+sp", 2, 1, True, args.lengths[:1]), ("cp2", 1, 2, False, args.lengths)]
@@ -237,7 +238,7 @@ def tokens_per_gpu(records: list[dict] | str) -> str:
     return records if isinstance(records, str) else f"{records[-1]['tokens_per_s_per_gpu']:,.0f}"
 
 
-def tp_scaling(args, tmp: Path) -> None:
+def tp_scaling(args: argparse.Namespace, tmp: Path) -> None:
     """tokens/s per GPU for tp = 1, 2, 4, 8 (dp the rest) at a fixed global batch. A TP rank holds 1/tp
     of each layer, so its micro batch is tp times tp1's, with sequence parallelism splitting what TP
     would replicate: every layout runs kernels of the same size (at tp1's micro batch a TP step is
@@ -252,7 +253,7 @@ def tp_scaling(args, tmp: Path) -> None:
     print(markdown(["layout", "global batch", "micro batch", "tokens/s per GPU"], rows) + "\n")
 
 
-def cp_weak_scaling(args, tmp: Path) -> None:
+def cp_weak_scaling(args: argparse.Namespace, tmp: Path) -> None:
     """One sequence of --tokens-per-gpu x cp tokens on cp GPUs: tokens/s per GPU against cp = 1."""
     rows, base = [], None
     for cp in [c for c in (1, 2, 4, 8) if c <= args.gpus]:
@@ -264,7 +265,7 @@ def cp_weak_scaling(args, tmp: Path) -> None:
     print(markdown(["layout", "sequence", "tokens/s per GPU", "efficiency vs cp1"], rows) + "\n")
 
 
-def longest_sequence(args, tmp: Path) -> None:
+def longest_sequence(args: argparse.Namespace, tmp: Path) -> None:
     """Double one sequence on all GPUs with CP, from --tokens-per-gpu x GPUs, until a run fails (or --max-seq-len)."""
     longest, seq_len = None, args.tokens_per_gpu * args.gpus
     while seq_len <= args.max_seq_len:
@@ -283,7 +284,7 @@ def longest_sequence(args, tmp: Path) -> None:
 SCALING_PARTS = {"tp": tp_scaling, "cp": cp_weak_scaling, "longest": longest_sequence}
 
 
-def scaling(args) -> bool:
+def scaling(args: argparse.Namespace) -> bool:
     """780m (or --preset): the --parts asked for, in that order (each run starts a model anew)."""
     with tempfile.TemporaryDirectory() as tmp:
         for part in args.parts:
@@ -291,7 +292,7 @@ def scaling(args) -> bool:
     return True
 
 
-def reshard(args) -> bool:
+def reshard(args: argparse.Namespace) -> bool:
     """Steps 1-N with layout A (a checkpoint at N/2), against steps N/2+1..N resumed from it with layout B."""
     (a_name, a_tp, a_cp), (b_name, b_tp, b_cp) = (("tp2xcp2", 2, 2), ("cp4", 1, 4)) if args.gpus >= 4 else (("tp2", 2, 1), ("cp2", 1, 2))
     half = args.steps // 2

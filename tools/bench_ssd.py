@@ -51,7 +51,9 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
-def make_ssd_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, boundaries, device, dt_shift=-2.0, A_range=(1.0, 16.0)):
+def make_ssd_inputs(batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, dstate: int, boundaries: tuple[int, ...],
+                    device: torch.device, dt_shift: float = -2.0, A_range: tuple[float, float] = (1.0, 16.0),
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """float64 SSD inputs (dt before softplus, shifted by dt_shift; -A uniform in A_range) and the
     document ids of `boundaries` (every row), or None without boundaries."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -79,7 +81,8 @@ def input_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
-def run_ssd(inputs, seq_idx, chunk_size, backend, dtype, cotangents):
+def run_ssd(inputs: dict[str, torch.Tensor], seq_idx: torch.Tensor | None, chunk_size: int, backend: str, dtype: torch.dtype,
+            cotangents: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Outputs and input gradients of one SSD call in `dtype` (x, B, C, initial_states; dt in fp32)."""
     leaves = {name: t.to(input_dtype(name, dtype)).requires_grad_(True) for name, t in inputs.items()}
     fn = ssd_chunked if backend == "reference" else (lambda *a, **k: ops.ssd(*a, backend=backend, **k))
@@ -89,7 +92,7 @@ def run_ssd(inputs, seq_idx, chunk_size, backend, dtype, cotangents):
     return {"y": y, "final_states": final, **{f"d{n}": g for n, g in zip(INPUTS, grads)}}
 
 
-def check_ssd(cases, device) -> list[dict]:
+def check_ssd(cases: list[dict], device: torch.device) -> list[dict]:
     rows = []
     for case in cases:
         inputs, seq_idx = make_ssd_inputs(**case["shape"], boundaries=case["boundaries"], device=device)
@@ -108,7 +111,7 @@ def check_ssd(cases, device) -> list[dict]:
     return rows
 
 
-def check_model(device, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
+def check_model(device: torch.device, precisions: tuple[str, ...] = ("fp32", "bf16")) -> list[dict]:
     """Whole LM forward + backward (2 layers of 130m's width), Triton path vs the reference path, eager."""
     rows = []
     cfg = ModelConfig.from_preset("mamba2-130m", n_layer=2, ngroups=2)
@@ -152,14 +155,14 @@ def launch_ms(fn: Callable[[], object], launches: int, warmup: int = 3) -> float
     return start.elapsed_time(end) / launches
 
 
-def time_ssd(shape, dtype, chunk_size, device, repeats) -> list[dict]:
+def time_ssd(shape: dict[str, int], dtype: torch.dtype, chunk_size: int, device: torch.device, repeats: int) -> list[dict]:
     """Forward + backward milliseconds and peak memory of one SSD call, Triton vs the reference."""
     rows = []
     inputs, _ = make_ssd_inputs(**shape, boundaries=(), device=device)
     for backend in ("triton", "torch"):
         leaves = {n: t.to(input_dtype(n, dtype)).requires_grad_(True) for n, t in inputs.items() if n != "initial_states"}
 
-        def step():
+        def step() -> None:
             y = ops.ssd(**leaves, chunk_size=chunk_size, backend=backend)
             y.backward(torch.ones_like(y))
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools.bench_ssd,
 
 from megassm.ops.mamba_triton import load_triton_kernels  # noqa: E402
 from megassm.ops.ssd import ssd_chunked  # noqa: E402
-from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK, KERNEL_CHUNKS, ssd_backward, ssd_forward, ssd_triton  # noqa: E402
+from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK, KERNEL_CHUNKS, SSDSaved, ssd_backward, ssd_forward, ssd_triton  # noqa: E402
 from tools.bench_ssd import BUDGET, launch_ms, layer_shape  # noqa: E402
 from tools.bench_ssd import relative_error as tensor_error  # noqa: E402
 
@@ -157,16 +157,16 @@ def time_case(shape_name: str, documents: int, kernel_chunk: int, device: torch.
     common = dict(D=params["D"], dt_bias=params["dt_bias"], seq_idx=seq_idx, dt_softplus=True)
     A = params["A"]
 
-    def mamba_forward():
+    def mamba_forward() -> tuple[torch.Tensor | None, ...]:
         return kernels.scan_forward(x, dt, A, B, C, CHUNK_SIZE, **common)
 
-    def mamba_backward(out):
+    def mamba_backward(out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         return kernels.scan_backward(dy, x, dt, A, B, C, out, CHUNK_SIZE, **common, dx=dx, ddt=ddt, dB=dB, dC=dC)
 
-    def ours_forward():
+    def ours_forward() -> tuple[torch.Tensor, torch.Tensor, SSDSaved]:
         return ssd_forward(x, dt, A, B, C, CHUNK_SIZE, kernel_chunk=kernel_chunk, **common)
 
-    def ours_backward(saved, handed=None):
+    def ours_backward(saved: SSDSaved | None, handed: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
         return ssd_backward(dy, x, dt, A, B, C, CHUNK_SIZE, **common, saved=saved, dx=dx, ddt=ddt, dB=dB, dC=dC, kernel_chunk=kernel_chunk,
                             handed=handed)
 

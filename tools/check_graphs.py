@@ -56,7 +56,7 @@ def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
 
 
-def worker(args) -> None:
+def worker(args: argparse.Namespace) -> None:
     """One rank: the graphed and the eager model on the same batches; rank 0 prints the largest differences."""
     from megassm.model import (Mamba2LM, ModelConfig, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels,
                                apply_ssd_state_keeping)
@@ -86,10 +86,11 @@ def worker(args) -> None:
         # As the trainer: with several micro batches a graph's gradient buffers are added into .grad, zeroed in place.
         return model, DDPEngine(model, context, [{"params": list(model.parameters())}], lr=0.0, zero_in_place=graphs and micro > 1)
 
-    def autocast():
+    def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16", cache_enabled=False)
 
-    def loss_and_grads(model: Mamba2LM, engine: DDPEngine, ids, seq_idx, labels, targets: int) -> list[torch.Tensor]:
+    def loss_and_grads(model: Mamba2LM, engine: DDPEngine, ids: torch.Tensor, seq_idx: torch.Tensor, labels: torch.Tensor,
+                       targets: int) -> list[torch.Tensor]:
         """The loss of these tokens over all `targets` of the global batch (summed over the ranks: the whole batch's
         loss) and every gradient, as the trainer computes them, in --micro-batches micro batches; then a validation
         pass of the first micro batch (no gradients), as between the trainer's steps."""
@@ -148,7 +149,7 @@ def worker(args) -> None:
     torch.distributed.destroy_process_group()
 
 
-def run_layout(args, name: str) -> list[dict] | str:
+def run_layout(args: argparse.Namespace, name: str) -> list[dict] | str:
     """Rank 0's gathered results of one layout, or the line that says why its job failed."""
     tp, cp, dp, _ = layout(name)
     done = torchrun(tp * cp * dp, [__file__, "--worker", "--layout", name, "--backend", args.backend, "--preset", args.preset,

@@ -21,9 +21,16 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+if TYPE_CHECKING:  # torch and megassm are imported only where they are used
+    import torch.profiler
+
+    from megassm.metrics import StepTimer
+    from megassm.train import Trainer
 
 GAP_BINS_US = (5, 20, 100)  # idle reported below each of these gap lengths, then above the last
 
@@ -31,7 +38,7 @@ GAP_BINS_US = (5, 20, 100)  # idle reported below each of these gap lengths, the
 MARKER = "spin_kernel"  # torch.cuda._sleep's kernel, queued before each step
 
 
-def device_steps(prof) -> list[list]:
+def device_steps(prof: torch.profiler.profile) -> list[list]:
     """The kernels, copies and memsets the profiler saw, in start order, one list per step (between markers); the
     events before the first marker (earlier steps') are dropped."""
     import torch
@@ -89,7 +96,7 @@ def launch_sites(trace_events: list[dict], max_us: float, root: str = str(ROOT),
     return sites
 
 
-def print_launch_sites(trainer, step: int, timer, small_us: float, top: int) -> None:
+def print_launch_sites(trainer: Trainer, step: int, timer: StepTimer, small_us: float, top: int) -> None:
     """One step profiled with Python stacks: its kernels under small_us each by launching line, the most frequent first."""
     import json
 

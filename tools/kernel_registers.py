@@ -20,15 +20,22 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+if TYPE_CHECKING:  # triton is imported only where it is used
+    import triton
+    from triton.compiler import CompiledKernel
+    from triton.runtime import Autotuner
+
 SM90_REGISTERS, SM90_SHARED_KIB = 65536, 227  # per SM: an H100/H200's register file and shared memory for programs
 
 
-def compile_sm90(kernel, constexprs: dict, pointer_types: dict[str, str], options: dict | None = None, aligned: bool = False):
+def compile_sm90(kernel: triton.JITFunction, constexprs: dict, pointer_types: dict[str, str], options: dict | None = None,
+                 aligned: bool = False) -> CompiledKernel:
     """`kernel` (a @triton.jit function) compiled for sm_90 with these constexprs; pointers are bf16 unless
     `pointer_types` names them (it may name other arguments' types too), other arguments i32 (fp32 for dt_min and
     dt_max). Needs no GPU. `aligned`: every pointer and integer argument divisible by 16, as Triton specializes them at
@@ -63,7 +70,7 @@ def ssd_autotuners() -> dict:
         (ssd_triton_bwd, ("_state_grads_kernel", "_head_grads_kernel", "_group_grads_kernel"))) for name in names}
 
 
-def compile_ssd_kernel(tuner, config: dict):
+def compile_ssd_kernel(tuner: Autotuner, config: dict) -> CompiledKernel:
     """One SSD kernel at 780m's shapes and megassm's chunk, under one configuration (tile constexprs and num_warps,
     num_stages, maxnreg)."""
     from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK

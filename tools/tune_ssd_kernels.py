@@ -183,7 +183,7 @@ class Recorder:
     chosen: dict = {}
 
 
-def mark():
+def mark() -> torch.cuda.Event | float:
     if CUDA:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
@@ -191,7 +191,7 @@ def mark():
     return time.perf_counter()
 
 
-def span_ms(a, b) -> float:
+def span_ms(a: torch.cuda.Event | float, b: torch.cuda.Event | float) -> float:
     return a.elapsed_time(b) if CUDA else (b - a) * 1e3
 
 
@@ -209,7 +209,7 @@ class Timed:
     def __getitem__(self, grid):
         launch = self.target[grid]
 
-        def call(*args, **kwargs):
+        def call(*args, **kwargs) -> object:
             start = mark() if Recorder.active else None
             result = launch(*args, **kwargs)
             if start is not None:
@@ -260,7 +260,7 @@ class Case:
         s = self.shape
         return ORIGINAL_HEAD_SLICE(s["nheads"] // s["ngroups"], s["batch"] * math.ceil(s["seqlen"] / chunk) * s["ngroups"])
 
-    def run(self, chunk: int = DEFAULT_KERNEL_CHUNK):
+    def run(self, chunk: int = DEFAULT_KERNEL_CHUNK) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
         y, _, saved = ssd_forward(self.x, self.dt, self.A, self.B, self.C, CHUNK_SIZE, kernel_chunk=chunk, **self.common)
         grads = ssd_backward(self.dy, self.x, self.dt, self.A, self.B, self.C, CHUNK_SIZE, **self.common, saved=saved,
                              dx=self.dx, ddt=self.ddt, dB=self.dB, dC=self.dC, kernel_chunk=chunk)

@@ -83,7 +83,7 @@ def _flex_attention(q: Tensor, k: Tensor, v: Tensor, q_seq_idx: Tensor | None, k
     lq, lk = q.shape[2], k.shape[2]
     offset = lk - lq
 
-    def visible(b, h, q_idx, kv_idx):
+    def visible(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         causal = kv_idx <= q_idx + offset
         return causal if q_seq_idx is None else causal & (q_seq_idx[b, q_idx] == k_seq_idx[b, kv_idx])
 

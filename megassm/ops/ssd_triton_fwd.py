@@ -8,7 +8,7 @@ chunk's output from its own tokens and its entering state, parallel over chunks)
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import triton
@@ -477,7 +477,7 @@ def hand_over(v: Tensor, k: Tensor, dt: Tensor, cs: Tensor, seq_idx: Tensor | No
     return segments
 
 
-def walk_grid(segments: Segments, batch_heads: int, headdim: int, dstate: int):
+def walk_grid(segments: Segments, batch_heads: int, headdim: int, dstate: int) -> Callable[[dict], tuple[int, int, int]]:
     """A walk kernel's grid: (batch x heads, p-tiles, segments x n-tiles)."""
     return lambda meta: (batch_heads, triton.cdiv(headdim, meta["BLOCK_P"]), segments.count * triton.cdiv(dstate, meta["BLOCK_N"]))
 
