@@ -32,6 +32,8 @@ def on_graph_stream(device: torch.device) -> Iterator[None]:
         return
     stream, current = graph_stream(device), torch.cuda.current_stream(device)
     stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        yield
-    current.wait_stream(stream)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        current.wait_stream(stream)

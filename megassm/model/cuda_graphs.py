@@ -18,13 +18,14 @@ collectives (tp = cp = 1) each pass is one graph.
 The graphs are captured at the first forward pass that wants gradients, from that batch's shapes
 (the trainer's micro batch); any other shape runs the ordinary blocks, and a pass of that shape without
 gradients (validation) replays the forward graphs. A forward replay overwrites what the previous one kept
-for its backward: a pass's backward must come before the next forward of that shape. A graph's
-parameter gradients come out of static buffers, which the next replay overwrites. Where a parameter has
-no `.grad`, autograd adopts the buffer as `.grad`: right with one micro batch per step (the optimizer
-drops the gradients after its step, so no fp32 add of every gradient and no zeroing, ~2% of a 780m
-step), wrong with several, whose gradients must be summed: then the trainer's engine zeroes `.grad` in
-place and autograd adds the buffers into it. Capture allocates every parameter's `.grad`, so the first
-step adds in either case.
+for its backward: a pass's backward must come before the next forward of that shape (a backward
+after another forward raises). A graph's parameter gradients come out of static buffers, which the
+next replay overwrites. Where a parameter has no `.grad`, autograd adopts the buffer as `.grad`: with
+one micro batch per step the optimizer drops the gradients after its step, so there is no fp32 add of
+every gradient and no zeroing (~2% of a 780m step). With several, whose gradients are summed, the
+trainer's engine zeroes `.grad` in place and autograd adds the buffers into it; a `.grad` that is still
+an adopted buffer is copied before the next backward replay overwrites it. Capture allocates every
+parameter's `.grad`, so the first step adds in either case.
 """
 
 from __future__ import annotations
@@ -56,10 +57,15 @@ class _Pieces:
     def capture(self) -> Iterator[None]:
         """Capture the kernels launched in the block on the current stream; collectives end a graph and start the next."""
         self._begin()
-        with warnings.catch_warnings(), collectives_through(self._between):
-            warnings.filterwarnings("ignore", "The CUDA Graph is empty")  # a pass may end with a collective
-            yield
-            self._end()
+        try:
+            with warnings.catch_warnings(), collectives_through(self._between):
+                warnings.filterwarnings("ignore", "The CUDA Graph is empty")  # a pass may end with a collective
+                yield
+        except BaseException:
+            with contextlib.suppress(RuntimeError):  # the stream out of capture, so that the error reported is the one raised
+                self.graphs[-1].capture_end()
+            raise
+        self._end()
 
     def replay(self) -> None:
         for step in self.steps:
@@ -95,12 +101,21 @@ class _Replay(torch.autograd.Function):
             if static is not None and static.data_ptr() != tensor.data_ptr():
                 static.copy_(tensor)
         graphs.forward_passes[group].replay()
+        graphs.forward_replays[group] += 1
+        ctx.replay = graphs.forward_replays[group]
         return tuple(out.detach() for out in graphs.inputs[group + 1])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor) -> tuple[Tensor | None, ...]:
         graphs, group = ctx.graphs, ctx.group
+        if ctx.replay != graphs.forward_replays[group]:
+            raise RuntimeError("the blocks' CUDA graphs replayed another forward pass of this shape before this pass's backward, "
+                               "overwriting what it kept for it: run each pass's backward before the next forward of the same "
+                               "shape, or build the model without CUDA graphs")
+        for param, buffer in zip(graphs.params[group], graphs.grad_params[group]):
+            if param.grad is not None and param.grad.data_ptr() == buffer.data_ptr():
+                param.grad = param.grad.clone()  # an earlier backward's buffer, adopted: the replay would overwrite it
         for static, grad in zip(graphs.grad_inputs[group + 1], grads):
             if static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
@@ -135,6 +150,7 @@ class BlockGraphs:
         self.inputs: list[tuple[Tensor, Tensor | None]] = [(h.detach().clone().requires_grad_(h.requires_grad), None)]
         pool = torch.cuda.graph_pool_handle()
         self.forward_passes = [_Pieces(pool) for _ in layers]
+        self.forward_replays = [0 for _ in layers]  # a backward replay checks that no forward replay came after its own
         self.backward_passes = [_Pieces(pool) for _ in layers]
         with on_graph_stream(h.device):
             for _ in range(WARMUP_PASSES):
