@@ -1,9 +1,12 @@
 """tools/check_graphs.py on CPU processes (gloo), where both of its models run eagerly: its layouts (DDP engine, TP, CP),
 batches and verdicts work, so that a GPU call runs the check itself."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +39,16 @@ def test_check_graphs_refuses_a_layout_it_cannot_run_before_starting_any():
     assert done.returncode == 2 and "'cp2xtp2' is not a layout: sizes in the order tp, cp, dp" in done.stderr, done.stderr
     done = check_graphs("--backend", "nccl", "--layouts", "tp2xcp2")
     assert done.returncode == 2 and "layout tp2xcp2 needs 4, this machine has 0" in done.stderr, done.stderr
+
+
+def test_a_nan_or_an_infinity_is_never_within_a_tolerance():
+    """max() drops a NaN (max(0.0, nan) is 0.0): a graphed model whose loss or gradients were NaN passed check_graphs,
+    and a fast path with NaN losses bench --check."""
+    from tools import bench, bench_ssd
+
+    nan, inf = math.nan, math.inf
+    assert bench_ssd.relative_error(torch.tensor([1.0, nan]), torch.tensor([1.0, 2.0])) == inf
+    assert bench_ssd.relative_error(torch.tensor([inf]), torch.tensor([1.0])) == inf
+    assert bench_ssd.relative_error(torch.tensor([1.5, 2.0]), torch.tensor([1.0, 2.0])) == 0.25
+    assert bench.relative_difference(nan, 1.0) == inf and bench.relative_difference(1.0, nan) == inf
+    assert bench.relative_difference(1.5, 2.0) == 0.25

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -338,6 +339,12 @@ def compare(args: argparse.Namespace) -> None:
             print(markdown(["kernel", "family", "ms / step"], [[f"`{name}`", family, f"{ms:.1f}"] for name, family, ms in top]))
 
 
+def relative_difference(got: float, want: float) -> float:
+    """|got - want| / |want|; inf where either is NaN or infinite (max() would drop a NaN)."""
+    difference = abs(got - want) / abs(want) if want else math.inf
+    return difference if math.isfinite(difference) else math.inf
+
+
 def check(args: argparse.Namespace) -> None:
     """A few steps of the fast path (Triton SSD and norms, compiled elementwise, CUDA graphs) against
     the reference path (megassm's PyTorch SSD, conv and norms, eager) from the same weights and
@@ -352,9 +359,9 @@ def check(args: argparse.Namespace) -> None:
         raise SystemExit(f"bench --check: a run failed: fast {fast.get('error')}, reference {reference.get('error')}")
     rows, worst = [], 0.0
     for i, (lf, lr, gf, gr) in enumerate(zip(fast["losses"], reference["losses"], fast["grad_norms"], reference["grad_norms"])):
-        worst = max(worst, abs(lf - lr) / abs(lr))
-        rows.append([str(i + 1), f"{lr:.4f}", f"{lf:.4f}", f"{abs(lf - lr) / abs(lr):.1e}", f"{gr:.3f}", f"{gf:.3f}"])
-    val_diff = abs(fast["val_loss"] - reference["val_loss"]) / abs(reference["val_loss"])
+        worst = max(worst, relative_difference(lf, lr))
+        rows.append([str(i + 1), f"{lr:.4f}", f"{lf:.4f}", f"{relative_difference(lf, lr):.1e}", f"{gr:.3f}", f"{gf:.3f}"])
+    val_diff = relative_difference(fast["val_loss"], reference["val_loss"])
     worst = max(worst, val_diff)
     rows.append(["validation", f"{reference['val_loss']:.4f}", f"{fast['val_loss']:.4f}", f"{val_diff:.1e}", "", ""])
     print(markdown(["step", "loss reference", "loss fast", "rel. diff", "grad norm reference", "grad norm fast"], rows))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable
 
@@ -47,8 +48,10 @@ INPUTS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_states")
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want|; inf where either holds a NaN or an infinity (max() would drop a NaN)."""
     got, want = got.detach().double(), want.detach().double()
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    error = ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+    return error if math.isfinite(error) else math.inf
 
 
 def make_ssd_inputs(batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, dstate: int, boundaries: tuple[int, ...],

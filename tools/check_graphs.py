@@ -7,8 +7,8 @@ builds the model twice from one seed, as the trainer runs it (Triton kernels, co
 the SSD's states kept where the trainer's default keeps them; the DDP engine, which sums gradients over DP x CP),
 one with CUDA graphs; for a few batches of one shape (documents packed differently in each; in --micro-batches
 micro batches, their gradients summed as the trainer sums them; a pass without gradients after each, as validation
-between steps) it compares the loss and every gradient of the graphed model with the eager one's, against the eager
-model's own difference from a second eager pass. It also compares the eager model with one process on the whole
+between steps) it compares the loss and every gradient of the graphed model with the eager one's (within --tolerance,
+a NaN never within it), beside the eager model's own difference from a second eager pass. It also compares the eager model with one process on the whole
 batch (each gradient with this rank's piece of one process's), the same kernels: what the layout's own code
 computes, such as CP's state exchange inside the fused mixer, checked where NCCL would need several GPUs. Without
 CUDA both models run eagerly: how the tool itself is tested (tests/test_check_graphs.py).
@@ -30,6 +30,7 @@ import re
 import torch
 
 from bench import markdown  # tools/ is on the path when run as a script
+from bench_ssd import relative_error
 from bench_parallel import failure, torchrun
 
 DEFAULT_LAYOUTS = ["dp2", "tp2", "tp2+sp", "cp2", "tp2xcp2"]
@@ -50,10 +51,6 @@ def layout(name: str) -> tuple[int, int, int, bool]:
     if tp * cp * dp < 2 or (sp and tp < 2):
         raise argparse.ArgumentTypeError(f"layout {name!r}: needs at least two ranks, and +sp needs tp > 1")
     return tp, cp, dp, sp
-
-
-def relative_difference(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -132,12 +129,12 @@ def worker(args: argparse.Namespace) -> None:
         got = loss_and_grads(*graphed, *batch, targets)
         if trial == 0:
             again = loss_and_grads(*eager, *batch, targets)
-            noise = {n: relative_difference(a, w) for n, a, w in zip(names, again, want)}
+            noise = {n: relative_error(a, w) for n, a, w in zip(names, again, want)}
         for n, g, w in zip(names, got, want):
-            worst[n] = max(worst.get(n, 0.0), relative_difference(g, w))
+            worst[n] = max(worst.get(n, 0.0), relative_error(g, w))
         whole = loss_and_grads(*one_process, *(t.to(device) for t in (ids, seq_idx, labels)), targets)
         for n, e, w in zip(names, want, whole):
-            from_one[n] = max(from_one.get(n, 0.0), relative_difference(e, mine_of(n, w)))
+            from_one[n] = max(from_one.get(n, 0.0), relative_error(e, mine_of(n, w)))
     graphs = graphed[0].graphs
     if cuda and graphs is None:
         raise RuntimeError("the graphed model never captured its blocks")
