@@ -52,3 +52,14 @@ def test_a_nan_or_an_infinity_is_never_within_a_tolerance():
     assert bench_ssd.relative_error(torch.tensor([1.5, 2.0]), torch.tensor([1.0, 2.0])) == 0.25
     assert bench.relative_difference(nan, 1.0) == inf and bench.relative_difference(1.0, nan) == inf
     assert bench.relative_difference(1.5, 2.0) == 0.25
+
+
+def test_check_trainer_graphs_runs_its_scenarios(prepared_data):
+    """On CPU both runs are eager and deterministic: every scenario must agree exactly (a mismatch means the tool's own
+    runs differ, e.g. a resume that does not go on where the first run was)."""
+    command = [sys.executable, str(ROOT / "tools" / "check_trainer_graphs.py"), "--data", str(prepared_data)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]  # below the header
+    assert len(rows) == 6 and all(row.endswith("| PASS |") for row in rows), done.stdout
+    assert "PASS: 6 of 6 scenarios within 0e+00 (CPU: both runs eager)" in done.stdout

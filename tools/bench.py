@@ -341,6 +341,8 @@ def compare(args: argparse.Namespace) -> None:
 
 def relative_difference(got: float, want: float) -> float:
     """|got - want| / |want|; inf where either is NaN or infinite (max() would drop a NaN)."""
+    if got == want:
+        return 0.0
     difference = abs(got - want) / abs(want) if want else math.inf
     return difference if math.isfinite(difference) else math.inf
 
