@@ -120,7 +120,10 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / "data" / "builtin"), help="a folder made by tools/prepare_data.py")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--tolerance", type=float, default=0.0, help="largest relative difference that passes")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest relative difference that passes: far below bf16's rounding (4e-3), which a graph reading a "
+                             "stale buffer exceeds; above the PyTorch kernels' validation loss, graphed against eager (1.2e-5 on an "
+                             "H100, run 31: the Triton kernels' runs agree to the last bit)")
     args = parser.parse_args()
     if not (Path(args.data) / "meta.json").is_file():
         parser.error(f"--data {args.data}: no prepared data there (bash launch/quickstart.sh makes data/builtin)")
