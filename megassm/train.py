@@ -120,6 +120,9 @@ def sample_order(stream: TokenStream, cfg: Config) -> str:
 DATA_VERIFY_TIMEOUT = datetime.timedelta(hours=6)  # the ranks' wait for each other's share of the data verification
 # How long a process ending on an error waits for the checkpoint write in flight.
 ABANDONED_WRITE_WAIT = datetime.timedelta(minutes=2)
+# How long a rank that met a mistake before the ranks joined, and leaves saying it to another rank, waits for torchrun to
+# stop it (once that rank has said it) before it says it itself: the mistake was then this rank's alone.
+SAY_ALONE_AFTER = datetime.timedelta(seconds=20)
 
 
 def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
@@ -681,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
             elif isinstance(error, OutOfMemory) or (not dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) == 0):
                 # This rank's own (out of memory), or one met before the ranks joined, maybe on this node alone (its
                 # copy of data.path): a line per node.
+                print(f"megassm-train: error on rank {rank} ({socket.gethostname()}): {error}", file=sys.stderr)
+            elif not dist.is_initialized() and launched_by_torchrun():
+                # Before the ranks joined, rank 0 may meet the same mistake seconds later (a loaded machine): were this
+                # rank to end first, torchrun would stop rank 0 before it said why, and the run would end without a line.
+                time.sleep(SAY_ALONE_AFTER.total_seconds())
                 print(f"megassm-train: error on rank {rank} ({socket.gethostname()}): {error}", file=sys.stderr)
             return USER_ERROR_EXIT if not isinstance(error, TrainingError) else 1  # 1: restarted, where it may not recur
         finally:  # after the error's line is printed

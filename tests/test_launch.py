@@ -76,6 +76,19 @@ def test_a_trainer_failing_under_torchrun_ends_with_its_own_line(tmp_path):
                                         f"python tools/prepare_data.py --out {tmp_path / 'none'} ..."], done.stderr
 
 
+def test_the_line_comes_where_rank_0_meets_the_mistake_after_another_rank(tmp_path):
+    """Rank 0 slowed down (a loaded machine): rank 1 meets the missing data folder first. Had it ended at once, torchrun
+    would have stopped rank 0 before it said why: exit 2 and no line at all."""
+    hook = tmp_path / "slow_rank_0"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep(4)\n")
+    done = launch("torchrun.sh", "--config", DEBUG, "--parallel.tp=1", f"--data.path={tmp_path / 'none'}", cwd=tmp_path,
+                  NPROC_PER_NODE="2", PYTHONPATH=os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == [f"megassm-train: error: {tmp_path / 'none'}: no such data folder; make one with "
+                                        f"python tools/prepare_data.py --out {tmp_path / 'none'} ..."], done.stderr
+
+
 def test_a_killed_process_is_reported_in_one_line(tmp_path):
     (tmp_path / "die.py").write_text("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n")
     done = subprocess.run([sys.executable, "-m", "megassm.torchrun", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
