@@ -27,7 +27,7 @@ def _pointer(row, column: tl.constexpr):
 
 @triton.jit
 def _adamw_kernel(table_ptr, tensor_of_block_ptr, first_block_ptr, grad_scale_ptr, found_inf_ptr, lr, beta1, beta2, eps, weight_decay,
-                  HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr, SIZES_BY_4: tl.constexpr):
     """One block of one tensor: grad / grad_scale, then p <- p (1 - lr wd); m <- b1 m + (1 - b1) g; v <- b2 v + (1 - b2) g^2;
     p <- p - lr / (1 - b1^step) m / (sqrt(v) / sqrt(1 - b2^step) + eps), nothing where found_inf is set."""
     tensor = tl.load(tensor_of_block_ptr + tl.program_id(0))
@@ -37,7 +37,9 @@ def _adamw_kernel(table_ptr, tensor_of_block_ptr, first_block_ptr, grad_scale_pt
     numel = tl.load(row + 5)
     if HAS_FOUND_INF:
         numel = tl.where(tl.load(found_inf_ptr) == 0, numel, 0)  # a skipped step: no element loaded or stored
-    mask = offsets < tl.multiple_of(numel, 4)  # (TritonAdamW checks) masks constant over four values: loads of four at once
+    if SIZES_BY_4:  # every tensor's size a multiple of 4: masks constant over four values, loads of four at once
+        numel = tl.multiple_of(numel, 4)
+    mask = offsets < numel
     param, grad, exp_avg, exp_avg_sq = _pointer(row, 0), _pointer(row, 1), _pointer(row, 2), _pointer(row, 3)
     step = tl.load(tl.load(row + 4).to(tl.pointer_type(tl.float32)))  # one value: no alignment asserted
     g = tl.load(grad + offsets, mask=mask, other=0.0)
@@ -55,10 +57,12 @@ def _adamw_kernel(table_ptr, tensor_of_block_ptr, first_block_ptr, grad_scale_pt
 
 
 class _Blocks(NamedTuple):
-    """Which tensor each program updates, and each tensor's first program (by the tensors' sizes)."""
+    """Which tensor each program updates, each tensor's first program (by the tensors' sizes), and whether every size is
+    a multiple of 4 (the large matrices are; A_log, D and dt_bias hold one value per head)."""
 
     tensor_of_block: Tensor
     first_block: Tensor
+    sizes_by_4: bool
 
 
 def _to_device(values: list, device: torch.device) -> Tensor:
@@ -69,7 +73,8 @@ def _to_device(values: list, device: torch.device) -> Tensor:
 def _blocks(numels: tuple[int, ...], device: torch.device) -> _Blocks:
     blocks = [triton.cdiv(n, BLOCK) for n in numels]
     firsts = [0, *itertools.accumulate(blocks)][:-1]
-    return _Blocks(_to_device([i for i, count in enumerate(blocks) for _ in range(count)], device), _to_device(firsts, device))
+    return _Blocks(_to_device([i for i, count in enumerate(blocks) for _ in range(count)], device), _to_device(firsts, device),
+                   all(n % 4 == 0 for n in numels))
 
 
 class TritonAdamW(torch.optim.AdamW):
@@ -102,7 +107,7 @@ class TritonAdamW(torch.optim.AdamW):
                 table, blocks.tensor_of_block, blocks.first_block, steps[0] if grad_scale is None else grad_scale.to(device),
                 steps[0] if found_inf is None else found_inf.to(device), float(group["lr"]), float(beta1), float(beta2),
                 float(group["eps"]), float(group["weight_decay"]), HAS_SCALE=grad_scale is not None, HAS_FOUND_INF=found_inf is not None,
-                BLOCK=BLOCK, num_warps=8)
+                BLOCK=BLOCK, SIZES_BY_4=blocks.sizes_by_4, num_warps=8)
             if found_inf is not None:  # a skipped step does not count, as in torch's fused AdamW
                 torch._foreach_sub_(steps, [found_inf.to(device)] * len(steps))
         return None
@@ -135,13 +140,12 @@ class TritonAdamW(torch.optim.AdamW):
 
     def _table(self, tensors: list[list[Tensor]]) -> Tensor | None:
         """The pointer table of [params, grads, exp_avgs, exp_avg_sqs, steps], or None where the kernel cannot take them:
-        contiguous fp32 on one device of KERNEL_DEVICES, 16-byte aligned, sizes a multiple of 4 (it loads four values at
-        once)."""
+        contiguous fp32 on one device of KERNEL_DEVICES, 16-byte aligned (it loads four values at once)."""
         moving, steps = [t for per_kind in tensors[:4] for t in per_kind], tensors[4]
         if any(t.device.type not in self.KERNEL_DEVICES or t.dtype != torch.float32 or not t.is_contiguous() for t in moving):
             return None
         if len({t.device for t in moving + steps}) > 1 or any(s.dtype != torch.float32 for s in steps):
             return None
-        if any(t.data_ptr() % 16 or t.numel() % 4 for t in moving):
+        if any(t.data_ptr() % 16 for t in moving):
             return None
         return _to_device([[t.data_ptr() for t in row] + [row[0].numel()] for row in zip(*tensors)], steps[0].device)
