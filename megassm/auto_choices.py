@@ -1,6 +1,6 @@
 """What the trainer decides for itself from the config and the device, and the limits it checks before building
 anything: CUDA graphs ("auto"), keeping the SSD's states ("auto"), the graphs' groups of layers under DDP, the Triton
-kernels' 32-bit addressing, and what to change after running out of GPU memory."""
+kernels' limits (32-bit addressing, head dimension, norm group width), and what to change after running out of GPU memory."""
 
 from __future__ import annotations
 
@@ -30,16 +30,32 @@ def out_of_memory_advice(cfg: Config, step: int, keep_ssd_states: bool, cuda_gra
     return f"the GPU ran out of memory in step {step + 1} ({tokens:,} tokens per micro batch and rank): " + "; or ".join(levers)
 
 
-def check_kernel_addressing(cfg: Config, backend: str) -> None:
-    """The Triton kernels address a tensor with 32-bit offsets: a micro batch whose in_proj output (the
-    mixer's widest tensor) has 2^31 elements or more would make them read and write out of bounds."""
+# megassm's SSD kernels hold (64, headdim) tiles per program: compiled for sm_90, past 256 (padded to 512) no configuration
+# of the output and head-gradient kernels fits an SM's shared memory or registers; past 64 they spill registers.
+SSD_MAX_HEADDIM = 256
+# mamba-ssm's gated-norm forward holds a row's channels of one norm group in a block of at most 64 KB.
+NORM_MAX_GROUP_BYTES = 65536
+
+
+def check_kernel_limits(cfg: Config, backend: str) -> None:
+    """What the Triton kernels cannot run, refused before anything is built rather than met at the first step."""
+    if backend != "triton":
+        return
     tokens = cfg.micro_batch_tokens
     width = cfg.model.in_proj_width // cfg.parallel.tp
-    if backend == "triton" and tokens * width >= TRITON_MAX_ELEMENTS:
+    if tokens * width >= TRITON_MAX_ELEMENTS:  # 32-bit offsets: out-of-bounds reads and writes past 2^31 elements
         fits = (TRITON_MAX_ELEMENTS - 1) // width
         raise ConfigError(f"data.micro_batch * data.seq_len / parallel.cp = {tokens:,} tokens per micro batch and rank, times in_proj's "
                           f"{width:,} channels per rank, exceed the 2^31 elements the Triton kernels can address: at most {fits:,} tokens "
                           "fit; lower data.micro_batch or data.seq_len, or raise parallel.cp")
+    if cfg.kernels.ssd == "megassm" and cfg.model.headdim > SSD_MAX_HEADDIM:
+        raise ConfigError(f"model.headdim = {cfg.model.headdim}: megassm's SSD kernels take head dimensions up to {SSD_MAX_HEADDIM} "
+                          "(up to 64 without register spills); lower model.headdim")
+    group = cfg.model.d_inner // cfg.model.ngroups
+    most = NORM_MAX_GROUP_BYTES // (2 if cfg.train.precision == "bf16" else 4)
+    if group > most:
+        raise ConfigError(f"model.d_inner / model.ngroups = {group:,} channels per norm group: the gated norm's kernel takes at most "
+                          f"{most:,} in {cfg.train.precision}; raise model.ngroups")
 
 
 # "auto" graphs micro batches of up to this many tokens per rank: a 780m step of 8 x 2048 tokens spends 30%

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megassm import job_store
-from megassm.auto_choices import (check_kernel_addressing, cuda_graph_groups, cuda_graphs_choice, keep_ssd_states_choice,
+from megassm.auto_choices import (check_kernel_limits, cuda_graph_groups, cuda_graphs_choice, keep_ssd_states_choice,
                                    out_of_memory_advice)
 from megassm.checkpoint import (
     CONFIG_FILE,
@@ -326,7 +326,7 @@ class Trainer:
         keep_states = keep_ssd_states_choice(cfg, self.backend, device_memory)
         self.kernels_note = (f"triton kernels (SSD: {cfg.kernels.ssd}{', states kept' if keep_states else ''})" if self.backend == "triton"
                              else f"{self.backend} kernels")
-        check_kernel_addressing(cfg, self.backend)
+        check_kernel_limits(cfg, self.backend)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
         self.memory_levers = {"keep_ssd_states": keep_states, "cuda_graphs": graphs}
         return build_model(cfg, self.ctx, graphs, keep_states).to(self.device)
