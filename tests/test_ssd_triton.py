@@ -24,6 +24,9 @@ class Case(NamedTuple):
     final_in_loss: bool  # the loss reads the final states (else the backward gets no gradient for them)
     heads_per_program: int | None  # None: the heuristic's, 1 at these sizes (dB, dC as partial sums per head)
     walk_segments: int = 1  # segments of the chunk walks (one on the CPU unless set)
+    headdim: int = 16
+    dstate: int = 32
+    gpu_tiles: bool = False  # d_state in the tiles of the kernels' first GPU configuration, not in tiles of 16
 
 
 NO_LIMIT = (0.0, float("inf"))
@@ -38,8 +41,11 @@ CASES = {
     # The chunk walks in segments of 4, 4 and 2 chunks: a document starting where the second segment does, one inside
     # it; initial states carried through two segments' ends, d(final states) back through two.
     "segments": Case(4, 2, 150, True, True, True, (0.3, 1.5), False, 16, True, None, walk_segments=3),
+    # The GPU's tiles and chunk of 64: a head dimension padded to a power of two (48 in tiles of 64), d_state in one
+    # partial tile (96 in 128) and in a full and a partial one (the head gradients' tiles of 64).
+    "gpu-tiles": Case(4, 2, 150, True, True, True, (0.3, 1.5), False, 64, True, None, headdim=48, dstate=96, gpu_tiles=True),
 }
-HEADDIM, DSTATE, REFERENCE_CHUNK = 16, 32, 64
+REFERENCE_CHUNK = 64
 
 
 def _documents(batch: int, seqlen: int) -> torch.Tensor:
@@ -53,7 +59,8 @@ def _documents(batch: int, seqlen: int) -> torch.Tensor:
 
 
 def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial: bool, dt_softplus: bool, dt_limit: tuple[float, float],
-            D_per_channel: bool, kernel_chunk: int, final_in_loss: bool, heads_per_program: int | None, walk_segments: int) -> None:
+            D_per_channel: bool, kernel_chunk: int, final_in_loss: bool, heads_per_program: int | None, walk_segments: int,
+            headdim: int, dstate: int, gpu_tiles: bool) -> None:
     """y, the final states and every gradient (x, dt, A, B, C, D, dt_bias, initial states; through the final
     states too where the loss reads them), with x, B, C, dt strided views of one wider tensor as the mixer has them, then
     the backward writing dx, ddt, dB, dC into strided views of one gradient buffer."""
@@ -62,28 +69,28 @@ def compare(heads: int, groups: int, seqlen: int, documents: bool, with_initial:
     from megassm.ops.ssd_triton import _chunk_walk, ssd_backward, ssd_forward, ssd_triton
     from tests.triton_interpreter import interpret_ssd_kernels
 
-    interpret_ssd_kernels()
+    interpret_ssd_kernels(block_n=None if gpu_tiles else 16)
     if heads_per_program:
         for module in (ssd_triton_fwd, ssd_triton_bwd):
             module.head_slice = lambda heads_per_group, chunk_programs: heads_per_program
     ssd_triton_fwd.walk_segments = lambda batch_heads, nchunks, device: walk_segments
     torch.manual_seed(0)
     batch = 2
-    widths = [heads * HEADDIM, groups * DSTATE, groups * DSTATE, heads]
+    widths = [heads * headdim, groups * dstate, groups * dstate, heads]
     wide = torch.randn(batch, seqlen, sum(widths) + 3)
     wide[..., -heads - 3:-3] -= 1.0  # dt: softplus(dt + bias) around 0.3 to 1.5 with the bias below
 
     def views(t: torch.Tensor) -> list[torch.Tensor]:
         x, B, C, dt = torch.split(t[..., :-3], widths, dim=-1)
-        return [x.unflatten(-1, (heads, HEADDIM)), B.unflatten(-1, (groups, DSTATE)), C.unflatten(-1, (groups, DSTATE)), dt]
+        return [x.unflatten(-1, (heads, headdim)), B.unflatten(-1, (groups, dstate)), C.unflatten(-1, (groups, dstate)), dt]
 
     A = -torch.rand(heads) - 0.2
-    D = torch.randn(heads, HEADDIM) if D_per_channel else torch.randn(heads)
+    D = torch.randn(heads, headdim) if D_per_channel else torch.randn(heads)
     dt_bias = torch.rand(heads) * 0.5
-    initial = torch.randn(batch, heads, HEADDIM, DSTATE) if with_initial else None
+    initial = torch.randn(batch, heads, headdim, dstate) if with_initial else None
     seq_idx = _documents(batch, seqlen) if documents else None
-    dy = torch.randn(batch, seqlen, heads, HEADDIM)
-    dfinal = torch.randn(batch, heads, HEADDIM, DSTATE) if final_in_loss else None
+    dy = torch.randn(batch, seqlen, heads, headdim)
+    dfinal = torch.randn(batch, heads, headdim, dstate) if final_in_loss else None
     options = dict(dt_softplus=dt_softplus, dt_limit=dt_limit, seq_idx=seq_idx)
 
     def run(ssd, dtype: torch.dtype) -> list[torch.Tensor]:

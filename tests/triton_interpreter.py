@@ -59,11 +59,11 @@ def patch_interpreter() -> None:
     interpreter._patch_lang = patch_lang_once
 
 
-def interpret_ssd_kernels() -> None:
+def interpret_ssd_kernels(block_n: int | None = 16) -> None:
     """Patch what Triton 3.6's interpreter cannot do for megassm/ops/ssd_triton*.py, before they run: runtime loop
     bounds (over chunks and heads) and helpers (patch_interpreter), and timing autotuning configurations: each
-    kernel keeps its first, with d_state in blocks of 16 (the tests' d_state of 32 then takes two: the loops and
-    grids over d_state blocks run)."""
+    kernel keeps its first, with d_state in blocks of `block_n` (16: the tests' d_state of 32 then takes two, so the
+    loops and grids over d_state blocks run; None: the configuration's own, as on the GPU)."""
     import triton
 
     from megassm.ops import ssd_triton_bwd, ssd_triton_fwd
@@ -72,5 +72,5 @@ def interpret_ssd_kernels() -> None:
     for kernel in (ssd_triton_fwd._states_kernel, ssd_triton_fwd._segment_ends_kernel, ssd_triton_fwd._output_kernel,
                    ssd_triton_bwd._state_grads_kernel, ssd_triton_bwd._head_grads_kernel, ssd_triton_bwd._group_grads_kernel):
         first = kernel.configs[0]
-        kwargs = {key: 16 if key == "BLOCK_N" else value for key, value in first.kwargs.items()}
+        kwargs = {key: block_n if key == "BLOCK_N" and block_n else value for key, value in first.kwargs.items()}
         kernel.configs = [triton.Config(kwargs, num_warps=first.num_warps, num_stages=first.num_stages)]
