@@ -51,7 +51,7 @@ def config_file(tmp_path: Path, prepared_data: Path):
         ({}, 6, r"parallel.tp \* parallel.cp = 4 does not divide the world size 6"),
         ({"tp = 2": "tp = 16"}, 32, r"parallel.tp = 16 must divide the model's 8 heads"),
         ({'preset = "debug"': 'preset = "debug"\nngroups = 2', "tp = 2": "tp = 4", "cp = 2": "cp = 1"}, 4,
-         r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups\)"),
+         r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups: B and C are split by group; raise it to a multiple"),
         ({"seq_len = 64": "seq_len = 66", "cp = 2": "cp = 4", "tp = 2": "tp = 1"}, 4, r"data.seq_len = 66 must be divisible by parallel.cp = 4"),
         ({"global_batch = 4": "global_batch = 3"}, 4, r"data.global_batch = 3 must be a multiple of data.micro_batch \* parallel.dp = 2 \* 1"),
         ({'preset = "debug"': 'preset = "mamba2-7b"'}, 4, r"model.preset = 'mamba2-7b' .* is not one of"),

@@ -29,7 +29,8 @@ def launch(script: str, *args: str, cwd: Path, **env: str) -> subprocess.Complet
     ("2", "2", ["--parallel.dp=2"], "parallel.tp * parallel.cp * parallel.dp = 2 * 2 * 2 = 8, but the world size is 4 "
      "(set parallel.dp = -1 to use the rest)"),
     ("1", "6", [], "parallel.tp * parallel.cp = 4 does not divide the world size 6"),
-    ("2", "4", ["--parallel.tp=8", "--parallel.cp=1"], "parallel.tp = 8 must divide the model's 4 groups (model.ngroups)"),
+    ("2", "4", ["--parallel.tp=8", "--parallel.cp=1"], "parallel.tp = 8 must divide the model's 4 groups (model.ngroups: B and C "
+     "are split by group; raise it to a multiple of parallel.tp, which widens in_proj, or lower parallel.tp)"),
     ("1", "4", ["--data.seq_len=255"], "data.seq_len = 255 must be divisible by parallel.cp = 2"),
 ], ids=["layout-vs-world-size", "world-not-divisible", "tp-vs-groups", "seq-len-vs-cp"])
 def test_a_config_that_does_not_fit_starts_no_process(monkeypatch, capsys, nodes, nproc, overrides, message):

@@ -193,7 +193,7 @@ def test_collectives_handed_over_communicate_again_when_called():
 
 IMPOSSIBLE_LAYOUTS = [  # (tp, cp, dp, the error) in a world of 4
     (2, 2, 2, r"parallel.tp \* parallel.cp \* parallel.dp = 2 \* 2 \* 2 = 8, but the world size is 4"),
-    (4, 1, 1, r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups\)"),
+    (4, 1, 1, r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups: B and C are split by group; raise it"),
 ]
 
 

@@ -152,7 +152,9 @@ class ModelConfig:
         kinds = self.layer_kinds
         counts = [(self.vocab_size, "vocabulary entries (model.vocab_size)")]
         if "M" in kinds:
-            counts += [(self.nheads, "heads (expand * d_model / headdim)"), (self.ngroups, "groups (model.ngroups)")]
+            counts += [(self.nheads, "heads (expand * d_model / headdim)"),
+                       (self.ngroups, "groups (model.ngroups: B and C are split by group; raise it to a multiple of parallel.tp, "
+                                      "which widens in_proj, or lower parallel.tp)")]
         if "*" in kinds:
             counts.append((self.attn_heads, "attention heads (model.attn_heads)"))
         if "-" in kinds:
