@@ -13,8 +13,8 @@
 #   MAX_RESTARTS                    restart all processes this often after a failure (0); the
 #                                   trainer resumes from the newest complete checkpoint (not
 #                                   after a config, data or checkpoint mistake: exit code 2)
-#   PYTHON                          the interpreter megassm is installed in (default: python on PATH, else
-#                                   this checkout's .venv, as launch/setup.sh makes it)
+#   PYTHON                          the interpreter megassm is installed in (default: python on PATH where it
+#                                   has megassm and torch, else this checkout's .venv, as launch/setup.sh makes it)
 # Several nodes write one run: run.dir must be on a filesystem all of them see at the same path.
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun's own default, without its four-line warning about it
@@ -28,8 +28,14 @@ else
   gpus=$(nvidia-smi --list-gpus 2>/dev/null | wc -l || true)
 fi
 checkout="$(cd "$(dirname "$0")/.." && pwd)"
-python="${PYTHON:-$(command -v python || echo "${checkout}/.venv/bin/python")}"
-if ! "${python}" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('megassm') is None)" 2>/dev/null; then
+has_megassm() {  # with torch: from the checkout's root any python finds its megassm folder
+  "$1" -c "import importlib.util, sys; sys.exit(not all(importlib.util.find_spec(m) for m in ('megassm', 'torch')))" 2>/dev/null
+}
+python="${PYTHON:-$(command -v python || true)}"
+if [ -z "${PYTHON:-}" ] && ! has_megassm "${python:-false}"; then
+  python="${checkout}/.venv/bin/python"
+fi
+if ! has_megassm "${python}"; then
   echo "launch/torchrun.sh: ${python} has no megassm: activate the environment it is installed in (source .venv/bin/activate" \
        "after launch/quickstart.sh or launch/setup.sh) or set PYTHON=/path/to/its/python" >&2
   exit 2

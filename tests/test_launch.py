@@ -67,6 +67,18 @@ def test_torchrun_sh_names_the_python_it_needs(tmp_path):
         "launch/quickstart.sh or launch/setup.sh) or set PYTHON=/path/to/its/python"], done.stderr
 
 
+def test_torchrun_sh_takes_the_checkouts_environment_where_python_on_path_has_no_torch(tmp_path):
+    """A shell where .venv is not active, in the checkout's root: python on PATH finds the megassm folder there but no
+    torch (it ended with a traceback); the checkout's .venv runs the job."""
+    bare = tmp_path / "bin" / "python"
+    bare.parent.mkdir()
+    bare.write_text("#!/bin/sh\nexit 1\n")  # finds neither
+    bare.chmod(0o755)
+    done = launch("torchrun.sh", "--config", DEBUG, "--parallel.tp=3", cwd=tmp_path, NPROC_PER_NODE="4",
+                  PATH=f"{bare.parent}{os.pathsep}{os.environ['PATH']}")
+    assert done.stderr.splitlines() == ["megassm-train: error: parallel.tp * parallel.cp = 6 does not divide the world size 4"], done.stderr
+
+
 def test_a_trainer_failing_under_torchrun_ends_with_its_own_line(tmp_path):
     """The config fits, the data folder is missing: every rank stops; one line, the trainer's exit code; restarts
     allowed, none is made (it would stop at the same mistake)."""
