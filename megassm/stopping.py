@@ -53,8 +53,8 @@ class FailedElsewhere(UserError):
 
 class StopSignals:
     """While active (a context manager, in the main thread): the first of STOP_SIGNALS is recorded for
-    `requested`; a SIGINT after it, or a SIGTERM after a SIGINT, raises Stopped with immediate_stop(signum)'s message,
-    wherever the run is."""
+    `requested`; a SIGINT after it, or a SIGTERM after a SIGINT, raises Stopped with immediate_stop(SIGINT)'s message,
+    wherever the run is: a second Ctrl-C, also where torchrun passed it on as SIGTERM."""
 
     def __init__(self, immediate_stop: Callable[[int], str]):
         self.immediate_stop = immediate_stop
@@ -66,7 +66,7 @@ class StopSignals:
         if self.received is None:
             self.received = signum
         elif signal.SIGINT in (signum, self.received):
-            raise Stopped(signum, self.immediate_stop(signum))
+            raise Stopped(signal.SIGINT, self.immediate_stop(signal.SIGINT))
 
     def requested(self, device: torch.device, failure: UserError | None = None) -> int | None:
         """The signal any rank received, on every rank, else None; with a `failure` on some rank (a mistake found
