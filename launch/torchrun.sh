@@ -40,6 +40,12 @@ if ! has_megassm "${python}"; then
        "after launch/quickstart.sh or launch/setup.sh) or set PYTHON=/path/to/its/python" >&2
   exit 2
 fi
+# How the trainer says to resume this run after a stop: this script, with the variables it read set as they were.
+variables=""
+for name in NPROC_PER_NODE NNODES MASTER_ADDR MASTER_PORT RDZV_ID MAX_RESTARTS PYTHON; do
+  if [ -n "${!name:-}" ]; then variables+="${name}=$(printf %q "${!name}") "; fi
+done
+export MEGASSM_LAUNCH="${MEGASSM_LAUNCH:-${variables}bash launch/torchrun.sh}"
 exec "${python}" -m megassm.torchrun \
   --nnodes "${NNODES:-1}" \
   --nproc-per-node "${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}" \

@@ -123,6 +123,7 @@ ABANDONED_WRITE_WAIT = datetime.timedelta(minutes=2)
 # How long a rank that met a mistake before the ranks joined, and leaves saying it to another rank, waits for torchrun to
 # stop it (once that rank has said it) before it says it itself: the mistake was then this rank's alone.
 SAY_ALONE_AFTER = datetime.timedelta(seconds=20)
+LAUNCH_ENV = "MEGASSM_LAUNCH"  # the launch command a resume repeats, as launch/torchrun.sh and launch/slurm.sbatch set it
 
 
 def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
@@ -436,8 +437,8 @@ class Trainer:
         args = list(self.command)
         if self.history and self.cfg.checkpoint.resume != "auto":
             args.append(f"--checkpoint.resume={self.history[-1]}")
-        launcher = "torchrun [the same options]" if launched_by_torchrun() else "python"
-        return f"{launcher} -m megassm.train {shlex.join(args)}"
+        default = "torchrun [the same options] -m megassm.train" if launched_by_torchrun() else "python -m megassm.train"
+        return f"{os.environ.get(LAUNCH_ENV) or default} {shlex.join(args)}"
 
     def stop_message(self, signum: int) -> str:
         """Where the run stopped on a signal and how to go on."""

@@ -79,6 +79,15 @@ def test_torchrun_sh_takes_the_checkouts_environment_where_python_on_path_has_no
     assert done.stderr.splitlines() == ["megassm-train: error: parallel.tp * parallel.cp = 6 does not divide the world size 4"], done.stderr
 
 
+def test_torchrun_sh_tells_the_trainer_how_it_was_launched(tmp_path):
+    """The command a stop's line gives to resume: this script with the variables it read, as they were."""
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\nif [ "$1" = -c ]; then exit 0; fi\necho "$MEGASSM_LAUNCH"\n')  # has megassm; prints
+    python.chmod(0o755)
+    done = launch("torchrun.sh", "--config", DEBUG, cwd=tmp_path, PYTHON=python, NPROC_PER_NODE="4", RDZV_ID="my job")
+    assert done.stdout.splitlines() == [f"NPROC_PER_NODE=4 MASTER_PORT=0 RDZV_ID=my\\ job PYTHON={python} bash launch/torchrun.sh"]
+
+
 def test_a_trainer_failing_under_torchrun_ends_with_its_own_line(tmp_path):
     """The config fits, the data folder is missing: every rank stops; one line, the trainer's exit code; restarts
     allowed, none is made (it would stop at the same mistake)."""

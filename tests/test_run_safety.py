@@ -33,7 +33,7 @@ from megassm.model import Mamba2LM, ModelConfig
 from megassm.optim import learning_rate
 from megassm.run_dir import Owner, RunDirError, RunLock
 from megassm.stopping import StopSignals, Stopped
-from megassm.train import adamw_change, limit_cpu_threads, schedule_change
+from megassm.train import LAUNCH_ENV, Trainer, adamw_change, limit_cpu_threads, schedule_change
 from parallel import ParallelContext
 from tests.distributed import run_distributed
 from tests.test_convert import engine_for
@@ -500,6 +500,20 @@ def test_a_preemption_saves_a_checkpoint_and_the_printed_command_ends_the_run(co
     result = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, env=TRAINER_ENV, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {run_dir}/checkpoints/step_{step}" in result.stdout and steps_logged(run_dir) == list(range(1, 17))
+
+
+def test_the_resume_command_repeats_the_launch_script(monkeypatch):
+    """Launched by launch/torchrun.sh (which names itself and its variables in LAUNCH_ENV), a stop's line gives that
+    command, with the trainer's arguments and the checkpoint where checkpoint.resume would not find it."""
+    from types import SimpleNamespace
+
+    trainer = SimpleNamespace(command=["--config", "my run.toml"], history=[Path("runs/x/checkpoints/step_8")],
+                              cfg=SimpleNamespace(checkpoint=SimpleNamespace(resume="none")))
+    monkeypatch.setenv(LAUNCH_ENV, "NPROC_PER_NODE=4 bash launch/torchrun.sh")
+    assert Trainer.resume_command(trainer) == ("NPROC_PER_NODE=4 bash launch/torchrun.sh --config 'my run.toml' "
+                                               "--checkpoint.resume=runs/x/checkpoints/step_8")
+    monkeypatch.delenv(LAUNCH_ENV)
+    assert Trainer.resume_command(trainer).startswith("python -m megassm.train --config 'my run.toml'")
 
 
 def test_a_preempted_torchrun_job_saves_on_every_rank_and_says_so_once(config, tmp_path):
