@@ -241,7 +241,8 @@ def parse_override(text: str) -> tuple[str, str, object]:
     name, sep, value = text.removeprefix("--").partition("=")
     section, dot, key = name.partition(".")
     if not sep or not dot or not key:
-        raise ConfigError(f"override {text!r} must look like --section.key=value, e.g. --train.steps=100")
+        config = f" (a config file: --config {text})" if text.endswith(".toml") else ""
+        raise ConfigError(f"override {text!r} must look like --section.key=value, e.g. --train.steps=100{config}")
     try:
         return section, key, tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:

@@ -32,6 +32,7 @@ from megassm.stopping import STOP_SIGNALS
 TRAINER = "megassm.train"
 SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"  # torchrun's reports of its worker processes
+AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"  # its agent's, among them that a signal stops the workers
 
 
 def world_size(nnodes: str, nproc_per_node: str) -> int | None:
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return USER_ERROR_EXIT
         restart_only_after_faults()
     logging.getLogger(PROCESS_LOGGER).addFilter(ProcessReports())
+    # "Received SIGINT death signal, shutting down workers": the workers say where they stopped themselves.
+    logging.getLogger(AGENT_LOGGER).addFilter(lambda record: "death signal" not in record.getMessage())
     if parse_min_max_nnodes(args.nnodes)[1] > 1 and args.max_restarts > 0:
         # Several nodes that may restart: each rendezvous round's workers get a store of their own (hosted by rank 0
         # on a port found free), not the agents' shared one, where restarted workers would meet the dead workers' keys
