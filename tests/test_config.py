@@ -177,7 +177,7 @@ def test_overrides_and_resolved_config_round_trip(config_file, tmp_path):
     assert load_config(tmp_path / "resolved.toml", world_size=4) == cfg
     with pytest.raises(ConfigError, match="override 'train.steps' must look like --section.key=value"):
         load_config(config_file(), ["train.steps"], world_size=4)
-    with pytest.raises(ConfigError, match=r"override 'configs/debug.toml' must look like .* \(a config file: --config configs/debug.toml\)$"):
+    with pytest.raises(ConfigError, match=r"override 'configs/debug.toml' must .* \(a config file: --config configs/debug.toml\)$"):
         load_config(None, ["configs/debug.toml"], world_size=4)  # --config forgotten
 
 
