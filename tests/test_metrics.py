@@ -242,7 +242,7 @@ def test_plot_tool(tmp_path):
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and out.stat().st_size > 10_000
 
 
-def test_plot_tool_names_a_missing_or_empty_file(tmp_path):
+def test_plot_tool_names_a_missing_or_empty_file(tmp_path, capsys):
     tool = load_plot_tool()
     run = write_run(tmp_path / "run", 3, 1000.0)
     (tmp_path / "empty").mkdir()
@@ -250,5 +250,5 @@ def test_plot_tool_names_a_missing_or_empty_file(tmp_path):
     for bad, why in [(tmp_path / "empty", "no records"), (tmp_path / "missing", "no such file")]:
         with pytest.raises(SystemExit) as stopped:
             tool.main([str(run), str(bad), "--out", str(tmp_path / "plot.png")])
-        assert stopped.value.code == f"plot_metrics: {bad / 'metrics.jsonl'}: {why}"
+        assert stopped.value.code == 2 and capsys.readouterr().err == f"plot_metrics: {bad / 'metrics.jsonl'}: {why}\n"
     assert not (tmp_path / "plot.png").exists()

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +37,7 @@ import sentencepiece
 from megassm.checkpoint import save_model_checkpoint
 from megassm.data import DataError, load_tokenizer
 from megassm.data.tokenizer import HF_FILES, SENTENCEPIECE_FILE, SentencePieceTokenizer
-from megassm.errors import USER_ERROR_EXIT
+from megassm.errors import exit_on_user_error
 from megassm.pretrained import (
     DESCRIPTIONS,
     HF_FORMATS,
@@ -82,8 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(convert(args))
     except (OSError, ValueError) as error:  # PretrainedError, ConfigError, DataError and unwritable folders among them
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
+        exit_on_user_error(f"error: {error}")
 
 
 def convert(args: argparse.Namespace) -> str:

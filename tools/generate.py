@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from megassm.data import Tokenizer, load_tokenizer
-from megassm.errors import USER_ERROR_EXIT
+from megassm.errors import exit_on_user_error
 from megassm.generate import check_sampling, generate
 from megassm.model import Mamba2LM, apply_kernels
 from megassm.pretrained import MEGASSM, WEIGHT_DTYPES, checkpoint_folder, detect_format, load_pretrained, run_tokenizer
@@ -57,8 +57,7 @@ def tokenizer_for(path: Path, given: str | None) -> Tokenizer:
 
 def stop(message: str) -> NoReturn:
     """A user's mistake: one line, exit status 2 (as the trainer's)."""
-    print(f"generate: {message}", file=sys.stderr)
-    sys.exit(USER_ERROR_EXIT)
+    exit_on_user_error(f"generate: {message}")
 
 
 def main(argv: list[str] | None = None) -> None:

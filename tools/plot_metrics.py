@@ -7,7 +7,6 @@ step, one line per run, labelled by its folder name.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +15,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from megassm.errors import exit_on_user_error  # noqa: E402
 from megassm.metrics import read_metrics  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         runs = [(run_dir.resolve().name, read_metrics(run_dir)) for run_dir in args.run_dirs]
     except ValueError as e:
-        sys.exit(f"plot_metrics: {e}")
+        exit_on_user_error(f"plot_metrics: {e}")
     plot(runs, args.out)
     print(f"wrote {args.out}")
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from megassm.data import TokenStream
 from megassm.data.prepare import SHARD_TOKENS, VAL_FRACTION, prepare
+from megassm.errors import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                       overwrite=args.overwrite)
         meta = TokenStream(out).meta
     except (OSError, ValueError) as error:  # missing inputs or tokenizer, bad records, DataError
-        sys.exit(f"error: {error}")
+        exit_on_user_error(f"error: {error}")
     print(f"{out}: {meta.num_documents} documents, {meta.total_tokens} tokens ({meta.val_tokens} for validation) "
           f"in {len(meta.shards)} shard(s) of {meta.dtype}, vocabulary {meta.vocab_size}, in {time.time() - started:.1f} s")
 

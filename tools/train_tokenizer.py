@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
 from megassm.data import load_tokenizer, train_sentencepiece
 from megassm.data.tokenizer import MAX_SENTENCES
 from megassm.data.prepare import iter_texts, load_documents, sample_documents
+from megassm.errors import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         documents = sample_documents(load_documents(args.input, args.text_key, num_proc=os.cpu_count()), args.max_sentences)
         out = train_sentencepiece(iter_texts(documents), args.vocab_size, args.out, args.model_type, args.max_sentences)
     except (OSError, ValueError) as error:  # missing inputs, no text field, too small a corpus for the vocabulary
-        sys.exit(f"error: {error}")
+        exit_on_user_error(f"error: {error}")
     tokenizer = load_tokenizer(out)
     print(f"trained a {tokenizer.vocab_size}-piece {args.model_type} tokenizer (eos id {tokenizer.eos_id}) on "
           f"{len(documents)} documents in {time.time() - started:.1f} s: {out}")
