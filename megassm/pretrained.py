@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -178,6 +179,10 @@ def save_transformers(cfg: ModelConfig, state: dict[str, Tensor], out: Path, dty
     elif cfg.tie_embeddings:
         tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # saved as its own tensor, not deduplicated away
     save_torch_state_dict(tensors, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in out.glob("model*.safetensors"):  # safetensors writes them readable by their owner alone
+        weights.chmod(0o666 & ~umask)
 
 
 def save_mamba_ssm(cfg: ModelConfig, state: dict[str, Tensor], out: Path, dtype: torch.dtype = torch.float32) -> None:

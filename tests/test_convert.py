@@ -122,6 +122,8 @@ def test_bf16_export_is_bf16(tmp_path):
     save_transformers(cfg, state, tmp_path, torch.bfloat16)
     assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    modes = {file.name: file.stat().st_mode & 0o777 for file in tmp_path.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"], modes  # readable by others as the umask lets them
     assert torch.equal(load_pretrained(tmp_path)[1]["embedding.weight"], state["embedding.weight"].bfloat16().float())
 
 
