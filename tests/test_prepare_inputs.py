@@ -79,7 +79,7 @@ def test_command_lines_print_one_line(tmp_path, prepared_data):
     prepared = run_tool("prepare_data.py", "--input", tmp_path / "corpus.jsonl", "--tokenizer", prepared_data / TOKENIZER_DIR,
                         "--out", "out", "--num-proc", "1", cwd=tmp_path)
     for done in (tokenizer, prepared):
-        assert done.returncode == 1 and error_lines(done.stderr) == want, done.stderr
+        assert done.returncode == 2 and error_lines(done.stderr) == want, done.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -130,6 +130,6 @@ def test_overwrite_refusal_on_the_command_line(previous):
     (previous / "out" / "notes.txt").write_text("mine")
     before = file_hashes(previous)
     done = run_tool("prepare_data.py", "--input", "corpus", "--tokenizer", "tok", "--out", "out", "--overwrite", cwd=previous)
-    assert done.returncode == 1 and error_lines(done.stderr) == [
+    assert done.returncode == 2 and error_lines(done.stderr) == [
         "error: out holds files that prepare_data.py did not write (notes.txt): choose another --out or move them away"], done.stderr
     assert file_hashes(previous) == before
