@@ -15,6 +15,7 @@ them or rotating them away, unless checkpoint.overwrite lets it delete them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -114,14 +115,17 @@ class Owner:
 
 
 class RunLock:
-    """Hold run_dir/run.lock for this process (a context manager); RunDirError when another live run holds it."""
+    """Hold run_dir/run.lock for this process (a context manager); RunDirError when another live run holds it. A
+    run.dir it made that holds nothing when it lets go (a start that failed) is removed."""
 
     def __init__(self, run_dir: Path, say: Callable[[str], None]):
         self.run_dir, self.path, self.say = Path(run_dir), Path(run_dir) / LOCK_FILE, say
         self._fd: int | None = None
+        self._made_run_dir = False
 
     def __enter__(self) -> "RunLock":
         try:
+            self._made_run_dir = not self.run_dir.exists()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             while not self._try_lock():
                 pass
@@ -170,6 +174,9 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+            if self._made_run_dir:
+                with contextlib.suppress(OSError):  # not empty: the run wrote into it
+                    self.run_dir.rmdir()
 
 
 def _read_owner(fd: int) -> Owner | None:
