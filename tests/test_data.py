@@ -206,6 +206,12 @@ def test_an_hf_tokenizer_whose_ids_leave_gaps_is_counted_to_its_largest_id(tmp_p
     assert stream.read(0, 8).tolist() == [eos_id, 1, 2, 1, eos_id, 1, 2, 1]
 
 
+def test_a_tokenizer_that_cannot_be_trained_leaves_no_folder(tmp_path):
+    with pytest.raises(ValueError, match="sentencepiece training failed: .*Vocabulary size"):
+        train_sentencepiece(DOCUMENTS, 100_000, tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()
+
+
 def test_retrained_tokenizer_is_not_served_from_the_tokenization_cache(tmp_path):
     inputs, tok_dir, cache = [write_jsonl(tmp_path / "docs.jsonl", DOCUMENTS)], tmp_path / "tok", tmp_path / "cache"
     for vocab_size in (320, 300):  # same paths, same cache: only the tokenizer's content differs

@@ -141,6 +141,7 @@ def train_sentencepiece(
     bos 1, eos 2; 256 byte pieces; the rest learned. At most `max_sentences` lines, sampled; lines
     over 16 KiB are skipped."""
     out_dir = Path(out_dir)
+    made = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     # sentencepiece trains on sentences: the non-blank lines of every document (newlines are byte pieces).
     lines = (line for text in texts if text for line in text.split("\n") if line.strip())
@@ -153,5 +154,7 @@ def train_sentencepiece(
             shuffle_input_sentence=True, num_threads=num_threads or os.cpu_count(), minloglevel=2,
         )
     except RuntimeError as error:  # e.g. "Vocabulary size is too high (512). Please set it to a value <= 300."
+        if made:
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise ValueError(f"sentencepiece training failed: {error}") from None
     return out_dir
