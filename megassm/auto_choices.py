@@ -48,6 +48,8 @@ def check_kernel_limits(cfg: Config, backend: str) -> None:
         raise ConfigError(f"data.micro_batch * data.seq_len / parallel.cp = {tokens:,} tokens per micro batch and rank, times in_proj's "
                           f"{width:,} channels per rank, exceed the 2^31 elements the Triton kernels can address: at most {fits:,} tokens "
                           "fit; lower data.micro_batch or data.seq_len, or raise parallel.cp")
+    if "M" not in cfg.model.layer_kinds:  # no Mamba-2 block: no SSD, no gated norm
+        return
     if cfg.kernels.ssd == "megassm" and cfg.model.headdim > SSD_MAX_HEADDIM:
         raise ConfigError(f"model.headdim = {cfg.model.headdim}: megassm's SSD kernels take head dimensions up to {SSD_MAX_HEADDIM} "
                           "(up to 64 without register spills); lower model.headdim")

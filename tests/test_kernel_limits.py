@@ -54,5 +54,7 @@ def test_a_head_dimension_or_norm_group_the_kernels_cannot_take_is_refused():
     check_kernel_limits(shaped("--model.d_model=512", "--model.headdim=512"), "torch")
     wide = ["--model.d_model=16384", "--model.headdim=64"]  # 32,768 channels in its one group
     check_kernel_limits(shaped(*wide, "--train.precision=bf16"), "triton")
+    mlp_only = ["--model.n_layer=2", "--model.pattern=--", "--model.mlp_hidden=64"]  # no Mamba-2 block: neither limit applies
+    check_kernel_limits(shaped(*wide, *mlp_only, "--train.precision=fp32", "--model.headdim=512"), "triton")
     with pytest.raises(ConfigError, match=r"^model.d_inner / model.ngroups = 32,768 channels per norm group: .* at most 16,384 in fp32"):
         check_kernel_limits(shaped(*wide, "--train.precision=fp32"), "triton")
