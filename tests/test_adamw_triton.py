@@ -11,9 +11,10 @@ from tests.triton_interpreter import run_interpreted
 
 def compare(device: str = "cpu") -> None:
     """On `device` (the CPU: the interpreter; "cuda": the compiled kernel against torch's CUDA kernel). Two groups (with
-    and without weight decay) of tensors smaller than, equal to and a little larger than a block, one
-    parameter without a gradient, the second group with sizes not all a multiple of 4 (6 heads' A_log); steps with gradients scaled (clipping), one skipped (found_inf), one plain; gradients
-    allocated anew each step (the pointer table rebuilt) and kept (reused)."""
+    and without weight decay) of tensors smaller than, equal to and a little larger than a block, one parameter without
+    a gradient, the second group with sizes not all a multiple of 4 (6 heads' A_log); steps with gradients scaled
+    (clipping), one skipped (found_inf), one plain; gradients allocated anew each step (the pointer table rebuilt) and
+    kept (reused)."""
     from parallel.adamw_triton import BLOCK, TritonAdamW
     from tests.triton_interpreter import patch_interpreter
 

@@ -8,10 +8,10 @@ the SSD's states kept where the trainer's default keeps them; the DDP engine, wh
 one with CUDA graphs; for a few batches of one shape (documents packed differently in each; in --micro-batches
 micro batches, their gradients summed as the trainer sums them; a pass without gradients after each, as validation
 between steps) it compares the loss and every gradient of the graphed model with the eager one's (within --tolerance,
-a NaN never within it), beside the eager model's own difference from a second eager pass. It also compares the eager model with one process on the whole
-batch (each gradient with this rank's piece of one process's), the same kernels: what the layout's own code
-computes, such as CP's state exchange inside the fused mixer, checked where NCCL would need several GPUs. Without
-CUDA both models run eagerly: how the tool itself is tested (tests/test_check_graphs.py).
+a NaN never within it), beside the eager model's own difference from a second eager pass. It also compares the eager
+model with one process on the whole batch (each gradient with this rank's piece of one process's), the same kernels:
+what the layout's own code computes, such as CP's state exchange inside the fused mixer, checked where NCCL would
+need several GPUs. Without CUDA both models run eagerly: how the tool itself is tested (tests/test_check_graphs.py).
 
     python tools/check_graphs.py                                  # the five default layouts on 4 layers of mamba2-130m
     python tools/check_graphs.py --pattern M-M*M- --activation-checkpointing

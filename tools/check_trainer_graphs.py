@@ -74,8 +74,9 @@ def train(args: argparse.Namespace, scenario: Scenario, run_dir: Path, graphs: b
     cuda = torch.cuda.is_available()
     cfg = load_config(None, [*overrides(args, cuda, run_dir, graphs), *scenario.overrides,
                              *([f"--checkpoint.resume={resume}"] if resume else [])], world_size=1)
-    groups = mock.patch.object(megassm.train, "cuda_graph_groups", lambda ctx: scenario.graph_groups) if scenario.graph_groups else None
-    with contextlib.redirect_stdout(io.StringIO()), groups or contextlib.nullcontext():
+    groups = (mock.patch.object(megassm.train, "cuda_graph_groups", lambda ctx: scenario.graph_groups) if scenario.graph_groups
+              else contextlib.nullcontext())
+    with contextlib.redirect_stdout(io.StringIO()), groups:
         trainer = megassm.train.Trainer(cfg, megassm.train.open_data(cfg), command=[])
         if scenario.nan_loss_at:
             backward = trainer.engine.backward
