@@ -19,8 +19,10 @@ class _Pass:
 
 class OneLinearGroup:
     """One group of 'blocks' computing (h, h @ W) as BlockGraphs lays out its buffers: the forward replay writes the
-    outputs and an activation kept for the backward into static buffers, the backward replay writes the input and
-    parameter gradients into others."""
+    outputs and an activation kept for the backward into static buffers, and temporaries where the parameter gradients'
+    buffers lie (all graphs share one memory pool); the backward replay writes the input and parameter gradients."""
+
+    copy_adopted_gradients = cuda_graphs.BlockGraphs.copy_adopted_gradients
 
     def __init__(self, weight: torch.Tensor):
         h = torch.zeros(SHAPE)
@@ -33,6 +35,8 @@ class OneLinearGroup:
         kept = torch.zeros(SHAPE)
 
         def forward():
+            for buffers in self.grad_params:
+                buffers[0].fill_(7.0)
             kept.copy_(h)
             self.inputs[1][0].copy_(h)
             self.inputs[1][1].copy_(h @ weight.detach())
@@ -73,13 +77,25 @@ def test_one_micro_batch_adopts_the_gradient_buffer(setup):
 
 @pytest.mark.parametrize("grad_at_start", ["none", "zeroed in place"])
 def test_micro_batches_sum_their_gradients(setup, grad_at_start):
-    """With .grad None at the start of a step, the first backward adopts the buffer; the second replay overwrote it
-    and autograd then added it to itself (twice the last micro batch, the first lost)."""
+    """With .grad None at the start of a step, the first backward adopts the buffer; the second forward and backward
+    replays overwrite it."""
     weight, graphs, batches = setup
     weight.grad = None if grad_at_start == "none" else torch.zeros_like(weight)
     for x, target in batches:
         graphed_loss(graphs, weight, x, target).backward()
     torch.testing.assert_close(weight.grad, eager_grad(weight, batches))
+
+
+def test_a_pass_copies_every_group_s_adopted_gradients_before_its_first_replay(setup):
+    """The first group's forward replay may overwrite a later group's buffers too: a .grad that is still a buffer,
+    of any group, is copied before it."""
+    weight, graphs, batches = setup
+    later = torch.nn.Parameter(torch.ones(2))
+    graphs.params.append((later,))
+    graphs.grad_params.append((torch.full((2,), 3.0),))
+    later.grad = graphs.grad_params[1][0]  # adopted by the backward of the step's previous micro batch
+    graphed_loss(graphs, weight, *batches[0])
+    torch.testing.assert_close(later.grad, torch.full((2,), 3.0))
 
 
 @pytest.mark.parametrize("between", ["a forward with gradients", "a forward without gradients (validation)"])

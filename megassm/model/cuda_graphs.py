@@ -24,8 +24,9 @@ next replay overwrites. Where a parameter has no `.grad`, autograd adopts the bu
 one micro batch per step the optimizer drops the gradients after its step, so there is no fp32 add of
 every gradient and no zeroing (~2% of a 780m step). With several, whose gradients are summed, the
 trainer's engine zeroes `.grad` in place and autograd adds the buffers into it; a `.grad` that is still
-an adopted buffer is copied before the next backward replay overwrites it. Capture allocates every
-parameter's `.grad`, so the first step adds in either case.
+an adopted buffer is copied before the next pass's first replay (all graphs share one pool: a forward's
+temporaries may lie where the backward's buffers do). Capture allocates no `.grad`
+(zeroed gradients next to the buffers: 2.9 GiB more in a 780m run's first step).
 """
 
 from __future__ import annotations
@@ -95,6 +96,8 @@ class _Replay(torch.autograd.Function):
     def forward(ctx, graphs: BlockGraphs, group: int, h: Tensor, update: Tensor | None, seq_idx: Tensor,
                 halo_seq_idx: Tensor | None, *params: Tensor) -> tuple[Tensor, ...]:
         ctx.graphs, ctx.group = graphs, group
+        if group == 0:
+            graphs.copy_adopted_gradients()
         # The first group reads the ids too; a later group's h and update are the earlier group's outputs, in place.
         given = (h, update, seq_idx, halo_seq_idx) if group == 0 else (h, update)
         for static, tensor in zip((*graphs.inputs[group], *graphs.ids), given):
@@ -113,9 +116,6 @@ class _Replay(torch.autograd.Function):
             raise RuntimeError("the blocks' CUDA graphs replayed another forward pass of this shape before this pass's backward, "
                                "overwriting what it kept for it: run each pass's backward before the next forward of the same "
                                "shape, or build the model without CUDA graphs")
-        for param, buffer in zip(graphs.params[group], graphs.grad_params[group]):
-            if param.grad is not None and param.grad.data_ptr() == buffer.data_ptr():
-                param.grad = param.grad.clone()  # an earlier backward's buffer, adopted: the replay would overwrite it
         for static, grad in zip(graphs.grad_inputs[group + 1], grads):
             if static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
@@ -142,9 +142,6 @@ class BlockGraphs:
         groups = min(groups, len(blocks))
         layers = [slice(i * len(blocks) // groups, (i + 1) * len(blocks) // groups) for i in range(groups)]
         self.params = [tuple(p for p in blocks[group].parameters() if p.requires_grad) for group in layers]
-        for p in blocks.parameters():
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
         self.ids = (seq_idx.clone(), None if halo_seq_idx is None else halo_seq_idx.clone())
         # inputs[g]: group g's (h, update), the tensors its graphs read; inputs[g + 1] its outputs. grad_inputs alike.
         self.inputs: list[tuple[Tensor, Tensor | None]] = [(h.detach().clone().requires_grad_(h.requires_grad), None)]
@@ -173,6 +170,15 @@ class BlockGraphs:
                     grads = iter(torch.autograd.grad(outputs[group], wrt, self.grad_inputs[0]))
                 self.grad_inputs.insert(0, tuple(None if t is None or not t.requires_grad else next(grads) for t in self.inputs[group]))
                 self.grad_params.insert(0, tuple(grads))
+
+    def copy_adopted_gradients(self) -> None:
+        """Give each `.grad` that is still a gradient buffer (adopted by autograd) its own copy: any replay may overwrite
+        the buffers, a forward's temporaries too (all graphs share one pool; a buffer may lie where an earlier captured
+        graph's temporaries did)."""
+        for params, buffers in zip(self.params, self.grad_params):
+            for param, buffer in zip(params, buffers):
+                if param.grad is not None and param.grad.data_ptr() == buffer.data_ptr():
+                    param.grad = param.grad.clone()
 
     @staticmethod
     def _wrt(inputs: tuple[Tensor, Tensor | None], params: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
