@@ -9,8 +9,9 @@ from tests.triton_interpreter import run_interpreted
 
 def compare() -> None:
     """Rows as strided views of wider tensors (as the fused mixer passes in_proj's z and the gradient buffer's dz),
-    two groups of 24 channels (tiles of 32, masked), 37 rows over 8 programs (the last one short)."""
-    from megassm.ops.gated_norm_triton import gated_norm_backward
+    two groups of 24 channels (tiles of 32, masked), 37 rows over 8 programs (the last one short), each program loading
+    its next row ahead or not."""
+    from megassm.ops.gated_norm_triton import LaunchShape, gated_norm_backward
     from megassm.ops.norm import gated_rms_norm
     from tests.triton_interpreter import patch_interpreter
 
@@ -25,31 +26,34 @@ def compare() -> None:
     want = torch.autograd.grad(gated_rms_norm(*leaves, group, eps), leaves, dout)
     h = (x * torch.nn.functional.silu(z)).unflatten(-1, (groups, group))
     rstd = torch.rsqrt(h.pow(2).mean(-1) + eps).T.reshape(-1)  # (groups * rows,), group-major: mamba-ssm's forward's layout
-    buffer = torch.full((rows, 2 * width), float("nan"))
-    dx, dweight = gated_norm_backward(dout, x, z, weight, rstd, group, dz=buffer[:, width:])
-    for name, got, expected in zip(("dx", "dz", "dweight"), (dx, buffer[:, width:], dweight), want, strict=True):
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=name)
-    assert buffer[:, :width].isnan().all(), "dz written outside its slice"
+    for prefetch in (True, False):
+        buffer = torch.full((rows, 2 * width), float("nan"))
+        dx, dweight = gated_norm_backward(dout, x, z, weight, rstd, group, dz=buffer[:, width:], shape=LaunchShape(1, prefetch, 2))
+        for name, got, expected in zip(("dx", "dz", "dweight"), (dx, buffer[:, width:], dweight), want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{name}, prefetch {prefetch}")
+        assert buffer[:, :width].isnan().all(), "dz written outside its slice"
 
 
 def test_gated_norm_backward_matches_autograd_of_the_reference():
     run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("group", [24, 3072])
+@pytest.mark.parametrize("group", [24, 3072, 5120])
 def test_the_kernel_compiles_for_the_gpu(group, tmp_path, monkeypatch):
-    """Compiled for sm_90 (no GPU needed): what only the compiler rejects fails here. 3072: 780m's group."""
+    """Compiled for sm_90 (no GPU needed) at launch_shape's choice: what only the compiler rejects fails here.
+    3072: 780m's group, 5120: 2.7b's."""
     pytest.importorskip("triton", reason="the dev extra installs triton on Linux; elsewhere: pip install triton")
     import triton
 
-    from megassm.ops.gated_norm_triton import _gated_norm_backward_kernel, warps
+    from megassm.ops.gated_norm_triton import _gated_norm_backward_kernel, launch_shape
     from tools.kernel_registers import compile_sm90
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     block = triton.next_power_of_2(group)
     pointers = {"rstd_ptr": "*fp32", "w_ptr": "*fp32", "dw_ptr": "*fp32"}
-    assert compile_sm90(_gated_norm_backward_kernel, {"BLOCK_N": block}, pointers, options={"num_warps": warps(block)}
-                        ).asm["cubin"]
+    shape = launch_shape(block)
+    assert compile_sm90(_gated_norm_backward_kernel, {"BLOCK_N": block, "PREFETCH": shape.prefetch}, pointers,
+                        options={"num_warps": shape.warps}).asm["cubin"]
 
 
 if __name__ == "__main__":

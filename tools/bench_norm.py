@@ -7,12 +7,13 @@ gradient buffer. Accuracy: dx, dz, dweight of each against autograd through the 
 back-to-back calls (tools/bench_ssd.py's launch_ms: timing each call alone would count the host's launch time of a
 ~0.2 ms kernel), and the bandwidth that the bytes read and written imply.
 
-    python tools/bench_norm.py [--shapes 780m 1.3b]
+    python tools/bench_norm.py [--shapes 780m 1.3b 2.7b] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -35,12 +36,19 @@ def norm_shape(preset: str, tokens: int, **overrides: int) -> tuple[int, int, in
 
 
 SHAPES = {"780m": norm_shape("mamba2-780m", 16384), "780m-64k": norm_shape("mamba2-780m", 65536), "1.3b": norm_shape("mamba2-1.3b", 16384),
-          "780m-g8": norm_shape("mamba2-780m", 16384, ngroups=8)}
+          "780m-g8": norm_shape("mamba2-780m", 16384, ngroups=8), "2.7b": norm_shape("mamba2-2.7b", 16384),
+          "8b-g1": norm_shape("nemotron-h-8b", 16384, ngroups=1)}
+
+
+# Launch shapes (warps, prefetch, programs per SM) for --sweep.
+SWEEP = [gated_norm_triton.LaunchShape(*shape) for shape in ((16, True, 2), (16, False, 2), (8, True, 2), (8, True, 4), (32, True, 1),
+                                                             (32, True, 2), (32, False, 1), (32, False, 2))]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--sweep", action="store_true", help="megassm's kernel also at each of SWEEP's launch shapes")
     args = parser.parse_args()
     kernels, device = load_triton_kernels(), torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}")
@@ -58,8 +66,8 @@ def main() -> int:
         grad = torch.empty_like(wide)
         dz = grad[:, :width]
 
-        def ours() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            dx, dw = gated_norm_triton.gated_norm_backward(dout, y, z, weight, rstd, group, dz=dz)
+        def ours(shape: gated_norm_triton.LaunchShape | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            dx, dw = gated_norm_triton.gated_norm_backward(dout, y, z, weight, rstd, group, dz=dz, shape=shape)
             return dx, dz, dw
 
         def peer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -68,12 +76,12 @@ def main() -> int:
             return dx, dz_, dw
 
         moved = tokens * width * 2 * 5  # y, z, dout read; dx, dz written, bf16
-        line = f"{name:9}"
-        for label, fn in (("megassm", ours), ("mamba-ssm", peer)):
+        sweep = [(f"megassm {tuple(shape)}", functools.partial(ours, shape)) for shape in SWEEP] if args.sweep else []
+        for label, fn in (("megassm", ours), ("mamba-ssm", peer), *sweep):
             errors = [relative_error(got, w) for got, w in zip(fn(), want)]
             ms = launch_ms(fn, LAUNCHES)
-            line += f" | {label} {ms:.3f} ms ({moved / ms / 1e9:.2f} TB/s), errors dx {errors[0]:.1e} dz {errors[1]:.1e} dw {errors[2]:.1e}"
-        print(line, flush=True)
+            print(f"{name:9} | {label:32} {ms:.3f} ms ({moved / ms / 1e9:.2f} TB/s), errors dx {errors[0]:.1e} dz {errors[1]:.1e} "
+                  f"dw {errors[2]:.1e}", flush=True)
     return 0
 
 
