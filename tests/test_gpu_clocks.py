@@ -76,11 +76,12 @@ def test_timed_steps_measure_the_timed_steps_only(monkeypatch):
 
 
 def test_rows_show_clocks_energy_and_the_ratios_to_the_peer():
-    peer = {"step_s": 0.3, "tokens": 3000, "flops_per_token": 1e9, "peak_flops": 1e13, "peak_gib": 40.0, "first_step_s": 20.0,
-            "sm_mhz": 1965.0, "power_w": 600.0, "profile": {"matmuls": 150.0, "other": 50.0}}
+    peer = {"step_s": 0.3, "tokens": 3000, "flops_per_token": 1e9, "peak_flops": 1e13, "peak_gib": 40.0, "reserved_gib": 44.5,
+            "first_step_s": 20.0, "sm_mhz": 1965.0, "power_w": 600.0, "profile": {"matmuls": 150.0, "other": 50.0}}
     mine = dict(peer, step_s=0.2, sm_mhz=1755.0, power_w=700.0, profile={"matmuls": 140.0, "other": 20.0})
     shown = bench.describe(mine)
     assert (shown["tokens/s"], shown["MFU"], shown["SM MHz"], shown["W"], shown["tokens/J"]) == ("15,000", "150.0%", "1755", "700", "21.4")
+    assert (shown["peak GiB"], shown["reserved GiB"]) == ("40.0", "44.5")
     assert bench.ratio(peer, mine, bench.wall_time) == "1.50x"
     assert bench.ratio(peer, mine, bench.gpu_time) == "1.25x"  # 200 ms of kernels against 160
     assert bench.ratio(peer, mine, bench.step_energy) == "1.29x"  # 180 J per step (600 W x 0.3 s) against 140

@@ -20,7 +20,9 @@ tokens/s of this loop (run 29: 75,247-75,765 against 75,639).
     python tools/bench.py --check                       # the fast path against the reference path, a few steps
 
 MFU = tokens/s x (6 x parameters + 3 x SSD forward FLOPs per token) / the GPU's bf16 peak,
-the same FLOPs for all. Peak memory is torch.cuda.max_memory_allocated over the whole run. Each row also gives the
+the same FLOPs for all. Peak memory over the whole run: torch.cuda.max_memory_allocated (tensors; a CUDA graph's
+pool counts only while it captures) and max_memory_reserved (what the GPU gives the process: the graphs' pools and the
+allocator's cached blocks too; where it nears the GPU's memory a step runs out). Each row also gives the
 GPU's median SM clock and mean power over its timed steps (NVML, read every 10 ms from a thread; the power from the
 board's energy counter: tools/gpu_clocks.py) and tokens per joule, since a GPU at its power limit lowers its
 clock: there a step takes as long as its energy allows, and the ratio of energy per step to the fused peer's is the
@@ -119,10 +121,13 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def peak_gib() -> float:
+def peak_gib() -> dict[str, float]:
+    """The run's peak memory, allocated and reserved, GiB."""
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    if not torch.cuda.is_available():
+        return {"peak_gib": 0.0, "reserved_gib": 0.0}
+    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30, "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
@@ -171,7 +176,7 @@ def run_megassm(args: argparse.Namespace, started: float) -> dict:
         return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "val_loss": val_loss,
                 "losses": [r[0].item() for r in results], "grad_norms": [r[1].item() for r in results], "profile": profile,
                 "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak, "tokens": cfg.data.global_batch * cfg.data.seq_len,
-                "peak_gib": peak_gib(), **clocks}
+                **peak_gib(), **clocks}
 
 
 def import_peer() -> tuple[type, type]:
@@ -239,7 +244,7 @@ def run_peer(args: argparse.Namespace, started: float) -> dict:
             "grad_norms": [r[1].item() for r in results],
             "profile": profile, "flops_per_token": model_flops_per_token(m, cfg.data.seq_len, logical_param_count(m)),
             "peak_flops": peak_flops(device, cfg.train.peak_tflops), "tokens": batch_size * cfg.data.seq_len,
-            "peak_gib": peak_gib(), **clocks}
+            **peak_gib(), **clocks}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -249,7 +254,7 @@ def worker(args: argparse.Namespace) -> None:
     try:
         result = (run_peer if args.worker in PEERS else run_megassm)(args, started)
     except torch.OutOfMemoryError as error:
-        result = {"oom": True, "peak_gib": peak_gib(), "error": str(error).splitlines()[0]}
+        result = {"oom": True, **peak_gib(), "error": str(error).splitlines()[0]}
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
@@ -271,14 +276,19 @@ def describe(result: dict) -> dict:
     """tokens/s, MFU, memory, and the GPU's SM clock, mean power and tokens per joule during the timed steps, of one
     result."""
     if "step_s" not in result:
-        return {"tokens/s": "OOM" if result.get("oom") else "failed", "MFU": "-", "peak GiB": f"{result.get('peak_gib', 0):.1f}",
+        return {"tokens/s": "OOM" if result.get("oom") else "failed", "MFU": "-", **memory_columns(result),
                 "first step s": "-", "SM MHz": "-", "W": "-", "tokens/J": "-"}
     tokens_per_s = result["tokens"] / result["step_s"]
     mfu = tokens_per_s * result["flops_per_token"] / result["peak_flops"] if result["peak_flops"] else None
-    return {"tokens/s": f"{tokens_per_s:,.0f}", "MFU": f"{100 * mfu:.1f}%" if mfu else "-", "peak GiB": f"{result['peak_gib']:.1f}",
+    return {"tokens/s": f"{tokens_per_s:,.0f}", "MFU": f"{100 * mfu:.1f}%" if mfu else "-", **memory_columns(result),
             "first step s": f"{result['first_step_s']:.0f}", "SM MHz": f"{result['sm_mhz']:.0f}" if "sm_mhz" in result else "-",
             "W": f"{result['power_w']:.0f}" if "power_w" in result else "-",
             "tokens/J": f"{result['tokens'] / step_energy(result):.1f}" if "power_w" in result else "-"}
+
+
+def memory_columns(result: dict) -> dict:
+    reserved = result.get("reserved_gib")
+    return {"peak GiB": f"{result.get('peak_gib', 0):.1f}", "reserved GiB": "-" if reserved is None else f"{reserved:.1f}"}
 
 
 def ratio(reference: dict, result: dict, cost: Callable[[dict], float | None]) -> str:
