@@ -9,6 +9,8 @@ import math
 import torch
 
 from megassm.config import Config, ConfigError, cuda_graph_blockers
+from megassm.metrics import logical_param_count
+from megassm.model.mlp import SEGMENTS as MLP_SEGMENTS
 from megassm.ops import TRITON_MAX_ELEMENTS
 from parallel import ParallelContext
 from parallel.context import group_size
@@ -81,10 +83,15 @@ def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
     return True, "CUDA graphs"
 
 
-# "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory. On an H200
-# (bench/RESULTS.md): 780m at 8 x 2048 tokens keeps 9.7 GB, 2% faster; at 1 x 32,768 19.3 GB (90 GiB peak), 5% faster;
-# at 1 x 65,536 the 39 GB would not fit next to the rest (134 GiB without them).
+# "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory, and with the
+# rest of the step (training_memory_estimate) at most STEP_MEMORY_MAX_SHARE of it. On an H200 (bench/RESULTS.md): 780m
+# at 8 x 2048 tokens keeps 9.7 GB, 2% faster; at 1 x 32,768 19.3 GB (90 GiB peak), 5% faster; at 1 x 65,536 the 39 GB
+# would not fit next to the rest (134 GiB without them). On an 80 GB H100, 2.7b at 2 x 4096 tokens ran out of memory
+# with its 10.7 GB (more than 40 GB of weights, gradients and AdamW's moments besides).
 KEEP_SSD_STATES_AUTO_SHARE = 0.2
+# On an H100 the estimate came out 0-6% above the memory the steps took (780m at 8 x 2048, 1.3b at 4 x 4096, 2.7b at
+# 2 x 4096, bench/RESULTS.md run 32); a step that fills the GPU can still run out later (fragmentation, NCCL's buffers).
+STEP_MEMORY_MAX_SHARE = 0.9
 
 
 def ssd_states_bytes(cfg: Config) -> int:
@@ -99,15 +106,42 @@ def ssd_states_bytes(cfg: Config) -> int:
     return cfg.model.layer_kinds.count("M") * math.prod(shape) * (2 if cfg.train.precision == "bf16" else 4)
 
 
-def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int) -> bool:
+def activation_bytes_per_token(cfg: Config) -> int:
+    """What one token's pass through the blocks keeps for their backward on a rank, without activation checkpointing:
+    each block's fp32 input and its matmuls' inputs and outputs in the compute dtype (Mamba-2: in_proj's output, the
+    conv's, the SSD's and the gated norm's; the SSD's states apart, ssd_states_bytes)."""
+    model, tp = cfg.model, cfg.parallel.tp
+    layout = model.mamba_layout(tp)
+    mlp_up = len(MLP_SEGMENTS[model.mlp_activation]) * model.mlp_hidden // tp
+    heads = model.attn_heads * model.attn_head_dim // tp
+    kept = {"M": model.d_model + layout.in_proj_width + layout.conv_channels + 2 * layout.d_inner,
+            "*": model.d_model + 2 * heads + 2 * model.attn_kv_heads * model.attn_head_dim // tp,
+            "-": model.d_model + mlp_up + model.mlp_hidden // tp}
+    compute = 2 if cfg.train.precision == "bf16" else 4
+    return sum(4 * model.d_model + compute * kept[kind] for kind in model.layer_kinds)
+
+
+def training_memory_estimate(cfg: Config, optimizer_shards: int) -> int:
+    """Roughly the bytes a rank holds at the peak of a training step, the SSD's states apart: fp32 weights and
+    gradients, AdamW's two moments (split over `optimizer_shards` ranks by ZeRO), and what the blocks keep for their
+    backward (activation_bytes_per_token; activation checkpointing: each block's input)."""
+    params = logical_param_count(cfg.model) // cfg.parallel.tp
+    per_token = 4 * cfg.model.d_model * cfg.model.n_layer if cfg.train.activation_checkpointing else activation_bytes_per_token(cfg)
+    return params * (8 + 8 // optimizer_shards) + cfg.micro_batch_tokens * per_token
+
+
+def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, optimizer_shards: int = 1) -> bool:
     """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
-    bytes). Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
+    bytes; optimizer_shards: the ranks ZeRO splits AdamW's moments over). Only its fused mixer (Triton backend,
+    megassm's SSD kernels) can."""
     choice = cfg.train.keep_ssd_states
     if choice is False or backend != "triton" or cfg.kernels.ssd != "megassm":
         return False
     if choice is True or cfg.train.activation_checkpointing:
         return True
-    return ssd_states_bytes(cfg) <= KEEP_SSD_STATES_AUTO_SHARE * device_memory
+    states = ssd_states_bytes(cfg)
+    return (states <= KEEP_SSD_STATES_AUTO_SHARE * device_memory
+            and states + training_memory_estimate(cfg, optimizer_shards) <= STEP_MEMORY_MAX_SHARE * device_memory)
 
 
 # Under DDP the blocks' CUDA graphs come in this many groups of layers, so that DDP sums each group's gradients over

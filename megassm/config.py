@@ -87,7 +87,7 @@ class TrainConfig:
     # megassm's SSD keeps its per-chunk states for the backward instead of recomputing them (one pass over x and B per
     # layer; about in_proj's output in memory): "auto" (under activation checkpointing, where only the recomputed
     # layer holds them, or when all layers' states take at most auto_choices.KEEP_SSD_STATES_AUTO_SHARE of the GPU's
-    # memory), true, false.
+    # memory and, with an estimate of the rest of the step, at most STEP_MEMORY_MAX_SHARE), true, false.
     keep_ssd_states: bool | str = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation

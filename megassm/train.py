@@ -324,7 +324,8 @@ class Trainer:
         cfg = self.cfg
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
         device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
-        keep_states = keep_ssd_states_choice(cfg, self.backend, device_memory)
+        optimizer_shards = group_size(self.ctx.dp_cp_group) if cfg.parallel.engine == "deepspeed" else 1  # ZeRO
+        keep_states = keep_ssd_states_choice(cfg, self.backend, device_memory, optimizer_shards)
         self.kernels_note = (f"triton kernels (SSD: {cfg.kernels.ssd}{', states kept' if keep_states else ''})" if self.backend == "triton"
                              else f"{self.backend} kernels")
         check_kernel_limits(cfg, self.backend)
