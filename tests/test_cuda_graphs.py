@@ -86,6 +86,17 @@ def test_micro_batches_sum_their_gradients(setup, grad_at_start):
     torch.testing.assert_close(weight.grad, eager_grad(weight, batches))
 
 
+def test_two_backwards_of_one_pass_sum_their_gradients(setup):
+    """The first backward adopts the buffer; the second one's replay overwrote it (twice the second loss's gradient)."""
+    weight, graphs, batches = setup
+    (x, target_a), (_, target_b) = batches
+    h, update = _Replay.apply(graphs, 0, x, None, graphs.ids[0], None, weight)
+    out = h + update.sum(-1, keepdim=True)
+    (out * target_a).sum().backward(retain_graph=True)
+    (out * target_b).sum().backward()
+    torch.testing.assert_close(weight.grad, eager_grad(weight, [(x, target_a), (x, target_b)]))
+
+
 def test_a_pass_copies_every_group_s_adopted_gradients_before_its_first_replay(setup):
     """The first group's forward replay may overwrite a later group's buffers too: a .grad that is still a buffer,
     of any group, is copied before it."""

@@ -25,7 +25,7 @@ one micro batch per step the optimizer drops the gradients after its step, so th
 every gradient and no zeroing (~2% of a 780m step). With several, whose gradients are summed, the
 trainer's engine zeroes `.grad` in place and autograd adds the buffers into it; a `.grad` that is still
 an adopted buffer is copied before the next pass's first replay (all graphs share one pool: a forward's
-temporaries may lie where the backward's buffers do). Capture allocates no `.grad`
+temporaries may lie where the backward's buffers do) and before another backward replay of its group. Capture allocates no `.grad`
 (zeroed gradients next to the buffers: 2.9 GiB more in a 780m run's first step).
 """
 
@@ -116,6 +116,7 @@ class _Replay(torch.autograd.Function):
             raise RuntimeError("the blocks' CUDA graphs replayed another forward pass of this shape before this pass's backward, "
                                "overwriting what it kept for it: run each pass's backward before the next forward of the same "
                                "shape, or build the model without CUDA graphs")
+        graphs.copy_adopted_gradients(group)  # a second backward through this pass (retain_graph) overwrites them too
         for static, grad in zip(graphs.grad_inputs[group + 1], grads):
             if static.data_ptr() != grad.data_ptr():
                 static.copy_(grad)
@@ -171,11 +172,12 @@ class BlockGraphs:
                 self.grad_inputs.insert(0, tuple(None if t is None or not t.requires_grad else next(grads) for t in self.inputs[group]))
                 self.grad_params.insert(0, tuple(grads))
 
-    def copy_adopted_gradients(self) -> None:
-        """Give each `.grad` that is still a gradient buffer (adopted by autograd) its own copy: any replay may overwrite
-        the buffers, a forward's temporaries too (all graphs share one pool; a buffer may lie where an earlier captured
-        graph's temporaries did)."""
-        for params, buffers in zip(self.params, self.grad_params):
+    def copy_adopted_gradients(self, group: int | None = None) -> None:
+        """Give each `.grad` that is still a gradient buffer (adopted by autograd) of `group` (of every group: None) its
+        own copy: any replay may overwrite the buffers, a forward's temporaries too (all graphs share one pool; a buffer
+        may lie where an earlier captured graph's temporaries did)."""
+        groups = range(len(self.params)) if group is None else [group]
+        for params, buffers in ((self.params[g], self.grad_params[g]) for g in groups):
             for param, buffer in zip(params, buffers):
                 if param.grad is not None and param.grad.data_ptr() == buffer.data_ptr():
                     param.grad = param.grad.clone()
