@@ -106,33 +106,46 @@ def ssd_states_bytes(cfg: Config) -> int:
     return cfg.model.layer_kinds.count("M") * math.prod(shape) * (2 if cfg.train.precision == "bf16" else 4)
 
 
+def _kept_per_token(cfg: Config, kind: str) -> int:
+    """Elements in the compute dtype one token's pass through a block of `kind` keeps for its backward on a rank: its
+    normed input and its matmuls' outputs (Mamba-2: in_proj's, the conv's, the SSD's, the gated norm's; MLP: the up
+    projection's, whose halves stay alive as one tensor, and the activation's; attention: the q/k/v projection's, the
+    rotated q and k, the attention's output and o_proj's copy of it, and under CP the other ranks' k and v)."""
+    model, tp = cfg.model, cfg.parallel.tp
+    if kind == "M":
+        layout = model.mamba_layout(tp)
+        return model.d_model + layout.in_proj_width + layout.conv_channels + 2 * layout.d_inner
+    if kind == "-":
+        return model.d_model + 2 * len(MLP_SEGMENTS[model.mlp_activation]) * model.mlp_hidden // tp
+    replicated = model.attn_kv_heads < tp  # every rank projects all key/value heads, then keeps one
+    q = model.attn_heads * model.attn_head_dim // tp
+    kv = model.attn_head_dim * (1 if replicated else model.attn_kv_heads // tp)
+    projected = model.attn_head_dim * (model.attn_kv_heads if replicated else model.attn_kv_heads // tp)
+    return model.d_model + q + 2 * projected + (q + kv if model.rope else 0) + 2 * q + 2 * kv * (cfg.parallel.cp - 1)
+
+
 def activation_bytes_per_token(cfg: Config) -> int:
     """What one token's pass through the blocks keeps for their backward on a rank, without activation checkpointing:
-    each block's fp32 input and its matmuls' inputs and outputs in the compute dtype (Mamba-2: in_proj's output, the
-    conv's, the SSD's and the gated norm's; the SSD's states apart, ssd_states_bytes)."""
-    model, tp = cfg.model, cfg.parallel.tp
-    layout = model.mamba_layout(tp)
-    mlp_up = len(MLP_SEGMENTS[model.mlp_activation]) * model.mlp_hidden // tp
-    heads = model.attn_heads * model.attn_head_dim // tp
-    kept = {"M": model.d_model + layout.in_proj_width + layout.conv_channels + 2 * layout.d_inner,
-            "*": model.d_model + 2 * heads + 2 * model.attn_kv_heads * model.attn_head_dim // tp,
-            "-": model.d_model + mlp_up + model.mlp_hidden // tp}
+    each block's fp32 input and _kept_per_token in the compute dtype (the SSD's states apart: ssd_states_bytes)."""
     compute = 2 if cfg.train.precision == "bf16" else 4
-    return sum(4 * model.d_model + compute * kept[kind] for kind in model.layer_kinds)
+    return sum(4 * cfg.model.d_model + compute * _kept_per_token(cfg, kind) for kind in cfg.model.layer_kinds)
 
 
-def training_memory_estimate(cfg: Config, optimizer_shards: int) -> int:
+def training_memory_estimate(cfg: Config, replicas: int = 1, cuda_graphs: bool = False) -> int:
     """Roughly the bytes a rank holds at the peak of a training step, the SSD's states apart: fp32 weights and
-    gradients, AdamW's two moments (split over `optimizer_shards` ranks by ZeRO), and what the blocks keep for their
-    backward (activation_bytes_per_token; activation checkpointing: each block's input)."""
+    gradients, AdamW's two moments (split over the `replicas` of the DP x CP group by ZeRO), DDP's copy of the
+    gradients in its buckets (more than one replica), the CUDA graphs' gradient buffers next to `.grad` (several micro
+    batches), and what the blocks keep for their backward (activation checkpointing: each block's input)."""
     params = logical_param_count(cfg.model) // cfg.parallel.tp
+    zero = cfg.parallel.engine == "deepspeed"
+    per_param = 8 + 8 / (replicas if zero else 1) + 4 * (not zero and replicas > 1) + 4 * (cuda_graphs and cfg.accumulation_steps > 1)
     per_token = 4 * cfg.model.d_model * cfg.model.n_layer if cfg.train.activation_checkpointing else activation_bytes_per_token(cfg)
-    return params * (8 + 8 // optimizer_shards) + cfg.micro_batch_tokens * per_token
+    return int(params * per_param) + cfg.micro_batch_tokens * per_token
 
 
-def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, optimizer_shards: int = 1) -> bool:
+def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1, cuda_graphs: bool = False) -> bool:
     """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
-    bytes; optimizer_shards: the ranks ZeRO splits AdamW's moments over). Only its fused mixer (Triton backend,
+    bytes; replicas and cuda_graphs as training_memory_estimate takes them). Only its fused mixer (Triton backend,
     megassm's SSD kernels) can."""
     choice = cfg.train.keep_ssd_states
     if choice is False or backend != "triton" or cfg.kernels.ssd != "megassm":
@@ -141,7 +154,7 @@ def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, optimi
         return True
     states = ssd_states_bytes(cfg)
     return (states <= KEEP_SSD_STATES_AUTO_SHARE * device_memory
-            and states + training_memory_estimate(cfg, optimizer_shards) <= STEP_MEMORY_MAX_SHARE * device_memory)
+            and states + training_memory_estimate(cfg, replicas, cuda_graphs) <= STEP_MEMORY_MAX_SHARE * device_memory)
 
 
 # Under DDP the blocks' CUDA graphs come in this many groups of layers, so that DDP sums each group's gradients over
