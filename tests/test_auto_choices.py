@@ -117,6 +117,29 @@ def test_what_the_replicas_hold_decides_too():
     assert ddp.accumulation_steps == 2 and not keep_ssd_states_choice(ddp, "triton", H100, replicas=8, cuda_graphs=True)
 
 
+@pytest.mark.parametrize("activation", ["swiglu", "relu2"])
+def test_the_mlp_blocks_term_is_what_autograd_keeps(activation):
+    """What an MLP block's autograd graph saves under bf16 autocast, on CPU, the activations alone (not the weights'
+    bf16 copies): 120 tokens, no weight dimension among their leading ones."""
+    from megassm.auto_choices import _kept_per_token
+    from megassm.model.mlp import MLP
+
+    batch, seq = 3, 40
+    cfg = config("--model.preset=debug-hybrid", f"--data.seq_len={seq}", f"--data.micro_batch={batch}", f"--data.global_batch={batch}",
+                 "--train.eval_samples=3", f"--model.mlp_activation={activation}")
+    storages = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[:2] == (batch, seq) or t.shape[0] == batch * seq:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    u = torch.randn(batch, seq, cfg.model.d_model, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        MLP(cfg.model)(u)
+    assert sum(storages.values()) == 2 * batch * seq * _kept_per_token(cfg, "-")
+
+
 def test_an_activation_no_block_uses_is_never_looked_up():
     assert keep_ssd_states_choice(config("--model.preset=mamba2-780m", "--model.mlp_activation=gelu"), "triton", H200)
 
