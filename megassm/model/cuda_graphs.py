@@ -25,8 +25,9 @@ one micro batch per step the optimizer drops the gradients after its step, so th
 every gradient and no zeroing (~2% of a 780m step). With several, whose gradients are summed, the
 trainer's engine zeroes `.grad` in place and autograd adds the buffers into it; a `.grad` that is still
 an adopted buffer is copied before the next pass's first replay (all graphs share one pool: a forward's
-temporaries may lie where the backward's buffers do) and before another backward replay of its group. Capture allocates no `.grad`
-(zeroed gradients next to the buffers: 2.9 GiB more in a 780m run's first step).
+temporaries may lie where the backward's buffers do) and before another backward replay of its group.
+Capture allocates no `.grad` (zeroed gradients next to the buffers: 2.9 GiB more in a 780m run's first
+step).
 """
 
 from __future__ import annotations
