@@ -143,18 +143,23 @@ def training_memory_estimate(cfg: Config, replicas: int = 1, cuda_graphs: bool =
     return int(params * per_param) + cfg.micro_batch_tokens * per_token
 
 
-def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1, cuda_graphs: bool = False) -> bool:
+def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1,
+                           cuda_graphs: bool = False) -> tuple[bool, str]:
     """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
-    bytes; replicas and cuda_graphs as training_memory_estimate takes them). Only its fused mixer (Triton backend,
-    megassm's SSD kernels) can."""
+    bytes; replicas and cuda_graphs as training_memory_estimate takes them), and the start-up line's words for it
+    where its SSD runs. Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
     choice = cfg.train.keep_ssd_states
-    if choice is False or backend != "triton" or cfg.kernels.ssd != "megassm":
-        return False
+    if backend != "triton" or cfg.kernels.ssd != "megassm":
+        return False, ""
+    if choice is False:
+        return False, "states recomputed"
     if choice is True or cfg.train.activation_checkpointing:
-        return True
-    states = ssd_states_bytes(cfg)
-    return (states <= KEEP_SSD_STATES_AUTO_SHARE * device_memory
-            and states + training_memory_estimate(cfg, replicas, cuda_graphs) <= STEP_MEMORY_MAX_SHARE * device_memory)
+        return True, "states kept"
+    states, rest = ssd_states_bytes(cfg), training_memory_estimate(cfg, replicas, cuda_graphs)
+    if states <= KEEP_SSD_STATES_AUTO_SHARE * device_memory and states + rest <= STEP_MEMORY_MAX_SHARE * device_memory:
+        return True, "states kept"
+    return False, (f"states recomputed: with them a step would take ~{(states + rest) / 2**30:.0f} of the GPU's "
+                   f"{device_memory / 2**30:.0f} GiB; train.keep_ssd_states = true keeps them")
 
 
 # Under DDP the blocks' CUDA graphs come in this many groups of layers, so that DDP sums each group's gradients over

@@ -325,9 +325,9 @@ class Trainer:
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
         device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
-        keep_states = keep_ssd_states_choice(cfg, self.backend, device_memory, group_size(self.ctx.dp_cp_group), graphs)
-        self.kernels_note = (f"triton kernels (SSD: {cfg.kernels.ssd}{', states kept' if keep_states else ''})" if self.backend == "triton"
-                             else f"{self.backend} kernels")
+        keep_states, states_note = keep_ssd_states_choice(cfg, self.backend, device_memory, group_size(self.ctx.dp_cp_group), graphs)
+        ssd_note = ", ".join([f"SSD: {cfg.kernels.ssd}", *([states_note] if states_note else [])])
+        self.kernels_note = f"triton kernels ({ssd_note})" if self.backend == "triton" else f"{self.backend} kernels"
         check_kernel_limits(cfg, self.backend)
         self.memory_levers = {"keep_ssd_states": keep_states, "cuda_graphs": graphs}
         return build_model(cfg, self.ctx, graphs, keep_states).to(self.device)

@@ -98,8 +98,8 @@ def test_the_ssd_states_of_780m_at_8_x_2048_tokens():
     (["--model.preset=mamba2-1.3b", "--data.micro_batch=4", "--data.global_batch=4", "--data.seq_len=4096"], 1, H200, True),
 ])
 def test_auto_keeps_the_ssd_states_where_memory_allows(overrides, world, memory, expected):
-    assert keep_ssd_states_choice(config(*overrides, world_size=world), "triton", memory) == expected
-    assert keep_ssd_states_choice(config(*overrides, world_size=world), "torch", memory) is False
+    assert keep_ssd_states_choice(config(*overrides, world_size=world), "triton", memory)[0] == expected
+    assert keep_ssd_states_choice(config(*overrides, world_size=world), "torch", memory) == (False, "")
 
 
 def test_what_the_replicas_hold_decides_too():
@@ -108,13 +108,14 @@ def test_what_the_replicas_hold_decides_too():
     gradients, with CUDA graphs over several micro batches, whose buffers stand next to `.grad` (8 more bytes a
     parameter)."""
     two = ["--model.preset=mamba2-2.7b", "--data.micro_batch=2", "--data.seq_len=4096"]
-    assert not keep_ssd_states_choice(config(*two, "--data.global_batch=2"), "triton", H100)
+    assert keep_ssd_states_choice(config(*two, "--data.global_batch=2"), "triton", H100) == (
+        False, "states recomputed: with them a step would take ~83 of the GPU's 80 GiB; train.keep_ssd_states = true keeps them")
     zero = config(*two, "--data.global_batch=16", "--parallel.engine=deepspeed", world_size=8)
-    assert keep_ssd_states_choice(zero, "triton", H100, replicas=8)
+    assert keep_ssd_states_choice(zero, "triton", H100, replicas=8) == (True, "states kept")
     one = ["--model.preset=mamba2-2.7b", "--data.micro_batch=1", "--data.seq_len=4096"]
-    assert keep_ssd_states_choice(config(*one, "--data.global_batch=1"), "triton", H100, cuda_graphs=True)
+    assert keep_ssd_states_choice(config(*one, "--data.global_batch=1"), "triton", H100, cuda_graphs=True)[0]
     ddp = config(*one, "--data.global_batch=16", world_size=8)
-    assert ddp.accumulation_steps == 2 and not keep_ssd_states_choice(ddp, "triton", H100, replicas=8, cuda_graphs=True)
+    assert ddp.accumulation_steps == 2 and not keep_ssd_states_choice(ddp, "triton", H100, replicas=8, cuda_graphs=True)[0]
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu2"])
@@ -141,7 +142,7 @@ def test_the_mlp_blocks_term_is_what_autograd_keeps(activation):
 
 
 def test_an_activation_no_block_uses_is_never_looked_up():
-    assert keep_ssd_states_choice(config("--model.preset=mamba2-780m", "--model.mlp_activation=gelu"), "triton", H200)
+    assert keep_ssd_states_choice(config("--model.preset=mamba2-780m", "--model.mlp_activation=gelu"), "triton", H200)[0]
 
 
 @pytest.mark.parametrize("preset, micro_batch, keep, measured_gib", [
