@@ -2,6 +2,9 @@
 says when it does not), how the engine then drops or zeroes gradients, and where train.keep_ssd_states keeps the SSD's
 states for the backward."""
 
+import tomllib
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -139,6 +142,17 @@ def test_the_mlp_blocks_term_is_what_autograd_keeps(activation):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
         MLP(cfg.model)(u)
     assert sum(storages.values()) == 2 * batch * seq * _kept_per_token(cfg, "-")
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_config_gets_a_decision(path):
+    """Each config of configs/ on one node of 8 GPUs of either kind: a decision and its words, no error."""
+    raw = tomllib.loads(path.read_text())["parallel"]
+    cfg = load_config(path, ["--data.path=unused"], world_size=8)
+    for memory in (H100, H200):
+        keep, note = keep_ssd_states_choice(cfg, "triton", memory, replicas=8 // (raw.get("tp", 1) * raw.get("cp", 1)), cuda_graphs=True)
+        assert note == "states kept" if keep else note.startswith("states recomputed: with them a step would take ~")
+        assert keep or not cfg.train.activation_checkpointing  # where only the recomputed layer holds them
 
 
 def test_an_activation_no_block_uses_is_never_looked_up():
