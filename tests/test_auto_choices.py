@@ -2,7 +2,6 @@
 says when it does not), how the engine then drops or zeroes gradients, and where train.keep_ssd_states keeps the SSD's
 states for the backward."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -147,10 +146,9 @@ def test_the_mlp_blocks_term_is_what_autograd_keeps(activation):
 @pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.toml")), ids=lambda p: p.stem)
 def test_every_shipped_config_gets_a_decision(path):
     """Each config of configs/ on one node of 8 GPUs of either kind: a decision and its words, no error."""
-    raw = tomllib.loads(path.read_text())["parallel"]
     cfg = load_config(path, ["--data.path=unused"], world_size=8)
     for memory in (H100, H200):
-        keep, note = keep_ssd_states_choice(cfg, "triton", memory, replicas=8 // (raw.get("tp", 1) * raw.get("cp", 1)), cuda_graphs=True)
+        keep, note = keep_ssd_states_choice(cfg, "triton", memory, replicas=cfg.parallel.dp * cfg.parallel.cp, cuda_graphs=True)
         assert note == "states kept" if keep else note.startswith("states recomputed: with them a step would take ~")
         assert keep or not cfg.train.activation_checkpointing  # where only the recomputed layer holds them
 

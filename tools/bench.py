@@ -121,7 +121,7 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
-def peak_gib() -> dict[str, float]:
+def peak_memory() -> dict[str, float]:
     """The run's peak memory, allocated and reserved, GiB."""
     import torch
 
@@ -176,7 +176,7 @@ def run_megassm(args: argparse.Namespace, started: float) -> dict:
         return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "val_loss": val_loss,
                 "losses": [r[0].item() for r in results], "grad_norms": [r[1].item() for r in results], "profile": profile,
                 "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak, "tokens": cfg.data.global_batch * cfg.data.seq_len,
-                **peak_gib(), **clocks}
+                **peak_memory(), **clocks}
 
 
 def import_peer() -> tuple[type, type]:
@@ -244,7 +244,7 @@ def run_peer(args: argparse.Namespace, started: float) -> dict:
             "grad_norms": [r[1].item() for r in results],
             "profile": profile, "flops_per_token": model_flops_per_token(m, cfg.data.seq_len, logical_param_count(m)),
             "peak_flops": peak_flops(device, cfg.train.peak_tflops), "tokens": batch_size * cfg.data.seq_len,
-            **peak_gib(), **clocks}
+            **peak_memory(), **clocks}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -254,7 +254,7 @@ def worker(args: argparse.Namespace) -> None:
     try:
         result = (run_peer if args.worker in PEERS else run_megassm)(args, started)
     except torch.OutOfMemoryError as error:
-        result = {"oom": True, **peak_gib(), "error": str(error).splitlines()[0]}
+        result = {"oom": True, **peak_memory(), "error": str(error).splitlines()[0]}
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
