@@ -1,6 +1,7 @@
 """What the trainer decides for itself from the config and the device, and the limits it checks before building
-anything: CUDA graphs ("auto"), keeping the SSD's states ("auto"), the graphs' groups of layers under DDP, the Triton
-kernels' limits (32-bit addressing, head dimension, norm group width), and what to change after running out of GPU memory."""
+anything: CUDA graphs ("auto"), the blocks activation checkpointing recomputes ("auto"), keeping the SSD's states
+("auto"), the graphs' groups of layers under DDP, the Triton kernels' limits (32-bit addressing, head dimension, norm
+group width), and what to change after running out of GPU memory."""
 
 from __future__ import annotations
 
@@ -16,18 +17,22 @@ from parallel import ParallelContext
 from parallel.context import group_size
 
 
-def out_of_memory_advice(cfg: Config, step: int, keep_ssd_states: bool, cuda_graphs: bool) -> str:
+def out_of_memory_advice(cfg: Config, step: int, keep_ssd_states: bool, cuda_graphs: bool, recomputed_blocks: int) -> str:
     """What to change when training step `step` (0-based) ran out of memory: the cheapest levers first."""
     tokens = cfg.micro_batch_tokens
     levers = []
     if cfg.data.micro_batch > 1:
         levers.append(f"lower data.micro_batch (now {cfg.data.micro_batch}; gradient accumulation keeps data.global_batch)")
     if keep_ssd_states:
-        levers.append(f"set train.keep_ssd_states = false (the SSD's states take {ssd_states_bytes(cfg) / 2**30:.1f} GiB)")
+        states = ssd_states_bytes(cfg, recomputed_blocks)
+        levers.append(f"set train.keep_ssd_states = false (the SSD's states take {states / 2**30:.1f} GiB)")
     if cuda_graphs:
         levers.append("set train.cuda_graphs = false (their memory pool)")
-    if not cfg.train.activation_checkpointing:
+    if recomputed_blocks == 0:
         levers.append("set train.activation_checkpointing = true")
+    elif recomputed_blocks < cfg.model.n_layer:
+        levers.append(f"recompute more blocks: train.activation_checkpointing = true (all {cfg.model.n_layer}) or a number "
+                      f"above {recomputed_blocks}")
     levers.append("spread the sequence or the model over more GPUs (parallel.cp, parallel.tp)")
     return f"the GPU ran out of memory in step {step + 1} ({tokens:,} tokens per micro batch and rank): " + "; or ".join(levers)
 
@@ -83,27 +88,35 @@ def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
     return True, "CUDA graphs"
 
 
+# "auto" recomputes the first blocks, as few as bring training_memory_estimate within this share of the GPU's memory.
+# Steps measured at up to 96% of it ran (bench/RESULTS.md: 780m at 1 x 32,768 tokens on an H100, at 1 x 65,536 on an
+# H200), the estimate within 1% below them; each block recomputed costs about a third of its time again.
+RECOMPUTE_ABOVE_SHARE = 0.95
 # "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory, and with the
-# rest of the step (training_memory_estimate) at most STEP_MEMORY_MAX_SHARE of it. On an H200 (bench/RESULTS.md): 780m
-# at 8 x 2048 tokens keeps 9.7 GB, 2% faster; at 1 x 32,768 19.3 GB (90 GiB peak), 5% faster; at 1 x 65,536 the 39 GB
-# would not fit next to the rest (134 GiB without them). On an 80 GB H100, 2.7b at 2 x 4096 tokens ran out of memory
-# with its 10.7 GB (more than 40 GB of weights, gradients and AdamW's moments besides).
+# rest of the step (training_memory_estimate) at most STEP_MEMORY_MAX_SHARE of it: they save a few percent of a step,
+# so only with room to spare. On an H200 (bench/RESULTS.md): 780m at 8 x 2048 tokens keeps 9.7 GB, 2% faster; at
+# 1 x 32,768 19.3 GB (90 GiB peak), 5% faster; at 1 x 65,536 the 39 GB would not fit next to the rest (134 GiB without
+# them). On an 80 GB H100, 2.7b at 2 x 4096 tokens ran out of memory with its 10.7 GB (more than 40 GB of weights,
+# gradients and AdamW's moments besides).
 KEEP_SSD_STATES_AUTO_SHARE = 0.2
-# On an H100 the estimate came out 0-6% above the memory the steps took (780m at 8 x 2048, 1.3b at 4 x 4096, 2.7b at
-# 2 x 4096, bench/RESULTS.md run 32); a step that fills the GPU can still run out later (fragmentation, NCCL's buffers).
+# On an H100 the estimate came out 1-7% above the memory the steps took at 780m 8 x 2048, 1.3b 4 x 4096 and 2.7b
+# 2 x 4096, within 1.5% at 780m 1 x 32,768 to 131,072 (bench/RESULTS.md runs 32-33); a step that fills the GPU can
+# still run out later (NCCL's buffers).
 STEP_MEMORY_MAX_SHARE = 0.9
 
 
-def ssd_states_bytes(cfg: Config) -> int:
-    """What megassm's SSD states take when every Mamba-2 layer keeps them: their shape per layer and rank, in the
-    compute dtype, at its kernels' chunk."""
+def ssd_states_bytes(cfg: Config, recomputed_blocks: int = 0) -> int:
+    """What megassm's SSD states take when every Mamba-2 layer after the first `recomputed_blocks` blocks keeps them
+    (a recomputed layer holds its own only during its backward): their shape per layer and rank, in the compute dtype,
+    at its kernels' chunk."""
     from megassm.ops.ssd_triton import DEFAULT_KERNEL_CHUNK  # imports triton: only where the Triton backend runs
     from megassm.ops.ssd_triton_fwd import states_shape
 
     layout = cfg.model.mamba_layout(cfg.parallel.tp)
     shape = states_shape(cfg.data.micro_batch, cfg.data.seq_len // cfg.parallel.cp, layout.nheads, layout.headdim, layout.d_state,
                          DEFAULT_KERNEL_CHUNK)
-    return cfg.model.layer_kinds.count("M") * math.prod(shape) * (2 if cfg.train.precision == "bf16" else 4)
+    layers = cfg.model.layer_kinds[recomputed_blocks:].count("M")
+    return layers * math.prod(shape) * (2 if cfg.train.precision == "bf16" else 4)
 
 
 def _kept_per_token(cfg: Config, kind: str) -> int:
@@ -124,38 +137,69 @@ def _kept_per_token(cfg: Config, kind: str) -> int:
     return model.d_model + q + 2 * projected + (q + kv if model.rope else 0) + 2 * q + 2 * kv * (cfg.parallel.cp - 1)
 
 
-def activation_bytes_per_token(cfg: Config) -> int:
-    """What one token's pass through the blocks keeps for their backward on a rank, without activation checkpointing:
-    each block's fp32 input and _kept_per_token in the compute dtype (the SSD's states apart: ssd_states_bytes)."""
+def block_bytes_per_token(cfg: Config) -> list[int]:
+    """What one token's pass through each block keeps for its backward on a rank, without activation checkpointing:
+    _kept_per_token in the compute dtype (the SSD's states apart: ssd_states_bytes; the block's fp32 input apart, which
+    a recomputed block keeps too)."""
     compute = 2 if cfg.train.precision == "bf16" else 4
-    return sum(4 * cfg.model.d_model + compute * _kept_per_token(cfg, kind) for kind in cfg.model.layer_kinds)
+    return [compute * _kept_per_token(cfg, kind) for kind in cfg.model.layer_kinds]
 
 
-def training_memory_estimate(cfg: Config, replicas: int = 1, cuda_graphs: bool = False) -> int:
+def training_memory_estimate(cfg: Config, replicas: int = 1, cuda_graphs: bool = False, recomputed_blocks: int = 0) -> int:
     """Roughly the bytes a rank holds at the peak of a training step, the SSD's states apart: fp32 weights and
     gradients, AdamW's two moments (split over the `replicas` of the DP x CP group by ZeRO), DDP's copy of the
     gradients in its buckets (more than one replica), the CUDA graphs' gradient buffers next to `.grad` (several micro
-    batches), and what the blocks keep for their backward (activation checkpointing: each block's input)."""
+    batches), each block's fp32 input, and the larger of two peaks: at the end of the forward, what the blocks after the
+    first `recomputed_blocks` keep for their backward and one block's worth of the backward's own tensors beside them;
+    in a recomputed block's backward, its recomputed tensors and its backward's."""
     params = logical_param_count(cfg.model) // cfg.parallel.tp
     zero = cfg.parallel.engine == "deepspeed"
     per_param = 8 + 8 / (replicas if zero else 1) + 4 * (not zero and replicas > 1) + 4 * (cuda_graphs and cfg.accumulation_steps > 1)
-    per_token = 4 * cfg.model.d_model * cfg.model.n_layer if cfg.train.activation_checkpointing else activation_bytes_per_token(cfg)
-    return int(params * per_param) + cfg.micro_batch_tokens * per_token
+    kept = block_bytes_per_token(cfg)
+    activations = max(sum(kept[recomputed_blocks:]) + max(kept), 2 * max(kept[:recomputed_blocks], default=0))
+    return int(params * per_param) + cfg.micro_batch_tokens * (4 * cfg.model.d_model * cfg.model.n_layer + activations)
 
 
-def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1,
-                           cuda_graphs: bool = False) -> tuple[bool, str]:
+def recomputed_blocks_choice(cfg: Config, device_memory: int, replicas: int = 1, cuda_graphs: bool = False) -> tuple[int, str]:
+    """How many blocks, the first ones, activation checkpointing recomputes (train.activation_checkpointing; device_memory
+    in bytes, 0 without a GPU; replicas and cuda_graphs as training_memory_estimate takes them), and the start-up line's
+    words for it. The first ones: each is recomputed after the later blocks' tensors are freed, so it adds nothing to
+    the step's peak."""
+    choice, blocks = cfg.train.activation_checkpointing, cfg.model.n_layer
+    if choice != "auto":
+        recomputed = blocks if choice is True else int(choice)
+        return recomputed, _recomputed_words(recomputed, blocks)
+    if not device_memory:
+        return 0, _recomputed_words(0, blocks)
+    estimate = [training_memory_estimate(cfg, replicas, cuda_graphs, k) for k in range(blocks + 1)]
+    recomputed = next((k for k, need in enumerate(estimate) if need <= RECOMPUTE_ABOVE_SHARE * device_memory), blocks)
+    if recomputed == 0:
+        return 0, _recomputed_words(0, blocks)
+    still = f", with: ~{estimate[-1] / 2**30:.0f}" if estimate[-1] > RECOMPUTE_ABOVE_SHARE * device_memory else ""
+    return recomputed, (f"{_recomputed_words(recomputed, blocks)} (without: a step would take ~{estimate[0] / 2**30:.0f} of the "
+                        f"GPU's {device_memory / 2**30:.0f} GiB{still})")
+
+
+def _recomputed_words(recomputed: int, blocks: int) -> str:
+    if recomputed == 0:
+        return "no activation checkpointing"
+    return "activation checkpointing" + ("" if recomputed == blocks else f" of the first {recomputed} of {blocks} blocks")
+
+
+def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1, cuda_graphs: bool = False,
+                           recomputed_blocks: int = 0) -> tuple[bool, str]:
     """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
-    bytes; replicas and cuda_graphs as training_memory_estimate takes them), and the start-up line's words for it
-    where its SSD runs. Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
+    bytes; replicas, cuda_graphs and recomputed_blocks as training_memory_estimate takes them), and the start-up line's
+    words for it where its SSD runs. Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
     choice = cfg.train.keep_ssd_states
     if backend != "triton" or cfg.kernels.ssd != "megassm":
         return False, ""
     if choice is False:
         return False, "states recomputed"
-    if choice is True or cfg.train.activation_checkpointing:
+    if choice is True or recomputed_blocks == cfg.model.n_layer:  # every layer holds its states only during its backward
         return True, "states kept"
-    states, rest = ssd_states_bytes(cfg), training_memory_estimate(cfg, replicas, cuda_graphs)
+    states = ssd_states_bytes(cfg, recomputed_blocks)
+    rest = training_memory_estimate(cfg, replicas, cuda_graphs, recomputed_blocks)
     if states <= KEEP_SSD_STATES_AUTO_SHARE * device_memory and states + rest <= STEP_MEMORY_MAX_SHARE * device_memory:
         return True, "states kept"
     return False, (f"states recomputed: with them a step would take ~{(states + rest) / 2**30:.0f} of the GPU's "

@@ -78,16 +78,20 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 1000
     precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
-    activation_checkpointing: bool = False  # each block keeps only its input and recomputes the rest in backward
+    # A recomputed block keeps only its input and recomputes the rest in backward (about a third of its time again):
+    # "auto" (on a GPU, the first blocks, as few as auto_choices.training_memory_estimate needs to fit within
+    # RECOMPUTE_ABOVE_SHARE of its memory; the start-up line says how many), true (every block), false, or how many of
+    # the first blocks.
+    activation_checkpointing: bool | int | str = "auto"
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens per rank at a time
     # Replay the blocks' forward and backward as CUDA graphs (between their collectives under TP, SP and CP): "auto" (on
     # CUDA for micro batches of up to auto_choices.GRAPHS_AUTO_MAX_TOKENS per rank, where cuda_graph_blockers finds
     # nothing in the way; the start-up line says why not), true, false.
     cuda_graphs: bool | str = "auto"
     # megassm's SSD keeps its per-chunk states for the backward instead of recomputing them (one pass over x and B per
-    # layer; about in_proj's output in memory): "auto" (under activation checkpointing, where only the recomputed
-    # layer holds them, or when all layers' states take at most auto_choices.KEEP_SSD_STATES_AUTO_SHARE of the GPU's
-    # memory and, with an estimate of the rest of the step, at most STEP_MEMORY_MAX_SHARE), true, false.
+    # layer; about in_proj's output in memory): "auto" (where every block is recomputed, each holding them only in its
+    # backward, or when the states of the layers not recomputed take at most auto_choices.KEEP_SSD_STATES_AUTO_SHARE of
+    # the GPU's memory and, with an estimate of the rest of the step, at most STEP_MEMORY_MAX_SHARE), true, false.
     keep_ssd_states: bool | str = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation
@@ -396,6 +400,10 @@ def validate_choices(cfg: Config) -> None:
     for key in ("cuda_graphs", "keep_ssd_states"):
         if getattr(train, key) not in (True, False, "auto"):
             raise ConfigError(f"train.{key} = {getattr(train, key)!r}: choose true, false or \"auto\"")
+    recompute, blocks = train.activation_checkpointing, cfg.model.n_layer
+    if recompute not in (True, False, "auto") and not (isinstance(recompute, int) and 0 <= recompute <= blocks):
+        raise ConfigError(f"train.activation_checkpointing = {recompute!r}: choose true, false, \"auto\" or how many of the "
+                          f"first blocks to recompute (0 to model.n_layer = {blocks})")
     if train.cuda_graphs is True and cuda_graph_blockers(cfg):
         raise ConfigError(f"train.cuda_graphs = true needs {' and '.join(cuda_graph_blockers(cfg))}: switch one of them, or use \"auto\"")
     if par.engine == "ddp" and par.zero_stage != 1:

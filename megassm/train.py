@@ -35,7 +35,7 @@ from torch import Tensor
 
 from megassm import job_store
 from megassm.auto_choices import (check_kernel_limits, cuda_graph_groups, cuda_graphs_choice, keep_ssd_states_choice,
-                                   out_of_memory_advice)
+                                   out_of_memory_advice, recomputed_blocks_choice)
 from megassm.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -157,13 +157,13 @@ def _verify_shared(stream: TokenStream) -> bool:
     return rank != 0 or stream.record_verified(matched)
 
 
-def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_states: bool) -> Mamba2LM:
+def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_states: bool, recomputed_blocks: int) -> Mamba2LM:
     """[model]'s architecture, run as [kernels] and [train] say."""
     model = Mamba2LM(cfg.model, ctx)
     apply_kernels(model, cfg.kernels.backend, cfg.kernels.compile, cfg.kernels.ssd)
     apply_loss_chunking(model, cfg.train.loss_chunk_tokens)
-    if cfg.train.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    if recomputed_blocks:
+        apply_activation_checkpointing(model, recomputed_blocks)
     if keep_ssd_states:
         apply_ssd_state_keeping(model)
     if cuda_graphs:
@@ -324,13 +324,15 @@ class Trainer:
         cfg = self.cfg
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
         device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        replicas = group_size(self.ctx.dp_cp_group)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
-        keep_states, states_note = keep_ssd_states_choice(cfg, self.backend, device_memory, group_size(self.ctx.dp_cp_group), graphs)
+        recomputed, self.recompute_note = recomputed_blocks_choice(cfg, device_memory, replicas, graphs)
+        keep_states, states_note = keep_ssd_states_choice(cfg, self.backend, device_memory, replicas, graphs, recomputed)
         ssd_note = ", ".join([f"SSD: {cfg.kernels.ssd}", *([states_note] if states_note else [])])
         self.kernels_note = f"triton kernels ({ssd_note})" if self.backend == "triton" else f"{self.backend} kernels"
         check_kernel_limits(cfg, self.backend)
-        self.memory_levers = {"keep_ssd_states": keep_states, "cuda_graphs": graphs}
-        return build_model(cfg, self.ctx, graphs, keep_states).to(self.device)
+        self.memory_levers = {"keep_ssd_states": keep_states, "cuda_graphs": graphs, "recomputed_blocks": recomputed}
+        return build_model(cfg, self.ctx, graphs, keep_states, recomputed).to(self.device)
 
     def open_loaders(self, stream: TokenStream) -> tuple[SampleLoader, SampleLoader | None]:
         """The training samples and, where the run validates, the validation samples, each rank's piece of them."""
@@ -350,8 +352,8 @@ class Trainer:
         device = f"cpu ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else self.device.type
         return (f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {device} | "
                 f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
-                f"{cfg.train.precision} | {self.kernels_note} | {self.graphs_note} | engine {cfg.parallel.engine} | "
-                f"run dir {self.run_dir}")
+                f"{cfg.train.precision} | {self.kernels_note} | {self.graphs_note} | {self.recompute_note} | "
+                f"engine {cfg.parallel.engine} | run dir {self.run_dir}")
 
     def starting_point(self) -> tuple[list[Path], list[Path], str]:
         """The checkpoints to resume from, in order, those of run.dir this run replaces, and checkpoint.resume as it

@@ -1,6 +1,6 @@
 """What the "auto" settings of [train] choose: where train.cuda_graphs replays the blocks as CUDA graphs (and what it
-says when it does not), how the engine then drops or zeroes gradients, and where train.keep_ssd_states keeps the SSD's
-states for the backward."""
+says when it does not), how the engine then drops or zeroes gradients, how many blocks train.activation_checkpointing
+recomputes and where train.keep_ssd_states keeps the SSD's states for the backward."""
 
 from pathlib import Path
 
@@ -9,8 +9,8 @@ import torch
 
 from megassm.config import ConfigError, load_config
 from megassm.model import Mamba2LM
-from megassm.auto_choices import (GRAPHS_AUTO_MAX_TOKENS, cuda_graphs_choice, keep_ssd_states_choice, out_of_memory_advice,
-                                   ssd_states_bytes, training_memory_estimate)
+from megassm.auto_choices import (GRAPHS_AUTO_MAX_TOKENS, RECOMPUTE_ABOVE_SHARE, cuda_graphs_choice, keep_ssd_states_choice,
+                                   out_of_memory_advice, recomputed_blocks_choice, ssd_states_bytes, training_memory_estimate)
 from megassm.train import make_engine
 from parallel import ParallelContext
 
@@ -79,6 +79,7 @@ def test_the_ssd_states_of_780m_at_8_x_2048_tokens():
     assert ssd_states_bytes(config("--model.preset=mamba2-780m", "--train.precision=fp32")) == 48 * 8 * 32 * 48 * 64 * 128 * 4
     tp2 = config("--model.preset=mamba2-780m", "--model.ngroups=2", "--parallel.tp=2", world_size=2)
     assert ssd_states_bytes(tp2) == 48 * 8 * 32 * 24 * 64 * 128 * 2
+    assert ssd_states_bytes(config("--model.preset=mamba2-780m"), recomputed_blocks=20) == 28 * 8 * 32 * 48 * 64 * 128 * 2
 
 
 @pytest.mark.parametrize("overrides, world, memory, expected", [
@@ -88,6 +89,8 @@ def test_the_ssd_states_of_780m_at_8_x_2048_tokens():
     (["--model.preset=mamba2-780m", "--data.micro_batch=1", "--data.global_batch=1", "--data.seq_len=65536"], 1, H200, False),
     (["--model.preset=mamba2-780m", "--data.micro_batch=1", "--data.global_batch=1", "--data.seq_len=65536",
       "--train.activation_checkpointing=true"], 1, H100, True),  # only the recomputed layer holds them
+    (["--model.preset=mamba2-780m", "--data.micro_batch=1", "--data.global_batch=1", "--data.seq_len=32768",
+      "--train.activation_checkpointing=44"], 1, H100, True),  # the four blocks not recomputed: 1.5 GB
     (["--model.preset=mamba2-780m", "--train.keep_ssd_states=true"], 1, H100, True),
     (["--model.preset=mamba2-780m", "--train.keep_ssd_states=false"], 1, H200, False),
     (["--model.preset=mamba2-780m", "--kernels.ssd=mamba-ssm"], 1, H200, False),  # its backward recomputes them
@@ -100,8 +103,10 @@ def test_the_ssd_states_of_780m_at_8_x_2048_tokens():
     (["--model.preset=mamba2-1.3b", "--data.micro_batch=4", "--data.global_batch=4", "--data.seq_len=4096"], 1, H200, True),
 ])
 def test_auto_keeps_the_ssd_states_where_memory_allows(overrides, world, memory, expected):
-    assert keep_ssd_states_choice(config(*overrides, world_size=world), "triton", memory)[0] == expected
-    assert keep_ssd_states_choice(config(*overrides, world_size=world), "torch", memory) == (False, "")
+    cfg = config(*overrides, world_size=world)
+    recomputed, _ = recomputed_blocks_choice(cfg, memory)
+    assert keep_ssd_states_choice(cfg, "triton", memory, recomputed_blocks=recomputed)[0] == expected
+    assert keep_ssd_states_choice(cfg, "torch", memory, recomputed_blocks=recomputed) == (False, "")
 
 
 def test_what_the_replicas_hold_decides_too():
@@ -111,7 +116,7 @@ def test_what_the_replicas_hold_decides_too():
     parameter)."""
     two = ["--model.preset=mamba2-2.7b", "--data.micro_batch=2", "--data.seq_len=4096"]
     assert keep_ssd_states_choice(config(*two, "--data.global_batch=2"), "triton", H100) == (
-        False, "states recomputed: with them a step would take ~83 of the GPU's 80 GiB; train.keep_ssd_states = true keeps them")
+        False, "states recomputed: with them a step would take ~84 of the GPU's 80 GiB; train.keep_ssd_states = true keeps them")
     zero = config(*two, "--data.global_batch=16", "--parallel.engine=deepspeed", world_size=8)
     assert keep_ssd_states_choice(zero, "triton", H100, replicas=8) == (True, "states kept")
     one = ["--model.preset=mamba2-2.7b", "--data.micro_batch=1", "--data.seq_len=4096"]
@@ -148,39 +153,94 @@ def test_every_shipped_config_gets_a_decision(path):
     """Each config of configs/ on one node of 8 GPUs of either kind: a decision and its words, no error."""
     cfg = load_config(path, ["--data.path=unused"], world_size=8)
     for memory in (H100, H200):
-        keep, note = keep_ssd_states_choice(cfg, "triton", memory, replicas=cfg.parallel.dp * cfg.parallel.cp, cuda_graphs=True)
+        replicas = cfg.parallel.dp * cfg.parallel.cp
+        recomputed, _ = recomputed_blocks_choice(cfg, memory, replicas, cuda_graphs=True)
+        keep, note = keep_ssd_states_choice(cfg, "triton", memory, replicas, cuda_graphs=True, recomputed_blocks=recomputed)
         assert note == "states kept" if keep else note.startswith("states recomputed: with them a step would take ~")
-        assert keep or not cfg.train.activation_checkpointing  # where only the recomputed layer holds them
+        assert keep or recomputed < cfg.model.n_layer  # where only the recomputed layer holds them
 
 
 def test_an_activation_no_block_uses_is_never_looked_up():
     assert keep_ssd_states_choice(config("--model.preset=mamba2-780m", "--model.mlp_activation=gelu"), "triton", H200)[0]
 
 
-@pytest.mark.parametrize("preset, micro_batch, keep, measured_gib", [
+@pytest.mark.parametrize("preset, micro_batch, seq_len, keep, recomputed, measured_gib", [
     # The trainer's log (max_memory_reserved) in run 29, less the zeroed gradients capture then allocated (2.9 GiB).
-    ("mamba2-780m", 8, True, 53.4 - 2.9),
-    # tools/bench.py's peak (max_memory_allocated, at the graphs' capture) in run 32, plus AdamW's moments, allocated
-    # after it (10.0 and 20.1 GiB), less 1.3b's zeroed gradients (5.0 GiB).
-    ("mamba2-1.3b", 4, True, 65.8 + 10.0 - 5.0),
-    ("mamba2-2.7b", 2, False, 49.0 + 20.1),
-    ("mamba2-2.7b", 2, True, 59.3 + 20.1),  # out of memory at the first optimizer step: more than the 79.65 GiB
+    ("mamba2-780m", 8, 2048, True, 0, 53.4 - 2.9),
+    # tools/bench.py's peak (max_memory_allocated, at the graphs' capture) plus AdamW's moments, allocated after it (5.8,
+    # 10.0 and 20.1 GiB): run 32, less 1.3b's zeroed gradients (5.0 GiB), and run 33 (capture allocates no .grad).
+    ("mamba2-1.3b", 4, 4096, True, 0, 65.8 + 10.0 - 5.0),
+    ("mamba2-1.3b", 4, 4096, False, 0, 48.7 + 10.0),
+    ("mamba2-2.7b", 2, 4096, False, 0, 49.0 + 20.1),
+    ("mamba2-2.7b", 2, 4096, True, 0, 59.3 + 20.1),  # out of memory at the first optimizer step: more than the 79.65 GiB
+    ("mamba2-780m", 1, 32768, False, 0, 67.3 + 5.8),
+    # Without graphs (over 32,768 tokens) the bench's peak is the step's, moments included (run 33).
+    ("mamba2-780m", 1, 65536, False, 28, 74.3),
+    ("mamba2-780m", 1, 131072, False, 43, 74.2),
 ])
-def test_the_memory_estimate_against_one_h100(preset, micro_batch, keep, measured_gib):
-    """training_memory_estimate (+ the states where kept) within 0-8% above what those steps took on an H100."""
-    seq_len = 2048 if preset == "mamba2-780m" else 4096
+def test_the_memory_estimate_against_one_h100(preset, micro_batch, seq_len, keep, recomputed, measured_gib):
+    """training_memory_estimate (+ the states where kept) within 2% below to 8% above what those steps took on an H100."""
     cfg = config(f"--model.preset={preset}", f"--data.micro_batch={micro_batch}", f"--data.global_batch={micro_batch}",
                  f"--data.seq_len={seq_len}")
-    estimate = (training_memory_estimate(cfg, cuda_graphs=True) + (ssd_states_bytes(cfg) if keep else 0)) / 2**30
-    assert 1.0 <= estimate / measured_gib <= 1.08
+    graphs = cfg.micro_batch_tokens <= GRAPHS_AUTO_MAX_TOKENS
+    estimate = training_memory_estimate(cfg, cuda_graphs=graphs, recomputed_blocks=recomputed) + (ssd_states_bytes(cfg) if keep else 0)
+    assert 0.98 <= estimate / 2**30 / measured_gib <= 1.08
 
 
 def test_out_of_memory_advice_offers_what_the_auto_settings_turned_on():
-    advice = out_of_memory_advice(config("--model.preset=mamba2-780m"), 4, keep_ssd_states=True, cuda_graphs=True)
+    cfg = config("--model.preset=mamba2-780m")
+    advice = out_of_memory_advice(cfg, 4, keep_ssd_states=True, cuda_graphs=True, recomputed_blocks=0)
     assert advice == ("the GPU ran out of memory in step 5 (16,384 tokens per micro batch and rank): lower data.micro_batch (now 8; "
                       "gradient accumulation keeps data.global_batch); or set train.keep_ssd_states = false (the SSD's states take "
                       "9.0 GiB); or set train.cuda_graphs = false (their memory pool); or set train.activation_checkpointing = true; "
                       "or spread the sequence or the model over more GPUs (parallel.cp, parallel.tp)")
+    some = out_of_memory_advice(cfg, 0, keep_ssd_states=True, cuda_graphs=False, recomputed_blocks=12)
+    assert "the SSD's states take 6.8 GiB" in some and "recompute more blocks: train.activation_checkpointing = true (all 48) or a " \
+        "number above 12; or spread" in some
+    assert "activation_checkpointing" not in out_of_memory_advice(cfg, 0, False, False, recomputed_blocks=48)
+
+
+LONG = ["--model.preset=mamba2-780m", "--data.micro_batch=1", "--data.global_batch=1"]
+
+
+@pytest.mark.parametrize("seq_len, memory, expected", [
+    (2048 * 8, H100, (0, "no activation checkpointing")),
+    (32768, H100, (0, "no activation checkpointing")),  # ran in 74.7 GiB (reserved) of 79.65 in run 33
+    # Without recomputation it ran in 135.1 GiB (allocated) of 140.4 in run 21: the estimate, 134.0, is past 95% by a block.
+    (65536, H200, (1, "activation checkpointing of the first 1 of 48 blocks (without: a step would take ~134 of the GPU's 140 GiB)")),
+    # Ran in 74.3 GiB (75.4 reserved) in run 33, where keeping every block's activations ran out of memory.
+    (65536, H100, (28, "activation checkpointing of the first 28 of 48 blocks (without: a step would take ~134 of the GPU's 80 GiB)")),
+    (262144, H200, (44, "activation checkpointing of the first 44 of 48 blocks (without: a step would take ~501 of the GPU's 140 GiB)")),
+    (262144, H100, (48, "activation checkpointing (without: a step would take ~501 of the GPU's 80 GiB, with: ~101)")),
+])
+def test_auto_recomputes_the_fewest_first_blocks_that_fit(seq_len, memory, expected):
+    """Recomputing k blocks leaves their fp32 input of what they kept: the estimate falls by each one's share, and the
+    choice is the first k whose estimate fits; none without a GPU."""
+    cfg = config(*LONG, f"--data.seq_len={seq_len}")
+    graphs = cfg.micro_batch_tokens <= GRAPHS_AUTO_MAX_TOKENS
+    assert recomputed_blocks_choice(cfg, memory, cuda_graphs=graphs) == expected
+    k = expected[0]
+    limit = RECOMPUTE_ABOVE_SHARE * memory
+    assert k == 48 or training_memory_estimate(cfg, cuda_graphs=graphs, recomputed_blocks=k) <= limit
+    assert k == 0 or training_memory_estimate(cfg, cuda_graphs=graphs, recomputed_blocks=k - 1) > limit
+    assert recomputed_blocks_choice(cfg, 0) == (0, "no activation checkpointing")
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("true", (48, "activation checkpointing")), ("false", (0, "no activation checkpointing")),
+    ("20", (20, "activation checkpointing of the first 20 of 48 blocks")), ("0", (0, "no activation checkpointing")),
+    ("48", (48, "activation checkpointing")), ("1", (1, "activation checkpointing of the first 1 of 48 blocks")),
+])
+def test_activation_checkpointing_as_set(value, expected):
+    cfg = config(*LONG, "--data.seq_len=65536", f"--train.activation_checkpointing={value}")
+    assert recomputed_blocks_choice(cfg, H100) == expected
+
+
+@pytest.mark.parametrize("value", ["49", "-1", "sometimes", "1.5"])
+def test_a_wrong_activation_checkpointing_is_refused(value):
+    with pytest.raises(ConfigError, match="train.activation_checkpointing = .*: choose true, false, \"auto\" or how many of the first "
+                                          r"blocks to recompute \(0 to model.n_layer = 48\)|must be"):
+        config("--model.preset=mamba2-780m", f"--train.activation_checkpointing={value}")
 
 
 def test_a_wrong_keep_ssd_states_is_refused():

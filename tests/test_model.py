@@ -92,11 +92,12 @@ def test_packed_documents_equal_separate_documents():
     assert not torch.allclose(model(packed), logits, atol=1e-3)
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
-    """Per-block checkpointing (the add before each block, so one tensor kept per block) gives the
-    gradients of no checkpointing, and backward really recomputes: each block's in_proj matmul once
-    (recomputation stops before out_proj, whose output backward does not need)."""
-    cfg = ModelConfig.from_preset("debug", ngroups=2)
+@pytest.mark.parametrize("blocks, recomputed", [(None, 3), (2, 2), (1, 1)])
+def test_activation_checkpointing_gives_the_same_gradients(blocks, recomputed):
+    """Per-block checkpointing (the add before each block, so one tensor kept per block) of every block or of the first
+    few gives the gradients of no checkpointing, and backward really recomputes: each recomputed block's in_proj matmul
+    once (recomputation stops before out_proj, whose output backward does not need)."""
+    cfg = ModelConfig.from_preset("debug", ngroups=2, n_layer=3)
     ids = torch.randint(0, cfg.vocab_size, (2, 24))
     seq_idx = torch.tensor([[0] * 10 + [1] * 14, [0] * 24])
     runs = []
@@ -104,7 +105,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.manual_seed(0)
         model = Mamba2LM(cfg).double()
         if checkpointing:
-            apply_activation_checkpointing(model)
+            apply_activation_checkpointing(model, blocks)
+            assert [layer.recompute for layer in model.layers] == [i < recomputed for i in range(cfg.n_layer)]
         loss = model(ids, seq_idx=seq_idx, labels=ids.roll(-1, 1)).sum()
         with Operators() as backward:
             runs.append((backward, torch.autograd.grad(loss, list(model.parameters()))))
@@ -112,7 +114,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     for (name, _), g, w in zip(model.named_parameters(), got, want):
         torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
     projections = [run.calls[torch.ops.aten.mm] + run.calls[torch.ops.aten.addmm] for run in (plain, checkpointed)]
-    assert projections[1] - projections[0] == cfg.n_layer
+    assert projections[1] - projections[0] == recomputed
 
 
 def test_init_follows_mamba_ssm():

@@ -105,6 +105,14 @@ def test_checkpoint_every_minus_one_writes_none(config, tmp_path):
     assert by_step(records, "loss").keys() == {1, 2} and not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_the_first_blocks_recomputed_give_the_same_run(config, one_process, tmp_path):
+    """train.activation_checkpointing = 1: the start-up line says so, and the run is the one without recomputation."""
+    result = run_trainer(config, tmp_path / "run", 1, "--train.activation_checkpointing=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| activation checkpointing of the first 1 of 2 blocks |" in result.stdout
+    assert_same_run([json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()], one_process)
+
+
 TP2_CP2 = ["--parallel.tp=2", "--parallel.cp=2"]
 # Four processes each; tp2 x cp2 with sequence parallelism and activation checkpointing is the run below that
 # crashes, DeepSpeed's layouts run where checkpoints move between engines.

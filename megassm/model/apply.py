@@ -30,10 +30,11 @@ def apply_kernels(model: nn.Module, backend: str = "auto", compile: bool = False
             module.torch_compile = compile
 
 
-def apply_activation_checkpointing(model: Mamba2LM) -> None:
-    """Each block keeps only its input and recomputes the rest in backward: less memory, one more forward (but for
-    the blocks' last matmuls, which multiply with F.linear for that: RowParallelLinear.forward)."""
-    for layer in model.layers:
+def apply_activation_checkpointing(model: Mamba2LM, blocks: int | None = None) -> None:
+    """The first `blocks` blocks (all: None) keep only their input and recompute the rest in backward: less memory, one
+    more forward of each (but for their last matmuls, which multiply with F.linear for that: RowParallelLinear.forward).
+    The first ones: each is recomputed after the later blocks' tensors are freed, so it adds nothing to the peak."""
+    for layer in model.layers[:blocks]:
         layer.recompute = True
         for module in layer.modules():
             if isinstance(module, RowParallelLinear):
