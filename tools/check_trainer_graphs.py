@@ -3,9 +3,9 @@
 tools/check_graphs.py compares the graphed blocks with the eager ones under each parallel layout; this runs the
 trainer itself as a user runs it (Trainer.run(): warm-up and cosine rate, clipping, validation between steps,
 checkpoints) in the situations where the graphs' static buffers could go wrong: one micro batch per step (the
-gradient buffers adopted as .grad), several with activation checkpointing (summed into .grad), the blocks in four
-graphs (as under DDP), a step skipped for a non-finite gradient, a resume from a checkpoint (new graphs, the same
-weights), the PyTorch kernels. The graphs replay the kernels the eager blocks launch, so each step's loss, gradient
+gradient buffers adopted as .grad), several with activation checkpointing (summed into .grad), only the first blocks
+recomputed, the blocks in four graphs (as under DDP), a step skipped for a non-finite gradient, a resume from a
+checkpoint (new graphs, the same weights), the PyTorch kernels. The graphs replay the kernels the eager blocks launch, so each step's loss, gradient
 norm and validation loss should agree to the last bit: "eager again" (the eager run repeated) shows what differs
 without graphs (0 where every kernel is deterministic). Without CUDA both runs are eager: how the tool itself is tested
 (tests/test_check_graphs.py).
@@ -53,6 +53,7 @@ class Scenario:
 SCENARIOS = [
     Scenario("one micro batch"),
     Scenario("two micro batches, activation checkpointing", ["--data.global_batch=4", "--train.activation_checkpointing=true"]),
+    Scenario("the first two blocks recomputed", ["--train.activation_checkpointing=2"]),
     Scenario("four graph groups, two micro batches", ["--data.global_batch=4"], graph_groups=4),
     Scenario("a skipped step", nan_loss_at=3),
     Scenario("resumed at step 3", resume_at=3),
