@@ -5,6 +5,7 @@ group width), and what to change after running out of GPU memory."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -90,19 +91,29 @@ def cuda_graphs_choice(cfg: Config, device: torch.device) -> tuple[bool, str]:
 
 # "auto" recomputes the first blocks, as few as bring training_memory_estimate within this share of the GPU's memory.
 # Steps measured at up to 96% of it ran (bench/RESULTS.md: 780m at 1 x 32,768 tokens on an H100, at 1 x 65,536 on an
-# H200), the estimate within 1% below them; each block recomputed costs about a third of its time again.
+# H200), the estimate within 1.5% below them; each block recomputed costs about a third of its time again.
 RECOMPUTE_ABOVE_SHARE = 0.95
-# "auto" keeps the SSD's states when those of all layers take at most this share of the GPU's memory, and with the
-# rest of the step (training_memory_estimate) at most STEP_MEMORY_MAX_SHARE of it: they save a few percent of a step,
-# so only with room to spare. On an H200 (bench/RESULTS.md): 780m at 8 x 2048 tokens keeps 9.7 GB, 2% faster; at
-# 1 x 32,768 19.3 GB (90 GiB peak), 5% faster; at 1 x 65,536 the 39 GB would not fit next to the rest (134 GiB without
-# them). On an 80 GB H100, 2.7b at 2 x 4096 tokens ran out of memory with its 10.7 GB (more than 40 GB of weights,
-# gradients and AdamW's moments besides).
+# "auto" keeps the SSD's states when those of the layers not recomputed take at most this share of the GPU's memory,
+# and with the rest of the step (training_memory_estimate) at most STEP_MEMORY_MAX_SHARE of it: they save a few
+# percent of a step, so only with room to spare. On an H200 (bench/RESULTS.md): 780m at 8 x 2048 tokens keeps 9.7 GB,
+# 2% faster; at 1 x 32,768 19.3 GB (90 GiB peak), 5% faster; at 1 x 65,536 the 39 GB would not fit next to the rest
+# (134 GiB without them). On an 80 GB H100, 2.7b at 2 x 4096 tokens ran out of memory with its 10.7 GB (more than
+# 40 GB of weights, gradients and AdamW's moments besides).
 KEEP_SSD_STATES_AUTO_SHARE = 0.2
 # On an H100 the estimate came out 1-7% above the memory the steps took at 780m 8 x 2048, 1.3b 4 x 4096 and 2.7b
-# 2 x 4096, within 1.5% at 780m 1 x 32,768 to 131,072 (bench/RESULTS.md runs 32-33); a step that fills the GPU can
-# still run out later (NCCL's buffers).
+# 2 x 4096, within 1.5% at 780m 1 x 32,768 to 131,072 (bench/RESULTS.md runs 32-33).
 STEP_MEMORY_MAX_SHARE = 0.9
+# Set aside on each GPU of a job of several processes, which the estimate does not count (the measurements above are of
+# one process): NCCL's buffers, a few hundred MB per communicator (4 MiB per channel and peer, NCCL_BUFFSIZE) for
+# the job's TP, CP, DP and world communicators. Not measured here.
+COMMUNICATION_ALLOWANCE = 2 * 2**30
+
+
+def usable_memory(cfg: Config, device_memory: int) -> int:
+    """What the memory choices share out of a GPU of `device_memory` bytes: all of it for one process, less
+    COMMUNICATION_ALLOWANCE for several."""
+    processes = cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.dp
+    return device_memory - (COMMUNICATION_ALLOWANCE if processes > 1 else 0)
 
 
 def ssd_states_bytes(cfg: Config, recomputed_blocks: int = 0) -> int:
@@ -160,30 +171,40 @@ def training_memory_estimate(cfg: Config, replicas: int = 1, cuda_graphs: bool =
     return int(params * per_param) + cfg.micro_batch_tokens * (4 * cfg.model.d_model * cfg.model.n_layer + activations)
 
 
-def recomputed_blocks_choice(cfg: Config, device_memory: int, replicas: int = 1, cuda_graphs: bool = False) -> tuple[int, str]:
+def recomputed_blocks_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1,
+                             cuda_graphs: bool = False) -> tuple[int, str]:
     """How many blocks, the first ones, activation checkpointing recomputes (train.activation_checkpointing; device_memory
-    in bytes, 0 without a GPU; replicas and cuda_graphs as training_memory_estimate takes them), and the start-up line's
-    words for it. The first ones: each is recomputed after the later blocks' tensors are freed, so it adds nothing to
-    the step's peak."""
+    in bytes, 0 without a GPU; replicas and cuda_graphs as training_memory_estimate takes them; the SSD's states
+    counted where train.keep_ssd_states = true keeps them), and the start-up line's words for it. The first ones:
+    each is recomputed after the later blocks' tensors are freed, so it adds nothing to the step's peak."""
     choice, blocks = cfg.train.activation_checkpointing, cfg.model.n_layer
     if choice != "auto":
         recomputed = blocks if choice is True else int(choice)
         return recomputed, _recomputed_words(recomputed, blocks)
     if not device_memory:
         return 0, _recomputed_words(0, blocks)
-    estimate = [training_memory_estimate(cfg, replicas, cuda_graphs, k) for k in range(blocks + 1)]
-    recomputed = next((k for k, need in enumerate(estimate) if need <= RECOMPUTE_ABOVE_SHARE * device_memory), blocks)
+    if backend != "triton":
+        return 0, (f"{_recomputed_words(0, blocks)} (\"auto\" knows the memory of the Triton kernels only; "
+                   "train.activation_checkpointing = true recomputes every block)")
+    limit = RECOMPUTE_ABOVE_SHARE * usable_memory(cfg, device_memory)
+    states_kept = cfg.train.keep_ssd_states is True and cfg.kernels.ssd == "megassm"
+    need = [training_memory_estimate(cfg, replicas, cuda_graphs, k) + (ssd_states_bytes(cfg, k) if states_kept else 0)
+            for k in range(blocks + 1)]
+    recomputed = next((k for k, bytes_ in enumerate(need) if bytes_ <= limit), blocks)
     if recomputed == 0:
         return 0, _recomputed_words(0, blocks)
-    still = f", with: ~{estimate[-1] / 2**30:.0f}" if estimate[-1] > RECOMPUTE_ABOVE_SHARE * device_memory else ""
-    return recomputed, (f"{_recomputed_words(recomputed, blocks)} (without: a step would take ~{estimate[0] / 2**30:.0f} of the "
-                        f"GPU's {device_memory / 2**30:.0f} GiB{still})")
+    without = f"~{need[0] / 2**30:.0f} of the GPU's {device_memory / 2**30:.0f} GiB"
+    still = "" if need[-1] <= limit else f", with every block recomputed still ~{need[-1] / 2**30:.0f}: raise parallel.cp or parallel.tp"
+    return recomputed, f"{_recomputed_words(recomputed, blocks)} (without: a step would take {without}{still})"
 
 
 def _recomputed_words(recomputed: int, blocks: int) -> str:
+    """The start-up line's words for `recomputed` of `blocks` blocks, the first ones, recomputed."""
     if recomputed == 0:
         return "no activation checkpointing"
-    return "activation checkpointing" + ("" if recomputed == blocks else f" of the first {recomputed} of {blocks} blocks")
+    if recomputed == blocks:
+        return "activation checkpointing"
+    return f"activation checkpointing of block{'s 1-' if recomputed > 1 else ' '}{recomputed} of {blocks}"
 
 
 def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1, cuda_graphs: bool = False,
@@ -200,10 +221,28 @@ def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, replic
         return True, "states kept"
     states = ssd_states_bytes(cfg, recomputed_blocks)
     rest = training_memory_estimate(cfg, replicas, cuda_graphs, recomputed_blocks)
-    if states <= KEEP_SSD_STATES_AUTO_SHARE * device_memory and states + rest <= STEP_MEMORY_MAX_SHARE * device_memory:
+    usable = usable_memory(cfg, device_memory)
+    if states <= KEEP_SSD_STATES_AUTO_SHARE * usable and states + rest <= STEP_MEMORY_MAX_SHARE * usable:
         return True, "states kept"
     return False, (f"states recomputed: with them a step would take ~{(states + rest) / 2**30:.0f} of the GPU's "
                    f"{device_memory / 2**30:.0f} GiB; train.keep_ssd_states = true keeps them")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryChoices:
+    """The trainer's memory levers for a run: the blocks recomputed, the SSD's states kept, and the words for each."""
+
+    recomputed_blocks: int
+    keep_ssd_states: bool
+    recompute_note: str
+    states_note: str
+
+
+def memory_choices(cfg: Config, backend: str, device_memory: int, replicas: int = 1, cuda_graphs: bool = False) -> MemoryChoices:
+    """The levers by their cost: as few blocks recomputed as the step needs, then the states kept where room is left."""
+    recomputed, recompute_note = recomputed_blocks_choice(cfg, backend, device_memory, replicas, cuda_graphs)
+    keep, states_note = keep_ssd_states_choice(cfg, backend, device_memory, replicas, cuda_graphs, recomputed)
+    return MemoryChoices(recomputed, keep, recompute_note, states_note)
 
 
 # Under DDP the blocks' CUDA graphs come in this many groups of layers, so that DDP sums each group's gradients over

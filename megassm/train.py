@@ -34,8 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from megassm import job_store
-from megassm.auto_choices import (check_kernel_limits, cuda_graph_groups, cuda_graphs_choice, keep_ssd_states_choice,
-                                   out_of_memory_advice, recomputed_blocks_choice)
+from megassm.auto_choices import check_kernel_limits, cuda_graph_groups, cuda_graphs_choice, memory_choices, out_of_memory_advice
 from megassm.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -155,6 +154,17 @@ def _verify_shared(stream: TokenStream) -> bool:
 
     job_store.decided("megassm/verify_data", found, first_error, DATA_VERIFY_TIMEOUT)
     return rank != 0 or stream.record_verified(matched)
+
+
+def smallest_device_memory(device: torch.device) -> int:
+    """The smallest GPU memory of the job's processes, in bytes (0 on CPU): every rank makes the same memory choices
+    from it, since a recomputed block repeats its collectives (SP's gathers, CP's hand-overs) in the backward."""
+    mine = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+    if not dist.is_initialized():
+        return mine
+    memory = torch.tensor([mine], dtype=torch.int64, device=device)
+    dist.all_reduce(memory, op=dist.ReduceOp.MIN)
+    return int(memory.item())
 
 
 def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_states: bool, recomputed_blocks: int) -> Mamba2LM:
@@ -318,21 +328,20 @@ class Trainer:
         self.say(self.start_line(n_params))
 
     def model_for_device(self) -> Mamba2LM:
-        """The model on this device with the trainer's choices for it: the kernels, whether the SSD's states are kept
-        for the backward and whether the blocks run as CUDA graphs (each said in the start line; the memory levers
-        named again if the GPU runs out of memory)."""
+        """The model on this device with the trainer's choices for it: the kernels, whether the blocks run as CUDA
+        graphs, how many blocks are recomputed in the backward and whether the SSD's states are kept for it (each said
+        in the start line; the memory levers named again if the GPU runs out of memory)."""
         cfg = self.cfg
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
-        device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
-        replicas = group_size(self.ctx.dp_cp_group)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
-        recomputed, self.recompute_note = recomputed_blocks_choice(cfg, device_memory, replicas, graphs)
-        keep_states, states_note = keep_ssd_states_choice(cfg, self.backend, device_memory, replicas, graphs, recomputed)
-        ssd_note = ", ".join([f"SSD: {cfg.kernels.ssd}", *([states_note] if states_note else [])])
+        memory = memory_choices(cfg, self.backend, smallest_device_memory(self.device), group_size(self.ctx.dp_cp_group), graphs)
+        self.recompute_note = memory.recompute_note
+        ssd_note = ", ".join([f"SSD: {cfg.kernels.ssd}", *([memory.states_note] if memory.states_note else [])])
         self.kernels_note = f"triton kernels ({ssd_note})" if self.backend == "triton" else f"{self.backend} kernels"
         check_kernel_limits(cfg, self.backend)
-        self.memory_levers = {"keep_ssd_states": keep_states, "cuda_graphs": graphs, "recomputed_blocks": recomputed}
-        return build_model(cfg, self.ctx, graphs, keep_states, recomputed).to(self.device)
+        self.memory_levers = {"keep_ssd_states": memory.keep_ssd_states, "cuda_graphs": graphs,
+                              "recomputed_blocks": memory.recomputed_blocks}
+        return build_model(cfg, self.ctx, graphs, memory.keep_ssd_states, memory.recomputed_blocks).to(self.device)
 
     def open_loaders(self, stream: TokenStream) -> tuple[SampleLoader, SampleLoader | None]:
         """The training samples and, where the run validates, the validation samples, each rank's piece of them."""

@@ -9,9 +9,10 @@ import torch
 
 from megassm.config import ConfigError, load_config
 from megassm.model import Mamba2LM
-from megassm.auto_choices import (GRAPHS_AUTO_MAX_TOKENS, RECOMPUTE_ABOVE_SHARE, cuda_graphs_choice, keep_ssd_states_choice,
-                                   out_of_memory_advice, recomputed_blocks_choice, ssd_states_bytes, training_memory_estimate)
-from megassm.train import make_engine
+from megassm.auto_choices import (COMMUNICATION_ALLOWANCE, GRAPHS_AUTO_MAX_TOKENS, RECOMPUTE_ABOVE_SHARE, MemoryChoices,
+                                   cuda_graphs_choice, keep_ssd_states_choice, memory_choices, out_of_memory_advice,
+                                   recomputed_blocks_choice, ssd_states_bytes, training_memory_estimate)
+from megassm.train import build_model, make_engine
 from parallel import ParallelContext
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
@@ -104,7 +105,7 @@ def test_the_ssd_states_of_780m_at_8_x_2048_tokens():
 ])
 def test_auto_keeps_the_ssd_states_where_memory_allows(overrides, world, memory, expected):
     cfg = config(*overrides, world_size=world)
-    recomputed, _ = recomputed_blocks_choice(cfg, memory)
+    recomputed, _ = recomputed_blocks_choice(cfg, "triton", memory)
     assert keep_ssd_states_choice(cfg, "triton", memory, recomputed_blocks=recomputed)[0] == expected
     assert keep_ssd_states_choice(cfg, "torch", memory, recomputed_blocks=recomputed) == (False, "")
 
@@ -154,7 +155,7 @@ def test_every_shipped_config_gets_a_decision(path):
     cfg = load_config(path, ["--data.path=unused"], world_size=8)
     for memory in (H100, H200):
         replicas = cfg.parallel.dp * cfg.parallel.cp
-        recomputed, _ = recomputed_blocks_choice(cfg, memory, replicas, cuda_graphs=True)
+        recomputed, _ = recomputed_blocks_choice(cfg, "triton", memory, replicas, cuda_graphs=True)
         keep, note = keep_ssd_states_choice(cfg, "triton", memory, replicas, cuda_graphs=True, recomputed_blocks=recomputed)
         assert note == "states kept" if keep else note.startswith("states recomputed: with them a step would take ~")
         assert keep or recomputed < cfg.model.n_layer  # where only the recomputed layer holds them
@@ -207,33 +208,70 @@ LONG = ["--model.preset=mamba2-780m", "--data.micro_batch=1", "--data.global_bat
     (2048 * 8, H100, (0, "no activation checkpointing")),
     (32768, H100, (0, "no activation checkpointing")),  # ran in 74.7 GiB (reserved) of 79.65 in run 33
     # Without recomputation it ran in 135.1 GiB (allocated) of 140.4 in run 21: the estimate, 134.0, is past 95% by a block.
-    (65536, H200, (1, "activation checkpointing of the first 1 of 48 blocks (without: a step would take ~134 of the GPU's 140 GiB)")),
+    (65536, H200, (1, "activation checkpointing of block 1 of 48 (without: a step would take ~134 of the GPU's 140 GiB)")),
     # Ran in 74.3 GiB (75.4 reserved) in run 33, where keeping every block's activations ran out of memory.
-    (65536, H100, (28, "activation checkpointing of the first 28 of 48 blocks (without: a step would take ~134 of the GPU's 80 GiB)")),
-    (262144, H200, (44, "activation checkpointing of the first 44 of 48 blocks (without: a step would take ~501 of the GPU's 140 GiB)")),
-    (262144, H100, (48, "activation checkpointing (without: a step would take ~501 of the GPU's 80 GiB, with: ~101)")),
+    (65536, H100, (28, "activation checkpointing of blocks 1-28 of 48 (without: a step would take ~134 of the GPU's 80 GiB)")),
+    (262144, H200, (44, "activation checkpointing of blocks 1-44 of 48 (without: a step would take ~501 of the GPU's 140 GiB)")),
+    (262144, H100, (48, "activation checkpointing (without: a step would take ~501 of the GPU's 80 GiB, with every block "
+                        "recomputed still ~101: raise parallel.cp or parallel.tp)")),
 ])
 def test_auto_recomputes_the_fewest_first_blocks_that_fit(seq_len, memory, expected):
     """Recomputing k blocks leaves their fp32 input of what they kept: the estimate falls by each one's share, and the
     choice is the first k whose estimate fits; none without a GPU."""
     cfg = config(*LONG, f"--data.seq_len={seq_len}")
     graphs = cfg.micro_batch_tokens <= GRAPHS_AUTO_MAX_TOKENS
-    assert recomputed_blocks_choice(cfg, memory, cuda_graphs=graphs) == expected
+    assert recomputed_blocks_choice(cfg, "triton", memory, cuda_graphs=graphs) == expected
     k = expected[0]
     limit = RECOMPUTE_ABOVE_SHARE * memory
     assert k == 48 or training_memory_estimate(cfg, cuda_graphs=graphs, recomputed_blocks=k) <= limit
     assert k == 0 or training_memory_estimate(cfg, cuda_graphs=graphs, recomputed_blocks=k - 1) > limit
-    assert recomputed_blocks_choice(cfg, 0) == (0, "no activation checkpointing")
+    assert recomputed_blocks_choice(cfg, "triton", 0) == (0, "no activation checkpointing")
+
+
+def test_the_memory_levers_are_chosen_together():
+    """The blocks recomputed first, then the states where room is left (none at 780m x 65,536 on an H100); where
+    train.keep_ssd_states = true keeps them, the blocks recomputed make room for them too."""
+    cfg = config(*LONG, "--data.seq_len=65536")
+    assert memory_choices(cfg, "triton", H100) == MemoryChoices(28, False, recomputed_blocks_choice(cfg, "triton", H100)[1],
+                                                                 keep_ssd_states_choice(cfg, "triton", H100, recomputed_blocks=28)[1])
+    kept = config(*LONG, "--data.seq_len=32768", "--train.keep_ssd_states=true")
+    choices = memory_choices(kept, "triton", H100, cuda_graphs=True)
+    assert choices.keep_ssd_states and choices.recomputed_blocks == 11
+    need = [training_memory_estimate(kept, cuda_graphs=True, recomputed_blocks=k) + ssd_states_bytes(kept, k) for k in (10, 11)]
+    assert need[1] <= RECOMPUTE_ABOVE_SHARE * H100 < need[0]
+    assert memory_choices(config(*LONG, "--data.seq_len=32768"), "triton", H100, cuda_graphs=True).recomputed_blocks == 0
+
+
+def test_auto_leaves_memory_for_the_communication_of_several_processes():
+    """On 2 GPUs of DDP (DDP's bucket copy of the gradients, COMMUNICATION_ALLOWANCE set aside) more blocks are recomputed."""
+    two = config(*LONG, "--data.seq_len=65536", "--data.global_batch=2", world_size=2)
+    recomputed, _ = recomputed_blocks_choice(two, "triton", H100, replicas=2)
+    assert recomputed == 30  # 28 on one
+    assert training_memory_estimate(two, 2, recomputed_blocks=30) <= RECOMPUTE_ABOVE_SHARE * (H100 - COMMUNICATION_ALLOWANCE)
+    assert training_memory_estimate(two, 2, recomputed_blocks=29) > RECOMPUTE_ABOVE_SHARE * (H100 - COMMUNICATION_ALLOWANCE)
+
+
+def test_auto_recomputes_nothing_where_it_cannot_estimate():
+    """The estimate is of the Triton kernels: the PyTorch references keep several times as much."""
+    assert recomputed_blocks_choice(config(*LONG, "--data.seq_len=65536"), "torch", H100) == (
+        0, "no activation checkpointing (\"auto\" knows the memory of the Triton kernels only; train.activation_checkpointing = true "
+           "recomputes every block)")
+
+
+@pytest.mark.parametrize("blocks, flags", [(0, [False, False]), (1, [True, False]), (2, [True, True])])
+def test_the_trainer_builds_the_model_with_the_blocks_recomputed(blocks, flags):
+    model = build_model(config(), ParallelContext(), cuda_graphs=False, keep_ssd_states=False, recomputed_blocks=blocks)
+    assert [layer.recompute for layer in model.layers] == flags
 
 
 @pytest.mark.parametrize("value, expected", [
     ("true", (48, "activation checkpointing")), ("false", (0, "no activation checkpointing")),
-    ("20", (20, "activation checkpointing of the first 20 of 48 blocks")), ("0", (0, "no activation checkpointing")),
-    ("48", (48, "activation checkpointing")), ("1", (1, "activation checkpointing of the first 1 of 48 blocks")),
+    ("20", (20, "activation checkpointing of blocks 1-20 of 48")), ("0", (0, "no activation checkpointing")),
+    ("48", (48, "activation checkpointing")), ("1", (1, "activation checkpointing of block 1 of 48")),
 ])
 def test_activation_checkpointing_as_set(value, expected):
     cfg = config(*LONG, "--data.seq_len=65536", f"--train.activation_checkpointing={value}")
-    assert recomputed_blocks_choice(cfg, H100) == expected
+    assert recomputed_blocks_choice(cfg, "triton", H100) == expected
 
 
 @pytest.mark.parametrize("value", ["49", "-1", "sometimes", "1.5"])

@@ -106,10 +106,16 @@ def test_checkpoint_every_minus_one_writes_none(config, tmp_path):
 
 
 def test_the_first_blocks_recomputed_give_the_same_run(config, one_process, tmp_path):
-    """train.activation_checkpointing = 1: the start-up line says so, and the run is the one without recomputation."""
+    """train.activation_checkpointing = 1: the trainer's model recomputes its first block, the start-up line says so,
+    and the run is the one without recomputation."""
+    from megassm.config import load_config
+    from megassm.train import Trainer, open_data
+
+    cfg = load_config(config, [f"--run.dir={tmp_path / 'built'}", "--train.activation_checkpointing=1"])
+    assert [layer.recompute for layer in Trainer(cfg, open_data(cfg)).model.layers] == [True, False]
     result = run_trainer(config, tmp_path / "run", 1, "--train.activation_checkpointing=1")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| activation checkpointing of the first 1 of 2 blocks |" in result.stdout
+    assert "| activation checkpointing of block 1 of 2 |" in result.stdout
     assert_same_run([json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()], one_process)
 
 
