@@ -109,11 +109,28 @@ STEP_MEMORY_MAX_SHARE = 0.9
 COMMUNICATION_ALLOWANCE = 2 * 2**30
 
 
+def replicas(cfg: Config) -> int:
+    """The ranks of DP x CP, each holding the same weights (the config as load_config resolved it for its world size)."""
+    if cfg.parallel.dp < 1:
+        raise ValueError(f"parallel.dp = {cfg.parallel.dp}: the memory choices need the config resolved for its world size")
+    return cfg.parallel.dp * cfg.parallel.cp
+
+
 def usable_memory(cfg: Config, device_memory: int) -> int:
     """What the memory choices share out of a GPU of `device_memory` bytes: all of it for one process, less
     COMMUNICATION_ALLOWANCE for several."""
-    processes = cfg.parallel.tp * cfg.parallel.cp * cfg.parallel.dp
-    return device_memory - (COMMUNICATION_ALLOWANCE if processes > 1 else 0)
+    return device_memory - (COMMUNICATION_ALLOWANCE if replicas(cfg) * cfg.parallel.tp > 1 else 0)
+
+
+def _gpu_words(cfg: Config, device_memory: int) -> str:
+    """The start-up line's words for the memory the choices share out."""
+    set_aside = device_memory - usable_memory(cfg, device_memory)
+    return f"the GPU's {device_memory / 2**30:.0f} GiB" + (f", {set_aside / 2**30:.0f} set aside for NCCL" if set_aside else "")
+
+
+def _keeps_ssd_states(cfg: Config, backend: str) -> bool:
+    """Whether the SSD can keep its states at all: megassm's, in its fused mixer on the Triton backend."""
+    return backend == "triton" and cfg.kernels.ssd == "megassm"
 
 
 def ssd_states_bytes(cfg: Config, recomputed_blocks: int = 0) -> int:
@@ -156,26 +173,25 @@ def block_bytes_per_token(cfg: Config) -> list[int]:
     return [compute * _kept_per_token(cfg, kind) for kind in cfg.model.layer_kinds]
 
 
-def training_memory_estimate(cfg: Config, replicas: int = 1, cuda_graphs: bool = False, recomputed_blocks: int = 0) -> int:
+def training_memory_estimate(cfg: Config, cuda_graphs: bool = False, recomputed_blocks: int = 0) -> int:
     """Roughly the bytes a rank holds at the peak of a training step, the SSD's states apart: fp32 weights and
-    gradients, AdamW's two moments (split over the `replicas` of the DP x CP group by ZeRO), DDP's copy of the
+    gradients, AdamW's two moments (split over the replicas of DP x CP by ZeRO), DDP's copy of the
     gradients in its buckets (more than one replica), the CUDA graphs' gradient buffers next to `.grad` (several micro
     batches), each block's fp32 input, and the larger of two peaks: at the end of the forward, what the blocks after the
     first `recomputed_blocks` keep for their backward and one block's worth of the backward's own tensors beside them;
     in a recomputed block's backward, its recomputed tensors and its backward's."""
-    params = logical_param_count(cfg.model) // cfg.parallel.tp
+    params, copies = logical_param_count(cfg.model) // cfg.parallel.tp, replicas(cfg)
     zero = cfg.parallel.engine == "deepspeed"
-    per_param = 8 + 8 / (replicas if zero else 1) + 4 * (not zero and replicas > 1) + 4 * (cuda_graphs and cfg.accumulation_steps > 1)
+    per_param = 8 + 8 / (copies if zero else 1) + 4 * (not zero and copies > 1) + 4 * (cuda_graphs and cfg.accumulation_steps > 1)
     kept = block_bytes_per_token(cfg)
     activations = max(sum(kept[recomputed_blocks:]) + max(kept), 2 * max(kept[:recomputed_blocks], default=0))
     return int(params * per_param) + cfg.micro_batch_tokens * (4 * cfg.model.d_model * cfg.model.n_layer + activations)
 
 
-def recomputed_blocks_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1,
-                             cuda_graphs: bool = False) -> tuple[int, str]:
+def recomputed_blocks_choice(cfg: Config, backend: str, device_memory: int, cuda_graphs: bool = False) -> tuple[int, str]:
     """How many blocks, the first ones, activation checkpointing recomputes (train.activation_checkpointing; device_memory
-    in bytes, 0 without a GPU; replicas and cuda_graphs as training_memory_estimate takes them; the SSD's states
-    counted where train.keep_ssd_states = true keeps them), and the start-up line's words for it. The first ones:
+    in bytes, 0 without a GPU; cuda_graphs as training_memory_estimate takes it; the SSD's states counted where
+    train.keep_ssd_states = true keeps them), and the start-up line's words for it. The first ones:
     each is recomputed after the later blocks' tensors are freed, so it adds nothing to the step's peak."""
     choice, blocks = cfg.train.activation_checkpointing, cfg.model.n_layer
     if choice != "auto":
@@ -187,15 +203,18 @@ def recomputed_blocks_choice(cfg: Config, backend: str, device_memory: int, repl
         return 0, (f"{_recomputed_words(0, blocks)} (\"auto\" knows the memory of the Triton kernels only; "
                    "train.activation_checkpointing = true recomputes every block)")
     limit = RECOMPUTE_ABOVE_SHARE * usable_memory(cfg, device_memory)
-    states_kept = cfg.train.keep_ssd_states is True and cfg.kernels.ssd == "megassm"
-    need = [training_memory_estimate(cfg, replicas, cuda_graphs, k) + (ssd_states_bytes(cfg, k) if states_kept else 0)
-            for k in range(blocks + 1)]
+    states_kept = cfg.train.keep_ssd_states is True and _keeps_ssd_states(cfg, backend)
+    need = [training_memory_estimate(cfg, cuda_graphs, k) + (ssd_states_bytes(cfg, k) if states_kept else 0) for k in range(blocks + 1)]
     recomputed = next((k for k, bytes_ in enumerate(need) if bytes_ <= limit), blocks)
     if recomputed == 0:
         return 0, _recomputed_words(0, blocks)
-    without = f"~{need[0] / 2**30:.0f} of the GPU's {device_memory / 2**30:.0f} GiB"
-    still = "" if need[-1] <= limit else f", with every block recomputed still ~{need[-1] / 2**30:.0f}: raise parallel.cp or parallel.tp"
-    return recomputed, f"{_recomputed_words(recomputed, blocks)} (without: a step would take {without}{still})"
+    words = f"{_recomputed_words(recomputed, blocks)} (without: a step would take ~{need[0] / 2**30:.0f} of "
+    words += _gpu_words(cfg, device_memory)
+    if need[-1] <= limit:
+        return recomputed, words + ")"
+    levers = "raise parallel.cp or parallel.tp"
+    levers = f"lower data.micro_batch, or {levers}" if cfg.data.micro_batch > 1 else levers
+    return recomputed, words + f"; with every block recomputed still ~{need[-1] / 2**30:.0f}: {levers})"
 
 
 def _recomputed_words(recomputed: int, blocks: int) -> str:
@@ -207,25 +226,25 @@ def _recomputed_words(recomputed: int, blocks: int) -> str:
     return f"activation checkpointing of block{'s 1-' if recomputed > 1 else ' '}{recomputed} of {blocks}"
 
 
-def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, replicas: int = 1, cuda_graphs: bool = False,
+def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, cuda_graphs: bool = False,
                            recomputed_blocks: int = 0) -> tuple[bool, str]:
     """Whether megassm's SSD keeps its per-chunk states for the backward (train.keep_ssd_states; device_memory in
-    bytes; replicas, cuda_graphs and recomputed_blocks as training_memory_estimate takes them), and the start-up line's
-    words for it where its SSD runs. Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
+    bytes; cuda_graphs and recomputed_blocks as training_memory_estimate takes them), and the start-up line's words for
+    it where its SSD runs. Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
     choice = cfg.train.keep_ssd_states
-    if backend != "triton" or cfg.kernels.ssd != "megassm":
+    if not _keeps_ssd_states(cfg, backend):
         return False, ""
     if choice is False:
         return False, "states recomputed"
     if choice is True or recomputed_blocks == cfg.model.n_layer:  # every layer holds its states only during its backward
         return True, "states kept"
     states = ssd_states_bytes(cfg, recomputed_blocks)
-    rest = training_memory_estimate(cfg, replicas, cuda_graphs, recomputed_blocks)
+    rest = training_memory_estimate(cfg, cuda_graphs, recomputed_blocks)
     usable = usable_memory(cfg, device_memory)
     if states <= KEEP_SSD_STATES_AUTO_SHARE * usable and states + rest <= STEP_MEMORY_MAX_SHARE * usable:
         return True, "states kept"
-    return False, (f"states recomputed: with them a step would take ~{(states + rest) / 2**30:.0f} of the GPU's "
-                   f"{device_memory / 2**30:.0f} GiB; train.keep_ssd_states = true keeps them")
+    return False, (f"states recomputed: with them a step would take ~{(states + rest) / 2**30:.0f} of {_gpu_words(cfg, device_memory)}; "
+                   "train.keep_ssd_states = true keeps them")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,10 +257,10 @@ class MemoryChoices:
     states_note: str
 
 
-def memory_choices(cfg: Config, backend: str, device_memory: int, replicas: int = 1, cuda_graphs: bool = False) -> MemoryChoices:
+def memory_choices(cfg: Config, backend: str, device_memory: int, cuda_graphs: bool = False) -> MemoryChoices:
     """The levers by their cost: as few blocks recomputed as the step needs, then the states kept where room is left."""
-    recomputed, recompute_note = recomputed_blocks_choice(cfg, backend, device_memory, replicas, cuda_graphs)
-    keep, states_note = keep_ssd_states_choice(cfg, backend, device_memory, replicas, cuda_graphs, recomputed)
+    recomputed, recompute_note = recomputed_blocks_choice(cfg, backend, device_memory, cuda_graphs)
+    keep, states_note = keep_ssd_states_choice(cfg, backend, device_memory, cuda_graphs, recomputed)
     return MemoryChoices(recomputed, keep, recompute_note, states_note)
 
 

@@ -79,9 +79,9 @@ class TrainConfig:
     steps: int = 1000
     precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
     # A recomputed block keeps only its input and recomputes the rest in backward (about a third of its time again):
-    # "auto" (on a GPU, the first blocks, as few as auto_choices.training_memory_estimate needs to fit within
-    # RECOMPUTE_ABOVE_SHARE of its memory; the start-up line says how many), true (every block), false, or how many of
-    # the first blocks.
+    # "auto" (on a GPU with the Triton kernels, the first blocks, as few as auto_choices.training_memory_estimate needs
+    # to fit within RECOMPUTE_ABOVE_SHARE of the job's smallest GPU, less COMMUNICATION_ALLOWANCE on several; the
+    # start-up line says how many), true (every block), false, or how many of the first blocks.
     activation_checkpointing: bool | int | str = "auto"
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens per rank at a time
     # Replay the blocks' forward and backward as CUDA graphs (between their collectives under TP, SP and CP): "auto" (on
@@ -91,7 +91,8 @@ class TrainConfig:
     # megassm's SSD keeps its per-chunk states for the backward instead of recomputing them (one pass over x and B per
     # layer; about in_proj's output in memory): "auto" (where every block is recomputed, each holding them only in its
     # backward, or when the states of the layers not recomputed take at most auto_choices.KEEP_SSD_STATES_AUTO_SHARE of
-    # the GPU's memory and, with an estimate of the rest of the step, at most STEP_MEMORY_MAX_SHARE), true, false.
+    # the memory activation checkpointing shares out and, with an estimate of the rest of the step, at most
+    # STEP_MEMORY_MAX_SHARE), true, false.
     keep_ssd_states: bool | str = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation

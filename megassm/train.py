@@ -156,15 +156,13 @@ def _verify_shared(stream: TokenStream) -> bool:
     return rank != 0 or stream.record_verified(matched)
 
 
-def smallest_device_memory(device: torch.device) -> int:
-    """The smallest GPU memory of the job's processes, in bytes (0 on CPU): every rank makes the same memory choices
-    from it, since a recomputed block repeats its collectives (SP's gathers, CP's hand-overs) in the backward."""
-    mine = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else 0
+def smallest_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of the job's ranks' `value` (the value itself in one process)."""
     if not dist.is_initialized():
-        return mine
-    memory = torch.tensor([mine], dtype=torch.int64, device=device)
-    dist.all_reduce(memory, op=dist.ReduceOp.MIN)
-    return int(memory.item())
+        return value
+    smallest = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    return int(smallest.item())
 
 
 def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_states: bool, recomputed_blocks: int) -> Mamba2LM:
@@ -334,7 +332,9 @@ class Trainer:
         cfg = self.cfg
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
         graphs, self.graphs_note = cuda_graphs_choice(cfg, self.device)
-        memory = memory_choices(cfg, self.backend, smallest_device_memory(self.device), group_size(self.ctx.dp_cp_group), graphs)
+        # The smallest GPU of the job: every rank makes the same choices, since a recomputed block repeats its collectives.
+        device_memory = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
+        memory = memory_choices(cfg, self.backend, smallest_over_ranks(device_memory, self.device), graphs)
         self.recompute_note = memory.recompute_note
         ssd_note = ", ".join([f"SSD: {cfg.kernels.ssd}", *([memory.states_note] if memory.states_note else [])])
         self.kernels_note = f"triton kernels ({ssd_note})" if self.backend == "triton" else f"{self.backend} kernels"

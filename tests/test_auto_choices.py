@@ -9,8 +9,9 @@ import torch
 
 from megassm.config import ConfigError, load_config
 from megassm.model import Mamba2LM
-from megassm.auto_choices import (COMMUNICATION_ALLOWANCE, GRAPHS_AUTO_MAX_TOKENS, RECOMPUTE_ABOVE_SHARE, MemoryChoices,
-                                   cuda_graphs_choice, keep_ssd_states_choice, memory_choices, out_of_memory_advice,
+from megassm import auto_choices
+from megassm.auto_choices import (COMMUNICATION_ALLOWANCE, GRAPHS_AUTO_MAX_TOKENS, RECOMPUTE_ABOVE_SHARE, STEP_MEMORY_MAX_SHARE,
+                                   MemoryChoices, cuda_graphs_choice, keep_ssd_states_choice, memory_choices, out_of_memory_advice,
                                    recomputed_blocks_choice, ssd_states_bytes, training_memory_estimate)
 from megassm.train import build_model, make_engine
 from parallel import ParallelContext
@@ -119,11 +120,11 @@ def test_what_the_replicas_hold_decides_too():
     assert keep_ssd_states_choice(config(*two, "--data.global_batch=2"), "triton", H100) == (
         False, "states recomputed: with them a step would take ~84 of the GPU's 80 GiB; train.keep_ssd_states = true keeps them")
     zero = config(*two, "--data.global_batch=16", "--parallel.engine=deepspeed", world_size=8)
-    assert keep_ssd_states_choice(zero, "triton", H100, replicas=8) == (True, "states kept")
+    assert keep_ssd_states_choice(zero, "triton", H100) == (True, "states kept")
     one = ["--model.preset=mamba2-2.7b", "--data.micro_batch=1", "--data.seq_len=4096"]
     assert keep_ssd_states_choice(config(*one, "--data.global_batch=1"), "triton", H100, cuda_graphs=True)[0]
     ddp = config(*one, "--data.global_batch=16", world_size=8)
-    assert ddp.accumulation_steps == 2 and not keep_ssd_states_choice(ddp, "triton", H100, replicas=8, cuda_graphs=True)[0]
+    assert ddp.accumulation_steps == 2 and not keep_ssd_states_choice(ddp, "triton", H100, cuda_graphs=True)[0]
 
 
 @pytest.mark.parametrize("activation", ["swiglu", "relu2"])
@@ -154,9 +155,8 @@ def test_every_shipped_config_gets_a_decision(path):
     """Each config of configs/ on one node of 8 GPUs of either kind: a decision and its words, no error."""
     cfg = load_config(path, ["--data.path=unused"], world_size=8)
     for memory in (H100, H200):
-        replicas = cfg.parallel.dp * cfg.parallel.cp
-        recomputed, _ = recomputed_blocks_choice(cfg, "triton", memory, replicas, cuda_graphs=True)
-        keep, note = keep_ssd_states_choice(cfg, "triton", memory, replicas, cuda_graphs=True, recomputed_blocks=recomputed)
+        recomputed, _ = recomputed_blocks_choice(cfg, "triton", memory, cuda_graphs=True)
+        keep, note = keep_ssd_states_choice(cfg, "triton", memory, cuda_graphs=True, recomputed_blocks=recomputed)
         assert note == "states kept" if keep else note.startswith("states recomputed: with them a step would take ~")
         assert keep or recomputed < cfg.model.n_layer  # where only the recomputed layer holds them
 
@@ -212,7 +212,7 @@ LONG = ["--model.preset=mamba2-780m", "--data.micro_batch=1", "--data.global_bat
     # Ran in 74.3 GiB (75.4 reserved) in run 33, where keeping every block's activations ran out of memory.
     (65536, H100, (28, "activation checkpointing of blocks 1-28 of 48 (without: a step would take ~134 of the GPU's 80 GiB)")),
     (262144, H200, (44, "activation checkpointing of blocks 1-44 of 48 (without: a step would take ~501 of the GPU's 140 GiB)")),
-    (262144, H100, (48, "activation checkpointing (without: a step would take ~501 of the GPU's 80 GiB, with every block "
+    (262144, H100, (48, "activation checkpointing (without: a step would take ~501 of the GPU's 80 GiB; with every block "
                         "recomputed still ~101: raise parallel.cp or parallel.tp)")),
 ])
 def test_auto_recomputes_the_fewest_first_blocks_that_fit(seq_len, memory, expected):
@@ -245,10 +245,34 @@ def test_the_memory_levers_are_chosen_together():
 def test_auto_leaves_memory_for_the_communication_of_several_processes():
     """On 2 GPUs of DDP (DDP's bucket copy of the gradients, COMMUNICATION_ALLOWANCE set aside) more blocks are recomputed."""
     two = config(*LONG, "--data.seq_len=65536", "--data.global_batch=2", world_size=2)
-    recomputed, _ = recomputed_blocks_choice(two, "triton", H100, replicas=2)
+    recomputed, _ = recomputed_blocks_choice(two, "triton", H100)
     assert recomputed == 30  # 28 on one
-    assert training_memory_estimate(two, 2, recomputed_blocks=30) <= RECOMPUTE_ABOVE_SHARE * (H100 - COMMUNICATION_ALLOWANCE)
-    assert training_memory_estimate(two, 2, recomputed_blocks=29) > RECOMPUTE_ABOVE_SHARE * (H100 - COMMUNICATION_ALLOWANCE)
+    assert training_memory_estimate(two, recomputed_blocks=30) <= RECOMPUTE_ABOVE_SHARE * (H100 - COMMUNICATION_ALLOWANCE)
+    assert training_memory_estimate(two, recomputed_blocks=29) > RECOMPUTE_ABOVE_SHARE * (H100 - COMMUNICATION_ALLOWANCE)
+
+
+def test_the_states_leave_the_communication_its_memory(monkeypatch):
+    """On a GPU where the states would fit beside the rest of the step but for the 2 GiB set aside for NCCL, they are
+    recomputed, and the line says why."""
+    cfg = config("--model.preset=mamba2-780m", "--data.global_batch=16", world_size=2)
+    memory = int((ssd_states_bytes(cfg) + training_memory_estimate(cfg)) / STEP_MEMORY_MAX_SHARE) + 2**30
+    keep, note = keep_ssd_states_choice(cfg, "triton", memory)
+    assert not keep and note == ("states recomputed: with them a step would take ~54 of the GPU's 61 GiB, 2 set aside for NCCL; "
+                                 "train.keep_ssd_states = true keeps them")
+    monkeypatch.setattr(auto_choices, "COMMUNICATION_ALLOWANCE", 0)
+    assert keep_ssd_states_choice(cfg, "triton", memory)[0]
+
+
+def test_what_recomputing_every_block_cannot_fit_is_said_with_its_levers():
+    cfg = config("--model.preset=mamba2-780m", "--data.micro_batch=4", "--data.global_batch=4", "--data.seq_len=65536")
+    assert recomputed_blocks_choice(cfg, "triton", H100)[1].endswith(
+        "; with every block recomputed still ~101: lower data.micro_batch, or raise parallel.cp or parallel.tp)")
+
+
+def test_states_the_ssd_cannot_keep_take_no_room():
+    """train.keep_ssd_states = true with mamba-ssm's SSD, which recomputes them anyway: nothing recomputed for them."""
+    cfg = config(*LONG, "--data.seq_len=32768", "--train.keep_ssd_states=true", "--kernels.ssd=mamba-ssm")
+    assert recomputed_blocks_choice(cfg, "triton", H100, cuda_graphs=True)[0] == 0
 
 
 def test_auto_recomputes_nothing_where_it_cannot_estimate():

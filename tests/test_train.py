@@ -18,7 +18,7 @@ from megassm.data import SampleLoader, TokenStream
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import save_transformers
-from tests.distributed import RDZV_ENDPOINT, reserved_port
+from tests.distributed import RDZV_ENDPOINT, reserved_port, run_distributed
 
 STEPS = 4
 CONFIG = """
@@ -105,18 +105,33 @@ def test_checkpoint_every_minus_one_writes_none(config, tmp_path):
     assert by_step(records, "loss").keys() == {1, 2} and not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_the_first_blocks_recomputed_give_the_same_run(config, one_process, tmp_path):
+def test_the_first_blocks_recomputed_give_the_same_run(config, one_process, tmp_path, monkeypatch):
     """train.activation_checkpointing = 1: the trainer's model recomputes its first block, the start-up line says so,
     and the run is the one without recomputation."""
     from megassm.config import load_config
     from megassm.train import Trainer, open_data
 
+    monkeypatch.setattr("megassm.train.limit_cpu_threads", lambda device: None)  # this test process's threads stay as they are
     cfg = load_config(config, [f"--run.dir={tmp_path / 'built'}", "--train.activation_checkpointing=1"])
     assert [layer.recompute for layer in Trainer(cfg, open_data(cfg)).model.layers] == [True, False]
     result = run_trainer(config, tmp_path / "run", 1, "--train.activation_checkpointing=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| activation checkpointing of block 1 of 2 |" in result.stdout
     assert_same_run([json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()], one_process)
+
+
+def _check_smallest_over_ranks() -> None:
+    from megassm.train import smallest_over_ranks
+
+    torch.distributed.init_process_group("gloo")
+    rank = torch.distributed.get_rank()
+    assert smallest_over_ranks([80, 140, 24][rank], torch.device("cpu")) == 24
+
+
+def test_every_rank_decides_from_the_smallest_gpu_of_the_job():
+    """Each rank's memory choices take the job's smallest GPU: a block recomputed on one rank and not on another would
+    repeat its collectives on one of them only."""
+    run_distributed(_check_smallest_over_ranks, 3)
 
 
 TP2_CP2 = ["--parallel.tp=2", "--parallel.cp=2"]
