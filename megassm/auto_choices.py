@@ -191,8 +191,8 @@ def training_memory_estimate(cfg: Config, cuda_graphs: bool = False, recomputed_
 def recomputed_blocks_choice(cfg: Config, backend: str, device_memory: int, cuda_graphs: bool = False) -> tuple[int, str]:
     """How many blocks, the first ones, activation checkpointing recomputes (train.activation_checkpointing; device_memory
     in bytes, 0 without a GPU; cuda_graphs as training_memory_estimate takes it; the SSD's states counted where
-    train.keep_ssd_states = true keeps them), and the start-up line's words for it. The first ones:
-    each is recomputed after the later blocks' tensors are freed, so it adds nothing to the step's peak."""
+    train.keep_ssd_states = true keeps them), and the start-up line's words for it. Why the first ones:
+    apply_activation_checkpointing."""
     choice, blocks = cfg.train.activation_checkpointing, cfg.model.n_layer
     if choice != "auto":
         recomputed = blocks if choice is True else int(choice)

@@ -160,8 +160,7 @@ def smallest_over_ranks(value: int, device: torch.device) -> int:
     """The smallest of the job's ranks' `value` (the value itself in one process)."""
     if not dist.is_initialized():
         return value
-    smallest = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    smallest = all_reduce(torch.tensor([value], dtype=torch.int64, device=device), dist.group.WORLD, op=dist.ReduceOp.MIN)
     return int(smallest.item())
 
 

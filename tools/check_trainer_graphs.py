@@ -5,10 +5,10 @@ trainer itself as a user runs it (Trainer.run(): warm-up and cosine rate, clippi
 checkpoints) in the situations where the graphs' static buffers could go wrong: one micro batch per step (the
 gradient buffers adopted as .grad), several with activation checkpointing (summed into .grad), only the first blocks
 recomputed, the blocks in four graphs (as under DDP), a step skipped for a non-finite gradient, a resume from a
-checkpoint (new graphs, the same weights), the PyTorch kernels. The graphs replay the kernels the eager blocks launch, so each step's loss, gradient
-norm and validation loss should agree to the last bit: "eager again" (the eager run repeated) shows what differs
-without graphs (0 where every kernel is deterministic). Without CUDA both runs are eager: how the tool itself is tested
-(tests/test_check_graphs.py).
+checkpoint (new graphs, the same weights), the PyTorch kernels. The graphs replay the kernels the eager blocks launch,
+so each step's loss, gradient norm and validation loss should agree to the last bit: "eager again" (the eager run
+repeated) shows what differs without graphs (0 where every kernel is deterministic). Without CUDA both runs are eager:
+how the tool itself is tested (tests/test_check_graphs.py).
 
     python tools/check_trainer_graphs.py            # 4 layers of mamba2-130m, 2 x 512 tokens per micro batch, data/builtin
 """
