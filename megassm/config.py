@@ -36,6 +36,9 @@ class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key and says what would."""
 
 
+Auto = typing.Literal["auto"]  # a key the trainer decides for itself when set to "auto"
+
+
 @dataclass
 class RunConfig:
     dir: str = "runs/default"
@@ -82,18 +85,18 @@ class TrainConfig:
     # "auto" (on a GPU with the Triton kernels, the first blocks, as few as auto_choices.training_memory_estimate needs
     # to fit within RECOMPUTE_ABOVE_SHARE of the job's smallest GPU, less COMMUNICATION_ALLOWANCE on several; the
     # start-up line says how many), true (every block), false, or how many of the first blocks.
-    activation_checkpointing: bool | int | str = "auto"
+    activation_checkpointing: bool | int | Auto = "auto"
     loss_chunk_tokens: int = LOSS_CHUNK_TOKENS  # the loss holds the logits of this many tokens per rank at a time
     # Replay the blocks' forward and backward as CUDA graphs (between their collectives under TP, SP and CP): "auto" (on
     # CUDA for micro batches of up to auto_choices.GRAPHS_AUTO_MAX_TOKENS per rank, where cuda_graph_blockers finds
     # nothing in the way; the start-up line says why not), true, false.
-    cuda_graphs: bool | str = "auto"
+    cuda_graphs: bool | Auto = "auto"
     # megassm's SSD keeps its per-chunk states for the backward instead of recomputing them (one pass over x and B per
     # layer; about in_proj's output in memory): "auto" (where every block is recomputed, each holding them only in its
     # backward, or when the states of the layers not recomputed take at most auto_choices.KEEP_SSD_STATES_AUTO_SHARE of
     # the memory activation checkpointing shares out and, with an estimate of the rest of the step, at most
     # STEP_MEMORY_MAX_SHARE), true, false.
-    keep_ssd_states: bool | str = "auto"
+    keep_ssd_states: bool | Auto = "auto"
     log_every: int = 10
     eval_every: int = 200  # 0 disables validation
     eval_samples: int = 32  # held-out sequences per validation, the same ones every time and for every layout
@@ -298,7 +301,7 @@ def typed_fields(cls: type, section: str, table: dict, where: str) -> dict:
 
 
 def coerce(value: object, hint: object, key: str, where: str) -> object:
-    """value as the type `hint` (int, float, bool, str, X | None, tuple[float, float]), or ConfigError."""
+    """value as the type `hint` (int, float, bool, str, Literal[...], X | None, tuple[float, float]), or ConfigError."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
     if value is None and type(None) in options:
         return None
@@ -311,11 +314,13 @@ def coerce(value: object, hint: object, key: str, where: str) -> object:
             return float(value)
         if option is str and isinstance(value, str):
             return value
+        if typing.get_origin(option) is typing.Literal and value in typing.get_args(option):
+            return value
         if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
             kinds = typing.get_args(option)
             if len(value) == len(kinds):
                 return tuple(coerce(v, k, key, where) for v, k in zip(value, kinds))
-    wanted = " or ".join(TYPE_NAMES.get(o, "a list of two numbers") for o in options)
+    wanted = " or ".join(type_name(o) for o in options)
     quoting = ""
     if str in options and "command-line" in where:
         quoting = f" (on the command line, quote it as a TOML string: --{key}='\"{value}\"')"
@@ -323,6 +328,13 @@ def coerce(value: object, hint: object, key: str, where: str) -> object:
 
 
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "omitted"}
+
+
+def type_name(hint: object) -> str:
+    """How an error names a value of type `hint`."""
+    if typing.get_origin(hint) is typing.Literal:
+        return " or ".join(f'"{choice}"' for choice in typing.get_args(hint))
+    return TYPE_NAMES.get(hint, "a list of two numbers")
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -398,13 +410,10 @@ def validate_choices(cfg: Config) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")
-    for key in ("cuda_graphs", "keep_ssd_states"):
-        if getattr(train, key) not in (True, False, "auto"):
-            raise ConfigError(f"train.{key} = {getattr(train, key)!r}: choose true, false or \"auto\"")
     recompute, blocks = train.activation_checkpointing, cfg.model.n_layer
-    if recompute not in (True, False, "auto") and not (isinstance(recompute, int) and 0 <= recompute <= blocks):
-        raise ConfigError(f"train.activation_checkpointing = {recompute!r}: choose true, false, \"auto\" or how many of the "
-                          f"first blocks to recompute (0 to model.n_layer = {blocks})")
+    if type(recompute) is int and not 0 <= recompute <= blocks:
+        raise ConfigError(f"train.activation_checkpointing = {recompute}: the number of first blocks to recompute is 0 to "
+                          f"model.n_layer = {blocks}; or choose true (every block), false or \"auto\"")
     if train.cuda_graphs is True and cuda_graph_blockers(cfg):
         raise ConfigError(f"train.cuda_graphs = true needs {' and '.join(cuda_graph_blockers(cfg))}: switch one of them, or use \"auto\"")
     if par.engine == "ddp" and par.zero_stage != 1:
