@@ -173,19 +173,39 @@ def block_bytes_per_token(cfg: Config) -> list[int]:
     return [compute * _kept_per_token(cfg, kind) for kind in cfg.model.layer_kinds]
 
 
+def state_bytes_per_parameter(cfg: Config, cuda_graphs: bool = False) -> float:
+    """What a rank holds for each of its parameters through a training step's backward: the fp32 weight, and under DDP
+    its gradient, AdamW's two moments, DDP's copy of the gradient in its buckets (more than one replica) and the CUDA
+    graphs' gradient buffer next to `.grad` (several micro batches); under ZeRO its fp32 copy of the weight, the
+    gradient and the moments, each split over the replicas of DP x CP, and with stage 1 the whole gradient, which it
+    sums over micro batches before it reduces (counted in CPU processes, tests/test_deepspeed.py)."""
+    copies = replicas(cfg)
+    if cfg.parallel.engine == "deepspeed":
+        whole_gradient = cfg.parallel.zero_stage == 1 and cfg.accumulation_steps > 1
+        return 4 + 16 / copies + (4 - 4 / copies) * whole_gradient
+    return 16 + 4 * (copies > 1) + 4 * (cuda_graphs and cfg.accumulation_steps > 1)
+
+
+def engine_buffer_bytes(cfg: Config) -> int:
+    """What the data-parallel engine holds beside the parameters' state: ZeRO's gradient bucket, in the backward (not
+    counted by the test of state_bytes_per_parameter, which counts between backwards)."""
+    if cfg.parallel.engine != "deepspeed":
+        return 0  # DDP's buckets: in state_bytes_per_parameter
+    from parallel.deepspeed_engine import REDUCE_BUCKET_ELEMENTS  # imports deepspeed: only where it runs
+
+    return 4 * REDUCE_BUCKET_ELEMENTS
+
+
 def training_memory_estimate(cfg: Config, cuda_graphs: bool = False, recomputed_blocks: int = 0) -> int:
-    """Roughly the bytes a rank holds at the peak of a training step, the SSD's states apart: fp32 weights and
-    gradients, AdamW's two moments (split over the replicas of DP x CP by ZeRO), DDP's copy of the
-    gradients in its buckets (more than one replica), the CUDA graphs' gradient buffers next to `.grad` (several micro
-    batches), each block's fp32 input, and the larger of two peaks: at the end of the forward, what the blocks after the
-    first `recomputed_blocks` keep for their backward and one block's worth of the backward's own tensors beside them;
-    in a recomputed block's backward, its recomputed tensors and its backward's."""
-    params, copies = logical_param_count(cfg.model) // cfg.parallel.tp, replicas(cfg)
-    zero = cfg.parallel.engine == "deepspeed"
-    per_param = 8 + 8 / (copies if zero else 1) + 4 * (not zero and copies > 1) + 4 * (cuda_graphs and cfg.accumulation_steps > 1)
+    """Roughly the bytes a rank holds at the peak of a training step, the SSD's states apart: state_bytes_per_parameter
+    for each parameter, engine_buffer_bytes, each block's fp32 input, and the larger of two peaks: at the end of the
+    forward, what the blocks after the first `recomputed_blocks` keep for their backward and one block's worth of the
+    backward's own tensors beside them; in a recomputed block's backward, its recomputed tensors and its backward's."""
+    params = logical_param_count(cfg.model) // cfg.parallel.tp
     kept = block_bytes_per_token(cfg)
     activations = max(sum(kept[recomputed_blocks:]) + max(kept), 2 * max(kept[:recomputed_blocks], default=0))
-    return int(params * per_param) + cfg.micro_batch_tokens * (4 * cfg.model.d_model * cfg.model.n_layer + activations)
+    return (int(params * state_bytes_per_parameter(cfg, cuda_graphs)) + engine_buffer_bytes(cfg)
+            + cfg.micro_batch_tokens * (4 * cfg.model.d_model * cfg.model.n_layer + activations))
 
 
 def recomputed_blocks_choice(cfg: Config, backend: str, device_memory: int, cuda_graphs: bool = False) -> tuple[int, str]:

@@ -36,6 +36,11 @@ if Version(deepspeed.__version__) < Version("0.19.8"):
     raise ImportError(f"DeepSpeed {deepspeed.__version__} is too old for megassm: pip install 'megassm[deepspeed]' (deepspeed 0.19.8)")
 
 
+# Gradient elements ZeRO reduces at a time, the size of its fp32 bucket: of the order of Megatron-LM's (40M). DeepSpeed's
+# default, 5e8, is a 2 GB bucket, which stage 1 holds through the step for a model of fewer parameters per rank.
+REDUCE_BUCKET_ELEMENTS = 50_000_000
+
+
 class _ModelParallelUnit:
     """Our groups in the shape DeepSpeed's `mpu` argument expects (Megatron's names)."""
 
@@ -134,7 +139,7 @@ class DeepSpeedEngine:
             "gradient_accumulation_steps": accumulation_steps,
             # Each rank's loss is already divided by the global token count: sum gradients, do not average.
             "gradient_allreduce_op": "sum",
-            "zero_optimization": {"stage": zero_stage},
+            "zero_optimization": {"stage": zero_stage, "reduce_bucket_size": REDUCE_BUCKET_ELEMENTS},
             "zero_allow_untested_optimizer": True,  # torch's AdamW, which ZeRO steps on its flat fp32 partitions
         }
         self.wrapper = _CallersAutocast(model)
