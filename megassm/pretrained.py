@@ -65,7 +65,9 @@ class HFFormat:
     config_dict: Callable[[ModelConfig], dict]  # raises ValueError if the format cannot hold the model
     model_config: Callable[[dict], ModelConfig]  # from the config's to_dict()
     layout: Layout
-    ties_head: bool  # transformers ties lm_head to the embedding when tie_word_embeddings (else it uses lm_head.weight as it is)
+    # With tie_word_embeddings transformers ties lm_head to the embedding, and the folder may leave lm_head.weight out (else
+    # it needs one); a stored lm_head.weight that differs from the embedding, transformers computes with.
+    ties_head: bool
 
 
 HF_FORMATS = {  # by config.json's model_type
@@ -217,7 +219,8 @@ def _read_transformers(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
     fmt = HF_FORMATS[_read_json(path / "config.json")["model_type"]]
     cfg = _published_config(path, lambda: fmt.model_config(AutoConfig.from_pretrained(path).to_dict()))
     theirs = _published_tensors(path, cfg, partial(to_transformers, layout=fmt.layout), tied_head_optional=fmt.ties_head)
-    if cfg.tie_embeddings and not fmt.ties_head and not torch.equal(theirs["lm_head.weight"], theirs[fmt.layout.embedding]):
+    head = theirs.get("lm_head.weight")
+    if cfg.tie_embeddings and head is not None and not torch.equal(head, theirs[fmt.layout.embedding]):
         raise PretrainedError(f"{path / 'config.json'}: tie_word_embeddings is true, but lm_head.weight is not {fmt.layout.embedding}, "
                               f"and transformers' {fmt.architecture} computes with lm_head.weight: set tie_word_embeddings to false")
     return cfg, from_transformers(theirs, cfg, fmt.layout)
@@ -255,13 +258,14 @@ _READERS = {MEGASSM: _read_megassm, TRANSFORMERS: _read_transformers, MAMBA_SSM:
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
-    """Every tensor of the folder's first weight format found (WEIGHT_FILES), single file or sharded."""
+    """Every tensor of the folder's first weight format found (WEIGHT_FILES), its single file before a sharded index
+    (as transformers reads them: saving unsharded over a sharded folder leaves the index behind)."""
     for name in WEIGHT_FILES:
         index = path / f"{name}.index.json"
-        if index.is_file():
-            files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if (path / name).is_file():
+            files = [name]
         else:
-            files = [name] if (path / name).is_file() else []
+            files = sorted(set(_read_json(index).get("weight_map", {}).values())) if index.is_file() else []
         if files:
             return {key: tensor for file in files for key, tensor in _read_weight_file(path / file).items()}
     raise PretrainedError(f"{path}: no weights ({' or '.join(WEIGHT_FILES)}, or a sharded index of them)")

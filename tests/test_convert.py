@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, pipeline
 
 from megassm.checkpoint import load_checkpoint, save_checkpoint, save_model_checkpoint
@@ -19,6 +19,7 @@ from megassm.model import Mamba2LM, ModelConfig
 from megassm.pretrained import PretrainedError, load_pretrained, save_mamba_ssm, save_transformers
 from parallel import DDPEngine, ParallelContext
 from tests.commands import load_tool, run_tool, user_error
+from tests.test_hybrid_hf import BAMBA
 from tests.test_model import relative_error
 
 
@@ -226,6 +227,38 @@ def test_unreadable_folders_fail_with_their_name(tmp_path):
     (tmp_path / "neither").mkdir()
     with pytest.raises(PretrainedError, match="neither is none of: a megassm checkpoint"):
         load_pretrained(tmp_path / "neither")
+
+
+@pytest.mark.parametrize("model_type, cfg", [("mamba2", ModelConfig.from_preset("debug-g1")), ("bamba", BAMBA)], ids=["mamba2", "bamba"])
+def test_a_tied_folder_whose_lm_head_differs_is_refused(model_type, cfg, tmp_path):
+    """tie_word_embeddings = true beside an lm_head.weight of its own: transformers computes with that lm_head (it warns
+    and does not tie), so reading the folder as tied would give other logits; an lm_head equal to the embedding loads."""
+    cfg = dataclasses.replace(cfg, tie_embeddings=False)
+    state = Mamba2LM(cfg).state_dict()
+    save_transformers(cfg, state, tmp_path, model_type=model_type)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(hf.lm_head.weight, state["lm_head.weight"])  # what the message says transformers does
+    with pytest.raises(PretrainedError, match=r"tie_word_embeddings is true, but lm_head.weight is not .*embed.*, and transformers' "
+                                              r".* computes with lm_head.weight: set tie_word_embeddings to false"):
+        load_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["lm_head.weight"] = weights[next(name for name in weights if "embed" in name)].clone()
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    tied, _ = load_pretrained(tmp_path)
+    assert tied.tie_embeddings
+
+
+def test_a_single_weight_file_is_read_before_a_left_over_index(tmp_path):
+    """Saving unsharded into a folder saved sharded leaves the shards' index behind; transformers reads the single file."""
+    cfg = ModelConfig.from_preset("debug-g1")
+    save_transformers(cfg, Mamba2LM(cfg).state_dict(), tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    index = {"metadata": {}, "weight_map": {name: "model-00001-of-00001.safetensors" for name in weights}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg_read, state = load_pretrained(tmp_path)
+    assert torch.equal(state["layers.0.mixer.D"], weights["backbone.layers.0.mixer.D"])
 
 
 def test_command_line(tmp_path, capsys):
