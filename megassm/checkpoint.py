@@ -203,10 +203,16 @@ def start_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, engine: DataP
     temporary = unfinished_save(final)
     if final.exists():
         raise CheckpointError(f"cannot save step {trainer_state['step']}: {final} exists; move it away and resume")
-    if _is_writer():
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    _barrier()
+
+    def make_temporary() -> None:
+        try:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        except OSError as error:
+            raise CheckpointError(f"cannot save step {trainer_state['step']}: cannot create {temporary} ({error.strerror or error}): "
+                                  f"free space or make {temporary.parent} writable, then resume") from None
+
+    decided_by_first(make_temporary)
     complete = functools.partial(_complete, temporary, final, cfg, vocabulary, dict(trainer_state)) if _is_writer() else None
     with _single_process_quiet():
         return BackgroundWrite(_state_to_save(model, engine, _Layout(ctx, model)), temporary, copies, complete)

@@ -23,12 +23,14 @@ import os
 import shlex
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from megassm.checkpoint import CONFIG_FILE, TRAINER_FILE, CheckpointError, checkpoint_step, checkpoints_in, step_folders
+from megassm.checkpoint import (CONFIG_FILE, TRAINER_FILE, CheckpointError, checkpoint_step, checkpoints_folder, checkpoints_in,
+                                step_folders)
 from megassm.config import CheckpointConfig, Config, ConfigError, load_config
 from megassm.errors import UserError
 from megassm.metrics import METRICS_FILE, holds_records
@@ -185,6 +187,18 @@ def _read_owner(fd: int) -> Owner | None:
         return Owner(**json.loads(os.pread(fd, 1 << 16, 0)))
     except (ValueError, TypeError):
         return None
+
+
+def check_checkpoints_writable(run_dir: Path) -> None:
+    """RunDirError unless a file can be made in run.dir's checkpoints folder: said at start-up, not after the steps
+    up to the first save."""
+    folder = checkpoints_folder(run_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as error:
+        raise RunDirError(f"{folder}: cannot write checkpoints there ({error.strerror or error}): make it writable, choose another "
+                          "run.dir, or set checkpoint.every = -1 to save none") from None
 
 
 def in_run_dir(checkpoint: Path, run_dir: Path) -> bool:

@@ -74,8 +74,8 @@ from megassm.model import (Mamba2LM, apply_activation_checkpointing, apply_cuda_
 from megassm.ops import resolve_backend
 from megassm.optim import learning_rate, param_groups
 from megassm.pretrained import detect_format, load_pretrained
-from megassm.run_dir import (Owner, RunLock, check_log_not_replaced, checkpoints_to_replace, in_run_dir, launched_by_torchrun,
-                             own_newest_checkpoint)
+from megassm.run_dir import (Owner, RunLock, check_checkpoints_writable, check_log_not_replaced, checkpoints_to_replace, in_run_dir,
+                             launched_by_torchrun, own_newest_checkpoint)
 from megassm.stopping import FailedElsewhere, StopSignals, Stopped, die_with_launcher
 from parallel import IGNORE_INDEX, DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
@@ -376,6 +376,8 @@ class Trainer:
         checkpoints = resume_candidates(self.run_dir, checkpoint.resume)
         replaced = checkpoints_to_replace(self.run_dir, checkpoint)
         check_log_not_replaced(self.run_dir, cfg, checkpoints)
+        if checkpoint.every >= 0:
+            check_checkpoints_writable(self.run_dir)
         if not checkpoints and cfg.checkpoint.init_from:
             detect_format(cfg.checkpoint.init_from)
         return checkpoints, replaced, checkpoint.resume

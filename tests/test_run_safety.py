@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 
-from megassm.checkpoint import IncompatibleCheckpoint, decided_by_first, load_checkpoint, save_checkpoint
+from megassm.checkpoint import CheckpointError, IncompatibleCheckpoint, decided_by_first, load_checkpoint, save_checkpoint, start_checkpoint
 from megassm.config import Config, load_config
 from megassm.data import SampleLoader, TokenStream, train_sentencepiece
 from megassm.data.corpus import builtin_documents, write_builtin_corpus
@@ -322,6 +322,22 @@ def test_unreadable_checkpoints_stop_resume_auto_instead_of_starting_over(config
 def test_a_run_dir_that_cannot_be_written_stops(config, tmp_path):
     (tmp_path / "file").write_text("")
     refused(run_trainer(config, tmp_path / "file" / "run", 1), f"run.dir = {tmp_path}/file/run: cannot write there (Not a directory)")
+
+
+def test_a_checkpoints_folder_that_cannot_be_written_stops_before_training(config, tmp_path):
+    (tmp_path / "checkpoints").write_text("")
+    refused(run_trainer(config, tmp_path, 1), f"{tmp_path}/checkpoints: cannot write checkpoints there (File exists): make it writable")
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_a_checkpoint_error(tmp_path):
+    """Where the folder goes away after start-up (a full disk, a file system remounted read-only): one line, no traceback."""
+    cfg = Config(model=ModelConfig.from_preset("debug"))
+    model = Mamba2LM(cfg.model)
+    (tmp_path / "checkpoints").write_text("")
+    with pytest.raises(CheckpointError, match=f"cannot save step 3: cannot create {tmp_path}/checkpoints/.step_3.tmp .*: free space or "
+                                              f"make {tmp_path}/checkpoints writable, then resume"):
+        start_checkpoint(tmp_path, cfg, model, engine_for(model), ParallelContext(), {"step": 3})
 
 
 def test_nothing_is_left_to_do_past_train_steps(config, old_run):
