@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
+from megassm.checkpoint_files import first_damaged_file
 from megassm.checkpoint_writer import BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, read_model_config, section_toml, write_config
 from megassm.data.shards import file_sha256
@@ -317,7 +318,7 @@ def _reading(path: Path) -> Iterator[None]:
         yield
     except (CheckpointException, RuntimeError, OSError, EOFError, json.JSONDecodeError, UnicodeDecodeError,
             pickle.UnpicklingError) as error:
-        raise DamagedCheckpoint(f"cannot read {path} ({type(error).__name__})") from error
+        raise DamagedCheckpoint(f"cannot read {path}: {first_damaged_file(path) or type(error).__name__}") from error
 
 
 def _load(target: dict, path: Path, group: dist.ProcessGroup | None = None) -> None:

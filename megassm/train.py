@@ -395,7 +395,8 @@ class Trainer:
                 self.state = load_checkpoint(path, self.model, self.engine, self.ctx)
             except DamagedCheckpoint as error:
                 if self.resume_from != "auto":
-                    raise
+                    raise DamagedCheckpoint(f"{error}; resume from another checkpoint (checkpoint.resume = its folder, or "
+                                            "\"auto\" for the newest that can be read)") from None
                 self.say(f"warning: skipping damaged checkpoint {path}: {error}")
                 continue
             if in_run_dir(path, self.run_dir):  # rotation goes on over the folder's history, up to this checkpoint

@@ -317,6 +317,11 @@ def test_unreadable_checkpoints_stop_resume_auto_instead_of_starting_over(config
     for shard in (old_run / "checkpoints").glob("step_*/*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
     assert_refused_and_untouched(config, old_run, [], f"none of the 2 checkpoints in {old_run}/checkpoints can be read")
+    step_4 = old_run / "checkpoints" / "step_4"
+    assert_refused_and_untouched(config, old_run, [f"--checkpoint.resume={step_4}"],
+                                 f"cannot read {step_4}: {step_4 / '__0_0.distcp'} is cut short (100 of ",
+                                 "; resume from another checkpoint (checkpoint.resume = its folder, or \"auto\" for the newest that "
+                                 "can be read)")
 
 
 def test_a_run_dir_that_cannot_be_written_stops(config, tmp_path):
