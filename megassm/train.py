@@ -54,7 +54,7 @@ from megassm.checkpoint import (
 )
 from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, load_config, write_config
-from megassm.data import DataError, SampleLoader, TokenStream, rank_samples
+from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples
 from megassm.data.shards import META_FILE, VERIFIED_FILE
 from megassm.errors import USER_ERROR_EXIT, UserError
 from megassm.host_scalar import HostScalar
@@ -102,9 +102,12 @@ def open_data(cfg: Config) -> TokenStream:
     if stream.meta.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer of data.path = {cfg.data.path} has {stream.meta.vocab_size} tokens, more than "
                           f"model.vocab_size = {cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
+    meta_file = Path(cfg.data.path) / META_FILE
     if not stream.tokenizer_path.exists():
-        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {Path(cfg.data.path) / META_FILE} is missing: "
-                          "re-run tools/prepare_data.py")
+        raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {meta_file} is missing: re-run tools/prepare_data.py")
+    if (tokens := load_tokenizer(stream.tokenizer_path).vocab_size) != stream.meta.vocab_size:  # ids past the model's embedding
+        raise DataError(f"{meta_file} says vocab_size = {stream.meta.vocab_size}, but its tokenizer {stream.tokenizer_path} has {tokens} "
+                        "tokens: re-run tools/prepare_data.py")
     return stream
 
 

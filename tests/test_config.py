@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,18 @@ def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replac
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("megassm-train: error: "), err
     assert re.search(message, err[0]), err[0]
+
+
+def test_a_data_folder_whose_vocab_size_is_not_its_tokenizers_fails_with_one_line(config_file, prepared_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Its ids would pass the model's embedding in the first step (an IndexError) where meta.json says fewer tokens."""
+    data = Path(shutil.copytree(prepared_data, tmp_path / "data"))
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["--config", str(config_file(**{str(prepared_data): str(data)}))]) == 2
+    assert capsys.readouterr().err.strip() == (f"megassm-train: error: {data / 'meta.json'} says vocab_size = 100, but its tokenizer "
+                                               f"{data / 'tokenizer'} has 512 tokens: re-run tools/prepare_data.py")
 
 
 @pytest.mark.parametrize(

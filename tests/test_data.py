@@ -313,6 +313,7 @@ def flip_byte(path: Path):
     (lambda p: p.unlink(), "meta.json"),
     (lambda p: p.write_text("{\"version\": 1, "), "meta.json"),
     (lambda p: p.write_text(p.read_text().replace("vocab_size", "vocab")), "meta.json"),
+    (lambda p: p.write_text(p.read_text().replace('"tokenizer": "tokenizer"', '"tokenizer": 5')), "meta.json"),
     (truncate, "tokens_00002.bin"),
     (lambda p: p.unlink(), "tokens_00001.bin"),
     (lambda p: p.unlink(), "doc_starts.npy"),

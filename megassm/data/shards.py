@@ -20,6 +20,7 @@ import json
 import os
 import re
 import resource
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -132,6 +133,11 @@ class Meta:
 
     def _problem(self) -> str:
         """What makes this description unusable, or "" when nothing does."""
+        for record in [self, *self.shards]:
+            for name, kind in typing.get_type_hints(type(record)).items():
+                value = getattr(record, name)
+                if isinstance(kind, type) and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+                    return f"{name} = {value!r} is not {kind.__name__}"
         if self.version != FORMAT_VERSION:
             return f"format version {self.version}, this megassm reads version {FORMAT_VERSION}"
         if self.dtype not in ("uint16", "uint32") or np.dtype(self.dtype).itemsize < token_dtype(self.vocab_size).itemsize:
