@@ -2,6 +2,8 @@
 
 import os
 
+from megassm.errors import quiet_interrupt_while_importing
+
 
 def use_expandable_segments() -> None:
     """CUDA memory in segments that grow in place, unless the user set PYTORCH_CUDA_ALLOC_CONF. PyTorch reads the
@@ -13,3 +15,4 @@ def use_expandable_segments() -> None:
 
 
 use_expandable_segments()
+quiet_interrupt_while_importing()

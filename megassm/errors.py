@@ -1,5 +1,7 @@
 """The one base class of the errors a user can fix: entry points print them as one line, no traceback."""
 
+import os
+import signal
 import sys
 from typing import NoReturn
 
@@ -18,3 +20,27 @@ def exit_on_user_error(line: str) -> NoReturn:
     """An entry point stopped by a user's mistake: the line on stderr, no traceback, USER_ERROR_EXIT."""
     print(line, file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)
+
+
+ENTRY_MODULES = ("megassm.train", "megassm.torchrun")  # run by `python -m`, under torchrun too
+STOPPED_WHILE_STARTING = "stopped by SIGINT while starting, before the first step; run the same command to start again"
+
+
+def quiet_interrupt_while_importing() -> None:
+    """Ctrl-C while an entry point still imports torch (its first seconds) ends it with one line from rank 0, as later
+    in its start, not with a traceback per process (the import happens before any `try` of its own). Only for the
+    entry points: a user's own script keeps Python's handling."""
+    argv = getattr(sys, "orig_argv", [])
+    locating = sys.argv[0] == "-m" and "-m" in argv[:-1]  # Python imports the package of the module `-m` runs
+    if not (locating and argv[argv.index("-m") + 1] in ENTRY_MODULES) and not sys.argv[0].endswith("megassm-train"):
+        return
+    default = sys.excepthook
+
+    def hook(kind: type[BaseException], error: BaseException, traceback) -> None:
+        if not issubclass(kind, KeyboardInterrupt):
+            return default(kind, error, traceback)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"megassm-train: {STOPPED_WHILE_STARTING}", file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGINT)  # Python ends an unhandled KeyboardInterrupt by SIGINT, whatever its hook says
+
+    sys.excepthook = hook

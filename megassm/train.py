@@ -56,7 +56,7 @@ from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCo
 from megassm.config import Config, ConfigError, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples
 from megassm.data.shards import META_FILE, VERIFIED_FILE
-from megassm.errors import USER_ERROR_EXIT, UserError
+from megassm.errors import STOPPED_WHILE_STARTING, USER_ERROR_EXIT, UserError
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
     METRICS_FILE,
@@ -692,8 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             return stop.exit_code
         except KeyboardInterrupt:
             if rank == 0:
-                print("megassm-train: stopped by SIGINT while starting, before the first step; run the same command to start again",
-                      file=sys.stderr)
+                print(f"megassm-train: {STOPPED_WHILE_STARTING}", file=sys.stderr)
             return 128 + signal.SIGINT
         except UserError as error:  # one line per job, from rank 0, where every rank meets the same
             if rank == 0:

@@ -28,6 +28,7 @@ from megassm.data import SampleLoader, TokenStream, train_sentencepiece
 from megassm.data.corpus import builtin_documents, write_builtin_corpus
 from megassm.data.prepare import prepare
 from megassm.data.shards import VERIFIED_FILE
+from megassm.errors import STOPPED_WHILE_STARTING, quiet_interrupt_while_importing
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.optim import learning_rate
@@ -500,6 +501,31 @@ def stopped_by(signum: signal.Signals, config: Path, run_dir: Path) -> str:
 
 def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(config, tmp_path):
     stopped_by(signal.SIGINT, config, tmp_path / "run")
+
+
+def test_ctrl_c_while_torch_is_imported_is_one_line(config, tmp_path):
+    """Ctrl-C in an entry point's first seconds, before any code of its own runs (import torch takes them)."""
+    trainer = subprocess.Popen([sys.executable, "-m", "megassm.train", "--config", str(config), f"--run.dir={tmp_path}"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.2)
+    trainer.send_signal(signal.SIGINT)
+    _, stderr = trainer.communicate()
+    assert trainer.returncode == 128 + signal.SIGINT and stderr == f"megassm-train: {STOPPED_WHILE_STARTING}\n", stderr
+
+
+@pytest.mark.parametrize("argv, quiet", [(["python", "-m", "megassm.train", "--config", "x"], True),
+                                         (["python", "-m", "megassm.torchrun", "-m", "megassm.train"], True),
+                                         (["python", "/venv/bin/megassm-train", "--config", "x"], True),
+                                         (["python", "my_script.py", "-m", "megassm.train"], False),
+                                         (["python", "-m", "megassm.data.diagnose"], False)])
+def test_only_the_entry_points_quiet_an_interrupt(argv, quiet, monkeypatch):
+    """Python sets sys.argv[0] to "-m" while it imports the package of the module it runs. (What the quieting does:
+    the test above.)"""
+    monkeypatch.setattr(sys, "orig_argv", argv)
+    monkeypatch.setattr(sys, "argv", ["-m" if argv[1] == "-m" else argv[1], *argv[2:]])
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    quiet_interrupt_while_importing()
+    assert (sys.excepthook is not sys.__excepthook__) == quiet
 
 
 def test_a_closed_terminal_saves_a_checkpoint(config, tmp_path):
