@@ -47,17 +47,28 @@ def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ
 
 
-def own_newest_checkpoint(run_dir: Path, launch: list[str]) -> Path | None:
-    """run.dir's newest complete checkpoint where this launch wrote it (`launch`: Owner.launch of every rank, as a
-    checkpoint's trainer state records them): this process is that run restarted by torchrun or requeued by Slurm."""
+def own_newest_checkpoint(run_dir: Path, attempts: list[dict]) -> Path | None:
+    """run.dir's newest complete checkpoint where an earlier start of this launch wrote it (`attempts`: Owner.attempt
+    of every rank, as a checkpoint's trainer state records them): this process is that run restarted by torchrun or
+    requeued by Slurm. Another command in the same Slurm job or on the same host is not."""
     found = checkpoints_in(run_dir)
-    if not found or not launch:
+    if not found or not attempts:
         return None
     try:
-        written_by = json.loads((found[-1] / TRAINER_FILE).read_text()).get("launch", [])
+        written_by = json.loads((found[-1] / TRAINER_FILE).read_text()).get("attempts", [])
     except (OSError, ValueError):
         return None  # unreadable: resuming from it says so
-    return found[-1] if set(written_by) & set(launch) else None
+    return found[-1] if any(restarted(mine, theirs) for mine in attempts for theirs in written_by if isinstance(theirs, dict)) else None
+
+
+def restarted(attempt: dict, earlier: dict) -> bool:
+    """Whether the process of `attempt` is a later start of the launch of `earlier` (Owner.attempt of each): the same
+    Slurm job requeued since, or the same torchrun agent restarting its workers."""
+    requeued = attempt["slurm_job"] is not None and attempt["slurm_job"] == earlier.get("slurm_job") \
+        and attempt["slurm_restart"] > earlier.get("slurm_restart", 0)
+    by_agent = attempt["agent"] is not None and attempt["agent"] == earlier.get("agent") \
+        and attempt["agent_restart"] > earlier.get("agent_restart", 0)
+    return requeued or by_agent
 
 
 def _alive(pid: int) -> bool:
@@ -82,12 +93,21 @@ class Owner:
     command: str
     slurm_job: str | None = None
     slurm_restart: int = 0  # SLURM_RESTART_COUNT: how often Slurm requeued the job
+    agent_restart: int = 0  # TORCHELASTIC_RESTART_COUNT: how often the torchrun agent restarted its workers
 
     @classmethod
     def this_process(cls) -> "Owner":
         return cls(socket.gethostname(), os.getpid(), os.getppid() if launched_by_torchrun() else None,
                    time.strftime("%Y-%m-%d %H:%M:%S"), shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]]),
-                   os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0))
+                   os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0),
+                   int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0))
+
+    @property
+    def attempt(self) -> dict:
+        """Which start of its launch this process is, as each checkpoint records it for every rank (restarted): its
+        Slurm job and how often Slurm requeued it, its torchrun agent and how often that restarted its workers."""
+        return {"slurm_job": self.slurm_job, "slurm_restart": self.slurm_restart,
+                "agent": f"{self.host}:{self.launcher_pid}" if self.launcher_pid is not None else None, "agent_restart": self.agent_restart}
 
     def alive(self) -> bool:
         """Whether a process of that run still lives (on another host: unknown, so yes)."""

@@ -300,7 +300,7 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         self.vocabulary = tokenizer_vocabulary(stream.tokenizer_path, stream.meta.vocab_size)
-        self.launch = launches()
+        self.attempts = attempts()
         checkpoints, replaced, self.resume_from = decided_by_first(self.starting_point)
         if cfg.data.verify:  # after the checks of run.dir and the checkpoints: hashing a large corpus takes a while
             verify_data(stream, self.say)
@@ -320,7 +320,7 @@ class Trainer:
         self.host_copies = HostCopies()  # where each checkpoint's state is copied before it is written
         self.said_short_of_host_memory = False
         self.resume(checkpoints)
-        self.state["launch"] = self.launch  # in each checkpoint: a restart of this launch resumes from it (own_newest_checkpoint)
+        self.state["attempts"] = self.attempts  # in each checkpoint: a restart of this launch resumes from it (own_newest_checkpoint)
         self.take_over(replaced)
         n_params = logical_param_count(cfg.model)
         self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_len, n_params)
@@ -372,7 +372,7 @@ class Trainer:
         log raised first. A run restarted by torchrun or requeued by Slurm goes on from its own newest checkpoint,
         whatever checkpoint.resume says (its command line is the first start's)."""
         cfg, checkpoint = self.cfg, self.cfg.checkpoint
-        if checkpoint.resume != "auto" and (own := own_newest_checkpoint(self.run_dir, self.launch)):
+        if checkpoint.resume != "auto" and (own := own_newest_checkpoint(self.run_dir, self.attempts)):
             self.say(f"{own} was written by this launch (restarted or requeued): going on from there, not as "
                      f"checkpoint.resume = {checkpoint.resume!r} says")
             checkpoint = dataclasses.replace(checkpoint, resume="auto")
@@ -654,14 +654,14 @@ class Trainer:
             self.saved_everywhere()
 
 
-def launches() -> list[str]:
-    """Owner.launch of every rank (a collective): a torchrun agent per node, or the Slurm job."""
-    mine = Owner.this_process().launch
+def attempts() -> list[dict]:
+    """Owner.attempt of every rank (a collective), each once."""
+    mine = Owner.this_process().attempt
     everyone = [mine]
     if dist.is_initialized():
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
-    return sorted({launch for launch in everyone if launch})
+    return [json.loads(attempt) for attempt in sorted({json.dumps(attempt, sort_keys=True) for attempt in everyone})]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from megassm.errors import STOPPED_WHILE_STARTING, quiet_interrupt_while_importi
 from megassm.metrics import read_metrics
 from megassm.model import Mamba2LM, ModelConfig
 from megassm.optim import learning_rate
-from megassm.run_dir import Owner, RunDirError, RunLock
+from megassm.run_dir import Owner, RunDirError, RunLock, restarted
 from megassm.stopping import StopSignals, Stopped
 from megassm.train import LAUNCH_ENV, Trainer, adamw_change, limit_cpu_threads, schedule_change
 from parallel import ParallelContext
@@ -265,21 +265,39 @@ def test_a_run_outside_the_history_of_the_folder_stops(resume, phrases, config, 
 
 def test_a_requeued_slurm_job_goes_on_from_its_own_checkpoint_whatever_resume_says(config, tmp_path):
     """Slurm requeues a job with its first command line (here checkpoint.resume = 'none', which would refuse the folder's
-    checkpoints): the job's own newest checkpoint is resumed; another job with that command line stops as any run from
-    scratch in that folder does."""
+    checkpoints): the job's own newest checkpoint is resumed; another command in that job, not requeued, and another
+    job with that command line stop as any run from scratch in that folder does."""
     run_dir = tmp_path / "run"
 
-    def job(slurm_job: str, steps: int) -> subprocess.CompletedProcess:
+    def job(slurm_job: str, requeued: int, steps: int) -> subprocess.CompletedProcess:
         command = trainer_command(config, run_dir, 1, "--checkpoint.resume=none", f"--train.steps={steps}", "--train.eval_every=0")
-        return subprocess.run(command, capture_output=True, text=True, env={**TRAINER_ENV, "SLURM_JOB_ID": slurm_job},
-                              timeout=300)
+        return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                              env={**TRAINER_ENV, "SLURM_JOB_ID": slurm_job, "SLURM_RESTART_COUNT": str(requeued)})
 
-    assert job("41", 2).returncode == 0
-    requeued = job("41", 4)
+    assert job("41", 0, 2).returncode == 0
+    from_scratch = "holds the checkpoints of another run (step_2) and checkpoint.resume = 'none' starts a new run"
+    refused(job("41", 0, 4), from_scratch)
+    requeued = job("41", 1, 4)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert f"{run_dir}/checkpoints/step_2 was written by this launch (restarted or requeued): going on from there" in requeued.stdout
     assert f"resumed from {run_dir}/checkpoints/step_2" in requeued.stdout and steps_logged(run_dir) == [1, 2, 3, 4]
-    refused(job("42", 6), "holds the checkpoints of another run (step_2, step_4) and checkpoint.resume = 'none' starts a new run")
+    refused(job("42", 1, 6), from_scratch.replace("(step_2)", "(step_2, step_4)"))
+
+
+@pytest.mark.parametrize("mine, earlier, restarted_", [
+    ({"slurm_job": "7", "slurm_restart": 1, "agent": "a:1", "agent_restart": 0}, {"slurm_job": "7", "slurm_restart": 0}, True),
+    ({"slurm_job": "7", "slurm_restart": 0, "agent": "a:1", "agent_restart": 0}, {"slurm_job": "7", "slurm_restart": 0}, False),
+    ({"slurm_job": "8", "slurm_restart": 1, "agent": None, "agent_restart": 0}, {"slurm_job": "7", "slurm_restart": 0}, False),
+    ({"slurm_job": None, "slurm_restart": 0, "agent": "a:1", "agent_restart": 2}, {"agent": "a:1", "agent_restart": 1}, True),
+    ({"slurm_job": None, "slurm_restart": 0, "agent": "a:1", "agent_restart": 0}, {"agent": "a:1", "agent_restart": 0}, False),
+    ({"slurm_job": None, "slurm_restart": 0, "agent": "b:1", "agent_restart": 1}, {"agent": "a:1", "agent_restart": 0}, False),
+    ({"slurm_job": "7", "slurm_restart": 0, "agent": "a:1", "agent_restart": 1}, {"slurm_job": "7", "slurm_restart": 0,
+                                                                                 "agent": "a:1", "agent_restart": 0}, True),
+], ids=["requeued", "same-job-again", "other-job", "agent-restart", "same-agent-pid-again", "other-agent", "agent-restart-in-job"])
+def test_a_restart_is_a_later_start_of_the_same_launch(mine, earlier, restarted_):
+    """A Slurm job requeued since (SLURM_RESTART_COUNT), or a torchrun agent restarting its workers
+    (TORCHELASTIC_RESTART_COUNT); a new command in the same job, or a new agent whose pid a container repeats, is not."""
+    assert restarted(mine, earlier) == restarted_
 
 
 def test_overwrite_replaces_the_other_history_and_its_metrics(config, old_run):
