@@ -590,8 +590,10 @@ class Trainer:
             self.saving.abandon(ABANDONED_WRITE_WAIT)
 
     def open_log(self) -> MetricsLogger:
-        """The run's config.toml and its log, which keeps the records of the history this run continues."""
-        cfg, step = self.cfg, self.state["step"]
+        """The run's config.toml and its log, which keeps the records of the history this run continues (none where it
+        resumed from a checkpoint outside run.dir: that history's records are in the log beside it)."""
+        cfg = self.cfg
+        step = self.state["step"] if self.history else 0
         if self.is_writer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             write_config(cfg, self.run_dir / CONFIG_FILE)

@@ -385,6 +385,15 @@ def test_metrics_after_a_resume_describe_one_history(config, finished, old_run):
     assert_same_run(read_metrics(old_run), finished[1])
 
 
+def test_a_run_resumed_from_another_folder_keeps_none_of_this_folders_records(config, old_run, tmp_path):
+    """With checkpoint.overwrite, a run resumed from a checkpoint elsewhere replaces the folder's history, its log too."""
+    elsewhere = Path(shutil.copytree(old_run / "checkpoints" / "step_2", tmp_path / "elsewhere" / "step_2"))
+    result = run_trainer(config, old_run, 1, f"--checkpoint.resume={elsewhere}", "--checkpoint.overwrite=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"dropped 4 lines after step 0 from {old_run}/metrics.jsonl" in result.stdout
+    assert steps_logged(old_run) == [3, 4]
+
+
 def start(config: Path, run_dir: Path, nproc: int, *overrides: str, restarts: int = 0, env: dict | None = None) -> subprocess.Popen:
     """A long run in the background (under torchrun with `restarts` if nproc > 1), returned once it has logged two steps."""
     command = trainer_command(config, run_dir, nproc, "--train.eval_every=0", *overrides)
