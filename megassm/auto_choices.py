@@ -68,6 +68,18 @@ def check_kernel_limits(cfg: Config, backend: str) -> None:
                           f"{most:,} in {cfg.train.precision}; raise model.ngroups")
 
 
+def check_weights_fit(cfg: Config, host_memory: int | None, processes: int) -> None:
+    """ConfigError where a rank's fp32 weights alone exceed its share of the host memory left to the node's `processes`
+    (host_memory.available(); None: unknown): each builds its model there before moving it to its GPU, and past that
+    the allocator's traceback or the kernel's OOM killer would say it."""
+    weights = 4 * logical_param_count(cfg.model) // cfg.parallel.tp
+    if host_memory is not None and weights > host_memory // processes:
+        raise ConfigError(f"the model's {logical_param_count(cfg.model) / 1e9:.2f}B parameters take {weights / 2**30:.1f} GiB of fp32 "
+                          f"weights per rank (parallel.tp = {cfg.parallel.tp}), more than the {host_memory / processes / 2**30:.1f} GiB "
+                          f"of host memory left to each of this node's {processes} processes: check the [model] sizes, or raise "
+                          "parallel.tp")
+
+
 # "auto" graphs micro batches of up to this many tokens per rank: a 780m step of 8 x 2048 tokens spends 30%
 # of its time launching kernels without graphs, one of 65,536 tokens none, and its graphs' memory pool, which
 # the rest of the step cannot use, runs an H200 out of memory where the same step without graphs fits.

@@ -33,8 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megassm import job_store
-from megassm.auto_choices import check_kernel_limits, cuda_graph_groups, cuda_graphs_choice, memory_choices, out_of_memory_advice
+from megassm import host_memory, job_store
+from megassm.auto_choices import (check_kernel_limits, check_weights_fit, cuda_graph_groups, cuda_graphs_choice, memory_choices,
+                                  out_of_memory_advice)
 from megassm.checkpoint import (
     CONFIG_FILE,
     CheckpointError,
@@ -296,6 +297,7 @@ class Trainer:
         use_cublas_without_workspace(self.device)
         quiet_cublas_context_warning()
         self.ctx = join_processes(cfg, self.device)
+        check_weights_fit(cfg, host_memory.available(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)

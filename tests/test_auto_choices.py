@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from megassm.config import ConfigError, load_config
+from megassm.metrics import logical_param_count
 from megassm.model import Mamba2LM
 from megassm import auto_choices
 from megassm.auto_choices import (COMMUNICATION_ALLOWANCE, GRAPHS_AUTO_MAX_TOKENS, RECOMPUTE_ABOVE_SHARE, STEP_MEMORY_MAX_SHARE,
-                                   MemoryChoices, cuda_graphs_choice, keep_ssd_states_choice, memory_choices, out_of_memory_advice,
+                                   MemoryChoices, check_weights_fit, cuda_graphs_choice, keep_ssd_states_choice, memory_choices,
+                                   out_of_memory_advice,
                                    recomputed_blocks_choice, ssd_states_bytes, training_memory_estimate)
 from megassm.train import build_model, make_engine
 from parallel import ParallelContext
@@ -316,3 +318,13 @@ def test_a_wrong_activation_checkpointing_is_refused(value, message):
 def test_a_wrong_keep_ssd_states_is_refused():
     with pytest.raises(ConfigError, match="^train.keep_ssd_states = 'yes' in .* must be true or false or \"auto\"$"):
         config("--train.keep_ssd_states=yes")
+
+
+def test_weights_beyond_a_ranks_share_of_the_host_memory_are_refused():
+    cfg = config("--model.preset=mamba2-780m")
+    weights = 4 * logical_param_count(cfg.model)
+    check_weights_fit(cfg, host_memory=2 * weights, processes=2)
+    check_weights_fit(cfg, host_memory=None, processes=8)  # unknown: not refused
+    with pytest.raises(ConfigError, match=r"^the model's 0.\d\dB parameters take \d.\d GiB of fp32 weights per rank \(parallel.tp = 1\), "
+                                          r"more than the \d.\d GiB of host memory left to each of this node's 3 processes"):
+        check_weights_fit(cfg, host_memory=2 * weights, processes=3)
