@@ -18,6 +18,13 @@
 # Several nodes write one run: run.dir must be on a filesystem all of them see at the same path.
 set -euo pipefail
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # torchrun's own default, without its four-line warning about it
+for name in NPROC_PER_NODE NNODES MAX_RESTARTS MASTER_PORT; do
+  minimum=$(case "${name}" in MAX_RESTARTS | MASTER_PORT) echo 0 ;; *) echo 1 ;; esac)
+  if [ -n "${!name:-}" ] && ! { [[ "${!name}" =~ ^[0-9]+$ ]] && [ "${!name}" -ge "${minimum}" ]; }; then
+    echo "launch/torchrun.sh: ${name}=${!name} must be a whole number of at least ${minimum}" >&2
+    exit 2
+  fi
+done
 if [ "${NNODES:-1}" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   echo "launch/torchrun.sh: NNODES=${NNODES} needs MASTER_ADDR, the host name of one of the nodes, set alike on every node" >&2
   exit 2

@@ -56,6 +56,14 @@ def test_torchrun_sh_counts_the_gpus_it_is_given_and_needs_a_rendezvous_host_for
         "launch/torchrun.sh: NNODES=2 needs MASTER_ADDR, the host name of one of the nodes, set alike on every node"], done.stderr
 
 
+@pytest.mark.parametrize("variable, value, least", [("NPROC_PER_NODE", "abc", 1), ("NPROC_PER_NODE", "0", 1), ("NNODES", "-2", 1),
+                                                     ("MASTER_PORT", "http", 0), ("MAX_RESTARTS", "-1", 0)])
+def test_torchrun_sh_refuses_a_variable_that_is_not_a_count(tmp_path, variable, value, least):
+    done = launch("torchrun.sh", "--config", DEBUG, cwd=tmp_path, **{variable: value})
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"launch/torchrun.sh: {variable}={value} must be a whole number of at least {least}"], done.stderr
+
+
 def test_torchrun_sh_names_the_python_it_needs(tmp_path):
     """An interpreter without megassm (a shell where its environment is not active) stops with one line saying what to do."""
     bare = tmp_path / "python"
