@@ -13,7 +13,7 @@ import pytest
 from megassm.data import DataError, TokenStream, load_tokenizer
 from megassm.data.prepare import load_documents, prepare
 from megassm.data.shards import TOKENIZER_DIR
-from tests.commands import error_lines, run_tool
+from tests.commands import error_lines, load_tool, run_tool, user_error
 
 TEXTS = ["first document", "the second one", "a third\twith a tab", "and a fourth"]
 
@@ -81,6 +81,29 @@ def test_command_lines_print_one_line(tmp_path, prepared_data):
     for done in (tokenizer, prepared):
         assert done.returncode == 2 and error_lines(done.stderr) == want, done.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_train_tokenizer_refuses_what_cannot_train_before_reading_the_corpus(tmp_path, capsys):
+    main = load_tool("train_tokenizer.py").main
+    corpus = tmp_path / "corpus.jsonl"
+    write_jsonl(corpus, records(TEXTS))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "tokenizer.model").write_text("an earlier tokenizer")
+    (tmp_path / "file").write_text("")
+    for args, line in [
+        (["--vocab-size", "0"], "error: --vocab-size 0: at least 260 (256 byte pieces, unk, bos, eos and one learned piece)"),
+        (["--vocab-size", "300", "--max-sentences", "0"], "error: --max-sentences 0: train on at least one line"),
+        (["--vocab-size", "300", "--out", str(tmp_path / "file")], f"error: --out {tmp_path / 'file'} is a file: name a folder"),
+        (["--vocab-size", "300", "--out", str(tmp_path / "old")],
+         f"error: --out {tmp_path / 'old'} is not empty (a tokenizer of an earlier training?): choose another folder, or pass --overwrite"),
+    ]:
+        err = user_error(capsys, main, ["--input", str(corpus), "--out", str(tmp_path / "new"), *args])
+        assert err.startswith(line), err
+    assert (tmp_path / "old" / "tokenizer.model").read_text() == "an earlier tokenizer" and not (tmp_path / "new").exists()
+    with pytest.raises(SystemExit, match="2"):  # after reading the corpus: sentencepiece's own advice names options the tool has not
+        main(["--input", str(corpus), "--out", str(tmp_path / "new"), "--vocab-size", "262"])
+    assert error_lines(capsys.readouterr().err) == ["error: a vocabulary of 262 is smaller than the 277 characters the corpus needs: raise "
+                                                    "the vocabulary size"]
 
 
 # ---------------------------------------------------------------------------------------------- --overwrite

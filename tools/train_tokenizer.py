@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 from megassm.data import load_tokenizer, train_sentencepiece
-from megassm.data.tokenizer import MAX_SENTENCES
+from megassm.data.tokenizer import MAX_SENTENCES, MIN_VOCAB_SIZE
 from megassm.data.prepare import iter_texts, load_documents, sample_documents
 from megassm.errors import exit_on_user_error
 
@@ -27,7 +28,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-key", default="text", help="the text field of JSON / parquet records (default: text)")
     parser.add_argument("--max-sentences", type=int, default=MAX_SENTENCES,
                         help="train on at most this many lines, sampled from documents chosen at random")
+    parser.add_argument("--overwrite", action="store_true", help="replace the tokenizer in an existing --out")
     args = parser.parse_args(argv)
+    if args.vocab_size < MIN_VOCAB_SIZE:
+        exit_on_user_error(f"error: --vocab-size {args.vocab_size}: at least {MIN_VOCAB_SIZE} (256 byte pieces, unk, bos, eos and one "
+                           "learned piece)")
+    if args.max_sentences < 1:
+        exit_on_user_error(f"error: --max-sentences {args.max_sentences}: train on at least one line")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        exit_on_user_error(f"error: --out {out} is a file: name a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        exit_on_user_error(f"error: --out {out} is not empty (a tokenizer of an earlier training?): choose another folder, or pass "
+                           "--overwrite to replace the tokenizer there")
     started = time.time()
     try:
         documents = sample_documents(load_documents(args.input, args.text_key, num_proc=os.cpu_count()), args.max_sentences)

@@ -18,6 +18,7 @@ HF_FILES = ("tokenizer.json", "tokenizer_config.json")
 HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 LOCAL_SUFFIXES = {".model", ".txt", ".json", ".jsonl", ".parquet", ".gz", ".bz2", ".xz", ".zst"}
 MAX_SENTENCES = 10_000_000  # lines a sentencepiece tokenizer trains on at most
+MIN_VOCAB_SIZE = 260  # 256 byte pieces, unk, bos, eos and one learned piece
 
 
 def is_hub_name(name: str | Path) -> bool:
@@ -156,5 +157,8 @@ def train_sentencepiece(
     except RuntimeError as error:  # e.g. "Vocabulary size is too high (512). Please set it to a value <= 300."
         if made:
             shutil.rmtree(out_dir, ignore_errors=True)
+        if needed := re.search(r"smaller than required_chars. (\d+) vs (\d+)", str(error)):  # its advice names its own options
+            raise ValueError(f"a vocabulary of {needed[1]} is smaller than the {needed[2]} characters the corpus needs: raise the "
+                             "vocabulary size") from None
         raise ValueError(f"sentencepiece training failed: {error}") from None
     return out_dir
