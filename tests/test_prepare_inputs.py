@@ -106,6 +106,13 @@ def test_train_tokenizer_refuses_what_cannot_train_before_reading_the_corpus(tmp
                                                     "the vocabulary size"]
 
 
+@pytest.mark.parametrize("option, value", [("val_fraction", 1.5), ("shard_tokens", 0), ("num_proc", -3)])
+def test_prepare_refuses_what_cannot_run_before_reading_anything(tmp_path, option, value):
+    with pytest.raises(ValueError, match=f"{option} = {value}|{option} must be in"):
+        prepare([tmp_path / "no corpus needed"], tmp_path / "no tokenizer needed", tmp_path / "out", **{option: value})
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
 # ---------------------------------------------------------------------------------------------- --overwrite
 
 

@@ -261,6 +261,8 @@ def prepare(
         raise FileExistsError(f"{out} exists: choose another output folder or pass --overwrite")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if shard_tokens < 1 or num_proc < 1:
+        raise ValueError(f"shard_tokens = {shard_tokens} and num_proc = {num_proc} must be at least 1")
     partial, replaced = out.with_name(out.name + ".partial"), out.with_name(out.name + ".replaced")
     _check_replaceable(out, partial, replaced, [*inputs, str(tokenizer)])
     tok = load_tokenizer(tokenizer)
