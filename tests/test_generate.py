@@ -226,6 +226,8 @@ def test_command_line_names_what_is_missing(tmp_path, prepared_data, capsys):
         ([str(tmp_path / "converted"), *given, "--device", "foo"], "generate: --device foo: give cpu, cuda or cuda:N"),
         ([str(tmp_path / "converted"), *given, "--device", "meta"], "generate: --device meta: give cpu, cuda or cuda:N"),
         ([str(tmp_path / "converted"), *given, "--seed", str(2**64)], f"generate: --seed must be within [-2^63, 2^64), got {2**64}"),
+        ([str(tmp_path / "converted"), *given, "--prompt", b"caf\xe9".decode(errors="surrogateescape")],  # as Python reads such argv
+         "generate: --prompt caf\\udce9 is not UTF-8 text: give the prompt in UTF-8"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as stopped:

@@ -84,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     if not -(2**63) <= args.seed < 2**64:
         stop(f"--seed must be within [-2^63, 2^64), got {args.seed}")
     try:
+        args.prompt.encode()
+    except UnicodeEncodeError:  # bytes the terminal's locale could not decode, kept as surrogates
+        stop(f"--prompt {args.prompt.encode(errors='backslashreplace').decode()} is not UTF-8 text: give the prompt in UTF-8")
+    try:
         check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
         folder = model_folder(args.model)
         tokenizer = tokenizer_for(folder, args.tokenizer)
