@@ -13,9 +13,11 @@ signal to its workers (they saved a checkpoint and exited, as asked).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 
 from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup
@@ -77,6 +79,21 @@ class ProcessReports(logging.Filter):
         return False
 
 
+def port_taken(endpoint: str) -> bool:
+    """Whether the rendezvous port of a one-node run, host:port, is bound by another program (then torchrun's store
+    would wait for a rendezvous that never comes, and fail after its timeout naming no cause). Port 0: the kernel picks."""
+    host, _, port = endpoint.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return False
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torchrun's store binds it: a port in TIME_WAIT is free
+        try:
+            probe.bind((host or "127.0.0.1", int(port)))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.module and args.training_script == TRAINER:
@@ -90,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"megassm-train: error: {error}", file=sys.stderr)
             return USER_ERROR_EXIT
         restart_only_after_faults()
+    if parse_min_max_nnodes(args.nnodes)[1] == 1 and port_taken(args.rdzv_endpoint):
+        print(f"megassm-torchrun: the rendezvous port {args.rdzv_endpoint} is in use by another program (another run on this host?): "
+              "set MASTER_PORT to a free port, or leave it unset on one node", file=sys.stderr)
+        return USER_ERROR_EXIT
     logging.getLogger(PROCESS_LOGGER).addFilter(ProcessReports())
     # "Received SIGINT death signal, shutting down workers": the workers say where they stopped themselves.
     logging.getLogger(AGENT_LOGGER).addFilter(lambda record: "death signal" not in record.getMessage())

@@ -5,6 +5,7 @@ with its own line, never torchrun's traceback; the launch scripts pass the train
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,18 @@ def test_torchrun_sh_refuses_a_variable_that_is_not_a_count(tmp_path, variable, 
     done = launch("torchrun.sh", "--config", DEBUG, cwd=tmp_path, **{variable: value})
     assert done.returncode == 2 and done.stderr.splitlines() == [
         f"launch/torchrun.sh: {variable}={value} must be a whole number of at least {least}"], done.stderr
+
+
+def test_a_rendezvous_port_in_use_is_said_at_once(tmp_path):
+    """On one node, an explicit MASTER_PORT another program listens on (torchrun would wait out its rendezvous timeout)."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        done = launch("torchrun.sh", "--config", DEBUG, cwd=tmp_path, MASTER_PORT=str(port), NPROC_PER_NODE="4")
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"megassm-torchrun: the rendezvous port 127.0.0.1:{port} is in use by another program (another run on this host?): set "
+        "MASTER_PORT to a free port, or leave it unset on one node"], done.stderr
 
 
 def test_torchrun_sh_names_the_python_it_needs(tmp_path):
