@@ -267,9 +267,16 @@ def resume_candidates(run_dir: Path, resume: str) -> list[Path]:
     if resume == "auto":
         return checkpoints_in(run_dir)[::-1]
     path = Path(resume)
+    takes = "checkpoint.resume takes \"auto\", \"none\" or a checkpoint's folder"
+    if not path.exists():
+        raise CheckpointError(f"checkpoint.resume = {resume}: no such folder; {takes}")
     if not is_complete(path):
-        raise CheckpointError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {TRAINER_FILE} or {METADATA_FILE} there); "
-                              "checkpoint.resume takes \"auto\", \"none\" or a checkpoint's folder")
+        newest = checkpoints_in(path)
+        if newest:
+            raise CheckpointError(f"checkpoint.resume = {resume} is a run's folder: give one of its checkpoints, e.g. its newest, "
+                                  f"{newest[-1]}")
+        raise CheckpointError(f"checkpoint.resume = {resume}: not a complete checkpoint (no {TRAINER_FILE} or {METADATA_FILE} "
+                              f"there); {takes}")
     return [path]
 
 

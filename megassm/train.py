@@ -74,7 +74,7 @@ from megassm.model import (Mamba2LM, apply_activation_checkpointing, apply_cuda_
                            apply_ssd_state_keeping)
 from megassm.ops import resolve_backend
 from megassm.optim import learning_rate, param_groups
-from megassm.pretrained import detect_format, load_pretrained
+from megassm.pretrained import PretrainedError, detect_format, load_pretrained
 from megassm.run_dir import (Owner, RunLock, check_checkpoints_writable, check_log_not_replaced, checkpoints_to_replace, in_run_dir,
                              launched_by_torchrun, own_newest_checkpoint)
 from megassm.stopping import FailedElsewhere, StopSignals, Stopped, die_with_launcher
@@ -384,7 +384,10 @@ class Trainer:
         if checkpoint.every >= 0:
             check_checkpoints_writable(self.run_dir)
         if not checkpoints and cfg.checkpoint.init_from:
-            detect_format(cfg.checkpoint.init_from)
+            try:
+                detect_format(cfg.checkpoint.init_from)
+            except PretrainedError as error:
+                raise PretrainedError(f"checkpoint.init_from: {error}") from None
         return checkpoints, replaced, checkpoint.resume
 
     def say(self, line: str) -> None:

@@ -120,7 +120,7 @@ def test_a_data_folder_whose_vocab_size_is_not_its_tokenizers_fails_with_one_lin
         ("--run.name=2024-05-01", r"run.name = datetime.date\(2024, 5, 1\) .* must be a string \(on the command line, quote it as a "
          r"TOML string: --run.name='\"2024-05-01\"'\)$"),
         ("--checkpoint.resume=None",
-         r"not a complete checkpoint .*; checkpoint.resume takes \"auto\", \"none\" or a checkpoint's folder$"),
+         r"checkpoint.resume = .*None: no such folder; checkpoint.resume takes \"auto\", \"none\" or a checkpoint's folder$"),
     ],
 )
 def test_values_no_run_can_use_fail_with_one_line(config_file, monkeypatch, capsys, override, message):

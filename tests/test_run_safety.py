@@ -22,7 +22,8 @@ import psutil
 import pytest
 import torch
 
-from megassm.checkpoint import CheckpointError, IncompatibleCheckpoint, decided_by_first, load_checkpoint, save_checkpoint, start_checkpoint
+from megassm.checkpoint import (CheckpointError, IncompatibleCheckpoint, decided_by_first, load_checkpoint, resume_candidates,
+                                save_checkpoint, start_checkpoint)
 from megassm.config import Config, load_config
 from megassm.data import SampleLoader, TokenStream, train_sentencepiece
 from megassm.data.corpus import builtin_documents, write_builtin_corpus
@@ -148,13 +149,16 @@ def test_the_log_of_a_run_without_checkpoints_is_not_taken_over_by_another(confi
     assert load_config(run_dir / "config.toml", world_size=None).optim.lr == 1e-3
 
 
-@pytest.mark.parametrize("mistake", ["--checkpoint.resume=/nonexistent/step_3", "--checkpoint.init_from=/nonexistent"])
-def test_checkpoint_mistakes_are_said_before_the_data_is_hashed(config, prepared_data, tmp_path, mistake):
+@pytest.mark.parametrize("mistake, line", [
+    ("--checkpoint.resume=/nonexistent/step_3", "checkpoint.resume = /nonexistent/step_3: no such folder; checkpoint.resume takes"),
+    ("--checkpoint.init_from=/nonexistent", "checkpoint.init_from: /nonexistent: no such folder"),
+], ids=["resume", "init_from"])
+def test_checkpoint_mistakes_are_said_before_the_data_is_hashed(config, prepared_data, tmp_path, mistake, line):
     """Hashing a large corpus's shards takes a while (once per copy of the data): a mistake in the checkpoints to start
-    from is said first."""
+    from is said first, naming the key."""
     data = Path(shutil.copytree(prepared_data, tmp_path / "data"))
     (data / VERIFIED_FILE).unlink(missing_ok=True)
-    refused(run_trainer(config, tmp_path / "run", 1, f"--data.path={data}", mistake), "/nonexistent")
+    refused(run_trainer(config, tmp_path / "run", 1, f"--data.path={data}", mistake), line)
     assert not (data / VERIFIED_FILE).exists()
 
 
@@ -330,6 +334,18 @@ def test_a_folder_where_the_run_would_save_stops_it(config, old_run):
     shutil.copy(old_run / "checkpoints" / "step_4" / "trainer.json", stray)
     assert_refused_and_untouched(config, old_run, ["--train.steps=6", "--checkpoint.every=1"],
                                  f"{stray} is in the way: this run saves its step-5 checkpoint there")
+
+
+def test_a_run_folder_given_to_resume_names_its_newest_checkpoint(config, old_run):
+    assert_refused_and_untouched(config, old_run, [f"--checkpoint.resume={old_run}"],
+                                 f"checkpoint.resume = {old_run} is a run's folder: give one of its checkpoints, e.g. its newest, "
+                                 f"{old_run}/checkpoints/step_4")
+
+
+def test_a_folder_that_is_no_checkpoint_is_refused_for_resume(tmp_path):
+    with pytest.raises(CheckpointError, match=f"^checkpoint.resume = {tmp_path}: not a complete checkpoint \\(no trainer.json or "
+                                              "\\.metadata there\\); checkpoint.resume takes"):
+        resume_candidates(tmp_path / "run", str(tmp_path))
 
 
 def test_unreadable_checkpoints_stop_resume_auto_instead_of_starting_over(config, old_run):
