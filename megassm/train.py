@@ -182,6 +182,16 @@ def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_s
     return model
 
 
+def moved_to(model: Mamba2LM, device: torch.device) -> Mamba2LM:
+    """The model on `device`, or OutOfMemory naming its weights' size and the levers where the GPU lacks room for them."""
+    try:
+        return model.to(device)
+    except torch.OutOfMemoryError:
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        raise OutOfMemory(f"the model's weights, {weights / 2**30:.1f} GiB on this rank, do not fit in the free memory of {device}: "
+                          "raise parallel.tp, or check the [model] sizes (and what else runs on the GPU)") from None
+
+
 def changed_keys(theirs: Config, ours: Config, keys: list[tuple[str, str]]) -> list[str]:
     """"section.key old -> new" for each of `keys` whose value differs."""
     return [f"{section}.{key} {getattr(getattr(theirs, section), key)} -> {getattr(getattr(ours, section), key)}"
@@ -345,7 +355,7 @@ class Trainer:
         check_kernel_limits(cfg, self.backend)
         self.memory_levers = {"keep_ssd_states": memory.keep_ssd_states, "cuda_graphs": graphs,
                               "recomputed_blocks": memory.recomputed_blocks}
-        return build_model(cfg, self.ctx, graphs, memory.keep_ssd_states, memory.recomputed_blocks).to(self.device)
+        return moved_to(build_model(cfg, self.ctx, graphs, memory.keep_ssd_states, memory.recomputed_blocks), self.device)
 
     def open_loaders(self, stream: TokenStream) -> tuple[SampleLoader, SampleLoader | None]:
         """The training samples and, where the run validates, the validation samples, each rank's piece of them."""

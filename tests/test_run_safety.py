@@ -35,7 +35,7 @@ from megassm.model import Mamba2LM, ModelConfig
 from megassm.optim import learning_rate
 from megassm.run_dir import Owner, RunDirError, RunLock, restarted
 from megassm.stopping import StopSignals, Stopped
-from megassm.train import LAUNCH_ENV, Trainer, adamw_change, limit_cpu_threads, schedule_change
+from megassm.train import LAUNCH_ENV, OutOfMemory, Trainer, adamw_change, limit_cpu_threads, moved_to, schedule_change
 from parallel import ParallelContext
 from tests.distributed import run_distributed
 from tests.test_convert import engine_for
@@ -368,6 +368,18 @@ def test_a_checkpoints_folder_that_cannot_be_written_stops_before_training(confi
     (tmp_path / "checkpoints").write_text("")
     refused(run_trainer(config, tmp_path, 1), f"{tmp_path}/checkpoints: cannot write checkpoints there (File exists): make it writable")
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_weights_the_gpu_has_no_room_for_are_said_with_their_size(monkeypatch):
+    model = Mamba2LM(ModelConfig.from_preset("debug"))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate ...")
+
+    monkeypatch.setattr(model, "to", out_of_memory)
+    with pytest.raises(OutOfMemory, match=r"^the model's weights, 0.0 GiB on this rank, do not fit in the free memory of cuda:0: raise "
+                                          r"parallel.tp"):
+        moved_to(model, torch.device("cuda", 0))
 
 
 def test_a_checkpoint_folder_that_cannot_be_made_is_a_checkpoint_error(tmp_path):
