@@ -210,12 +210,13 @@ def _read_owner(fd: int) -> Owner | None:
 
 
 def check_checkpoints_writable(run_dir: Path) -> None:
-    """RunDirError unless a file can be made in run.dir's checkpoints folder: said at start-up, not after the steps
-    up to the first save."""
+    """RunDirError unless a file can be made in run.dir's checkpoints folder, or where it is yet to be made, in the
+    folder that will hold it: said at start-up, not after the steps up to the first save. Nothing is left behind."""
     folder = checkpoints_folder(run_dir)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=folder).close()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        tempfile.TemporaryFile(dir=next(path for path in (folder, *folder.parents) if path.exists())).close()
     except OSError as error:
         raise RunDirError(f"{folder}: cannot write checkpoints there ({error.strerror or error}): make it writable, choose another "
                           "run.dir, or set checkpoint.every = -1 to save none") from None

@@ -366,7 +366,8 @@ def test_a_run_dir_that_cannot_be_written_stops(config, tmp_path):
 
 def test_a_checkpoints_folder_that_cannot_be_written_stops_before_training(config, tmp_path):
     (tmp_path / "checkpoints").write_text("")
-    refused(run_trainer(config, tmp_path, 1), f"{tmp_path}/checkpoints: cannot write checkpoints there (File exists): make it writable")
+    refused(run_trainer(config, tmp_path, 1), f"{tmp_path}/checkpoints: cannot write checkpoints there (Not a directory): make it "
+                                              "writable")
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -559,13 +560,17 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(config, tmp_path):
 
 
 def test_ctrl_c_while_torch_is_imported_is_one_line(config, tmp_path):
-    """Ctrl-C in an entry point's first seconds, before any code of its own runs (import torch takes them)."""
+    """Ctrl-C in an entry point's first seconds, before any code of its own runs (import torch takes them). Pressed
+    again while the process runs: now and then a KeyboardInterrupt is lost during the imports (twice in some 60 tries on
+    a loaded machine; not in megassm's code). The exit status is 130, or the shell's SIGINT (once in those tries)."""
     trainer = subprocess.Popen([sys.executable, "-m", "megassm.train", "--config", str(config), f"--run.dir={tmp_path}"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.2)
-    trainer.send_signal(signal.SIGINT)
+    for _ in range(4):
+        time.sleep(0.2)
+        if trainer.poll() is None:
+            trainer.send_signal(signal.SIGINT)
     _, stderr = trainer.communicate()
-    assert trainer.returncode == 128 + signal.SIGINT and stderr == f"megassm-train: {STOPPED_WHILE_STARTING}\n", stderr
+    assert trainer.returncode in (128 + signal.SIGINT, -signal.SIGINT) and stderr == f"megassm-train: {STOPPED_WHILE_STARTING}\n", stderr
 
 
 @pytest.mark.parametrize("argv, quiet", [(["python", "-m", "megassm.train", "--config", "x"], True),
