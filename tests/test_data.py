@@ -226,6 +226,8 @@ def test_reads_txt_jsonl_parquet_folders_and_globs(tmp_path):
     (tmp_path / "txt").mkdir()
     (tmp_path / "txt" / "a.txt").write_text("\n".join(texts[:50]) + "\n")
     (tmp_path / "txt" / "b.txt").write_text("\n".join(texts[50:]) + "\n")
+    (tmp_path / "txt" / ".ipynb_checkpoints").mkdir()  # a notebook's copy of a.txt: not a document of the folder
+    shutil.copy(tmp_path / "txt" / "a.txt", tmp_path / "txt" / ".ipynb_checkpoints" / "a-checkpoint.txt")
     write_jsonl(tmp_path / "docs.jsonl", texts, key="body")
     pq.write_table(pa.table({"body": texts, "n": list(range(len(texts)))}), tmp_path / "docs.parquet")
     cache = tmp_path / "cache"

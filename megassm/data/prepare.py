@@ -57,10 +57,12 @@ def _builder(file: Path) -> str | None:
 
 
 def _local_files(pattern: str) -> list[Path]:
-    """The files one input names: itself, the data files below a folder, or a glob's matches (sorted)."""
+    """The files one input names: itself, the data files below a folder (not in hidden folders, .ipynb_checkpoints or
+    .git: as a glob's ** and datasets skip them), or a glob's matches (sorted)."""
     path = Path(pattern)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and _builder(p) and not p.name.startswith("."))
+        return sorted(p for p in path.rglob("*")
+                      if p.is_file() and _builder(p) and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if any(c in pattern for c in GLOB_CHARS):
         return [Path(p) for p in sorted(glob.glob(pattern, recursive=True)) if Path(p).is_file()]
     return [path] if path.is_file() else []
