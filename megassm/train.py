@@ -518,6 +518,13 @@ class Trainer:
         lr = learning_rate(step, self.cfg.optim, self.cfg.train.steps)
         return QueuedStep(step + 1, loss_sum, targets, HostScalar(self.engine.step(lr, self.cfg.optim.grad_clip)), lr)
 
+    def say_new_epoch(self, done: int) -> None:
+        """Where step `done` read the training split's last unread sample: a line, as the next steps read them again."""
+        windows, samples = self.train_data.num_windows, self.state["samples"]
+        if samples // windows > (samples - self.cfg.data.global_batch) // windows:
+            self.say(f"step {done}: every one of the training split's {windows:,} samples has been read {samples // windows} "
+                     "time(s); the run reads them again, in another order")
+
     def read_norm(self, queued: QueuedStep) -> float:
         """The step's gradient norm (waiting for its backward); where it is not finite the engine skipped the update:
         counted, and the run stops after train.max_skipped_steps such steps in a row. The global norm is non-finite
@@ -637,6 +644,7 @@ class Trainer:
                     self.read_norm(unread)
                 unread, done = queued, queued.done
                 self.state["step"], self.state["samples"] = done, self.state["samples"] + cfg.data.global_batch
+                self.say_new_epoch(done)
                 self.logger.progress(done)
                 self.finish_saving(wait=False)
                 logs = done % cfg.train.log_every == 0 or done == cfg.train.steps

@@ -91,6 +91,17 @@ def one_process(config: Path, tmp_path_factory) -> list[dict]:
     return train(config, tmp_path_factory.mktemp("one") / "run", 1)
 
 
+def test_a_run_says_when_it_has_read_every_sample(config, prepared_data, tmp_path):
+    windows = SampleLoader(TokenStream(prepared_data), seq_len=1024, seed=0).num_windows
+    steps = windows // 8 + 1  # up to the step that reads the last unread sample, ceil(windows / 8), or one past it
+    result = run_trainer(config, tmp_path / "run", 1, "--data.seq_len=1024", f"--train.steps={steps}", "--train.eval_every=0",
+                         "--checkpoint.every=-1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    epoch_lines = [line for line in result.stdout.splitlines() if "has been read" in line]
+    assert epoch_lines == [f"step {-(-windows // 8)}: every one of the training split's {windows:,} samples has been read 1 time(s); the "
+                           "run reads them again, in another order"], result.stdout
+
+
 def test_one_process_run_learns_and_writes_its_outputs(one_process, config):
     losses = by_step(one_process, "loss")
     assert list(losses) == list(range(1, STEPS + 1))
