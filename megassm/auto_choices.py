@@ -68,16 +68,15 @@ def check_kernel_limits(cfg: Config, backend: str) -> None:
                           f"{most:,} in {cfg.train.precision}; raise model.ngroups")
 
 
-def check_weights_fit(cfg: Config, host_memory: int | None, processes: int) -> None:
-    """ConfigError where a rank's fp32 weights alone exceed its share of the host memory left to the node's `processes`
-    (host_memory.available(); None: unknown): each builds its model there before moving it to its GPU, and past that
-    the allocator's traceback or the kernel's OOM killer would say it."""
+def check_weights_fit(cfg: Config, host_memory_share: int | None) -> None:
+    """ConfigError where a rank's fp32 weights alone exceed the host memory left to each process (host_memory.available()
+    over the node's processes, the smallest over the job's nodes; None: unknown): each builds its model there before
+    moving it to its GPU, and past that the allocator's traceback or the kernel's OOM killer would say it."""
     weights = 4 * logical_param_count(cfg.model) // cfg.parallel.tp
-    if host_memory is not None and weights > host_memory // processes:
+    if host_memory_share is not None and weights > host_memory_share:
         raise ConfigError(f"the model's {logical_param_count(cfg.model) / 1e9:.2f}B parameters take {weights / 2**30:.1f} GiB of fp32 "
-                          f"weights per rank (parallel.tp = {cfg.parallel.tp}), more than the {host_memory / processes / 2**30:.1f} GiB "
-                          f"of host memory left to each of this node's {processes} processes: check the [model] sizes, or raise "
-                          "parallel.tp")
+                          f"weights per rank (parallel.tp = {cfg.parallel.tp}), more than the {host_memory_share / 2**30:.1f} GiB of host "
+                          "memory left to each process (on the fullest node): check the [model] sizes, or raise parallel.tp")
 
 
 # "auto" graphs micro batches of up to this many tokens per rank: a 780m step of 8 x 2048 tokens spends 30%

@@ -168,6 +168,15 @@ def smallest_over_ranks(value: int, device: torch.device) -> int:
     return int(smallest.item())
 
 
+def host_memory_share(device: torch.device) -> int | None:
+    """The host memory left to each process of its node (host_memory.available() over LOCAL_WORLD_SIZE), the smallest
+    over the job, so that every rank decides alike; None where no node can tell."""
+    unknown = 2**62
+    left = host_memory.available()
+    share = smallest_over_ranks(unknown if left is None else left // int(os.environ.get("LOCAL_WORLD_SIZE", 1)), device)
+    return None if share == unknown else share
+
+
 def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_states: bool, recomputed_blocks: int) -> Mamba2LM:
     """[model]'s architecture, run as [kernels] and [train] say."""
     model = Mamba2LM(cfg.model, ctx)
@@ -307,7 +316,7 @@ class Trainer:
         use_cublas_without_workspace(self.device)
         quiet_cublas_context_warning()
         self.ctx = join_processes(cfg, self.device)
-        check_weights_fit(cfg, host_memory.available(), int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        check_weights_fit(cfg, host_memory_share(self.device))
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)

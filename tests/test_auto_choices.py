@@ -323,8 +323,8 @@ def test_a_wrong_keep_ssd_states_is_refused():
 def test_weights_beyond_a_ranks_share_of_the_host_memory_are_refused():
     cfg = config("--model.preset=mamba2-780m")
     weights = 4 * logical_param_count(cfg.model)
-    check_weights_fit(cfg, host_memory=2 * weights, processes=2)
-    check_weights_fit(cfg, host_memory=None, processes=8)  # unknown: not refused
+    check_weights_fit(cfg, host_memory_share=weights)
+    check_weights_fit(cfg, host_memory_share=None)  # unknown: not refused
     with pytest.raises(ConfigError, match=r"^the model's 0.\d\dB parameters take \d.\d GiB of fp32 weights per rank \(parallel.tp = 1\), "
-                                          r"more than the \d.\d GiB of host memory left to each of this node's 3 processes"):
-        check_weights_fit(cfg, host_memory=2 * weights, processes=3)
+                                          r"more than the \d.\d GiB of host memory left to each process \(on the fullest node\)"):
+        check_weights_fit(cfg, host_memory_share=weights - 1)

@@ -101,8 +101,8 @@ def test_a_data_folder_whose_vocab_size_is_not_its_tokenizers_fails_with_one_lin
         ("--run.dir=", r"run.dir is empty \(an unset variable\?\): name the run's folder"),
         ("--optim.beta1=1.5", r"optim.beta1 must be at least 0 and below 1, got 1.5$"),
         ("--model.vocab_size=10000000000", r"the model's 640.00B parameters take 1192.1 GiB of fp32 weights per rank "
-                                           r"\(parallel.tp = 2\), more than the .* GiB of host memory left to each of this node's 1 "
-                                           r"processes: check the \[model\]"),
+                                           r"\(parallel.tp = 2\), more than the .* GiB of host memory left to each process \(on the "
+                                           r"fullest node\): check the \[model\]"),
         ("--optim.beta2=-0.1", r"optim.beta2 must be at least 0 and below 1, got -0.1$"),
         ("--optim.eps=-1", r"optim.eps must be a positive number, got -1.0$"),
         ("--optim.weight_decay=-1", r"optim.weight_decay must be 0 or positive, got -1.0$"),

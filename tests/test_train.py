@@ -132,16 +132,22 @@ def test_the_first_blocks_recomputed_give_the_same_run(config, one_process, tmp_
 
 
 def _check_smallest_over_ranks() -> None:
-    from megassm.train import smallest_over_ranks
+    from megassm import host_memory
+    from megassm.train import host_memory_share, smallest_over_ranks
 
     torch.distributed.init_process_group("gloo")
     rank = torch.distributed.get_rank()
     assert smallest_over_ranks([80, 140, 24][rank], torch.device("cpu")) == 24
+    host_memory.available = lambda: [None, 2**40, 3 * 2**30][rank]
+    os.environ["LOCAL_WORLD_SIZE"] = "3"
+    assert host_memory_share(torch.device("cpu")) == 2**30  # the third node's memory over its 3 processes
+    host_memory.available = lambda: None
+    assert host_memory_share(torch.device("cpu")) is None
 
 
-def test_every_rank_decides_from_the_smallest_gpu_of_the_job():
+def test_every_rank_decides_from_the_smallest_gpu_and_host_memory_of_the_job():
     """Each rank's memory choices take the job's smallest GPU: a block recomputed on one rank and not on another would
-    repeat its collectives on one of them only."""
+    repeat its collectives on one of them only; and the host memory left on the fullest node, so that all stop alike."""
     run_distributed(_check_smallest_over_ranks, 3)
 
 
