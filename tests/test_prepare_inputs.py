@@ -102,8 +102,15 @@ def test_train_tokenizer_refuses_what_cannot_train_before_reading_the_corpus(tmp
     assert (tmp_path / "old" / "tokenizer.model").read_text() == "an earlier tokenizer" and not (tmp_path / "new").exists()
     with pytest.raises(SystemExit, match="2"):  # after reading the corpus: sentencepiece's own advice names options the tool has not
         main(["--input", str(corpus), "--out", str(tmp_path / "new"), "--vocab-size", "262"])
-    assert error_lines(capsys.readouterr().err) == ["error: a vocabulary of 262 is smaller than the 277 characters the corpus needs: raise "
-                                                    "the vocabulary size"]
+    assert error_lines(capsys.readouterr().err) == ["error: a vocabulary of 262 is smaller than the 277 pieces the corpus needs at least "
+                                                    "(its characters, 256 byte pieces, unk, bos, eos): raise the vocabulary size"]
+    (tmp_path / "old" / "tokenizer.json").write_text("{}")  # a transformers tokenizer's files, which load_tokenizer reads first
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    err = user_error(capsys, main, ["--input", str(corpus), "--out", str(tmp_path / "run"), "--vocab-size", "300", "--overwrite"])
+    assert err == f"error: --out {tmp_path / 'run'} holds folders, as no tokenizer's folder does (a data or run folder?): choose another"
+    main(["--input", str(corpus), "--out", str(tmp_path / "old"), "--vocab-size", "300", "--overwrite"])
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["tokenizer.model", "tokenizer.vocab"]
+    assert load_tokenizer(tmp_path / "old").vocab_size == 300 and not list(tmp_path.glob(".*.training"))
 
 
 @pytest.mark.parametrize("option, value", [("val_fraction", 1.5), ("shard_tokens", 0), ("num_proc", -3)])

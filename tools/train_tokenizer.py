@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-key", default="text", help="the text field of JSON / parquet records (default: text)")
     parser.add_argument("--max-sentences", type=int, default=MAX_SENTENCES,
                         help="train on at most this many lines, sampled from documents chosen at random")
-    parser.add_argument("--overwrite", action="store_true", help="replace the tokenizer in an existing --out")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out, a tokenizer's folder (its files)")
     args = parser.parse_args(argv)
     if args.vocab_size < MIN_VOCAB_SIZE:
         exit_on_user_error(f"error: --vocab-size {args.vocab_size}: at least {MIN_VOCAB_SIZE} (256 byte pieces, unk, bos, eos and one "
@@ -40,13 +41,19 @@ def main(argv: list[str] | None = None) -> None:
         exit_on_user_error(f"error: --out {out} is a file: name a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         exit_on_user_error(f"error: --out {out} is not empty (a tokenizer of an earlier training?): choose another folder, or pass "
-                           "--overwrite to replace the tokenizer there")
+                           "--overwrite to replace it")
+    if out.is_dir() and any(entry.is_dir() for entry in out.iterdir()):
+        exit_on_user_error(f"error: --out {out} holds folders, as no tokenizer's folder does (a data or run folder?): choose another")
     started = time.time()
+    training = out.with_name(f".{out.name}.training")  # replaces --out once trained: no mix with an earlier tokenizer's files
+    shutil.rmtree(training, ignore_errors=True)
     try:
         documents = sample_documents(load_documents(args.input, args.text_key, num_proc=os.cpu_count()), args.max_sentences)
-        out = train_sentencepiece(iter_texts(documents), args.vocab_size, args.out, args.model_type, args.max_sentences)
+        train_sentencepiece(iter_texts(documents), args.vocab_size, training, args.model_type, args.max_sentences)
     except (OSError, ValueError) as error:  # missing inputs, no text field, too small a corpus for the vocabulary
         exit_on_user_error(f"error: {error}")
+    shutil.rmtree(out, ignore_errors=True)
+    training.rename(out)
     tokenizer = load_tokenizer(out)
     print(f"trained a {tokenizer.vocab_size}-piece {args.model_type} tokenizer (eos id {tokenizer.eos_id}) on "
           f"{len(documents)} documents in {time.time() - started:.1f} s: {out}")

@@ -136,7 +136,8 @@ class Meta:
         for record in [self, *self.shards]:
             for name, kind in typing.get_type_hints(type(record)).items():
                 value = getattr(record, name)
-                if isinstance(kind, type) and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+                plain = isinstance(kind, type) and typing.get_origin(kind) is None  # list[Shard]: checked by __post_init__
+                if plain and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
                     return f"{name} = {value!r} is not {kind.__name__}"
         if self.version != FORMAT_VERSION:
             return f"format version {self.version}, this megassm reads version {FORMAT_VERSION}"

@@ -158,7 +158,7 @@ def train_sentencepiece(
         if made:
             shutil.rmtree(out_dir, ignore_errors=True)
         if needed := re.search(r"smaller than required_chars. (\d+) vs (\d+)", str(error)):  # its advice names its own options
-            raise ValueError(f"a vocabulary of {needed[1]} is smaller than the {needed[2]} characters the corpus needs: raise the "
-                             "vocabulary size") from None
+            raise ValueError(f"a vocabulary of {needed[1]} is smaller than the {needed[2]} pieces the corpus needs at least (its "
+                             "characters, 256 byte pieces, unk, bos, eos): raise the vocabulary size") from None
         raise ValueError(f"sentencepiece training failed: {error}") from None
     return out_dir
