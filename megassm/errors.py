@@ -29,7 +29,7 @@ STOPPED_WHILE_STARTING = "stopped by SIGINT while starting, before the first ste
 def quiet_interrupt_while_importing() -> None:
     """Ctrl-C while an entry point still imports torch (its first seconds) ends it with one line from rank 0, as later
     in its start, not with a traceback per process (the import happens before any `try` of its own). Only for the
-    entry points: a user's own script keeps Python's handling."""
+    entry points, until their own code runs (imports_done): a user's own script keeps Python's handling."""
     argv = getattr(sys, "orig_argv", [])
     locating = sys.argv[0] == "-m" and "-m" in argv[:-1]  # Python imports the package of the module `-m` runs
     if not (locating and argv[argv.index("-m") + 1] in ENTRY_MODULES) and not sys.argv[0].endswith("megassm-train"):
@@ -43,4 +43,10 @@ def quiet_interrupt_while_importing() -> None:
             print(f"megassm-train: {STOPPED_WHILE_STARTING}", file=sys.stderr, flush=True)
         os._exit(128 + signal.SIGINT)  # Python ends an unhandled KeyboardInterrupt by SIGINT, whatever its hook says
 
+    hook.previous = default
     sys.excepthook = hook
+
+
+def imports_done() -> None:
+    """An entry point's own code runs and handles Ctrl-C itself: the hook of quiet_interrupt_while_importing goes."""
+    sys.excepthook = getattr(sys.excepthook, "previous", sys.excepthook)

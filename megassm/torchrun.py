@@ -28,7 +28,7 @@ from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, parse_min_max_nnodes, run
 
 from megassm.config import ConfigError, check_command_line
-from megassm.errors import USER_ERROR_EXIT
+from megassm.errors import USER_ERROR_EXIT, imports_done
 from megassm.stopping import STOP_SIGNALS
 
 TRAINER = "megassm.train"
@@ -95,6 +95,7 @@ def port_taken(endpoint: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    imports_done()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.module and args.training_script == TRAINER:
         if {"-h", "--help"} & set(args.training_script_args):

@@ -57,7 +57,7 @@ from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCo
 from megassm.config import Config, ConfigError, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples
 from megassm.data.shards import META_FILE, VERIFIED_FILE
-from megassm.errors import STOPPED_WHILE_STARTING, USER_ERROR_EXIT, UserError
+from megassm.errors import STOPPED_WHILE_STARTING, USER_ERROR_EXIT, UserError, imports_done
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
     METRICS_FILE,
@@ -703,6 +703,7 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="Any --section.key=value overrides that key of the config, e.g. --train.steps=100.")
     parser.add_argument("--config", help="a TOML config (see configs/); the defaults when omitted")
     args, overrides = parser.parse_known_args(argv)
+    imports_done()
     rank = int(os.environ.get("RANK", 0))
     trainer = None
     if launched_by_torchrun():
