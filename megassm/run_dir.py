@@ -35,6 +35,7 @@ from megassm.config import CheckpointConfig, Config, ConfigError, load_config
 from megassm.errors import UserError
 from megassm.metrics import METRICS_FILE, holds_records
 
+PROC = Path("/proc")
 LOCK_FILE = "run.lock"
 NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # what flock raises where a file system has none
 
@@ -71,6 +72,15 @@ def restarted(attempt: dict, earlier: dict) -> bool:
     return requeued or by_agent
 
 
+def _started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot: with its pid and host, which agent it is (a container's
+    agents may all have the same pid); None where /proc does not say."""
+    try:
+        return int((PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -94,20 +104,23 @@ class Owner:
     slurm_job: str | None = None
     slurm_restart: int = 0  # SLURM_RESTART_COUNT: how often Slurm requeued the job
     agent_restart: int = 0  # TORCHELASTIC_RESTART_COUNT: how often the torchrun agent restarted its workers
+    launcher_started: int | None = None  # when the launcher started, in clock ticks since boot (Linux)
 
     @classmethod
     def this_process(cls) -> "Owner":
-        return cls(socket.gethostname(), os.getpid(), os.getppid() if launched_by_torchrun() else None,
+        launcher = os.getppid() if launched_by_torchrun() else None
+        return cls(socket.gethostname(), os.getpid(), launcher,
                    time.strftime("%Y-%m-%d %H:%M:%S"), shlex.join([Path(sys.executable).name, *sys.orig_argv[1:]]),
                    os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT") or 0),
-                   int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0))
+                   int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0), _started(launcher) if launcher else None)
 
     @property
     def attempt(self) -> dict:
         """Which start of its launch this process is, as each checkpoint records it for every rank (restarted): its
         Slurm job and how often Slurm requeued it, its torchrun agent and how often that restarted its workers."""
         return {"slurm_job": self.slurm_job, "slurm_restart": self.slurm_restart,
-                "agent": f"{self.host}:{self.launcher_pid}" if self.launcher_pid is not None else None, "agent_restart": self.agent_restart}
+                "agent": f"{self.host}:{self.launcher_pid}:{self.launcher_started}" if self.launcher_pid is not None else None,
+                "agent_restart": self.agent_restart}
 
     def alive(self) -> bool:
         """Whether a process of that run still lives (on another host: unknown, so yes)."""

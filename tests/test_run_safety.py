@@ -295,12 +295,15 @@ def test_a_requeued_slurm_job_goes_on_from_its_own_checkpoint_whatever_resume_sa
     ({"slurm_job": None, "slurm_restart": 0, "agent": "a:1", "agent_restart": 2}, {"agent": "a:1", "agent_restart": 1}, True),
     ({"slurm_job": None, "slurm_restart": 0, "agent": "a:1", "agent_restart": 0}, {"agent": "a:1", "agent_restart": 0}, False),
     ({"slurm_job": None, "slurm_restart": 0, "agent": "b:1", "agent_restart": 1}, {"agent": "a:1", "agent_restart": 0}, False),
+    ({"slurm_job": None, "slurm_restart": 0, "agent": "a:1:200", "agent_restart": 1}, {"agent": "a:1:100", "agent_restart": 0}, False),
     ({"slurm_job": "7", "slurm_restart": 0, "agent": "a:1", "agent_restart": 1}, {"slurm_job": "7", "slurm_restart": 0,
                                                                                  "agent": "a:1", "agent_restart": 0}, True),
-], ids=["requeued", "same-job-again", "other-job", "agent-restart", "same-agent-pid-again", "other-agent", "agent-restart-in-job"])
+], ids=["requeued", "same-job-again", "other-job", "agent-restart", "same-agent-pid-again", "other-agent", "other-agent-same-pid",
+        "agent-restart-in-job"])
 def test_a_restart_is_a_later_start_of_the_same_launch(mine, earlier, restarted_):
     """A Slurm job requeued since (SLURM_RESTART_COUNT), or a torchrun agent restarting its workers
-    (TORCHELASTIC_RESTART_COUNT); a new command in the same job, or a new agent whose pid a container repeats, is not."""
+    (TORCHELASTIC_RESTART_COUNT); a new command in the same job, or a new agent whose pid a container repeats (the agent
+    is host:pid:start time), is not."""
     assert restarted(mine, earlier) == restarted_
 
 
