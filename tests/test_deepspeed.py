@@ -158,19 +158,19 @@ class HeldBytes:
         if self.counting:
             into.append(tensor_bytes() - self.before_engine)
 
-    def check(self, layout: str, model: nn.Module, tp: int, zero_stage: int) -> None:
+    def check(self, layout: str, model: nn.Module, tp: int, zero_stage: int, dp: int = DP) -> None:
         """Against the memory estimate's bytes per parameter, within two bytes a parameter: DeepSpeed held 0.3-1.7 more on
         models of 1.9M to 0.1M parameters (less the larger the model; not identified). At the step, with the activations
         gone, it copies the gradient's part once more."""
         cfg = load_config(None, ["--model.preset=debug", "--parallel.engine=deepspeed", f"--parallel.zero_stage={zero_stage}",
-                                 f"--parallel.tp={tp}", f"--parallel.dp={DP}", f"--data.global_batch={DP * MICRO_BATCHES}",
-                                 "--data.path=unused"], world_size=tp * DP)
+                                 f"--parallel.tp={tp}", f"--parallel.dp={dp}", f"--data.global_batch={dp * MICRO_BATCHES}",
+                                 "--data.path=unused"], world_size=tp * dp)
         assert cfg.accumulation_steps == MICRO_BATCHES
         params = sum(p.numel() for p in model.parameters())
         state, slack = params * (state_bytes_per_parameter(cfg) - 4), 2 * params
         most = max(self.after_backward)
         assert state <= most <= state + slack, f"{layout}: {most / params:.2f} bytes a parameter, estimate {state / params:.2f}"
-        assert max(self.at_step) <= state + params * 4 / DP + slack, f"{layout}: {max(self.at_step) / params:.2f} bytes a parameter"
+        assert max(self.at_step) <= state + params * 4 / dp + slack, f"{layout}: {max(self.at_step) / params:.2f} bytes a parameter"
 
 
 def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, resume: bool, want) -> None:
@@ -244,6 +244,27 @@ def check_layouts(layouts: list[tuple]) -> None:
 ], ids=["dp2", "dp2xtp2-dp2xcp2"])
 def test_zero_matches_one_process(world_size, layouts):
     run_distributed(check_layouts, world_size, layouts)
+
+
+def check_one_replica() -> None:
+    """What ZeRO holds with nothing to split it over: where the estimate's terms split over DP x CP differ from whole ones
+    (at 2 replicas 4 + 16/2 = 8 + 8/2)."""
+    deepspeed_engine.REDUCE_BUCKET_ELEMENTS = BUCKET_ELEMENTS
+    ctx = init_parallel(1, 1, 1, False, backend="gloo")
+    for zero_stage in (1, 2):
+        model = Mamba2LM(CFG, ctx)
+        before_engine = tensor_bytes()
+        engine = DeepSpeedEngine(model, ctx, param_groups(model), LRS[0], BETAS, EPS, zero_stage, MICRO_BATCHES)
+        held = HeldBytes(engine, before_engine)
+        for step in range(2):
+            held.counting = step == 1
+            train_step(engine, ctx, step)
+        held.check(f"dp1 zero{zero_stage}", model, 1, zero_stage, dp=1)
+        del model, engine, held
+
+
+def test_zero_on_one_replica_holds_what_the_estimate_counts():
+    run_distributed(check_one_replica, 1)
 
 
 def test_stage_3_is_refused():
