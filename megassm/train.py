@@ -106,7 +106,11 @@ def open_data(cfg: Config) -> TokenStream:
     meta_file = Path(cfg.data.path) / META_FILE
     if not stream.tokenizer_path.exists():
         raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {meta_file} is missing: re-run tools/prepare_data.py")
-    if (tokens := load_tokenizer(stream.tokenizer_path).vocab_size) != stream.meta.vocab_size:  # ids past the model's embedding
+    try:
+        tokens = load_tokenizer(stream.tokenizer_path).vocab_size
+    except (OSError, ValueError) as error:  # a damaged copy: the data's checksums do not cover it
+        raise DataError(f"the tokenizer of {meta_file} cannot be read: {error}") from None
+    if tokens != stream.meta.vocab_size:  # ids past the model's embedding
         raise DataError(f"{meta_file} says vocab_size = {stream.meta.vocab_size}, but its tokenizer {stream.tokenizer_path} has {tokens} "
                         "tokens: re-run tools/prepare_data.py")
     return stream

@@ -82,9 +82,10 @@ def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replac
     assert re.search(message, err[0]), err[0]
 
 
-def test_a_data_folder_whose_vocab_size_is_not_its_tokenizers_fails_with_one_line(config_file, prepared_data, tmp_path, monkeypatch,
-                                                                                    capsys):
-    """Its ids would pass the model's embedding in the first step (an IndexError) where meta.json says fewer tokens."""
+def test_a_data_folders_tokenizer_of_another_size_or_damaged_fails_with_one_line(config_file, prepared_data, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """Its ids would pass the model's embedding in the first step (an IndexError) where meta.json says fewer tokens; a
+    damaged tokenizer, which the data's checksums do not cover, is said as a data mistake."""
     data = Path(shutil.copytree(prepared_data, tmp_path / "data"))
     meta = json.loads((data / "meta.json").read_text())
     (data / "meta.json").write_text(json.dumps({**meta, "vocab_size": 100}))
@@ -92,6 +93,12 @@ def test_a_data_folder_whose_vocab_size_is_not_its_tokenizers_fails_with_one_lin
     assert main(["--config", str(config_file(**{str(prepared_data): str(data)}))]) == 2
     assert capsys.readouterr().err.strip() == (f"megassm-train: error: {data / 'meta.json'} says vocab_size = 100, but its tokenizer "
                                                f"{data / 'tokenizer'} has 512 tokens: re-run tools/prepare_data.py")
+    model = data / "tokenizer" / "tokenizer.model"
+    model.write_bytes(model.read_bytes()[:100])  # damaged: the data's checksums do not cover the tokenizer
+    assert main(["--config", str(config_file(**{str(prepared_data): str(data)}))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"megassm-train: error: the tokenizer of {data / 'meta.json'} cannot be read: tokenizer "
+                                               f"{model}: not a sentencepiece model"), err
 
 
 @pytest.mark.parametrize(
