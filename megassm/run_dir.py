@@ -33,9 +33,9 @@ from megassm.checkpoint import (CONFIG_FILE, TRAINER_FILE, CheckpointError, chec
                                 step_folders)
 from megassm.config import CheckpointConfig, Config, ConfigError, load_config
 from megassm.errors import UserError
+from megassm.host_memory import PROC
 from megassm.metrics import METRICS_FILE, holds_records
 
-PROC = Path("/proc")
 LOCK_FILE = "run.lock"
 NO_FLOCK = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)  # what flock raises where a file system has none
 
