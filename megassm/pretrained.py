@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from megassm.errors import UserError
-from megassm.checkpoint import CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, architecture, checkpoints_in, read_model_state
+from megassm.checkpoint import (CONFIG_FILE, MODEL_FILE, TRAINER_FILE, DamagedCheckpoint, architecture, checkpoints_folder, checkpoints_in,
+                                read_model_state)
 from megassm.checkpoint_files import first_damaged_file
 from megassm.config import ConfigError, load_config
 from megassm.config import read_model_config
@@ -101,6 +102,9 @@ def detect_format(path: str | Path) -> str:
                               f"{', '.join(map(repr, HF_FORMATS))} only")
     if {"d_model", "n_layer"} <= config.keys():
         return MAMBA_SSM
+    if checkpoints_folder(path).is_dir() or (path / CONFIG_FILE).is_file():
+        raise PretrainedError(f"{path} is a run's folder without a complete checkpoint yet (checkpoints/step_N/): wait for its first "
+                              "save, or give another run or checkpoint")
     raise PretrainedError(f"{path} is none of: {'; '.join(DESCRIPTIONS.values())}")
 
 

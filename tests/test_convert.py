@@ -227,6 +227,9 @@ def test_unreadable_folders_fail_with_their_name(tmp_path):
     (tmp_path / "neither").mkdir()
     with pytest.raises(PretrainedError, match="neither is none of: a megassm checkpoint"):
         load_pretrained(tmp_path / "neither")
+    (tmp_path / "starting" / "checkpoints").mkdir(parents=True)  # a run before its first save
+    with pytest.raises(PretrainedError, match=r"starting is a run's folder without a complete checkpoint yet \(checkpoints/step_N/\)"):
+        load_pretrained(tmp_path / "starting")
 
 
 @pytest.mark.parametrize("model_type, cfg", [("mamba2", ModelConfig.from_preset("debug-g1")), ("bamba", BAMBA)], ids=["mamba2", "bamba"])
