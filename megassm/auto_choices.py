@@ -72,9 +72,10 @@ def check_weights_fit(cfg: Config, host_memory_share: int | None) -> None:
     """ConfigError where a rank's fp32 weights alone exceed the host memory left to each process (host_memory.available()
     over the node's processes, the smallest over the job's nodes; None: unknown): each builds its model there before
     moving it to its GPU, and past that the allocator's traceback or the kernel's OOM killer would say it."""
-    weights = 4 * logical_param_count(cfg.model) // cfg.parallel.tp
+    params = logical_param_count(cfg.model)
+    weights = 4 * params // cfg.parallel.tp
     if host_memory_share is not None and weights > host_memory_share:
-        raise ConfigError(f"the model's {logical_param_count(cfg.model) / 1e9:.2f}B parameters take {weights / 2**30:.1f} GiB of fp32 "
+        raise ConfigError(f"the model's {params / 1e9:.2f}B parameters take {weights / 2**30:.1f} GiB of fp32 "
                           f"weights per rank (parallel.tp = {cfg.parallel.tp}), more than the {host_memory_share / 2**30:.1f} GiB of host "
                           "memory left to each process (on the fullest node): check the [model] sizes, or raise parallel.tp")
 
