@@ -16,9 +16,10 @@ class UserError(Exception):
 USER_ERROR_EXIT = 2
 
 
-def exit_on_user_error(line: str) -> NoReturn:
-    """An entry point stopped by a user's mistake: the line on stderr, no traceback, USER_ERROR_EXIT."""
-    print(line, file=sys.stderr)
+def exit_on_user_error(program: str, message: str) -> NoReturn:
+    """An entry point stopped by a user's mistake: one line on stderr in argparse's form ("PROGRAM: error: ..."), no
+    traceback, USER_ERROR_EXIT."""
+    print(f"{program}: error: {message}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)
 
 

@@ -277,11 +277,11 @@ def test_command_line(tmp_path, capsys):
     assert torch.equal(model.layers[1].mixer.in_proj.weight["dt"], state["layers.1.mixer.in_proj.weight.dt"])
 
     assert user_error(capsys, tool.main, ["to-hf", str(tmp_path / "published"), str(tmp_path / "hf")]) == \
-        f"error: {tmp_path / 'published'} is a mamba-ssm folder (config.json with d_model, n_layer, ssm_cfg), " \
+        f"convert_checkpoint.py: error: {tmp_path / 'published'} is a mamba-ssm folder (config.json with d_model, n_layer, ssm_cfg), " \
         "not a megassm checkpoint (trainer.json and DCP files) or run folder (checkpoints/step_N/): use from-mamba-ssm"
     (tmp_path / "neither").mkdir()
     assert user_error(capsys, tool.main, ["from-hf", str(tmp_path / "neither"), str(tmp_path / "out")]).startswith(
-        f"error: {tmp_path / 'neither'} is none of")
+        f"convert_checkpoint.py: error: {tmp_path / 'neither'} is none of")
     assert not (tmp_path / "out").exists()
 
 
@@ -327,7 +327,7 @@ def test_an_export_whose_tokenizer_is_not_found_fails_before_writing(prepared_da
     monkeypatch.chdir(tmp_path)
     config = Path("run", "checkpoints", "step_7", "config.toml")
     assert user_error(capsys, tool.main, ["to-hf", "run", "hf"]) == \
-        f"error: the run's data.path = {prepared_data.name} (in {config}) is not a prepared data folder here, " \
+        f"convert_checkpoint.py: error: the run's data.path = {prepared_data.name} (in {config}) is not a prepared data folder here, " \
         "relative to the folder the run was started from, so its tokenizer cannot be found; " \
         "give the tokenizer to export with --tokenizer"
     assert not (tmp_path / "hf").exists()
@@ -345,7 +345,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, capsys):
     exported = load_pretrained(tmp_path / "exported")[1]
     assert all(torch.equal(exported[name], tensor) for name, tensor in older.state_dict().items())
     assert user_error(capsys, tool.main, ["to-mamba-ssm", str(damaged), str(tmp_path / "not-written")]) == \
-        f"error: checkpoint {damaged} is damaged: {damaged / '__0_0.distcp'} is missing; use an earlier one " \
+        f"convert_checkpoint.py: error: checkpoint {damaged} is damaged: {damaged / '__0_0.distcp'} is missing; use an earlier one " \
         "(checkpoints/step_N), or the run folder for its newest complete one"
     assert not (tmp_path / "not-written").exists()
 

@@ -456,7 +456,7 @@ def test_quickstart_command_lines(tmp_path):
     stream = TokenStream(tmp_path / "data" / "prepared")
     assert stream.meta.num_documents == 120 and stream.meta.vocab_size == 400
     failed = run_tool("prepare_data.py", "--input", "data/missing.jsonl", "--tokenizer", "data/tok", "--out", "x", cwd=tmp_path)
-    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == ["error: input data/missing.jsonl: no such file, "
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == ["prepare_data.py: error: input data/missing.jsonl: no such file, "
                                                                              "no data files in that folder, or no glob match"]
 
 

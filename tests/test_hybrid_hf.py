@@ -214,5 +214,5 @@ def test_command_line_exports_imports_and_generates_a_hybrid(tmp_path, prepared_
         assert capsys.readouterr().out == want + "\n", folder
 
     assert user_error(capsys, convert.main, ["to-hf", str(tmp_path / "run"), str(tmp_path / "bamba"), "--format", "bamba"]).startswith(
-        "error: transformers' bamba cannot hold this model: model.pattern = 'M-M*-M*-' is not pairs")
+        "convert_checkpoint.py: error: transformers' bamba cannot hold this model: model.pattern = 'M-M*-M*-' is not pairs")
     assert not (tmp_path / "bamba").exists()

@@ -250,5 +250,5 @@ def test_plot_tool_names_a_missing_or_empty_file(tmp_path, capsys):
     for bad, why in [(tmp_path / "empty", "no records"), (tmp_path / "missing", "no such file")]:
         with pytest.raises(SystemExit) as stopped:
             tool.main([str(run), str(bad), "--out", str(tmp_path / "plot.png")])
-        assert stopped.value.code == 2 and capsys.readouterr().err == f"plot_metrics: {bad / 'metrics.jsonl'}: {why}\n"
+        assert stopped.value.code == 2 and capsys.readouterr().err == f"plot_metrics.py: error: {bad / 'metrics.jsonl'}: {why}\n"
     assert not (tmp_path / "plot.png").exists()

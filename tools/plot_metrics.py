@@ -18,6 +18,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from megassm.errors import exit_on_user_error  # noqa: E402
 from megassm.metrics import read_metrics  # noqa: E402
 
+PROGRAM = Path(__file__).name  # as argparse names the tool in its errors
+
 
 def series(records: list[dict], key: str) -> tuple[list, list]:
     """(steps, values) of the records that hold a value for key."""
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         runs = [(run_dir.resolve().name, read_metrics(run_dir)) for run_dir in args.run_dirs]
     except ValueError as e:
-        exit_on_user_error(f"plot_metrics: {e}")
+        exit_on_user_error(PROGRAM, str(e))
     plot(runs, args.out)
     print(f"wrote {args.out}")
 
