@@ -326,12 +326,33 @@ def test_damaged_folder_fails_on_open_naming_the_file(copy, damage, file):
         TokenStream(copy)
 
 
-@pytest.mark.parametrize("file", ["tokens_00003.bin", "doc_starts.npy"])
+@pytest.mark.parametrize("file", ["tokens_00003.bin", "doc_starts.npy", "tokenizer/tokenizer.model"])
 def test_flipped_byte_fails_verify_naming_the_file(copy, file):
     flip_byte(copy / file)
     stream = TokenStream(copy)  # same sizes: opening cannot tell
     with pytest.raises(DataError, match=f"{copy / file}.*sha256"):
         stream.verify()
+
+
+def test_a_file_added_to_or_gone_from_the_tokenizer_fails_on_open(copy):
+    """load_tokenizer would read an added tokenizer.json before the sentencepiece model the ids were made with."""
+    (copy / "tokenizer" / "tokenizer.json").write_text("{}")
+    with pytest.raises(DataError, match=f"^{copy / 'tokenizer'} holds other files than the tokenizer saved with the data "
+                                        r"\(tokenizer/tokenizer.model\); .*tools/prepare_data.py"):
+        TokenStream(copy)
+    (copy / "tokenizer" / "tokenizer.json").unlink()
+    (copy / "tokenizer" / "tokenizer.model").unlink()
+    with pytest.raises(DataError, match="holds other files than the tokenizer saved with the data"):
+        TokenStream(copy)
+
+
+def test_a_folder_prepared_without_tokenizer_checksums_opens_and_verifies(copy):
+    meta = json.loads((copy / "meta.json").read_text())
+    assert sorted(meta.pop("tokenizer_sha256")) == ["tokenizer/tokenizer.model"]
+    (copy / "meta.json").write_text(json.dumps(meta))
+    flip_byte(copy / "tokenizer" / "tokenizer.model")  # unchecked there
+    stream = TokenStream(copy)
+    assert stream.verify() and "tokenizer/tokenizer.model" not in json.loads((copy / "verified.json").read_text())
 
 
 def test_missing_folder(tmp_path):
@@ -456,8 +477,8 @@ def test_quickstart_command_lines(tmp_path):
     stream = TokenStream(tmp_path / "data" / "prepared")
     assert stream.meta.num_documents == 120 and stream.meta.vocab_size == 400
     failed = run_tool("prepare_data.py", "--input", "data/missing.jsonl", "--tokenizer", "data/tok", "--out", "x", cwd=tmp_path)
-    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == ["prepare_data.py: error: input data/missing.jsonl: no such file, "
-                                                                             "no data files in that folder, or no glob match"]
+    assert failed.returncode == 2 and failed.stderr.strip().splitlines() == [
+        "prepare_data.py: error: input data/missing.jsonl: no such file, no data files in that folder, or no glob match"]
 
 
 def test_verify_reads_a_file_again_only_when_it_changed(copy, monkeypatch):

@@ -36,6 +36,7 @@ from megassm.data.shards import (
     ShardWriter,
     file_sha256,
     token_dtype,
+    tokenizer_files,
     written_by_preparation,
 )
 from megassm.data.tokenizer import Tokenizer, is_hub_name, load_tokenizer
@@ -287,6 +288,7 @@ def prepare(
         Meta(
             vocab_size=tok.vocab_size, eos_id=tok.eos_id, dtype=dtype.name, shards=shards, total_tokens=total,
             num_documents=len(lengths), val_tokens=int(lengths[held_out].sum()), doc_starts_sha256=file_sha256(partial / DOC_STARTS_FILE),
+            tokenizer_sha256={name: file_sha256(partial / name) for name in tokenizer_files(partial, TOKENIZER_DIR)},
             source={"inputs": inputs, "text_key": text_key, "tokenizer": str(tokenizer)},
         ).write(partial)
         shutil.rmtree(partial / CACHE_DIR, ignore_errors=True)

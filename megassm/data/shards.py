@@ -1,7 +1,8 @@
 """The prepared data folder: its format, a writer for its shards, and TokenStream, the reader.
 
     meta.json          what is here: format version, token dtype, vocabulary, EOS id, tokenizer folder,
-                       the shards (file, token count, sha256), document count, validation tokens
+                       the shards (file, token count, sha256), document count, validation tokens, the
+                       tokenizer's files' sha256
     tokens_00000.bin   raw little-endian token ids; all shards in order form one packed stream in which
     tokens_00001.bin   every document is [eos_id] + tokens(document): EOS first and between documents
     doc_starts.npy     int64, the stream position of each document's leading EOS (ascending, from 0)
@@ -75,6 +76,11 @@ def written_by_preparation(name: str) -> bool:
     return name in own or bool(SHARD_FILE.fullmatch(name) or VERIFIED_PARTIAL.fullmatch(name))
 
 
+def tokenizer_files(folder: Path, tokenizer: str) -> list[str]:
+    """The tokenizer's files, as paths relative to the data folder (the keys of Meta.tokenizer_sha256)."""
+    return sorted(path.relative_to(folder).as_posix() for path in (folder / tokenizer).rglob("*") if path.is_file())
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -101,6 +107,7 @@ class Meta:
     val_tokens: int  # the stream's last val_tokens tokens are the validation split
     doc_starts_sha256: str
     tokenizer: str = TOKENIZER_DIR  # relative to the data folder
+    tokenizer_sha256: dict[str, str] = field(default_factory=dict)  # its files' sha256 by path in the folder (empty: unchecked)
     source: dict = field(default_factory=dict)  # how the folder was made: inputs, text key, tokenizer
     version: int = FORMAT_VERSION
 
@@ -205,6 +212,7 @@ class TokenStream:
         self.dtype = np.dtype(self.meta.dtype).newbyteorder("<")
         _allow_open_files(len(self.meta.shards), self.path)
         self._maps = [self._open_shard(shard) for shard in self.meta.shards]
+        self._check_tokenizer_files()
         self._offsets = np.cumsum([0] + [shard.tokens for shard in self.meta.shards])
         self.doc_starts = self._open_doc_starts()
 
@@ -217,6 +225,14 @@ class TokenStream:
             raise DataError(f"{path} is {size} bytes, meta.json says {expected} ({shard.tokens} {self.meta.dtype} tokens): "
                             f"truncated or overwritten; {REPAIR}")
         return np.memmap(path, dtype=self.dtype, mode="r")
+
+    def _check_tokenizer_files(self) -> None:
+        """The tokenizer's folder holds the files prepare_data saved, no more (a tokenizer.json added beside a
+        sentencepiece model would be read first); their contents are checked with the shards'."""
+        recorded = sorted(self.meta.tokenizer_sha256)
+        if recorded and tokenizer_files(self.path, self.meta.tokenizer) != recorded:
+            raise DataError(f"{self.tokenizer_path} holds other files than the tokenizer saved with the data "
+                            f"({', '.join(recorded)}); {REPAIR}")
 
     def _open_doc_starts(self) -> np.ndarray:
         path = self.path / DOC_STARTS_FILE
@@ -299,7 +315,8 @@ class TokenStream:
 
     @functools.cached_property
     def _expected_sha256(self) -> dict[str, str]:
-        return {**{shard.file: shard.sha256 for shard in self.meta.shards}, DOC_STARTS_FILE: self.meta.doc_starts_sha256}
+        return {**{shard.file: shard.sha256 for shard in self.meta.shards}, DOC_STARTS_FILE: self.meta.doc_starts_sha256,
+                **self.meta.tokenizer_sha256}
 
     def _stamp(self, name: str) -> list:
         stat = (self.path / name).stat()
