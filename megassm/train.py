@@ -338,6 +338,7 @@ class Trainer:
         self.sample_order = sample_order(stream, cfg)
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.sample_order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
+        self.save_postponed = False  # a checkpoint was due during such steps: written after the next step that updates
         self.history: list[Path] = []  # the checkpoints of run.dir's history, oldest first: the only ones rotation deletes
         self.saving: BackgroundWrite | None = None  # the checkpoint being written, of step self.saving_step
         self.saving_step = 0
@@ -546,9 +547,14 @@ class Trainer:
         finite = math.isfinite(grad_norm)
         self.consecutive_skips = 0 if finite else self.consecutive_skips + 1
         self.state["skipped_steps"] += not finite
-        if self.consecutive_skips >= self.cfg.train.max_skipped_steps:
-            raise TrainingError(f"{self.consecutive_skips} consecutive steps had a non-finite loss or gradient (the last: step "
-                                f"{queued.done}); their updates were skipped. Lower optim.lr, raise optim.warmup_steps, or check the data")
+        skips, most = self.consecutive_skips, self.cfg.train.max_skipped_steps
+        if skips >= most:
+            raise TrainingError(f"{skips} consecutive steps had a non-finite loss or gradient (the last: step {queued.done}); their "
+                                "updates were skipped and no checkpoint written during them. Lower optim.lr, raise optim.warmup_steps, or "
+                                "check the data, then resume from the newest checkpoint")
+        if skips:
+            self.say(f"step {queued.done}: the loss or gradient is not finite; the step's update was skipped ({skips} in a row: "
+                     f"the run stops at {most})")
         return grad_norm
 
     @torch.no_grad()
@@ -663,9 +669,13 @@ class Trainer:
                 logs = done % cfg.train.log_every == 0 or done == cfg.train.steps
                 validates = self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
                 signum = self.stop_requested(signals) if done < cfg.train.steps else None
-                if not (logs or validates or self.saves_at(done) or signum):
+                due = self.saves_at(done) or self.save_postponed
+                if not (logs or validates or due or signum):
                     continue
                 grad_norm, unread = self.read_norm(queued), None
+                # No checkpoint over a streak of skipped updates: rotation could delete the last one from before it.
+                self.save_postponed = due and self.consecutive_skips > 0 and done < cfg.train.steps
+                saves = due and not self.save_postponed
                 metrics = {}
                 if logs:
                     lap = timer.lap()
@@ -681,11 +691,11 @@ class Trainer:
                         metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
                 if metrics:
                     self.logger.log(metrics)
-                if self.saves_at(done):
+                if saves:
                     with timer.excluded():
                         self.save()
                 if signum:
-                    if cfg.checkpoint.every >= 0 and not self.saves_at(done):
+                    if cfg.checkpoint.every >= 0 and not saves:
                         self.save()
                     self.saved_everywhere()
                     raise Stopped(signum, self.stop_message(signum))

@@ -347,15 +347,22 @@ def test_bf16_autocast_stays_close_to_fp32(config, one_process, tmp_path):
 
 
 def test_diverging_run_skips_steps_then_stops_with_advice(config, tmp_path):
-    """lr = 1e30 makes the weights overflow after the first update: later steps are non-finite, skipped,
-    and after train.max_skipped_steps of them in a row the run stops with exit code 1 and one line."""
+    """lr = 1e30 makes the weights overflow after the first update: later steps are non-finite, skipped (each said),
+    and after train.max_skipped_steps of them in a row the run stops with exit code 1 and one line. No checkpoint is
+    written over the skipped steps: rotation would delete the one from before them."""
     command = [sys.executable, "-m", "megassm.train", "--config", str(config), f"--run.dir={tmp_path}", "--optim.lr=1e30",
-               "--optim.min_lr=0", "--optim.warmup_steps=0", "--train.max_skipped_steps=2", "--train.steps=6", "--train.eval_every=0"]
+               "--optim.min_lr=0", "--optim.warmup_steps=0", "--train.max_skipped_steps=3", "--train.steps=6", "--train.eval_every=0",
+               "--train.log_every=2", "--checkpoint.every=1", "--checkpoint.keep=1", "--checkpoint.async_save=false"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr
-    assert "2 consecutive steps had a non-finite loss or gradient (the last: step 3)" in result.stderr.splitlines()[-1]
+    assert "3 consecutive steps had a non-finite loss or gradient (the last: step 4); their updates were skipped and no checkpoint " \
+           "written during them" in result.stderr.splitlines()[-1]
+    said = [line for line in result.stdout.splitlines() if "update was skipped" in line]
+    assert said == [f"step {n}: the loss or gradient is not finite; the step's update was skipped ({n - 1} in a row: the run stops at 3)"
+                    for n in (2, 3)], result.stdout
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["skipped_steps"] for r in steps] == [0, 1]
+    assert [r["skipped_steps"] for r in steps] == [1]
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
 
 
 def test_a_step_out_of_gpu_memory_stops_with_one_line_of_what_to_change(config, tmp_path, monkeypatch, capsys):
