@@ -27,3 +27,12 @@ def learning_rate(step: int, cfg: OptimConfig, total_steps: int) -> float:
     decay_steps = max(total_steps - 1 - cfg.warmup_steps, 1)
     progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def schedule_warning(cfg: OptimConfig, total_steps: int) -> str | None:
+    """A line where the warmup leaves no step to the decay (a short run of a config made for a long one)."""
+    if cfg.warmup_steps == 0 or cfg.warmup_steps < total_steps - 1:
+        return None
+    last = learning_rate(total_steps - 1, cfg, total_steps)
+    return (f"warning: optim.warmup_steps = {cfg.warmup_steps} leaves no step of train.steps = {total_steps} to the decay: the rate "
+            f"rises to {last:.2e} at the last step (optim.lr = {cfg.lr:.2e}) and never decays to optim.min_lr; lower optim.warmup_steps")

@@ -73,7 +73,7 @@ from megassm.metrics import (
 from megassm.model import (Mamba2LM, apply_activation_checkpointing, apply_cuda_graphs, apply_kernels, apply_loss_chunking,
                            apply_ssd_state_keeping)
 from megassm.ops import resolve_backend
-from megassm.optim import learning_rate, param_groups
+from megassm.optim import learning_rate, param_groups, schedule_warning
 from megassm.pretrained import PretrainedError, detect_format, load_pretrained
 from megassm.run_dir import (Owner, RunLock, check_checkpoints_writable, check_log_not_replaced, checkpoints_to_replace, in_run_dir,
                              launched_by_torchrun, own_newest_checkpoint)
@@ -335,6 +335,8 @@ class Trainer:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
         self.train_data, self.val_data = self.open_loaders(stream)
+        if warning := schedule_warning(cfg.optim, cfg.train.steps):
+            self.say(warning)
         self.sample_order = sample_order(stream, cfg)
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.sample_order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
@@ -386,7 +388,7 @@ class Trainer:
     def start_line(self, n_params: int) -> str:
         """The run as started: size, layout, batch, precision and the trainer's choices."""
         cfg = self.cfg
-        device = f"cpu ({torch.get_num_threads()} threads)" if self.device.type == "cpu" else self.device.type
+        device = f"cpu ({torch.get_num_threads()} thread(s))" if self.device.type == "cpu" else self.device.type
         return (f"megassm: {n_params / 1e6:.1f}M parameters | tp {self.ctx.tp} x cp {self.ctx.cp} x dp {self.ctx.dp} on {device} | "
                 f"{cfg.data.global_batch} x {cfg.data.seq_len} tokens per step in {cfg.accumulation_steps} micro batches per rank | "
                 f"{cfg.train.precision} | {self.kernels_note} | {self.graphs_note} | {self.recompute_note} | "
@@ -761,9 +763,9 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.abandon_saving()
             if dist.is_initialized():
                 dist.destroy_process_group()
-    trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.0f} s; "
-                f"metrics in {trainer.run_dir / METRICS_FILE}, "
-                f"checkpoints in {checkpoints_folder(trainer.run_dir)}")
+    checkpoints = f", checkpoints in {checkpoints_folder(trainer.run_dir)}" if cfg.checkpoint.every >= 0 else ""
+    trainer.say(f"done: steps {first_step + 1}-{cfg.train.steps} in {time.perf_counter() - started:.1f} s; "
+                f"metrics in {trainer.run_dir / METRICS_FILE}{checkpoints}")
     return 0
 
 

@@ -9,7 +9,7 @@ import torch
 
 from megassm.config import OptimConfig
 from megassm.model import Mamba2LM, ModelConfig
-from megassm.optim import learning_rate, param_groups
+from megassm.optim import learning_rate, param_groups, schedule_warning
 from megassm.train import Trainer, TrainingError
 from parallel import DDPEngine, ParallelContext
 
@@ -44,10 +44,26 @@ def test_the_schedule_warms_up_linearly_then_falls_as_a_half_cosine_to_min_lr():
     assert learning_rate(500, cfg, total) == pytest.approx(1e-5)  # train.steps raised on resume: past the end, min_lr
 
 
+@pytest.mark.parametrize("warmup, steps, last", [(10, 4, 4e-4), (3, 4, 1e-3), (1, 1, 1e-3)])
+def test_a_warmup_that_leaves_no_step_to_the_decay_is_said(warmup, steps, last):
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=warmup)
+    assert learning_rate(steps - 1, cfg, steps) == pytest.approx(last)  # the rate never falls below the last step's
+    assert schedule_warning(cfg, steps) == (
+        f"warning: optim.warmup_steps = {warmup} leaves no step of train.steps = {steps} to the decay: the rate rises to {last:.2e} at "
+        "the last step (optim.lr = 1.00e-03) and never decays to optim.min_lr; lower optim.warmup_steps")
+
+
+@pytest.mark.parametrize("warmup, steps", [(2, 4), (0, 1), (0, 100)])
+def test_a_schedule_that_decays_says_nothing(warmup, steps):
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=warmup)
+    assert schedule_warning(cfg, steps) is None and learning_rate(steps - 1, cfg, steps) == pytest.approx(1e-5 if steps > 1 else 1e-3)
+
+
 def read_norms(norms: list[float], max_skipped_steps: int) -> SimpleNamespace:
     """Trainer.read_norm over steps with these gradient norms; the trainer's counters after them."""
-    trainer = SimpleNamespace(consecutive_skips=0, state={"skipped_steps": 0},
+    trainer = SimpleNamespace(consecutive_skips=0, state={"skipped_steps": 0}, said=[],
                               cfg=SimpleNamespace(train=SimpleNamespace(max_skipped_steps=max_skipped_steps)))
+    trainer.say = trainer.said.append
     for done, norm in enumerate(norms, 1):
         Trainer.read_norm(trainer, SimpleNamespace(grad_norm=torch.tensor(norm), done=done))
     return trainer

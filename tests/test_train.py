@@ -100,6 +100,9 @@ def test_a_run_says_when_it_has_read_every_sample(config, prepared_data, tmp_pat
     epoch_lines = [line for line in result.stdout.splitlines() if "has been read" in line]
     assert epoch_lines == [f"step {-(-windows // 8)}: every one of the training split's {windows:,} samples has been read 1 time(s); the "
                            "run reads them again, in another order"], result.stdout
+    last = result.stdout.splitlines()[-1]  # checkpoint.every = -1: none written, none named
+    assert last.startswith(f"done: steps 1-{steps} in ") and last.endswith(f"s; metrics in {tmp_path / 'run' / 'metrics.jsonl'}"), last
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_one_process_run_learns_and_writes_its_outputs(one_process, config):
