@@ -242,6 +242,15 @@ def test_plot_tool(tmp_path):
     assert out.read_bytes().startswith(b"\x89PNG\r\n\x1a\n") and out.stat().st_size > 10_000
 
 
+def test_plot_tool_breaks_a_line_at_a_step_that_was_not_finite_and_tells_runs_of_one_name_apart(tmp_path):
+    tool = load_plot_tool()
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": None, "val_loss": None}, {"step": 3, "loss": 2.5, "val_loss": 2.6}]
+    assert tool.series(records, "loss") == ([1, 2, 3], [3.0, pytest.approx(math.nan, nan_ok=True), 2.5])
+    assert tool.series(records, "val_loss")[0] == [2, 3]
+    assert tool.labels([tmp_path / "a" / "run", tmp_path / "b" / "run", tmp_path / "c"]) == [
+        str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), "c"]
+
+
 def test_plot_tool_names_a_missing_or_empty_file(tmp_path, capsys):
     tool = load_plot_tool()
     run = write_run(tmp_path / "run", 3, 1000.0)

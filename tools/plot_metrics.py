@@ -1,5 +1,6 @@
 """Plot training runs from their metrics.jsonl: loss (validation loss as markers) and tokens/s against
-step, one line per run, labelled by its folder name.
+step, one line per run, labelled by its folder name (its path where two names are the same). A step whose loss was
+not finite (logged as null) is a gap in its line.
 
     python tools/plot_metrics.py RUN_DIR [RUN_DIR ...] --out plot.png
 """
@@ -7,6 +8,7 @@ step, one line per run, labelled by its folder name.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import matplotlib
@@ -21,19 +23,29 @@ from megassm.metrics import read_metrics  # noqa: E402
 PROGRAM = Path(__file__).name  # as argparse names the tool in its errors
 
 
+MARKED_POINTS = 50  # a series of at most this many points shows each as a dot (a single one draws no line)
+
+
 def series(records: list[dict], key: str) -> tuple[list, list]:
-    """(steps, values) of the records that hold a value for key."""
-    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    """(steps, values) of the records that log key; null (a value that was not finite) as NaN, which breaks the line."""
+    points = [(r["step"], math.nan if r[key] is None else r[key]) for r in records if key in r]
     return [s for s, _ in points], [v for _, v in points]
+
+
+def labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's folder name, or the path given where another run's folder has the same name."""
+    names = [run_dir.resolve().name for run_dir in run_dirs]
+    return [name if names.count(name) == 1 else str(run_dir) for name, run_dir in zip(names, run_dirs)]
 
 
 def plot(runs: list[tuple[str, list[dict]]], out: Path) -> None:
     """Two panels, loss and tokens/s against step; runs are (label, records)."""
     fig, (loss_ax, speed_ax) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for label, records in runs:
-        (line,) = loss_ax.plot(*series(records, "loss"), label=label)
+        marker = "." if len(records) <= MARKED_POINTS else None
+        (line,) = loss_ax.plot(*series(records, "loss"), marker=marker, label=label)
         loss_ax.plot(*series(records, "val_loss"), "o", color=line.get_color(), label=f"{label} (val)")
-        speed_ax.plot(*series(records, "tokens_per_s"), color=line.get_color(), label=label)
+        speed_ax.plot(*series(records, "tokens_per_s"), marker=marker, color=line.get_color(), label=label)
     loss_ax.set_ylabel("loss")
     speed_ax.set_ylabel("tokens/s")
     speed_ax.set_xlabel("step")
@@ -52,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the PNG to write")
     args = parser.parse_args(argv)
     try:
-        runs = [(run_dir.resolve().name, read_metrics(run_dir)) for run_dir in args.run_dirs]
+        runs = list(zip(labels(args.run_dirs), map(read_metrics, args.run_dirs)))
     except ValueError as e:
         exit_on_user_error(PROGRAM, str(e))
     plot(runs, args.out)
