@@ -12,7 +12,7 @@ import torch
 
 from megassm.config import Config, ConfigError, cuda_graph_blockers
 from megassm.metrics import logical_param_count
-from megassm.model.mlp import SEGMENTS as MLP_SEGMENTS
+from megassm.model.config import MLP_SEGMENTS
 from megassm.ops import TRITON_MAX_ELEMENTS
 from parallel import ParallelContext
 from parallel.context import group_size

@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from megassm.checkpoint_files import first_damaged_file
+from megassm.checkpoint_files import METADATA_FILE, first_damaged_file
 from megassm.checkpoint_writer import BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, read_model_config, section_toml, write_config
 from megassm.data.shards import file_sha256
@@ -54,7 +54,7 @@ from parallel.data_parallel import DataParallelEngine
 
 T = TypeVar("T")
 STEP_DIR = re.compile(r"step_(\d+)")
-TRAINER_FILE, CONFIG_FILE, VOCABULARY_FILE, METADATA_FILE = "trainer.json", "config.toml", "vocabulary.json", ".metadata"
+TRAINER_FILE, CONFIG_FILE, VOCABULARY_FILE = "trainer.json", "config.toml", "vocabulary.json"
 MODEL_FILE = "model.toml"  # a converted checkpoint's model; a trained one has the run's config.toml
 EMPTY_OPTIMIZER = {"state": {}, "param_groups": "[]"}
 # Resuming reads the optimizer state a batch of parameters at a time, at most this many bytes of their logical tensors

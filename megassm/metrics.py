@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from megassm.model.config import ModelConfig
-from megassm.model.mlp import SEGMENTS as MLP_SEGMENTS
+from megassm.model.config import MLP_SEGMENTS
 
 GIB = 2**30
 METRICS_FILE = "metrics.jsonl"  # in run.dir: one JSON record per logged step

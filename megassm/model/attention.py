@@ -10,20 +10,18 @@ all-gather over the CP group (its backward: reduce-scatter of their gradients), 
 attend exactly as on one rank; unlike Mamba-2's chunk states these bytes grow with the sequence. RoPE positions
 are the tokens' positions in the whole (CP-joined) sequence. In generation the mixer carries a KVCache.
 
-Init: both projections U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PyTorch's Linear default, as the Mamba-2 mixer's),
-o_proj scaled by 1/sqrt(n_layer) like every block's output projection.
+Init: qkv_proj uniform_fan_in, o_proj residual_output (model/init.py), as the other mixers.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from megassm.model.config import ModelConfig
-from megassm.model.init import uniform_fan_in
+from megassm.model.init import residual_output, uniform_fan_in
 from megassm.ops.attention import causal_document_attention, rotary
 from parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear
 from parallel.collectives import gather_from_region
@@ -67,7 +65,7 @@ class Attention(nn.Module):
         )
         self.widths = [self.heads * dim, *[(kv_heads if replicated else self.kv_heads) * dim] * 2]
         width = cfg.attn_heads * dim
-        self.o_proj = RowParallelLinear(uniform_fan_in((cfg.d_model, width), width) / math.sqrt(cfg.n_layer), ctx)
+        self.o_proj = RowParallelLinear(residual_output(cfg.d_model, width, cfg.n_layer), ctx)
 
     def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None,
                 state: KVCache | None = None) -> Tensor | tuple[Tensor, KVCache]:

@@ -8,12 +8,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from megassm.ops import Mamba2Layout
+from megassm.ops import NO_DT_LIMIT, Mamba2Layout
 
 
 # The layer kinds a pattern names; megassm/model/block.py's MIXERS builds each.
 LAYER_KINDS = {"M": "Mamba-2", "*": "attention", "-": "MLP"}
-MLP_ACTIVATIONS = ("swiglu", "relu2")
+MLP_SEGMENTS = {"swiglu": ("gate", "up"), "relu2": ("up",)}  # each MLP activation's pieces of up_proj
 
 
 @dataclass
@@ -34,7 +34,7 @@ class ModelConfig:
     dt_min: float = 0.001
     dt_max: float = 0.1
     dt_init_floor: float = 1e-4
-    dt_limit: tuple[float, float] = (0.0, math.inf)
+    dt_limit: tuple[float, float] = NO_DT_LIMIT
     A_init_range: tuple[float, float] = (1.0, 16.0)
     init_std: float = 0.02
     # Hybrids: one symbol per block (LAYER_KINDS), Megatron's hybrid pattern, e.g. "M-M*-"; empty: every block Mamba-2.
@@ -143,8 +143,8 @@ class ModelConfig:
     def _validate_mlp(self) -> None:
         if self.mlp_hidden < 1:
             raise ValueError(f"model.mlp_hidden must be a positive integer when model.pattern has MLP blocks ('-'), got {self.mlp_hidden}")
-        if self.mlp_activation not in MLP_ACTIVATIONS:
-            raise ValueError(f"model.mlp_activation = {self.mlp_activation!r}: choose one of {', '.join(MLP_ACTIVATIONS)}")
+        if self.mlp_activation not in MLP_SEGMENTS:
+            raise ValueError(f"model.mlp_activation = {self.mlp_activation!r}: choose one of {', '.join(MLP_SEGMENTS)}")
 
     def check_tensor_parallel(self, tp: int) -> None:
         """Raise ValueError unless the heads, groups, MLP channels and vocabulary of the blocks the pattern uses split

@@ -23,7 +23,7 @@ from megassm import ops
 from megassm.model.config import ModelConfig
 from megassm.model.context_parallel import add_incoming_state
 from megassm.model.conv import CausalDepthwiseConv1d
-from megassm.model.init import uniform_fan_in
+from megassm.model.init import residual_output, uniform_fan_in
 from megassm.ops.dtypes import upcast
 from parallel import ColumnParallelLinear, ParallelContext, ParamRole, RowParallelLinear, declare_roles, send_to_next_rank, shard_parameter
 
@@ -79,9 +79,8 @@ class Mamba2Mixer(nn.Module):
         self.D = shard_parameter(torch.ones(whole.nheads), with_heads, ctx.tp_group)
         self.norm_weight = shard_parameter(torch.ones(whole.d_inner), with_heads, ctx.tp_group)
         declare_roles(self, **dict.fromkeys(("dt_bias", "A_log", "D", "norm_weight"), with_heads))
-        # mamba-ssm / GPT-2: the residual branch's output projection scaled by 1/sqrt(n_layer).
-        out_weight = uniform_fan_in((cfg.d_model, whole.d_inner), whole.d_inner) / math.sqrt(cfg.n_layer)
-        self.out_proj = RowParallelLinear(out_weight, ctx, bias=torch.zeros(cfg.d_model) if cfg.proj_bias else None)
+        self.out_proj = RowParallelLinear(residual_output(cfg.d_model, whole.d_inner, cfg.n_layer), ctx,
+                                          bias=torch.zeros(cfg.d_model) if cfg.proj_bias else None)
 
     def forward(self, u: Tensor, seq_idx: Tensor | None = None, halo_seq_idx: Tensor | None = None,
                 state: Mamba2State | None = None) -> Tensor | tuple[Tensor, Mamba2State]:

@@ -24,9 +24,9 @@ from parallel.compiled import maybe_compiled
 BACKENDS = ("auto", "torch", "triton")
 SSD_KERNELS = ("megassm", "mamba-ssm")  # the SSD's Triton kernels: megassm's (megassm/ops/ssd_triton.py) or mamba-ssm's
 
-__all__ = ["BACKENDS", "SSD_KERNELS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "Mamba2Layout", "add_rms_norm", "causal_conv1d",
-           "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm", "int32_document_ids", "maybe_compiled", "resolve_backend",
-           "rms_norm", "ssd"]
+__all__ = ["BACKENDS", "NO_DT_LIMIT", "SSD_KERNELS", "TRITON_MAX_ELEMENTS", "KernelsUnavailable", "Mamba2Layout", "add_rms_norm",
+           "causal_conv1d", "causal_conv1d_silu", "conv_ssd_gated_norm", "gated_rms_norm", "int32_document_ids", "maybe_compiled",
+           "resolve_backend", "rms_norm", "ssd"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
