@@ -16,13 +16,14 @@ class UserError(Exception):
 USER_ERROR_EXIT = 2
 
 
-def exit_on_user_error(program: str, message: str) -> NoReturn:
-    """An entry point stopped by a user's mistake: one line on stderr in argparse's form ("PROGRAM: error: ..."), no
-    traceback, USER_ERROR_EXIT."""
-    print(f"{program}: error: {message}", file=sys.stderr)
+def exit_on_user_error(tool: str, message: str) -> NoReturn:
+    """An entry point stopped by a user's mistake: one line on stderr in argparse's form ("prepare_data.py: error: ..."
+    for tool = its __file__), no traceback, USER_ERROR_EXIT."""
+    print(f"{os.path.basename(tool)}: error: {message}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)
 
 
+TRAINER_PROGRAM = "megassm-train"  # the trainer's console script, the name its lines start with
 ENTRY_MODULES = ("megassm.train", "megassm.torchrun")  # run by `python -m`, under torchrun too
 STOPPED_WHILE_STARTING = "stopped by SIGINT while starting, before the first step; run the same command to start again"
 
@@ -33,7 +34,7 @@ def quiet_interrupt_while_importing() -> None:
     entry points, until their own code runs (imports_done): a user's own script keeps Python's handling."""
     argv = getattr(sys, "orig_argv", [])
     locating = sys.argv[0] == "-m" and "-m" in argv[:-1]  # Python imports the package of the module `-m` runs
-    if not (locating and argv[argv.index("-m") + 1] in ENTRY_MODULES) and not sys.argv[0].endswith("megassm-train"):
+    if not (locating and argv[argv.index("-m") + 1] in ENTRY_MODULES) and not sys.argv[0].endswith(TRAINER_PROGRAM):
         return
     default = sys.excepthook
 
@@ -41,7 +42,7 @@ def quiet_interrupt_while_importing() -> None:
         if not issubclass(kind, KeyboardInterrupt):
             return default(kind, error, traceback)
         if os.environ.get("RANK", "0") == "0":
-            print(f"megassm-train: {STOPPED_WHILE_STARTING}", file=sys.stderr, flush=True)
+            print(f"{TRAINER_PROGRAM}: {STOPPED_WHILE_STARTING}", file=sys.stderr, flush=True)
         os._exit(128 + signal.SIGINT)  # Python ends an unhandled KeyboardInterrupt by SIGINT, whatever its hook says
 
     hook.previous = default

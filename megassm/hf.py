@@ -37,14 +37,14 @@ def hf_config_dict(cfg: ModelConfig) -> dict:
             "num_heads": cfg.nheads, "residual_in_fp32": True, "rescale_prenorm_residual": False}
 
 
-def model_config_from_hf(hf: dict, **overrides) -> ModelConfig:
+def model_config_from_hf(hf: dict) -> ModelConfig:
     """A ModelConfig from a transformers Mamba2Config's fields (`Mamba2Config.to_dict()`, which fills in the defaults
     that a `config.json` may leave out). Raises ValueError for a model megassm cannot represent."""
     require(hf, {"hidden_act": "silu"})
     if hf["num_heads"] * hf["head_dim"] != hf["expand"] * hf["hidden_size"]:
         raise ValueError(f"num_heads * head_dim = {hf['num_heads']} * {hf['head_dim']} must equal "
                          f"expand * hidden_size = {hf['expand']} * {hf['hidden_size']}")
-    return ModelConfig(**{ours: hf[theirs] for theirs, ours in _HF_FIELDS.items()}, **overrides)
+    return ModelConfig(**{ours: hf[theirs] for theirs, ours in _HF_FIELDS.items()})
 
 
 def to_hf_state_dict(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:

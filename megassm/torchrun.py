@@ -28,11 +28,12 @@ from torch.distributed.elastic.rendezvous.api import RendezvousError
 from torch.distributed.run import determine_local_world_size, parse_args, parse_min_max_nnodes, run
 
 from megassm.config import ConfigError, check_command_line
-from megassm.errors import USER_ERROR_EXIT, imports_done
+from megassm.errors import TRAINER_PROGRAM, USER_ERROR_EXIT, imports_done
 from megassm.stopping import STOP_SIGNALS
 
 TRAINER = "megassm.train"
 SHARED_STORE_OFF = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # seconds torchrun waits for stopped workers before it kills them
 PROCESS_LOGGER = "torch.distributed.elastic.multiprocessing.api"  # torchrun's reports of its worker processes
 AGENT_LOGGER = "torch.distributed.elastic.agent.server.api"  # its agent's, among them that a signal stops the workers
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             check_command_line(args.training_script_args, world_size(args.nnodes, args.nproc_per_node))
         except ConfigError as error:
-            print(f"megassm-train: error: {error}", file=sys.stderr)
+            print(f"{TRAINER_PROGRAM}: error: {error}", file=sys.stderr)
             return USER_ERROR_EXIT
         restart_only_after_faults()
     if parse_min_max_nnodes(args.nnodes)[1] == 1 and port_taken(args.rdzv_endpoint):
@@ -122,14 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(SHARED_STORE_OFF, "1")
     # On SIGTERM torchrun passes it on and kills its workers after this many seconds (its default: 30): time to end
     # the step in progress and save its checkpoint (megassm/stopping.py).
-    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "300")
+    os.environ.setdefault(SHUTDOWN_TIMEOUT, "300")
     try:
         run(args)
     except SignalException as signalled:  # torchrun stopped (SIGTERM, SIGINT), its workers after it: they said where
         if ProcessReports.killed:
-            print(f"megassm-torchrun: a worker did not stop within {os.environ['TORCH_ELASTIC_SHUTDOWN_TIMEOUT']} s of "
+            print(f"megassm-torchrun: a worker did not stop within {os.environ[SHUTDOWN_TIMEOUT]} s of "
                   f"{signal.Signals(signalled.sigval).name} and was killed: this stop's checkpoint may be missing (the run resumes "
-                  "from its newest complete one); TORCH_ELASTIC_SHUTDOWN_TIMEOUT sets the wait", file=sys.stderr)
+                  f"from its newest complete one); {SHUTDOWN_TIMEOUT} sets the wait", file=sys.stderr)
             return 128 + signal.SIGKILL
         return 128 + signalled.sigval
     except RendezvousError as error:  # the node hosting the rendezvous is gone (it says why, or its node failed)

@@ -57,7 +57,7 @@ from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCo
 from megassm.config import Config, ConfigError, load_config, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples
 from megassm.data.shards import META_FILE, VERIFIED_FILE
-from megassm.errors import STOPPED_WHILE_STARTING, USER_ERROR_EXIT, UserError, imports_done
+from megassm.errors import STOPPED_WHILE_STARTING, TRAINER_PROGRAM, USER_ERROR_EXIT, UserError, imports_done
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
     METRICS_FILE,
@@ -715,7 +715,7 @@ def attempts() -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="megassm-train", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=TRAINER_PROGRAM, description=__doc__.split("\n\n")[0],
                                      epilog="Any --section.key=value overrides that key of the config, e.g. --train.steps=100.")
     parser.add_argument("--config", help="a TOML config (see configs/); the defaults when omitted")
     args, overrides = parser.parse_known_args(argv)
@@ -739,24 +739,25 @@ def main(argv: list[str] | None = None) -> int:
             trainer.run()
         except Stopped as stop:
             if rank == 0:
-                print(f"megassm-train: {stop}", file=sys.stderr)
+                print(f"{TRAINER_PROGRAM}: {stop}", file=sys.stderr)
             return stop.exit_code
         except KeyboardInterrupt:
             if rank == 0:
-                print(f"megassm-train: {STOPPED_WHILE_STARTING}", file=sys.stderr)
+                print(f"{TRAINER_PROGRAM}: {STOPPED_WHILE_STARTING}", file=sys.stderr)
             return 128 + signal.SIGINT
         except UserError as error:  # one line per job, from rank 0, where every rank meets the same
+            # This rank's own (out of memory), or one met before the ranks joined, maybe on this node alone (its copy of
+            # data.path): a line per node.
+            its_own = isinstance(error, OutOfMemory) or (not dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) == 0)
+            # Before the ranks joined, rank 0 may meet the same mistake seconds later (a loaded machine): were this rank
+            # to end first, torchrun would stop rank 0 before it said why, and the run would end without a line.
+            said_if_alone = not dist.is_initialized() and launched_by_torchrun()
             if rank == 0:
-                print(f"megassm-train: error: {error}", file=sys.stderr)
-            elif isinstance(error, OutOfMemory) or (not dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) == 0):
-                # This rank's own (out of memory), or one met before the ranks joined, maybe on this node alone (its
-                # copy of data.path): a line per node.
-                print(f"megassm-train: error on rank {rank} ({socket.gethostname()}): {error}", file=sys.stderr)
-            elif not dist.is_initialized() and launched_by_torchrun():
-                # Before the ranks joined, rank 0 may meet the same mistake seconds later (a loaded machine): were this
-                # rank to end first, torchrun would stop rank 0 before it said why, and the run would end without a line.
-                time.sleep(SAY_ALONE_AFTER.total_seconds())
-                print(f"megassm-train: error on rank {rank} ({socket.gethostname()}): {error}", file=sys.stderr)
+                print(f"{TRAINER_PROGRAM}: error: {error}", file=sys.stderr)
+            elif its_own or said_if_alone:
+                if not its_own:
+                    time.sleep(SAY_ALONE_AFTER.total_seconds())
+                print(f"{TRAINER_PROGRAM}: error on rank {rank} ({socket.gethostname()}): {error}", file=sys.stderr)
             return USER_ERROR_EXIT if not isinstance(error, TrainingError) else 1  # 1: restarted, where it may not recur
         finally:  # after the error's line is printed
             if trainer is not None:

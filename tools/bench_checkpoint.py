@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megassm.checkpoint import load_checkpoint, start_checkpoint  # noqa: E402
 from megassm.checkpoint_writer import HostCopies  # noqa: E402

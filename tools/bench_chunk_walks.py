@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 import triton
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megassm.ops import ssd_triton_bwd as bwd  # noqa: E402
 from megassm.ops import ssd_triton_fwd as fwd  # noqa: E402

@@ -54,8 +54,6 @@ from megassm.pretrained import (
     save_transformers,
 )
 
-PROGRAM = Path(__file__).name  # as argparse names the tool in its errors
-
 if TYPE_CHECKING:  # transformers is imported only where it is used: --help and the other commands stay quick
     from transformers import PreTrainedTokenizerFast
 
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         print(convert(args))
     except (OSError, ValueError) as error:  # PretrainedError, ConfigError, DataError and unwritable folders among them
-        exit_on_user_error(PROGRAM, str(error))
+        exit_on_user_error(__file__, str(error))
 
 
 def convert(args: argparse.Namespace) -> str:

@@ -25,8 +25,6 @@ from megassm.generate import check_sampling, generate
 from megassm.model import Mamba2LM, apply_kernels
 from megassm.pretrained import MEGASSM, WEIGHT_DTYPES, checkpoint_folder, detect_format, load_pretrained, run_tokenizer
 
-PROGRAM = Path(__file__).name  # as argparse names the tool in its errors
-
 
 
 def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> Mamba2LM:
@@ -59,7 +57,7 @@ def tokenizer_for(path: Path, given: str | None) -> Tokenizer:
 
 def stop(message: str) -> NoReturn:
     """A user's mistake: one line, exit status 2 (as the trainer's)."""
-    exit_on_user_error(PROGRAM, message)
+    exit_on_user_error(__file__, message)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,10 +22,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 if TYPE_CHECKING:  # triton is imported only where it is used
     import triton
     from triton.compiler import CompiledKernel

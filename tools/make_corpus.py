@@ -6,12 +6,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from megassm.data import write_builtin_corpus
 from megassm.errors import exit_on_user_error
-
-PROGRAM = Path(__file__).name  # as argparse names the tool in its errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         path = write_builtin_corpus(args.out, args.max_documents)
     except OSError as error:
-        exit_on_user_error(PROGRAM, str(error))
+        exit_on_user_error(__file__, str(error))
     with open(path, encoding="utf-8") as f:
         print(f"wrote {sum(1 for _ in f)} documents ({path.stat().st_size / 2**20:.1f} MiB) to {path}")
 

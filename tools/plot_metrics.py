@@ -20,8 +20,6 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from megassm.errors import exit_on_user_error  # noqa: E402
 from megassm.metrics import read_metrics  # noqa: E402
 
-PROGRAM = Path(__file__).name  # as argparse names the tool in its errors
-
 
 MARKED_POINTS = 50  # a series of at most this many points shows each as a dot (a single one draws no line)
 
@@ -66,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         runs = list(zip(labels(args.run_dirs), map(read_metrics, args.run_dirs)))
     except ValueError as e:
-        exit_on_user_error(PROGRAM, str(e))
+        exit_on_user_error(__file__, str(e))
     plot(runs, args.out)
     print(f"wrote {args.out}")
 

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from pathlib import Path
 
 from megassm.data import TokenStream
 from megassm.data.prepare import SHARD_TOKENS, VAL_FRACTION, prepare
 from megassm.errors import exit_on_user_error
-
-PROGRAM = Path(__file__).name  # as argparse names the tool in its errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
                       overwrite=args.overwrite)
         meta = TokenStream(out).meta
     except (OSError, ValueError) as error:  # missing inputs or tokenizer, bad records, DataError
-        exit_on_user_error(PROGRAM, str(error))
+        exit_on_user_error(__file__, str(error))
     print(f"{out}: {meta.num_documents} documents, {meta.total_tokens} tokens ({meta.val_tokens} for validation) "
           f"in {len(meta.shards)} shard(s) of {meta.dtype}, vocabulary {meta.vocab_size}, in {time.time() - started:.1f} s")
 

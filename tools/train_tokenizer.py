@@ -19,8 +19,6 @@ from megassm.data.tokenizer import MAX_SENTENCES, MIN_VOCAB_SIZE
 from megassm.data.prepare import iter_texts, load_documents, sample_documents
 from megassm.errors import exit_on_user_error
 
-PROGRAM = Path(__file__).name  # as argparse names the tool in its errors
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,18 +32,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out, a tokenizer's folder (its files)")
     args = parser.parse_args(argv)
     if args.vocab_size < MIN_VOCAB_SIZE:
-        exit_on_user_error(PROGRAM, f"--vocab-size {args.vocab_size}: at least {MIN_VOCAB_SIZE} (256 byte pieces, unk, bos, eos and one "
+        exit_on_user_error(__file__, f"--vocab-size {args.vocab_size}: at least {MIN_VOCAB_SIZE} (256 byte pieces, unk, bos, eos and one "
                            "learned piece)")
     if args.max_sentences < 1:
-        exit_on_user_error(PROGRAM, f"--max-sentences {args.max_sentences}: train on at least one line")
+        exit_on_user_error(__file__, f"--max-sentences {args.max_sentences}: train on at least one line")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        exit_on_user_error(PROGRAM, f"--out {out} is a file: name a folder")
+        exit_on_user_error(__file__, f"--out {out} is a file: name a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        exit_on_user_error(PROGRAM, f"--out {out} is not empty (a tokenizer of an earlier training?): choose another folder, or pass "
+        exit_on_user_error(__file__, f"--out {out} is not empty (a tokenizer of an earlier training?): choose another folder, or pass "
                            "--overwrite to replace it")
     if out.is_dir() and any(entry.is_dir() for entry in out.iterdir()):
-        exit_on_user_error(PROGRAM, f"--out {out} holds folders, as no tokenizer's folder does (a data or run folder?): choose another")
+        exit_on_user_error(__file__, f"--out {out} holds folders, as no tokenizer's folder does (a data or run folder?): choose another")
     started = time.time()
     training = out.with_name(f".{out.name}.training")  # replaces --out once trained: no mix with an earlier tokenizer's files
     shutil.rmtree(training, ignore_errors=True)
@@ -53,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         documents = sample_documents(load_documents(args.input, args.text_key, num_proc=os.cpu_count()), args.max_sentences)
         train_sentencepiece(iter_texts(documents), args.vocab_size, training, args.model_type, args.max_sentences)
     except (OSError, ValueError) as error:  # missing inputs, no text field, too small a corpus for the vocabulary
-        exit_on_user_error(PROGRAM, str(error))
+        exit_on_user_error(__file__, str(error))
     shutil.rmtree(out, ignore_errors=True)
     training.rename(out)
     tokenizer = load_tokenizer(out)

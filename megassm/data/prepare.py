@@ -134,21 +134,22 @@ def _load_local(files: list[Path], builder: str, text_key: str, sample_by: str, 
         datasets.logging.set_verbosity(verbosity)
 
 
-def iter_texts(documents: datasets.Dataset, batch_size: int = 1000) -> Iterator[str]:
+def iter_texts(documents: datasets.Dataset) -> Iterator[str]:
     """The texts of load_documents' result, read a batch at a time (not all in memory)."""
-    for batch in documents.iter(batch_size=batch_size):
+    for batch in documents.iter(batch_size=1000):
         yield from batch["text"]
 
 
-def sample_documents(documents: datasets.Dataset, lines: int, seed: int = 0) -> datasets.Dataset:
-    """Documents chosen at random, in their order, holding about twice `lines` lines (as many per document as the first
-    thousand hold): enough for a tokenizer trained on `lines` sampled lines, without reading a large corpus whole."""
+def sample_documents(documents: datasets.Dataset, lines: int) -> datasets.Dataset:
+    """Documents chosen at random (the same ones every time), in their order, holding about twice `lines` lines (as many
+    per document as the first thousand hold): enough for a tokenizer trained on `lines` sampled lines, without reading a
+    large corpus whole."""
     head = documents.select(range(min(len(documents), 1000)))["text"]
     per_document = max(1.0, sum(text.count("\n") + 1 for text in head if text) / max(1, len(head)))
     wanted = math.ceil(2 * lines / per_document)
     if wanted >= len(documents):
         return documents
-    return documents.select(np.sort(np.random.default_rng(seed).choice(len(documents), wanted, replace=False)))
+    return documents.select(np.sort(np.random.default_rng(0).choice(len(documents), wanted, replace=False)))
 
 
 @functools.lru_cache(maxsize=1)

@@ -133,7 +133,6 @@ def train_sentencepiece(
     out_dir: str | Path,
     model_type: str = "bpe",
     max_sentences: int = MAX_SENTENCES,
-    num_threads: int | None = None,
 ) -> Path:
     """Train a sentencepiece model on documents and write `out_dir/tokenizer.model`; returns out_dir.
 
@@ -152,7 +151,7 @@ def train_sentencepiece(
             vocab_size=vocab_size, model_type=model_type, byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=16384, input_sentence_size=max_sentences,
-            shuffle_input_sentence=True, num_threads=num_threads or os.cpu_count(), minloglevel=2,
+            shuffle_input_sentence=True, num_threads=os.cpu_count(), minloglevel=2,
         )
     except RuntimeError as error:  # e.g. "Vocabulary size is too high (512). Please set it to a value <= 300."
         if made:

@@ -25,12 +25,16 @@ def pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def head_slice(heads_per_group: int, chunk_programs: int, target_programs: int = 256) -> int:
+# Programs the forward kernels aim for (an H200 has 132 SMs): at 780m shapes a program per chunk with all 48 heads is
+# 1.05x faster per layer than 12 heads (tools/tune_ssd_kernels.py).
+TARGET_PROGRAMS = 256
+
+
+def head_slice(heads_per_group: int, chunk_programs: int) -> int:
     """How many heads of one group a program handles (sharing B and C, and C B^T, between them): few enough
-    to keep about `target_programs` programs (an H200 has 132 SMs) when there are `chunk_programs`
-    (batch x chunks x groups) programs per head, and a divisor of the group's heads. 256: at 780m shapes a
-    program per chunk with all 48 heads is 1.05x faster per layer than 12 heads (tools/tune_ssd_kernels.py)."""
-    wanted = max(1, heads_per_group * chunk_programs // target_programs)
+    to keep about TARGET_PROGRAMS programs when there are `chunk_programs` (batch x chunks x groups) programs per
+    head, and a divisor of the group's heads."""
+    wanted = max(1, heads_per_group * chunk_programs // TARGET_PROGRAMS)
     return max(d for d in range(1, heads_per_group + 1) if heads_per_group % d == 0 and d <= wanted)
 
 
