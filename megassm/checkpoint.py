@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import hashlib
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from megassm.checkpoint_files import METADATA_FILE, first_damaged_file
 from megassm.checkpoint_writer import BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, read_model_config, section_toml, write_config
-from megassm.data.shards import file_sha256
+from megassm.data.shards import folder_sha256
 from megassm.errors import UserError
 from megassm.model import ModelConfig
 from parallel import ParallelContext, param_roles
@@ -135,10 +134,7 @@ def checkpoints_in(run_dir: Path) -> list[Path]:
 
 def tokenizer_vocabulary(tokenizer: Path, vocab_size: int) -> dict:
     """What the token ids of a run mean: the tokenizer's size and a sha256 over its folder's files."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(tokenizer).rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(tokenizer)} {file_sha256(path)}\n".encode())
-    return {"vocab_size": vocab_size, "tokenizer_sha256": digest.hexdigest()}
+    return {"vocab_size": vocab_size, "tokenizer_sha256": folder_sha256(Path(tokenizer))}
 
 
 def _distributed() -> bool:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import hashlib
 import itertools
 import math
 import shutil
@@ -35,6 +34,7 @@ from megassm.data.shards import (
     Shard,
     ShardWriter,
     file_sha256,
+    folder_sha256,
     token_dtype,
     tokenizer_files,
     written_by_preparation,
@@ -175,13 +175,9 @@ class _Tokenize:
         return {"ids": ids, "length": [len(doc) for doc in ids]}
 
 
-def _folder_digest(folder: Path) -> str:
-    return hashlib.sha256("".join(f"{p.name}:{file_sha256(p)}" for p in sorted(folder.iterdir())).encode()).hexdigest()
-
-
 def _tokenize(documents: datasets.Dataset, tokenizer_dir: Path, num_proc: int) -> datasets.Dataset:
     """Columns "ids" ([eos] + tokens of each non-empty document, in the token dtype) and "length"."""
-    tokenize = _Tokenize(str(tokenizer_dir.resolve()), _folder_digest(tokenizer_dir))
+    tokenize = _Tokenize(str(tokenizer_dir.resolve()), folder_sha256(tokenizer_dir))
     return documents.map(tokenize, batched=True, remove_columns=["text"], num_proc=num_proc if num_proc > 1 else None, desc="tokenizing")
 
 

@@ -76,6 +76,14 @@ def written_by_preparation(name: str) -> bool:
     return name in own or bool(SHARD_FILE.fullmatch(name) or VERIFIED_PARTIAL.fullmatch(name))
 
 
+def folder_sha256(folder: Path) -> str:
+    """One sha256 over a folder's files, their paths in it and their contents (a tokenizer's identity)."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder)} {file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
 def tokenizer_files(folder: Path, tokenizer: str) -> list[str]:
     """The tokenizer's files, as paths relative to the data folder (the keys of Meta.tokenizer_sha256)."""
     return sorted(path.relative_to(folder).as_posix() for path in (folder / tokenizer).rglob("*") if path.is_file())
