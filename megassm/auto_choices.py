@@ -62,7 +62,7 @@ def check_kernel_limits(cfg: Config, backend: str) -> None:
         raise ConfigError(f"model.headdim = {cfg.model.headdim}: megassm's SSD kernels take head dimensions up to {SSD_MAX_HEADDIM} "
                           "(up to 64 without register spills); lower model.headdim")
     group = cfg.model.d_inner // cfg.model.ngroups
-    most = NORM_MAX_GROUP_BYTES // (2 if cfg.train.precision == "bf16" else 4)
+    most = NORM_MAX_GROUP_BYTES // compute_bytes(cfg)
     if group > most:
         raise ConfigError(f"model.d_inner / model.ngroups = {group:,} channels per norm group: the gated norm's kernel takes at most "
                           f"{most:,} in {cfg.train.precision}; raise model.ngroups")
@@ -156,7 +156,12 @@ def ssd_states_bytes(cfg: Config, recomputed_blocks: int = 0) -> int:
     shape = states_shape(cfg.data.micro_batch, cfg.data.seq_len // cfg.parallel.cp, layout.nheads, layout.headdim, layout.d_state,
                          DEFAULT_KERNEL_CHUNK)
     layers = cfg.model.layer_kinds[recomputed_blocks:].count("M")
-    return layers * math.prod(shape) * (2 if cfg.train.precision == "bf16" else 4)
+    return layers * math.prod(shape) * compute_bytes(cfg)
+
+
+def compute_bytes(cfg: Config) -> int:
+    """Bytes of an element in the dtype the blocks compute in (bf16 under autocast)."""
+    return 2 if cfg.train.precision == "bf16" else 4
 
 
 def _kept_per_token(cfg: Config, kind: str) -> int:
@@ -170,6 +175,8 @@ def _kept_per_token(cfg: Config, kind: str) -> int:
         return model.d_model + layout.in_proj_width + layout.conv_channels + 2 * layout.d_inner
     if kind == "-":
         return model.d_model + 2 * len(MLP_SEGMENTS[model.mlp_activation]) * model.mlp_hidden // tp
+    if kind != "*":
+        raise ValueError(f"no memory estimate for blocks of kind {kind!r}")
     replicated = model.attn_kv_heads < tp  # every rank projects all key/value heads, then keeps one
     q = model.attn_heads * model.attn_head_dim // tp
     kv = model.attn_head_dim * (1 if replicated else model.attn_kv_heads // tp)
@@ -181,8 +188,7 @@ def block_bytes_per_token(cfg: Config) -> list[int]:
     """What one token's pass through each block keeps for its backward on a rank, without activation checkpointing:
     _kept_per_token in the compute dtype (the SSD's states apart: ssd_states_bytes; the block's fp32 input apart, which
     a recomputed block keeps too)."""
-    compute = 2 if cfg.train.precision == "bf16" else 4
-    return [compute * _kept_per_token(cfg, kind) for kind in cfg.model.layer_kinds]
+    return [compute_bytes(cfg) * _kept_per_token(cfg, kind) for kind in cfg.model.layer_kinds]
 
 
 def state_bytes_per_parameter(cfg: Config, cuda_graphs: bool = False) -> float:

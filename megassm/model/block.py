@@ -5,8 +5,9 @@ A block's kind is one symbol, Megatron's hybrid-pattern convention ("M" Mamba-2,
 and MIXERS maps it to the mixer module. A mixer is built as `Mixer(cfg, ctx)` and called as
 `mixer(u, seq_idx, halo_seq_idx)` -> output (u's shape); for generation it also offers
 `empty_state(batch)` and, called with `state=`, returns (output, state after u); a kind that keeps no state
-(MLP) has the empty state None and is never given one. A new kind is its module, one line in MIXERS and its
-symbol in megassm/model/config.py's LAYER_KINDS.
+(MLP) has the empty state None and is never given one. A new kind is its module, one line in MIXERS, its
+symbol in model/config.py's LAYER_KINDS (and its keys' checks there), its parameter count in metrics.BLOCK_PARAMS,
+what it keeps for the backward in auto_choices._kept_per_token, and its keys in checkpoint.architecture.
 """
 
 from __future__ import annotations
