@@ -474,11 +474,19 @@ def cuda_graph_blockers(cfg: Config) -> list[str]:
     return blockers
 
 
+def pick_device(choice: str) -> torch.device:
+    """The device train.device names: this process's GPU (LOCAL_RANK under torchrun) or the CPU."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but torch sees no CUDA device: use 'auto' or 'cpu'")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def check_backend(cfg: Config) -> None:
     """kernels.backend can run on the device the trainer will pick (train.device), before a model is built."""
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
     try:
-        resolve_backend(cfg.kernels.backend, device)
+        resolve_backend(cfg.kernels.backend, pick_device(cfg.train.device))
     except KernelsUnavailable as error:
         raise ConfigError(f"kernels.{error}") from None
 

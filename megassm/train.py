@@ -54,7 +54,7 @@ from megassm.checkpoint import (
     unfinished_saves,
 )
 from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCopies
-from megassm.config import Config, ConfigError, load_config, write_config
+from megassm.config import Config, ConfigError, load_config, pick_device, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples
 from megassm.data.shards import META_FILE, VERIFIED_FILE
 from megassm.errors import STOPPED_WHILE_STARTING, TRAINER_PROGRAM, USER_ERROR_EXIT, UserError, imports_done
@@ -232,14 +232,6 @@ def adamw_change(theirs: Config, ours: Config, step: int, checkpoint: Path) -> s
         return (f"AdamW's settings differ from those {checkpoint} was trained with ({', '.join(changed)}): this run's apply from "
                 f"step {step + 1} on")
     return None
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ConfigError("train.device = 'cuda' but torch sees no CUDA device: use 'auto' or 'cpu'")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def limit_cpu_threads(device: torch.device) -> None:
