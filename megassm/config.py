@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from megassm.errors import UserError
-from megassm.model.config import PRESETS, ModelConfig
+from megassm.model.config import ModelConfig
 from megassm.ops import BACKENDS, SSD_KERNELS, KernelsUnavailable, resolve_backend
 from parallel import LOSS_CHUNK_TOKENS
 
@@ -277,12 +277,9 @@ def build_config(raw: dict, where: str) -> Config:
 def build_model_config(table: dict, where: str) -> ModelConfig:
     """[model]: a preset, optionally with some of its keys changed, or every shape key given."""
     preset = table.pop("preset", None)
-    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
-        raise ConfigError(f"model.preset = {preset!r} in {where} is not one of: {', '.join(PRESETS)}")
     values = typed_fields(ModelConfig, "model", table, where)
-    base = PRESETS[preset] if preset is not None else ModelConfig()
     try:
-        return dataclasses.replace(base, **values)
+        return ModelConfig.from_preset(preset, **values) if preset is not None else ModelConfig(**values)
     except ValueError as error:
         raise ConfigError(f"{error} (in {where})") from None
 

@@ -55,7 +55,7 @@ def config_file(tmp_path: Path, prepared_data: Path):
          r"parallel.tp = 4 must divide the model's 2 groups \(model.ngroups: B and C are split by group; raise it to a multiple"),
         ({"seq_len = 64": "seq_len = 66", "cp = 2": "cp = 4", "tp = 2": "tp = 1"}, 4, r"data.seq_len = 66 must be divisible by parallel.cp = 4"),
         ({"global_batch = 4": "global_batch = 3"}, 4, r"data.global_batch = 3 must be a multiple of data.micro_batch \* parallel.dp = 2 \* 1"),
-        ({'preset = "debug"': 'preset = "mamba2-7b"'}, 4, r"model.preset = 'mamba2-7b' .* is not one of"),
+        ({'preset = "debug"': 'preset = "mamba2-7b"'}, 4, r"model.preset = 'mamba2-7b' is not one of: .* \(in .*\)$"),
         ({'preset = "debug"': 'preset = "debug"\nvocab_size = 100'}, 4,
          r"has 512 tokens, more than model.vocab_size = 100: raise model.vocab_size"),
         ({"[data]": "[train]\ncuda_graphs = true\n[data]", "cp = 2": "cp = 2\nengine = \"deepspeed\""}, 4,
@@ -122,7 +122,7 @@ def test_a_data_folders_tokenizer_of_another_size_or_damaged_fails_with_one_line
         ("--model.dt_limit=[0.5, 0.1]", r"model.dt_limit = \(0.5, 0.1\) must satisfy 0 <= low < high"),
         ("--model.norm_eps=-1", r"model.norm_eps must be a positive number, got -1.0"),
         ("--model.init_std=-1", r"model.init_std must be 0 or positive, got -1.0"),
-        ("--model.preset=[1]", r"model.preset = \[1\] .* is not one of: "),
+        ("--model.preset=[1]", r"model.preset = \[1\] is not one of: .* \(in .*\)$"),
         ("--logging.wandb_project=team/proj", r"logging.wandb_project = 'team/proj': a W&B project name cannot hold /; give the entity"),
         ("--run.name=2024-05-01", r"run.name = datetime.date\(2024, 5, 1\) .* must be a string \(on the command line, quote it as a "
          r"TOML string: --run.name='\"2024-05-01\"'\)$"),

@@ -169,7 +169,7 @@ class ModelConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
-        if name not in PRESETS:
+        if not isinstance(name, str) or name not in PRESETS:
             raise ValueError(f"model.preset = {name!r} is not one of: {', '.join(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
 
