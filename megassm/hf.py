@@ -90,14 +90,14 @@ def mamba_ssm_config_dict(cfg: ModelConfig) -> dict:
     _require_mamba_only(cfg)
     if cfg.norm_eps != MAMBA_SSM_NORM_EPS:
         raise ValueError(f"model.norm_eps = {cfg.norm_eps}: mamba-ssm fixes it at {MAMBA_SSM_NORM_EPS}; export to transformers instead")
-    ssm_cfg = {"layer": "Mamba2"}
+    ssm_cfg = {"layer": _MAMBA2_FIXED["layer"]}  # the other fixed settings are mamba-ssm's Mamba2 defaults
     for key, default in MAMBA2_DEFAULTS.items():
         value = getattr(cfg, _SSM_CFG_FIELDS.get(key, key))
         if value != default:
             ssm_cfg[key] = list(value) if isinstance(value, tuple) else value
     return {
-        "d_model": cfg.d_model, "d_intermediate": 0, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg,
-        "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+        **_MAMBA_SSM_FIXED, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg,
+        "attn_cfg": {}, "residual_in_fp32": True, "fused_add_norm": True,
         "pad_vocab_size_multiple": 1,  # vocab_size is already the embedding's row count
         "tie_embeddings": cfg.tie_embeddings,
     }
