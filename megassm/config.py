@@ -52,7 +52,7 @@ class ParallelConfig:
     cp: int = 1
     dp: int = -1  # -1: the rest of the world size
     sequence_parallel: bool = False
-    engine: str = "ddp"  # "ddp" | "deepspeed"
+    engine: typing.Literal["ddp", "deepspeed"] = "ddp"
     zero_stage: int = 1  # deepspeed only: 1 or 2
 
 
@@ -80,7 +80,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    precision: str = "bf16"  # "bf16" (autocast, fp32 master weights) | "fp32"
+    precision: typing.Literal["bf16", "fp32"] = "bf16"  # bf16: autocast, fp32 master weights
     # A recomputed block keeps only its input and recomputes the rest in backward (about a third of its time again):
     # "auto" (on a GPU with the Triton kernels, the first blocks, as few as auto_choices.training_memory_estimate needs
     # to fit within RECOMPUTE_ABOVE_SHARE of the job's smallest GPU, less COMMUNICATION_ALLOWANCE on several; the
@@ -102,7 +102,7 @@ class TrainConfig:
     eval_samples: int = 32  # held-out sequences per validation, the same ones every time and for every layout
     max_skipped_steps: int = 5  # consecutive non-finite steps before the run stops
     peak_tflops: float | None = None  # the device's bf16 peak for MFU, when megassm does not know it
-    device: str = "auto"  # "auto" (CUDA when there is one) | "cuda" | "cpu"
+    device: typing.Literal["auto", "cuda", "cpu"] = "auto"  # auto: CUDA when there is one
 
 
 @dataclass
@@ -330,7 +330,8 @@ TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: 
 def type_name(hint: object) -> str:
     """How an error names a value of type `hint`."""
     if typing.get_origin(hint) is typing.Literal:
-        return " or ".join(f'"{choice}"' for choice in typing.get_args(hint))
+        *others, last = (f'"{choice}"' for choice in typing.get_args(hint))
+        return f"{', '.join(others)} or {last}" if others else last
     return TYPE_NAMES.get(hint, "a list of two numbers")
 
 
@@ -401,9 +402,7 @@ def validate_layout(cfg: Config, world_size: int) -> None:
 def validate_choices(cfg: Config) -> None:
     """The keys that name one of a few choices, and the choices that exclude each other."""
     par, train = cfg.parallel, cfg.train
-    choices = {"parallel.engine": (par.engine, ("ddp", "deepspeed")), "train.precision": (train.precision, ("bf16", "fp32")),
-               "train.device": (train.device, ("auto", "cuda", "cpu")), "kernels.backend": (cfg.kernels.backend, BACKENDS),
-               "kernels.ssd": (cfg.kernels.ssd, SSD_KERNELS)}
+    choices = {"kernels.backend": (cfg.kernels.backend, BACKENDS), "kernels.ssd": (cfg.kernels.ssd, SSD_KERNELS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} = {value!r}: choose one of {', '.join(allowed)}")

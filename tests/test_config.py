@@ -66,13 +66,15 @@ def config_file(tmp_path: Path, prepared_data: Path):
          r"kernels.backend = 'triton' needs CUDA tensors, these are on cpu: use 'auto' or 'torch'$"),
         ({"[data]": '[kernels]\nbackend = "cuda"\n[data]'}, 4, r"kernels.backend = 'cuda': choose one of auto, torch, triton$"),
         ({"[data]": '[kernels]\nssd = "fla"\n[data]'}, 4, r"kernels.ssd = 'fla': choose one of megassm, mamba-ssm$"),
+        ({"[data]": '[train]\ndevice = "gpu"\n[data]'}, 4, r"train.device = 'gpu' in .* must be \"auto\", \"cuda\" or \"cpu\"$"),
+        ({"cp = 2": 'cp = 2\nengine = "zero"'}, 4, r"parallel.engine = 'zero' in .* must be \"ddp\" or \"deepspeed\"$"),
         ({"[data]": "[train]\nloss_chunk_tokens = 0\n[data]"}, 4, r"train.loss_chunk_tokens must be at least 1, got 0$"),
         ({"[data]": "[train]\neval_every = 5\neval_samples = 0\n[data]"}, 4,
          r"train.eval_samples = 0: validation every train.eval_every = 5 steps needs samples; set train.eval_every = 0"),
     ],
     ids=["unknown-key", "unknown-section", "wrong-type", "layout-too-big", "world-not-divisible", "heads-vs-tp", "groups-vs-tp",
          "seq-len-vs-cp", "global-batch", "unknown-preset", "vocab-too-small", "cuda-graphs-vs-deepspeed", "checkpoint-every", "negative-lr",
-         "triton-on-cpu", "unknown-backend", "unknown-ssd-kernels", "loss-chunk", "no-eval-samples"],
+         "triton-on-cpu", "unknown-backend", "unknown-ssd-kernels", "unknown-device", "unknown-engine", "loss-chunk", "no-eval-samples"],
 )
 def test_bad_config_fails_with_one_line(config_file, monkeypatch, capsys, replace, world, message):
     monkeypatch.setenv("WORLD_SIZE", str(world))
