@@ -140,7 +140,7 @@ def _gpu_words(cfg: Config, device_memory: int) -> str:
     return f"the GPU's {device_memory / 2**30:.0f} GiB" + (f", {set_aside / 2**30:.0f} set aside for NCCL" if set_aside else "")
 
 
-def _keeps_ssd_states(cfg: Config, backend: str) -> bool:
+def _can_keep_ssd_states(cfg: Config, backend: str) -> bool:
     """Whether the SSD can keep its states at all: megassm's, in its fused mixer on the Triton backend."""
     return backend == "triton" and cfg.kernels.ssd == "megassm"
 
@@ -241,7 +241,7 @@ def recomputed_blocks_choice(cfg: Config, backend: str, device_memory: int, cuda
         return 0, (f"{_recomputed_words(0, blocks)} (\"auto\" knows the memory of the Triton kernels only; "
                    "train.activation_checkpointing = true recomputes every block)")
     limit = RECOMPUTE_ABOVE_SHARE * usable_memory(cfg, device_memory)
-    states_kept = cfg.train.keep_ssd_states is True and _keeps_ssd_states(cfg, backend)
+    states_kept = cfg.train.keep_ssd_states is True and _can_keep_ssd_states(cfg, backend)
     need = [training_memory_estimate(cfg, cuda_graphs, k) + (ssd_states_bytes(cfg, k) if states_kept else 0) for k in range(blocks + 1)]
     recomputed = next((k for k, bytes_ in enumerate(need) if bytes_ <= limit), blocks)
     if recomputed == 0:
@@ -270,7 +270,7 @@ def keep_ssd_states_choice(cfg: Config, backend: str, device_memory: int, cuda_g
     bytes; cuda_graphs and recomputed_blocks as training_memory_estimate takes them), and the start-up line's words for
     it where its SSD runs. Only its fused mixer (Triton backend, megassm's SSD kernels) can."""
     choice = cfg.train.keep_ssd_states
-    if not _keeps_ssd_states(cfg, backend):
+    if not _can_keep_ssd_states(cfg, backend):
         return False, ""
     if choice is False:
         return False, "states recomputed"

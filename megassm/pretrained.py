@@ -123,7 +123,7 @@ def load_pretrained(path: str | Path, expect: ModelConfig | None = None,
     return cfg, state if dtype is None else {name: tensor.to(dtype) for name, tensor in state.items()}
 
 
-def checkpoint_folder(path: str | Path) -> Path:
+def newest_readable_checkpoint(path: str | Path) -> Path:
     """A megassm checkpoint folder itself, or a run folder's newest complete checkpoint with all its files: as
     when the trainer resumes, a newer damaged one is skipped, with a warning on stderr naming its missing file."""
     path = Path(path)
@@ -143,7 +143,7 @@ def checkpoint_folder(path: str | Path) -> Path:
 def run_tokenizer(checkpoint: Path) -> Path:
     """The tokenizer of the data a megassm run trained on: data.path in its checkpoint's config.toml.
     FileNotFoundError when the checkpoint names no data (a converted one) or that data is not here."""
-    config = checkpoint_folder(checkpoint) / CONFIG_FILE
+    config = newest_readable_checkpoint(checkpoint) / CONFIG_FILE
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found, which names the run's data and so its tokenizer")
     data = Path(load_config(config, world_size=None).data.path)
@@ -206,7 +206,7 @@ def _cast(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
 
 
 def _read_megassm(path: Path) -> tuple[ModelConfig, dict[str, Tensor]]:
-    checkpoint = checkpoint_folder(path)
+    checkpoint = newest_readable_checkpoint(path)
     cfg = checkpoint_model_config(checkpoint)
     try:
         state = read_model_state(checkpoint)

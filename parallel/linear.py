@@ -5,7 +5,7 @@ Why: under torch.autocast, F.linear casts an fp32 weight to bf16 and its backwar
 gradient, which autograd then casts to fp32: a pass over every weight gradient, and, for a weight kept as
 segments (ColumnParallelLinear's), a concatenation of the fp32 segments before the cast. Here the segments are
 cast into one compute-dtype weight in a single pass, and cuBLAS writes the weight gradient in fp32 (torch.mm's
-out_dtype; its sums were fp32 accumulators anyway, now not rounded to bf16 on the way). With the loss head's
+out_dtype; its sums were fp32 accumulators anyway, not rounded to bf16 on the way). With the loss head's
 fp32 accumulation below, a 780m step on an H200 spends 3.8 ms on copies and casts instead of 6.8.
 """
 

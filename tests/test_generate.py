@@ -215,24 +215,24 @@ def test_command_line_names_what_is_missing(tmp_path, prepared_data, capsys):
     save_model_checkpoint(model.cfg, model.state_dict(), tmp_path / "converted")  # model.toml, no run config
     given = ["--tokenizer", str(prepared_data / TOKENIZER_DIR)]
     cases = [
-        ([str(tmp_path / "missing"), *given], f"generate.py: error: {tmp_path / 'missing'}: no such folder"),
-        ([str(tmp_path / "converted")], f"generate.py: error: {tmp_path / 'converted' / 'config.toml'} not found, which names the run's data "
+        ([str(tmp_path / "missing"), *given], f"{tmp_path / 'missing'}: no such folder"),
+        ([str(tmp_path / "converted")], f"{tmp_path / 'converted' / 'config.toml'} not found, which names the run's data "
                                         "and so its tokenizer; or give the model's tokenizer with --tokenizer"),
         ([str(tmp_path / "converted"), "--tokenizer", str(tmp_path / "missing.model")],
-         f"generate.py: error: tokenizer {tmp_path / 'missing.model'}: no such file or folder; make one with python tools/train_tokenizer.py "
+         f"tokenizer {tmp_path / 'missing.model'}: no such file or folder; make one with python tools/train_tokenizer.py "
          "--input CORPUS --vocab-size N --out DIR"),
-        ([str(tmp_path / "converted"), *given, "--top-p", "0"], "generate.py: error: top_p must be in (0, 1] (1: off), got 0.0"),
-        ([str(tmp_path / "converted"), *given, "--max-new-tokens", "-1"], "generate.py: error: max_new_tokens must be 0 or more, got -1"),
-        ([str(tmp_path / "converted"), *given, "--device", "foo"], "generate.py: error: --device foo: give cpu, cuda or cuda:N"),
-        ([str(tmp_path / "converted"), *given, "--device", "meta"], "generate.py: error: --device meta: give cpu, cuda or cuda:N"),
-        ([str(tmp_path / "converted"), *given, "--seed", str(2**64)], f"generate.py: error: --seed must be within [-2^63, 2^64), got {2**64}"),
+        ([str(tmp_path / "converted"), *given, "--top-p", "0"], "top_p must be in (0, 1] (1: off), got 0.0"),
+        ([str(tmp_path / "converted"), *given, "--max-new-tokens", "-1"], "max_new_tokens must be 0 or more, got -1"),
+        ([str(tmp_path / "converted"), *given, "--device", "foo"], "--device foo: give cpu, cuda or cuda:N"),
+        ([str(tmp_path / "converted"), *given, "--device", "meta"], "--device meta: give cpu, cuda or cuda:N"),
+        ([str(tmp_path / "converted"), *given, "--seed", str(2**64)], f"--seed must be within [-2^63, 2^64), got {2**64}"),
         ([str(tmp_path / "converted"), *given, "--prompt", b"caf\xe9".decode(errors="surrogateescape")],  # as Python reads such argv
-         "generate.py: error: --prompt caf\\udce9 is not UTF-8 text: give the prompt in UTF-8"),
+         "--prompt caf\\udce9 is not UTF-8 text: give the prompt in UTF-8"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as stopped:
             tool.main(args)
-        assert (stopped.value.code, capsys.readouterr().err) == (2, message + "\n")  # a user's mistake, as the trainer's
+        assert (stopped.value.code, capsys.readouterr().err) == (2, f"generate.py: error: {message}\n")  # as the trainer's
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, prepared_data, capsys):
@@ -254,5 +254,5 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_named(tmp_path, prepared_dat
     with pytest.raises(SystemExit) as stopped:
         tool.main([str(damaged), *greedy])
     assert stopped.value.code == 2
-    assert capsys.readouterr().err == f"generate.py: error: checkpoint {damaged} is damaged: {cut}; use an earlier one (checkpoints/step_N), " \
-                                      "or the run folder for its newest complete one\n"
+    assert capsys.readouterr().err == f"generate.py: error: checkpoint {damaged} is damaged: {cut}; use an earlier one " \
+                                      "(checkpoints/step_N), or the run folder for its newest complete one\n"

@@ -91,23 +91,25 @@ def test_train_tokenizer_refuses_what_cannot_train_before_reading_the_corpus(tmp
     (tmp_path / "old" / "tokenizer.model").write_text("an earlier tokenizer")
     (tmp_path / "file").write_text("")
     for args, line in [
-        (["--vocab-size", "0"], "train_tokenizer.py: error: --vocab-size 0: at least 260 (256 byte pieces, unk, bos, eos and one learned piece)"),
-        (["--vocab-size", "300", "--max-sentences", "0"], "train_tokenizer.py: error: --max-sentences 0: train on at least one line"),
-        (["--vocab-size", "300", "--out", str(tmp_path / "file")], f"train_tokenizer.py: error: --out {tmp_path / 'file'} is a file: name a folder"),
+        (["--vocab-size", "0"], "--vocab-size 0: at least 260 (256 byte pieces, unk, bos, eos and one learned piece)"),
+        (["--vocab-size", "300", "--max-sentences", "0"], "--max-sentences 0: train on at least one line"),
+        (["--vocab-size", "300", "--out", str(tmp_path / "file")], f"--out {tmp_path / 'file'} is a file: name a folder"),
         (["--vocab-size", "300", "--out", str(tmp_path / "old")],
-         f"train_tokenizer.py: error: --out {tmp_path / 'old'} is not empty (a tokenizer of an earlier training?): choose another folder, or pass --overwrite"),
+         f"--out {tmp_path / 'old'} is not empty (a tokenizer of an earlier training?): choose another folder, or pass --overwrite"),
     ]:
         err = user_error(capsys, main, ["--input", str(corpus), "--out", str(tmp_path / "new"), *args])
-        assert err.startswith(line), err
+        assert err.startswith(f"train_tokenizer.py: error: {line}"), err
     assert (tmp_path / "old" / "tokenizer.model").read_text() == "an earlier tokenizer" and not (tmp_path / "new").exists()
     with pytest.raises(SystemExit, match="2"):  # after reading the corpus: sentencepiece's own advice names options the tool has not
         main(["--input", str(corpus), "--out", str(tmp_path / "new"), "--vocab-size", "262"])
-    assert error_lines(capsys.readouterr().err) == ["train_tokenizer.py: error: a vocabulary of 262 is smaller than the 277 pieces the corpus needs at least "
-                                                    "(its characters, 256 byte pieces, unk, bos, eos): raise the vocabulary size"]
+    assert error_lines(capsys.readouterr().err) == [
+        "train_tokenizer.py: error: a vocabulary of 262 is smaller than the 277 pieces the corpus needs at least (its characters, 256 byte "
+        "pieces, unk, bos, eos): raise the vocabulary size"]
     (tmp_path / "old" / "tokenizer.json").write_text("{}")  # a transformers tokenizer's files, which load_tokenizer reads first
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     err = user_error(capsys, main, ["--input", str(corpus), "--out", str(tmp_path / "run"), "--vocab-size", "300", "--overwrite"])
-    assert err == f"train_tokenizer.py: error: --out {tmp_path / 'run'} holds folders, as no tokenizer's folder does (a data or run folder?): choose another"
+    assert err == f"train_tokenizer.py: error: --out {tmp_path / 'run'} holds folders, as no tokenizer's folder does (a data or run " \
+                  "folder?): choose another"
     main(["--input", str(corpus), "--out", str(tmp_path / "old"), "--vocab-size", "300", "--overwrite"])
     assert sorted(p.name for p in (tmp_path / "old").iterdir()) == ["tokenizer.model", "tokenizer.vocab"]
     assert load_tokenizer(tmp_path / "old").vocab_size == 300 and not list(tmp_path.glob(".*.training"))
@@ -168,5 +170,6 @@ def test_overwrite_refusal_on_the_command_line(previous):
     before = file_hashes(previous)
     done = run_tool("prepare_data.py", "--input", "corpus", "--tokenizer", "tok", "--out", "out", "--overwrite", cwd=previous)
     assert done.returncode == 2 and error_lines(done.stderr) == [
-        "prepare_data.py: error: out holds files that prepare_data.py did not write (notes.txt): choose another --out or move them away"], done.stderr
+        "prepare_data.py: error: out holds files that prepare_data.py did not write (notes.txt): choose another --out or move them "
+        "away"], done.stderr
     assert file_hashes(previous) == before

@@ -45,10 +45,10 @@ from megassm.pretrained import (
     MEGASSM,
     TRANSFORMERS,
     WEIGHT_DTYPES,
-    checkpoint_folder,
     default_hf_format,
     detect_format,
     load_pretrained,
+    newest_readable_checkpoint,
     run_tokenizer,
     save_mamba_ssm,
     save_transformers,
@@ -93,7 +93,7 @@ def convert(args: argparse.Namespace) -> str:
         raise ValueError(f"{args.source} is {DESCRIPTIONS[found]}, not {DESCRIPTIONS[wanted]}: use {other}")
     if args.out.exists() and any(args.out.iterdir()):
         raise ValueError(f"{args.out} is not empty: give a new folder")
-    source = checkpoint_folder(args.source) if found == MEGASSM else args.source
+    source = newest_readable_checkpoint(args.source) if found == MEGASSM else args.source
     cfg, state = load_pretrained(source)
     shape = f"d_model {cfg.d_model}, {cfg.n_layer} layers, vocabulary {cfg.vocab_size}"
     if args.command in ("to-hf", "to-mamba-ssm"):

@@ -23,7 +23,7 @@ from megassm.data import Tokenizer, load_tokenizer
 from megassm.errors import exit_on_user_error
 from megassm.generate import check_sampling, generate
 from megassm.model import Mamba2LM, apply_kernels
-from megassm.pretrained import MEGASSM, WEIGHT_DTYPES, checkpoint_folder, detect_format, load_pretrained, run_tokenizer
+from megassm.pretrained import MEGASSM, WEIGHT_DTYPES, detect_format, load_pretrained, newest_readable_checkpoint, run_tokenizer
 
 
 
@@ -41,7 +41,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype) -> Mamba2LM
 
 def model_folder(path: Path) -> Path:
     """The folder to read: a run folder's newest complete checkpoint, else `path` itself."""
-    return checkpoint_folder(path) if detect_format(path) == MEGASSM else path
+    return newest_readable_checkpoint(path) if detect_format(path) == MEGASSM else path
 
 
 def tokenizer_for(path: Path, given: str | None) -> Tokenizer:
