@@ -39,3 +39,36 @@ def test_files_the_documents_name_exist(doc):
     assert named, f"{doc} names no file of the repository"
     missing = [path for path in named if not PLACEHOLDER.search(path) and not any(ROOT.glob(path))]
     assert not missing, f"{doc} names {missing}"
+
+
+def documented_numbers() -> list[tuple[str, str]]:
+    """(document, phrase): the numbers the documents give for the trainer's constants, written from the constants."""
+    from megassm import auto_choices as auto
+    from megassm.checkpoint import OPTIMIZER_READ_BYTES
+    from megassm.checkpoint_writer import SLAB_BYTES
+    from megassm.train import ABANDONED_WRITE_WAIT
+    from parallel.chunked_loss import LOSS_CHUNK_TOKENS
+
+    share = {0.2: "a fifth"}[auto.KEEP_SSD_STATES_AUTO_SHARE]  # a new share needs its words here and in the documents
+    readme, architecture = "README.md", "docs/architecture.md"
+    return [
+        (readme, f"chunks of {LOSS_CHUNK_TOKENS} tokens"),
+        (readme, f"in {auto.CUDA_GRAPH_GROUPS_UNDER_DDP} groups of layers"),
+        (architecture, f"in {auto.CUDA_GRAPH_GROUPS_UNDER_DDP} groups of layers"),
+        (readme, f"up to {auto.GRAPHS_AUTO_MAX_TOKENS:,} tokens per rank"),
+        (readme, f"{auto.COMMUNICATION_ALLOWANCE >> 30} GiB of each is set aside"),
+        (architecture, f"{auto.COMMUNICATION_ALLOWANCE >> 30} GiB set aside"),
+        (readme, f"within {auto.RECOMPUTE_ABOVE_SHARE:.0%} of the GPU's memory"),
+        (architecture, f"within {auto.RECOMPUTE_ABOVE_SHARE:.0%} of the GPU's memory"),
+        (readme, f"at most {share} of the GPU's memory and, with the rest of the step, at most {auto.STEP_MEMORY_MAX_SHARE:.0%}"),
+        (architecture, f"at most {share} of the GPU's memory and with the rest at most {auto.STEP_MEMORY_MAX_SHARE:.0%}"),
+        (architecture, f"{SLAB_BYTES >> 30} GiB slabs"),
+        (architecture, f"({OPTIMIZER_READ_BYTES >> 30} GiB of their logical tensors)"),
+        (architecture, f"up to {ABANDONED_WRITE_WAIT.seconds // 60} minutes"),
+    ]
+
+
+def test_the_numbers_the_documents_give_are_the_codes():
+    texts = {doc: " ".join((ROOT / doc).read_text().split()) for doc in ("README.md", "docs/architecture.md")}  # lines joined
+    missing = [(doc, phrase) for doc, phrase in documented_numbers() if phrase not in texts[doc]]
+    assert not missing, missing
