@@ -9,7 +9,7 @@ capture (megassm/model/cuda_graphs.py) ends a graph there and replays the call b
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -94,55 +94,55 @@ def shift(x: Tensor, group: ProcessGroup, step: int) -> Tensor:
 
 class _CopyToRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None) -> Tensor:
         ctx.group = group
         return x
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return all_reduce(grad, ctx.group), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None) -> Tensor:
         return all_reduce(x, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
 
 
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, dim):
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None, dim: int) -> Tensor:
         ctx.group, ctx.dim = group, dim
         return all_gather(x, group, dim)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         return reduce_scatter(grad, ctx.group, ctx.dim), None, None
 
 
 class _ReduceScatterToRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, dim):
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None, dim: int) -> Tensor:
         ctx.group, ctx.dim = group, dim
         return reduce_scatter(x, group, dim)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         return all_gather(grad, ctx.group, ctx.dim), None, None
 
 
 class _SendToNextRank(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
+    def forward(ctx: Any, x: Tensor, group: ProcessGroup | None) -> Tensor:
         ctx.group = group
         return shift(x, group, +1)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return shift(grad, ctx.group, -1), None
 
 
