@@ -336,6 +336,7 @@ class Trainer:
         self.history: list[Path] = []  # the checkpoints of run.dir's history, oldest first: the only ones rotation deletes
         self.saving: BackgroundWrite | None = None  # the checkpoint being written, of step self.saving_step
         self.saving_step = 0
+        self.saving_rotates = True  # whether the checkpoint being written deletes those beyond checkpoint.keep once complete
         self.save_failure: CheckpointError | None = None  # a checkpoint that could not be written stops the run
         self.host_copies = HostCopies()  # where each checkpoint's state is copied before it is written
         self.said_short_of_host_memory = False
@@ -543,9 +544,10 @@ class Trainer:
         self.state["skipped_steps"] += not finite
         skips, most = self.consecutive_skips, self.cfg.train.max_skipped_steps
         if skips >= most:
+            then = f"resume from {self.history[-1]}" if self.history else "start the run again"
             raise TrainingError(f"{skips} consecutive steps had a non-finite loss or gradient (the last: step {queued.done}); their "
                                 "updates were skipped and no checkpoint written during them. Lower optim.lr, raise optim.warmup_steps, or "
-                                "check the data, then resume from the newest checkpoint")
+                                f"check the data, then {then}")
         if skips:
             self.say(f"step {queued.done}: the loss or gradient is not finite; the step's update was skipped ({skips} in a row: "
                      f"the run stops at {most})")
@@ -572,7 +574,9 @@ class Trainer:
         self.saved_everywhere()
         copies = self.host_copies if self.cfg.checkpoint.async_save else None
         self.saving = start_checkpoint(self.run_dir, self.cfg, self.model, self.engine, self.ctx, self.state, self.vocabulary, copies)
-        self.saving_step = self.state["step"]
+        # One written after skipped updates (a stop or the last step during a streak) keeps the earlier ones: its weights
+        # may be what made those steps' losses non-finite.
+        self.saving_step, self.saving_rotates = self.state["step"], self.consecutive_skips == 0
         if not self.saving.copied:
             if self.saving.short_of_host_memory is not None and not self.said_short_of_host_memory:
                 needed, left = self.saving.short_of_host_memory
@@ -596,6 +600,10 @@ class Trainer:
                                                 f"on without checkpoints: free space or fix {self.run_dir}, then resume")
             return
         self.history.append(path)
+        if not self.saving_rotates:
+            self.say(f"saved checkpoint {path} (written in {time.monotonic() - saving.started:.1f} s) after steps whose updates were "
+                     "skipped: the earlier checkpoints are kept")
+            return
         self.say(f"saved checkpoint {path} (written in {time.monotonic() - saving.started:.1f} s)")
         old, self.history = self.history[: -self.cfg.checkpoint.keep], self.history[-self.cfg.checkpoint.keep :]
         if self.is_writer:

@@ -363,9 +363,17 @@ def test_diverging_run_skips_steps_then_stops_with_advice(config, tmp_path):
     said = [line for line in result.stdout.splitlines() if "update was skipped" in line]
     assert said == [f"step {n}: the loss or gradient is not finite; the step's update was skipped ({n - 1} in a row: the run stops at 3)"
                     for n in (2, 3)], result.stdout
+    assert result.stderr.splitlines()[-1].endswith(f"then resume from {tmp_path / 'checkpoints' / 'step_1'}")
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in steps] == [1]
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["step_1"]
+    # A run whose last steps are skipped ends with its checkpoint, which keeps the one from before them.
+    result = subprocess.run([*command, "--train.max_skipped_steps=5", "--train.steps=4", f"--run.dir={tmp_path / 'ends'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in (tmp_path / "ends" / "checkpoints").iterdir()) == ["step_1", "step_4"]
+    assert f"saved checkpoint {tmp_path / 'ends' / 'checkpoints' / 'step_4'}" in result.stdout
+    assert "after steps whose updates were skipped: the earlier checkpoints are kept" in result.stdout
 
 
 def test_a_step_out_of_gpu_memory_stops_with_one_line_of_what_to_change(config, tmp_path, monkeypatch, capsys):
