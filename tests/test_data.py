@@ -338,17 +338,26 @@ def test_a_file_added_to_or_gone_from_the_tokenizer_fails_on_open(copy):
     """load_tokenizer would read an added tokenizer.json before the sentencepiece model the ids were made with."""
     (copy / "tokenizer" / "tokenizer.json").write_text("{}")
     with pytest.raises(DataError, match=f"^{copy / 'tokenizer'} holds other files than the tokenizer saved with the data "
-                                        r"\(tokenizer/tokenizer.model\); .*tools/prepare_data.py"):
+                                        r"\(tokenizer.model\); .*tools/prepare_data.py"):
         TokenStream(copy)
     (copy / "tokenizer" / "tokenizer.json").unlink()
     (copy / "tokenizer" / "tokenizer.model").unlink()
     with pytest.raises(DataError, match="holds other files than the tokenizer saved with the data"):
         TokenStream(copy)
+    (copy / "tokenizer").rmdir()
+    TokenStream(copy)  # a tokenizer that is gone is the trainer's to name (it loads it), not a folder of other files
+
+
+def test_a_tokenizer_table_of_another_shape_is_a_damaged_description(copy):
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "tokenizer_sha256": None}))
+    with pytest.raises(DataError, match="tokenizer_sha256 is not a table of the tokenizer's files' sha256; .*tools/prepare_data.py"):
+        TokenStream(copy)
 
 
 def test_a_folder_prepared_without_tokenizer_checksums_opens_and_verifies(copy):
     meta = json.loads((copy / "meta.json").read_text())
-    assert sorted(meta.pop("tokenizer_sha256")) == ["tokenizer/tokenizer.model"]
+    assert sorted(meta.pop("tokenizer_sha256")) == ["tokenizer.model"]
     (copy / "meta.json").write_text(json.dumps(meta))
     (copy / "verified.json").unlink(missing_ok=True)
     flip_byte(copy / "tokenizer" / "tokenizer.model")  # unchecked there

@@ -285,7 +285,7 @@ def prepare(
         Meta(
             vocab_size=tok.vocab_size, eos_id=tok.eos_id, dtype=dtype.name, shards=shards, total_tokens=total,
             num_documents=len(lengths), val_tokens=int(lengths[held_out].sum()), doc_starts_sha256=file_sha256(partial / DOC_STARTS_FILE),
-            tokenizer_sha256={name: file_sha256(partial / name) for name in tokenizer_files(partial, TOKENIZER_DIR)},
+            tokenizer_sha256={name: file_sha256(partial / TOKENIZER_DIR / name) for name in tokenizer_files(partial / TOKENIZER_DIR)},
             source={"inputs": inputs, "text_key": text_key, "tokenizer": str(tokenizer)},
         ).write(partial)
         shutil.rmtree(partial / CACHE_DIR, ignore_errors=True)

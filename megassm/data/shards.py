@@ -84,9 +84,9 @@ def folder_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_files(folder: Path, tokenizer: str) -> list[str]:
-    """The tokenizer's files, as paths relative to the data folder (the keys of Meta.tokenizer_sha256)."""
-    return sorted(path.relative_to(folder).as_posix() for path in (folder / tokenizer).rglob("*") if path.is_file())
+def tokenizer_files(tokenizer: Path) -> list[str]:
+    """A tokenizer's files, as paths in its folder (the keys of Meta.tokenizer_sha256)."""
+    return sorted(path.relative_to(tokenizer).as_posix() for path in tokenizer.rglob("*") if path.is_file())
 
 
 def file_sha256(path: Path) -> str:
@@ -115,7 +115,7 @@ class Meta:
     val_tokens: int  # the stream's last val_tokens tokens are the validation split
     doc_starts_sha256: str
     tokenizer: str = TOKENIZER_DIR  # relative to the data folder
-    tokenizer_sha256: dict[str, str] = field(default_factory=dict)  # its files' sha256 by path in the folder (empty: unchecked)
+    tokenizer_sha256: dict[str, str] = field(default_factory=dict)  # its files' sha256 by path in its folder (empty: unchecked)
     source: dict = field(default_factory=dict)  # how the folder was made: inputs, text key, tokenizer
     version: int = FORMAT_VERSION
 
@@ -154,6 +154,8 @@ class Meta:
                 plain = isinstance(kind, type) and typing.get_origin(kind) is None  # list[Shard]: checked by __post_init__
                 if plain and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
                     return f"{name} = {value!r} is not {kind.__name__}"
+        if not isinstance(self.tokenizer_sha256, dict) or not all(isinstance(v, str) for v in self.tokenizer_sha256.values()):
+            return "tokenizer_sha256 is not a table of the tokenizer's files' sha256"
         if self.version != FORMAT_VERSION:
             return f"format version {self.version}, this megassm reads version {FORMAT_VERSION}"
         if self.dtype not in ("uint16", "uint32") or np.dtype(self.dtype).itemsize < token_dtype(self.vocab_size).itemsize:
@@ -236,9 +238,10 @@ class TokenStream:
 
     def _check_tokenizer_files(self) -> None:
         """The tokenizer's folder holds the files prepare_data saved, no more (a tokenizer.json added beside a
-        sentencepiece model would be read first); their contents are checked with the shards'."""
+        sentencepiece model would be read first); their contents are checked with the shards'. A folder that is gone
+        is the trainer's to name."""
         recorded = sorted(self.meta.tokenizer_sha256)
-        if recorded and tokenizer_files(self.path, self.meta.tokenizer) != recorded:
+        if recorded and self.tokenizer_path.is_dir() and tokenizer_files(self.tokenizer_path) != recorded:
             raise DataError(f"{self.tokenizer_path} holds other files than the tokenizer saved with the data "
                             f"({', '.join(recorded)}); {REPAIR}")
 
@@ -324,7 +327,7 @@ class TokenStream:
     @functools.cached_property
     def _expected_sha256(self) -> dict[str, str]:
         return {**{shard.file: shard.sha256 for shard in self.meta.shards}, DOC_STARTS_FILE: self.meta.doc_starts_sha256,
-                **self.meta.tokenizer_sha256}
+                **{f"{self.meta.tokenizer}/{name}": sha256 for name, sha256 in self.meta.tokenizer_sha256.items()}}
 
     def _stamp(self, name: str) -> list:
         stat = (self.path / name).stat()
