@@ -13,6 +13,7 @@ of d_inner, which agrees only when ngroups = 1.
 
 from __future__ import annotations
 
+import copy
 import math
 
 from torch import Tensor
@@ -96,7 +97,7 @@ def mamba_ssm_config_dict(cfg: ModelConfig) -> dict:
         if value != default:
             ssm_cfg[key] = list(value) if isinstance(value, tuple) else value
     return {
-        **_MAMBA_SSM_FIXED, "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg,
+        **copy.deepcopy(_MAMBA_SSM_FIXED), "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg,
         "attn_cfg": {}, "residual_in_fp32": True, "fused_add_norm": True,
         "pad_vocab_size_multiple": 1,  # vocab_size is already the embedding's row count
         "tie_embeddings": cfg.tie_embeddings,

@@ -26,8 +26,7 @@ from typing import NamedTuple
 import torch
 from tqdm import tqdm
 
-from megassm.model.config import ModelConfig
-from megassm.model.config import MLP_SEGMENTS
+from megassm.model.config import MLP_SEGMENTS, ModelConfig
 
 GIB = 2**30
 METRICS_FILE = "metrics.jsonl"  # in run.dir: one JSON record per logged step

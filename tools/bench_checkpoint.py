@@ -21,14 +21,13 @@ from pathlib import Path
 
 import torch
 
-
-from megassm.checkpoint import load_checkpoint, start_checkpoint  # noqa: E402
-from megassm.checkpoint_writer import HostCopies  # noqa: E402
-from megassm.config import Config  # noqa: E402
-from megassm.model import Mamba2LM, ModelConfig  # noqa: E402
-from megassm.model.config import PRESETS  # noqa: E402
-from parallel import ParallelContext  # noqa: E402
-from parallel.data_parallel import DDPEngine  # noqa: E402
+from megassm.checkpoint import load_checkpoint, start_checkpoint
+from megassm.checkpoint_writer import HostCopies
+from megassm.config import Config
+from megassm.model import Mamba2LM, ModelConfig
+from megassm.model.config import PRESETS
+from parallel import ParallelContext
+from parallel.data_parallel import DDPEngine
 
 
 def engine_with_state(model: Mamba2LM) -> DDPEngine:

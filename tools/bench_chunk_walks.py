@@ -16,9 +16,8 @@ import sys
 import torch
 import triton
 
-
-from megassm.ops import ssd_triton_bwd as bwd  # noqa: E402
-from megassm.ops import ssd_triton_fwd as fwd  # noqa: E402
+from megassm.ops import ssd_triton_bwd as bwd
+from megassm.ops import ssd_triton_fwd as fwd
 
 HEADS, HEADDIM, DSTATE, CHUNK, ITERATIONS = 48, 64, 128, 64, 10
 TILES = [((64, 128), 2, None), ((16, 64), 3, None), ((64, 128), 2, 168), ((32, 128), 2, None), ((32, 64), 3, None),

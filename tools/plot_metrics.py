@@ -20,7 +20,6 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from megassm.errors import exit_on_user_error  # noqa: E402
 from megassm.metrics import read_metrics  # noqa: E402
 
-
 MARKED_POINTS = 50  # a series of at most this many points shows each as a dot (a single one draws no line)
 
 

@@ -8,13 +8,13 @@ mlp_hidden/tp channels: the block's one collective. Init: up_proj uniform_fan_in
 
 from __future__ import annotations
 
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from megassm.model.config import MLP_SEGMENTS, ModelConfig
 from megassm.model.init import residual_output, uniform_fan_in
 from parallel import ColumnParallelLinear, ParallelContext, RowParallelLinear
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext = ParallelContext()):
