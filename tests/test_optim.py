@@ -61,7 +61,7 @@ def test_a_schedule_that_decays_says_nothing(warmup, steps):
 
 def read_norms(norms: list[float], max_skipped_steps: int) -> SimpleNamespace:
     """Trainer.read_norm over steps with these gradient norms; the trainer's counters after them."""
-    trainer = SimpleNamespace(consecutive_skips=0, state={"skipped_steps": 0}, said=[],
+    trainer = SimpleNamespace(consecutive_skips=0, state={"skipped_steps": 0}, said=[], history=[],
                               cfg=SimpleNamespace(train=SimpleNamespace(max_skipped_steps=max_skipped_steps)))
     trainer.say = trainer.said.append
     for done, norm in enumerate(norms, 1):
