@@ -19,8 +19,8 @@ def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens:
     """Raise ValueError naming the first setting that cannot generate."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be 0 (greedy) or positive, got {temperature}")
+    if not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be 0 (greedy) or a positive number, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be 0 (off) or positive, got {top_k}")
     if not 0 < top_p <= 1:

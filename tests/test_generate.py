@@ -222,6 +222,7 @@ def test_command_line_names_what_is_missing(tmp_path, prepared_data, capsys):
          f"tokenizer {tmp_path / 'missing.model'}: no such file or folder; make one with python tools/train_tokenizer.py "
          "--input CORPUS --vocab-size N --out DIR"),
         ([str(tmp_path / "converted"), *given, "--top-p", "0"], "top_p must be in (0, 1] (1: off), got 0.0"),
+        ([str(tmp_path / "converted"), *given, "--temperature", "inf"], "temperature must be 0 (greedy) or a positive number, got inf"),
         ([str(tmp_path / "converted"), *given, "--max-new-tokens", "-1"], "max_new_tokens must be 0 or more, got -1"),
         ([str(tmp_path / "converted"), *given, "--device", "foo"], "--device foo: give cpu, cuda or cuda:N"),
         ([str(tmp_path / "converted"), *given, "--device", "meta"], "--device meta: give cpu, cuda or cuda:N"),

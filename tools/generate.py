@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
     ids = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tokenizer.eos_id,
                    torch.Generator(device).manual_seed(args.seed), tokenizer.vocab_size)
     new = ids[0, prompt.shape[1] :].tolist()
-    print(tokenizer.decode(new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new))
-    print(f"{len(new)} tokens in {time.time() - started:.1f} s", file=sys.stderr)
+    text = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    print(tokenizer.decode(text))
+    print(f"{len(text)} tokens{' and eos' if len(text) < len(new) else ''} in {time.time() - started:.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
