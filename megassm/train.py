@@ -80,7 +80,7 @@ from megassm.run_dir import (Owner, RunLock, check_checkpoints_writable, check_l
 from megassm.stopping import FailedElsewhere, StopSignals, Stopped, die_with_launcher
 from parallel import IGNORE_INDEX, DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 from parallel.collectives import all_reduce
-from parallel.context import RankStoppedBeforeJoining, group_size, say_stopped_before_joining
+from parallel.context import group_size
 from parallel.data_parallel import DataParallelEngine
 
 
@@ -90,10 +90,6 @@ class TrainingError(UserError, RuntimeError):
 
 class OutOfMemory(TrainingError):
     """A training step ran out of GPU memory on this rank (said by the rank it happened on, not only rank 0)."""
-
-
-class StoppedElsewhere(UserError):
-    """Another rank stopped at a mistake before the ranks joined (said by it, and by rank 0 from its words)."""
 
 
 def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
@@ -280,8 +276,6 @@ def join_processes(cfg: Config, device: torch.device) -> ParallelContext:
         return init_parallel(cfg.parallel.tp, cfg.parallel.cp, cfg.parallel.dp, cfg.parallel.sequence_parallel, backend)
     except ValueError as error:  # how the job was launched (the layout itself was checked with the config)
         raise ConfigError(str(error)) from None
-    except RankStoppedBeforeJoining as stopped:
-        raise StoppedElsewhere(str(stopped)) from None
 
 
 def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParallelEngine:
@@ -752,9 +746,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{TRAINER_PROGRAM}: {STOPPED_WHILE_STARTING}", file=sys.stderr)
             return 128 + signal.SIGINT
         except UserError as error:  # one line per job, from rank 0, where every rank meets the same
-            if not dist.is_initialized() and launched_by_torchrun() and not isinstance(error, StoppedElsewhere):
-                # The ranks that arrived wait for this one to join: they stop now, rank 0 saying this rank's words.
-                say_stopped_before_joining(f"rank {rank} ({socket.gethostname()}) stopped before the ranks joined: {error}")
             # This rank's own (out of memory), or one met before the ranks joined, maybe on this node alone (its copy of
             # data.path): a line per node.
             its_own = isinstance(error, OutOfMemory) or (not dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) == 0)
@@ -763,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
             said_if_alone = not dist.is_initialized() and launched_by_torchrun()
             if rank == 0:
                 print(f"{TRAINER_PROGRAM}: error: {error}", file=sys.stderr)
-            elif its_own or (said_if_alone and not isinstance(error, StoppedElsewhere)):
+            elif its_own or said_if_alone:
                 if not its_own:
                     time.sleep(SAY_ALONE_AFTER.total_seconds())
                 print(f"{TRAINER_PROGRAM}: error on rank {rank} ({socket.gethostname()}): {error}", file=sys.stderr)

@@ -6,9 +6,7 @@ spans neighbouring ranks, which torchrun places on the same node.
 
 from __future__ import annotations
 
-import datetime
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -72,16 +70,8 @@ def mesh_ranks(world_size: int, tp: int, cp: int) -> dict[str, list[list[int]]]:
     }
 
 
-class RankStoppedBeforeJoining(RuntimeError):
-    """Another rank of the job stopped before the ranks joined; the message is the line it stopped with."""
-
-
-ARRIVED, STOPPED = "megassm/arrived", "megassm/stopped"  # the meeting's keys in the job's store
-POLL_SECONDS = 0.2
-
-
-def _job_store(timeout: datetime.timedelta | None = None) -> tuple[dist.Store, int, int]:
-    """(store, rank, world size) of this attempt of the job started by torchrun.
+def _join_job(backend: str) -> None:
+    """init_process_group from torchrun's environment.
 
     Where torchrun's agents share their rendezvous store with the workers (its default), workers restarted after a
     failure reach the store of the attempt before and would find the dead workers' addresses under the same keys:
@@ -90,44 +80,12 @@ def _job_store(timeout: datetime.timedelta | None = None) -> tuple[dist.Store, i
     that may restart need a store per attempt (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as megassm.torchrun sets for
     them; on one node the shared store is kept: a store per attempt listens on a port found free, which another
     process may take meanwhile)."""
-    store, rank, world = next(dist.rendezvous("env://", **({} if timeout is None else {"timeout": timeout})))
+    store, rank, world = next(dist.rendezvous("env://"))
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
             raise ValueError("torchrun --max-restarts on several nodes needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in the "
                              "environment of every node's torchrun (launch/torchrun.sh and python -m megassm.torchrun set it)")
         store = dist.PrefixStore(f"megassm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    return store, rank, world
-
-
-def _meet(store: dist.Store, world: int) -> None:
-    """Wait until every rank has arrived, or raise RankStoppedBeforeJoining once one says it stopped before (its
-    node's copy of the data, say): init_process_group would wait for it until its timeout, and torchrun stops the
-    other ranks of that rank's node only."""
-    store.add(ARRIVED, 1)
-    while store.add(ARRIVED, 0) < world:
-        if store.check([STOPPED]):
-            raise RankStoppedBeforeJoining(store.get(STOPPED).decode())
-        time.sleep(POLL_SECONDS)
-
-
-def say_stopped_before_joining(line: str) -> None:
-    """Tell the job's other nodes' ranks, waiting in _meet, that this one stopped before joining and why (on one node
-    torchrun stops them itself); nothing where this rank would host the store (torchrun's agents not sharing theirs:
-    rank 0), where it cannot be reached, or where another rank said it first."""
-    one_node = int(os.environ.get("GROUP_WORLD_SIZE", 1)) == 1
-    if one_node or (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and int(os.environ.get("RANK", 0)) == 0):
-        return
-    try:
-        store, _, _ = _job_store(timeout=datetime.timedelta(seconds=30))
-        store.compare_set(STOPPED, "", line)
-    except (RuntimeError, ValueError, OSError):  # DistStoreError is a RuntimeError
-        pass
-
-
-def _join_job(backend: str) -> None:
-    """init_process_group from torchrun's environment, once every rank has arrived (_meet)."""
-    store, rank, world = _job_store()
-    _meet(store, world)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world)
 
 
