@@ -600,11 +600,10 @@ class Trainer:
                                                 f"on without checkpoints: free space or fix {self.run_dir}, then resume")
             return
         self.history.append(path)
+        kept = "" if self.saving_rotates else " after steps whose updates were skipped: the earlier checkpoints are kept"
+        self.say(f"saved checkpoint {path} (written in {time.monotonic() - saving.started:.1f} s){kept}")
         if not self.saving_rotates:
-            self.say(f"saved checkpoint {path} (written in {time.monotonic() - saving.started:.1f} s) after steps whose updates were "
-                     "skipped: the earlier checkpoints are kept")
             return
-        self.say(f"saved checkpoint {path} (written in {time.monotonic() - saving.started:.1f} s)")
         old, self.history = self.history[: -self.cfg.checkpoint.keep], self.history[-self.cfg.checkpoint.keep :]
         if self.is_writer:
             for path in old:
