@@ -70,6 +70,11 @@ class OptimConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_steps: int = 100
+    # After the warmup the rate falls from lr to min_lr at the last step along `decay` ("cosine", "linear", or "1-sqrt",
+    # 1 - sqrt(progress)); over every step after the warmup, or with decay_fraction (warmup-stable-decay) only over that
+    # last share of train.steps, holding lr until then: a checkpoint from before the decay can be trained further.
+    decay: typing.Literal["cosine", "linear", "1-sqrt"] = "cosine"
+    decay_fraction: float | None = None
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping
     beta1: float = 0.9
@@ -446,6 +451,9 @@ def validate_optim(optim: OptimConfig) -> None:
         raise ConfigError(f"optim.lr must be a positive number, got {optim.lr}")
     if not 0 <= optim.min_lr <= optim.lr:
         raise ConfigError(f"optim.min_lr = {optim.min_lr} must be between 0 and optim.lr = {optim.lr}")
+    if optim.decay_fraction is not None and not 0 < optim.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], the share of train.steps the rate decays over at the end, "
+                          f"got {optim.decay_fraction}")
     if not 0 <= optim.grad_clip <= math.inf:
         raise ConfigError(f"optim.grad_clip must be 0 (off) or positive, got {optim.grad_clip}")
     for key in ("beta1", "beta2"):

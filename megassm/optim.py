@@ -1,4 +1,5 @@
-"""AdamW parameter groups and the learning-rate schedule (linear warmup, cosine decay to min_lr)."""
+"""AdamW parameter groups and the learning-rate schedule (linear warmup, then a cosine, linear or 1 - sqrt decay to min_lr,
+from the warmup's end or, warmup-stable-decay, over the last steps)."""
 
 from __future__ import annotations
 
@@ -19,20 +20,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+DECAY_SHAPES = {  # the share of (lr - min_lr) left at the decay's progress t, from 1 at t = 0 to 0 at t = 1
+    "cosine": lambda t: 0.5 * (1 + math.cos(math.pi * t)),
+    "linear": lambda t: 1 - t,
+    "1-sqrt": lambda t: 1 - math.sqrt(t),
+}
+
+
+def decay_start(cfg: OptimConfig, total_steps: int) -> int:
+    """The first step of the decay, which runs at lr: right after the warmup, or with decay_fraction the start of
+    train.steps' last share (never within the warmup)."""
+    if cfg.decay_fraction is None:
+        return cfg.warmup_steps
+    return max(cfg.warmup_steps, total_steps - round(total_steps * cfg.decay_fraction))
+
+
 def learning_rate(step: int, cfg: OptimConfig, total_steps: int) -> float:
-    """The rate of optimizer step `step` (0-based): lr * (step + 1) / warmup_steps during warmup,
-    then a half cosine from lr down to min_lr at the last step."""
+    """The rate of optimizer step `step` (0-based): lr * (step + 1) / warmup_steps during warmup, lr until the
+    decay's first step, then along the decay's shape down to min_lr at the last step (and after it)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    decay_steps = max(total_steps - 1 - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    start = decay_start(cfg, total_steps)
+    progress = min(max(step - start, 0) / max(total_steps - 1 - start, 1), 1.0)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * DECAY_SHAPES[cfg.decay](progress)
 
 
 def schedule_warning(cfg: OptimConfig, total_steps: int) -> str | None:
-    """A line where the warmup leaves no step to the decay (a short run of a config made for a long one)."""
-    if cfg.warmup_steps == 0 or cfg.warmup_steps < total_steps - 1:
-        return None
+    """A line where the warmup or decay_fraction leave the decay no step (a short run of a config made for a long one)."""
     last = learning_rate(total_steps - 1, cfg, total_steps)
-    return (f"warning: optim.warmup_steps = {cfg.warmup_steps} leaves no step of train.steps = {total_steps} to the decay: the rate "
-            f"rises to {last:.2e} at the last step (optim.lr = {cfg.lr:.2e}) and never decays to optim.min_lr; lower optim.warmup_steps")
+    never = f"the rate {{}} {last:.2e} at the last step (optim.lr = {cfg.lr:.2e}) and never decays to optim.min_lr"
+    if cfg.warmup_steps and cfg.warmup_steps >= total_steps - 1:
+        return (f"warning: optim.warmup_steps = {cfg.warmup_steps} leaves no step of train.steps = {total_steps} to the decay: "
+                f"{never.format('rises to')}; lower optim.warmup_steps")
+    if total_steps > 1 and decay_start(cfg, total_steps) >= total_steps - 1:
+        return (f"warning: optim.decay_fraction = {cfg.decay_fraction} of train.steps = {total_steps} leaves the decay no step: "
+                f"{never.format('stays at')}; raise optim.decay_fraction")
+    return None

@@ -214,7 +214,8 @@ def changed_keys(theirs: Config, ours: Config, keys: list[tuple[str, str]]) -> l
 def schedule_change(theirs: Config, ours: Config, step: int, checkpoint: Path) -> str | None:
     """How resuming from `checkpoint`, written after `step` by a run configured as `theirs`, on `ours` changes the
     learning rate's schedule; None where it does not."""
-    changed = changed_keys(theirs, ours, [("train", "steps"), ("optim", "warmup_steps"), ("optim", "lr"), ("optim", "min_lr")])
+    changed = changed_keys(theirs, ours, [("train", "steps"), ("optim", "warmup_steps"), ("optim", "lr"), ("optim", "min_lr"),
+                                               ("optim", "decay"), ("optim", "decay_fraction")])
     if not changed:
         return None
     now, before = learning_rate(step, ours.optim, ours.train.steps), learning_rate(step, theirs.optim, theirs.train.steps)

@@ -117,6 +117,9 @@ def test_a_data_folders_tokenizer_of_another_size_or_damaged_fails_with_one_line
         ("--optim.weight_decay=-1", r"optim.weight_decay must be 0 or positive, got -1.0$"),
         ("--optim.grad_clip=nan", r"optim.grad_clip must be 0 \(off\) or positive, got nan$"),
         ("--optim.lr=inf", r"optim.lr must be a positive number, got inf$"),
+        ("--optim.decay_fraction=0", r"optim.decay_fraction must be in \(0, 1\], the share of train.steps the rate decays over at the end, "
+                                     r"got 0.0$"),
+        ("--optim.decay=cos", r"optim.decay = 'cos' in .* must be \"cosine\", \"linear\" or \"1-sqrt\"$"),
         ("--train.peak_tflops=0", r"train.peak_tflops must be the device's bf16 peak in TFLOP/s, a positive number"),
         ("--run.seed=18446744073709551616", r"run.seed must be within \[-2\^63, 2\^64\), got 18446744073709551616$"),
         ("--model.dt_min=-0.1", r"model.dt_min = -0.1 and model.dt_max = 0.1 must satisfy 0 < dt_min <= dt_max"),

@@ -44,6 +44,39 @@ def test_the_schedule_warms_up_linearly_then_falls_as_a_half_cosine_to_min_lr():
     assert learning_rate(500, cfg, total) == pytest.approx(1e-5)  # train.steps raised on resume: past the end, min_lr
 
 
+@pytest.mark.parametrize("decay, shape", [("cosine", lambda t: (1 + math.cos(math.pi * t)) / 2), ("linear", lambda t: 1 - t),
+                                           ("1-sqrt", lambda t: 1 - t ** 0.5)])
+def test_warmup_stable_decay_holds_lr_then_decays_over_the_last_share_of_the_steps(decay, shape):
+    """100 steps, warmup 10, decay_fraction 0.2: steps 10 .. 80 at lr, the decay over steps 80 .. 99 (19 intervals)."""
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10, decay=decay, decay_fraction=0.2)
+    assert learning_rate(4, cfg, 100) == pytest.approx(5e-4)
+    assert [learning_rate(step, cfg, 100) for step in (9, 10, 50, 79, 80)] == pytest.approx([1e-3] * 5)
+    for step in (81, 85, 90, 98):
+        assert learning_rate(step, cfg, 100) == pytest.approx(1e-5 + (1e-3 - 1e-5) * shape((step - 80) / 19)), step
+    assert learning_rate(99, cfg, 100) == pytest.approx(1e-5) and learning_rate(150, cfg, 100) == pytest.approx(1e-5)
+    assert schedule_warning(cfg, 100) is None
+
+
+@pytest.mark.parametrize("decay", ["linear", "1-sqrt"])
+def test_the_decay_from_the_warmups_end_takes_its_shape(decay):
+    cfg = OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=10, decay=decay)
+    assert learning_rate(10, cfg, 111) == pytest.approx(1e-3) and learning_rate(110, cfg, 111) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(35, cfg, 111) == pytest.approx(1e-3 * (0.75 if decay == "linear" else 0.5))
+
+
+def test_a_decay_fraction_within_the_warmup_decays_from_the_warmups_end():
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=50, decay_fraction=0.9)
+    assert learning_rate(50, cfg, 101) == pytest.approx(1e-3) and learning_rate(75, cfg, 101) == pytest.approx((1e-3 + 1e-5) / 2)
+
+
+def test_a_decay_fraction_that_leaves_the_decay_no_step_is_said():
+    cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=0, decay_fraction=0.01)  # round(0.5) = 0 steps of 50
+    assert learning_rate(49, cfg, 50) == pytest.approx(1e-3)
+    assert schedule_warning(cfg, 50) == (
+        "warning: optim.decay_fraction = 0.01 of train.steps = 50 leaves the decay no step: the rate stays at 1.00e-03 at the last "
+        "step (optim.lr = 1.00e-03) and never decays to optim.min_lr; raise optim.decay_fraction")
+
+
 @pytest.mark.parametrize("warmup, steps, last", [(10, 4, 4e-4), (3, 4, 1e-3), (1, 1, 1e-3)])
 def test_a_warmup_that_leaves_no_step_to_the_decay_is_said(warmup, steps, last):
     cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=warmup)

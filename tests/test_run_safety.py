@@ -199,6 +199,22 @@ def test_a_schedule_changed_where_the_rate_goes_on_as_before_is_said_without_a_w
         f"{learning_rate(60, ours.optim, 90):.2e} as it would have, and the rate follows this run's schedule from there")
 
 
+def test_a_warmup_stable_decay_run_extended_before_its_decay_goes_on_without_a_jump():
+    """The point of decay_fraction: a checkpoint from the stable phase trains further with more train.steps at lr, its
+    decay moved to the new end; raising train.steps during the decay makes the rate jump, which is warned of."""
+    theirs = Config()
+    theirs.train, theirs.optim = replace(theirs.train, steps=1000), replace(theirs.optim, warmup_steps=100, decay_fraction=0.2)
+    ours = Config()
+    ours.train, ours.optim = replace(theirs.train, steps=3000), theirs.optim
+    assert schedule_change(theirs, ours, 700, Path("step_700")).startswith(
+        f"the learning-rate schedule differs from the one step_700 was trained with (train.steps 1000 -> 3000): step 701 runs at "
+        f"{theirs.optim.lr:.2e} as it would have")
+    assert schedule_change(theirs, ours, 900, Path("step_900")).startswith("warning: ")
+    cosine = Config()
+    cosine.train, cosine.optim = theirs.train, replace(theirs.optim, decay_fraction=None)
+    assert "(optim.decay_fraction None -> 0.2)" in schedule_change(cosine, theirs, 700, Path("step_700"))
+
+
 def test_adamw_settings_changed_on_resume_are_said_and_apply():
     theirs, ours = Config(), Config()
     ours.optim = replace(ours.optim, weight_decay=0.0, beta2=0.99)
