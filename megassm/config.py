@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from megassm.data.mixture import MIX_BLOCK
 from megassm.errors import UserError
 from megassm.model.config import ModelConfig
 from megassm.ops import BACKENDS, SSD_KERNELS, KernelsUnavailable, resolve_backend
@@ -58,11 +59,19 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = ""  # a folder written by tools/prepare_data.py
+    # A folder written by tools/prepare_data.py, or a table {folder = weight} of several (one tokenizer) whose samples
+    # the run mixes in those proportions (megassm.data.mixture).
+    path: str | dict[str, float] = ""
     seq_len: int = 2048
     micro_batch: int = 1  # sequences per rank per forward/backward
     global_batch: int = 8  # sequences per optimizer step, over all DP ranks (gradient accumulation fills it)
     verify: bool = True  # check the shards' sha256 at start-up (files unchanged since they last matched are skipped)
+
+    def folders(self) -> dict[str, float]:
+        """The prepared folders of `path` and their shares of the samples (1 for a single folder)."""
+        if isinstance(self.path, dict):
+            return {folder: weight / sum(self.path.values()) for folder, weight in self.path.items()}
+        return {self.path: 1.0}
 
 
 @dataclass
@@ -218,7 +227,13 @@ def make_paths_absolute(cfg: Config) -> None:
     config.toml then names the same folders wherever a tool reads it (export, generation, resuming)."""
     ckpt = cfg.checkpoint
     cfg.run.dir = os.path.abspath(cfg.run.dir) if cfg.run.dir else ""
-    cfg.data.path = os.path.abspath(cfg.data.path) if cfg.data.path else ""
+    if isinstance(cfg.data.path, dict):
+        folders = {os.path.abspath(folder): weight for folder, weight in cfg.data.path.items()}
+        if len(folders) < len(cfg.data.path):
+            raise ConfigError(f"data.path names a folder twice: {', '.join(cfg.data.path)}")
+        cfg.data.path = folders
+    else:
+        cfg.data.path = os.path.abspath(cfg.data.path) if cfg.data.path else ""
     ckpt.init_from = os.path.abspath(ckpt.init_from) if ckpt.init_from else ""
     if ckpt.resume not in ("auto", "none"):
         ckpt.resume = os.path.abspath(ckpt.resume)
@@ -318,6 +333,9 @@ def coerce(value: object, hint: object, key: str, where: str) -> object:
             return value
         if typing.get_origin(option) is typing.Literal and value in typing.get_args(option):
             return value
+        if typing.get_origin(option) is dict and isinstance(value, dict):
+            key_kind, value_kind = typing.get_args(option)
+            return {coerce(k, key_kind, key, where): coerce(v, value_kind, f"{key}[{k!r}]", where) for k, v in value.items()}
         if typing.get_origin(option) is tuple and isinstance(value, (list, tuple)):
             kinds = typing.get_args(option)
             if len(value) == len(kinds):
@@ -337,6 +355,8 @@ def type_name(hint: object) -> str:
     if typing.get_origin(hint) is typing.Literal:
         *others, last = (f'"{choice}"' for choice in typing.get_args(hint))
         return f"{', '.join(others)} or {last}" if others else last
+    if typing.get_origin(hint) is dict:
+        return "a table of folder = weight"
     return TYPE_NAMES.get(hint, "a list of two numbers")
 
 
@@ -436,9 +456,22 @@ def validate_run(cfg: Config) -> None:
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a folder made by tools/prepare_data.py "
                           "(bash launch/quickstart.sh makes one from the built-in corpus)")
+    if isinstance(cfg.data.path, dict):
+        validate_mixture(cfg.data.path)
     if bad := set(WANDB_PROJECT_FORBIDDEN) & set(cfg.logging.wandb_project):
         raise ConfigError(f"logging.wandb_project = {cfg.logging.wandb_project!r}: a W&B project name cannot hold "
                           f"{' '.join(sorted(bad))}; give the entity (team) in WANDB_ENTITY")
+
+
+def validate_mixture(weights: dict[str, float]) -> None:
+    """data.path's weights: positive numbers, each at least the share a block of the mixture can hold."""
+    for folder, weight in weights.items():
+        if not 0 < weight < math.inf:
+            raise ConfigError(f"data.path's weight of {folder} must be a positive number, got {weight}")
+    smallest = min(weights, key=weights.get)
+    if weights[smallest] / sum(weights.values()) < 1 / MIX_BLOCK:
+        raise ConfigError(f"data.path's weight of {smallest}, {weights[smallest]}, is below 1/{MIX_BLOCK} of the weights' sum, "
+                          "the finest share the mixture keeps: raise it or leave the folder out")
 
 
 # Characters W&B refuses in a project's name.
@@ -522,6 +555,8 @@ def toml_value(value: object) -> str:
         return "inf" if value > 0 else "-inf"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     if isinstance(value, str):
         return json.dumps(value)  # a TOML basic string
     return repr(value)

@@ -56,7 +56,8 @@ from megassm.checkpoint import (
 from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, load_config, pick_device, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples
-from megassm.data.shards import META_FILE, VERIFIED_FILE
+from megassm.data.mixture import MixedLoader, Mixture
+from megassm.data.shards import META_FILE, VERIFIED_FILE, folder_sha256
 from megassm.errors import STOPPED_WHILE_STARTING, TRAINER_PROGRAM, USER_ERROR_EXIT, UserError, imports_done
 from megassm.host_scalar import HostScalar
 from megassm.metrics import (
@@ -97,13 +98,24 @@ def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
     return x if group_size(ctx.dp_cp_group) == 1 else all_reduce(x, ctx.dp_cp_group)
 
 
-def open_data(cfg: Config) -> TokenStream:
-    """The prepared data, checked against the model before anything is built."""
-    stream = TokenStream(cfg.data.path)
+def open_data(cfg: Config) -> list[TokenStream]:
+    """data.path's prepared folders, checked against the model and each other before anything is built."""
+    streams = [_open_folder(folder, cfg) for folder in cfg.data.folders()]
+    first = streams[0]
+    for other in streams[1:]:
+        if folder_sha256(other.tokenizer_path) != folder_sha256(first.tokenizer_path):
+            raise ConfigError(f"the folders of data.path were prepared with different tokenizers: {first.tokenizer_path} and "
+                              f"{other.tokenizer_path}; a mixture's folders need one tokenizer (prepare them again with one)")
+    return streams
+
+
+def _open_folder(folder: str, cfg: Config) -> TokenStream:
+    """One prepared folder, its tokenizer checked against its description and the model."""
+    stream = TokenStream(folder)
     if stream.meta.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"the tokenizer of data.path = {cfg.data.path} has {stream.meta.vocab_size} tokens, more than "
+        raise ConfigError(f"the tokenizer of {folder} (data.path) has {stream.meta.vocab_size} tokens, more than "
                           f"model.vocab_size = {cfg.model.vocab_size}: raise model.vocab_size or use a smaller tokenizer")
-    meta_file = Path(cfg.data.path) / META_FILE
+    meta_file = Path(folder) / META_FILE
     if not stream.tokenizer_path.exists():
         raise ConfigError(f"the tokenizer {stream.tokenizer_path} named in {meta_file} is missing: re-run tools/prepare_data.py")
     try:
@@ -116,12 +128,21 @@ def open_data(cfg: Config) -> TokenStream:
     return stream
 
 
-def sample_order(stream: TokenStream, cfg: Config) -> str:
-    """What the order of the samples depends on (the data's contents, data.seq_len, run.seed), as a digest a checkpoint
-    keeps: a run resumed from it goes on with the samples it has not seen where the digest is the same."""
-    meta = stream.meta
-    what = [[shard.sha256 for shard in meta.shards], meta.doc_starts_sha256, meta.val_tokens, cfg.data.seq_len, cfg.run.seed]
-    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+def sample_order(streams: list[TokenStream], cfg: Config) -> str:
+    """What the order of the samples depends on (the data's contents and shares, data.seq_len, run.seed), as a digest a
+    checkpoint keeps: a run resumed from it goes on with the samples it has not seen where the digest is the same."""
+    what = [[[shard.sha256 for shard in stream.meta.shards], stream.meta.doc_starts_sha256, stream.meta.val_tokens] for stream in streams]
+    if len(streams) == 1:
+        what = what[0]
+    else:
+        what.append(list(cfg.data.folders().values()))
+    return hashlib.sha256(json.dumps([*what, cfg.data.seq_len, cfg.run.seed]).encode()).hexdigest()[:16]
+
+
+def folder_names(folders: list[str]) -> list[str]:
+    """How lines and metrics name data.path's folders: their last part, or the whole path where two share it."""
+    names = [os.path.basename(folder) for folder in folders]
+    return names if len(set(names)) == len(names) else folders
 
 
 DATA_VERIFY_TIMEOUT = datetime.timedelta(hours=6)  # the ranks' wait for each other's share of the data verification
@@ -305,7 +326,7 @@ class Trainer:
     (every user mistake said before the first step), then run() trains, validates, logs and saves until train.steps
     or a stop."""
 
-    def __init__(self, cfg: Config, stream: TokenStream, command: list[str] | None = None):
+    def __init__(self, cfg: Config, streams: list[TokenStream], command: list[str] | None = None):
         self.cfg = cfg
         self.command = sys.argv[1:] if command is None else command  # the trainer's arguments, to say how to resume
         self.device = pick_device(cfg.train.device)
@@ -317,20 +338,23 @@ class Trainer:
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
-        self.vocabulary = tokenizer_vocabulary(stream.tokenizer_path, stream.meta.vocab_size)
+        self.vocabulary = tokenizer_vocabulary(streams[0].tokenizer_path, streams[0].meta.vocab_size)
         self.attempts = attempts()
         checkpoints, replaced, self.resume_from = decided_by_first(self.starting_point)
         if cfg.data.verify:  # after the checks of run.dir and the checkpoints: hashing a large corpus takes a while
-            verify_data(stream, self.say)
+            for stream in streams:
+                verify_data(stream, self.say)
         torch.manual_seed(cfg.run.seed)  # the same logical initial weights on every rank and layout
         self.model = self.model_for_device()
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
-        self.train_data, self.val_data = self.open_loaders(stream)
+        self.data_names = folder_names([str(stream.path) for stream in streams])
+        self.data_shares = list(cfg.data.folders().values())
+        self.train_data, self.val_data = self.open_loaders(streams)
         if warning := schedule_warning(cfg.optim, cfg.train.steps):
             self.say(warning)
-        self.sample_order = sample_order(stream, cfg)
+        self.sample_order = sample_order(streams, cfg)
         self.state = {"step": 0, "samples": 0, "skipped_steps": 0, "sample_order": self.sample_order}
         self.consecutive_skips = 0  # steps in a row whose update was skipped (read_norm)
         self.save_postponed = False  # a checkpoint was due during such steps: written after the next step that updates
@@ -367,16 +391,24 @@ class Trainer:
                               "recomputed_blocks": memory.recomputed_blocks}
         return moved_to(build_model(cfg, self.ctx, graphs, memory.keep_ssd_states, memory.recomputed_blocks), self.device)
 
-    def open_loaders(self, stream: TokenStream) -> tuple[SampleLoader, SampleLoader | None]:
-        """The training samples and, where the run validates, the validation samples, each rank's piece of them."""
+    def open_loaders(self, streams: list[TokenStream]) -> tuple[MixedLoader, list[SampleLoader]]:
+        """The training samples (a mixture where data.path names several folders) and, where the run validates, each
+        folder's validation samples; each rank's piece of them."""
         cfg = self.cfg
-        loader = dict(stream=stream, seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
-        train_data = SampleLoader(split="train", **loader)
-        val_data = SampleLoader(split="val", **loader) if cfg.train.eval_every else None
-        if val_data is not None and cfg.train.eval_samples > val_data.num_windows:
-            self.say(f"warning: train.eval_samples = {cfg.train.eval_samples}, but the validation split holds "
-                     f"{val_data.num_windows} samples of data.seq_len tokens: some count more than once; lower "
-                     "train.eval_samples or prepare the data with a larger --val-fraction")
+        loader = dict(seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
+        train_data = MixedLoader([SampleLoader(stream, split="train", **loader) for stream in streams],
+                                 Mixture(self.data_shares, cfg.run.seed))
+        val_data = [SampleLoader(stream, split="val", **loader) for stream in streams] if cfg.train.eval_every else []
+        for name, val in zip(self.data_names, val_data):
+            if cfg.train.eval_samples > val.num_windows:
+                self.say(f"warning: train.eval_samples = {cfg.train.eval_samples}, but the validation split of {name} holds "
+                         f"{val.num_windows} samples of data.seq_len tokens: some count more than once; lower "
+                         "train.eval_samples or prepare the data with a larger --val-fraction")
+        if len(streams) > 1:
+            samples = cfg.train.steps * cfg.data.global_batch
+            self.say("data: " + ", ".join(f"{name} {share:.1%} of the samples ({loader.num_windows:,} training samples, read "
+                                          f"{samples * share / loader.num_windows:.2f} times in train.steps)"
+                                          for name, share, loader in zip(self.data_names, self.data_shares, train_data.loaders)))
         return train_data, val_data
 
     def start_line(self, n_params: int) -> str:
@@ -432,8 +464,8 @@ class Trainer:
             self.say(f"resumed from {path} (step {self.state['step']}, {self.state['samples']} samples consumed)")
             self.say_optimizer_changes(path)
             if self.state.get("sample_order", self.sample_order) != self.sample_order:
-                self.say(f"warning: the data, data.seq_len or run.seed differ from those {path} was trained with: the run goes on "
-                         f"from sample {self.state['samples']} of another order, some samples it saw may come again")
+                self.say(f"warning: the data (or a mixture's weights), data.seq_len or run.seed differ from those {path} was trained "
+                         f"with: the run goes on from sample {self.state['samples']} of another order, some samples it saw may come again")
             self.state["sample_order"] = self.sample_order
             return
         if checkpoints:
@@ -529,11 +561,15 @@ class Trainer:
         return QueuedStep(step + 1, loss_sum, targets, HostScalar(self.engine.step(lr, self.cfg.optim.grad_clip)), lr)
 
     def say_new_epoch(self, done: int) -> None:
-        """Where step `done` read the training split's last unread sample: a line, as the next steps read them again."""
-        windows, samples = self.train_data.num_windows, self.state["samples"]
-        if samples // windows > (samples - self.cfg.data.global_batch) // windows:
-            self.say(f"step {done}: every one of the training split's {windows:,} samples has been read {samples // windows} "
-                     "time(s); the run reads them again, in another order")
+        """Where step `done` read a training split's last unread sample: a line, as the next steps read them again."""
+        samples, mixture = self.state["samples"], self.train_data.mixture
+        read = zip(mixture.read_by(samples), mixture.read_by(samples - self.cfg.data.global_batch))
+        for name, loader, (now, then) in zip(self.data_names, self.train_data.loaders, read):
+            windows = loader.num_windows
+            if now // windows > then // windows:
+                split = "the training split's" if len(self.data_names) == 1 else f"{name}'s training"
+                self.say(f"step {done}: every one of {split} {windows:,} samples has been read {now // windows} time(s); the run "
+                         "reads them again, in another order")
 
     def read_norm(self, queued: QueuedStep) -> float:
         """The step's gradient norm (waiting for its backward); where it is not finite the engine skipped the update:
@@ -555,19 +591,25 @@ class Trainer:
         return grad_norm
 
     @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Mean loss over the same held-out samples every time: the first train.eval_samples of the
-        validation order, shared among the DP ranks."""
-        data, par = self.cfg.data, self.cfg.parallel
-        total = torch.zeros(2, device=self.device)
-        for m in range(self.cfg.train.eval_samples // (par.dp * data.micro_batch)):
-            batch = self.val_data.batch(rank_samples(0, m, self.ctx.dp_rank, par.dp, data.micro_batch, self.cfg.train.eval_samples),
-                                        data.micro_batch).to(self.device)
-            with self.autocast():
-                losses = self.model(batch.input_ids, batch.seq_idx, batch.labels)
-            total += torch.stack([losses.sum(), (batch.labels != IGNORE_INDEX).sum().float()])
-        loss_sum, count = global_sum(total, self.ctx)
-        return (loss_sum / count).item()
+    def validation_losses(self) -> dict[str, float]:
+        """{"val_loss": the mean loss over the same held-out samples every time}: the first train.eval_samples of the
+        validation order, shared among the DP ranks; of a mixture, each folder's ("val_loss/NAME") and their mean
+        weighted by the folders' shares."""
+        data, par, samples = self.cfg.data, self.cfg.parallel, self.cfg.train.eval_samples
+        total = torch.zeros(len(self.val_data), 2, device=self.device)
+        for folder, val_data in enumerate(self.val_data):
+            for m in range(samples // (par.dp * data.micro_batch)):
+                batch = val_data.batch(rank_samples(0, m, self.ctx.dp_rank, par.dp, data.micro_batch, samples), data.micro_batch)
+                batch = batch.to(self.device)
+                with self.autocast():
+                    losses = self.model(batch.input_ids, batch.seq_idx, batch.labels)
+                total[folder] += torch.stack([losses.sum(), (batch.labels != IGNORE_INDEX).sum().float()])
+        loss_sum, count = global_sum(total, self.ctx).unbind(1)
+        losses = (loss_sum / count).tolist()
+        if len(losses) == 1:
+            return {"val_loss": losses[0]}
+        mean = sum(share * loss for share, loss in zip(self.data_shares, losses))
+        return {"val_loss": mean, **{f"val_loss/{name}": loss for name, loss in zip(self.data_names, losses)}}
 
     def save(self) -> None:
         """A checkpoint of this step, once the previous one is complete; written while training goes on
@@ -669,7 +711,7 @@ class Trainer:
                 self.logger.progress(done)
                 self.finish_saving(wait=False)
                 logs = done % cfg.train.log_every == 0 or done == cfg.train.steps
-                validates = self.val_data is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
+                validates = bool(self.val_data) and (done % cfg.train.eval_every == 0 or done == cfg.train.steps)
                 signum = self.stop_requested(signals) if done < cfg.train.steps else None
                 due = self.saves_at(done) or self.save_postponed
                 if not (logs or validates or due or signum):
@@ -690,7 +732,7 @@ class Trainer:
                     logged_step = done
                 if validates:
                     with timer.excluded():
-                        metrics = {"step": done, **metrics, "val_loss": self.validation_loss()}
+                        metrics = {"step": done, **metrics, **self.validation_losses()}
                 if metrics:
                     self.logger.log(metrics)
                 if saves:
@@ -727,10 +769,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as held:  # the run's lock, let go after any checkpoint write in flight has ended
         try:
             cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-            stream = open_data(cfg)
+            streams = open_data(cfg)
             if rank == 0:
                 held.enter_context(RunLock(cfg.run.dir, say=print))
-            trainer = Trainer(cfg, stream, command=argv)
+            trainer = Trainer(cfg, streams, command=argv)
             started, first_step = time.perf_counter(), trainer.state["step"]
             if first_step >= cfg.train.steps:
                 trainer.say(f"nothing to do: the run is at step {first_step} and train.steps = {cfg.train.steps} "

@@ -46,6 +46,7 @@ def documented_numbers() -> list[tuple[str, str]]:
     from megassm import auto_choices as auto
     from megassm.checkpoint import OPTIMIZER_READ_BYTES
     from megassm.checkpoint_writer import SLAB_BYTES
+    from megassm.data.mixture import MIX_BLOCK
     from megassm.train import ABANDONED_WRITE_WAIT
     from parallel.chunked_loss import LOSS_CHUNK_TOKENS
 
@@ -65,6 +66,8 @@ def documented_numbers() -> list[tuple[str, str]]:
         (architecture, f"{SLAB_BYTES >> 30} GiB slabs"),
         (architecture, f"({OPTIMIZER_READ_BYTES >> 30} GiB of their logical tensors)"),
         (architecture, f"up to {ABANDONED_WRITE_WAIT.seconds // 60} minutes"),
+        (readme, f"every block of {MIX_BLOCK:,} samples"),
+        (architecture, f"block k // {MIX_BLOCK:,}"),
     ]
 
 

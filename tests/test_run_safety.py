@@ -165,7 +165,7 @@ def test_checkpoint_mistakes_are_said_before_the_data_is_hashed(config, prepared
 def test_a_run_resumed_on_another_sample_order_says_so(config, old_run):
     """The samples consumed count from the checkpoint indexes the order of the samples; where the data, seq_len or
     seed changed, that is another order: the run goes on, with a warning. Resumed as trained: no warning."""
-    warning = "warning: the data, data.seq_len or run.seed differ from those"
+    warning = "warning: the data (or a mixture's weights), data.seq_len or run.seed differ from those"
     same = run_trainer(config, old_run, 1, "--train.steps=5", "--checkpoint.every=-1")
     assert same.returncode == 0 and "resumed from" in same.stdout and warning not in same.stdout, same.stdout[-3000:]
     other = run_trainer(config, old_run, 1, "--train.steps=5", "--checkpoint.every=-1", "--run.seed=7")

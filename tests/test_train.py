@@ -317,8 +317,8 @@ def test_throughput_leaves_out_validation_and_checkpoints(config, tmp_path, monk
     in the next interval."""
     from megassm.train import Trainer, main
 
-    validation_loss, save = Trainer.validation_loss, Trainer.save
-    monkeypatch.setattr(Trainer, "validation_loss", lambda self: time.sleep(1) or validation_loss(self))
+    validation_losses, save = Trainer.validation_losses, Trainer.save
+    monkeypatch.setattr(Trainer, "validation_losses", lambda self: time.sleep(1) or validation_losses(self))
     monkeypatch.setattr(Trainer, "save", lambda self: time.sleep(1) or save(self))
     run_dir = tmp_path / "run"
     assert main(["--config", str(config), f"--run.dir={run_dir}", "--train.steps=6", "--train.log_every=2", "--train.eval_every=2",
@@ -339,7 +339,7 @@ def test_a_run_ending_on_an_error_closes_its_log(config, tmp_path, monkeypatch):
 
     closed, close = [], MetricsLogger.close
     monkeypatch.setattr(MetricsLogger, "close", lambda self: closed.append(self) or close(self))
-    monkeypatch.setattr(Trainer, "validation_loss", shard_gone)
+    monkeypatch.setattr(Trainer, "validation_losses", shard_gone)
     assert main(["--config", str(config), f"--run.dir={tmp_path / 'run'}", "--train.steps=4", "--checkpoint.every=-1"]) == 2
     assert len(closed) == 1
 

@@ -172,7 +172,7 @@ def run_megassm(args: argparse.Namespace, started: float) -> dict:
 
         first, seconds, results, clocks = timed_steps(step, args.warmup, args.steps, started)
         profile, top = kernel_profile(lambda: step(0), args.profile_steps, args.top) if args.profile_steps else ({}, [])
-        val_loss = trainer.validation_loss() if trainer.val_data is not None else None  # train.eval_every > 0
+        val_loss = trainer.validation_losses()["val_loss"] if trainer.val_data else None  # train.eval_every > 0
         return {"first_step_s": first, "step_s": seconds, "top_kernels": top, "val_loss": val_loss,
                 "losses": [r[0].item() for r in results], "grad_norms": [r[1].item() for r in results], "profile": profile,
                 "flops_per_token": trainer.flops_per_token, "peak_flops": trainer.peak, "tokens": cfg.data.global_batch * cfg.data.seq_len,

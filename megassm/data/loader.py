@@ -80,6 +80,11 @@ class Batch:
     labels: Tensor  # the stream's next token after each input
     seq_idx: Tensor  # global document number of each input token: a change marks a document start
 
+    @classmethod
+    def stack(cls, batches: list["Batch"]) -> "Batch":
+        """The rows of `batches`, in order, as one batch."""
+        return cls(*(torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(cls)))
+
     def to(self, device: torch.device | str) -> "Batch":
         """On `device`; to a GPU from pinned memory, so the copy waits for nothing queued before it."""
         pin = torch.device(device).type == "cuda"
