@@ -69,8 +69,10 @@ class DataConfig:
 
     def folders(self) -> dict[str, float]:
         """The prepared folders of `path` and their shares of the samples (1 for a single folder)."""
-        if isinstance(self.path, dict):
-            return {folder: weight / sum(self.path.values()) for folder, weight in self.path.items()}
+        if isinstance(self.path, dict):  # in the folders' order, whatever the table's (the order the mixture takes them in)
+            largest = max(self.path.values())
+            total = sum(weight / largest for weight in self.path.values())
+            return {folder: self.path[folder] / largest / total for folder in sorted(self.path)}
         return {self.path: 1.0}
 
 
@@ -228,10 +230,14 @@ def make_paths_absolute(cfg: Config) -> None:
     ckpt = cfg.checkpoint
     cfg.run.dir = os.path.abspath(cfg.run.dir) if cfg.run.dir else ""
     if isinstance(cfg.data.path, dict):
-        folders = {os.path.abspath(folder): weight for folder, weight in cfg.data.path.items()}
-        if len(folders) < len(cfg.data.path):
-            raise ConfigError(f"data.path names a folder twice: {', '.join(cfg.data.path)}")
-        cfg.data.path = folders
+        if "" in cfg.data.path:
+            raise ConfigError("data.path names a folder \"\" (an unset variable?): name each prepared folder of the mixture")
+        same: dict[str, list[str]] = {}
+        for folder in cfg.data.path:
+            same.setdefault(os.path.realpath(folder), []).append(folder)
+        if twice := next((names for names in same.values() if len(names) > 1), None):
+            raise ConfigError(f"data.path names one folder {len(twice)} times: {', '.join(twice)}")
+        cfg.data.path = {os.path.abspath(folder): weight for folder, weight in cfg.data.path.items()}
     else:
         cfg.data.path = os.path.abspath(cfg.data.path) if cfg.data.path else ""
     ckpt.init_from = os.path.abspath(ckpt.init_from) if ckpt.init_from else ""
@@ -273,7 +279,10 @@ def parse_override(text: str) -> tuple[str, str, object]:
         raise ConfigError(f"override {text!r} must look like --section.key=value, e.g. --train.steps=100{config}")
     try:
         return section, key, tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as error:
+        if value.lstrip().startswith(("{", "[")):  # meant as a table or a list: a bare string would hide the mistake
+            raise ConfigError(f"--{name}={value} is not a valid TOML table or list ({error}); quote the strings in it, "
+                              f"e.g. --data.path='{{\"data/web\" = 3, \"data/code\" = 1}}'") from None
         return section, key, value
 
 
@@ -328,7 +337,10 @@ def coerce(value: object, hint: object, key: str, where: str) -> object:
         if option is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ConfigError(f"{key} = {value} in {where} is too large a number") from None
         if option is str and isinstance(value, str):
             return value
         if typing.get_origin(option) is typing.Literal and value in typing.get_args(option):
@@ -468,8 +480,8 @@ def validate_mixture(weights: dict[str, float]) -> None:
     for folder, weight in weights.items():
         if not 0 < weight < math.inf:
             raise ConfigError(f"data.path's weight of {folder} must be a positive number, got {weight}")
-    smallest = min(weights, key=weights.get)
-    if weights[smallest] / sum(weights.values()) < 1 / MIX_BLOCK:
+    smallest, largest = min(weights, key=weights.get), max(weights.values())
+    if weights[smallest] / largest / sum(weight / largest for weight in weights.values()) < 1 / MIX_BLOCK:
         raise ConfigError(f"data.path's weight of {smallest}, {weights[smallest]}, is below 1/{MIX_BLOCK} of the weights' sum, "
                           "the finest share the mixture keeps: raise it or leave the folder out")
 
@@ -556,7 +568,7 @@ def toml_value(value: object) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):  # an inline table
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
+        return "{" + ", ".join(f"{toml_value(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, str):  # a TOML basic string: JSON's escapes, with DEL too, and characters beyond the BMP as they are
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     return repr(value)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import socket
 import threading
 import time
 from typing import Callable, Sequence, TypeVar
 
 import torch.distributed as dist
+
+from megassm.errors import UserError
 
 # Polls start quick and slow down to one per POLL_SECONDS: a short wait ends soon, a long one loads the store little.
 FIRST_PAUSE_SECONDS = 0.001
@@ -89,3 +92,33 @@ def _from_first(key: str, value: object, timeout: datetime.timedelta, abandoned:
     _forget(key, ranks=[0])
     _forget(f"{key}/read", ranks=others)
     return value
+
+
+class MetOnAnotherRank(UserError):
+    """A mistake some ranks met and this one did not (their node's copy of the data, say): said by rank 0."""
+
+
+def on_every_rank(key: str, start: Callable[[], T], timeout: datetime.timedelta) -> T:
+    """start() on every rank, each rank's result on it; where it raised a UserError on any rank, every rank raises the
+    first rank's, naming that rank and its host unless every rank met the same: a rank alone with a mistake stops the
+    others, where they would wait for it in the next collective until its timeout."""
+    if not dist.is_initialized():
+        return start()
+    try:
+        result, mistake = start(), None
+    except UserError as error:
+        result, mistake = None, error
+    decided(key, (mistake, socket.gethostname()), _first_mistake, timeout)
+    return result
+
+
+def _first_mistake(everyone: list) -> None:
+    """on_every_rank's decision: the first mistake of every rank's (mistake, host), as it is where all ranks met it."""
+    met = [(rank, host, mistake) for rank, (mistake, host) in enumerate(everyone) if mistake is not None]
+    if not met:
+        return
+    rank, host, mistake = met[0]
+    if len(met) == len(everyone) and len({str(m) for _, _, m in met}) == 1:
+        raise mistake
+    others = f" (and {len(met) - 1} more rank(s))" if len(met) > 1 else ""
+    raise MetOnAnotherRank(f"on rank {rank} ({host}){others}: {mistake}")

@@ -30,9 +30,12 @@ DECAY_SHAPES = {  # the share of (lr - min_lr) left at the decay's progress t, f
 def decay_start(cfg: OptimConfig, total_steps: int) -> int:
     """The first step of the decay, which runs at lr: right after the warmup, or with decay_fraction the start of
     train.steps' last share (never within the warmup)."""
-    if cfg.decay_fraction is None:
-        return cfg.warmup_steps
-    return max(cfg.warmup_steps, total_steps - round(total_steps * cfg.decay_fraction))
+    return max(cfg.warmup_steps, _share_start(cfg, total_steps))
+
+
+def _share_start(cfg: OptimConfig, total_steps: int) -> int:
+    """The first step of train.steps' last decay_fraction (half a step rounded up); 0 without decay_fraction."""
+    return 0 if cfg.decay_fraction is None else total_steps - math.floor(total_steps * cfg.decay_fraction + 0.5)
 
 
 def learning_rate(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -55,4 +58,8 @@ def schedule_warning(cfg: OptimConfig, total_steps: int) -> str | None:
     if total_steps > 1 and decay_start(cfg, total_steps) >= total_steps - 1:
         return (f"warning: optim.decay_fraction = {cfg.decay_fraction} of train.steps = {total_steps} leaves the decay no step: "
                 f"{never.format('stays at')}; raise optim.decay_fraction")
+    if cfg.warmup_steps > _share_start(cfg, total_steps) > 0:
+        return (f"warning: optim.warmup_steps = {cfg.warmup_steps} ends after the start of the decay optim.decay_fraction = "
+                f"{cfg.decay_fraction} asks for (step {_share_start(cfg, total_steps)}): the rate decays over the "
+                f"{total_steps - cfg.warmup_steps} steps after the warmup only")
     return None

@@ -141,17 +141,18 @@ def newest_readable_checkpoint(path: str | Path) -> Path:
 
 
 def run_tokenizer(checkpoint: Path) -> Path:
-    """The tokenizer of the data a megassm run trained on: data.path's (first) folder in its checkpoint's config.toml.
+    """The tokenizer of the data a megassm run trained on: of data.path's folders in its checkpoint's config.toml.
     FileNotFoundError when the checkpoint names no data (a converted one) or that data is not here."""
     config = newest_readable_checkpoint(checkpoint) / CONFIG_FILE
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found, which names the run's data and so its tokenizer")
-    data = Path(next(iter(load_config(config, world_size=None).data.folders())))
-    if not (data / META_FILE).is_file():
-        relative = "" if data.is_absolute() else ", relative to the folder the run was started from"
-        raise FileNotFoundError(f"the run's data.path = {data} (in {config}) is not a prepared data folder here{relative}, "
-                                "so its tokenizer cannot be found")
-    return data / Meta.read(data).tokenizer
+    folders = [Path(folder) for folder in load_config(config, world_size=None).data.folders()]
+    for data in folders:  # a mixture's folders share the tokenizer: any one here will do
+        if (data / META_FILE).is_file():
+            return data / Meta.read(data).tokenizer
+    relative = "" if folders[0].is_absolute() else ", relative to the folder the run was started from"
+    raise FileNotFoundError(f"the run's data.path = {', '.join(map(str, folders))} (in {config}) is not a prepared data folder "
+                            f"here{relative}, so its tokenizer cannot be found")
 
 
 def checkpoint_model_config(checkpoint: Path) -> ModelConfig:

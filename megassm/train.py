@@ -56,7 +56,7 @@ from megassm.checkpoint import (
 from megassm.checkpoint_writer import HOST_MEMORY_SHARE, BackgroundWrite, HostCopies
 from megassm.config import Config, ConfigError, load_config, pick_device, write_config
 from megassm.data import DataError, SampleLoader, TokenStream, load_tokenizer, rank_samples
-from megassm.data.mixture import MixedLoader, Mixture
+from megassm.data.mixture import MIX_BLOCK, MixedLoader, Mixture, block_counts
 from megassm.data.shards import META_FILE, VERIFIED_FILE, folder_sha256
 from megassm.errors import STOPPED_WHILE_STARTING, TRAINER_PROGRAM, USER_ERROR_EXIT, UserError, imports_done
 from megassm.host_scalar import HostScalar
@@ -101,11 +101,16 @@ def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
 def open_data(cfg: Config) -> list[TokenStream]:
     """data.path's prepared folders, checked against the model and each other before anything is built."""
     streams = [_open_folder(folder, cfg) for folder in cfg.data.folders()]
-    first = streams[0]
-    for other in streams[1:]:
-        if folder_sha256(other.tokenizer_path) != folder_sha256(first.tokenizer_path):
+    first, seen = streams[0], {}
+    for stream in streams:
+        if folder_sha256(stream.tokenizer_path) != folder_sha256(first.tokenizer_path):
             raise ConfigError(f"the folders of data.path were prepared with different tokenizers: {first.tokenizer_path} and "
-                              f"{other.tokenizer_path}; a mixture's folders need one tokenizer (prepare them again with one)")
+                              f"{stream.tokenizer_path}; a mixture's folders need one tokenizer (prepare them again with one)")
+        shards = tuple(shard.sha256 for shard in stream.meta.shards)
+        if shards in seen:
+            raise ConfigError(f"data.path's folders {seen[shards]} and {stream.path} hold the same tokens (a copy): name it once, "
+                              "with the weight of both")
+        seen[shards] = stream.path
     return streams
 
 
@@ -134,18 +139,23 @@ def sample_order(streams: list[TokenStream], cfg: Config) -> str:
     what = [[[shard.sha256 for shard in stream.meta.shards], stream.meta.doc_starts_sha256, stream.meta.val_tokens] for stream in streams]
     if len(streams) == 1:
         what = what[0]
-    else:
-        what.append(list(cfg.data.folders().values()))
+    else:  # the samples each block of the mixture takes from each folder: equal weights written otherwise are equal
+        what.append(block_counts(list(cfg.data.folders().values()), MIX_BLOCK).tolist())
     return hashlib.sha256(json.dumps([*what, cfg.data.seq_len, cfg.run.seed]).encode()).hexdigest()[:16]
 
 
 def folder_names(folders: list[str]) -> list[str]:
-    """How lines and metrics name data.path's folders: their last part, or the whole path where two share it."""
-    names = [os.path.basename(folder) for folder in folders]
-    return names if len(set(names)) == len(names) else folders
+    """How lines and metrics name data.path's folders: as many of their last parts as tell them apart."""
+    parts = [Path(folder).relative_to(Path(folder).anchor).parts for folder in folders]
+    for count in range(1, max(map(len, parts)) + 1):
+        names = ["/".join(p[-count:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    return folders
 
 
 DATA_VERIFY_TIMEOUT = datetime.timedelta(hours=6)  # the ranks' wait for each other's share of the data verification
+START_TIMEOUT = datetime.timedelta(minutes=10)  # the ranks' wait for each other's view of the data and run.dir at start-up
 # How long a process ending on an error waits for the checkpoint write in flight.
 ABANDONED_WRITE_WAIT = datetime.timedelta(minutes=2)
 # How long a rank that met a mistake before the ranks joined, and leaves saying it to another rank, waits for torchrun to
@@ -326,7 +336,9 @@ class Trainer:
     (every user mistake said before the first step), then run() trains, validates, logs and saves until train.steps
     or a stop."""
 
-    def __init__(self, cfg: Config, streams: list[TokenStream], command: list[str] | None = None):
+    def __init__(self, cfg: Config, command: list[str] | None = None, hold: Callable[[RunLock], object] | None = None):
+        """hold: takes run.dir's lock on rank 0 (an ExitStack's enter_context, letting go when the process is done with
+        the run); None for tools that run a trainer without a run folder of their own."""
         self.cfg = cfg
         self.command = sys.argv[1:] if command is None else command  # the trainer's arguments, to say how to resume
         self.device = pick_device(cfg.train.device)
@@ -334,10 +346,14 @@ class Trainer:
         use_cublas_without_workspace(self.device)
         quiet_cublas_context_warning()
         self.ctx = join_processes(cfg, self.device)
-        check_weights_fit(cfg, host_memory_share(self.device))
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
+        # Each node's own view (its copy of the data, the lock of a shared run.dir), decided together once joined.
+        streams, (self.train_data, self.val_data) = job_store.on_every_rank("megassm/open_data", self.open_samples, START_TIMEOUT)
+        if hold is not None:
+            job_store.on_every_rank("megassm/run_lock", lambda: self.is_writer and hold(RunLock(self.run_dir, say=print)), START_TIMEOUT)
+        check_weights_fit(cfg, host_memory_share(self.device))
         self.vocabulary = tokenizer_vocabulary(streams[0].tokenizer_path, streams[0].meta.vocab_size)
         self.attempts = attempts()
         checkpoints, replaced, self.resume_from = decided_by_first(self.starting_point)
@@ -349,9 +365,7 @@ class Trainer:
         if not checkpoints and cfg.checkpoint.init_from:
             self.init_weights_from(cfg.checkpoint.init_from)
         self.engine = make_engine(cfg, self.model, self.ctx)
-        self.data_names = folder_names([str(stream.path) for stream in streams])
-        self.data_shares = list(cfg.data.folders().values())
-        self.train_data, self.val_data = self.open_loaders(streams)
+        self.say_data()
         if warning := schedule_warning(cfg.optim, cfg.train.steps):
             self.say(warning)
         self.sample_order = sample_order(streams, cfg)
@@ -391,25 +405,33 @@ class Trainer:
                               "recomputed_blocks": memory.recomputed_blocks}
         return moved_to(build_model(cfg, self.ctx, graphs, memory.keep_ssd_states, memory.recomputed_blocks), self.device)
 
-    def open_loaders(self, streams: list[TokenStream]) -> tuple[MixedLoader, list[SampleLoader]]:
-        """The training samples (a mixture where data.path names several folders) and, where the run validates, each
-        folder's validation samples; each rank's piece of them."""
+    def open_samples(self) -> tuple[list[TokenStream], tuple[MixedLoader, list[SampleLoader]]]:
+        """data.path's folders, their training samples (a mixture where it names several) and, where the run validates,
+        each folder's validation samples; each rank's piece of them."""
         cfg = self.cfg
+        streams = open_data(cfg)
+        self.data_names = folder_names([str(stream.path) for stream in streams])
+        self.data_shares = list(cfg.data.folders().values())
         loader = dict(seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
         train_data = MixedLoader([SampleLoader(stream, split="train", **loader) for stream in streams],
                                  Mixture(self.data_shares, cfg.run.seed))
         val_data = [SampleLoader(stream, split="val", **loader) for stream in streams] if cfg.train.eval_every else []
-        for name, val in zip(self.data_names, val_data):
+        return streams, (train_data, val_data)
+
+    def say_data(self) -> None:
+        """What the run's data needs a line for: a validation split that repeats samples, a mixture's shares."""
+        cfg, several = self.cfg, len(self.data_names) > 1
+        for name, val in zip(self.data_names, self.val_data):
             if cfg.train.eval_samples > val.num_windows:
-                self.say(f"warning: train.eval_samples = {cfg.train.eval_samples}, but the validation split of {name} holds "
+                split = f"the validation split of {name}" if several else "the validation split"
+                self.say(f"warning: train.eval_samples = {cfg.train.eval_samples}, but {split} holds "
                          f"{val.num_windows} samples of data.seq_len tokens: some count more than once; lower "
                          "train.eval_samples or prepare the data with a larger --val-fraction")
-        if len(streams) > 1:
-            samples = cfg.train.steps * cfg.data.global_batch
+        if several:
+            read = self.train_data.mixture.read_by(cfg.train.steps * cfg.data.global_batch)
             self.say("data: " + ", ".join(f"{name} {share:.1%} of the samples ({loader.num_windows:,} training samples, read "
-                                          f"{samples * share / loader.num_windows:.2f} times in train.steps)"
-                                          for name, share, loader in zip(self.data_names, self.data_shares, train_data.loaders)))
-        return train_data, val_data
+                                          f"{count / loader.num_windows:.2f} times in train.steps)" for name, share, loader, count
+                                          in zip(self.data_names, self.data_shares, self.train_data.loaders, read)))
 
     def start_line(self, n_params: int) -> str:
         """The run as started: size, layout, batch, precision and the trainer's choices."""
@@ -769,10 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as held:  # the run's lock, let go after any checkpoint write in flight has ended
         try:
             cfg = load_config(args.config, overrides, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-            streams = open_data(cfg)
-            if rank == 0:
-                held.enter_context(RunLock(cfg.run.dir, say=print))
-            trainer = Trainer(cfg, streams, command=argv)
+            trainer = Trainer(cfg, command=argv, hold=held.enter_context)
             started, first_step = time.perf_counter(), trainer.state["step"]
             if first_step >= cfg.train.steps:
                 trainer.say(f"nothing to do: the run is at step {first_step} and train.steps = {cfg.train.steps} "

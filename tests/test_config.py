@@ -117,6 +117,7 @@ def test_a_data_folders_tokenizer_of_another_size_or_damaged_fails_with_one_line
         ("--optim.weight_decay=-1", r"optim.weight_decay must be 0 or positive, got -1.0$"),
         ("--optim.grad_clip=nan", r"optim.grad_clip must be 0 \(off\) or positive, got nan$"),
         ("--optim.lr=inf", r"optim.lr must be a positive number, got inf$"),
+        ("--optim.lr=1" + "0" * 400, r"optim.lr = 10{400} in .* is too large a number$"),
         ("--optim.decay_fraction=0", r"optim.decay_fraction must be in \(0, 1\], the share of train.steps the rate decays over at the end, "
                                      r"got 0.0$"),
         ("--optim.decay=cos", r"optim.decay = 'cos' in .* must be \"cosine\", \"linear\" or \"1-sqrt\"$"),
@@ -203,6 +204,11 @@ def test_overrides_and_resolved_config_round_trip(config_file, tmp_path):
     assert (cfg.train.steps, cfg.model.dt_limit, cfg.run.name, cfg.parallel.dp) == (7, (0.001, float("inf")), "x y", 1)
     write_config(cfg, tmp_path / "resolved.toml")
     assert load_config(tmp_path / "resolved.toml", world_size=4) == cfg
+    odd = ['--data.path={"data/web 🙂" = 3, "data/\\"code\\"\\u007f" = 1.5}', '--run.name="tab\\t🙂\\\\"']  # beyond the BMP, DEL, quotes
+    cfg = load_config(config_file(), odd, world_size=4)
+    assert cfg.data.folders().keys() == {str(Path.cwd() / name) for name in ("data/web 🙂", 'data/"code"\x7f')}
+    write_config(cfg, tmp_path / "odd.toml")
+    assert load_config(tmp_path / "odd.toml", world_size=4) == cfg
     with pytest.raises(ConfigError, match="override 'train.steps' must look like --section.key=value"):
         load_config(config_file(), ["train.steps"], world_size=4)
     with pytest.raises(ConfigError, match=r"override 'configs/debug.toml' must .* \(a config file: --config configs/debug.toml\)$"):

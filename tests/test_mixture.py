@@ -15,7 +15,7 @@ from megassm.data import SampleLoader, TokenStream, train_sentencepiece
 from megassm.data.corpus import builtin_documents
 from megassm.data.mixture import MIX_BLOCK, MixedLoader, Mixture, block_counts
 from megassm.data.prepare import prepare
-from megassm.train import main, open_data, sample_order
+from megassm.train import folder_names, main, open_data, sample_order
 from tests.test_train import STEPS, assert_same_run, by_step, config, run_trainer, train  # noqa: F401 (config: a fixture)
 
 
@@ -36,16 +36,22 @@ def test_block_counts_apportion_the_block_by_largest_remainders(weights, block):
 
 
 @pytest.mark.parametrize("weights", [[0.7, 0.2, 0.1], [1, 3], [5, 1, 1, 1]])
-def test_every_block_holds_each_folders_count_and_each_folder_reads_its_samples_without_gap_or_repeat(weights):
+def test_every_block_holds_each_folders_count_and_each_folder_reads_its_samples_in_its_order(weights):
+    """Folder f's samples come in its own order 0, 1, 2, ... (no repeat before its epoch ends), block b holding
+    b * count .. (b + 1) * count - 1 of them."""
     block, blocks = 64, 5
     mixture = Mixture(weights, seed=11, block=block)
-    folders, numbers = mixture.assign(np.arange(blocks * block))
+    folders, numbers = mixture.assign(np.arange(blocks * block + 17))
     counts = hamilton(weights, block)
     for b in range(blocks):
         inside = slice(b * block, (b + 1) * block)
         assert np.bincount(folders[inside], minlength=len(weights)).tolist() == counts
-        for f, count in enumerate(counts):  # block b reads folder f's samples b * count .. (b + 1) * count - 1
-            assert sorted(numbers[inside][folders[inside] == f].tolist()) == list(range(b * count, (b + 1) * count))
+    for f in range(len(weights)):
+        assert numbers[folders == f].tolist() == list(range(np.count_nonzero(folders == f)))
+
+
+def test_huge_weights_keep_their_shares():
+    assert block_counts([1e308, 1e308, 0.5e308], 16).tolist() == hamilton([2, 2, 1], 16)
 
 
 def test_the_mixture_is_a_function_of_the_seed_and_the_sample_number():
@@ -124,16 +130,24 @@ def test_data_path_takes_a_table_of_folders_and_weights_in_toml_and_on_the_comma
     ('{{"{a}" = 1, "{b}" = -2}}', "data.path's weight of {b} must be a positive number, got -2.0$"),
     ('{{"{a}" = 1, "{b}" = 1e-6}}', "data.path's weight of {b}, 1e-06, is below 1/65536 of the weights' sum, the finest share the "
                                     "mixture keeps: raise it or leave the folder out$"),
-    ('{{"{a}" = 1, "{a}/." = 1}}', "data.path names a folder twice: {a}, {a}/.$"),
+    ('{{"{a}" = 1, "{a}/." = 1}}', "data.path names one folder 2 times: {a}, {a}/.$"),
+    ('{{"{a}" = 1, "{link}" = 1}}', "data.path names one folder 2 times: {a}, {link}$"),
+    ('{{"{a}" = 1, "" = 1}}', 'data.path names a folder "" \\(an unset variable\\?\\): name each prepared folder of the mixture$'),
+    ('{{"{a}" = 1, "{copy}" = 1}}', "data.path's folders {a} and {copy} hold the same tokens \\(a copy\\): name it once, with the weight "
+                                    "of both$"),
+    ('{{{a} = 1}}', "--data.path={{{a} = 1}} is not a valid TOML table or list \\(.*\\); quote the strings in it, e.g. "
+                    "--data.path='{{\"data/web\" = 3, \"data/code\" = 1}}'$"),
     ('{{"{a}" = "half"}}', "data.path\\['{a}'\\] = 'half' in .* must be a number$"),
     ("{{}}", "data.path is empty: point it at a folder made by tools/prepare_data.py"),
 ])
-def test_a_bad_mixture_fails_with_one_line(config, prepared_data, other_data, table, message, capsys):
-    table = table.format(a=prepared_data, b=other_data)
-    assert main(["--config", str(config), f"--data.path={table}"]) == 2
+def test_a_bad_mixture_fails_with_one_line(config, prepared_data, other_data, tmp_path, table, message, capsys):
+    (tmp_path / "link").symlink_to(prepared_data)
+    shutil.copytree(prepared_data, tmp_path / "copy")
+    folders = dict(a=prepared_data, b=other_data, link=tmp_path / "link", copy=tmp_path / "copy")
+    assert main(["--config", str(config), f"--data.path={table.format(**folders)}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("megassm-train: error: "), err
-    assert re.search(message.format(a=re.escape(str(prepared_data)), b=re.escape(str(other_data))), err[0]), err[0]
+    assert re.search(message.format(**{name: re.escape(str(path)) for name, path in folders.items()}), err[0]), err[0]
 
 
 def test_folders_of_different_tokenizers_are_refused(config, prepared_data, other_data, tmp_path, capsys):
@@ -167,7 +181,6 @@ def test_a_mixture_run_says_each_folders_share_and_validates_each_folder(mixed_o
     assert [r["step"] for r in validated] == [2, 4]
     for r in validated:
         assert r["val_loss"] == pytest.approx(0.75 * r["val_loss/prepared"] + 0.25 * r["val_loss/other"], rel=1e-12)
-        assert r["val_loss/prepared"] != pytest.approx(r["val_loss/other"], rel=1e-3)
 
 
 def test_a_mixture_run_under_torchrun_matches_one_process_and_resumes_on_another_layout(mixture_config, mixed_one_process, tmp_path):
@@ -183,3 +196,29 @@ def test_a_mixture_run_under_torchrun_matches_one_process_and_resumes_on_another
     resumed = train(mixture_config, tmp_path / "run", 1)
     assert min(r["step"] for r in resumed) == 3
     assert_same_run(resumed, [r for r in want if r["step"] > 2])
+
+
+def test_the_trainer_mixes_with_the_configured_weights_whatever_the_tables_order(mixture_config, prepared_data, other_data, tmp_path,
+                                                                                  monkeypatch):
+    from megassm.train import Trainer
+
+    monkeypatch.setattr("megassm.train.limit_cpu_threads", lambda device: None)  # this test process's threads stay as they are
+    reordered = [f'--data.path={{"{other_data}" = 1, "{prepared_data}" = 3}}', f"--run.dir={tmp_path / 'run'}"]
+    for overrides in ([f"--run.dir={tmp_path / 'run'}"], reordered):
+        trainer = Trainer(load_config(mixture_config, overrides), command=[])
+        assert [str(loader.stream.path) for loader in trainer.train_data.loaders] == [str(prepared_data), str(other_data)]
+        assert trainer.train_data.mixture.counts.tolist() == hamilton([3, 1], MIX_BLOCK)
+
+
+def test_equal_shares_written_otherwise_keep_the_sample_order(mixture_config, prepared_data, other_data):
+    def order(weights: tuple[float, float]) -> str:
+        cfg = load_config(mixture_config, [f'--data.path={{"{prepared_data}" = {weights[0]}, "{other_data}" = {weights[1]}}}'])
+        return sample_order(open_data(cfg), cfg)
+
+    assert order((0.7, 0.3)) == order((7, 3)) == order((70, 30)) != order((0.6, 0.4))
+
+
+def test_folders_are_named_by_as_many_last_parts_as_tell_them_apart():
+    assert folder_names(["/d/web", "/d/code"]) == ["web", "code"]
+    assert folder_names(["/a/x/web", "/b/x/web", "/b/code"]) == ["a/x/web", "b/x/web", "b/code"]
+    assert folder_names(["/data/web"]) == ["web"]

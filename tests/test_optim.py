@@ -69,6 +69,22 @@ def test_a_decay_fraction_within_the_warmup_decays_from_the_warmups_end():
     assert learning_rate(50, cfg, 101) == pytest.approx(1e-3) and learning_rate(75, cfg, 101) == pytest.approx((1e-3 + 1e-5) / 2)
 
 
+def test_a_warmup_past_the_decays_start_shortens_the_decay_and_is_said():
+    cfg = OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=500, decay_fraction=0.8)
+    assert learning_rate(500, cfg, 1000) == pytest.approx(1e-3) and learning_rate(999, cfg, 1000) == pytest.approx(0.0, abs=1e-12)
+    assert schedule_warning(cfg, 1000) == (
+        "warning: optim.warmup_steps = 500 ends after the start of the decay optim.decay_fraction = 0.8 asks for (step 200): the "
+        "rate decays over the 500 steps after the warmup only")
+
+
+@pytest.mark.parametrize("steps, start", [(10, 7), (14, 10), (6, 4)])
+def test_the_decays_share_rounds_half_a_step_up(steps, start):
+    """decay_fraction 0.25 of 10 steps is 2.5: 3 steps (7, 8, 9), as of 14 steps 3.5: 4; not Python's round-half-even."""
+    cfg = OptimConfig(lr=1e-3, min_lr=0.0, warmup_steps=0, decay_fraction=0.25)
+    assert learning_rate(start - 1, cfg, steps) == learning_rate(start, cfg, steps) == pytest.approx(1e-3)
+    assert learning_rate(start + 1, cfg, steps) < 1e-3
+
+
 def test_a_decay_fraction_that_leaves_the_decay_no_step_is_said():
     cfg = OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=0, decay_fraction=0.01)  # round(0.5) = 0 steps of 50
     assert learning_rate(49, cfg, 50) == pytest.approx(1e-3)

@@ -37,7 +37,7 @@ from megassm.run_dir import Owner, RunDirError, RunLock, restarted
 from megassm.stopping import StopSignals, Stopped
 from megassm.train import LAUNCH_ENV, OutOfMemory, Trainer, adamw_change, limit_cpu_threads, moved_to, schedule_change
 from parallel import ParallelContext
-from tests.distributed import run_distributed
+from tests.distributed import reserved_port, run_distributed
 from tests.test_convert import engine_for
 from tests.test_train import TRAINER_ENV, assert_same_run, config, run_trainer, train, trainer_command  # noqa: F401 (config: a fixture)
 
@@ -225,13 +225,13 @@ def test_adamw_settings_changed_on_resume_are_said_and_apply():
 
 
 def test_a_mistake_met_before_the_ranks_join_is_said_by_the_node_that_met_it(config, tmp_path):
-    """A rank other than 0 that stops before the process group exists (its node's copy of data.path missing) says so
+    """A rank other than 0 that stops before the process group exists (its node's copy of the config missing) says so
     itself, its node's first process only (rank 0 may never learn of it)."""
-    missing = tmp_path / "missing"
+    missing = tmp_path / "missing.toml"
     for local_rank, said in (("0", True), ("1", False)):
         env = {**TRAINER_ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": local_rank}
-        result = subprocess.run([sys.executable, "-m", "megassm.train", "--config", str(config), f"--run.dir={tmp_path / 'run'}",
-                                 f"--data.path={missing}"], capture_output=True, text=True, env=env, timeout=300)
+        result = subprocess.run([sys.executable, "-m", "megassm.train", "--config", str(missing), f"--run.dir={tmp_path / 'run'}"],
+                                capture_output=True, text=True, env=env, timeout=300)
         assert result.returncode == 2, result.stderr[-3000:]
         lines = result.stderr.strip().splitlines()
         if said:
@@ -239,6 +239,28 @@ def test_a_mistake_met_before_the_ranks_join_is_said_by_the_node_that_met_it(con
                 and str(missing) in lines[0], lines
         else:
             assert lines == []
+
+
+def test_a_mistake_of_one_nodes_data_stops_every_node_at_once_with_its_line(config, tmp_path):
+    """Two torchrun agents as on two nodes, the second's copy of the data missing: its rank meets that once the ranks
+    have joined, and every rank stops with rank 0 saying it, where the first node's rank waited for the other until the
+    process group's timeout."""
+    missing = tmp_path / "missing"
+    with reserved_port() as port:
+        node = [sys.executable, "-m", "megassm.torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "one-node-data", "-m", "megassm.train", "--config", str(config),
+                f"--run.dir={tmp_path / 'run'}"]
+        started = time.monotonic()
+        first = subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TRAINER_ENV)
+        time.sleep(1)  # the first agent hosts the rendezvous: its worker is rank 0
+        second = subprocess.Popen([*node, f"--data.path={missing}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=TRAINER_ENV)
+        outputs = [process.communicate(timeout=300) for process in (first, second)]
+    assert time.monotonic() - started < 120
+    assert first.returncode != 0 and second.returncode != 0, outputs
+    said = [line for _, stderr in outputs for line in stderr.splitlines() if line.startswith("megassm-train:")]
+    assert said == [f"megassm-train: error: on rank 1 ({socket.gethostname()}): {missing}: no such data folder; make one with python "
+                    f"tools/prepare_data.py --out {missing} ..."], outputs
 
 
 def test_a_validation_larger_than_the_validation_split_says_so(config, tmp_path):

@@ -123,11 +123,11 @@ def test_the_first_blocks_recomputed_give_the_same_run(config, one_process, tmp_
     """train.activation_checkpointing = 1: the trainer's model recomputes its first block, the start-up line says so,
     and the run is the one without recomputation."""
     from megassm.config import load_config
-    from megassm.train import Trainer, open_data
+    from megassm.train import Trainer
 
     monkeypatch.setattr("megassm.train.limit_cpu_threads", lambda device: None)  # this test process's threads stay as they are
     cfg = load_config(config, [f"--run.dir={tmp_path / 'built'}", "--train.activation_checkpointing=1"])
-    assert [layer.recompute for layer in Trainer(cfg, open_data(cfg)).model.layers] == [True, False]
+    assert [layer.recompute for layer in Trainer(cfg).model.layers] == [True, False]
     result = run_trainer(config, tmp_path / "run", 1, "--train.activation_checkpointing=1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| activation checkpointing of block 1 of 2 |" in result.stdout

@@ -157,12 +157,12 @@ def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started:
 
 def run_megassm(args: argparse.Namespace, started: float) -> dict:
     from megassm.metrics import StepTimer
-    from megassm.train import Trainer, open_data
+    from megassm.train import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
         total = args.warmup + args.steps + args.profile_steps
         cfg = megassm_config(args.case, args.data, total, run_dir, args.set)
-        trainer = Trainer(cfg, open_data(cfg))
+        trainer = Trainer(cfg)
         timer = StepTimer(trainer.device)
 
         def step(i: int) -> tuple:  # (loss, gradient norm), read after the timing: no step waits for the GPU
@@ -224,7 +224,7 @@ def run_peer(args: argparse.Namespace, started: float) -> dict:
     model = MambaLMHeadModel(config, device=device, dtype=torch.float32)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                                   weight_decay=cfg.optim.weight_decay, fused=True)
-    loader = SampleLoader(stream=TokenStream(cfg.data.path), split="train", seq_len=cfg.data.seq_len, seed=cfg.run.seed)
+    loader = SampleLoader(stream=TokenStream(next(iter(cfg.data.folders()))), split="train", seq_len=cfg.data.seq_len, seed=cfg.run.seed)
     batch_size = cfg.data.micro_batch
 
     def step(i: int) -> tuple:  # as megassm's

@@ -78,7 +78,7 @@ def train(args: argparse.Namespace, scenario: Scenario, run_dir: Path, graphs: b
     groups = (mock.patch.object(megassm.train, "cuda_graph_groups", lambda ctx: scenario.graph_groups) if scenario.graph_groups
               else contextlib.nullcontext())
     with contextlib.redirect_stdout(io.StringIO()), groups:
-        trainer = megassm.train.Trainer(cfg, megassm.train.open_data(cfg), command=[])
+        trainer = megassm.train.Trainer(cfg, command=[])
         if scenario.nan_loss_at:
             backward = trainer.engine.backward
             trainer.engine.backward = lambda loss: backward(loss * torch.nan if trainer.state["step"] + 1 == scenario.nan_loss_at else loss)

@@ -134,7 +134,7 @@ def main() -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from megassm.metrics import StepTimer
-    from megassm.train import Trainer, open_data
+    from megassm.train import Trainer
     from tools.bench import megassm_config, require_prepared_data
 
     if not torch.cuda.is_available():
@@ -143,7 +143,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as run_dir:
         total = args.warmup + 1 + args.steps
         cfg = megassm_config(args.case, args.data, total, run_dir, args.set)
-        trainer = Trainer(cfg, open_data(cfg))
+        trainer = Trainer(cfg)
         timer = StepTimer(trainer.device)
         for i in range(args.warmup):
             trainer.train_step(i, timer)
