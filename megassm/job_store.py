@@ -22,6 +22,8 @@ from megassm.errors import UserError
 # Polls start quick and slow down to one per POLL_SECONDS: a short wait ends soon, a long one loads the store little.
 FIRST_PAUSE_SECONDS = 0.001
 POLL_SECONDS = 0.2
+# How much longer than rank 0's wait to collect every rank's value the others wait for its decision.
+DECISION_GRACE = datetime.timedelta(seconds=30)
 
 T = TypeVar("T")
 
@@ -66,25 +68,34 @@ def decided(key: str, mine: object, decide: Callable[[list], T], timeout: dateti
     (not every rank every key: thousands of ranks poll one store). Rank 0 returns last, once every rank has read the
     result: outside torchrun (whose agent holds the store) the store lives in rank 0's process."""
     _post(key, mine)
-    outcome = None
+    outcome, readers = None, None
     if dist.get_rank() == 0:
         try:
             values = _collect(key, timeout, abandoned)
-            _forget(key)
-            outcome = (decide(values), None)
-        except Exception as error:  # a rank that never posted included: the others learn it too
+        except TimeoutError as error:  # a rank that never posted: the others learn it, and it will not read the outcome
+            store, others = dist.distributed_c10d._get_default_store(), range(1, dist.get_world_size())
+            readers = [rank for rank in others if store.check([f"{key}/{rank}"])]
+            _forget(key, [0, *readers])
             outcome = (None, error)
-    result, error = _from_first(f"{key}/decided", outcome, timeout, abandoned)
+        else:
+            _forget(key)
+            try:
+                outcome = (decide(values), None)
+            except Exception as error:
+                outcome = (None, error)
+    result, error = _from_first(f"{key}/decided", outcome, timeout, abandoned, readers)
     if error is not None:
         raise error
     return result
 
 
-def _from_first(key: str, value: object, timeout: datetime.timedelta, abandoned: threading.Event | None) -> object:
-    """Rank 0's `value` on every rank (the others' are not used)."""
-    others = range(1, dist.get_world_size())
-    if dist.get_rank() != 0:
-        value = _collect(key, timeout, abandoned, ranks=[0])[0]
+def _from_first(key: str, value: object, timeout: datetime.timedelta, abandoned: threading.Event | None,
+                readers: Sequence[int] | None = None) -> object:
+    """Rank 0's `value` on every rank (the others' are not used); rank 0 waits for `readers` (every other rank where
+    None) to have read it."""
+    others = range(1, dist.get_world_size()) if readers is None else readers
+    if dist.get_rank() != 0:  # rank 0 may take the whole timeout collecting before it has a value to give
+        value = _collect(key, timeout + DECISION_GRACE, abandoned, ranks=[0])[0]
         _post(f"{key}/read", True)
         return value
     _post(key, value)

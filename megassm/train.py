@@ -27,7 +27,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -162,6 +162,19 @@ ABANDONED_WRITE_WAIT = datetime.timedelta(minutes=2)
 # stop it (once that rank has said it) before it says it itself: the mistake was then this rank's alone.
 SAY_ALONE_AFTER = datetime.timedelta(seconds=20)
 LAUNCH_ENV = "MEGASSM_LAUNCH"  # the launch command a resume repeats, as launch/torchrun.sh and launch/slurm.sbatch set it
+
+
+T = TypeVar("T")
+
+
+def decided_at_start(key: str, start: Callable[[], T]) -> T:
+    """job_store.on_every_rank for a step of the start-up; a rank that never reached it (it died, or hangs) said in one
+    line by every other rank, as a failure torchrun may restart."""
+    try:
+        return job_store.on_every_rank(key, start, START_TIMEOUT)
+    except TimeoutError as error:
+        raise TrainingError(f"{error} within {START_TIMEOUT.seconds // 60} minutes of the ranks' joining: it stopped or "
+                            "hangs, its node's output says why") from None
 
 
 def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
@@ -350,9 +363,9 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         # Each node's own view (its copy of the data, the lock of a shared run.dir), decided together once joined.
-        streams, (self.train_data, self.val_data) = job_store.on_every_rank("megassm/open_data", self.open_samples, START_TIMEOUT)
+        streams, (self.train_data, self.val_data) = decided_at_start("megassm/open_data", self.open_samples)
         if hold is not None:
-            job_store.on_every_rank("megassm/run_lock", lambda: self.is_writer and hold(RunLock(self.run_dir, say=print)), START_TIMEOUT)
+            decided_at_start("megassm/run_lock", lambda: self.is_writer and hold(RunLock(self.run_dir, say=print)))
         check_weights_fit(cfg, host_memory_share(self.device))
         self.vocabulary = tokenizer_vocabulary(streams[0].tokenizer_path, streams[0].meta.vocab_size)
         self.attempts = attempts()
@@ -808,7 +821,7 @@ def main(argv: list[str] | None = None) -> int:
             return 128 + signal.SIGINT
         except UserError as error:  # one line per job, from rank 0, where every rank meets the same
             # This rank's own (out of memory), or one met before the ranks joined, maybe on this node alone (its copy of
-            # data.path): a line per node.
+            # the config file, its device): a line per node.
             its_own = isinstance(error, OutOfMemory) or (not dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) == 0)
             # Before the ranks joined, rank 0 may meet the same mistake seconds later (a loaded machine): were this rank
             # to end first, torchrun would stop rank 0 before it said why, and the run would end without a line.
