@@ -167,6 +167,11 @@ LAUNCH_ENV = "MEGASSM_LAUNCH"  # the launch command a resume repeats, as launch/
 T = TypeVar("T")
 
 
+def raise_if(error: Exception | None) -> None:
+    if error is not None:
+        raise error
+
+
 def decided_at_start(key: str, start: Callable[[], T]) -> T:
     """job_store.on_every_rank for a step of the start-up; a rank that never reached it (it died, or hangs) said in one
     line by every other rank, as a failure torchrun may restart."""
@@ -358,14 +363,20 @@ class Trainer:
         limit_cpu_threads(self.device)
         use_cublas_without_workspace(self.device)
         quiet_cublas_context_warning()
-        self.ctx = join_processes(cfg, self.device)
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
+        # run.dir's lock before this process touches a GPU, which a live run in that folder may be using.
+        lock_mistake = None
+        if hold is not None and self.is_writer:
+            try:
+                hold(RunLock(self.run_dir, say=print))
+            except UserError as error:
+                lock_mistake = error
+        self.ctx = join_processes(cfg, self.device)
         # Each node's own view (its copy of the data, the lock of a shared run.dir), decided together once joined.
         streams, (self.train_data, self.val_data) = decided_at_start("megassm/open_data", self.open_samples)
-        if hold is not None:
-            decided_at_start("megassm/run_lock", lambda: self.is_writer and hold(RunLock(self.run_dir, say=print)))
+        decided_at_start("megassm/run_lock", lambda: raise_if(lock_mistake))
         check_weights_fit(cfg, host_memory_share(self.device))
         self.vocabulary = tokenizer_vocabulary(streams[0].tokenizer_path, streams[0].meta.vocab_size)
         self.attempts = attempts()

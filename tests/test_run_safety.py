@@ -241,26 +241,39 @@ def test_a_mistake_met_before_the_ranks_join_is_said_by_the_node_that_met_it(con
             assert lines == []
 
 
-def test_a_mistake_of_one_nodes_data_stops_every_node_at_once_with_its_line(config, tmp_path):
-    """Two torchrun agents as on two nodes, the second's copy of the data missing: its rank meets that once the ranks
-    have joined, and every rank stops with rank 0 saying it, where the first node's rank waited for the other until the
-    process group's timeout."""
-    missing = tmp_path / "missing"
+def two_nodes(config: Path, run_dir: Path, *second_node: str) -> list[str]:
+    """The trainer started by two torchrun agents as on two nodes (the first hosts the rendezvous: its worker is rank
+    0), the second's with `second_node` overrides; both must end within two minutes, failed: their `megassm-train:`
+    lines."""
     with reserved_port() as port:
         node = [sys.executable, "-m", "megassm.torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "one-node-data", "-m", "megassm.train", "--config", str(config),
-                f"--run.dir={tmp_path / 'run'}"]
+                "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "-m", "megassm.train", "--config", str(config),
+                f"--run.dir={run_dir}"]
         started = time.monotonic()
         first = subprocess.Popen(node, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TRAINER_ENV)
-        time.sleep(1)  # the first agent hosts the rendezvous: its worker is rank 0
-        second = subprocess.Popen([*node, f"--data.path={missing}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=TRAINER_ENV)
+        time.sleep(1)
+        second = subprocess.Popen([*node, *second_node], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=TRAINER_ENV)
         outputs = [process.communicate(timeout=300) for process in (first, second)]
     assert time.monotonic() - started < 120
     assert first.returncode != 0 and second.returncode != 0, outputs
-    said = [line for _, stderr in outputs for line in stderr.splitlines() if line.startswith("megassm-train:")]
-    assert said == [f"megassm-train: error: on rank 1 ({socket.gethostname()}): {missing}: no such data folder; make one with python "
-                    f"tools/prepare_data.py --out {missing} ..."], outputs
+    return [line for _, stderr in outputs for line in stderr.splitlines() if line.startswith("megassm-train:")]
+
+
+def test_a_mistake_of_one_nodes_data_stops_every_node_at_once_with_its_line(config, tmp_path):
+    """The second node's copy of the data missing: its rank meets that once the ranks have joined, and every rank stops
+    with rank 0 saying it, where the first node's rank waited for the other until the process group's timeout."""
+    missing = tmp_path / "missing"
+    assert two_nodes(config, tmp_path / "run", f"--data.path={missing}") == [
+        f"megassm-train: error: on rank 1 ({socket.gethostname()}): {missing}: no such data folder; make one with python "
+        f"tools/prepare_data.py --out {missing} ..."]
+
+
+def test_a_run_dir_in_use_stops_every_node_at_once(config, tmp_path):
+    """Rank 0 finds run.dir locked by a live run (this test's process): the other node's rank stops with it."""
+    with RunLock(tmp_path / "run", print):
+        said = two_nodes(config, tmp_path / "run")
+    assert len(said) == 1 and said[0].startswith(f"megassm-train: error: on rank 0 ({socket.gethostname()}): run.dir = "
+                                                 f"{tmp_path / 'run'} is in use by another run (pid {os.getpid()} on "), said
 
 
 def test_a_validation_larger_than_the_validation_split_says_so(config, tmp_path):
