@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megassm.hf import hf_config_dict, mamba_ssm_config_dict
-from megassm.model import MIXERS, Attention, Mamba2LM, ModelConfig
+from megassm.model import MIXERS, Attention, KVCache, Mamba2LM, ModelConfig
 from megassm.model.config import LAYER_KINDS
 from megassm.ops.attention import causal_document_attention, shared_block_masks
 from tests.distributed import run_distributed
@@ -197,3 +197,23 @@ def test_unused_keys_are_not_checked_and_tp_checks_the_blocks_used():
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(HYBRID, **changes).check_tensor_parallel(tp)
     dataclasses.replace(HYBRID, attn_kv_heads=1).check_tensor_parallel(4)  # one key/value head, replicated
+
+
+def test_the_kv_cache_appends_in_place_and_grows_by_doubling():
+    """A prompt of two documents then 100 tokens one at a time: the cache holds what torch.cat of every token's keys,
+    values and document ids would, in the keys' dtype, from 8 buffers at most (doubling), not one per token."""
+    empty = torch.zeros(2, 3, 0, 4)
+    cache = KVCache(empty, empty.clone(), torch.zeros(2, 0, dtype=torch.long))
+    prompt_ids = torch.tensor([[3, 3, 4, 4, 4], [7, 7, 7, 7, 8]])
+    keys, values, ids, buffers = [], [], [prompt_ids - prompt_ids[:, :1]], set()
+    for step in range(101):
+        length = 5 if step == 0 else 1
+        k, v = torch.randn(2, 3, length, 4, dtype=torch.bfloat16), torch.randn(2, 3, length, 4, dtype=torch.bfloat16)
+        cache = cache.extend(k, v, prompt_ids if step == 0 else None)
+        keys, values = keys + [k], values + [v]
+        ids += [] if step == 0 else [ids[-1][:, -1:]]
+        buffers.add(cache.k_buffer.data_ptr())
+    assert cache.length == 105 and cache.k.dtype == torch.bfloat16
+    assert torch.equal(cache.k, torch.cat(keys, dim=2)) and torch.equal(cache.v, torch.cat(values, dim=2))
+    assert torch.equal(cache.seq_idx, torch.cat(ids, dim=1)) and cache.seq_idx[:, -1].tolist() == [1, 1]
+    assert len(buffers) <= 8

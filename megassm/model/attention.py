@@ -29,19 +29,51 @@ from parallel.collectives import gather_from_region
 
 @dataclass
 class KVCache:
-    """The keys (after RoPE), values and document ids of the tokens so far, for generation."""
+    """The keys (after RoPE), values and document ids of the `length` tokens so far, for generation: the first `length`
+    positions of buffers that grow by doubling, so that a token appended copies nothing (torch.cat of the whole cache at
+    every token made generation quadratic in its length). `extend` writes into the buffers it shares with the cache it
+    returns: a cache is extended once, its successor replacing it."""
 
-    k: Tensor  # (b, key/value heads, t, head_dim)
-    v: Tensor
-    seq_idx: Tensor  # (b, t)
+    k_buffer: Tensor  # (b, key/value heads, capacity, head_dim)
+    v_buffer: Tensor
+    seq_idx_buffer: Tensor  # (b, capacity)
+    length: int = 0
+
+    @property
+    def k(self) -> Tensor:
+        return self.k_buffer[:, :, : self.length]
+
+    @property
+    def v(self) -> Tensor:
+        return self.v_buffer[:, :, : self.length]
+
+    @property
+    def seq_idx(self) -> Tensor:
+        return self.seq_idx_buffer[:, : self.length]
 
     def extend(self, k: Tensor, v: Tensor, seq_idx: Tensor | None) -> KVCache:
         """The cache with the l new tokens' k, v (b, heads, l, head_dim) after it. The new tokens' first document
         continues the cache's last one, as a Mamba-2 state continues into it (seq_idx None: one document)."""
-        last = self.seq_idx[:, -1:] if self.seq_idx.shape[1] else self.seq_idx.new_zeros(self.seq_idx.shape[0], 1)
+        last = self.seq_idx[:, -1:] if self.length else self.seq_idx_buffer.new_zeros(k.shape[0], 1)
         ids = last.expand(-1, k.shape[2]) if seq_idx is None else seq_idx - seq_idx[:, :1] + last
-        return KVCache(torch.cat([self.k.to(k.dtype), k], dim=2), torch.cat([self.v.to(v.dtype), v], dim=2),
-                       torch.cat([self.seq_idx, ids], dim=1))
+        end = self.length + k.shape[2]
+        buffers = self.k_buffer, self.v_buffer, self.seq_idx_buffer
+        if end > self.k_buffer.shape[2] or self.k_buffer.dtype != k.dtype:  # grown to twice what it must hold, in k's dtype
+            capacity = max(end, 2 * self.k_buffer.shape[2])
+            buffers = tuple(_grown(buffer, self.length, capacity, dim, dtype)
+                            for buffer, dim, dtype in zip(buffers, (2, 2, 1), (k.dtype, v.dtype, self.seq_idx_buffer.dtype)))
+        for buffer, new, dim in zip(buffers, (k, v, ids), (2, 2, 1)):
+            buffer.narrow(dim, self.length, new.shape[dim]).copy_(new)
+        return KVCache(*buffers, length=end)
+
+
+def _grown(buffer: Tensor, length: int, capacity: int, dim: int, dtype: torch.dtype) -> Tensor:
+    """A buffer of `capacity` along `dim` in `dtype`, holding the first `length` entries of `buffer`."""
+    shape = list(buffer.shape)
+    shape[dim] = capacity
+    grown = buffer.new_empty(shape, dtype=dtype)
+    grown.narrow(dim, 0, length).copy_(buffer.narrow(dim, 0, length))
+    return grown
 
 
 class Attention(nn.Module):
@@ -76,7 +108,7 @@ class Attention(nn.Module):
         if self.kv_head is not None:
             k, v = k[:, self.kv_head : self.kv_head + 1], v[:, self.kv_head : self.kv_head + 1]
         length = q.shape[2]
-        start = state.k.shape[2] if state is not None else self.ctx.cp_rank * length
+        start = state.length if state is not None else self.ctx.cp_rank * length
         positions = torch.arange(start, start + length, device=u.device)
         q, k = (rotary(t, positions, self.cfg.rope_dim, self.cfg.rope_theta) for t in (q, k))
         k_seq_idx = seq_idx
