@@ -2,7 +2,9 @@
 that feeds each sampled token back through the model's forward with the sequences' states.
 
 The prompt runs through the parallel forward (the chunked scan), which also returns each layer's state;
-each further token runs through the same forward from those states (the scan's recurrence)."""
+each further token runs through the same forward from those states (the scan's recurrence). A model with attention
+blocks takes the prompt PREFILL_CHUNK_TOKENS at a time, each piece continuing the states of the one before: its
+attention scores then take (piece x prompt) entries, not (prompt x prompt), 64 GiB per layer at 32K tokens and 16 heads."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 from torch import Tensor
 
 from megassm.model import Mamba2LM
+
+PREFILL_CHUNK_TOKENS = 1024  # the prompt tokens a model with attention blocks takes at a time
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int = 0) -> None:
@@ -56,7 +60,11 @@ def prefill(model: Mamba2LM, prompt_ids: Tensor) -> tuple[Tensor, list[Any]]:
                          "build it with the default ParallelContext() and load the checkpoint into it")
     if prompt_ids.dim() != 2 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prefill takes prompts shaped (batch, length >= 1), got {tuple(prompt_ids.shape)}")
-    return model(prompt_ids, states=model.empty_states(prompt_ids.shape[0]))
+    pieces = prompt_ids.split(PREFILL_CHUNK_TOKENS, dim=1) if "*" in model.cfg.layer_kinds else [prompt_ids]
+    states = model.empty_states(prompt_ids.shape[0])
+    for piece in pieces:
+        logits, states = model(piece, states=states)
+    return logits, states
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ def documented_numbers() -> list[tuple[str, str]]:
     from megassm.checkpoint import OPTIMIZER_READ_BYTES
     from megassm.checkpoint_writer import SLAB_BYTES
     from megassm.data.mixture import MIX_BLOCK
+    from megassm.generate import PREFILL_CHUNK_TOKENS
     from megassm.train import ABANDONED_WRITE_WAIT
     from parallel.chunked_loss import LOSS_CHUNK_TOKENS
 
@@ -67,6 +68,7 @@ def documented_numbers() -> list[tuple[str, str]]:
         (architecture, f"({OPTIMIZER_READ_BYTES >> 30} GiB of their logical tensors)"),
         (architecture, f"up to {ABANDONED_WRITE_WAIT.seconds // 60} minutes"),
         (readme, f"every block of {MIX_BLOCK:,} samples"),
+        (readme, f"reads its prompt {PREFILL_CHUNK_TOKENS:,} tokens at a time"),
         (architecture, f"block k // {MIX_BLOCK:,}"),
     ]
 

@@ -16,7 +16,7 @@ from megassm.config import Config, DataConfig
 from megassm.data import load_tokenizer
 from megassm.data.shards import TOKENIZER_DIR
 from megassm.generate import generate, prefill, sample_next, step
-from megassm.model import MIXERS, Block, Mamba2LM, ModelConfig
+from megassm.model import MIXERS, Block, KVCache, Mamba2LM, ModelConfig
 from megassm.pretrained import save_transformers
 from parallel import DDPEngine, ParallelContext
 from tests.commands import load_tool, run_tool
@@ -83,6 +83,33 @@ def test_pieces_continuing_each_others_states_give_the_parallel_forward_logits(c
             logits, states = model(piece, states=states)
         end += piece.shape[1]
         assert torch.allclose(logits, want[:, end - 1], rtol=0, atol=1e-10), end
+
+
+def test_a_hybrids_prompt_is_prefilled_in_pieces_with_the_same_logits_and_states(monkeypatch):
+    """A prompt of 2.5 pieces: every attention block sees pieces of at most PREFILL_CHUNK_TOKENS queries, and the
+    logits and states after it are those of the whole prompt at once."""
+    import megassm.generate
+
+    model = nontrivial(Mamba2LM(CONFIGS[2]).double())
+    ids = torch.randint(0, CONFIGS[2].vocab_size, (2, 25))
+    with torch.no_grad():
+        whole_logits, whole_states = model(ids, states=model.empty_states(2))
+    monkeypatch.setattr(megassm.generate, "PREFILL_CHUNK_TOKENS", 10)
+    queries, attend = [], megassm.model.attention.causal_document_attention
+    monkeypatch.setattr(megassm.model.attention, "causal_document_attention", lambda q, *args, **kwargs: queries.append(q.shape[2])
+                        or attend(q, *args, **kwargs))
+    logits, states = prefill(model, ids)
+    assert queries and max(queries) == 10
+    assert torch.allclose(logits, whole_logits, rtol=0, atol=1e-10)
+    def tensors(state) -> list[torch.Tensor]:  # a cache's tokens (its buffers' capacities differ), a state's fields, none
+        if isinstance(state, KVCache):
+            return [state.k, state.v, state.seq_idx]
+        return [getattr(state, f.name) for f in dataclasses.fields(state)] if dataclasses.is_dataclass(state) else []
+
+    assert [type(s) for s in states] == [type(s) for s in whole_states]
+    for got, want in zip(states, whole_states):
+        for a, b in zip(tensors(got), tensors(want), strict=True):
+            assert torch.allclose(a.double(), b.double(), rtol=0, atol=1e-10)
 
 
 def test_generation_steps_through_a_kind_that_keeps_no_state(monkeypatch):
