@@ -28,6 +28,17 @@ DECISION_GRACE = datetime.timedelta(seconds=30)
 T = TypeVar("T")
 
 
+class NotReported(TimeoutError):
+    """Ranks that posted nothing under a key within the wait (they died, or hang)."""
+
+    def __init__(self, ranks: list[int], key: str):
+        super().__init__(f"ranks {', '.join(map(str, ranks))} did not report {key!r}")
+        self.ranks, self.key = ranks, key
+
+    def __reduce__(self) -> tuple:  # sent to the other ranks through the store
+        return NotReported, (self.ranks, self.key)
+
+
 def _post(key: str, value: object) -> None:
     """This rank's value under `key`."""
     dist.distributed_c10d._get_default_store().set(f"{key}/{dist.get_rank()}", pickle.dumps(value))
@@ -40,14 +51,13 @@ def _keys(key: str, ranks: Sequence[int] | None) -> list[str]:
 def _collect(key: str, timeout: datetime.timedelta, abandoned: threading.Event | None = None,
              ranks: Sequence[int] | None = None) -> list:
     """The values of `ranks` (every rank where None) under `key`, in their order, once all have posted one;
-    TimeoutError after `timeout`, or once `abandoned` is set."""
+    NotReported after `timeout`, or once `abandoned` is set."""
     store = dist.distributed_c10d._get_default_store()
     keys = _keys(key, ranks)
     deadline, pause = time.monotonic() + timeout.total_seconds(), FIRST_PAUSE_SECONDS
     while not store.check(keys):
         if time.monotonic() > deadline or (abandoned is not None and abandoned.is_set()):
-            missing = [k.rsplit("/", 1)[1] for k in keys if not store.check([k])]
-            raise TimeoutError(f"ranks {', '.join(missing)} did not report {key!r}")
+            raise NotReported([int(k.rsplit("/", 1)[1]) for k in keys if not store.check([k])], key)
         time.sleep(pause)
         pause = min(2 * pause, POLL_SECONDS)
     return [pickle.loads(store.get(k)) for k in keys]
@@ -66,13 +76,16 @@ def decided(key: str, mine: object, decide: Callable[[list], T], timeout: dateti
     """decide(every rank's `mine`, in rank order) on rank 0, its result on every rank, or the exception that collecting
     them or deciding raised on rank 0 raised on every rank. Rank 0 polls the others' keys, each other rank one key
     (not every rank every key: thousands of ranks poll one store). Rank 0 returns last, once every rank has read the
-    result: outside torchrun (whose agent holds the store) the store lives in rank 0's process."""
+    result: outside torchrun (whose agent holds the store) the store lives in rank 0's process. The others wait for
+    rank 0's decision from when rank 0 began to collect (it says so), not from their own arrival: ranks that arrive long
+    before rank 0 would give up on it while it still waits for a missing rank."""
     _post(key, mine)
     outcome, readers = None, None
     if dist.get_rank() == 0:
+        _post(f"{key}/collecting", True)
         try:
             values = _collect(key, timeout, abandoned)
-        except TimeoutError as error:  # a rank that never posted: the others learn it, and it will not read the outcome
+        except NotReported as error:  # a rank that never posted: the others learn it, and it will not read the outcome
             store, others = dist.distributed_c10d._get_default_store(), range(1, dist.get_world_size())
             readers = [rank for rank in others if store.check([f"{key}/{rank}"])]
             _forget(key, [0, *readers])
@@ -83,7 +96,11 @@ def decided(key: str, mine: object, decide: Callable[[list], T], timeout: dateti
                 outcome = (decide(values), None)
             except Exception as error:
                 outcome = (None, error)
+    else:
+        _collect(f"{key}/collecting", timeout + DECISION_GRACE, abandoned, ranks=[0])
     result, error = _from_first(f"{key}/decided", outcome, timeout, abandoned, readers)
+    if dist.get_rank() == 0:
+        _forget(f"{key}/collecting", ranks=[0])
     if error is not None:
         raise error
     return result

@@ -93,6 +93,16 @@ class OutOfMemory(TrainingError):
     """A training step ran out of GPU memory on this rank (said by the rank it happened on, not only rank 0)."""
 
 
+class MissingAtStart(TrainingError):
+    """Ranks that never reached a step of the start-up (they died, or hang); said by each node's first process where
+    rank 0, which says the others' lines, is among them."""
+
+    def __init__(self, missing: job_store.NotReported):
+        super().__init__(f"ranks {', '.join(map(str, missing.ranks))} did not reach the start-up's step {missing.key!r} within "
+                         f"{START_TIMEOUT.seconds // 60} minutes: they stopped or hang, their nodes' output says why")
+        self.without_rank_0 = 0 in missing.ranks
+
+
 def global_sum(x: Tensor, ctx: ParallelContext) -> Tensor:
     """Sum over the ranks that hold different tokens (DP x CP)."""
     return x if group_size(ctx.dp_cp_group) == 1 else all_reduce(x, ctx.dp_cp_group)
@@ -167,19 +177,13 @@ LAUNCH_ENV = "MEGASSM_LAUNCH"  # the launch command a resume repeats, as launch/
 T = TypeVar("T")
 
 
-def raise_if(error: Exception | None) -> None:
-    if error is not None:
-        raise error
-
-
 def decided_at_start(key: str, start: Callable[[], T]) -> T:
-    """job_store.on_every_rank for a step of the start-up; a rank that never reached it (it died, or hangs) said in one
-    line by every other rank, as a failure torchrun may restart."""
+    """job_store.on_every_rank for a step of the start-up; ranks that never reached it said in one line, as a failure
+    torchrun may restart (MissingAtStart)."""
     try:
         return job_store.on_every_rank(key, start, START_TIMEOUT)
-    except TimeoutError as error:
-        raise TrainingError(f"{error} within {START_TIMEOUT.seconds // 60} minutes of the ranks' joining: it stopped or "
-                            "hangs, its node's output says why") from None
+    except job_store.NotReported as missing:
+        raise MissingAtStart(missing) from None
 
 
 def verify_data(stream: TokenStream, say: Callable[[str], None]) -> None:
@@ -366,17 +370,11 @@ class Trainer:
         self.is_writer = int(os.environ.get("RANK", 0)) == 0
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
-        # run.dir's lock before this process touches a GPU, which a live run in that folder may be using.
-        lock_mistake = None
-        if hold is not None and self.is_writer:
-            try:
-                hold(RunLock(self.run_dir, say=print))
-            except UserError as error:
-                lock_mistake = error
         self.ctx = join_processes(cfg, self.device)
         # Each node's own view (its copy of the data, the lock of a shared run.dir), decided together once joined.
         streams, (self.train_data, self.val_data) = decided_at_start("megassm/open_data", self.open_samples)
-        decided_at_start("megassm/run_lock", lambda: raise_if(lock_mistake))
+        if hold is not None:
+            decided_at_start("megassm/run_lock", lambda: self.is_writer and hold(RunLock(self.run_dir, say=print)))
         check_weights_fit(cfg, host_memory_share(self.device))
         self.vocabulary = tokenizer_vocabulary(streams[0].tokenizer_path, streams[0].meta.vocab_size)
         self.attempts = attempts()
@@ -831,9 +829,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{TRAINER_PROGRAM}: {STOPPED_WHILE_STARTING}", file=sys.stderr)
             return 128 + signal.SIGINT
         except UserError as error:  # one line per job, from rank 0, where every rank meets the same
-            # This rank's own (out of memory), or one met before the ranks joined, maybe on this node alone (its copy of
-            # the config file, its device): a line per node.
-            its_own = isinstance(error, OutOfMemory) or (not dist.is_initialized() and int(os.environ.get("LOCAL_RANK", 0)) == 0)
+            # This rank's own (out of memory), one met before the ranks joined, maybe on this node alone (its copy of the
+            # config file, its device), or rank 0 missing at start-up: a line per node.
+            first_of_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+            its_own = (isinstance(error, OutOfMemory) or (not dist.is_initialized() and first_of_node)
+                       or (isinstance(error, MissingAtStart) and error.without_rank_0 and first_of_node))
             # Before the ranks joined, rank 0 may meet the same mistake seconds later (a loaded machine): were this rank
             # to end first, torchrun would stop rank 0 before it said why, and the run would end without a line.
             said_if_alone = not dist.is_initialized() and launched_by_torchrun()

@@ -69,6 +69,7 @@ def documented_numbers() -> list[tuple[str, str]]:
         (architecture, f"up to {ABANDONED_WRITE_WAIT.seconds // 60} minutes"),
         (readme, f"every block of {MIX_BLOCK:,} samples"),
         (readme, f"reads its prompt {PREFILL_CHUNK_TOKENS:,} tokens at a time"),
+        (architecture, f"runs in pieces of {PREFILL_CHUNK_TOKENS:,} tokens"),
         (architecture, f"block k // {MIX_BLOCK:,}"),
     ]
 

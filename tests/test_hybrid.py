@@ -199,9 +199,10 @@ def test_unused_keys_are_not_checked_and_tp_checks_the_blocks_used():
     dataclasses.replace(HYBRID, attn_kv_heads=1).check_tensor_parallel(4)  # one key/value head, replicated
 
 
-def test_the_kv_cache_appends_in_place_and_grows_by_doubling():
+def test_the_kv_cache_appends_in_place_and_grows_geometrically():
     """A prompt of two documents then 100 tokens one at a time: the cache holds what torch.cat of every token's keys,
-    values and document ids would, in the keys' dtype, from 8 buffers at most (doubling), not one per token."""
+    values and document ids would, in the keys' dtype, from 10 buffers at most (each half as large again), not one per
+    token."""
     empty = torch.zeros(2, 3, 0, 4)
     cache = KVCache(empty, empty.clone(), torch.zeros(2, 0, dtype=torch.long))
     prompt_ids = torch.tensor([[3, 3, 4, 4, 4], [7, 7, 7, 7, 8]])
@@ -216,4 +217,14 @@ def test_the_kv_cache_appends_in_place_and_grows_by_doubling():
     assert cache.length == 105 and cache.k.dtype == torch.bfloat16
     assert torch.equal(cache.k, torch.cat(keys, dim=2)) and torch.equal(cache.v, torch.cat(values, dim=2))
     assert torch.equal(cache.seq_idx, torch.cat(ids, dim=1)) and cache.seq_idx[:, -1].tolist() == [1, 1]
-    assert len(buffers) <= 8
+    assert len(buffers) <= 10
+
+
+def test_two_continuations_of_one_kv_cache_keep_their_own_tokens():
+    empty = torch.zeros(1, 1, 0, 2)
+    cache = KVCache(empty, empty.clone(), torch.zeros(1, 0, dtype=torch.long)).extend(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2), None)
+    first = cache.extend(torch.full((1, 1, 1, 2), 2.0), torch.full((1, 1, 1, 2), 2.0), None)
+    second = cache.extend(torch.full((1, 1, 1, 2), 3.0), torch.full((1, 1, 1, 2), 3.0), None)
+    first = first.extend(torch.full((1, 1, 1, 2), 4.0), torch.full((1, 1, 1, 2), 4.0), None)
+    assert first.k[0, 0, :, 0].tolist() == [1, 1, 1, 2, 4] and second.k[0, 0, :, 0].tolist() == [1, 1, 1, 3]
+    assert second.v[0, 0, :, 1].tolist() == [1, 1, 1, 3] and cache.k[0, 0, :, 0].tolist() == [1, 1, 1]

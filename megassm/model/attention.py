@@ -15,7 +15,7 @@ Init: qkv_proj uniform_fan_in, o_proj residual_output (model/init.py), as the ot
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -30,14 +30,16 @@ from parallel.collectives import gather_from_region
 @dataclass
 class KVCache:
     """The keys (after RoPE), values and document ids of the `length` tokens so far, for generation: the first `length`
-    positions of buffers that grow by doubling, so that a token appended copies nothing (torch.cat of the whole cache at
-    every token made generation quadratic in its length). `extend` writes into the buffers it shares with the cache it
-    returns: a cache is extended once, its successor replacing it."""
+    positions of buffers with room to grow (half as much again when full), so that a token appended copies nothing
+    (torch.cat of the whole cache at every token made generation quadratic in its length). `extend` writes into the
+    buffers it shares with the cache it returns; extending an earlier cache of the same buffers again (two
+    continuations of one text) copies them first."""
 
     k_buffer: Tensor  # (b, key/value heads, capacity, head_dim)
     v_buffer: Tensor
     seq_idx_buffer: Tensor  # (b, capacity)
     length: int = 0
+    written: list[int] = field(default_factory=lambda: [0])  # the positions written into these buffers, shared
 
     @property
     def k(self) -> Tensor:
@@ -57,14 +59,16 @@ class KVCache:
         last = self.seq_idx[:, -1:] if self.length else self.seq_idx_buffer.new_zeros(k.shape[0], 1)
         ids = last.expand(-1, k.shape[2]) if seq_idx is None else seq_idx - seq_idx[:, :1] + last
         end = self.length + k.shape[2]
-        buffers = self.k_buffer, self.v_buffer, self.seq_idx_buffer
-        if end > self.k_buffer.shape[2] or self.k_buffer.dtype != k.dtype:  # grown to twice what it must hold, in k's dtype
-            capacity = max(end, 2 * self.k_buffer.shape[2])
+        buffers, written = (self.k_buffer, self.v_buffer, self.seq_idx_buffer), self.written
+        if end > self.k_buffer.shape[2] or self.k_buffer.dtype != k.dtype or written[0] != self.length:
+            capacity = max(end, 3 * end // 2)  # in k's dtype, and a later cache's positions left alone
             buffers = tuple(_grown(buffer, self.length, capacity, dim, dtype)
                             for buffer, dim, dtype in zip(buffers, (2, 2, 1), (k.dtype, v.dtype, self.seq_idx_buffer.dtype)))
+            written = [self.length]
         for buffer, new, dim in zip(buffers, (k, v, ids), (2, 2, 1)):
             buffer.narrow(dim, self.length, new.shape[dim]).copy_(new)
-        return KVCache(*buffers, length=end)
+        written[0] = end
+        return KVCache(*buffers, length=end, written=written)
 
 
 def _grown(buffer: Tensor, length: int, capacity: int, dim: int, dtype: torch.dtype) -> Tensor:
