@@ -371,6 +371,7 @@ class Trainer:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.run_dir = Path(cfg.run.dir)
         self.ctx = join_processes(cfg, self.device)
+        self.data_names, self.data_shares = folder_names(list(cfg.data.folders())), list(cfg.data.folders().values())
         # Each node's own view (its copy of the data, the lock of a shared run.dir), decided together once joined.
         streams, (self.train_data, self.val_data) = decided_at_start("megassm/open_data", self.open_samples)
         if hold is not None:
@@ -432,8 +433,6 @@ class Trainer:
         each folder's validation samples; each rank's piece of them."""
         cfg = self.cfg
         streams = open_data(cfg)
-        self.data_names = folder_names([str(stream.path) for stream in streams])
-        self.data_shares = list(cfg.data.folders().values())
         loader = dict(seq_len=cfg.data.seq_len, seed=cfg.run.seed, cp=self.ctx.cp, cp_rank=self.ctx.cp_rank)
         train_data = MixedLoader([SampleLoader(stream, split="train", **loader) for stream in streams],
                                  Mixture(self.data_shares, cfg.run.seed))
