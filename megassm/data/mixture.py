@@ -84,5 +84,7 @@ class MixedLoader:
 
     def batch(self, first_sample: int, count: int) -> Batch:
         """Samples first_sample .. first_sample + count - 1, each read from its folder."""
+        if len(self.loaders) == 1:  # the folder's own numbers: its batch at once
+            return self.loaders[0].batch(first_sample, count)
         folders, numbers = self.mixture.assign(np.arange(first_sample, first_sample + count, dtype=np.int64))
         return Batch.stack([self.loaders[f].batch(int(k), 1) for f, k in zip(folders, numbers)])
