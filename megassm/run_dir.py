@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import shlex
@@ -150,17 +151,18 @@ class Owner:
 
 
 class RunLock:
-    """Hold run_dir/run.lock for this process (a context manager); RunDirError when another live run holds it. A
-    run.dir it made that holds nothing when it lets go (a start that failed) is removed."""
+    """Hold run_dir/run.lock for this process (a context manager); RunDirError when another live run holds it. The
+    folders it made for run.dir (it and parents that did not exist) that hold nothing when it lets go (a start that
+    failed) are removed."""
 
     def __init__(self, run_dir: Path, say: Callable[[str], None]):
         self.run_dir, self.path, self.say = Path(run_dir), Path(run_dir) / LOCK_FILE, say
         self._fd: int | None = None
-        self._made_run_dir = False
+        self._made: list[Path] = []  # the folders it made, deepest first
 
     def __enter__(self) -> "RunLock":
         try:
-            self._made_run_dir = not self.run_dir.exists()
+            self._made = list(itertools.takewhile(lambda folder: not folder.exists(), (self.run_dir, *self.run_dir.absolute().parents)))
             self.run_dir.mkdir(parents=True, exist_ok=True)
             while not self._try_lock():
                 pass
@@ -209,9 +211,9 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
-            if self._made_run_dir:
-                with contextlib.suppress(OSError):  # not empty: the run wrote into it
-                    self.run_dir.rmdir()
+            with contextlib.suppress(OSError):  # not empty: the run wrote into it
+                for folder in self._made:
+                    folder.rmdir()
 
 
 def _read_owner(fd: int) -> Owner | None:

@@ -103,8 +103,8 @@ def test_under_torchrun_the_same_stop_is_one_line_from_rank_0(config, old_run):
 
 def test_an_explicit_checkpoint_of_another_model_stops_naming_the_key_and_both_values(config, old_run, tmp_path):
     assert_refused_and_untouched(config, old_run, [f"--checkpoint.resume={old_run}/checkpoints/step_4", "--model.d_state=32"],
-                                 "model.d_state = 16 there, 32 in this config", into=tmp_path / "new")
-    assert not (tmp_path / "new").exists()  # the failed start's run.dir, made and left empty, is removed
+                                 "model.d_state = 16 there, 32 in this config", into=tmp_path / "new" / "runs" / "a")
+    assert not (tmp_path / "new").exists()  # the failed start's run.dir and the parents it made, left empty, are removed
 
 
 @pytest.fixture(scope="module")
