@@ -112,8 +112,9 @@ def open_data(cfg: Config) -> list[TokenStream]:
     """data.path's prepared folders, checked against the model and each other before anything is built."""
     streams = [_open_folder(folder, cfg) for folder in cfg.data.folders()]
     first, seen = streams[0], {}
+    tokenizer = folder_sha256(first.tokenizer_path) if len(streams) > 1 else None
     for stream in streams:
-        if folder_sha256(stream.tokenizer_path) != folder_sha256(first.tokenizer_path):
+        if stream is not first and folder_sha256(stream.tokenizer_path) != tokenizer:
             raise ConfigError(f"the folders of data.path were prepared with different tokenizers: {first.tokenizer_path} and "
                               f"{stream.tokenizer_path}; a mixture's folders need one tokenizer (prepare them again with one)")
         shards = tuple(shard.sha256 for shard in stream.meta.shards)

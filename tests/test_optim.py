@@ -2,6 +2,7 @@
 values written out by hand, not against the code's own rule."""
 
 import math
+import typing
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from megassm.config import OptimConfig
 from megassm.model import Mamba2LM, ModelConfig
-from megassm.optim import learning_rate, param_groups, schedule_warning
+from megassm.optim import DECAY_SHAPES, learning_rate, param_groups, schedule_warning
 from megassm.train import Trainer, TrainingError
 from parallel import DDPEngine, ParallelContext
 
@@ -55,6 +56,11 @@ def test_warmup_stable_decay_holds_lr_then_decays_over_the_last_share_of_the_ste
         assert learning_rate(step, cfg, 100) == pytest.approx(1e-5 + (1e-3 - 1e-5) * shape((step - 80) / 19)), step
     assert learning_rate(99, cfg, 100) == pytest.approx(1e-5) and learning_rate(150, cfg, 100) == pytest.approx(1e-5)
     assert schedule_warning(cfg, 100) is None
+
+
+def test_every_decay_the_config_takes_has_a_shape():
+    choices = typing.get_args(typing.get_type_hints(OptimConfig)["decay"])
+    assert set(choices) == set(DECAY_SHAPES) and all(DECAY_SHAPES[c](0) == 1 and DECAY_SHAPES[c](1) == 0 for c in choices)
 
 
 @pytest.mark.parametrize("decay", ["linear", "1-sqrt"])
