@@ -196,11 +196,12 @@ def state_bytes_per_parameter(cfg: Config, cuda_graphs: bool = False) -> float:
     its gradient, AdamW's two moments, DDP's copy of the gradient in its buckets (more than one replica) and the CUDA
     graphs' gradient buffer next to `.grad` (several micro batches); under ZeRO its fp32 copy of the weight, the
     gradient and the moments, each split over the replicas of DP x CP, and with stage 1 the whole gradient, which it
-    sums over micro batches before it reduces (counted in CPU processes, tests/test_deepspeed.py)."""
+    sums over micro batches before it reduces (counted in CPU processes, tests/test_deepspeed.py), and the graphs'
+    gradient buffer, which ZeRO copies from."""
     copies = replicas(cfg)
     if cfg.parallel.engine == "deepspeed":
         whole_gradient = cfg.parallel.zero_stage == 1 and cfg.accumulation_steps > 1
-        return 4 + 16 / copies + (4 - 4 / copies) * whole_gradient
+        return 4 + 16 / copies + (4 - 4 / copies) * whole_gradient + 4 * cuda_graphs
     return 16 + 4 * (copies > 1) + 4 * (cuda_graphs and cfg.accumulation_steps > 1)
 
 
@@ -302,13 +303,13 @@ def memory_choices(cfg: Config, backend: str, device_memory: int, cuda_graphs: b
     return MemoryChoices(recomputed, keep, recompute_note, states_note)
 
 
-# Under DDP the blocks' CUDA graphs come in this many groups of layers, so that DDP sums each group's gradients over
-# the ranks while the earlier groups' backward runs: left after the backward are the first group's sums and the
-# embedding's (at 780m ~22% of the gradients), not all of them (~3 GB). Between groups nothing is copied
-# (megassm/model/cuda_graphs.py).
+# On several replicas the blocks' CUDA graphs come in this many groups of layers, so that DDP (or ZeRO-2) sums each
+# group's gradients over the ranks while the earlier groups' backward runs: left after the backward are the first
+# group's sums and the embedding's (at 780m ~22% of the gradients), not all of them (~3 GB). Between groups nothing is
+# copied (megassm/model/cuda_graphs.py).
 CUDA_GRAPH_GROUPS_UNDER_DDP = 8
 
 
 def cuda_graph_groups(ctx: ParallelContext) -> int:
-    """How many groups of layers the blocks' CUDA graphs come in: several where DDP sums gradients over ranks."""
+    """How many groups of layers the blocks' CUDA graphs come in: several where the engine sums gradients over ranks."""
     return CUDA_GRAPH_GROUPS_UNDER_DDP if group_size(ctx.dp_cp_group) > 1 else 1

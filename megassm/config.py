@@ -512,14 +512,10 @@ def validate_optim(optim: OptimConfig) -> None:
 
 def cuda_graph_blockers(cfg: Config) -> list[str]:
     """What keeps the blocks from being replayed as CUDA graphs under this config (empty: nothing).
-    A graph replays its kernels without Python: the blocks may not leave the step to an engine that reorders
-    the backward pass (DeepSpeed). Attention's flex_attention copies from the CPU when it runs eager, which a
-    capture forbids."""
+    Attention's flex_attention copies from the CPU when it runs eager, which a capture forbids."""
     blockers = []
     if "*" in cfg.model.layer_kinds and not cfg.kernels.compile:
         blockers.append("kernels.compile = true with attention blocks ('*')")
-    if cfg.parallel.engine != "ddp":
-        blockers.append("parallel.engine = 'ddp'")
     return blockers
 
 

@@ -122,13 +122,18 @@ def check(what: str, got: float | torch.Tensor, want: float | torch.Tensor) -> N
 def check_callers_autocast(engine: DeepSpeedEngine, model: nn.Module, layout: str) -> None:
     """Under the caller's bf16 autocast the engine computes what the model does under it. (On CUDA,
     DeepSpeed's forward alone switches an outer autocast off; the engine does so on every device and
-    enters the caller's again inside, which is what this checks on the CPU.)"""
+    enters the caller's again inside, which is what this checks on the CPU), with the caller's cache setting: CUDA
+    graphs need the cache off."""
     ids, labels, _ = global_batches()[0]
+    caches = []
+    hook = model.register_forward_pre_hook(lambda *_: caches.append(torch.is_autocast_cache_enabled()))
     with torch.no_grad():
         full = model(ids[:ROWS], labels=labels[:ROWS])
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
             want, got = model(ids[:ROWS], labels=labels[:ROWS]), engine(ids[:ROWS], labels=labels[:ROWS])
+    hook.remove()
     assert not torch.equal(want, full) and torch.equal(got, want), f"{layout}: the engine ignored the caller's autocast"
+    assert caches[1:] == [False, False], f"{layout}: the engine turned on autocast's cache"
 
 
 def tensor_bytes() -> int:

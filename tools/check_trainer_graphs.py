@@ -11,6 +11,7 @@ repeated) shows what differs without graphs (0 where every kernel is determinist
 how the tool itself is tested (tests/test_check_graphs.py).
 
     python tools/check_trainer_graphs.py            # 4 layers of mamba2-130m, 2 x 512 tokens per micro batch, data/builtin
+    python tools/check_trainer_graphs.py --engine deepspeed   # ZeRO-1 and -2 (one process in torchrun's environment)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -59,6 +61,16 @@ SCENARIOS = [
     Scenario("resumed at step 3", resume_at=3),
     Scenario("PyTorch kernels", ["--kernels.backend=torch"]),
 ]
+# --engine deepspeed: ZeRO reads the gradients from the graphs' buffers in its hooks (stage 2) or after the backward
+# (stage 1, which sums micro batches in .grad).
+DEEPSPEED_SCENARIOS = [
+    Scenario("ZeRO-1, one micro batch", ["--parallel.zero_stage=1"]),
+    Scenario("ZeRO-1, two micro batches", ["--parallel.zero_stage=1", "--data.global_batch=4"]),
+    Scenario("ZeRO-2, one micro batch, a skipped step", ["--parallel.zero_stage=2"], nan_loss_at=3),
+    Scenario("ZeRO-2, two micro batches, activation checkpointing",
+             ["--parallel.zero_stage=2", "--data.global_batch=4", "--train.activation_checkpointing=true"]),
+    Scenario("ZeRO-2, resumed at step 3", ["--parallel.zero_stage=2"], resume_at=3),
+]
 
 
 def overrides(args: argparse.Namespace, cuda: bool, run_dir: Path, graphs: bool) -> list[str]:
@@ -67,7 +79,7 @@ def overrides(args: argparse.Namespace, cuda: bool, run_dir: Path, graphs: bool)
             "--data.global_batch=2", f"--run.dir={run_dir}", "--optim.lr=3e-3", "--optim.min_lr=3e-4", "--optim.warmup_steps=2",
             "--optim.grad_clip=1.0", f"--train.steps={STEPS}", f"--train.precision={'bf16' if cuda else 'fp32'}", "--train.log_every=1",
             "--train.eval_every=2", "--train.eval_samples=4", "--checkpoint.every=3", f"--train.device={'cuda' if cuda else 'cpu'}",
-            f"--train.cuda_graphs={str(graphs).lower()}"]
+            f"--train.cuda_graphs={str(graphs).lower()}", f"--parallel.engine={args.engine}"]
 
 
 def train(args: argparse.Namespace, scenario: Scenario, run_dir: Path, graphs: bool, resume: Path | None = None) -> dict[int, dict]:
@@ -126,12 +138,18 @@ def main() -> None:
                         help="largest relative difference that passes: far below bf16's rounding (4e-3), which a graph reading a "
                              "stale buffer exceeds; above the PyTorch kernels' validation loss, graphed against eager (1.2e-5 on an "
                              "H100, run 31: the Triton kernels' runs agree to the last bit)")
+    parser.add_argument("--engine", choices=("ddp", "deepspeed"), default="ddp",
+                        help="the data-parallel engine; deepspeed runs its own scenarios, as one process of torchrun's environment")
     args = parser.parse_args()
     if not (Path(args.data) / "meta.json").is_file():
         parser.error(f"--data {args.data}: no prepared data there (bash launch/quickstart.sh makes data/builtin)")
+    if args.engine == "deepspeed":  # DeepSpeed needs torchrun's environment, also for one process
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": "29533"}.items():
+            os.environ.setdefault(key, value)
     rows, failed = [], 0
     with tempfile.TemporaryDirectory(prefix="check_trainer_graphs_") as tmp:
-        for index, scenario in enumerate(SCENARIOS):
+        for index, scenario in enumerate(DEEPSPEED_SCENARIOS if args.engine == "deepspeed" else SCENARIOS):
             row, passed = check(args, scenario, Path(tmp) / str(index))
             rows.append(row)
             failed += not passed
