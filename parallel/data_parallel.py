@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from parallel.collectives import all_reduce
 from parallel.context import ParallelContext, group_size
-from parallel.graph_stream import on_graph_stream
+from parallel.graph_stream import engine_on_graph_stream
 from parallel.roles import ParamRole, roles_of
 
 
@@ -134,7 +134,7 @@ class DDPEngine:
         self.optimizer = make_adamw(param_groups, lr, betas, eps)
         self.ddp = None
         if group_size(ctx.dp_cp_group) > 1:
-            with on_graph_stream(self.params[0].device):  # its gradient accumulators on the CUDA graphs' stream
+            with engine_on_graph_stream(self.params[0].device):
                 self.ddp = DistributedDataParallel(model, process_group=ctx.dp_cp_group)
             self.ddp.register_comm_hook(ctx.dp_cp_group, _sum_hook)
 

@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 from parallel.collectives import all_reduce
 from parallel.context import ParallelContext, group_rank, group_size
 from parallel.data_parallel import load_adamw_state, make_adamw
-from parallel.graph_stream import on_graph_stream
+from parallel.graph_stream import engine_on_graph_stream
 from parallel.roles import roles_of
 
 try:
@@ -144,7 +144,7 @@ class DeepSpeedEngine:
             "zero_allow_untested_optimizer": True,  # torch's AdamW, which ZeRO steps on its flat fp32 partitions
         }
         self.wrapper = _CallersAutocast(model)
-        with on_graph_stream(self.params[0].device):  # any gradient accumulator it makes on the CUDA graphs' stream, as DDP's
+        with engine_on_graph_stream(self.params[0].device):
             self.ds, *_ = deepspeed.initialize(model=self.wrapper, optimizer=self.optimizer, config=config, mpu=_ModelParallelUnit(ctx))
         self.zero = self.ds.optimizer
 
