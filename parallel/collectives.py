@@ -51,6 +51,11 @@ def collectives_through(runner: Callable[[Communication], None]) -> Iterator[Non
         _runner = outer
 
 
+def handed_over() -> bool:
+    """Whether collectives are handed to a runner now (a CUDA-graph capture is under way)."""
+    return _runner is not None
+
+
 def _issue(name: str, tensor: Tensor, communicate: Communication) -> None:
     if _records is not None:
         _records.append((name, tensor.numel() * tensor.element_size()))

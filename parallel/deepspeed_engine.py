@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed import ProcessGroup
 
-from parallel.collectives import all_reduce
+from parallel.collectives import all_reduce, handed_over
 from parallel.context import ParallelContext, group_rank, group_size
 from parallel.data_parallel import load_adamw_state, make_adamw
 from parallel.graph_stream import engine_on_graph_stream
@@ -95,8 +95,10 @@ class _CallersAutocast(nn.Module):
 
 
 def _sum_over_tp_hook(group: ProcessGroup) -> Callable[[Tensor], Tensor]:
-    """A gradient hook returning the gradient summed over the group."""
-    return lambda grad: all_reduce(grad.clone(), group)
+    """A gradient hook returning the gradient summed over the group. Left as it is while a CUDA-graph capture runs the
+    hook (autograd.grad calls a leaf's hooks): the graph's replay hands its gradient to this hook again, which sums it
+    then; summed in the graph too, it would be summed twice."""
+    return lambda grad: grad if handed_over() else all_reduce(grad.clone(), group)
 
 
 def deal_by_size(sizes: list[int], owners: int) -> list[int]:

@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from tools.check_trainer_graphs import SCENARIOS
+from tools.check_trainer_graphs import DEEPSPEED_SCENARIOS, SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,15 @@ def test_check_graphs_runs_its_layouts():
     for row in rows:
         one_loss, one_grad = (float(cell.split()[0]) for cell in row.split(" | ")[4].split("; "))
         assert one_loss < 1e-6 and one_grad < 1e-5, row
+
+
+def test_check_graphs_runs_the_deepspeed_engine():
+    """ZeRO's gradients (tp2 + SP: the replicated parameters' summed over TP by its hook) against one process."""
+    done = check_graphs("--engine", "deepspeed", "--layouts", "tp2+sp")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| tp2+sp "))
+    one_loss, one_grad = (float(cell.split()[0]) for cell in row.split(" | ")[4].split("; "))
+    assert row.endswith("| PASS |") and one_loss < 1e-6 and one_grad < 1e-4, row
 
 
 def test_check_graphs_fails_past_its_tolerance():
@@ -56,13 +66,14 @@ def test_a_nan_or_an_infinity_is_never_within_a_tolerance():
     assert bench.relative_difference(1.5, 2.0) == 0.25
 
 
-def test_check_trainer_graphs_runs_its_scenarios(prepared_data):
+@pytest.mark.parametrize("engine, scenarios", [("ddp", SCENARIOS), ("deepspeed", DEEPSPEED_SCENARIOS)])
+def test_check_trainer_graphs_runs_its_scenarios(prepared_data, engine, scenarios):
     """On CPU both runs are eager and deterministic: every scenario must agree exactly (a mismatch means the tool's own
     runs differ, e.g. a resume that does not go on where the first run was)."""
-    command = [sys.executable, str(ROOT / "tools" / "check_trainer_graphs.py"), "--data", str(prepared_data)]
+    command = [sys.executable, str(ROOT / "tools" / "check_trainer_graphs.py"), "--data", str(prepared_data), "--engine", engine]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")][1:]  # below the header
-    assert len(rows) == len(SCENARIOS) and all(row.endswith("| PASS |") for row in rows), done.stdout
-    assert f"PASS: {len(SCENARIOS)} of {len(SCENARIOS)} scenarios within 1e-04 (CPU: both runs eager)" in done.stdout
+    assert len(rows) == len(scenarios) and all(row.endswith("| PASS |") for row in rows), done.stdout
+    assert f"PASS: {len(scenarios)} of {len(scenarios)} scenarios within 1e-04 (CPU: both runs eager)" in done.stdout
     assert all(", ".join(["0.0e+00"] * 4) in row for row in rows), done.stdout

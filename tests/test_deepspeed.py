@@ -17,8 +17,8 @@ from megassm.auto_choices import state_bytes_per_parameter  # noqa: E402
 from megassm.config import load_config  # noqa: E402
 from megassm.model import Mamba2LM, ModelConfig  # noqa: E402
 from parallel import ParallelContext, ParamRole, init_parallel, local_piece, param_roles, roles_of  # noqa: E402
-from parallel.context import group_size  # noqa: E402
-from parallel.collectives import all_gather, all_reduce  # noqa: E402
+from parallel.context import group_rank, group_size  # noqa: E402
+from parallel.collectives import all_gather, all_reduce, collectives_through  # noqa: E402
 from parallel import deepspeed_engine  # noqa: E402
 from parallel.deepspeed_engine import DeepSpeedEngine, deal_by_size  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
@@ -136,6 +136,18 @@ def check_callers_autocast(engine: DeepSpeedEngine, model: nn.Module, layout: st
     assert caches[1:] == [False, False], f"{layout}: the engine turned on autocast's cache"
 
 
+def check_sequence_parallel_hook(ctx: ParallelContext, layout: str) -> None:
+    """A replicated parameter's gradient hook sums it over TP, but not during a CUDA-graph capture (collectives handed
+    to a runner), whose replay hands the gradient to the hook again: summed in the graph too, it would be summed twice."""
+    hook = deepspeed_engine._sum_over_tp_hook(ctx.tp_group)
+    grad = torch.full((3,), float(group_rank(ctx.tp_group) + 1))
+    handed = []
+    with collectives_through(handed.append):
+        assert hook(grad) is grad and not handed, f"{layout}: the hook summed a gradient during a capture"
+    tp = group_size(ctx.tp_group)
+    assert torch.equal(hook(grad), torch.full((3,), tp * (tp + 1) / 2)), f"{layout}: the hook did not sum over TP"
+
+
 def tensor_bytes() -> int:
     """The bytes of every tensor storage this process holds, each storage once: the tensors Python holds and their
     gradients (which have no Python object until read)."""
@@ -213,6 +225,8 @@ def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, res
         for key, value in entry.items():
             check(f"{layout}: AdamW {key} of parameter {i}", value, wanted[i][key])
     check_callers_autocast(engine, model, layout)
+    if sequence_parallel:
+        check_sequence_parallel_hook(ctx, layout)
     if not resume:
         return
 

@@ -17,6 +17,7 @@ need several GPUs. Without CUDA both models run eagerly: how the tool itself is 
     python tools/check_graphs.py --pattern M-M*M- --activation-checkpointing
     python tools/check_graphs.py --layouts dp2 tp2xdp2+sp --micro-batches 2
     python tools/check_graphs.py --backend nccl --layouts cp4 tp2xcp2 tp4+sp tp2xcp2xdp2   # one GPU per rank
+    python tools/check_graphs.py --engine deepspeed --layouts tp2+sp dp2   # ZeRO-1: its gradients before its step
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def worker(args: argparse.Namespace) -> None:
     from megassm.auto_choices import cuda_graph_groups
     from parallel import DDPEngine, ParallelContext, init_parallel, local_piece, param_roles
 
+    if args.engine == "deepspeed":
+        if args.backend == "gloo":
+            os.environ["LOCAL_RANK"] = "0"  # the GPU DeepSpeed takes: the one all ranks share
+        from deepspeed.utils import safe_get_full_grad
+        from parallel.deepspeed_engine import DeepSpeedEngine
+
     tp, cp, dp, sp = layout(args.layout)
     micro = args.micro_batches
     cuda = torch.cuda.is_available()
@@ -71,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = dataclasses.replace(preset, n_layer=len(args.pattern), pattern=args.pattern if set(args.pattern) != {"M"} else "",
                               ngroups=args.ngroups, mlp_hidden=preset.mlp_hidden or 4 * preset.d_model)
 
-    def build(graphs: bool, context: ParallelContext = ctx) -> tuple[Mamba2LM, DDPEngine]:
+    def build(graphs: bool, context: ParallelContext = ctx) -> tuple[Mamba2LM, DDPEngine | DeepSpeedEngine]:
         torch.manual_seed(0)
         model = Mamba2LM(cfg, context).to(device)
         apply_kernels(model, "auto", True, "megassm")
@@ -80,13 +87,16 @@ def worker(args: argparse.Namespace) -> None:
         apply_ssd_state_keeping(model)
         if graphs:
             apply_cuda_graphs(model, cuda_graph_groups(context))  # as the trainer: several groups under DDP
+        groups = [{"params": list(model.parameters())}]
+        if args.engine == "deepspeed" and context is ctx:
+            return model, DeepSpeedEngine(model, context, groups, lr=0.0, zero_stage=args.zero_stage, accumulation_steps=micro)
         # As the trainer: with several micro batches a graph's gradient buffers are added into .grad, zeroed in place.
-        return model, DDPEngine(model, context, [{"params": list(model.parameters())}], lr=0.0, zero_in_place=graphs and micro > 1)
+        return model, DDPEngine(model, context, groups, lr=0.0, zero_in_place=graphs and micro > 1)
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16", cache_enabled=False)
 
-    def loss_and_grads(model: Mamba2LM, engine: DDPEngine, ids: torch.Tensor, seq_idx: torch.Tensor, labels: torch.Tensor,
+    def loss_and_grads(model: Mamba2LM, engine: DDPEngine | DeepSpeedEngine, ids: torch.Tensor, seq_idx: torch.Tensor, labels: torch.Tensor,
                        targets: int) -> list[torch.Tensor]:
         """The loss of these tokens over all `targets` of the global batch (summed over the ranks: the whole batch's
         loss) and every gradient, as the trainer computes them, in --micro-batches micro batches; then a validation
@@ -99,12 +109,19 @@ def worker(args: argparse.Namespace) -> None:
                     piece_loss = engine(*piece).sum() / targets
                 engine.backward(piece_loss)
             loss += piece_loss.detach()
-        engine.finish_gradients()
-        if engine.ctx.dp_cp_group is not None:
-            torch.distributed.all_reduce(loss, group=engine.ctx.dp_cp_group)
-        out = [loss, *(p.grad.clone() for p in model.parameters())]
-        for p in model.parameters():
-            p.grad = None if micro == 1 else p.grad.zero_()
+        if isinstance(engine, DDPEngine):
+            group = engine.ctx.dp_cp_group
+            engine.finish_gradients()
+            grads = [p.grad.clone() for p in model.parameters()]
+            for p in model.parameters():
+                p.grad = None if micro == 1 else p.grad.zero_()
+        else:  # ZeRO's gradient of each parameter (this TP rank's piece), then a step at rate 0, which drops them
+            group = engine.dp_cp_group
+            grads = [safe_get_full_grad(p).clone() for p in model.parameters()]
+            engine.step(lr=0.0, max_norm=0.0)
+        if group is not None:
+            torch.distributed.all_reduce(loss, group=group)
+        out = [loss, *grads]
         with torch.no_grad(), autocast():
             model(*pieces[0])
         return out
@@ -152,7 +169,8 @@ def run_layout(args: argparse.Namespace, name: str) -> list[dict] | str:
     done = torchrun(tp * cp * dp, [__file__, "--worker", "--layout", name, "--backend", args.backend, "--preset", args.preset,
                                    "--pattern", args.pattern, "--ngroups", str(args.ngroups), "--batch", str(args.batch),
                                    "--seq-len", str(args.seq_len), "--batches", str(args.batches),
-                                   "--micro-batches", str(args.micro_batches), "--precision", args.precision,
+                                   "--micro-batches", str(args.micro_batches), "--precision", args.precision, "--engine", args.engine,
+                                   "--zero-stage", str(args.zero_stage),
                                    *(["--activation-checkpointing"] if args.activation_checkpointing else [])], args.timeout)
     lines = [line for line in done.stdout.splitlines() if line.startswith("CHECK_GRAPHS ")]
     if not lines:
@@ -176,6 +194,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--micro-batches", type=int, default=1, help="per batch, each rank's rows in this many micro batches")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--engine", choices=["ddp", "deepspeed"], default="ddp", help="the data-parallel engine of both models")
+    parser.add_argument("--zero-stage", type=int, choices=[1, 2], default=1, help="with --engine deepspeed")
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="the trainer's bf16 autocast, or fp32 throughout (TF32 matmuls): the tighter check against one process")
     parser.add_argument("--tolerance", type=float, default=2e-2,
