@@ -306,10 +306,13 @@ def memory_choices(cfg: Config, backend: str, device_memory: int, cuda_graphs: b
 # On several replicas the blocks' CUDA graphs come in this many groups of layers, so that DDP (or ZeRO-2) sums each
 # group's gradients over the ranks while the earlier groups' backward runs: left after the backward are the first
 # group's sums and the embedding's (at 780m ~22% of the gradients), not all of them (~3 GB). Between groups nothing is
-# copied (megassm/model/cuda_graphs.py).
-CUDA_GRAPH_GROUPS_UNDER_DDP = 8
+# copied (megassm/model/cuda_graphs.py), but each boundary's tensors stay in the graphs' pool: ZeRO-1, which reduces
+# after the backward, gets one group.
+CUDA_GRAPH_GROUPS_OVER_REPLICAS = 8
 
 
-def cuda_graph_groups(ctx: ParallelContext) -> int:
-    """How many groups of layers the blocks' CUDA graphs come in: several where the engine sums gradients over ranks."""
-    return CUDA_GRAPH_GROUPS_UNDER_DDP if group_size(ctx.dp_cp_group) > 1 else 1
+def cuda_graph_groups(ctx: ParallelContext, engine: str = "ddp", zero_stage: int = 1) -> int:
+    """How many groups of layers the blocks' CUDA graphs come in: several where the engine (parallel.engine, with
+    parallel.zero_stage) sums gradients over ranks during the backward."""
+    sums_in_backward = engine == "ddp" or zero_stage > 1
+    return CUDA_GRAPH_GROUPS_OVER_REPLICAS if sums_in_backward and group_size(ctx.dp_cp_group) > 1 else 1

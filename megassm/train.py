@@ -245,7 +245,7 @@ def build_model(cfg: Config, ctx: ParallelContext, cuda_graphs: bool, keep_ssd_s
     if keep_ssd_states:
         apply_ssd_state_keeping(model)
     if cuda_graphs:
-        apply_cuda_graphs(model, cuda_graph_groups(ctx))
+        apply_cuda_graphs(model, cuda_graph_groups(ctx, cfg.parallel.engine, cfg.parallel.zero_stage))
     return model
 
 
@@ -340,8 +340,9 @@ def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParal
     if cfg.parallel.engine == "deepspeed":
         from parallel.deepspeed_engine import DeepSpeedEngine  # imported only when used: it is slow to import
 
-        return DeepSpeedEngine(*args, zero_stage=cfg.parallel.zero_stage, accumulation_steps=cfg.accumulation_steps)
-    return DDPEngine(*args, zero_in_place=model.cuda_graphs and cfg.accumulation_steps > 1)
+        return DeepSpeedEngine(*args, zero_stage=cfg.parallel.zero_stage, accumulation_steps=cfg.accumulation_steps,
+                               graphed=model.cuda_graphs)
+    return DDPEngine(*args, graphed=model.cuda_graphs, zero_in_place=model.cuda_graphs and cfg.accumulation_steps > 1)
 
 
 class QueuedStep(NamedTuple):

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from parallel.collectives import all_reduce
 from parallel.context import ParallelContext, group_size
-from parallel.graph_stream import engine_on_graph_stream
+from parallel.graph_stream import engine_stream
 from parallel.roles import ParamRole, roles_of
 
 
@@ -124,8 +124,9 @@ class DDPEngine:
     """torch DistributedDataParallel over the DP x CP group (identity when that group has one rank)."""
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, param_groups: list[dict], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, zero_in_place: bool = False):
-        """zero_in_place: zero the gradients in place after each step instead of dropping them, for CUDA graphs over
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, graphed: bool = False, zero_in_place: bool = False):
+        """graphed: the model's blocks run as CUDA graphs (DDP is then built on their stream: graph_stream.engine_stream).
+        zero_in_place: zero the gradients in place after each step instead of dropping them, for CUDA graphs over
         several micro batches: each adds its gradient buffers into a .grad that stays (dropped, every step's second
         micro batch would copy the first one's adopted buffers anew)."""
         self.model, self.ctx, self.zero_in_place = model, ctx, zero_in_place
@@ -134,7 +135,7 @@ class DDPEngine:
         self.optimizer = make_adamw(param_groups, lr, betas, eps)
         self.ddp = None
         if group_size(ctx.dp_cp_group) > 1:
-            with engine_on_graph_stream(self.params[0].device):
+            with engine_stream(graphed, self.params[0].device):
                 self.ddp = DistributedDataParallel(model, process_group=ctx.dp_cp_group)
             self.ddp.register_comm_hook(ctx.dp_cp_group, _sum_hook)
 

@@ -21,7 +21,7 @@ from torch.distributed import ProcessGroup
 from parallel.collectives import all_reduce, handed_over
 from parallel.context import ParallelContext, group_rank, group_size
 from parallel.data_parallel import load_adamw_state, make_adamw
-from parallel.graph_stream import engine_on_graph_stream
+from parallel.graph_stream import engine_stream
 from parallel.roles import roles_of
 
 try:
@@ -117,7 +117,10 @@ class DeepSpeedEngine:
     """DeepSpeed ZeRO stage 1 or 2 over the DP x CP group, our AdamW inside."""
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, param_groups: list[dict], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, zero_stage: int = 1, accumulation_steps: int = 1):
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, zero_stage: int = 1, accumulation_steps: int = 1,
+                 graphed: bool = False):
+        """graphed: the model's blocks run as CUDA graphs (DeepSpeed is then built on their stream:
+        graph_stream.engine_stream)."""
         if zero_stage not in (1, 2):
             raise ValueError(f"parallel.zero_stage = {zero_stage}: the DeepSpeed engine supports 1 and 2. Stage 3 would "
                              "shard parameters that tensor parallelism already holds sharded; use 2, or raise parallel.tp")
@@ -146,7 +149,7 @@ class DeepSpeedEngine:
             "zero_allow_untested_optimizer": True,  # torch's AdamW, which ZeRO steps on its flat fp32 partitions
         }
         self.wrapper = _CallersAutocast(model)
-        with engine_on_graph_stream(self.params[0].device):
+        with engine_stream(graphed, self.params[0].device):
             self.ds, *_ = deepspeed.initialize(model=self.wrapper, optimizer=self.optimizer, config=config, mpu=_ModelParallelUnit(ctx))
         self.zero = self.ds.optimizer
 

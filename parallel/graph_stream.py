@@ -25,15 +25,17 @@ def graph_stream(device: torch.device) -> torch.cuda.Stream:
     return _streams[index]
 
 
-@contextlib.contextmanager
-def engine_on_graph_stream(device: torch.device) -> Iterator[None]:
-    """Build a data-parallel engine (DDP, DeepSpeed: each keeps its parameters' gradient accumulators) on graph_stream.
-    torch warns once of an accumulator that was kept from an earlier step and is on another stream than its gradient:
-    here that is the point, so the warning is turned off."""
-    if device.type == "cuda":
-        torch.autograd.graph.set_warn_on_accumulate_grad_stream_mismatch(False)
-    with on_graph_stream(device):
-        yield
+def engine_stream(graphed: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """Where a data-parallel engine (DDP, DeepSpeed: each keeps its parameters' gradient accumulators) is built: on
+    graph_stream for a model whose blocks run as CUDA graphs (`graphed`), else where it is. torch (2.10 and later) warns
+    once of an accumulator kept from an earlier step on another stream than its gradient: for a graphed model that is
+    the point, so the warning is turned off (in that process)."""
+    if not graphed or device.type != "cuda":
+        return contextlib.nullcontext()
+    switch = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+    if switch is not None:
+        switch(False)
+    return on_graph_stream(device)
 
 
 @contextlib.contextmanager

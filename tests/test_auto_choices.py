@@ -69,6 +69,16 @@ def test_gradients_are_zeroed_in_place_only_where_graph_buffers_are_summed(graph
         assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("replicas, engine, zero_stage, groups", [
+    (1, "ddp", 1, 1), (2, "ddp", 1, auto_choices.CUDA_GRAPH_GROUPS_OVER_REPLICAS),
+    (2, "deepspeed", 2, auto_choices.CUDA_GRAPH_GROUPS_OVER_REPLICAS),
+    (2, "deepspeed", 1, 1),  # ZeRO-1 reduces after the backward: groups would only keep their boundaries' tensors
+])
+def test_graph_groups_where_the_engine_sums_during_the_backward(monkeypatch, replicas, engine, zero_stage, groups):
+    monkeypatch.setattr(auto_choices, "group_size", lambda group: replicas)
+    assert auto_choices.cuda_graph_groups(ParallelContext(), engine, zero_stage) == groups
+
+
 @pytest.mark.parametrize("overrides, world, message", [
     (["--train.cuda_graphs=true", "--model.preset=debug-hybrid", "--kernels.compile=false"], 1,
      "train.cuda_graphs = true needs kernels.compile = true with attention blocks ('*'): switch one of them"),
@@ -125,7 +135,7 @@ def test_what_the_replicas_hold_decides_too():
     assert keep_ssd_states_choice(config(*two, "--data.global_batch=2"), "triton", H100) == (
         False, "states recomputed: with them a step would take ~84 of the GPU's 80 GiB; train.keep_ssd_states = true keeps them")
     zero = config(*two, "--data.global_batch=16", "--parallel.engine=deepspeed", world_size=8)
-    assert keep_ssd_states_choice(zero, "triton", H100) == (True, "states kept")
+    assert keep_ssd_states_choice(zero, "triton", H100, cuda_graphs=True) == (True, "states kept")
     one = ["--model.preset=mamba2-2.7b", "--data.micro_batch=1", "--data.seq_len=4096"]
     assert keep_ssd_states_choice(config(*one, "--data.global_batch=1"), "triton", H100, cuda_graphs=True)[0]
     ddp = config(*one, "--data.global_batch=16", world_size=8)

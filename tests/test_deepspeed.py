@@ -120,10 +120,9 @@ def check(what: str, got: float | torch.Tensor, want: float | torch.Tensor) -> N
 
 
 def check_callers_autocast(engine: DeepSpeedEngine, model: nn.Module, layout: str) -> None:
-    """Under the caller's bf16 autocast the engine computes what the model does under it. (On CUDA,
-    DeepSpeed's forward alone switches an outer autocast off; the engine does so on every device and
-    enters the caller's again inside, which is what this checks on the CPU), with the caller's cache setting: CUDA
-    graphs need the cache off."""
+    """Under the caller's bf16 autocast, its cache setting included (CUDA graphs need the cache off), the engine
+    computes what the model does under it. (On CUDA, DeepSpeed's forward alone switches an outer autocast off; the
+    engine does so on every device and enters the caller's again inside, which is what this checks on the CPU.)"""
     ids, labels, _ = global_batches()[0]
     caches = []
     hook = model.register_forward_pre_hook(lambda *_: caches.append(torch.is_autocast_cache_enabled()))

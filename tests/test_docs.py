@@ -55,8 +55,8 @@ def documented_numbers() -> list[tuple[str, str]]:
     readme, architecture = "README.md", "docs/architecture.md"
     return [
         (readme, f"chunks of {LOSS_CHUNK_TOKENS} tokens"),
-        (readme, f"in {auto.CUDA_GRAPH_GROUPS_UNDER_DDP} groups of layers"),
-        (architecture, f"in {auto.CUDA_GRAPH_GROUPS_UNDER_DDP} groups of layers"),
+        (readme, f"in {auto.CUDA_GRAPH_GROUPS_OVER_REPLICAS} groups of layers"),
+        (architecture, f"in {auto.CUDA_GRAPH_GROUPS_OVER_REPLICAS} groups of layers"),
         (readme, f"up to {auto.GRAPHS_AUTO_MAX_TOKENS:,} tokens per rank"),
         (readme, f"{auto.COMMUNICATION_ALLOWANCE >> 30} GiB of each is set aside"),
         (architecture, f"{auto.COMMUNICATION_ALLOWANCE >> 30} GiB set aside"),

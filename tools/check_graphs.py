@@ -86,12 +86,13 @@ def worker(args: argparse.Namespace) -> None:
             apply_activation_checkpointing(model)
         apply_ssd_state_keeping(model)
         if graphs:
-            apply_cuda_graphs(model, cuda_graph_groups(context))  # as the trainer: several groups under DDP
+            apply_cuda_graphs(model, cuda_graph_groups(context, args.engine, args.zero_stage))  # the trainer's groups
         groups = [{"params": list(model.parameters())}]
         if args.engine == "deepspeed" and context is ctx:
-            return model, DeepSpeedEngine(model, context, groups, lr=0.0, zero_stage=args.zero_stage, accumulation_steps=micro)
+            return model, DeepSpeedEngine(model, context, groups, lr=0.0, zero_stage=args.zero_stage, accumulation_steps=micro,
+                                          graphed=graphs)
         # As the trainer: with several micro batches a graph's gradient buffers are added into .grad, zeroed in place.
-        return model, DDPEngine(model, context, groups, lr=0.0, zero_in_place=graphs and micro > 1)
+        return model, DDPEngine(model, context, groups, lr=0.0, graphed=graphs, zero_in_place=graphs and micro > 1)
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16", cache_enabled=False)

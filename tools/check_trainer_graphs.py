@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -87,7 +88,7 @@ def train(args: argparse.Namespace, scenario: Scenario, run_dir: Path, graphs: b
     cuda = torch.cuda.is_available()
     cfg = load_config(None, [*overrides(args, cuda, run_dir, graphs), *scenario.overrides,
                              *([f"--checkpoint.resume={resume}"] if resume else [])], world_size=1)
-    groups = (mock.patch.object(megassm.train, "cuda_graph_groups", lambda ctx: scenario.graph_groups) if scenario.graph_groups
+    groups = (mock.patch.object(megassm.train, "cuda_graph_groups", lambda *_: scenario.graph_groups) if scenario.graph_groups
               else contextlib.nullcontext())
     with contextlib.redirect_stdout(io.StringIO()), groups:
         trainer = megassm.train.Trainer(cfg, command=[])
@@ -144,9 +145,12 @@ def main() -> None:
     if not (Path(args.data) / "meta.json").is_file():
         parser.error(f"--data {args.data}: no prepared data there (bash launch/quickstart.sh makes data/builtin)")
     if args.engine == "deepspeed":  # DeepSpeed needs torchrun's environment, also for one process
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": "29533"}.items():
+        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
             os.environ.setdefault(key, value)
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as probe:  # a port free now, for this process's store
+                probe.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
     rows, failed = [], 0
     with tempfile.TemporaryDirectory(prefix="check_trainer_graphs_") as tmp:
         for index, scenario in enumerate(DEEPSPEED_SCENARIOS if args.engine == "deepspeed" else SCENARIOS):
