@@ -1,6 +1,6 @@
 """What the trainer decides for itself from the config and the device, and the limits it checks before building
 anything: CUDA graphs ("auto"), the blocks activation checkpointing recomputes ("auto"), keeping the SSD's states
-("auto"), the graphs' groups of layers under DDP, the Triton kernels' limits (32-bit addressing, head dimension, norm
+("auto"), the graphs' groups of layers on several replicas, the Triton kernels' limits (32-bit addressing, head dimension, norm
 group width), and what to change after running out of GPU memory."""
 
 from __future__ import annotations
@@ -303,11 +303,11 @@ def memory_choices(cfg: Config, backend: str, device_memory: int, cuda_graphs: b
     return MemoryChoices(recomputed, keep, recompute_note, states_note)
 
 
-# On several replicas the blocks' CUDA graphs come in this many groups of layers, so that DDP (or ZeRO-2) sums each
-# group's gradients over the ranks while the earlier groups' backward runs: left after the backward are the first
-# group's sums and the embedding's (at 780m ~22% of the gradients), not all of them (~3 GB). Between groups nothing is
-# copied (megassm/model/cuda_graphs.py), but each boundary's tensors stay in the graphs' pool: ZeRO-1, which reduces
-# after the backward, gets one group.
+# On several replicas the blocks' CUDA graphs come in this many groups of layers, so that DDP (or ZeRO-2, not measured
+# on several GPUs) sums each group's gradients over the ranks while the earlier groups' backward runs: left after the
+# backward are the first group's sums and the embedding's (at 780m ~22% of the gradients), not all of them (~3 GB).
+# Between groups nothing is copied (megassm/model/cuda_graphs.py), but each boundary's tensors stay in the graphs' pool:
+# ZeRO-1, which reduces after the backward, gets one group.
 CUDA_GRAPH_GROUPS_OVER_REPLICAS = 8
 
 

@@ -342,7 +342,7 @@ def make_engine(cfg: Config, model: Mamba2LM, ctx: ParallelContext) -> DataParal
 
         return DeepSpeedEngine(*args, zero_stage=cfg.parallel.zero_stage, accumulation_steps=cfg.accumulation_steps,
                                graphed=model.cuda_graphs)
-    return DDPEngine(*args, graphed=model.cuda_graphs, zero_in_place=model.cuda_graphs and cfg.accumulation_steps > 1)
+    return DDPEngine(*args, zero_in_place=model.cuda_graphs and cfg.accumulation_steps > 1, graphed=model.cuda_graphs)
 
 
 class QueuedStep(NamedTuple):

@@ -124,11 +124,11 @@ class DDPEngine:
     """torch DistributedDataParallel over the DP x CP group (identity when that group has one rank)."""
 
     def __init__(self, model: nn.Module, ctx: ParallelContext, param_groups: list[dict], lr: float,
-                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, graphed: bool = False, zero_in_place: bool = False):
-        """graphed: the model's blocks run as CUDA graphs (DDP is then built on their stream: graph_stream.engine_stream).
-        zero_in_place: zero the gradients in place after each step instead of dropping them, for CUDA graphs over
+                 betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8, zero_in_place: bool = False, graphed: bool = False):
+        """zero_in_place: zero the gradients in place after each step instead of dropping them, for CUDA graphs over
         several micro batches: each adds its gradient buffers into a .grad that stays (dropped, every step's second
-        micro batch would copy the first one's adopted buffers anew)."""
+        micro batch would copy the first one's adopted buffers anew). graphed: the model's blocks run as CUDA graphs (DDP
+        is then built on their stream: graph_stream.engine_stream)."""
         self.model, self.ctx, self.zero_in_place = model, ctx, zero_in_place
         self.params = [p for group in param_groups for p in group["params"]]
         self.roles = roles_of(model, self.params)

@@ -1,5 +1,5 @@
-"""One side stream per device, on which the blocks' CUDA graphs are captured (megassm/model/cuda_graphs.py) and the
-data-parallel engines make the gradient accumulators they keep (DDP's, DeepSpeed's).
+"""One side stream per device, on which the blocks' CUDA graphs are captured (megassm/model/cuda_graphs.py) and, for a
+graphed model, the data-parallel engines make the gradient accumulators they keep (DDP's, DeepSpeed's).
 
 Why one: a parameter's gradient accumulator keeps the stream that was current at its making, and a backward pass syncs
 each parameter's gradient with that stream. Made on the capture stream, the sync is a no-op. Made on another stream, it
@@ -29,7 +29,7 @@ def engine_stream(graphed: bool, device: torch.device) -> contextlib.AbstractCon
     """Where a data-parallel engine (DDP, DeepSpeed: each keeps its parameters' gradient accumulators) is built: on
     graph_stream for a model whose blocks run as CUDA graphs (`graphed`), else where it is. torch (2.10 and later) warns
     once of an accumulator kept from an earlier step on another stream than its gradient: for a graphed model that is
-    the point, so the warning is turned off (in that process)."""
+    the point, so the call turns the warning off (for the process)."""
     if not graphed or device.type != "cuda":
         return contextlib.nullcontext()
     switch = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)

@@ -2,6 +2,7 @@
 says when it does not), how the engine then drops or zeroes gradients, how many blocks train.activation_checkpointing
 recomputes and where train.keep_ssd_states keeps the SSD's states for the backward."""
 
+import contextlib
 import re
 from pathlib import Path
 
@@ -16,8 +17,10 @@ from megassm.auto_choices import (COMMUNICATION_ALLOWANCE, GRAPHS_AUTO_MAX_TOKEN
                                    MemoryChoices, check_weights_fit, cuda_graphs_choice, keep_ssd_states_choice, memory_choices,
                                    out_of_memory_advice,
                                    recomputed_blocks_choice, ssd_states_bytes, training_memory_estimate)
+import megassm.train
 from megassm.train import build_model, make_engine
 from parallel import ParallelContext
+from parallel.graph_stream import engine_stream
 
 CUDA, CPU = torch.device("cuda", 0), torch.device("cpu")
 H200, H100 = 143_771 * 2**20, 81_559 * 2**20  # total_memory of the GPUs, bytes
@@ -67,6 +70,24 @@ def test_gradients_are_zeroed_in_place_only_where_graph_buffers_are_summed(graph
         assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
     else:
         assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_the_engine_is_told_whether_the_model_is_graphed(monkeypatch, graphs):
+    """Its gradient accumulators go on the graphs' stream only then (parallel/graph_stream.py)."""
+    told = {}
+    monkeypatch.setattr(megassm.train, "DDPEngine", lambda *args, **kwargs: told.update(kwargs))
+    cfg = config()
+    model = Mamba2LM(cfg.model)
+    model.cuda_graphs = graphs
+    make_engine(cfg, model, ParallelContext())
+    assert told["graphed"] is graphs
+
+
+def test_only_a_graphed_models_engine_is_built_on_the_graphs_stream():
+    """Without CUDA (or without graphs) the engine is built where the caller is: no stream is made."""
+    assert isinstance(engine_stream(False, torch.device("cuda", 0)), contextlib.nullcontext)
+    assert isinstance(engine_stream(True, torch.device("cpu")), contextlib.nullcontext)
 
 
 @pytest.mark.parametrize("replicas, engine, zero_stage, groups", [

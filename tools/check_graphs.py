@@ -92,7 +92,7 @@ def worker(args: argparse.Namespace) -> None:
             return model, DeepSpeedEngine(model, context, groups, lr=0.0, zero_stage=args.zero_stage, accumulation_steps=micro,
                                           graphed=graphs)
         # As the trainer: with several micro batches a graph's gradient buffers are added into .grad, zeroed in place.
-        return model, DDPEngine(model, context, groups, lr=0.0, graphed=graphs, zero_in_place=graphs and micro > 1)
+        return model, DDPEngine(model, context, groups, lr=0.0, zero_in_place=graphs and micro > 1, graphed=graphs)
 
     def autocast() -> torch.autocast:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and args.precision == "bf16", cache_enabled=False)

@@ -71,6 +71,7 @@ DEEPSPEED_SCENARIOS = [
     Scenario("ZeRO-2, two micro batches, activation checkpointing",
              ["--parallel.zero_stage=2", "--data.global_batch=4", "--train.activation_checkpointing=true"]),
     Scenario("ZeRO-2, resumed at step 3", ["--parallel.zero_stage=2"], resume_at=3),
+    Scenario("ZeRO-2, four graph groups, two micro batches", ["--parallel.zero_stage=2", "--data.global_batch=4"], graph_groups=4),
 ]
 
 

@@ -126,7 +126,7 @@ def blocked_sweep(block_ns: tuple[int, ...]) -> list[tuple]:
     """The chunk-parallel kernels (output, head and group grads) take d_state in blocks of BLOCK_N. ptxas gives them
     219-255 registers (2 programs of 4 warps per SM: tools/kernel_registers.py); a register cap (maxnreg) trades
     spills for occupancy: 8 warps at 128 registers is 2 programs of 8 warps per SM (the head gradients at BLOCK_N 64
-    and 2 stages spill 24 bytes there, 504 at 4 warps and 168 registers)."""
+    and 2 stages spill 24 bytes there, 504 at 4 warps and 168 registers: bench/raw/cpu_run37_kernel_registers_sm90.txt)."""
     return ([({"BLOCK_N": n}, w, s, None) for n in block_ns for w, s in ((4, 1), (4, 2), (4, 3), (8, 1), (8, 2))]
             + [({"BLOCK_N": n}, 4, s, r) for n in block_ns[:2] for s in (1, 2) for r in (128, 168)]
             + [({"BLOCK_N": n}, 8, s, 128) for n in block_ns[:2] for s in (1, 2, 3)])

@@ -6,8 +6,8 @@ a training step is ~90 ms while issuing it from Python takes ~240 ms: the GPU wa
 graph replays the forward kernels of a group of blocks with one launch, another their backward. A group
 reads the previous group's outputs where that group's graph wrote them: nothing is copied between groups.
 Its parameters' gradients appear when its backward is done, so the trainer takes one group for all blocks
-where nothing waits for gradients, and several on several replicas, whose sums over the ranks (DDP's, ZeRO-2's)
-then run during the earlier groups' backward instead of after the whole backward.
+where nothing waits for gradients, and several on several replicas, whose sums over the ranks (DDP's; ZeRO-2's, not
+measured on several GPUs) then run during the earlier groups' backward instead of after the whole backward.
 
 Under TP, SP and CP the blocks communicate, and a collective is not captured: each pass is captured as
 graphs that end where a collective is issued (parallel/collectives.py hands the communication here), and
