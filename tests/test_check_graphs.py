@@ -2,6 +2,7 @@
 batches and verdicts work, so that a GPU call runs the check itself."""
 
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tools.bench import torchrun_env_for_one_process
 from tools.check_trainer_graphs import DEEPSPEED_SCENARIOS, SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,20 @@ def test_check_graphs_runs_the_deepspeed_engine():
     row = next(line for line in done.stdout.splitlines() if line.startswith("| tp2+sp "))
     one_loss, one_grad = (float(cell.split()[0]) for cell in row.split(" | ")[4].split("; "))
     assert row.endswith("| PASS |") and one_loss < 1e-6 and one_grad < 1e-4, row
+
+
+def test_one_process_gets_what_it_lacks_of_torchruns_environment(monkeypatch):
+    """DeepSpeed's rows and checks run as one process of torchrun's: what is set stays, a free port where none is."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = torchrun_env_for_one_process()
+    assert {k: v for k, v in env.items() if k != "MASTER_PORT"} == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                                                      "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    with socket.socket() as taken:  # the port offered is free: it can be bound
+        taken.bind(("127.0.0.1", int(env["MASTER_PORT"])))
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    monkeypatch.setenv("RANK", "3")
+    assert "MASTER_PORT" not in torchrun_env_for_one_process() and "RANK" not in torchrun_env_for_one_process()
 
 
 def test_check_graphs_fails_past_its_tolerance():

@@ -35,7 +35,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
+import socket
 import subprocess
 import sys
 import tempfile
@@ -258,12 +260,26 @@ def worker(args: argparse.Namespace) -> None:
     print(RESULT_TAG + json.dumps(result), flush=True)
 
 
+def torchrun_env_for_one_process() -> dict[str, str]:
+    """What this process's environment lacks of torchrun's for one process (DeepSpeed's engine needs it even then): a
+    free port for the job's store where none is set."""
+    env = {key: value for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                                         "MASTER_ADDR": "127.0.0.1"}.items() if key not in os.environ}
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(probe.getsockname()[1])
+    return env
+
+
 def spawn(args: argparse.Namespace, system: str, case: str, overrides: list[str]) -> dict:
-    """One measurement in its own process; its last BENCH_RESULT line, or the reason there is none."""
+    """One measurement in its own process; its last BENCH_RESULT line, or the reason there is none. A row of the
+    DeepSpeed engine runs in torchrun's environment for one process."""
     command = [sys.executable, __file__, "--worker", system, "--case", case, "--data", args.data, "--warmup", str(args.warmup),
                "--steps", str(args.steps), "--profile", str(args.profile_steps), "--top", str(args.top)] + [f"--set={o}" for o in overrides]
+    env = {**os.environ, **torchrun_env_for_one_process()} if "parallel.engine=deepspeed" in overrides else None
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"no result within {args.timeout} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_TAG)]

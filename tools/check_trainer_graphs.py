@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +37,7 @@ import megassm.train  # noqa: E402
 from megassm.checkpoint import checkpoint_dir  # noqa: E402
 from megassm.config import load_config  # noqa: E402
 from megassm.metrics import METRICS_FILE  # noqa: E402
-from tools.bench import markdown, relative_difference  # noqa: E402
+from tools.bench import markdown, relative_difference, torchrun_env_for_one_process  # noqa: E402
 
 STEPS = 6
 COMPARED = ("loss", "grad_norm", "val_loss", "skipped_steps")
@@ -145,13 +144,8 @@ def main() -> None:
     args = parser.parse_args()
     if not (Path(args.data) / "meta.json").is_file():
         parser.error(f"--data {args.data}: no prepared data there (bash launch/quickstart.sh makes data/builtin)")
-    if args.engine == "deepspeed":  # DeepSpeed needs torchrun's environment, also for one process
-        for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-            os.environ.setdefault(key, value)
-        if "MASTER_PORT" not in os.environ:
-            with socket.socket() as probe:  # a port free now, for this process's store
-                probe.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    if args.engine == "deepspeed":
+        os.environ.update(torchrun_env_for_one_process())
     rows, failed = [], 0
     with tempfile.TemporaryDirectory(prefix="check_trainer_graphs_") as tmp:
         for index, scenario in enumerate(DEEPSPEED_SCENARIOS if args.engine == "deepspeed" else SCENARIOS):
