@@ -86,12 +86,17 @@ def global_grad_norm(params: list[nn.Parameter], roles: list[ParamRole], ctx: Pa
     return (sharded + squares(p for p, role in with_grad if role.tp_dim is None)).sqrt()
 
 
-def clipped_step(optimizer: torch.optim.AdamW, norm: Tensor, max_norm: float) -> None:
-    """The fused AdamW update with every gradient scaled by max_norm / norm where the norm exceeds max_norm (> 0), and
-    no update where the norm is not finite: decided on the device (the kernel divides by `grad_scale` and skips on
-    `found_inf`, as for torch.amp.GradScaler), so the host never waits for the backward to finish."""
+def clip_on_device(optimizer: torch.optim.AdamW, norm: Tensor, max_norm: float) -> None:
+    """Set up the fused AdamW's next update to scale every gradient by max_norm / norm where the norm exceeds max_norm
+    (> 0), and to change nothing where the norm is not finite: decided on the device (the kernel divides by
+    `grad_scale` and skips on `found_inf`, as for torch.amp.GradScaler), so the host never waits for the backward."""
     optimizer.grad_scale = torch.where(norm > max_norm, (norm + 1e-6) / max_norm, 1.0).float() if max_norm > 0 else None
     optimizer.found_inf = (~torch.isfinite(norm)).float()
+
+
+def clipped_step(optimizer: torch.optim.AdamW, norm: Tensor, max_norm: float) -> None:
+    """The fused AdamW update, clipped to max_norm and skipped where the norm is not finite (clip_on_device)."""
+    clip_on_device(optimizer, norm, max_norm)
     optimizer.step()
 
 

@@ -20,13 +20,14 @@ from torch.distributed import ProcessGroup
 
 from parallel.collectives import all_reduce, handed_over
 from parallel.context import ParallelContext, group_rank, group_size
-from parallel.data_parallel import load_adamw_state, make_adamw
+from parallel.data_parallel import clip_on_device, load_adamw_state, make_adamw
 from parallel.graph_stream import engine_stream
 from parallel.roles import roles_of
 
 try:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime.zero import stage_1_and_2
     from deepspeed.utils import lazy_init_hp_params_optimizer_state, safe_get_full_optimizer_state, safe_set_full_optimizer_state
     from packaging.version import Version  # a dependency of DeepSpeed
 except ImportError as error:
@@ -152,6 +153,8 @@ class DeepSpeedEngine:
         with engine_stream(graphed, self.params[0].device):
             self.ds, *_ = deepspeed.initialize(model=self.wrapper, optimizer=self.optimizer, config=config, mpu=_ModelParallelUnit(ctx))
         self.zero = self.ds.optimizer
+        self.zero.clip_grad = 0.0  # our AdamW clips, with the norm ZeRO computes (_norm_to_adamw)
+        self.weights_to_read = True  # ZeRO's fp32 master copy is refreshed from the model at the next step
 
     def __call__(self, *args, **kwargs) -> Tensor:
         device = self.params[0].device.type
@@ -169,18 +172,45 @@ class DeepSpeedEngine:
         self.ds.backward(loss, scale_wrt_gas=False)  # the loss is already normalised over the whole step
 
     def step(self, lr: float, max_norm: float) -> Tensor:
-        """Clip and update when the gradient is finite (else skip); zero the gradients. Returns its norm (which
-        DeepSpeed has read on the host)."""
+        """Clip and update when the gradient is finite (else skip); zero the gradients. Returns its norm, unread."""
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("step() must follow the backward of a micro_step(is_last=True)")
-        # ZeRO keeps its own fp32 copy of the weights and overwrites the model's with it after the update:
-        # refresh it from the model so weights loaded into the model (a checkpoint) are not undone. Exact in fp32.
-        self.zero.refresh_fp32_params()
+        if self.weights_to_read:
+            # ZeRO keeps its own fp32 copy of the weights and overwrites the model's with it after the update: weights
+            # loaded into the model before the first step or with load_state_dict (a checkpoint) are read into it
+            # first (exact in fp32). Not every step: a copy of every weight (2 ms at 780m on an H100).
+            self.zero.refresh_fp32_params()
+            self.weights_to_read = False
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.zero.clip_grad = max_norm  # ZeRO clips with the global norm it computes, when > 0
-        self.ds.step()
-        return torch.tensor(float(self.ds.get_global_grad_norm()))
+        with self._norm_to_adamw(max_norm) as norms:
+            self.ds.step()
+        if len(norms) != 1:
+            raise RuntimeError(f"DeepSpeed {deepspeed.__version__}'s ZeRO step checked its gradient norm {len(norms)} times, "
+                               "not once: megassm needs deepspeed 0.19.8 (pip install 'megassm[deepspeed]')")
+        return norms[0]
+
+    @contextlib.contextmanager
+    def _norm_to_adamw(self, max_norm: float) -> Iterator[list[Tensor]]:
+        """While ZeRO steps, the global norm it computes goes to our AdamW, which clips with it and skips the update where
+        it is not finite, decided on the device (data_parallel.clip_on_device, the DDP engine's rule); ZeRO is told the
+        norm is finite. Its own check, `is_invalid_grad_norm`, reads the norm on the host (bool of a tensor): the host
+        would wait for every step's backward before queueing the next step. Yields the norms seen (one a step)."""
+        norms, host_check = [], stage_1_and_2.is_invalid_grad_norm
+
+        def decided_on_device(norm: Tensor | float) -> bool:
+            if not torch.is_tensor(norm):
+                return host_check(norm)
+            norm = torch.where(norm < 0, torch.inf, norm)  # invalid as the check has it: not finite, or ZeRO's mark -1
+            clip_on_device(self.optimizer, norm, max_norm)
+            norms.append(norm)
+            return False
+
+        stage_1_and_2.is_invalid_grad_norm = decided_on_device
+        try:
+            yield norms
+        finally:
+            stage_1_and_2.is_invalid_grad_norm = host_check
 
     def _partition_states(self) -> Iterator[tuple[list[nn.Parameter], Tensor, dict]]:
         """Each parameter group, its flat fp32 partition on this rank and that partition's AdamW state,
@@ -213,7 +243,8 @@ class DeepSpeedEngine:
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state_dict() of either engine: the hyperparameters, and into each parameter's part of
-        this rank's partition its state."""
+        this rank's partition its state; and the model's weights (loaded with it) into ZeRO's master copy at the next step."""
+        self.weights_to_read = True
         saved_groups, saved_state = state["param_groups"], state["state"]
         if len(saved_groups) != len(self.groups):
             raise ValueError(f"the optimizer state has {len(saved_groups)} parameter groups, this model {len(self.groups)}: "

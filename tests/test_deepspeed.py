@@ -20,7 +20,7 @@ from parallel import ParallelContext, ParamRole, init_parallel, local_piece, par
 from parallel.context import group_rank, group_size  # noqa: E402
 from parallel.collectives import all_gather, all_reduce, collectives_through  # noqa: E402
 from parallel import deepspeed_engine  # noqa: E402
-from parallel.deepspeed_engine import DeepSpeedEngine, deal_by_size  # noqa: E402
+from parallel.deepspeed_engine import DeepSpeedEngine, deal_by_size, stage_1_and_2  # noqa: E402
 from tests.distributed import run_distributed  # noqa: E402
 from tests.test_parallel import relative_error  # noqa: E402
 
@@ -266,9 +266,12 @@ def test_zero_matches_one_process(world_size, layouts):
 
 def check_one_replica() -> None:
     """What ZeRO holds with nothing to split it over: where the estimate's terms split over DP x CP differ from whole ones
-    (at 2 replicas 4 + 16/2 = 8 + 8/2)."""
+    (at 2 replicas 4 + 16/2 = 8 + 8/2). And that ZeRO's own check of the norm, which reads it on the host, never sees
+    the norm: the step returns it unread, a tensor."""
     deepspeed_engine.REDUCE_BUCKET_ELEMENTS = BUCKET_ELEMENTS
     ctx = init_parallel(1, 1, 1, False, backend="gloo")
+    read_on_host = []
+    stage_1_and_2.is_invalid_grad_norm = lambda norm: read_on_host.append(norm) or False
     for zero_stage in (1, 2):
         model = Mamba2LM(CFG, ctx)
         before_engine = tensor_bytes()
@@ -276,9 +279,11 @@ def check_one_replica() -> None:
         held = HeldBytes(engine, before_engine)
         for step in range(2):
             held.counting = step == 1
-            train_step(engine, ctx, step)
+            _, norm = train_step(engine, ctx, step)
+            assert torch.is_tensor(norm), f"zero{zero_stage}: the step read its norm"
         held.check(f"dp1 zero{zero_stage}", model, 1, zero_stage, dp=1)
         del model, engine, held
+    assert not read_on_host, f"ZeRO's host check was handed {read_on_host}"
 
 
 def test_zero_on_one_replica_holds_what_the_estimate_counts():
