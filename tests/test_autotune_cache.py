@@ -50,10 +50,30 @@ def test_a_changed_kernel_is_tuned_again_and_records_merge(monkeypatch, tmp_path
     changed = install_kernels(monkeypatch, ["A", "C"])  # position 1 now describes another configuration
     assert autotune_cache.restore(path) == 0 and changed.cache == {}
     changed.cache[(2,)] = changed.configs[0]
-    autotune_cache.record(path)  # merged: the old key stays recorded next to the new one
+    autotune_cache.record(path)  # merged: the old list's choice stays recorded next to the new one's
     again = install_kernels(monkeypatch, ["A", "B"])
-    assert autotune_cache.restore(path) == 2 and again.cache == {(1,): again.configs[1], (2,): again.configs[0]}
+    assert autotune_cache.restore(path) == 1 and again.cache == {(1,): again.configs[1]}
+    later = install_kernels(monkeypatch, ["A", "C"])
+    assert autotune_cache.restore(path) == 1 and later.cache == {(2,): later.configs[0]}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_new_candidate_is_tried(monkeypatch, tmp_path):
+    """A configuration added to a kernel's list: the recorded choice, still at its position, was made without it."""
+    path = tmp_path / "autotune.json"
+    first = install_kernels(monkeypatch, ["A", "B"])
+    first.cache[(1,)] = first.configs[1]
+    autotune_cache.record(path)
+    grown = install_kernels(monkeypatch, ["A", "B", "C"])
+    assert autotune_cache.restore(path) == 0 and grown.cache == {}
+
+
+def test_a_record_of_the_older_format_means_tuning_again(monkeypatch, tmp_path):
+    """[key, position, description]: written before the lists' digests were recorded."""
+    path = tmp_path / "autotune.json"
+    path.write_text('{"mamba_ssm.ops.triton.fake_kernels.fake_kernel": [[[1], 1, "B"]]}')
+    tuner = install_kernels(monkeypatch, ["A", "B"])
+    assert autotune_cache.restore(path) == 0 and tuner.cache == {}
 
 
 def test_an_unreadable_record_means_tuning_again(monkeypatch, tmp_path):

@@ -5,13 +5,15 @@ per process on an H100, and Triton's own result cache (TRITON_CACHE_AUTOTUNING) 
 whose configurations carry a pre_hook, which most SSD backward kernels do. So we record, at exit,
 which configuration each autotuner chose for each key, and give the choices back to the autotuners
 when the kernels are next loaded: they then benchmark nothing they have seen before. The choice is
-stored as the configuration's position in the kernel's list, checked against its description, so a
-changed kernel is re-tuned rather than misconfigured. One file per GPU model, Triton and mamba-ssm
-version, under TRITON_CACHE_DIR (default ~/.triton/cache); written atomically, merged with what is there.
+stored as the configuration's position in the kernel's list together with a digest of the whole list, so a
+kernel whose candidates changed (one added, removed or altered) is tuned again among them rather than held
+to a choice made without them. One file per GPU model, Triton and mamba-ssm version, under TRITON_CACHE_DIR
+(default ~/.triton/cache); written atomically, merged with what is there (other lists' choices are kept).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -41,6 +43,11 @@ def autotuners() -> Iterator[tuple[str, object]]:
                     yield f"{module_name}.{name}", value
 
 
+def candidates(tuner: object) -> str:
+    """A digest of the autotuner's list of configurations (their descriptions, in order)."""
+    return hashlib.sha256("\n".join(str(c) for c in tuner.configs).encode()).hexdigest()[:16]
+
+
 def _read(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -52,8 +59,9 @@ def restore(path: Path | None = None) -> int:
     """Give the recorded choices to the loaded autotuners; returns how many were restored."""
     saved, restored = _read(path or cache_file()), 0
     for name, tuner in autotuners():
-        for key, index, described in saved.get(name, []):
-            if index < len(tuner.configs) and str(tuner.configs[index]) == described:
+        listed = candidates(tuner)
+        for key, index, chosen_among in saved.get(name, []):
+            if chosen_among == listed:
                 tuner.cache[tuple(key)] = tuner.configs[index]
                 restored += 1
     return restored
@@ -64,11 +72,12 @@ def record(path: Path | None = None) -> None:
     path = path or cache_file()
     saved = _read(path)
     for name, tuner in autotuners():
-        entries = {json.dumps(key): [key, index, described] for key, index, described in saved.get(name, [])}
+        entries = {json.dumps([key, among]): [key, index, among] for key, index, among in saved.get(name, [])}
+        listed = candidates(tuner)
         for key, config in tuner.cache.items():
             index = next((i for i, c in enumerate(tuner.configs) if c is config), None)
             if index is not None:
-                entries[json.dumps(list(key))] = [list(key), index, str(config)]
+                entries[json.dumps([list(key), listed])] = [list(key), index, listed]
         if entries:
             saved[name] = list(entries.values())
     path.parent.mkdir(parents=True, exist_ok=True)

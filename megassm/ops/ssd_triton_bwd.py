@@ -172,9 +172,10 @@ def _head_grads_kernel(x_ptr, B_ptr, C_ptr, dy_ptr, dt_ptr, cs_ptr, slope_ptr, A
 
 def _group_grad_configs() -> list[triton.Config]:
     """A program per block of BLOCK_N state columns, stages prefetching the next head's operands: one block of 128 at
-    two stages was the fastest at 780m on an H200, one stage at 1.3b. Not 32: Triton 3.6 miscompiled it for an H200
-    (wrong dB, dC; faults at 780m shapes)."""
-    return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=s) for bn, s in ((128, 2), (128, 1), (64, 3))]
+    two stages was the fastest at 780m on an H200, one stage at 1.3b; three on an H100 at 780m and 32K, 1.08x one
+    (bench/raw/h100_run38_call1_tune_ssd_kernels.txt). Not 32: Triton 3.6 miscompiled it for an H200 (wrong dB, dC;
+    faults at 780m shapes)."""
+    return [triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=s) for bn, s in ((128, 2), (128, 1), (128, 3), (64, 3))]
 
 
 @triton.autotune(configs=_group_grad_configs(), key=["P", "N", "Q"])
