@@ -404,6 +404,7 @@ def load_checkpoint(path: Path, model: nn.Module, engine: DataParallelEngine, ct
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(layout.local(target["model"].pop(name)))  # each copy let go before the optimizer state is read
+    engine.weights_loaded()
     names = _param_names(model, engine)
     index = {name: i for i, name in enumerate(names)}
     groups = [{**group, "params": [index[name] for name in group["params"]]} for group in json.loads(target["optimizer"]["param_groups"])]

@@ -48,6 +48,10 @@ class DataParallelEngine(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def weights_loaded(self) -> None:
+        """The model's weights were replaced in place (a checkpoint): an engine with its own copy of them reads them
+        again before its next update."""
+
 
 def sum_over(grads: list[Tensor], group: ProcessGroup | None) -> None:
     """All-reduce gradients in place as one flat buffer per dtype (few large collectives, not many small ones)."""
@@ -173,3 +177,6 @@ class DDPEngine:
 
     def load_state_dict(self, state: dict) -> None:
         load_adamw_state(self.optimizer, state)
+
+    def weights_loaded(self) -> None:
+        """Nothing to do: the optimizer updates the model's own parameters."""

@@ -141,6 +141,8 @@ class DeepSpeedEngine:
                 p.register_hook(_sum_over_tp_hook(ctx.tp_group))
         _skip_cpu_shared_memory_compile()
         config = {
+            # Its throughput timer synchronizes the device at each micro batch and step: the trainer measures throughput.
+            "timers": {"throughput": {"enabled": False}},
             # For DeepSpeed's sample counts only: the trainer batches, micro_step() marks the boundary.
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": accumulation_steps,
@@ -154,7 +156,7 @@ class DeepSpeedEngine:
             self.ds, *_ = deepspeed.initialize(model=self.wrapper, optimizer=self.optimizer, config=config, mpu=_ModelParallelUnit(ctx))
         self.zero = self.ds.optimizer
         self.zero.clip_grad = 0.0  # our AdamW clips, with the norm ZeRO computes (_norm_to_adamw)
-        self.weights_to_read = True  # ZeRO's fp32 master copy is refreshed from the model at the next step
+        self.weights_to_read = False  # ZeRO copied the model's weights when it was built
 
     def __call__(self, *args, **kwargs) -> Tensor:
         device = self.params[0].device.type
@@ -176,13 +178,12 @@ class DeepSpeedEngine:
         if not self.ds.is_gradient_accumulation_boundary():
             raise RuntimeError("step() must follow the backward of a micro_step(is_last=True)")
         if self.weights_to_read:
-            # ZeRO keeps its own fp32 copy of the weights and overwrites the model's with it after the update: weights
-            # loaded into the model before the first step or with load_state_dict (a checkpoint) are read into it
-            # first (exact in fp32). Not every step: a copy of every weight (2 ms at 780m on an H100).
             self.zero.refresh_fp32_params()
             self.weights_to_read = False
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # Skipped unless ZeRO hands over its norm (_norm_to_adamw), never clipped with an earlier step's.
+        self.optimizer.grad_scale, self.optimizer.found_inf = None, torch.ones((), device=self.params[0].device)
         with self._norm_to_adamw(max_norm) as norms:
             self.ds.step()
         if len(norms) != 1:
@@ -211,6 +212,11 @@ class DeepSpeedEngine:
             yield norms
         finally:
             stage_1_and_2.is_invalid_grad_norm = host_check
+
+    def weights_loaded(self) -> None:
+        """ZeRO keeps its own fp32 copy of the weights and overwrites the model's with it after each update: the model's
+        are read into it at the next step (exact in fp32). Not at every step: a copy of every weight, 2 ms at 780m."""
+        self.weights_to_read = True
 
     def _partition_states(self) -> Iterator[tuple[list[nn.Parameter], Tensor, dict]]:
         """Each parameter group, its flat fp32 partition on this rank and that partition's AdamW state,
@@ -243,8 +249,7 @@ class DeepSpeedEngine:
 
     def load_state_dict(self, state: dict) -> None:
         """Load a state_dict() of either engine: the hyperparameters, and into each parameter's part of
-        this rank's partition its state; and the model's weights (loaded with it) into ZeRO's master copy at the next step."""
-        self.weights_to_read = True
+        this rank's partition its state."""
         saved_groups, saved_state = state["param_groups"], state["state"]
         if len(saved_groups) != len(self.groups):
             raise ValueError(f"the optimizer state has {len(saved_groups)} parameter groups, this model {len(self.groups)}: "

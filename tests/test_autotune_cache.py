@@ -1,5 +1,6 @@
 """The record of Triton autotuning choices: what one process chose, the next one starts with."""
 
+import json
 import sys
 import types
 
@@ -68,12 +69,21 @@ def test_a_new_candidate_is_tried(monkeypatch, tmp_path):
     assert autotune_cache.restore(path) == 0 and grown.cache == {}
 
 
-def test_a_record_of_the_older_format_means_tuning_again(monkeypatch, tmp_path):
-    """[key, position, description]: written before the lists' digests were recorded."""
+def test_entries_of_another_format_or_damaged_mean_tuning_again(monkeypatch, tmp_path):
+    """[key, position, description] (the first format), and what a damaged or hand-edited file may hold: restored as
+    nothing, dropped when the choices are next recorded."""
     path = tmp_path / "autotune.json"
-    path.write_text('{"mamba_ssm.ops.triton.fake_kernels.fake_kernel": [[[1], 1, "B"]]}')
+    name = "mamba_ssm.ops.triton.fake_kernels.fake_kernel"
     tuner = install_kernels(monkeypatch, ["A", "B"])
-    assert autotune_cache.restore(path) == 0 and tuner.cache == {}
+    listed = autotune_cache.candidates(tuner)
+    damaged = [[[1], 1, "B"], [[1], 1], [[1], 1, listed, "x"], [[2], 5, listed], [[3], -1, listed], [[4], True, listed],
+               [[[5]], 0, listed], [6, 0, listed], None, {"key": [7]}]
+    for content in ([], None, 3, {name: {"key": [1]}}, {name: damaged}):
+        path.write_text(json.dumps(content))
+        assert autotune_cache.restore(path) == 0 and tuner.cache == {}, content
+    tuner.cache[(8,)] = tuner.configs[0]
+    autotune_cache.record(path)
+    assert json.loads(path.read_text()) == {name: [[[8], 0, listed]]}
 
 
 def test_an_unreadable_record_means_tuning_again(monkeypatch, tmp_path):

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 pytest.importorskip("deepspeed")
+from deepspeed.accelerator import get_accelerator  # noqa: E402
 
 from megassm.auto_choices import state_bytes_per_parameter  # noqa: E402
 from megassm.config import load_config  # noqa: E402
@@ -190,8 +191,9 @@ class HeldBytes:
 
 
 def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, resume: bool, want) -> None:
-    """Train all but the last step and compare; with resume, load the one-process weights and AdamW state
-    into a fresh engine, skip a step whose gradient is NaN, and take the last step."""
+    """Train all but the last step and compare; with resume, skip a step whose gradient is NaN on a fresh engine, load
+    the one-process weights and AdamW state into it (after that step: ZeRO's copy of the weights must be read again),
+    and take the last step."""
     losses, norms, (weights, state), last_weights = want
     ctx = init_parallel(tp, cp, DP, sequence_parallel, backend="gloo")
     layout = f"tp{tp} cp{cp} dp{DP}{' sp' if sequence_parallel else ''} zero{zero_stage}"
@@ -232,15 +234,17 @@ def check_layout(tp: int, cp: int, sequence_parallel: bool, zero_stage: int, res
     torch.manual_seed(1)
     model = Mamba2LM(CFG, ctx)
     engine = DeepSpeedEngine(model, ctx, param_groups(model), LRS[0], BETAS, EPS, zero_stage, MICRO_BATCHES)
-    with torch.no_grad():  # into the model after the engine is built, as a checkpoint would
-        for name, p in model.named_parameters():
-            p.copy_(local_piece(weights[name], roles[name], ctx.tp_group))
-    engine.load_state_dict(local_state(state, roles_of(model, engine.params), ctx))
+    before = {name: full_weight(p, roles[name], ctx).clone() for name, p in model.named_parameters()}
     last = len(LRS) - 1
     _, norm = train_step(engine, ctx, last, loss_scale=math.nan)
     assert not math.isfinite(norm), f"{layout}: a NaN gradient gave the norm {norm}"
     for name, p in model.named_parameters():
-        assert torch.equal(full_weight(p, roles[name], ctx), weights[name]), f"{layout}: the NaN step changed {name}"
+        assert torch.equal(full_weight(p, roles[name], ctx), before[name]), f"{layout}: the NaN step changed {name}"
+    with torch.no_grad():  # into the model, as load_checkpoint does
+        for name, p in model.named_parameters():
+            p.copy_(local_piece(weights[name], roles[name], ctx.tp_group))
+    engine.weights_loaded()
+    engine.load_state_dict(local_state(state, roles_of(model, engine.params), ctx))
     loss, norm = train_step(engine, ctx, last)
     check(f"{layout}: loss after resuming", loss, losses[last])
     check(f"{layout}: gradient norm after resuming", norm, norms[last])
@@ -257,7 +261,7 @@ def check_layouts(layouts: list[tuple]) -> None:
 
 # (tp, cp, sequence_parallel, zero_stage, resume), each with DP = 2
 @pytest.mark.parametrize("world_size, layouts", [
-    (2, [(1, 1, False, 1, False), (1, 1, False, 2, True)]),
+    (2, [(1, 1, False, 1, True), (1, 1, False, 2, True)]),
     (4, [(2, 1, False, 2, True), (2, 1, True, 2, False), (1, 2, False, 1, False)]),
 ], ids=["dp2", "dp2xtp2-dp2xcp2"])
 def test_zero_matches_one_process(world_size, layouts):
@@ -266,24 +270,35 @@ def test_zero_matches_one_process(world_size, layouts):
 
 def check_one_replica() -> None:
     """What ZeRO holds with nothing to split it over: where the estimate's terms split over DP x CP differ from whole ones
-    (at 2 replicas 4 + 16/2 = 8 + 8/2). And that ZeRO's own check of the norm, which reads it on the host, never sees
-    the norm: the step returns it unread, a tensor."""
+    (at 2 replicas 4 + 16/2 = 8 + 8/2). And that the host never waits for the device: ZeRO's own check of the norm,
+    which reads it on the host, never sees it (the step returns it unread, a tensor), nor is the device synchronized."""
     deepspeed_engine.REDUCE_BUCKET_ELEMENTS = BUCKET_ELEMENTS
     ctx = init_parallel(1, 1, 1, False, backend="gloo")
     read_on_host = []
     stage_1_and_2.is_invalid_grad_norm = lambda norm: read_on_host.append(norm) or False
+    accelerator, synchronized = get_accelerator(), []
+    accelerator.synchronize = lambda *args, **kwargs: synchronized.append(args)
     for zero_stage in (1, 2):
         model = Mamba2LM(CFG, ctx)
         before_engine = tensor_bytes()
         engine = DeepSpeedEngine(model, ctx, param_groups(model), LRS[0], BETAS, EPS, zero_stage, MICRO_BATCHES)
         held = HeldBytes(engine, before_engine)
-        for step in range(2):
+        for step in range(len(LRS)):  # DeepSpeed's throughput timer would synchronize from its third step on
             held.counting = step == 1
             _, norm = train_step(engine, ctx, step)
             assert torch.is_tensor(norm), f"zero{zero_stage}: the step read its norm"
         held.check(f"dp1 zero{zero_stage}", model, 1, zero_stage, dp=1)
         del model, engine, held
     assert not read_on_host, f"ZeRO's host check was handed {read_on_host}"
+    assert not synchronized, f"DeepSpeed synchronized the device {len(synchronized)} times"
+    # A ZeRO that checks no norm (as if another DeepSpeed release): the update is skipped, then the step says so.
+    model = Mamba2LM(CFG, ctx)
+    engine = DeepSpeedEngine(model, ctx, param_groups(model), LRS[0], BETAS, EPS, 1, MICRO_BATCHES)
+    before = copy.deepcopy(model.state_dict())
+    engine.zero.compute_grad_norm = False
+    with pytest.raises(RuntimeError, match="checked its gradient norm 0 times"):
+        train_step(engine, ctx, 0)
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items()), "an unchecked step updated"
 
 
 def test_zero_on_one_replica_holds_what_the_estimate_counts():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -30,7 +31,8 @@ def cache_file() -> Path:
 
     gpu = torch.cuda.get_device_name().replace(" ", "_").replace("/", "_")
     folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
-    return folder / "megassm-autotune" / f"{gpu}-triton{triton.__version__}-mamba_ssm{version('mamba_ssm')}.json"
+    # "-2": entries that name their list's digest; a megassm of the first format keeps its own file.
+    return folder / "megassm-autotune" / f"{gpu}-triton{triton.__version__}-mamba_ssm{version('mamba_ssm')}-2.json"
 
 
 def autotuners() -> Iterator[tuple[str, object]]:
@@ -43,16 +45,30 @@ def autotuners() -> Iterator[tuple[str, object]]:
                     yield f"{module_name}.{name}", value
 
 
+DIGEST = re.compile("[0-9a-f]{16}")
+
+
 def candidates(tuner: object) -> str:
-    """A digest of the autotuner's list of configurations (their descriptions, in order)."""
+    """A digest of the autotuner's list of configurations (their descriptions, in order): DIGEST."""
     return hashlib.sha256("\n".join(str(c) for c in tuner.configs).encode()).hexdigest()[:16]
 
 
-def _read(path: Path) -> dict:
+def _is_entry(entry: object) -> bool:
+    """[key, position, digest of the list]: key a list of scalars (the autotuner's key), position an int >= 0."""
+    return (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], list)
+            and all(isinstance(k, (str, int, float, bool)) for k in entry[0])
+            and type(entry[1]) is int and entry[1] >= 0 and isinstance(entry[2], str) and DIGEST.fullmatch(entry[2]) is not None)
+
+
+def _read(path: Path) -> dict[str, list[list]]:
+    """{kernel: its entries}; anything else in the file (another format, a damaged file) is left out: tuned again."""
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}  # none yet, or unreadable: tune again
+        return {}  # none yet, or unreadable
+    if not isinstance(saved, dict):
+        return {}
+    return {name: [e for e in entries if _is_entry(e)] for name, entries in saved.items() if isinstance(entries, list)}
 
 
 def restore(path: Path | None = None) -> int:
@@ -61,7 +77,7 @@ def restore(path: Path | None = None) -> int:
     for name, tuner in autotuners():
         listed = candidates(tuner)
         for key, index, chosen_among in saved.get(name, []):
-            if chosen_among == listed:
+            if chosen_among == listed and index < len(tuner.configs):
                 tuner.cache[tuple(key)] = tuner.configs[index]
                 restored += 1
     return restored
@@ -72,8 +88,9 @@ def record(path: Path | None = None) -> None:
     path = path or cache_file()
     saved = _read(path)
     for name, tuner in autotuners():
-        entries = {json.dumps([key, among]): [key, index, among] for key, index, among in saved.get(name, [])}
         listed = candidates(tuner)
+        entries = {json.dumps([key, among]): [key, index, among] for key, index, among in saved.get(name, [])
+                   if among != listed or index < len(tuner.configs)}
         for key, config in tuner.cache.items():
             index = next((i for i, c in enumerate(tuner.configs) if c is config), None)
             if index is not None:
