@@ -195,9 +195,10 @@ class DeepSpeedEngine:
     def _norm_to_adamw(self, max_norm: float) -> Iterator[list[Tensor]]:
         """While ZeRO steps, the global norm it computes goes to our AdamW, which clips with it and skips the update where
         it is not finite, decided on the device (data_parallel.clip_on_device, the DDP engine's rule); ZeRO is told the
-        norm is finite. Its own check, `is_invalid_grad_norm`, reads the norm on the host (bool of a tensor): the host
-        would wait for every step's backward before queueing the next step. Yields the norms seen (one a step)."""
-        norms, host_check = [], stage_1_and_2.is_invalid_grad_norm
+        norm is finite. Two of ZeRO's helpers would make the host wait for every step's backward before queueing the
+        next step, and are replaced for the step: `is_invalid_grad_norm` reads the norm on the host (bool of a tensor),
+        `mask_nan_or_inf_with_val_inplace` copies its -1 from the host (a synchronous copy). Yields the norms seen."""
+        norms, host_check, host_mask = [], stage_1_and_2.is_invalid_grad_norm, stage_1_and_2.mask_nan_or_inf_with_val_inplace
 
         def decided_on_device(norm: Tensor | float) -> bool:
             if not torch.is_tensor(norm):
@@ -207,11 +208,14 @@ class DeepSpeedEngine:
             norms.append(norm)
             return False
 
-        stage_1_and_2.is_invalid_grad_norm = decided_on_device
+        def masked_on_device(norm: Tensor, device: object = None, val: float = -1.0) -> None:
+            norm.masked_fill_(~torch.isfinite(norm), val)
+
+        stage_1_and_2.is_invalid_grad_norm, stage_1_and_2.mask_nan_or_inf_with_val_inplace = decided_on_device, masked_on_device
         try:
             yield norms
         finally:
-            stage_1_and_2.is_invalid_grad_norm = host_check
+            stage_1_and_2.is_invalid_grad_norm, stage_1_and_2.mask_nan_or_inf_with_val_inplace = host_check, host_mask
 
     def weights_loaded(self) -> None:
         """ZeRO keeps its own fp32 copy of the weights and overwrites the model's with it after each update: the model's

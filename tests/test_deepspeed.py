@@ -271,11 +271,13 @@ def test_zero_matches_one_process(world_size, layouts):
 def check_one_replica() -> None:
     """What ZeRO holds with nothing to split it over: where the estimate's terms split over DP x CP differ from whole ones
     (at 2 replicas 4 + 16/2 = 8 + 8/2). And that the host never waits for the device: ZeRO's own check of the norm,
-    which reads it on the host, never sees it (the step returns it unread, a tensor), nor is the device synchronized."""
+    which reads it on the host, never sees it (the step returns it unread, a tensor), nor does its mask of a non-finite
+    norm run (a copy from the host), nor is the device synchronized."""
     deepspeed_engine.REDUCE_BUCKET_ELEMENTS = BUCKET_ELEMENTS
     ctx = init_parallel(1, 1, 1, False, backend="gloo")
-    read_on_host = []
+    read_on_host, copied_from_host = [], []
     stage_1_and_2.is_invalid_grad_norm = lambda norm: read_on_host.append(norm) or False
+    stage_1_and_2.mask_nan_or_inf_with_val_inplace = lambda norm, **kwargs: copied_from_host.append(norm)
     accelerator, synchronized = get_accelerator(), []
     accelerator.synchronize = lambda *args, **kwargs: synchronized.append(args)
     for zero_stage in (1, 2):
@@ -290,6 +292,7 @@ def check_one_replica() -> None:
         held.check(f"dp1 zero{zero_stage}", model, 1, zero_stage, dp=1)
         del model, engine, held
     assert not read_on_host, f"ZeRO's host check was handed {read_on_host}"
+    assert not copied_from_host, f"ZeRO's mask copied its value from the host {len(copied_from_host)} times"
     assert not synchronized, f"DeepSpeed synchronized the device {len(synchronized)} times"
     # A ZeRO that checks no norm (as if another DeepSpeed release): the update is skipped, then the step says so.
     model = Mamba2LM(CFG, ctx)
