@@ -1,7 +1,9 @@
 """The record of Triton autotuning choices: what one process chose, the next one starts with."""
 
+import fcntl
 import json
 import sys
+import threading
 import types
 
 from megassm.ops import autotune_cache
@@ -91,3 +93,21 @@ def test_an_unreadable_record_means_tuning_again(monkeypatch, tmp_path):
     path.write_text("{not json")
     tuner = install_kernels(monkeypatch, ["A"])
     assert autotune_cache.restore(path) == 0 and tuner.cache == {}
+
+
+def test_processes_recording_together_merge_one_at_a_time(monkeypatch, tmp_path):
+    """The ranks of a job record at exit together: one holding the file (its lock) while another records; the other's
+    merge then reads what the first wrote."""
+    path = tmp_path / "autotune.json"
+    tuner = install_kernels(monkeypatch, ["A", "B"])
+    listed = autotune_cache.candidates(tuner)
+    tuner.cache[(2,)] = tuner.configs[1]
+    with open(tmp_path / "autotune.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another process, mid-merge
+        recording = threading.Thread(target=autotune_cache.record, args=(path,))
+        recording.start()
+        recording.join(timeout=0.5)
+        assert recording.is_alive(), "recorded while another process held the file"
+        path.write_text(json.dumps({"mamba_ssm.ops.triton.fake_kernels.fake_kernel": [[[1], 0, listed]]}))
+    recording.join(timeout=10)
+    assert json.loads(path.read_text()) == {"mamba_ssm.ops.triton.fake_kernels.fake_kernel": [[[1], 0, listed], [[2], 1, listed]]}

@@ -13,6 +13,8 @@ to a choice made without them. One file per GPU model, Triton and mamba-ssm vers
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -68,7 +70,8 @@ def _read(path: Path) -> dict[str, list[list]]:
         return {}  # none yet, or unreadable
     if not isinstance(saved, dict):
         return {}
-    return {name: [e for e in entries if _is_entry(e)] for name, entries in saved.items() if isinstance(entries, list)}
+    kept = {name: [e for e in entries if _is_entry(e)] for name, entries in saved.items() if isinstance(entries, list)}
+    return {name: entries for name, entries in kept.items() if entries}
 
 
 def restore(path: Path | None = None) -> int:
@@ -83,9 +86,26 @@ def restore(path: Path | None = None) -> int:
     return restored
 
 
+@contextlib.contextmanager
+def _merging(path: Path) -> Iterator[None]:
+    """One process at a time reads, merges and replaces the file (the ranks of a job record at exit together: each
+    would otherwise replace the file with its own merge, losing the others' new choices). Unlocked where flock fails
+    (a file system without it): a lost choice costs a later run its tuning time, nothing else."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def record(path: Path | None = None) -> None:
     """Merge the loaded autotuners' choices into the file (atomically: a new file renamed over it)."""
     path = path or cache_file()
+    with _merging(path):
+        _merge_into(path)
+
+
+def _merge_into(path: Path) -> None:
     saved = _read(path)
     for name, tuner in autotuners():
         listed = candidates(tuner)
@@ -97,7 +117,6 @@ def record(path: Path | None = None) -> None:
                 entries[json.dumps([list(key), listed])] = [list(key), index, listed]
         if entries:
             saved[name] = list(entries.values())
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     partial.write_text(json.dumps(saved, indent=1))
     os.replace(partial, path)
