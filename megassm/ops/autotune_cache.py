@@ -8,7 +8,8 @@ when the kernels are next loaded: they then benchmark nothing they have seen bef
 stored as the configuration's position in the kernel's list together with a digest of the whole list, so a
 kernel whose candidates changed (one added, removed or altered) is tuned again among them rather than held
 to a choice made without them. One file per GPU model, Triton and mamba-ssm version, under TRITON_CACHE_DIR
-(default ~/.triton/cache); written atomically, merged with what is there (other lists' choices are kept).
+(default ~/.triton/cache); written atomically, merged with what is there by one process at a time (other lists'
+choices are kept).
 """
 
 from __future__ import annotations
