@@ -197,7 +197,8 @@ class DeepSpeedEngine:
         it is not finite, decided on the device (data_parallel.clip_on_device, the DDP engine's rule); ZeRO is told the
         norm is finite. Two of ZeRO's helpers would make the host wait for every step's backward before queueing the
         next step, and are replaced for the step: `is_invalid_grad_norm` reads the norm on the host (bool of a tensor),
-        `mask_nan_or_inf_with_val_inplace` copies its -1 from the host (a synchronous copy). Yields the norms seen."""
+        `mask_nan_or_inf_with_val_inplace` copies its -1 from the host and reads it back (masked_fill_ with a tensor
+        value): synchronous copies. Yields the norms seen."""
         norms, host_check, host_mask = [], stage_1_and_2.is_invalid_grad_norm, stage_1_and_2.mask_nan_or_inf_with_val_inplace
 
         def decided_on_device(norm: Tensor | float) -> bool:

@@ -111,3 +111,27 @@ def test_processes_recording_together_merge_one_at_a_time(monkeypatch, tmp_path)
         path.write_text(json.dumps({"mamba_ssm.ops.triton.fake_kernels.fake_kernel": [[[1], 0, listed]]}))
     recording.join(timeout=10)
     assert json.loads(path.read_text()) == {"mamba_ssm.ops.triton.fake_kernels.fake_kernel": [[[1], 0, listed], [[2], 1, listed]]}
+
+
+def test_a_lock_held_too_long_is_merged_around(monkeypatch, tmp_path):
+    """A process stalled holding the lock (a hung file system) holds the others' exit for LOCK_WAIT_S at most."""
+    path = tmp_path / "autotune.json"
+    tuner = install_kernels(monkeypatch, ["A", "B"])
+    tuner.cache[(2,)] = tuner.configs[1]
+    monkeypatch.setattr(autotune_cache, "LOCK_WAIT_S", 0.2)
+    with open(tmp_path / "autotune.json.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        recording = threading.Thread(target=autotune_cache.record, args=(path,), daemon=True)
+        recording.start()
+        recording.join(timeout=10)
+        assert not recording.is_alive(), "waited for the stalled lock"
+    assert autotune_cache.restore(path) == 1
+
+
+def test_kernels_with_no_valid_entry_are_dropped(monkeypatch, tmp_path):
+    path = tmp_path / "autotune.json"
+    tuner = install_kernels(monkeypatch, ["A", "B"])
+    good = [[1], 0, autotune_cache.candidates(tuner)]
+    path.write_text(json.dumps({"k": [], "j": [[[1], "x", "y"], good]}))
+    autotune_cache.record(path)
+    assert json.loads(path.read_text()) == {"j": [good]}

@@ -319,8 +319,8 @@ def test_throughput_leaves_out_validation_and_checkpoints(config, tmp_path, monk
     from megassm import metrics
     from megassm.train import Trainer, main
 
-    later = [0.0]  # seconds the throughput's clock is ahead of time.perf_counter
-    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + later[0]))
+    later, read = [0.0], []  # seconds the throughput's clock is ahead of time.perf_counter; its readings
+    monkeypatch.setattr(metrics, "time", types.SimpleNamespace(perf_counter=lambda: read.append(1) or time.perf_counter() + later[0]))
 
     def taking_1000_s(method):
         return lambda self: later.__setitem__(0, later[0] + 1000) or method(self)
@@ -333,6 +333,7 @@ def test_throughput_leaves_out_validation_and_checkpoints(config, tmp_path, monk
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     seconds = [2 * 8 * 88 / r["tokens_per_s"] for r in records if r["step"] > 2]  # 2 steps of 8 x 88 tokens a line
     assert len(seconds) == 2 and max(seconds) < 100, seconds
+    assert later[0] == 6000 and read, "the throughput's clock was not the one moved: the test proves nothing"
 
 
 def test_a_run_ending_on_an_error_closes_its_log(config, tmp_path, monkeypatch):

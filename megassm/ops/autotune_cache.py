@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
@@ -87,16 +88,36 @@ def restore(path: Path | None = None) -> int:
     return restored
 
 
+LOCK_WAIT_S = 60.0  # a process holding the lock longer (a stalled file system) is merged around, not waited for
+
+
 @contextlib.contextmanager
 def _merging(path: Path) -> Iterator[None]:
     """One process at a time reads, merges and replaces the file (the ranks of a job record at exit together: each
-    would otherwise replace the file with its own merge, losing the others' new choices). Unlocked where flock fails
-    (a file system without it): a lost choice costs a later run its tuning time, nothing else."""
+    would otherwise replace the file with its own merge, losing the others' new choices). Unlocked where the lock
+    cannot be had (no flock on the file system, a lock file of another user's, LOCK_WAIT_S gone by): a lost choice
+    costs a later run its tuning time, nothing else."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f"{path.name}.lock"), "a") as lock:
-        with contextlib.suppress(OSError):
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        lock = os.open(path.with_name(f"{path.name}.lock"), os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    except OSError:
         yield
+        return
+    try:
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            except OSError:
+                break
+        yield
+    finally:
+        os.close(lock)
 
 
 def record(path: Path | None = None) -> None:
