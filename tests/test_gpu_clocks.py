@@ -7,6 +7,8 @@ import time
 from types import SimpleNamespace
 from typing import Callable
 
+import pytest
+
 from tools import bench, gpu_clocks
 from tools.gpu_clocks import Sampler, nvml_reader
 
@@ -57,13 +59,14 @@ def test_no_reader_where_there_is_no_nvidia_driver_or_no_such_gpu():
 
 
 def test_timed_steps_measure_the_timed_steps_only(monkeypatch):
-    """No reading during the warm-up steps; the mean power from the counter's moves during the timed ones."""
+    """No reading during the warm-up steps; the mean power from the counter's moves during the timed ones; then one more
+    step, timed on the host alone."""
     calls, during = [], []
     energy = counter(500.0, 0.01, time.perf_counter())
 
     def step(i):
         calls.append(i)
-        time.sleep(0.05)
+        time.sleep(0.05 if i < 5 else 0.2)
         return i
 
     def read():
@@ -72,11 +75,38 @@ def test_timed_steps_measure_the_timed_steps_only(monkeypatch):
 
     monkeypatch.setattr(bench, "cuda_reader", lambda: read)
     first, seconds, results, measured = bench.timed_steps(step, warmup=2, steps=3, started=time.perf_counter())
-    assert calls == results == [0, 1, 2, 3, 4] and first > 0 and seconds >= 0.05
+    assert results == [0, 1, 2, 3, 4] and calls == [0, 1, 2, 3, 4, 5] and first > 0 and 0.05 <= seconds < 0.2
     assert during and min(during) >= 2  # no reading during the warm-up steps
     assert measured["sm_mhz"] == 1500.0 and math.isclose(measured["power_w"], 500.0, rel_tol=0.1)
-    monkeypatch.setattr(bench, "cuda_reader", lambda: None)  # no NVML: nothing measured
-    assert bench.timed_steps(step, warmup=1, steps=1, started=time.perf_counter())[3] == {}
+    assert measured["host_s"] >= 0.2 and "syncs" not in measured  # the last step's; no CUDA: no count of waits
+    monkeypatch.setattr(bench, "cuda_reader", lambda: None)  # no NVML: no clock nor power
+    assert set(bench.timed_steps(step, warmup=1, steps=1, started=time.perf_counter())[3]) == {"host_s"}
+
+
+def test_queued_from_idle_counts_the_synchronizing_calls(monkeypatch):
+    """Only the debug mode's warnings about synchronizing operations count, not its notice nor other warnings; the
+    mode is reset, also where the step fails."""
+    import warnings
+
+    import torch
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+
+    def step():
+        warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations")
+        warnings.warn("called a synchronizing CUDA operation")
+        warnings.warn("some other warning")
+        warnings.warn("called a synchronizing CUDA operation")
+        time.sleep(0.05)
+
+    measured = bench.queued_from_idle(step)
+    assert measured["syncs"] == 2 and measured["host_s"] >= 0.05 and modes == ["warn", "default"]
+    with pytest.raises(RuntimeError):
+        bench.queued_from_idle(lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
+    assert modes[-1] == "default"
 
 
 def test_rows_show_clocks_energy_and_the_ratios_to_the_peer():
@@ -85,7 +115,8 @@ def test_rows_show_clocks_energy_and_the_ratios_to_the_peer():
     mine = dict(peer, step_s=0.2, sm_mhz=1755.0, power_w=700.0, profile={"matmuls": 140.0, "other": 20.0})
     shown = bench.describe(mine)
     assert (shown["tokens/s"], shown["MFU"], shown["SM MHz"], shown["W"], shown["tokens/J"]) == ("15,000", "150.0%", "1755", "700", "21.4")
-    assert (shown["peak GiB"], shown["reserved GiB"]) == ("40.0", "44.5")
+    assert (shown["peak GiB"], shown["reserved GiB"], shown["host ms"], shown["GPU waits"]) == ("40.0", "44.5", "-", "-")
+    assert (lambda row: (row["host ms"], row["GPU waits"]))(bench.describe(dict(mine, host_s=0.0183, syncs=0))) == ("18", "0")
     assert bench.ratio(peer, mine, bench.wall_time) == "1.50x"
     assert bench.ratio(peer, mine, bench.gpu_time) == "1.25x"  # 200 ms of kernels against 160
     assert bench.ratio(peer, mine, bench.step_energy) == "1.29x"  # 180 J per step (600 W x 0.3 s) against 140

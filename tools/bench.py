@@ -26,8 +26,10 @@ allocator's cached blocks too; where it nears the GPU's memory a step runs out).
 GPU's median SM clock and mean power over its timed steps (NVML, read every 10 ms from a thread; the power from the
 board's energy counter: tools/gpu_clocks.py) and tokens per joule, since a GPU at its power limit lowers its
 clock: there a step takes as long as its energy allows, and the ratio of energy per step to the fused peer's is the
-ratio of speeds at equal power. With --profile, also the ratio of GPU time per step to the fused peer's, which counts
-where the peer's GPU waits on its host (at the clocks each ran).
+ratio of speeds at equal power. "host ms": the time one more step takes to return on the host from an idle GPU (near
+the step's own time, the host sets the pace: its Python, or waits for the GPU inside the step); "GPU waits": the calls
+in that step that made the host wait for the GPU (torch.cuda's synchronization debug mode). With --profile, also the ratio of GPU time
+per step to the fused peer's, which counts where the peer's GPU waits on its host (at the clocks each ran).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -135,7 +138,7 @@ def peak_memory() -> dict[str, float]:
 def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
     """(seconds from `started` (the worker's start) to the end of the first step, seconds per steady
     step, every step's result, the GPU's SM clock and mean power during the steady steps (Sampler.summary: empty
-    without NVML))."""
+    without NVML) and what one more step costs the host (queued_from_idle))."""
     results, first = [], None
 
     def run(i: int) -> None:
@@ -154,7 +157,34 @@ def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started:
             run(i)
         synchronize()
         seconds = (time.perf_counter() - steady) / steps
-    return first, seconds, results, clocks.summary()
+    return first, seconds, results, {**clocks.summary(), **queued_from_idle(lambda: step(warmup + steps))}
+
+
+def queued_from_idle(step: Callable[[], object]) -> dict:
+    """host_s: the seconds step() takes to return with the GPU idle when it starts, the host's time to queue a step (its
+    Python, and any wait for the GPU inside the step: a synchronizing call, a full launch queue); where it nears the
+    step's own time, the host sets the pace. syncs (CUDA only): the calls in it that made the host wait for the GPU, as
+    torch.cuda's synchronization debug mode counts them (copies to the host, stream and event waits; a prototype that
+    may miss some)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            queued = time.perf_counter()
+            step()
+            host_s = time.perf_counter() - queued
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+    synchronize()
+    if not cuda:
+        return {"host_s": host_s}
+    return {"host_s": host_s, "syncs": sum("synchronizing CUDA operation" in str(warning.message) for warning in caught)}
 
 
 def run_megassm(args: argparse.Namespace, started: float) -> dict:
@@ -162,7 +192,7 @@ def run_megassm(args: argparse.Namespace, started: float) -> dict:
     from megassm.train import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
-        total = args.warmup + args.steps + args.profile_steps
+        total = args.warmup + args.steps + 1 + args.profile_steps  # + queued_from_idle's step
         cfg = megassm_config(args.case, args.data, total, run_dir, args.set)
         trainer = Trainer(cfg)
         timer = StepTimer(trainer.device)
@@ -289,15 +319,16 @@ def spawn(args: argparse.Namespace, system: str, case: str, overrides: list[str]
 
 
 def describe(result: dict) -> dict:
-    """tokens/s, MFU, memory, and the GPU's SM clock, mean power and tokens per joule during the timed steps, of one
-    result."""
+    """tokens/s, MFU, memory, the host's time per step and its waits for the GPU, and the GPU's SM clock, mean power and
+    tokens per joule during the timed steps, of one result."""
     if "step_s" not in result:
         return {"tokens/s": "OOM" if result.get("oom") else "failed", "MFU": "-", **memory_columns(result),
-                "first step s": "-", "SM MHz": "-", "W": "-", "tokens/J": "-"}
+                "first step s": "-", "host ms": "-", "GPU waits": "-", "SM MHz": "-", "W": "-", "tokens/J": "-"}
     tokens_per_s = result["tokens"] / result["step_s"]
     mfu = tokens_per_s * result["flops_per_token"] / result["peak_flops"] if result["peak_flops"] else None
     return {"tokens/s": f"{tokens_per_s:,.0f}", "MFU": f"{100 * mfu:.1f}%" if mfu else "-", **memory_columns(result),
-            "first step s": f"{result['first_step_s']:.0f}", "SM MHz": f"{result['sm_mhz']:.0f}" if "sm_mhz" in result else "-",
+            "first step s": f"{result['first_step_s']:.0f}", "host ms": f"{1e3 * result['host_s']:.0f}" if "host_s" in result else "-",
+            "GPU waits": str(result.get("syncs", "-")), "SM MHz": f"{result['sm_mhz']:.0f}" if "sm_mhz" in result else "-",
             "W": f"{result['power_w']:.0f}" if "power_w" in result else "-",
             "tokens/J": f"{result['tokens'] / step_energy(result):.1f}" if "power_w" in result else "-"}
 
