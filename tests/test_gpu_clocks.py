@@ -59,14 +59,18 @@ def test_no_reader_where_there_is_no_nvidia_driver_or_no_such_gpu():
 
 
 def test_timed_steps_measure_the_timed_steps_only(monkeypatch):
-    """No reading during the warm-up steps; the mean power from the counter's moves during the timed ones; then one more
-    step, timed on the host alone."""
-    calls, during = [], []
+    """No reading during the warm-up steps; the mean power from the counter's moves during the timed ones; the host's
+    time from the last warm-up step, begun with the GPU idle."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    calls, during, events = [], [], []
     energy = counter(500.0, 0.01, time.perf_counter())
 
     def step(i):
         calls.append(i)
-        time.sleep(0.05 if i < 5 else 0.2)
+        events.append(("step", i))
+        time.sleep(0.2 if i == 2 else 0.05)
         return i
 
     def read():
@@ -74,39 +78,47 @@ def test_timed_steps_measure_the_timed_steps_only(monkeypatch):
         return 1500.0, energy()
 
     monkeypatch.setattr(bench, "cuda_reader", lambda: read)
-    first, seconds, results, measured = bench.timed_steps(step, warmup=2, steps=3, started=time.perf_counter())
-    assert results == [0, 1, 2, 3, 4] and calls == [0, 1, 2, 3, 4, 5] and first > 0 and 0.05 <= seconds < 0.2
-    assert during and min(during) >= 2  # no reading during the warm-up steps
+    monkeypatch.setattr(bench, "synchronize", lambda: events.append(("synchronize", None)))
+    first, seconds, results, measured = bench.timed_steps(step, warmup=3, steps=3, started=time.perf_counter())
+    assert calls == results == [0, 1, 2, 3, 4, 5] and first > 0 and 0.05 <= seconds < 0.2
+    assert events[events.index(("step", 2)) - 1] == ("synchronize", None)  # the last warm-up step begun from idle
+    assert during and min(during) >= 3  # no reading during the warm-up steps
     assert measured["sm_mhz"] == 1500.0 and math.isclose(measured["power_w"], 500.0, rel_tol=0.1)
-    assert measured["host_s"] >= 0.2 and "syncs" not in measured  # the last step's; no CUDA: no count of waits
+    assert measured["host_s"] >= 0.2 and "syncs" not in measured  # step 2's; no CUDA: no count of waits
     monkeypatch.setattr(bench, "cuda_reader", lambda: None)  # no NVML: no clock nor power
-    assert set(bench.timed_steps(step, warmup=1, steps=1, started=time.perf_counter())[3]) == {"host_s"}
+    assert set(bench.timed_steps(step, warmup=2, steps=1, started=time.perf_counter())[3]) == {"host_s"}
+    calls.clear()
+    assert bench.timed_steps(step, warmup=1, steps=1, started=time.perf_counter())[3] == {} and calls == [0, 1]  # step 0 compiles
 
 
 def test_queued_from_idle_counts_the_synchronizing_calls(monkeypatch):
-    """Only the debug mode's warnings about synchronizing operations count, not its notice nor other warnings; the
-    mode is reset, also where the step fails."""
+    """Each of the debug mode's warnings about a synchronizing operation counts, also one line's repeated; not its
+    notice; other warnings are passed on; the mode it found is restored, also where the step fails."""
     import warnings
 
     import torch
 
-    modes = []
+    modes = [2]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
     monkeypatch.setattr(bench, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
 
     def step():
         warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations")
-        warnings.warn("called a synchronizing CUDA operation")
+        for _ in range(3):
+            warnings.warn("called a synchronizing CUDA operation")
         warnings.warn("some other warning")
-        warnings.warn("called a synchronizing CUDA operation")
         time.sleep(0.05)
 
-    measured = bench.queued_from_idle(step)
-    assert measured["syncs"] == 2 and measured["host_s"] >= 0.05 and modes == ["warn", "default"]
+    with warnings.catch_warnings(record=True) as passed_on:
+        warnings.simplefilter("once")  # as Python's default filters would show them: the count must not depend on that
+        measured = bench.queued_from_idle(step)
+    assert measured["syncs"] == 3 and measured["host_s"] >= 0.05 and modes == [2, "warn", 2]
+    assert [str(w.message) for w in passed_on] == ["some other warning"]
     with pytest.raises(RuntimeError):
         bench.queued_from_idle(lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
-    assert modes[-1] == "default"
+    assert modes[-1] == 2
 
 
 def test_rows_show_clocks_energy_and_the_ratios_to_the_peer():

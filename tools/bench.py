@@ -26,10 +26,12 @@ allocator's cached blocks too; where it nears the GPU's memory a step runs out).
 GPU's median SM clock and mean power over its timed steps (NVML, read every 10 ms from a thread; the power from the
 board's energy counter: tools/gpu_clocks.py) and tokens per joule, since a GPU at its power limit lowers its
 clock: there a step takes as long as its energy allows, and the ratio of energy per step to the fused peer's is the
-ratio of speeds at equal power. "host ms": the time one more step takes to return on the host from an idle GPU (near
-the step's own time, the host sets the pace: its Python, or waits for the GPU inside the step); "GPU waits": the calls
-in that step that made the host wait for the GPU (torch.cuda's synchronization debug mode). With --profile, also the ratio of GPU time
-per step to the fused peer's, which counts where the peer's GPU waits on its host (at the clocks each ran).
+ratio of speeds at equal power. "host ms": the time the last warm-up step took to return on the host, begun with the
+GPU idle: its Python and launches, and any wait for the GPU inside it; "GPU waits": the calls in it that made the host
+wait for the GPU, as torch.cuda's synchronization debug mode detects them. Where host ms nears the step's own time
+with no such wait, the host likely sets the pace (or the step launches more than the GPU's launch queue holds). With
+--profile, also the ratio of GPU time per step to the fused peer's, which counts where the peer's GPU waits on its host
+(at the clocks each ran).
 """
 
 from __future__ import annotations
@@ -137,8 +139,9 @@ def peak_memory() -> dict[str, float]:
 
 def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started: float) -> tuple[float, float, list, dict]:
     """(seconds from `started` (the worker's start) to the end of the first step, seconds per steady
-    step, every step's result, the GPU's SM clock and mean power during the steady steps (Sampler.summary: empty
-    without NVML) and what one more step costs the host (queued_from_idle))."""
+    step, every step's result, what the steady steps measured: the GPU's SM clock and mean power (Sampler.summary: empty
+    without NVML), and from the last warm-up step, begun with the GPU idle, the host's time to queue a step
+    (queued_from_idle; with two warm-up steps or more: the first compiles and captures)."""
     results, first = [], None
 
     def run(i: int) -> None:
@@ -148,8 +151,13 @@ def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started:
             synchronize()
             first = time.perf_counter() - started
 
-    for i in range(warmup):
+    for i in range(warmup - 1):
         run(i)
+    queued = {}
+    if warmup >= 2:
+        queued = queued_from_idle(lambda: run(warmup - 1))
+    elif warmup == 1:
+        run(0)
     synchronize()
     with Sampler(cuda_reader()) as clocks:
         steady = time.perf_counter()
@@ -157,21 +165,23 @@ def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started:
             run(i)
         synchronize()
         seconds = (time.perf_counter() - steady) / steps
-    return first, seconds, results, {**clocks.summary(), **queued_from_idle(lambda: step(warmup + steps))}
+    return first, seconds, results, {**clocks.summary(), **queued}
 
 
 def queued_from_idle(step: Callable[[], object]) -> dict:
-    """host_s: the seconds step() takes to return with the GPU idle when it starts, the host's time to queue a step (its
-    Python, and any wait for the GPU inside the step: a synchronizing call, a full launch queue); where it nears the
-    step's own time, the host sets the pace. syncs (CUDA only): the calls in it that made the host wait for the GPU, as
-    torch.cuda's synchronization debug mode counts them (copies to the host, stream and event waits; a prototype that
-    may miss some)."""
+    """host_s: the seconds step() takes to return with the GPU idle when it starts: the host's Python and launches, and
+    any wait inside the step for the GPU (a synchronizing call; a launch queue filled while a graph or long kernel
+    runs). syncs (CUDA only): the calls in it that made the host wait for the GPU as torch.cuda's synchronization debug
+    mode detects them (copies to the host, stream and event waits; a prototype that may miss some); any other warning
+    is passed on. Where host_s nears a steady step's time with no such call, the host likely sets the pace: a step of
+    more launches than the queue holds cannot tell the two apart."""
     import torch
 
     cuda = torch.cuda.is_available()
+    mode = torch.cuda.get_sync_debug_mode() if cuda else None
     synchronize()
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+        warnings.simplefilter("always")  # each synchronizing call, also one repeated by a line
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -180,11 +190,13 @@ def queued_from_idle(step: Callable[[], object]) -> dict:
             host_s = time.perf_counter() - queued
         finally:
             if cuda:
-                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.set_sync_debug_mode(mode)
     synchronize()
-    if not cuda:
-        return {"host_s": host_s}
-    return {"host_s": host_s, "syncs": sum("synchronizing CUDA operation" in str(warning.message) for warning in caught)}
+    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    for other in caught:
+        if other not in syncs and "Synchronization debug mode is a prototype" not in str(other.message):
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    return {"host_s": host_s, **({"syncs": len(syncs)} if cuda else {})}
 
 
 def run_megassm(args: argparse.Namespace, started: float) -> dict:
@@ -192,7 +204,7 @@ def run_megassm(args: argparse.Namespace, started: float) -> dict:
     from megassm.train import Trainer
 
     with tempfile.TemporaryDirectory() as run_dir:
-        total = args.warmup + args.steps + 1 + args.profile_steps  # + queued_from_idle's step
+        total = args.warmup + args.steps + args.profile_steps
         cfg = megassm_config(args.case, args.data, total, run_dir, args.set)
         trainer = Trainer(cfg)
         timer = StepTimer(trainer.device)
