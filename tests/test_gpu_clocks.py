@@ -89,11 +89,14 @@ def test_timed_steps_measure_the_timed_steps_only(monkeypatch):
     assert set(bench.timed_steps(step, warmup=2, steps=1, started=time.perf_counter())[3]) == {"host_s"}
     calls.clear()
     assert bench.timed_steps(step, warmup=1, steps=1, started=time.perf_counter())[3] == {} and calls == [0, 1]  # step 0 compiles
+    calls.clear()
+    assert bench.timed_steps(step, warmup=0, steps=1, started=time.perf_counter())[2:] == ([0], {}) and calls == [0]
 
 
 def test_queued_from_idle_counts_the_synchronizing_calls(monkeypatch):
     """Each of the debug mode's warnings about a synchronizing operation counts, also one line's repeated; not its
-    notice; other warnings are passed on; the mode it found is restored, also where the step fails."""
+    notice; other warnings go where the caller's filters send them (also "error"); the mode it found is restored, also
+    where the step fails."""
     import warnings
 
     import torch
@@ -101,13 +104,16 @@ def test_queued_from_idle_counts_the_synchronizing_calls(monkeypatch):
     modes = [2]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
-    monkeypatch.setattr(bench, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    idle = []
+    monkeypatch.setattr(bench, "synchronize", lambda: idle.append(len(steps)))
+    steps = []
 
     def step():
+        steps.append(1)
         warnings.warn("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing operations")
         for _ in range(3):
-            warnings.warn("called a synchronizing CUDA operation")
+            warnings.warn("called a synchronizing CUDA operation (Triggered internally at c10/cuda)")
         warnings.warn("some other warning")
         time.sleep(0.05)
 
@@ -115,7 +121,13 @@ def test_queued_from_idle_counts_the_synchronizing_calls(monkeypatch):
         warnings.simplefilter("once")  # as Python's default filters would show them: the count must not depend on that
         measured = bench.queued_from_idle(step)
     assert measured["syncs"] == 3 and measured["host_s"] >= 0.05 and modes == [2, "warn", 2]
+    assert idle[0] == 0  # the GPU idle before the step
     assert [str(w.message) for w in passed_on] == ["some other warning"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UserWarning, match="some other warning"):  # raised where it is warned
+            bench.queued_from_idle(step)
+    assert modes[-1] == 2
     with pytest.raises(RuntimeError):
         bench.queued_from_idle(lambda: (_ for _ in ()).throw(RuntimeError("step failed")))
     assert modes[-1] == 2

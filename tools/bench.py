@@ -28,10 +28,11 @@ board's energy counter: tools/gpu_clocks.py) and tokens per joule, since a GPU a
 clock: there a step takes as long as its energy allows, and the ratio of energy per step to the fused peer's is the
 ratio of speeds at equal power. "host ms": the time the last warm-up step took to return on the host, begun with the
 GPU idle: its Python and launches, and any wait for the GPU inside it; "GPU waits": the calls in it that made the host
-wait for the GPU, as torch.cuda's synchronization debug mode detects them. Where host ms nears the step's own time
-with no such wait, the host likely sets the pace (or the step launches more than the GPU's launch queue holds). With
---profile, also the ratio of GPU time per step to the fused peer's, which counts where the peer's GPU waits on its host
-(at the clocks each ran).
+wait for the GPU, as torch.cuda's synchronization debug mode detects them (copies to the host, stream synchronizations).
+Where host ms nears the step's own time with no such wait, the host likely sets the pace (or the step launches more
+than the GPU's launch queue holds); a steady step's only after enough warm-up (the default 3: the peer's second step
+is still slower than its steady ones). With --profile, also the ratio of GPU time per step to the fused peer's, which
+counts where the peer's GPU waits on its host (at the clocks each ran).
 """
 
 from __future__ import annotations
@@ -168,20 +169,35 @@ def timed_steps(step: Callable[[int], object], warmup: int, steps: int, started:
     return first, seconds, results, {**clocks.summary(), **queued}
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # torch.cuda's synchronization debug mode, "warn"
+
+
 def queued_from_idle(step: Callable[[], object]) -> dict:
     """host_s: the seconds step() takes to return with the GPU idle when it starts: the host's Python and launches, and
     any wait inside the step for the GPU (a synchronizing call; a launch queue filled while a graph or long kernel
     runs). syncs (CUDA only): the calls in it that made the host wait for the GPU as torch.cuda's synchronization debug
-    mode detects them (copies to the host, stream and event waits; a prototype that may miss some); any other warning
-    is passed on. Where host_s nears a steady step's time with no such call, the host likely sets the pace: a step of
-    more launches than the queue holds cannot tell the two apart."""
+    mode detects them: copies to the host and stream synchronizations, not every kind (device synchronizations and
+    event waits go unseen). Other warnings go where they would without it. Where host_s nears a steady step's time with
+    no such call, the host likely sets the pace: a step of more launches than the queue holds cannot tell the two apart."""
     import torch
 
     cuda = torch.cuda.is_available()
     mode = torch.cuda.get_sync_debug_mode() if cuda else None
+    syncs = 0
     synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")  # each synchronizing call, also one repeated by a line
+    with warnings.catch_warnings():
+        warnings.filterwarnings("always", message=SYNC_WARNING)  # each one, also a line's repeated
+        warnings.filterwarnings("ignore", message="Synchronization debug mode is a prototype")
+        show = warnings.showwarning
+
+        def count_syncs(message, category, filename, lineno, file=None, line=None):
+            nonlocal syncs
+            if SYNC_WARNING in str(message):
+                syncs += 1
+            else:
+                show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = count_syncs
         if cuda:
             torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -192,11 +208,7 @@ def queued_from_idle(step: Callable[[], object]) -> dict:
             if cuda:
                 torch.cuda.set_sync_debug_mode(mode)
     synchronize()
-    syncs = [w for w in caught if "synchronizing CUDA operation" in str(w.message)]
-    for other in caught:
-        if other not in syncs and "Synchronization debug mode is a prototype" not in str(other.message):
-            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
-    return {"host_s": host_s, **({"syncs": len(syncs)} if cuda else {})}
+    return {"host_s": host_s, **({"syncs": syncs} if cuda else {})}
 
 
 def run_megassm(args: argparse.Namespace, started: float) -> dict:
