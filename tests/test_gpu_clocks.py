@@ -105,9 +105,8 @@ def test_queued_from_idle_counts_the_synchronizing_calls(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
-    idle = []
-    monkeypatch.setattr(bench, "synchronize", lambda: idle.append(len(steps)))
-    steps = []
+    steps, idle = [], []
+    monkeypatch.setattr(bench, "synchronize", lambda: idle.append(len(steps)))  # steps begun when synchronized
 
     def step():
         steps.append(1)
@@ -140,7 +139,8 @@ def test_rows_show_clocks_energy_and_the_ratios_to_the_peer():
     shown = bench.describe(mine)
     assert (shown["tokens/s"], shown["MFU"], shown["SM MHz"], shown["W"], shown["tokens/J"]) == ("15,000", "150.0%", "1755", "700", "21.4")
     assert (shown["peak GiB"], shown["reserved GiB"], shown["host ms"], shown["GPU waits"]) == ("40.0", "44.5", "-", "-")
-    assert (lambda row: (row["host ms"], row["GPU waits"]))(bench.describe(dict(mine, host_s=0.0183, syncs=0))) == ("18", "0")
+    timed_host = bench.describe(dict(mine, host_s=0.0183, syncs=0))
+    assert (timed_host["host ms"], timed_host["GPU waits"]) == ("18", "0")
     assert bench.ratio(peer, mine, bench.wall_time) == "1.50x"
     assert bench.ratio(peer, mine, bench.gpu_time) == "1.25x"  # 200 ms of kernels against 160
     assert bench.ratio(peer, mine, bench.step_energy) == "1.29x"  # 180 J per step (600 W x 0.3 s) against 140
